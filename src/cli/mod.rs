@@ -1,0 +1,3 @@
+//! One module per `sgdm` command.
+pub mod info;
+pub mod kernels;

@@ -1,0 +1,15 @@
+//! sgdm: the Structure-Guided Diffusion Model engine (EEG-to-image reconstruction), with a CPU f32
+//! reference backend and a CUDA backend of hand-written NVRTC-compiled kernels. See DESIGN.md in the
+//! project's shared folder for the architecture.
+
+#[cfg(target_endian = "big")]
+compile_error!("sgdm reads and writes little-endian tensor files and assumes a little-endian host");
+
+pub mod ops;
+pub mod runtime;
+pub mod tensor;
+pub mod util;
+pub mod weights;
+
+pub use runtime::{Arena, Device, DeviceSpec, MemoryPlan, Region};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,57 @@
+//! The `sgdm` command line: a thin layer over the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "sgdm",
+    version,
+    about = "Structure-Guided Diffusion Model engine: reconstruct seen images from EEG, on CPU or CUDA",
+    after_help = "Examples:\n  sgdm info                    devices, driver and NVRTC versions, kernel cache\n  \
+                  sgdm kernels --arch sm_90    compile every kernel for H100 and show registers and spills\n  \
+                  sgdm --device cpu info       force the CPU backend\n\n\
+                  Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
+                  (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
+                  LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
+)]
+struct Cli {
+    /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, or cuda:N.
+    #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
+    device: sgdm::DeviceSpec,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the devices found, driver and NVRTC versions (or why CUDA is unavailable) and the kernel cache.
+    #[command(after_help = "Examples:\n  sgdm info\n  sgdm --device cuda:1 info")]
+    Info,
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print registers, shared memory and spills.
+    #[command(after_help = "Examples:\n  sgdm kernels --arch sm_90          H100/H200\n  \
+                            sgdm kernels --arch sm_80          A100\n  \
+                            sgdm kernels --arch sm_90 --file elementwise.cu\n\n\
+                            Without --arch, the architecture of the selected CUDA device is used.\n\
+                            The cubins are written to the kernel cache, so this also prewarms it.")]
+    Kernels(cli::kernels::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => cli::info::run(cli.device),
+        Command::Kernels(args) => cli::kernels::run(cli.device, &args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sgdm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

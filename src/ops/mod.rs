@@ -1,0 +1,45 @@
+//! Ops, one module per op family: the CPU reference (f32) and the CUDA launcher of each op side by side.
+//! Launchers check devices, dtypes and shapes; kernels trust them.
+
+pub mod elementwise;
+
+use anyhow::{ensure, Result};
+
+use crate::runtime::device::Device;
+use crate::tensor::{DType, Tensor};
+
+/// Every kernel each kernel file must provide, by the names the launchers use. The kernel compile test
+/// checks each against ptxas' report, so a renamed kernel fails without a GPU.
+pub const KERNELS_USED: &[(&str, &[&str])] = &[(elementwise::KERNEL_FILE, elementwise::KERNELS)];
+
+/// The device all `tensors` share, or an error naming the op.
+pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Device> {
+    let device = tensors[0].device();
+    for t in &tensors[1..] {
+        ensure!(t.device().same(&device), "{op}: tensors on different devices ({} and {})", device, t.device());
+    }
+    Ok(device)
+}
+
+/// Checks that all `tensors` have the same shape.
+pub(crate) fn same_shape(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    for t in &tensors[1..] {
+        ensure!(t.shape() == tensors[0].shape(), "{op}: shape {:?} does not match {:?}", t.shape(), tensors[0].shape());
+    }
+    Ok(())
+}
+
+/// The dtype all `tensors` share, checked against what the device supports for this op.
+pub(crate) fn common_dtype(op: &str, device: &Device, tensors: &[&Tensor]) -> Result<DType> {
+    let dtype = tensors[0].dtype();
+    for t in &tensors[1..] {
+        ensure!(t.dtype() == dtype, "{op}: mixed dtypes {} and {}", dtype, t.dtype());
+    }
+    match device {
+        Device::Cpu => ensure!(dtype == DType::F32, "{op}: the CPU backend computes in f32, got {dtype}"),
+        Device::Cuda(_) => {
+            ensure!(matches!(dtype, DType::F32 | DType::BF16), "{op}: CUDA supports f32 and bf16, got {dtype}")
+        }
+    }
+    Ok(dtype)
+}

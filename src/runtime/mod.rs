@@ -1,0 +1,9 @@
+//! The runtime: devices, the CUDA context and kernel pipeline, and the memory arena.
+pub mod arena;
+pub mod cuda;
+pub mod device;
+pub mod kernels;
+pub mod probe;
+
+pub use arena::{Arena, MemoryPlan, Region};
+pub use device::{select, Device, DeviceSpec};

@@ -1,0 +1,400 @@
+//! Tensors: a shape and a dtype over a byte range of device storage (a standalone allocation or a slice
+//! carved from an arena region). No autograd, no strides: tensors are dense and row-major.
+//!
+//! A tensor carved from an arena region remembers the region's generation; after `Arena::reset` every
+//! access to it is an error rather than a silent read of memory that now belongs to someone else.
+
+use std::alloc::Layout;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::{bf16, f16};
+
+use crate::runtime::cuda::CudaDevice;
+use crate::runtime::device::Device;
+
+/// Byte alignment of every allocation and every arena slice.
+pub const ALIGN: usize = 256;
+
+/// Element types a tensor can store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DType, String> {
+        match s {
+            "f32" | "float32" => Ok(DType::F32),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "f16" | "float16" => Ok(DType::F16),
+            _ => Err(format!("unknown dtype '{s}': expected f32, bf16 or f16")),
+        }
+    }
+}
+
+/// Converts f32 values to the little-endian bytes of `dtype` (round to nearest even).
+pub fn f32_to_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; values.len()];
+            out.convert_from_f32_slice(values);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        DType::F16 => {
+            let mut out = vec![f16::ZERO; values.len()];
+            out.convert_from_f32_slice(values);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+    }
+}
+
+/// Reads little-endian `dtype` bytes (any alignment) as f32 values.
+pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    debug_assert_eq!(bytes.len() % dtype.size(), 0);
+    match dtype {
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) => v.to_vec(),
+            Err(_) => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        },
+        DType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+
+/// Converts little-endian bytes from one dtype to another.
+pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
+    if from == to {
+        bytes.to_vec()
+    } else {
+        f32_to_bytes(to, &bytes_to_f32(from, bytes))
+    }
+}
+
+/// 256-byte aligned, zero-initialised host memory.
+struct HostBuffer {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: HostBuffer owns its allocation; access is synchronised by Tensor's borrow rules.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    fn zeroed(bytes: usize) -> Result<HostBuffer> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN).context("allocation too large")?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).with_context(|| format!("out of host memory allocating {bytes} bytes"))?;
+        Ok(HostBuffer { ptr, layout })
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+enum Buffer {
+    Host(HostBuffer),
+    /// `_allocation` owns the device memory `ptr` points into; it is freed when the storage drops.
+    Cuda { _allocation: CudaSlice<u8>, ptr: u64, device: Arc<CudaDevice> },
+}
+
+/// One allocation, shared by the tensors carved from it.
+pub struct Storage {
+    buffer: Buffer,
+    bytes: usize,
+    generation: AtomicU64,
+}
+
+impl Storage {
+    /// Allocates `bytes` of zeroed memory on `device`. The only allocation path in the engine: arenas call it
+    /// once per region, standalone tensors once each.
+    pub fn zeroed(device: &Device, bytes: usize) -> Result<Arc<Storage>> {
+        let buffer = match device {
+            Device::Cpu => Buffer::Host(HostBuffer::zeroed(bytes)?),
+            Device::Cuda(d) => {
+                let allocation = d
+                    .stream()
+                    .alloc_zeros::<u8>(bytes.max(1))
+                    .with_context(|| format!("allocating {bytes} bytes on {}", device))?;
+                let ptr = allocation.device_ptr(d.stream()).0;
+                Buffer::Cuda { ptr, _allocation: allocation, device: d.clone() }
+            }
+        };
+        Ok(Arc::new(Storage { buffer, bytes, generation: AtomicU64::new(0) }))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.buffer {
+            Buffer::Host(_) => Device::Cpu,
+            Buffer::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Invalidates every tensor carved so far.
+    pub(crate) fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Storage({} bytes on {})", self.bytes, self.device())
+    }
+}
+
+/// A dense, row-major tensor. Not `Clone`: two tensors never alias the same bytes, so `&mut Tensor` is the
+/// exclusive right to write them.
+pub struct Tensor {
+    storage: Arc<Storage>,
+    offset: usize,
+    shape: Vec<usize>,
+    dtype: DType,
+    generation: u64,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype, self.storage.device())
+    }
+}
+
+impl Tensor {
+    /// A view of `shape` x `dtype` at byte `offset` of `storage`. The caller guarantees that no other live
+    /// tensor overlaps it.
+    pub(crate) fn carve(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType) -> Tensor {
+        let generation = storage.generation();
+        debug_assert!(offset + shape.iter().product::<usize>() * dtype.size() <= storage.bytes);
+        Tensor { storage, offset, shape: shape.to_vec(), dtype, generation }
+    }
+
+    /// A standalone zero tensor (its own allocation). Use an arena inside step loops.
+    pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        Ok(Tensor::carve(Storage::zeroed(device, bytes)?, 0, shape, dtype))
+    }
+
+    /// A standalone tensor holding `values` converted to `dtype`.
+    pub fn from_f32(device: &Device, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
+        let mut t = Tensor::zeros(device, shape, dtype)?;
+        t.write_f32(values)?;
+        Ok(t)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    /// Byte offset of this tensor inside its storage (arena tests check alignment with it).
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The same bytes under another shape with as many elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        ensure!(
+            shape.iter().product::<usize>() == self.numel(),
+            "cannot reshape {:?} ({} elements) to {:?}",
+            self.shape,
+            self.numel(),
+            shape
+        );
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.storage.generation() != self.generation {
+            bail!("tensor {:?} was carved from an arena region that has been reset since", self.shape);
+        }
+        Ok(())
+    }
+
+    /// The host bytes of a CPU tensor.
+    pub fn host_bytes(&self) -> Result<&[u8]> {
+        self.check_live()?;
+        match &self.storage.buffer {
+            // SAFETY: the range lies inside the allocation (checked at carve time) and no live tensor overlaps
+            // it mutably: writers need `&mut` to this very tensor.
+            Buffer::Host(h) => Ok(unsafe {
+                std::slice::from_raw_parts(h.ptr.as_ptr().add(self.offset), self.size_bytes())
+            }),
+            Buffer::Cuda { .. } => bail!("tensor {:?} lives on {}, not the host", self.shape, self.device()),
+        }
+    }
+
+    /// The host bytes of a CPU tensor, writable.
+    pub fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        self.check_live()?;
+        let len = self.size_bytes();
+        match &self.storage.buffer {
+            // SAFETY: as in `host_bytes`; `&mut self` makes this the only access to these bytes.
+            Buffer::Host(h) => Ok(unsafe { std::slice::from_raw_parts_mut(h.ptr.as_ptr().add(self.offset), len) }),
+            Buffer::Cuda { .. } => bail!("tensor {:?} lives on {}, not the host", self.shape, self.device()),
+        }
+    }
+
+    /// The values of a CPU f32 tensor.
+    pub fn f32s(&self) -> Result<&[f32]> {
+        ensure!(self.dtype == DType::F32, "expected an f32 tensor, found {} {:?}", self.dtype, self.shape);
+        Ok(bytemuck::cast_slice(self.host_bytes()?))
+    }
+
+    /// The values of a CPU f32 tensor, writable.
+    pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
+        ensure!(self.dtype == DType::F32, "expected an f32 tensor, found {} {:?}", self.dtype, self.shape);
+        Ok(bytemuck::cast_slice_mut(self.host_bytes_mut()?))
+    }
+
+    /// The device address of a CUDA tensor, for kernel arguments.
+    pub fn cuda_ptr(&self) -> Result<u64> {
+        self.check_live()?;
+        match &self.storage.buffer {
+            Buffer::Cuda { ptr, .. } => Ok(ptr + self.offset as u64),
+            Buffer::Host(_) => bail!("tensor {:?} lives on the host, not on a CUDA device", self.shape),
+        }
+    }
+
+    /// Overwrites the tensor with raw little-endian bytes of its own dtype.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        ensure!(
+            bytes.len() == self.size_bytes(),
+            "writing {} bytes into a {} tensor {:?} of {} bytes",
+            bytes.len(),
+            self.dtype,
+            self.shape,
+            self.size_bytes()
+        );
+        self.check_live()?;
+        let dst = self.offset;
+        match &self.storage.buffer {
+            Buffer::Host(_) => self.host_bytes_mut()?.copy_from_slice(bytes),
+            Buffer::Cuda { ptr, device, .. } => {
+                // SAFETY: the destination range lies inside the allocation; the copy completes before
+                // `bytes` can be dropped because we synchronise the stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(ptr + dst as u64, bytes, device.stream().cu_stream())
+                }
+                .context("copying host to device")?;
+                device.synchronize()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites the tensor with `values`, converted to its dtype.
+    pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
+        ensure!(
+            values.len() == self.numel(),
+            "writing {} values into a tensor {:?} of {} elements",
+            values.len(),
+            self.shape,
+            self.numel()
+        );
+        match self.dtype {
+            DType::F32 if !self.device().is_cuda() => {
+                self.f32s_mut()?.copy_from_slice(values);
+                Ok(())
+            }
+            dtype => self.write_bytes(&f32_to_bytes(dtype, values)),
+        }
+    }
+
+    /// Copies the raw bytes to the host (waits for the device).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.check_live()?;
+        match &self.storage.buffer {
+            Buffer::Host(_) => Ok(self.host_bytes()?.to_vec()),
+            Buffer::Cuda { ptr, device, .. } => {
+                let mut out = vec![0u8; self.size_bytes()];
+                // SAFETY: the source range lies inside the allocation; we synchronise before reading `out`.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut out,
+                        ptr + self.offset as u64,
+                        device.stream().cu_stream(),
+                    )
+                }
+                .context("copying device to host")?;
+                device.synchronize()?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// The values as f32, on the host.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        if self.dtype == DType::F32 && !self.device().is_cuda() {
+            return Ok(self.f32s()?.to_vec());
+        }
+        Ok(bytes_to_f32(self.dtype, &self.to_bytes()?))
+    }
+
+    /// A standalone copy on `device` with `dtype`.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        let mut t = Tensor::zeros(device, &self.shape, dtype)?;
+        t.write_bytes(&convert_bytes(self.dtype, dtype, &self.to_bytes()?))?;
+        Ok(t)
+    }
+}
