@@ -1,0 +1,94 @@
+//! Device selection and the CLI's behaviour on a machine with or without a GPU.
+
+mod common;
+
+use std::process::Command;
+
+use sgdm::runtime::{probe, select};
+use sgdm::{Device, DeviceSpec};
+
+#[test]
+fn auto_selects_cuda_only_when_a_gpu_is_usable_and_otherwise_says_why() {
+    let selected = select(DeviceSpec::Auto).unwrap();
+    match probe::driver() {
+        Ok(d) if d.device_count > 0 && probe::nvrtc().is_ok() => {
+            assert!(selected.device.is_cuda(), "a usable GPU was found but auto chose {}", selected.device)
+        }
+        _ => {
+            assert!(matches!(selected.device, Device::Cpu));
+            let notice = selected.notice.expect("falling back to the CPU prints a notice");
+            assert!(notice.starts_with("sgdm: using the CPU (") && !notice.contains('\n'), "{notice}");
+        }
+    }
+}
+
+#[test]
+fn explicit_cuda_without_a_gpu_is_an_error_not_a_panic() {
+    if probe::driver().is_ok_and(|d| d.device_count > 0) {
+        common::skipped("explicit cuda without a GPU", "a GPU is present, so --device cuda cannot fail for want of one");
+        return;
+    }
+    let err = select(DeviceSpec::Cuda(0)).err().expect("no GPU: cuda must not open");
+    assert!(format!("{err:#}").contains("CUDA is unavailable"), "{err:#}");
+}
+
+#[test]
+fn cpu_is_always_available() {
+    let s = select(DeviceSpec::Cpu).unwrap();
+    assert!(matches!(s.device, Device::Cpu) && s.notice.is_none());
+}
+
+fn sgdm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sgdm")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn info_reports_devices_libraries_and_the_kernel_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sgdm"))
+        .arg("info")
+        .env("SGDM_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["cpu:", "cuda driver:", "nvrtc:", "selected (--device auto):", "kernel cache:", "kernel files:"] {
+        assert!(stdout.contains(line), "`sgdm info` lacks '{line}':\n{stdout}");
+    }
+    assert!(stdout.contains(&cache.path().join("kernels").display().to_string()), "{stdout}");
+}
+
+#[test]
+fn bad_device_names_are_rejected_with_the_accepted_forms() {
+    let (code, _, stderr) = sgdm(&["--device", "gpu0", "info"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("expected auto, cpu, cuda or cuda:N"), "{stderr}");
+}
+
+#[test]
+fn kernels_without_arch_or_gpu_asks_for_arch() {
+    if probe::driver().is_ok_and(|d| d.device_count > 0) {
+        common::skipped("`sgdm kernels` without --arch", "a GPU is present, so it defaults to its architecture");
+        return;
+    }
+    let (code, _, stderr) = sgdm(&["kernels"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("pass --arch"), "{stderr}");
+    let (code, _, stderr) = sgdm(&["kernels", "--arch", "sm9"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("expected sm_XX"), "{stderr}");
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for args in [&["--help"][..], &["info", "--help"], &["kernels", "--help"]] {
+        let (code, stdout, _) = sgdm(args);
+        assert_eq!(code, 0);
+        assert!(stdout.contains("Examples:"), "`sgdm {}` has no examples:\n{stdout}", args.join(" "));
+    }
+}
