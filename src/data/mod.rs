@@ -1,0 +1,3 @@
+//! Data: EEG and image readers, validation, and the simulated default dataset.
+pub mod image;
+pub mod npy;
