@@ -157,16 +157,7 @@ impl SafetensorsFile {
 
     fn entry(&self, name: &str) -> Result<&Entry, WeightError> {
         self.entries.get(name).ok_or_else(|| {
-            let near: Vec<&str> = self
-                .entries
-                .keys()
-                .filter(|k| {
-                    let tail = |s: &str| s.rsplit('.').next().unwrap_or_default().to_string();
-                    tail(k) == tail(name) && k.split('.').next() == name.split('.').next()
-                })
-                .take(3)
-                .map(String::as_str)
-                .collect();
+            let near = similar_names(name, self.entries.keys().map(String::as_str));
             let hint = if near.is_empty() { String::new() } else { format!(" (similar names: {})", near.join(", ")) };
             WeightError::Missing { path: self.path.clone(), tensor: name.to_string(), hint }
         })
@@ -236,6 +227,31 @@ impl SafetensorsFile {
         }
         Err(WeightError::Unknown { path: self.path.clone(), count: unused.len(), names })
     }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + (ca != *cb) as usize;
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Up to three stored names close to `name` by edit distance: a misspelt or renamed weight usually differs
+/// in one path component.
+fn similar_names<'a>(name: &str, names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let limit = (name.len() / 4).max(3);
+    let mut scored: Vec<(usize, &str)> =
+        names.map(|n| (edit_distance(name, n), n)).filter(|(d, _)| *d <= limit).collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, n)| n).collect()
 }
 
 /// Writes tensors to a safetensors file, atomically. Each keeps its dtype; CUDA tensors are copied to the

@@ -154,7 +154,8 @@ fn missing_tensors_wrong_shapes_and_unknown_names_are_errors() {
     let err = f.tensor("down.0.wieght", &Device::Cpu, DType::F32).unwrap_err();
     let err = err.downcast::<WeightError>().unwrap();
     assert!(matches!(&err, WeightError::Missing { tensor, .. } if tensor == "down.0.wieght"));
-    assert!(err.to_string().contains("m.safetensors"));
+    let msg = err.to_string();
+    assert!(msg.contains("m.safetensors") && msg.contains("similar names: down.0.weight"), "{msg}");
 
     let err = f.tensor_with_shape("down.0.weight", &[3, 2], &Device::Cpu, DType::F32).unwrap_err().to_string();
     assert!(err.contains("'down.0.weight'") && err.contains("[2, 3]") && err.contains("expected [3, 2]"), "{err}");
