@@ -39,7 +39,7 @@ fn cpu_is_always_available() {
 }
 
 fn sgdm(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sgdm")).args(args).output().unwrap();
+    let out = Command::new(common::sgdm_bin()).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -50,7 +50,7 @@ fn sgdm(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn info_reports_devices_libraries_and_the_kernel_cache() {
     let cache = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sgdm"))
+    let out = Command::new(common::sgdm_bin())
         .arg("info")
         .env("SGDM_CACHE_DIR", cache.path())
         .output()
