@@ -1,5 +1,11 @@
 //! Ops, one module per op family: the CPU reference (f32) and the CUDA launcher of each op side by side.
-//! Launchers check devices, dtypes and shapes; kernels trust them.
+//!
+//! Conventions shared by every family:
+//! - Tensors are dense, row-major; images are NCHW, sequences [batch, length, features].
+//! - Outputs and activation gradients are written (`=`); parameter gradients accumulate (`+=`), so several
+//!   uses of one weight, or gradient accumulation over micro-batches, need no extra buffer.
+//! - Launchers check devices, dtypes and shapes and return an error naming the op and the shapes; kernels
+//!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
 pub mod elementwise;
 

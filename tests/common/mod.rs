@@ -1,17 +1,102 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: skips that stay visible, random data, tolerance checks that
+//! report their errors, and central finite differences in float64.
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::Write;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sgdm::runtime::select;
+use sgdm::tensor::{bytes_to_f32, f32_to_bytes};
+use sgdm::{DType, Device, DeviceSpec, Tensor};
+
 /// Reports a test that cannot run here. Written straight to stderr, past libtest's output capture, so a
 /// skip is always visible in the test log and never passes silently.
-#[allow(dead_code)] // not every test binary skips
 pub fn skipped(what: &str, reason: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {what}: {reason}");
 }
 
 /// The `sgdm` binary under test: `$SGDM_BIN` when set (the GPU bundle runs test binaries away from the build
 /// tree), else the one cargo built for this test run.
-#[allow(dead_code)] // not every test binary runs the CLI
 pub fn sgdm_bin() -> std::path::PathBuf {
     std::env::var_os("SGDM_BIN").map(Into::into).unwrap_or_else(|| env!("CARGO_BIN_EXE_sgdm").into())
+}
+
+/// CUDA device 0, or None after printing SKIPPED with the reason.
+pub fn gpu_or_skip(what: &str) -> Option<Device> {
+    match select(DeviceSpec::Cuda(0)) {
+        Ok(s) => Some(s.device),
+        Err(e) => {
+            skipped(what, format!("no usable CUDA device: {e:#}"));
+            None
+        }
+    }
+}
+
+/// `n` uniform values in `[lo, hi)`, reproducible from `seed`.
+pub fn random(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Values as they are after storing them in `dtype`.
+pub fn rounded(dtype: DType, v: &[f32]) -> Vec<f32> {
+    bytes_to_f32(dtype, &f32_to_bytes(dtype, v))
+}
+
+/// A CPU f32 tensor.
+pub fn cpu(shape: &[usize], values: &[f32]) -> Tensor {
+    Tensor::from_f32(&Device::Cpu, shape, DType::F32, values).unwrap()
+}
+
+/// Checks `|got - want| <= rel * |want| + floor` element by element, and prints the max abs and relative L2
+/// errors with the bound, so every tolerance check leaves a line in the log.
+pub fn compare(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut max_abs = 0f32;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        assert!(d <= rel * w.abs() + floor, "{what}: element {i}: got {g}, want {w} (bound {rel:e}*|want|+{floor:e})");
+        max_abs = max_abs.max(d);
+        num += (d as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    println!(
+        "{what:<36} max abs {max_abs:.3e}  rel L2 {:.3e}  bound {rel:.1e}*|x|+{floor:.0e}  pass",
+        (num / den.max(1e-300)).sqrt()
+    );
+}
+
+/// Float64 values of an f32 slice.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Checks an analytic gradient of a scalar function against central differences of a float64 reference of
+/// that function, at up to `samples` coordinates spread over `x`. `loss(x)` is the f64 forward reduced to a
+/// scalar (typically `sum(y * g)` for a fixed random `g`, whose gradient is the backward with `dy = g`).
+pub fn check_gradient(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f64]) -> f64, samples: usize, rel: f64, abs: f64) {
+    assert_eq!(x.len(), analytic.len(), "{what}: gradient length");
+    let h = 1e-6;
+    let mut xs = f64s(x);
+    let step = (x.len() / samples.max(1)).max(1);
+    let mut max_err = 0f64;
+    for i in (0..x.len()).step_by(step) {
+        let orig = xs[i];
+        xs[i] = orig + h;
+        let up = loss(&xs);
+        xs[i] = orig - h;
+        let down = loss(&xs);
+        xs[i] = orig;
+        let numeric = (up - down) / (2.0 * h);
+        let err = (analytic[i] as f64 - numeric).abs();
+        assert!(
+            err <= rel * numeric.abs() + abs,
+            "{what}: d/dx[{i}]: analytic {}, central difference {numeric} (bound {rel:e}*|fd|+{abs:e})",
+            analytic[i]
+        );
+        max_err = max_err.max(err);
+    }
+    println!("{what:<36} gradient vs central differences: max abs err {max_err:.3e}  pass");
 }

@@ -1,0 +1,22 @@
+//! CUDA against the CPU reference: every kernel file's ops on fresh random data, through tensors carved from
+//! a CUDA arena. One module per kernel file. Without a GPU the test prints SKIPPED and its reason.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod elementwise;
+
+use sgdm::runtime::kernels::KERNEL_FILES;
+
+#[test]
+fn every_kernel_file_matches_the_cpu_reference() {
+    let Some(gpu) = common::gpu_or_skip("CUDA-vs-CPU parity") else { return };
+    for file in KERNEL_FILES {
+        match file.name {
+            "elementwise.cu" => elementwise::check(&gpu),
+            other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
+        }
+    }
+    let loads = gpu.cuda().unwrap().kernel_loads();
+    println!("kernel modules: {} compiled now, {} loaded from the cubin cache", loads.compiled, loads.cache_hits);
+    assert_eq!(loads.compiled + loads.cache_hits, KERNEL_FILES.len(), "each kernel file is loaded once");
+}
