@@ -26,6 +26,10 @@ pub fn run(spec: DeviceSpec) -> Result<()> {
         Ok(n) => println!("nvrtc: {} ({}.{})", n.library, n.version.0, n.version.1),
         Err(e) => println!("nvrtc: unavailable: {e}"),
     }
+    match probe::cublaslt() {
+        Ok(lib) => println!("cublaslt: {lib}"),
+        Err(e) => println!("cublaslt: unavailable: {e}"),
+    }
     if let Ok(d) = &driver {
         for ordinal in 0..d.device_count {
             match CudaDevice::open(ordinal) {

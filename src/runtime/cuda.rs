@@ -2,11 +2,12 @@
 //! Event tracking is off (one stream orders everything), so tensors hand raw device pointers to kernels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
+use crate::runtime::blas::BlasLt;
 use crate::runtime::kernels::{kernel_file, Arch, CacheOutcome, KernelCache};
 use crate::runtime::probe;
 
@@ -29,6 +30,8 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     loads: Mutex<KernelLoadCounts>,
+    blas: OnceLock<BlasLt>,
+    blas_init: Mutex<()>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -63,6 +66,8 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             loads: Mutex::new(KernelLoadCounts::default()),
+            blas: OnceLock::new(),
+            blas_init: Mutex::new(()),
         }))
     }
 
@@ -85,6 +90,18 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("synchronizing the CUDA stream")
+    }
+
+    /// The device's cuBLASLt state, created at first use.
+    pub fn blas(&self) -> Result<&BlasLt> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let _guard = self.blas_init.lock().unwrap();
+        if self.blas.get().is_none() {
+            let _ = self.blas.set(BlasLt::new(self)?);
+        }
+        Ok(self.blas.get().expect("initialised above"))
     }
 
     fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {

@@ -1,5 +1,6 @@
 //! The runtime: devices, the CUDA context and kernel pipeline, and the memory arena.
 pub mod arena;
+pub mod blas;
 pub mod cuda;
 pub mod device;
 pub mod kernels;

@@ -46,6 +46,22 @@ const NVRTC_SYMBOLS: &[&str] = &[
     "nvrtcGetCUBIN",
 ];
 
+const CUBLASLT_SYMBOLS: &[&str] = &[
+    "cublasLtCreate",
+    "cublasLtDestroy",
+    "cublasLtMatmul",
+    "cublasLtMatmulDescCreate",
+    "cublasLtMatmulDescDestroy",
+    "cublasLtMatmulDescSetAttribute",
+    "cublasLtMatrixLayoutCreate",
+    "cublasLtMatrixLayoutDestroy",
+    "cublasLtMatrixLayoutSetAttribute",
+    "cublasLtMatmulPreferenceCreate",
+    "cublasLtMatmulPreferenceDestroy",
+    "cublasLtMatmulPreferenceSetAttribute",
+    "cublasLtMatmulAlgoGetHeuristic",
+];
+
 /// What the driver probe found.
 #[derive(Debug, Clone)]
 pub struct DriverInfo {
@@ -170,6 +186,16 @@ pub fn nvrtc() -> Result<NvrtcInfo, String> {
     };
     check_nvrtc_version(version)?;
     Ok(NvrtcInfo { library, version })
+}
+
+/// Checks that libcublasLt loads and has every function we call. Returns the file name that loaded.
+pub fn cublaslt() -> Result<String, String> {
+    let (lib, library) = open_library(
+        "cublasLt",
+        "install the CUDA toolkit or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH",
+    )?;
+    check_symbols(&lib, &library, CUBLASLT_SYMBOLS)?;
+    Ok(library)
 }
 
 #[cfg(test)]
