@@ -6,6 +6,7 @@
 compile_error!("sgdm reads and writes little-endian tensor files and assumes a little-endian host");
 
 pub mod data;
+pub mod diffusion;
 pub mod ops;
 pub mod runtime;
 pub mod tensor;
