@@ -270,20 +270,21 @@ pub fn save_safetensors(
             return Err(werr(format!("tensor name '{name}' given twice")));
         }
         let bytes = t.to_bytes().map_err(|e| werr(format!("reading tensor '{name}': {e:#}")))?;
-        views.push((name.to_string(), OwnedView { dtype: dtype_to_safetensors(t.dtype()), shape: t.shape().to_vec(), bytes }));
+        views.push((name.to_string(), RawView { dtype: dtype_to_safetensors(t.dtype()), shape: t.shape().to_vec(), bytes }));
     }
     let info = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     let buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
     write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|source| WeightError::Io { path: path.to_path_buf(), source })
 }
 
-struct OwnedView {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+/// A tensor as safetensors writes it: any safetensors dtype, shape and little-endian bytes.
+pub struct RawView {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
 }
 
-impl safetensors::View for OwnedView {
+impl safetensors::View for RawView {
     fn dtype(&self) -> StDtype {
         self.dtype
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use sgdm::weights::{save_safetensors, Component, SafetensorsFile, WeightError};
+use sgdm::weights::{save_safetensors, Component, RawView, SafetensorsFile, WeightError};
 use sgdm::{DType, Device, Tensor};
 
 fn values(n: usize) -> Vec<f32> {
@@ -112,32 +112,11 @@ fn missing_file_names_the_path() {
     assert!(err.contains("/nonexistent/dir/model.safetensors"), "{err}");
 }
 
-struct RawView {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for RawView {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 #[test]
 fn unsupported_dtypes_are_refused_by_tensor_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ints.safetensors");
-    let view = RawView { dtype: safetensors::Dtype::I64, shape: vec![2], data: vec![0; 16] };
+    let view = RawView { dtype: safetensors::Dtype::I64, shape: vec![2], bytes: vec![0; 16] };
     safetensors::serialize_to_file([("position_ids", view)], None, &path).unwrap();
     let f = SafetensorsFile::open(&path).unwrap();
     let err = f.tensor("position_ids", &Device::Cpu, DType::F32).unwrap_err().to_string();
