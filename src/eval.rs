@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 fn rows(what: &str, data: &[f32], dim: usize) -> Result<usize> {
-    ensure!(dim > 0 && data.len() % dim == 0, "{what}: {} values do not form rows of {dim}", data.len());
+    ensure!(dim > 0 && data.len().is_multiple_of(dim), "{what}: {} values do not form rows of {dim}", data.len());
     Ok(data.len() / dim)
 }
 
