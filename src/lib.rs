@@ -8,6 +8,8 @@ compile_error!("sgdm reads and writes little-endian tensor files and assumes a l
 pub mod data;
 pub mod diffusion;
 pub mod eval;
+pub mod models;
+pub mod nn;
 pub mod ops;
 pub mod runtime;
 pub mod tensor;

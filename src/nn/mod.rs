@@ -1,0 +1,167 @@
+//! Layers with explicit parameters: each layer struct records its hyperparameters and the ids of its
+//! parameters in a [`ParamTree`], under the PyTorch state_dict name, so a model's weight names and shapes
+//! are fixed when it is built, before any memory exists. The tree is what weights are loaded against and
+//! what the memory plan reserves.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+
+/// The index of a parameter in its [`ParamTree`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParamId(pub usize);
+
+/// One parameter: its state_dict name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Every parameter of a model, in registration order.
+#[derive(Debug, Clone, Default)]
+pub struct ParamTree {
+    specs: Vec<ParamSpec>,
+    by_name: HashMap<String, ParamId>,
+}
+
+/// Joins a module prefix and a leaf name the way PyTorch's state_dict does.
+pub fn join(prefix: &str, leaf: &str) -> String {
+    if prefix.is_empty() {
+        leaf.to_string()
+    } else {
+        format!("{prefix}.{leaf}")
+    }
+}
+
+impl ParamTree {
+    pub fn new() -> ParamTree {
+        ParamTree::default()
+    }
+
+    /// Registers `name` with `shape`. Building a model registers each name once; a repeat is a bug in the
+    /// model's builder, reported with the name.
+    pub fn add(&mut self, name: String, shape: &[usize]) -> ParamId {
+        let id = ParamId(self.specs.len());
+        let previous = self.by_name.insert(name.clone(), id);
+        assert!(previous.is_none(), "parameter {name} registered twice");
+        self.specs.push(ParamSpec { name, shape: shape.to_vec() });
+        id
+    }
+
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    pub fn spec(&self, id: ParamId) -> &ParamSpec {
+        &self.specs[id.0]
+    }
+
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// Total number of parameter values.
+    pub fn numel(&self) -> usize {
+        self.specs.iter().map(|s| s.shape.iter().product::<usize>()).sum()
+    }
+}
+
+/// `nn.Linear(input, output, bias)`: weight `[output, input]`, bias `[output]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    pub weight: ParamId,
+    pub bias: Option<ParamId>,
+    pub input: usize,
+    pub output: usize,
+}
+
+impl Linear {
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, bias: bool) -> Linear {
+        let weight = tree.add(join(prefix, "weight"), &[output, input]);
+        let bias = bias.then(|| tree.add(join(prefix, "bias"), &[output]));
+        Linear { weight, bias, input, output }
+    }
+}
+
+/// Padding of a 2D convolution: (top, bottom, left, right).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding2d {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding2d {
+    pub fn same(p: usize) -> Padding2d {
+        Padding2d { top: p, bottom: p, left: p, right: p }
+    }
+}
+
+/// `nn.Conv2d`: weight `[output, input, k, k]`, bias `[output]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2d {
+    pub weight: ParamId,
+    pub bias: Option<ParamId>,
+    pub input: usize,
+    pub output: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: Padding2d,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)] // PyTorch's own constructor arguments
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, kernel: usize, stride: usize, padding: Padding2d, bias: bool) -> Conv2d {
+        let weight = tree.add(join(prefix, "weight"), &[output, input, kernel, kernel]);
+        let bias = bias.then(|| tree.add(join(prefix, "bias"), &[output]));
+        Conv2d { weight, bias, input, output, kernel, stride, padding }
+    }
+
+    /// A 3x3 convolution with padding 1 (stride 1 or 2), the UNet's workhorse.
+    pub fn k3(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, stride: usize) -> Conv2d {
+        Conv2d::new(tree, prefix, input, output, 3, stride, Padding2d::same(1), true)
+    }
+
+    /// A 1x1 convolution.
+    pub fn k1(tree: &mut ParamTree, prefix: &str, input: usize, output: usize) -> Conv2d {
+        Conv2d::new(tree, prefix, input, output, 1, 1, Padding2d::same(0), true)
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)` (or `nn.LayerNorm(channels, eps)` with `groups == 0`), affine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Norm {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub channels: usize,
+    /// 0 for LayerNorm over the last dimension.
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl Norm {
+    pub fn group(tree: &mut ParamTree, prefix: &str, groups: usize, channels: usize, eps: f64) -> Result<Norm> {
+        if groups == 0 || channels % groups != 0 {
+            bail!("{prefix}: GroupNorm with {groups} groups cannot split {channels} channels");
+        }
+        let weight = tree.add(join(prefix, "weight"), &[channels]);
+        let bias = tree.add(join(prefix, "bias"), &[channels]);
+        Ok(Norm { weight, bias, channels, groups, eps })
+    }
+
+    pub fn layer(tree: &mut ParamTree, prefix: &str, channels: usize, eps: f64) -> Norm {
+        let weight = tree.add(join(prefix, "weight"), &[channels]);
+        let bias = tree.add(join(prefix, "bias"), &[channels]);
+        Norm { weight, bias, channels, groups: 0, eps }
+    }
+}
