@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
+use sgdm::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use sgdm::models::unet::{ControlNet, UNet, UNetConfig};
 use sgdm::nn::ParamTree;
 use sgdm::weights::Component;
@@ -22,6 +23,8 @@ fn build(class: &str, path: &Path, config: &serde_json::Value) -> ParamTree {
         "unet" | "UNet2DConditionModel" => UNet::new(UNetConfig::from_json(path, config).unwrap()).unwrap().params,
         "controlnet" | "ControlNetModel" => ControlNet::new(UNetConfig::from_json(path, config).unwrap()).unwrap().params,
         "vae" | "AutoencoderKL" => AutoencoderKl::new(AutoencoderKlConfig::from_json(path, config).unwrap()).unwrap().params,
+        "SpatiotemporalEEGEncoder" => EegEncoder::new(EegEncoderConfig::from_json(path, config).unwrap()).unwrap().params,
+        "StructuralVAE" => StructuralVae::new(StructuralVaeConfig::from_json(path, config).unwrap()).unwrap().params,
         other => panic!("no builder for {other}"),
     }
 }
@@ -56,7 +59,7 @@ fn sd15_module_trees_match_diffusers() {
 
 #[test]
 fn tiny_fixture_models_match_their_weight_files() {
-    for case in ["unet_tiny", "controlnet_tiny", "autoencoder_kl_tiny"] {
+    for case in ["unet_tiny", "controlnet_tiny", "autoencoder_kl_tiny", "eeg_encoder_tiny", "structural_vae_tiny"] {
         let c = Component::open(root().join("tests/fixtures/models").join(case)).unwrap();
         let tree = build(c.class_name().unwrap(), &c.dir.join("config.json"), &c.config);
         let theirs = c.weights.names().map(|n| (n.to_string(), c.weights.shape(n).unwrap().to_vec())).collect();

@@ -2,4 +2,5 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod config;
+pub mod sgdm;
 pub mod unet;

@@ -165,3 +165,87 @@ impl Norm {
         Norm { weight, bias, channels, groups: 0, eps }
     }
 }
+
+/// `nn.Conv1d(input, output, kernel, padding)`: weight `[output, input, kernel]`, bias `[output]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv1d {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub input: usize,
+    pub output: usize,
+    pub kernel: usize,
+    pub padding: usize,
+}
+
+impl Conv1d {
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, kernel: usize, padding: usize) -> Conv1d {
+        let weight = tree.add(join(prefix, "weight"), &[output, input, kernel]);
+        let bias = tree.add(join(prefix, "bias"), &[output]);
+        Conv1d { weight, bias, input, output, kernel, padding }
+    }
+}
+
+/// `nn.ConvTranspose2d(input, output, kernel, stride, padding)`: weight `[input, output, k, k]` (PyTorch's
+/// transposed layout), bias `[output]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTranspose2d {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub input: usize,
+    pub output: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvTranspose2d {
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, kernel: usize, stride: usize, padding: usize) -> ConvTranspose2d {
+        let weight = tree.add(join(prefix, "weight"), &[input, output, kernel, kernel]);
+        let bias = tree.add(join(prefix, "bias"), &[output]);
+        ConvTranspose2d { weight, bias, input, output, kernel, stride, padding }
+    }
+}
+
+/// One direction of one LSTM layer: PyTorch's `weight_ih_l{k}[_reverse]` `[4H, input]`,
+/// `weight_hh_l{k}[_reverse]` `[4H, H]`, `bias_ih_l{k}[_reverse]` and `bias_hh_l{k}[_reverse]` `[4H]`,
+/// gates in the order (i, f, g, o).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LstmDirection {
+    pub weight_ih: ParamId,
+    pub weight_hh: ParamId,
+    pub bias_ih: ParamId,
+    pub bias_hh: ParamId,
+}
+
+/// `nn.LSTM(input, hidden, layers, batch_first=True, bidirectional)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lstm {
+    pub input: usize,
+    pub hidden: usize,
+    /// `layers[k][d]`: layer k, direction d (0 forward, 1 reverse).
+    pub layers: Vec<Vec<LstmDirection>>,
+}
+
+impl Lstm {
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, hidden: usize, layers: usize, bidirectional: bool) -> Lstm {
+        let directions = if bidirectional { 2 } else { 1 };
+        let layers = (0..layers)
+            .map(|k| {
+                let layer_input = if k == 0 { input } else { directions * hidden };
+                (0..directions)
+                    .map(|d| {
+                        let suffix = if d == 1 { "_reverse" } else { "" };
+                        let name = |w: &str| join(prefix, &format!("{w}_l{k}{suffix}"));
+                        LstmDirection {
+                            weight_ih: tree.add(name("weight_ih"), &[4 * hidden, layer_input]),
+                            weight_hh: tree.add(name("weight_hh"), &[4 * hidden, hidden]),
+                            bias_ih: tree.add(name("bias_ih"), &[4 * hidden]),
+                            bias_hh: tree.add(name("bias_hh"), &[4 * hidden]),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Lstm { input, hidden, layers }
+    }
+}
