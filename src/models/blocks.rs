@@ -108,7 +108,7 @@ pub struct TransformerSpec {
 
 impl Transformer2d {
     pub fn new(tree: &mut ParamTree, prefix: &str, channels: usize, heads: usize, layers: usize, spec: TransformerSpec) -> Result<Transformer2d> {
-        ensure!(heads > 0 && channels % heads == 0, "{prefix}: {channels} channels do not split into {heads} heads");
+        ensure!(heads > 0 && channels.is_multiple_of(heads), "{prefix}: {channels} channels do not split into {heads} heads");
         let head_dim = channels / heads;
         let projection = |tree: &mut ParamTree, name: &str| {
             let p = join(prefix, name);

@@ -108,7 +108,7 @@ impl<'a> ConfigReader<'a> {
     /// Refuses a key whose value selects a feature we do not implement.
     pub fn require(&self, key: &str, supported: &[Value], what: &str) -> Result<()> {
         let v = self.value.get(key).cloned().unwrap_or(Value::Null);
-        if !supported.contains(&v) && !(v.is_null() && supported.iter().any(|s| s.is_null())) {
+        if !supported.contains(&v) {
             bail!("{}: '{key}' = {v} is not supported ({what})", self.path.display());
         }
         Ok(())

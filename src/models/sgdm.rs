@@ -84,7 +84,7 @@ impl StructuralVaeConfig {
         let ch = r.usizes("channels", &[64, 128, 256])?;
         ensure!(ch.len() == 3, "{}: 'channels' must hold 3 sizes, got {ch:?}", path.display());
         let image_size = r.usize("image_size", 128)?;
-        ensure!(image_size % 8 == 0 && image_size > 0, "{}: 'image_size' {image_size} is not a multiple of 8", path.display());
+        ensure!(image_size.is_multiple_of(8) && image_size > 0, "{}: 'image_size' {image_size} is not a multiple of 8", path.display());
         Ok(StructuralVaeConfig {
             latent_dim: r.usize("latent_dim", 512)?,
             structure_dim: r.usize("structure_dim", 256)?,

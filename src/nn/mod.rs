@@ -151,7 +151,7 @@ pub struct Norm {
 
 impl Norm {
     pub fn group(tree: &mut ParamTree, prefix: &str, groups: usize, channels: usize, eps: f64) -> Result<Norm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             bail!("{prefix}: GroupNorm with {groups} groups cannot split {channels} channels");
         }
         let weight = tree.add(join(prefix, "weight"), &[channels]);
