@@ -83,3 +83,106 @@ fn unsupported_configs_are_refused_naming_file_and_key() {
     let e = UNet::new(cfg).unwrap_err().to_string();
     assert!(e.contains("GroupNorm with 32 groups cannot split 30 channels"), "{e}");
 }
+
+mod loading {
+    use super::*;
+    use sgdm::models::autoencoder_kl::LEGACY_ATTENTION_NAMES;
+    use sgdm::nn::ParamStore;
+    use sgdm::runtime::{Arena, MemoryPlan};
+    use sgdm::weights::{save_safetensors, SafetensorsFile};
+    use sgdm::{DType, Device, Tensor};
+
+    fn vae_tiny() -> (Component, AutoencoderKl) {
+        let c = Component::open(root().join("tests/fixtures/models/autoencoder_kl_tiny")).unwrap();
+        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&c.dir, &c.config).unwrap()).unwrap();
+        (c, vae)
+    }
+
+    fn arena_for(tree: &ParamTree, dtype: DType) -> Arena {
+        let mut plan = MemoryPlan::new();
+        ParamStore::plan(tree, &mut plan, dtype);
+        Arena::new(&Device::Cpu, &plan).unwrap()
+    }
+
+    #[test]
+    fn parameters_load_into_the_arena_with_their_values() {
+        let (c, vae) = vae_tiny();
+        let mut arena = arena_for(&vae.params, DType::F32);
+        let store = ParamStore::load(&vae.params, &c.weights, &mut arena, DType::F32, &[]).unwrap();
+        assert_eq!(store.len(), vae.params.len());
+        let id = vae.params.id("decoder.mid_block.attentions.0.to_q.weight").unwrap();
+        let want = c.weights.tensor("decoder.mid_block.attentions.0.to_q.weight", &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(store.get(id).to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+        let report = arena.report();
+        assert_eq!(report.regions[0].peak, report.regions[0].capacity, "the plan is exactly what loading carves");
+    }
+
+    /// Rewrites the tiny VAE's weights with the pre-0.14 attention names, stored as 1x1 convolutions.
+    fn legacy_copy(c: &Component, dir: &Path, extra: Option<&str>, drop: Option<&str>) -> SafetensorsFile {
+        let mut owned: Vec<(String, Tensor)> = Vec::new();
+        for name in c.weights.names() {
+            if Some(name) == drop {
+                continue;
+            }
+            let mut t = c.weights.tensor(name, &Device::Cpu, DType::F32).unwrap();
+            let mut new_name = name.to_string();
+            for (old, new) in LEGACY_ATTENTION_NAMES {
+                if name.contains(&format!("attentions.0.{new}.")) {
+                    new_name = name.replace(&format!(".{new}."), &format!(".{old}."));
+                    if t.shape().len() == 2 {
+                        let s = t.shape().to_vec();
+                        t = t.reshape(&[s[0], s[1], 1, 1]).unwrap();
+                    }
+                }
+            }
+            owned.push((new_name, t));
+        }
+        if let Some(extra) = extra {
+            owned.push((extra.to_string(), Tensor::zeros(&Device::Cpu, &[2], DType::F32).unwrap()));
+        }
+        let refs: Vec<(&str, &Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let path = dir.join("legacy.safetensors");
+        save_safetensors(&path, &refs, None).unwrap();
+        SafetensorsFile::open(&path).unwrap()
+    }
+
+    #[test]
+    fn legacy_vae_attention_names_load_through_aliases() {
+        let (c, vae) = vae_tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = legacy_copy(&c, dir.path(), None, None);
+        assert!(legacy.contains("encoder.mid_block.attentions.0.query.weight"));
+        let mut arena = arena_for(&vae.params, DType::BF16);
+        let store = ParamStore::load(&vae.params, &legacy, &mut arena, DType::BF16, &LEGACY_ATTENTION_NAMES).unwrap();
+        let id = vae.params.id("encoder.mid_block.attentions.0.to_out.0.weight").unwrap();
+        assert_eq!(store.get(id).shape(), vae.params.spec(id).shape.as_slice());
+        // Without the aliases the same file is refused, naming the tensor.
+        let err = ParamStore::load(&vae.params, &legacy, &mut arena_for(&vae.params, DType::F32), DType::F32, &[]).err().unwrap();
+        assert!(err.to_string().contains("missing tensor 'encoder.mid_block.attentions.0.to_q.weight'"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_missing_weights_are_refused_by_name() {
+        let (c, vae) = vae_tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let extra = legacy_copy(&c, dir.path(), Some("encoder.mystery.weight"), None);
+        let err = ParamStore::load(&vae.params, &extra, &mut arena_for(&vae.params, DType::F32), DType::F32, &LEGACY_ATTENTION_NAMES).err().unwrap();
+        assert!(err.to_string().contains("1 unknown tensor name(s), not used by the model: encoder.mystery.weight"), "{err}");
+        let missing = legacy_copy(&c, dir.path(), None, Some("decoder.conv_out.bias"));
+        let err = ParamStore::load(&vae.params, &missing, &mut arena_for(&vae.params, DType::F32), DType::F32, &LEGACY_ATTENTION_NAMES).err().unwrap();
+        assert!(err.to_string().contains("missing tensor 'decoder.conv_out.bias'"), "{err}");
+    }
+
+    #[test]
+    fn random_parameters_are_seeded_and_scaled_by_fan_in() {
+        let (_, vae) = vae_tiny();
+        let a = ParamStore::random(&vae.params, &mut arena_for(&vae.params, DType::F32), DType::F32, 7).unwrap();
+        let b = ParamStore::random(&vae.params, &mut arena_for(&vae.params, DType::F32), DType::F32, 7).unwrap();
+        let id = vae.params.id("decoder.up_blocks.0.resnets.0.conv1.weight").unwrap();
+        let v = a.get(id).to_f32_vec().unwrap();
+        assert_eq!(v, b.get(id).to_f32_vec().unwrap());
+        let fan_in: usize = vae.params.spec(id).shape[1..].iter().product();
+        let var = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+        assert!((var * fan_in as f32 - 1.0).abs() < 0.1, "variance {var} for fan-in {fan_in}");
+    }
+}

@@ -249,3 +249,96 @@ impl Lstm {
         Lstm { input, hidden, layers }
     }
 }
+
+/// The tensors of a [`ParamTree`], carved from an arena's parameter region, indexed by [`ParamId`].
+pub struct ParamStore {
+    tensors: Vec<crate::tensor::Tensor>,
+}
+
+impl ParamStore {
+    /// Reserves room for every parameter of `tree` in `dtype`.
+    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
+        for s in tree.specs() {
+            plan.reserve(crate::runtime::Region::Params, &s.shape, dtype);
+        }
+    }
+
+    /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, or a tensor the
+    /// model does not have is an error naming the file and tensor. `aliases` lists (old, current) name
+    /// components accepted for older checkpoints (e.g. the VAE's `query` for `to_q`); an aliased weight may
+    /// be stored as a 1x1 convolution `[o, i, 1, 1]` where the model has a linear `[o, i]`.
+    pub fn load(
+        tree: &ParamTree,
+        file: &crate::weights::SafetensorsFile,
+        arena: &mut crate::runtime::Arena,
+        dtype: crate::tensor::DType,
+        aliases: &[(&str, &str)],
+    ) -> Result<ParamStore> {
+        use crate::tensor::convert_bytes;
+        let mut tensors = Vec::with_capacity(tree.len());
+        for spec in tree.specs() {
+            let stored_name = if file.contains(&spec.name) {
+                spec.name.clone()
+            } else {
+                aliases
+                    .iter()
+                    .map(|(old, new)| spec.name.replace(&format!(".{new}."), &format!(".{old}.")))
+                    .find(|n| *n != spec.name && file.contains(n))
+                    .unwrap_or_else(|| spec.name.clone())
+            };
+            let stored_shape = file.shape(&stored_name)?.to_vec();
+            let conv_as_linear = stored_name != spec.name && stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == spec.shape[..];
+            if !conv_as_linear {
+                file.check_shape(&stored_name, &spec.shape)?;
+            }
+            let (stored_dtype, _, bytes) = file.raw(&stored_name)?;
+            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            t.write_bytes(&convert_bytes(stored_dtype, dtype, bytes))?;
+            tensors.push(t);
+        }
+        file.ensure_all_used()?;
+        Ok(ParamStore { tensors })
+    }
+
+    /// Parameters from a seeded generator: N(0, std²) with `std = 1/√fan_in` for weights (fan_in = the
+    /// product of all but the first dimension), zero biases, unit norm weights. For benchmarks and profiles
+    /// with random weights, never for results.
+    pub fn random(tree: &ParamTree, arena: &mut crate::runtime::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = Vec::with_capacity(tree.len());
+        for spec in tree.specs() {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f32> = if spec.shape.len() == 1 {
+                let is_norm = spec.name.ends_with(".weight");
+                vec![if is_norm { 1.0 } else { 0.0 }; n]
+            } else {
+                let fan_in: usize = spec.shape[1..].iter().product();
+                let std = 1.0 / (fan_in as f32).sqrt();
+                (0..n)
+                    .map(|_| {
+                        // Box-Muller from two uniforms.
+                        let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+                        std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                    })
+                    .collect()
+            };
+            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            t.write_f32(&values)?;
+            tensors.push(t);
+        }
+        Ok(ParamStore { tensors })
+    }
+
+    pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
+        &self.tensors[id.0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
