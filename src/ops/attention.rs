@@ -111,10 +111,7 @@ impl AttentionDims {
     /// Checks q, k and v against each other and `spec`, and returns the sizes.
     pub fn of(op: &str, spec: AttentionSpec, x: Qkv) -> Result<AttentionDims> {
         let (q, k, v) = (x.q.shape(), x.k.shape(), x.v.shape());
-        ensure!(
-            q.len() == 3 && k.len() == 3,
-            "{op}: q {q:?} and k {k:?} must be [batch, length, heads*head_dim]"
-        );
+        ensure!(q.len() == 3 && k.len() == 3, "{op}: q {q:?} and k {k:?} must be [batch, length, heads*head_dim]");
         ensure!(v == k, "{op}: v {v:?} does not match k {k:?}");
         ensure!(q[0] == k[0], "{op}: batch {} of q {q:?} differs from batch {} of k {k:?}", q[0], k[0]);
         ensure!(q[2] == k[2], "{op}: hidden size {} of q {q:?} differs from {} of k {k:?}", q[2], k[2]);
@@ -125,7 +122,8 @@ impl AttentionDims {
             q[2],
             spec.heads
         );
-        let dims = AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
+        let dims =
+            AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
         ensure!(
             dims.batch > 0 && dims.q_len > 0 && dims.kv_len > 0 && dims.head_dim > 0,
             "{op}: empty dimension in q {q:?} or k {k:?}"
@@ -217,7 +215,14 @@ pub fn attention_backward(
         Device::Cpu => {
             let delta = delta.f32s_mut()?;
             cpu_row_dots(&dims, dout.f32s()?, out.f32s()?, delta);
-            let saved = CpuSaved { q: x.q.f32s()?, k: x.k.f32s()?, v: x.v.f32s()?, dout: dout.f32s()?, lse: lse.f32s()?, delta };
+            let saved = CpuSaved {
+                q: x.q.f32s()?,
+                k: x.k.f32s()?,
+                v: x.v.f32s()?,
+                dout: dout.f32s()?,
+                lse: lse.f32s()?,
+                delta,
+            };
             cpu_backward(&dims, scale, saved, dq.f32s_mut()?, dk.f32s_mut()?, dv.f32s_mut()?);
             Ok(())
         }
@@ -346,7 +351,14 @@ fn gemm(
 }
 
 /// Scores `s[rows x Lk] = scale * q[i0..i0+rows] k^T` of head (b, h).
-fn cpu_scores(dims: &AttentionDims, scale: f32, q: &[f32], k: &[f32], (b, h, i0, rows): (usize, usize, usize, usize), s: &mut [f32]) {
+fn cpu_scores(
+    dims: &AttentionDims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    (b, h, i0, rows): (usize, usize, usize, usize),
+    s: &mut [f32],
+) {
     let hd = dims.hidden();
     let qh = &q[head_offset(dims, dims.q_len, b, i0, h)..];
     let kh = &k[head_offset(dims, dims.kv_len, b, 0, h)..];
