@@ -7,6 +7,7 @@
 //! - Launchers check devices, dtypes and shapes and return an error naming the op and the shapes; kernels
 //!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
+pub mod attention;
 pub mod elementwise;
 pub mod linear;
 
@@ -20,6 +21,7 @@ use crate::tensor::{DType, Tensor};
 pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (elementwise::KERNEL_FILE, elementwise::KERNELS),
     (linear::KERNEL_FILE, linear::KERNELS),
+    (attention::KERNEL_FILE, attention::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -1,6 +1,7 @@
 //! CUDA against the CPU reference: every kernel file's ops on fresh random data, through tensors carved from
 //! a CUDA arena. One module per kernel file. Without a GPU the test prints SKIPPED and its reason.
 
+mod attention;
 #[path = "../common/mod.rs"]
 mod common;
 mod elementwise;
@@ -15,6 +16,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
         match file.name {
             "elementwise.cu" => elementwise::check(&gpu),
             "linear.cu" => linear::check(&gpu),
+            "attention.cu" => attention::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
