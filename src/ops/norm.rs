@@ -160,7 +160,7 @@ fn layer_norm_chunking(rows: usize) -> (usize, usize) {
 /// The f32 scratch a LayerNorm backward needs: per-block column sums for dweight and dbias.
 pub fn layer_norm_scratch_shape(x_shape: &[usize]) -> Vec<usize> {
     let d = x_shape.last().copied().unwrap_or(0);
-    let rows = if d == 0 { 0 } else { x_shape.iter().product::<usize>() / d };
+    let rows = x_shape.iter().product::<usize>().checked_div(d).unwrap_or(0);
     vec![2, layer_norm_chunking(rows).1, d]
 }
 

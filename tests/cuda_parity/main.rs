@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod elementwise;
+mod norm;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -13,6 +14,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
     for file in KERNEL_FILES {
         match file.name {
             "elementwise.cu" => elementwise::check(&gpu),
+            "norm.cu" => norm::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
