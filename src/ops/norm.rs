@@ -314,12 +314,14 @@ pub fn group_norm_backward(
                         let xhat = (x - mean) * rstd;
                         (xhat, if gn.silu { dy * silu_grad(xhat * w[ch] + b[ch]) } else { dy })
                     };
+                    // The first pass parks g in dx, so the SiLU derivative is evaluated once per element.
                     let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
                     for ci in 0..cg {
                         let (ch, range) = (channel(ci), ci * hw..(ci + 1) * hw);
                         let (mut sg, mut sgx) = (0f64, 0f64);
-                        for (&x, &dy) in x[range.clone()].iter().zip(&dy[range]) {
+                        for ((dx, &x), &dy) in dx[range.clone()].iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
                             let (xhat, g) = xhat_g(x, dy, ch);
+                            *dx = g;
                             sg += g as f64;
                             sgx += (g * xhat) as f64;
                         }
@@ -329,10 +331,12 @@ pub fn group_norm_backward(
                     }
                     let m1 = (sum_dxhat / len as f64) as f32;
                     let m2 = (sum_dxhat_xhat / len as f64) as f32;
-                    for (i, ((dx, &x), &dy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-                        let ch = channel(i / hw);
-                        let (xhat, g) = xhat_g(x, dy, ch);
-                        *dx = rstd * (g * w[ch] - m1 - xhat * m2);
+                    for (ci, (dx, x)) in dx.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                        let wc = w[channel(ci)];
+                        for (dx, &x) in dx.iter_mut().zip(x) {
+                            let xhat = (x - mean) * rstd;
+                            *dx = rstd * (*dx * wc - m1 - xhat * m2);
+                        }
                     }
                 },
             );
