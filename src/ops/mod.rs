@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod linear;
+pub mod norm;
 
 use anyhow::{ensure, Result};
 
@@ -22,6 +23,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (elementwise::KERNEL_FILE, elementwise::KERNELS),
     (linear::KERNEL_FILE, linear::KERNELS),
     (attention::KERNEL_FILE, attention::KERNELS),
+    (norm::KERNEL_FILE, norm::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -6,6 +6,7 @@ mod attention;
 mod common;
 mod elementwise;
 mod linear;
+mod norm;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -17,6 +18,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "elementwise.cu" => elementwise::check(&gpu),
             "linear.cu" => linear::check(&gpu),
             "attention.cu" => attention::check(&gpu),
+            "norm.cu" => norm::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
