@@ -8,6 +8,9 @@
 //!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
 pub mod elementwise;
+pub mod loss;
+pub mod optim;
+pub mod shape;
 
 use anyhow::{ensure, Result};
 
@@ -16,7 +19,12 @@ use crate::tensor::{DType, Tensor};
 
 /// Every kernel each kernel file must provide, by the names the launchers use. The kernel compile test
 /// checks each against ptxas' report, so a renamed kernel fails without a GPU.
-pub const KERNELS_USED: &[(&str, &[&str])] = &[(elementwise::KERNEL_FILE, elementwise::KERNELS)];
+pub const KERNELS_USED: &[(&str, &[&str])] = &[
+    (elementwise::KERNEL_FILE, elementwise::KERNELS),
+    (shape::KERNEL_FILE, shape::KERNELS),
+    (loss::KERNEL_FILE, loss::KERNELS),
+    (optim::KERNEL_FILE, optim::KERNELS),
+];
 
 /// The device all `tensors` share, or an error naming the op.
 pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Device> {
