@@ -4,6 +4,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod elementwise;
+mod loss;
+mod optim;
+mod shape;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -13,6 +16,9 @@ fn every_kernel_file_matches_the_cpu_reference() {
     for file in KERNEL_FILES {
         match file.name {
             "elementwise.cu" => elementwise::check(&gpu),
+            "shape.cu" => shape::check(&gpu),
+            "loss.cu" => loss::check(&gpu),
+            "optim.cu" => optim::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
