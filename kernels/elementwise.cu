@@ -63,14 +63,18 @@ CAST(cast_f16_bf16, F16, BF16)
 FOR_EACH_FLOAT_OP(F32, f32)
 FOR_EACH_FLOAT_OP(BF16, bf16)
 
-// ReLU: y = max(x, 0); dx = dy where x > 0, else 0 (torch's threshold_backward: x == 0 gets 0).
+// ReLU: y = x < 0 ? 0 : x, so NaN passes through as in torch (fmaxf would hide it); dx = x <= 0 ? 0 : dy,
+// torch's threshold_backward (x == 0 gets 0).
 template <typename T>
 __device__ void relu_forward(const typename T::raw* x, typename T::raw* y, long long n) {
-    GRID_STRIDE_LOOP(i, n) T::store(y, i, fmaxf(T::load(x, i), 0.0f));
+    GRID_STRIDE_LOOP(i, n) {
+        const float v = T::load(x, i);
+        T::store(y, i, v < 0.0f ? 0.0f : v);
+    }
 }
 template <typename T>
 __device__ void relu_backward(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dx, long long n) {
-    GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(x, i) > 0.0f ? T::load(dy, i) : 0.0f);
+    GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(x, i) <= 0.0f ? 0.0f : T::load(dy, i));
 }
 
 // Exact GELU (torch's default, approximate='none'): gelu(x) = x * Phi(x), Phi the standard normal CDF.

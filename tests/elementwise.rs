@@ -170,6 +170,7 @@ fn relu_forward_and_backward_match_float64() {
     check_gradient("relu_backward", &x, &dx, loss, 1001, 1e-6, 1e-6);
     let at_zero = run_backward(relu_backward, &[0.0, -0.0], &[1.0, 1.0]);
     assert_eq!(at_zero, [0.0, 0.0], "torch's threshold_backward gives 0 at x = 0");
+    assert!(run_unary(relu_forward, &[f32::NAN])[0].is_nan(), "NaN propagates, as torch.relu");
 }
 
 #[test]

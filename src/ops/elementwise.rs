@@ -244,12 +244,12 @@ fn binary(
     }
 }
 
-/// `y = max(x, 0)`.
+/// `y = max(x, 0)`; NaN propagates, as in torch.
 pub fn relu_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
-    unary("relu_forward", ("relu_forward_f32", "relu_forward_bf16"), x, y, |x| x.max(0.0))
+    unary("relu_forward", ("relu_forward_f32", "relu_forward_bf16"), x, y, |x| if x < 0.0 { 0.0 } else { x })
 }
 
-/// `dx = dy` where `x > 0`, else 0 (torch's convention at 0).
+/// `dx = 0` where `x <= 0`, else `dy` (torch's threshold_backward: 0 at x = 0).
 pub fn relu_backward(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
     binary(
         "relu_backward",
@@ -257,7 +257,7 @@ pub fn relu_backward(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         x,
         dy,
         dx,
-        |x, g| if x > 0.0 { g } else { 0.0 },
+        |x, g| if x <= 0.0 { 0.0 } else { g },
     )
 }
 
