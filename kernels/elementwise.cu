@@ -1,5 +1,7 @@
-// Elementwise ops. Contract for every kernel: x, y (and dy, dx) hold n elements in the named storage type;
-// arithmetic is f32; outputs are written (=), never accumulated. In-place use (y == x) is allowed.
+// Elementwise ops. Contract for every kernel: x, y (and dy, dx) hold n elements in the named storage type
+// (GEGLU's input and input grad hold 2n, the timestep embedding reads f32 timesteps); arithmetic is f32;
+// outputs are written (=), never accumulated. In-place use (y == x) is allowed except for GEGLU and the
+// timestep embedding, whose inputs and outputs differ in shape.
 #include "common.cuh"
 
 template <typename In, typename Out>
@@ -60,3 +62,142 @@ CAST(cast_f16_bf16, F16, BF16)
     }
 FOR_EACH_FLOAT_OP(F32, f32)
 FOR_EACH_FLOAT_OP(BF16, bf16)
+
+// ReLU: y = x < 0 ? 0 : x, so NaN passes through as in torch (fmaxf would hide it); dx = x <= 0 ? 0 : dy,
+// torch's threshold_backward (x == 0 gets 0).
+template <typename T>
+__device__ void relu_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float v = T::load(x, i);
+        T::store(y, i, v < 0.0f ? 0.0f : v);
+    }
+}
+template <typename T>
+__device__ void relu_backward(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(x, i) <= 0.0f ? 0.0f : T::load(dy, i));
+}
+
+// Exact GELU (torch's default, approximate='none'): gelu(x) = x * Phi(x), Phi the standard normal CDF.
+// normcdff(x) = erfc(-x / sqrt 2) / 2 keeps its relative accuracy in the left tail, where 1 + erff(...) cancels.
+__device__ __forceinline__ float gelu(float v) { return v * normcdff(v); }
+// gelu'(x) = Phi(x) + x * phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+__device__ __forceinline__ float gelu_grad(float v) {
+    return normcdff(v) + v * expf(-0.5f * v * v) * 0.3989422804014327f;
+}
+
+template <typename T>
+__device__ void gelu_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, gelu(T::load(x, i)));
+}
+template <typename T>
+__device__ void gelu_backward(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(dy, i) * gelu_grad(T::load(x, i)));
+}
+
+// GEGLU as diffusers' feed-forward: x is [rows, 2 * half]; per row, value = x[:, :half], gate = x[:, half:];
+// y [rows, half] = value * gelu(gate). n = rows * half, one thread per output element.
+// Backward writes both halves of dx: dvalue = dy * gelu(gate), dgate = dy * value * gelu'(gate).
+template <typename T>
+__device__ void geglu_forward(const typename T::raw* x, typename T::raw* y, long long half, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const long long value_at = i + (i / half) * half;  // row * 2 * half + col
+        T::store(y, i, T::load(x, value_at) * gelu(T::load(x, value_at + half)));
+    }
+}
+template <typename T>
+__device__ void geglu_backward(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dx,
+                               long long half, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const long long value_at = i + (i / half) * half;
+        const float value = T::load(x, value_at), gate = T::load(x, value_at + half), g = T::load(dy, i);
+        T::store(dx, value_at, g * gelu(gate));
+        T::store(dx, value_at + half, g * value * gelu_grad(gate));
+    }
+}
+
+// Sigmoid; the backward takes the forward's output y: dx = dy * y * (1 - y).
+template <typename T>
+__device__ void sigmoid_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, 1.0f / (1.0f + expf(-T::load(x, i))));
+}
+template <typename T>
+__device__ void sigmoid_backward(const typename T::raw* y, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float s = T::load(y, i);
+        T::store(dx, i, T::load(dy, i) * s * (1.0f - s));
+    }
+}
+
+// Residual add with a scale: y = a + s * b. Backward: da = dy, db = s * dy (both written).
+template <typename T>
+__device__ void add_scaled(const typename T::raw* a, const typename T::raw* b, float s, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, T::load(a, i) + s * T::load(b, i));
+}
+template <typename T>
+__device__ void add_scaled_backward(const typename T::raw* dy, float s, typename T::raw* da, typename T::raw* db,
+                                    long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float g = T::load(dy, i);
+        T::store(da, i, g);
+        T::store(db, i, s * g);
+    }
+}
+
+// diffusers' get_timestep_embedding (max_period 10000, scale 1): t is [batch] f32, y is [batch, dim], n = batch * dim.
+// half = dim / 2; freq_k = exp(-ln(10000) * k / (half - shift)); row = (sin(t f), cos(t f)), or (cos, sin) when
+// flip; an odd dim's last column is 0. Each step is an f32 operation in torch's order, so the rounding matches.
+template <typename T>
+__device__ void timestep_embedding(const float* t, typename T::raw* y, int dim, int flip, float shift, long long n) {
+    const int half = dim / 2;
+    GRID_STRIDE_LOOP(i, n) {
+        const int j = (int)(i % dim);
+        float out = 0.0f;
+        if (j < 2 * half) {
+            const int k = j < half ? j : j - half;
+            const float exponent = (-9.210340371976184f * (float)k) / ((float)half - shift);
+            const float arg = t[i / dim] * expf(exponent);
+            out = ((j < half) != (flip != 0)) ? sinf(arg) : cosf(arg);
+        }
+        T::store(y, i, out);
+    }
+}
+
+#define FOR_EACH_ACTIVATION(T, suffix)                                                                          \
+    extern "C" __global__ void relu_forward_##suffix(const T::raw* x, T::raw* y, long long n) {                \
+        relu_forward<T>(x, y, n);                                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void relu_backward_##suffix(const T::raw* x, const T::raw* dy, T::raw* dx, long long n) { \
+        relu_backward<T>(x, dy, dx, n);                                                                          \
+    }                                                                                                            \
+    extern "C" __global__ void gelu_forward_##suffix(const T::raw* x, T::raw* y, long long n) {                \
+        gelu_forward<T>(x, y, n);                                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void gelu_backward_##suffix(const T::raw* x, const T::raw* dy, T::raw* dx, long long n) { \
+        gelu_backward<T>(x, dy, dx, n);                                                                          \
+    }                                                                                                            \
+    extern "C" __global__ void geglu_forward_##suffix(const T::raw* x, T::raw* y, long long half, long long n) { \
+        geglu_forward<T>(x, y, half, n);                                                                         \
+    }                                                                                                            \
+    extern "C" __global__ void geglu_backward_##suffix(const T::raw* x, const T::raw* dy, T::raw* dx, long long half, \
+                                                       long long n) {                                            \
+        geglu_backward<T>(x, dy, dx, half, n);                                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void sigmoid_forward_##suffix(const T::raw* x, T::raw* y, long long n) {             \
+        sigmoid_forward<T>(x, y, n);                                                                             \
+    }                                                                                                            \
+    extern "C" __global__ void sigmoid_backward_##suffix(const T::raw* y, const T::raw* dy, T::raw* dx, long long n) { \
+        sigmoid_backward<T>(y, dy, dx, n);                                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void add_scaled_##suffix(const T::raw* a, const T::raw* b, float s, T::raw* y, long long n) { \
+        add_scaled<T>(a, b, s, y, n);                                                                            \
+    }                                                                                                            \
+    extern "C" __global__ void add_scaled_backward_##suffix(const T::raw* dy, float s, T::raw* da, T::raw* db,  \
+                                                            long long n) {                                       \
+        add_scaled_backward<T>(dy, s, da, db, n);                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void timestep_embedding_##suffix(const float* t, T::raw* y, int dim, int flip, float shift, \
+                                                           long long n) {                                        \
+        timestep_embedding<T>(t, y, dim, flip, shift, n);                                                        \
+    }
+FOR_EACH_ACTIVATION(F32, f32)
+FOR_EACH_ACTIVATION(BF16, bf16)

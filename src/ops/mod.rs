@@ -10,7 +10,10 @@
 pub mod attention;
 pub mod elementwise;
 pub mod linear;
+pub mod loss;
 pub mod norm;
+pub mod optim;
+pub mod shape;
 
 use anyhow::{ensure, Result};
 
@@ -24,6 +27,9 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (linear::KERNEL_FILE, linear::KERNELS),
     (attention::KERNEL_FILE, attention::KERNELS),
     (norm::KERNEL_FILE, norm::KERNELS),
+    (shape::KERNEL_FILE, shape::KERNELS),
+    (loss::KERNEL_FILE, loss::KERNELS),
+    (optim::KERNEL_FILE, optim::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -6,6 +6,9 @@ use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded};
 
+type Unary = fn(&Tensor, &mut Tensor) -> anyhow::Result<()>;
+type Binary = fn(&Tensor, &Tensor, &mut Tensor) -> anyhow::Result<()>;
+
 pub fn check(gpu: &Device) {
     let n = 10_007; // not a multiple of the block size
     let x = random(n, -6.0, 6.0, 1);
@@ -65,4 +68,109 @@ pub fn check(gpu: &Device) {
         arena.reset_step();
     }
     println!("{}", arena.report());
+    check_activations(gpu);
+}
+
+fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
+    let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
+    t.write_f32(values).unwrap();
+    t
+}
+
+/// ReLU, GELU, GEGLU, sigmoid, the scaled residual add and the timestep embedding, forward and backward.
+/// f32: the CPU's erfc fit and f32 exp against CUDA's normcdff/expf/sinf, a few 1e-6 relative, so 1e-5.
+/// bf16: inputs are the bf16-rounded values on both sides and CUDA rounds its f32 result once: 2^-8 relative.
+fn check_activations(gpu: &Device) {
+    let (rows, half) = (3 * 77, 40); // odd row count, head-dim-like width
+    let n = rows * 2 * half;
+    let x = random(n, -6.0, 6.0, 101);
+    let g = random(n, -1.0, 1.0, 102);
+    let s = random(n, 0.0, 1.0, 103);
+    let mut plan = MemoryPlan::new();
+    plan.reserve_bytes(Region::Activations, 16 * n * 4 + (1 << 16));
+    let mut arena = Arena::new(gpu, &plan).unwrap();
+    for (dtype, rel, floor) in [(DType::F32, 1e-5, 1e-6), (DType::BF16, 2f32.powi(-8), 1e-6)] {
+        let (xr, gr, sr) = (rounded(dtype, &x), rounded(dtype, &g), rounded(dtype, &s));
+        let gx = upload(&mut arena, &[n], dtype, &xr);
+        let gg = upload(&mut arena, &[n], dtype, &gr);
+        let gs = upload(&mut arena, &[n], dtype, &sr);
+        let mut gy = arena.alloc(Region::Activations, &[n], dtype).unwrap();
+        let mut cy = cpu(&[n], &vec![0.0; n]);
+        let unary: [(&str, Unary); 3] = [
+            ("relu_forward", elementwise::relu_forward),
+            ("gelu_forward", elementwise::gelu_forward),
+            ("sigmoid_forward", elementwise::sigmoid_forward),
+        ];
+        for (name, op) in unary {
+            op(&gx, &mut gy).unwrap();
+            op(&cpu(&[n], &xr), &mut cy).unwrap();
+            compare(&format!("{name} {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        }
+        let binary: [(&str, Binary, &Tensor, &[f32]); 3] = [
+            ("relu_backward", elementwise::relu_backward, &gx, &xr),
+            ("gelu_backward", elementwise::gelu_backward, &gx, &xr),
+            ("sigmoid_backward", elementwise::sigmoid_backward, &gs, &sr),
+        ];
+        for (name, op, input, values) in binary {
+            op(input, &gg, &mut gy).unwrap();
+            op(&cpu(&[n], values), &cpu(&[n], &gr), &mut cy).unwrap();
+            compare(&format!("{name} {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        }
+
+        elementwise::add_scaled(&gx, &gg, -0.3, &mut gy).unwrap();
+        elementwise::add_scaled(&cpu(&[n], &xr), &cpu(&[n], &gr), -0.3, &mut cy).unwrap();
+        compare(&format!("add_scaled {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        let mut gdb = arena.alloc(Region::Activations, &[n], dtype).unwrap();
+        let mut cdb = cpu(&[n], &vec![0.0; n]);
+        elementwise::add_scaled_backward(&gg, -0.3, &mut gy, &mut gdb).unwrap();
+        elementwise::add_scaled_backward(&cpu(&[n], &gr), -0.3, &mut cy, &mut cdb).unwrap();
+        compare(&format!("add_scaled_backward da {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        compare(
+            &format!("add_scaled_backward db {dtype}"),
+            &gdb.to_f32_vec().unwrap(),
+            cdb.f32s().unwrap(),
+            rel,
+            floor,
+        );
+
+        // GEGLU: x [rows, 2 half] -> y [rows, half]; the backward writes both halves of dx.
+        let gx2 = upload(&mut arena, &[rows, 2 * half], dtype, &xr);
+        let gdy = upload(&mut arena, &[rows, half], dtype, &gr[..rows * half]);
+        let mut gy2 = arena.alloc(Region::Activations, &[rows, half], dtype).unwrap();
+        let mut cy2 = cpu(&[rows, half], &vec![0.0; rows * half]);
+        elementwise::geglu_forward(&gx2, &mut gy2).unwrap();
+        elementwise::geglu_forward(&cpu(&[rows, 2 * half], &xr), &mut cy2).unwrap();
+        compare(&format!("geglu_forward {dtype}"), &gy2.to_f32_vec().unwrap(), cy2.f32s().unwrap(), rel, floor);
+        let mut gdx = arena.alloc(Region::Activations, &[rows, 2 * half], dtype).unwrap();
+        let mut cdx = cpu(&[rows, 2 * half], &vec![0.0; n]);
+        elementwise::geglu_backward(&gx2, &gdy, &mut gdx).unwrap();
+        elementwise::geglu_backward(&cpu(&[rows, 2 * half], &xr), &cpu(&[rows, half], &gr[..rows * half]), &mut cdx)
+            .unwrap();
+        compare(&format!("geglu_backward {dtype}"), &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), rel, floor);
+
+        // Timestep embedding: f32 timesteps up to 999. expf may differ from the CPU's exp by an ulp or two,
+        // which moves the angle t * freq by up to ~2.4e-7 (t + 1) (as in tests/elementwise.rs); bf16 adds
+        // half an ulp of |value| <= 1.
+        let t = [0.0f32, 1.0, 17.0, 250.5, 999.0, 999.0, 3.0];
+        let gt = upload(&mut arena, &[t.len()], DType::F32, &t);
+        for (dim, flip, shift) in [(320usize, true, 0.0f32), (33, false, 1.0)] {
+            let mut ge = arena.alloc(Region::Activations, &[t.len(), dim], dtype).unwrap();
+            let mut ce = cpu(&[t.len(), dim], &vec![0.0; t.len() * dim]);
+            elementwise::timestep_embedding(&gt, flip, shift, &mut ge).unwrap();
+            elementwise::timestep_embedding(&cpu(&[t.len()], &t), flip, shift, &mut ce).unwrap();
+            let (got, want) = (ge.to_f32_vec().unwrap(), ce.f32s().unwrap().to_vec());
+            let round = if dtype == DType::BF16 { 2f32.powi(-9) } else { 0.0 };
+            for (r, &tr) in t.iter().enumerate() {
+                let row = r * dim..(r + 1) * dim;
+                compare(
+                    &format!("timestep_embedding {dim} t {tr} {dtype}"),
+                    &got[row.clone()],
+                    &want[row],
+                    round,
+                    2.4e-7 * (tr + 1.0) + round,
+                );
+            }
+        }
+        arena.reset_step();
+    }
 }

@@ -7,6 +7,9 @@ mod common;
 mod elementwise;
 mod linear;
 mod norm;
+mod loss;
+mod optim;
+mod shape;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -19,6 +22,9 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "linear.cu" => linear::check(&gpu),
             "attention.cu" => attention::check(&gpu),
             "norm.cu" => norm::check(&gpu),
+            "shape.cu" => shape::check(&gpu),
+            "loss.cu" => loss::check(&gpu),
+            "optim.cu" => optim::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }

@@ -1,0 +1,97 @@
+//! Shape kernels: concat, split and upsampling move values, so they match the CPU bit for bit; the 2x2
+//! block sum and the pooled mean add in a different order than the CPU (f32 1e-5; bf16 rounds once, 2^-8).
+
+use sgdm::ops::shape;
+use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::{DType, Device, Tensor};
+
+use crate::common::{compare, cpu, random, rounded};
+
+fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
+    let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
+    t.write_f32(values).unwrap();
+    t
+}
+
+fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(&Device::Cpu, shape, DType::F32).unwrap()
+}
+
+pub fn check(gpu: &Device) {
+    let (n, ca, cb, h, w) = (2, 3, 5, 7, 9);
+    let mut plan = MemoryPlan::new();
+    plan.reserve_bytes(Region::Activations, 1 << 22);
+    let mut arena = Arena::new(gpu, &plan).unwrap();
+    for (dtype, rel, floor) in [(DType::F32, 1e-5, 1e-6), (DType::BF16, 2f32.powi(-8), 1e-6)] {
+        let a = rounded(dtype, &random(n * ca * h * w, -1.0, 1.0, 201));
+        let b = rounded(dtype, &random(n * cb * h * w, -1.0, 1.0, 202));
+        let ga = upload(&mut arena, &[n, ca, h, w], dtype, &a);
+        let gb = upload(&mut arena, &[n, cb, h, w], dtype, &b);
+        let mut gy = arena.alloc(Region::Activations, &[n, ca + cb, h, w], dtype).unwrap();
+        let mut cy = zeros(&[n, ca + cb, h, w]);
+        shape::concat_channels(&ga, &gb, &mut gy).unwrap();
+        shape::concat_channels(&cpu(&[n, ca, h, w], &a), &cpu(&[n, cb, h, w], &b), &mut cy).unwrap();
+        assert_eq!(gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), "concat_channels {dtype}");
+        let mut sa = arena.alloc(Region::Activations, &[n, ca, h, w], dtype).unwrap();
+        let mut sb = arena.alloc(Region::Activations, &[n, cb, h, w], dtype).unwrap();
+        shape::split_channels(&gy, &mut sa, &mut sb).unwrap();
+        assert_eq!(
+            (sa.to_f32_vec().unwrap(), sb.to_f32_vec().unwrap()),
+            (a.clone(), b.clone()),
+            "split_channels {dtype}"
+        );
+        println!("concat_channels / split_channels {dtype}: bit-exact");
+
+        let x = rounded(dtype, &random(n * ca * h * w, -1.0, 1.0, 203));
+        let gx = upload(&mut arena, &[n, ca, h, w], dtype, &x);
+        let mut gu = arena.alloc(Region::Activations, &[n, ca, 2 * h, 2 * w], dtype).unwrap();
+        let mut cu = zeros(&[n, ca, 2 * h, 2 * w]);
+        shape::upsample_nearest2x(&gx, &mut gu).unwrap();
+        shape::upsample_nearest2x(&cpu(&[n, ca, h, w], &x), &mut cu).unwrap();
+        assert_eq!(gu.to_f32_vec().unwrap(), cu.f32s().unwrap(), "upsample_nearest2x {dtype}");
+        let dy = rounded(dtype, &random(n * ca * 4 * h * w, -1.0, 1.0, 204));
+        let gdy = upload(&mut arena, &[n, ca, 2 * h, 2 * w], dtype, &dy);
+        let mut gdx = arena.alloc(Region::Activations, &[n, ca, h, w], dtype).unwrap();
+        let mut cdx = zeros(&[n, ca, h, w]);
+        shape::upsample_nearest2x_backward(&gdy, &mut gdx).unwrap();
+        shape::upsample_nearest2x_backward(&cpu(&[n, ca, 2 * h, 2 * w], &dy), &mut cdx).unwrap();
+        compare(
+            &format!("upsample_nearest2x_backward {dtype}"),
+            &gdx.to_f32_vec().unwrap(),
+            cdx.f32s().unwrap(),
+            rel,
+            floor,
+        );
+
+        // AdaptiveAvgPool1d(1) on the EEG encoder's [B, C, L]: rows more than one block of warps, odd L.
+        for (pb, pc, pl) in [(3, 129, 250), (1, 5, 1)] {
+            let x = rounded(dtype, &random(pb * pc * pl, -2.0, 2.0, 205));
+            let gx = upload(&mut arena, &[pb, pc, pl], dtype, &x);
+            let mut gp = arena.alloc(Region::Activations, &[pb, pc, 1], dtype).unwrap();
+            let mut cp = zeros(&[pb, pc, 1]);
+            shape::avg_pool_last(&gx, &mut gp).unwrap();
+            shape::avg_pool_last(&cpu(&[pb, pc, pl], &x), &mut cp).unwrap();
+            compare(
+                &format!("avg_pool_last [{pb}, {pc}, {pl}] {dtype}"),
+                &gp.to_f32_vec().unwrap(),
+                cp.f32s().unwrap(),
+                rel,
+                floor,
+            );
+            let dy = rounded(dtype, &random(pb * pc, -1.0, 1.0, 206));
+            let gdy = upload(&mut arena, &[pb, pc, 1], dtype, &dy);
+            let mut gdx = arena.alloc(Region::Activations, &[pb, pc, pl], dtype).unwrap();
+            let mut cdx = zeros(&[pb, pc, pl]);
+            shape::avg_pool_last_backward(&gdy, &mut gdx).unwrap();
+            shape::avg_pool_last_backward(&cpu(&[pb, pc, 1], &dy), &mut cdx).unwrap();
+            compare(
+                &format!("avg_pool_last_backward {dtype}"),
+                &gdx.to_f32_vec().unwrap(),
+                cdx.f32s().unwrap(),
+                rel,
+                floor,
+            );
+        }
+        arena.reset_step();
+    }
+}
