@@ -7,6 +7,7 @@
 //! - Launchers check devices, dtypes and shapes and return an error naming the op and the shapes; kernels
 //!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
+pub mod conv;
 pub mod elementwise;
 
 use anyhow::{ensure, Result};
@@ -16,7 +17,10 @@ use crate::tensor::{DType, Tensor};
 
 /// Every kernel each kernel file must provide, by the names the launchers use. The kernel compile test
 /// checks each against ptxas' report, so a renamed kernel fails without a GPU.
-pub const KERNELS_USED: &[(&str, &[&str])] = &[(elementwise::KERNEL_FILE, elementwise::KERNELS)];
+pub const KERNELS_USED: &[(&str, &[&str])] = &[
+    (elementwise::KERNEL_FILE, elementwise::KERNELS),
+    (conv::KERNEL_FILE, conv::KERNELS),
+];
 
 /// The device all `tensors` share, or an error naming the op.
 pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Device> {
