@@ -3,6 +3,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod conv;
 mod elementwise;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
@@ -12,6 +13,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
     let Some(gpu) = common::gpu_or_skip("CUDA-vs-CPU parity") else { return };
     for file in KERNEL_FILES {
         match file.name {
+            "conv.cu" => conv::check(&gpu),
             "elementwise.cu" => elementwise::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
