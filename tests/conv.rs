@@ -461,6 +461,13 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
         "conv2d_forward",
         &["stride"],
     );
+    let (x_empty, w_empty) = (zeros(&[1, 0, 7, 9]), zeros(&[5, 0, 3, 3]));
+    expect_error(
+        "no channels",
+        conv2d_forward(&x_empty, &w_empty, None, spec, &mut y),
+        "conv2d_forward",
+        &["[1, 0, 7, 9]"],
+    );
     let half = Tensor::zeros(&Device::Cpu, &[1, 3, 7, 9], DType::BF16).unwrap();
     expect_error("bf16 on the CPU", conv2d_forward(&half, &w, None, spec, &mut y), "conv2d_forward", &["f32"]);
 
@@ -508,6 +515,8 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
         "conv1d_forward",
         &["[2, 4, 17]", "[6, 5, 3]"],
     );
+    let mut y0 = zeros(&[0, 6, 17]);
+    conv1d_forward(&zeros(&[0, 5, 17]), &w1, None, 1, 1, &mut y0).expect("an empty batch is a no-op");
     expect_error(
         "conv1d weight rank",
         conv1d_forward(&x1, &w, None, 1, 1, &mut y1),

@@ -84,6 +84,14 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// Refuses empty channel and image dimensions (a batch of 0 is allowed and does nothing).
+    fn nonempty(self, op: &str, x: &[usize], w: &[usize]) -> Result<Geometry> {
+        ensure!(
+            self.c > 0 && self.k > 0 && self.h > 0 && self.w > 0,
+            "{op}: input {x:?} with weight {w:?} has an empty channel or image dimension"
+        );
+        Ok(self)
+    }
     fn input_len(&self) -> usize {
         self.c * self.h * self.w
     }
@@ -118,7 +126,7 @@ fn conv2d_geometry(op: &str, x: &[usize], w: &[usize], spec: Conv2dSpec) -> Resu
     ensure!(w.len() == 4, "{op}: weight {w:?} is not [C_out, C_in, kH, kW]");
     ensure!(x[1] == w[1], "{op}: input {x:?} has {} channels but weight {w:?} expects {}", x[1], w[1]);
     let pad = spec.padding;
-    Ok(Geometry {
+    Geometry {
         n: x[0],
         c: x[1],
         h: x[2],
@@ -131,7 +139,8 @@ fn conv2d_geometry(op: &str, x: &[usize], w: &[usize], spec: Conv2dSpec) -> Resu
         pad_w: pad.left,
         p: conv_output_len(op, x[2], pad.top, pad.bottom, w[2], spec.stride)?,
         q: conv_output_len(op, x[3], pad.left, pad.right, w[3], spec.stride)?,
-    })
+    }
+    .nonempty(op, x, w)
 }
 
 /// The geometry of the Conv2d whose data gradient is the ConvTranspose2d of `x` [N, C_in, H, W] with `w`
@@ -154,7 +163,7 @@ fn conv_transpose2d_geometry(op: &str, x: &[usize], w: &[usize], spec: Conv2dSpe
         "{op}: padding {pad:?} leaves no output of input {x:?} with weight {w:?} and stride {}",
         spec.stride
     );
-    Ok(Geometry {
+    Geometry {
         n: x[0],
         c: w[1],
         h: fh - pad.top - pad.bottom,
@@ -167,7 +176,8 @@ fn conv_transpose2d_geometry(op: &str, x: &[usize], w: &[usize], spec: Conv2dSpe
         pad_w: pad.left,
         p: x[2],
         q: x[3],
-    })
+    }
+    .nonempty(op, x, w)
 }
 
 /// The geometry of a Conv1d of `x` [N, C_in, L] with `w` [C_out, C_in, k]: a Conv2d over [N, C_in, 1, L].
@@ -175,7 +185,7 @@ fn conv1d_geometry(op: &str, x: &[usize], w: &[usize], stride: usize, padding: u
     ensure!(x.len() == 3, "{op}: input {x:?} is not [N, C_in, L]");
     ensure!(w.len() == 3, "{op}: weight {w:?} is not [C_out, C_in, k]");
     ensure!(x[1] == w[1], "{op}: input {x:?} has {} channels but weight {w:?} expects {}", x[1], w[1]);
-    Ok(Geometry {
+    Geometry {
         n: x[0],
         c: x[1],
         h: 1,
@@ -188,7 +198,8 @@ fn conv1d_geometry(op: &str, x: &[usize], w: &[usize], stride: usize, padding: u
         pad_w: padding,
         p: 1,
         q: conv_output_len(op, x[2], padding, padding, w[2], stride)?,
-    })
+    }
+    .nonempty(op, x, w)
 }
 
 fn expect_shape(op: &str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
