@@ -8,6 +8,7 @@
 //!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod linear;
 pub mod loss;
@@ -30,6 +31,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (shape::KERNEL_FILE, shape::KERNELS),
     (loss::KERNEL_FILE, loss::KERNELS),
     (optim::KERNEL_FILE, optim::KERNELS),
+    (conv::KERNEL_FILE, conv::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

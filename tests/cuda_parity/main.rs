@@ -4,6 +4,7 @@
 mod attention;
 #[path = "../common/mod.rs"]
 mod common;
+mod conv;
 mod elementwise;
 mod linear;
 mod norm;
@@ -18,6 +19,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
     let Some(gpu) = common::gpu_or_skip("CUDA-vs-CPU parity") else { return };
     for file in KERNEL_FILES {
         match file.name {
+            "conv.cu" => conv::check(&gpu),
             "elementwise.cu" => elementwise::check(&gpu),
             "linear.cu" => linear::check(&gpu),
             "attention.cu" => attention::check(&gpu),

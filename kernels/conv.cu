@@ -1,0 +1,276 @@
+// Convolution as implicit GEMM: no im2col buffer in global memory. Every kernel gathers its GEMM operands
+// straight from the NCHW tensors into shared-memory tiles (zero outside the image and past the edges of the
+// problem) and multiplies them in f32; storage is f32 or bf16, rounded once on the final store.
+//
+// Shapes, shared by all kernels (PyTorch semantics, weight [K, C, R, S] = [C_out, C_in, kH, kW]):
+//   x  [N, C, H, W]   input          y / dy  [N, K, P, Q]   output and its gradient
+//   P = (H + pad_top + pad_bottom - R) / stride + 1, likewise Q; only pad_top and pad_left enter the index
+//   math (pad_bottom and pad_right only decide P and Q), so any asymmetric padding works.
+// ConvTranspose2d is conv2d_backward_input with its bias; Conv1d is conv2d with H = R = 1.
+//
+// Tiling (all three GEMM kernels): a 64x64 output tile per block of 256 threads, 16 reduction steps per
+// shared-memory tile; thread (tx = tid % 16, ty = tid / 16) owns rows ty + 16i and columns tx + 16j,
+// i, j < 4, so shared-memory reads are broadcasts or consecutive words.
+#include "common.cuh"
+
+#define TILE_M 64
+#define TILE_N 64
+#define TILE_K 16
+#define THREADS 256
+// At least two resident blocks per SM (<= 128 registers); without a minimum, ptxas capped one kernel at 48
+// registers and spilled.
+#define MIN_BLOCKS 2
+// Row padding of the shared tiles: stores with a stride of one row then spread over the banks.
+#define PAD 4
+
+struct ConvShape {
+    int N, C, H, W, K, R, S, stride, pad_h, pad_w, P, Q;
+};
+
+__device__ __forceinline__ void multiply_tile(const float (*As)[TILE_M + PAD], const float (*Bs)[TILE_N + PAD],
+                                              float acc[4][4], int tx, int ty) {
+#pragma unroll
+    for (int kk = 0; kk < TILE_K; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+}
+
+// Forward: y[n, k, p, q] = bias[k] + sum_{c, r, s} w[k, c, r, s] * x[n, c, p*stride - pad_h + r, q*stride - pad_w + s].
+// GEMM: rows k < K, columns (n, p, q) < N*P*Q, reduction (c, r, s) < C*R*S. `bias` may be null. y is written.
+// Grid: (ceil(N*P*Q / 64), ceil(K / 64)), 256 threads.
+template <typename T>
+__device__ void conv2d_forward(const typename T::raw* x, const typename T::raw* w, const typename T::raw* bias,
+                               typename T::raw* y, const ConvShape s) {
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int RS = s.R * s.S, CRS = s.C * RS, PQ = s.P * s.Q;
+    const long long columns = (long long)s.N * PQ;
+    const int m0 = blockIdx.y * TILE_M;
+    const long long col0 = (long long)blockIdx.x * TILE_N;
+
+    // This thread gathers column `bcol` of every B tile (reduction rows brow + 4i): its output pixel is fixed.
+    const int bcol = tid & 63, brow = tid >> 6;
+    const long long gcol = col0 + bcol;
+    const bool col_valid = gcol < columns;
+    const int n = col_valid ? (int)(gcol / PQ) : 0, pq = col_valid ? (int)(gcol % PQ) : 0;
+    const int ih0 = (pq / s.Q) * s.stride - s.pad_h, iw0 = (pq % s.Q) * s.stride - s.pad_w;
+    const typename T::raw* xn = x + (long long)n * s.C * s.H * s.W;
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < CRS; k0 += TILE_K) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty + 16 * i, k = k0 + tx;
+            As[tx][ty + 16 * i] = (m < s.K && k < CRS) ? T::load(w, (long long)m * CRS + k) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int k = k0 + brow + 4 * i;
+            float v = 0.0f;
+            if (col_valid && k < CRS) {
+                const int c = k / RS, rs = k - c * RS, r = rs / s.S;
+                const int ih = ih0 + r, iw = iw0 + (rs - r * s.S);
+                if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) v = T::load(xn, ((long long)c * s.H + ih) * s.W + iw);
+            }
+            Bs[brow + 4 * i][bcol] = v;
+        }
+        __syncthreads();
+        multiply_tile(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long col = col0 + tx + 16 * j;
+        if (col >= columns) continue;
+        const long long on = col / PQ, opq = col % PQ;
+        typename T::raw* yp = y + on * s.K * PQ + opq;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty + 16 * i;
+            if (m < s.K) T::store(yp, (long long)m * PQ, acc[i][j] + (bias ? T::load(bias, m) : 0.0f));
+        }
+    }
+}
+
+// Data gradient: dx[n, c, h, w] = bias[c] + sum_{k, r, s} w[k, c, r, s] * dy[n, k, p, q] over the (p, q) with
+// p*stride - pad_h + r = h and q*stride - pad_w + s = w. GEMM: rows c < C, columns (n, h, w) < N*H*W,
+// reduction (k, r, s) < K*R*S; taps whose (p, q) is fractional or outside the output contribute zero, so
+// nothing is scattered and no atomics are needed. `bias` may be null (it is ConvTranspose2d's bias). dx is
+// written. Grid: (ceil(N*H*W / 64), ceil(C / 64)), 256 threads.
+template <typename T>
+__device__ void conv2d_backward_input(const typename T::raw* dy, const typename T::raw* w, const typename T::raw* bias,
+                                      typename T::raw* dx, const ConvShape s) {
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int RS = s.R * s.S, KRS = s.K * RS, HW = s.H * s.W, PQ = s.P * s.Q;
+    const long long columns = (long long)s.N * HW;
+    const int m0 = blockIdx.y * TILE_M;
+    const long long col0 = (long long)blockIdx.x * TILE_N;
+
+    const int bcol = tid & 63, brow = tid >> 6;
+    const long long gcol = col0 + bcol;
+    const bool col_valid = gcol < columns;
+    const int n = col_valid ? (int)(gcol / HW) : 0, hw = col_valid ? (int)(gcol % HW) : 0;
+    const int hp = hw / s.W + s.pad_h, wp = hw % s.W + s.pad_w;  // padded-image coordinates of this pixel
+    const typename T::raw* dyn = dy + (long long)n * s.K * PQ;
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < KRS; k0 += TILE_K) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty + 16 * i, k = k0 + tx;
+            float v = 0.0f;
+            if (m < s.C && k < KRS) {
+                const int ko = k / RS, rs = k - ko * RS;
+                v = T::load(w, ((long long)ko * s.C + m) * RS + rs);
+            }
+            As[tx][ty + 16 * i] = v;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int k = k0 + brow + 4 * i;
+            float v = 0.0f;
+            if (col_valid && k < KRS) {
+                const int ko = k / RS, rs = k - ko * RS, r = rs / s.S;
+                const int ph = hp - r, pw = wp - (rs - r * s.S);
+                if (ph >= 0 && pw >= 0 && ph % s.stride == 0 && pw % s.stride == 0) {
+                    const int p = ph / s.stride, q = pw / s.stride;
+                    if (p < s.P && q < s.Q) v = T::load(dyn, ((long long)ko * s.P + p) * s.Q + q);
+                }
+            }
+            Bs[brow + 4 * i][bcol] = v;
+        }
+        __syncthreads();
+        multiply_tile(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long col = col0 + tx + 16 * j;
+        if (col >= columns) continue;
+        const long long on = col / HW, ohw = col % HW;
+        typename T::raw* dxp = dx + on * s.C * HW + ohw;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty + 16 * i;
+            if (m < s.C) T::store(dxp, (long long)m * HW, acc[i][j] + (bias ? T::load(bias, m) : 0.0f));
+        }
+    }
+}
+
+// Weight gradient: dw[k, c, r, s] += sum_{n, p, q} dy[n, k, p, q] * x[n, c, p*stride - pad_h + r, q*stride - pad_w + s].
+// GEMM: rows k < K, columns (c, r, s) < C*R*S, reduction over the N*P*Q output pixels, which each block walks
+// whole (no split-K), so every dw element has one owner and `+=` needs no atomics.
+// Grid: (ceil(C*R*S / 64), ceil(K / 64)), 256 threads.
+template <typename T>
+__device__ void conv2d_backward_weight(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dw,
+                                       const ConvShape s) {
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int RS = s.R * s.S, CRS = s.C * RS, PQ = s.P * s.Q;
+    const long long pixels = (long long)s.N * PQ;
+    const int m0 = blockIdx.y * TILE_M, col0 = blockIdx.x * TILE_N;
+
+    // Both tiles are loaded with the reduction index tx (consecutive threads read consecutive pixels) and the
+    // row or column ty + 16i; the (c, r, s) of this thread's four B columns stay fixed.
+    long long x_channel[4];
+    int tap_r[4], tap_s[4];
+    bool col_valid[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int col = col0 + ty + 16 * i;
+        col_valid[i] = col < CRS;
+        const int c = col_valid[i] ? col / RS : 0, rs = col_valid[i] ? col - c * RS : 0;
+        x_channel[i] = (long long)c * s.H * s.W;
+        tap_r[i] = rs / s.S;
+        tap_s[i] = rs % s.S;
+    }
+
+    float acc[4][4] = {};
+    for (long long r0 = 0; r0 < pixels; r0 += TILE_K) {
+        const long long red = r0 + tx;
+        const bool red_valid = red < pixels;
+        const int n = red_valid ? (int)(red / PQ) : 0, pq = red_valid ? (int)(red % PQ) : 0;
+        const int ih0 = (pq / s.Q) * s.stride - s.pad_h, iw0 = (pq % s.Q) * s.stride - s.pad_w;
+        const long long dy_base = (long long)n * s.K * PQ + pq;
+        const long long x_base = (long long)n * s.C * s.H * s.W;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty + 16 * i;
+            As[tx][ty + 16 * i] = (red_valid && m < s.K) ? T::load(dy, dy_base + (long long)m * PQ) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float v = 0.0f;
+            const int ih = ih0 + tap_r[i], iw = iw0 + tap_s[i];
+            if (red_valid && col_valid[i] && ih >= 0 && ih < s.H && iw >= 0 && iw < s.W)
+                v = T::load(x, x_base + x_channel[i] + (long long)ih * s.W + iw);
+            Bs[tx][ty + 16 * i] = v;
+        }
+        __syncthreads();
+        multiply_tile(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + ty + 16 * i;
+        if (m >= s.K) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = col0 + tx + 16 * j;
+            if (col >= CRS) continue;
+            const long long o = (long long)m * CRS + col;
+            T::store(dw, o, T::load(dw, o) + acc[i][j]);
+        }
+    }
+}
+
+// Bias gradient: db[c] += sum_{n, i} dy[n, c, i] for dy [N, C, L] (L = P*Q, or a sequence length).
+// One block per channel, THREADS threads.
+template <typename T>
+__device__ void conv_bias_backward(const typename T::raw* dy, typename T::raw* db, int N, int C, int L) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    float v = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const typename T::raw* row = dy + ((long long)n * C + c) * L;
+        for (int i = threadIdx.x; i < L; i += blockDim.x) v += T::load(row, i);
+    }
+    v = block_sum(v, scratch);
+    if (threadIdx.x == 0) T::store(db, c, T::load(db, c) + v);
+}
+
+#define CONV_SHAPE_PARAMS \
+    int N, int C, int H, int W, int K, int R, int S, int stride, int pad_h, int pad_w, int P, int Q
+#define CONV_SHAPE {N, C, H, W, K, R, S, stride, pad_h, pad_w, P, Q}
+
+#define CONV_KERNELS(T, suffix)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) conv2d_forward_##suffix(                                 \
+        const T::raw* x, const T::raw* w, const T::raw* bias, T::raw* y, CONV_SHAPE_PARAMS) {                      \
+        conv2d_forward<T>(x, w, bias, y, ConvShape CONV_SHAPE);                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) conv2d_backward_input_##suffix(                          \
+        const T::raw* dy, const T::raw* w, const T::raw* bias, T::raw* dx, CONV_SHAPE_PARAMS) {                    \
+        conv2d_backward_input<T>(dy, w, bias, dx, ConvShape CONV_SHAPE);                                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) conv2d_backward_weight_##suffix(                         \
+        const T::raw* x, const T::raw* dy, T::raw* dw, CONV_SHAPE_PARAMS) {                                        \
+        conv2d_backward_weight<T>(x, dy, dw, ConvShape CONV_SHAPE);                                                \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) conv_bias_backward_##suffix(                             \
+        const T::raw* dy, T::raw* db, int N, int C, int L) {                                                       \
+        conv_bias_backward<T>(dy, db, N, C, L);                                                                    \
+    }
+CONV_KERNELS(F32, f32)
+CONV_KERNELS(BF16, bf16)
