@@ -201,3 +201,32 @@ __device__ void timestep_embedding(const float* t, typename T::raw* y, int dim, 
     }
 FOR_EACH_ACTIVATION(F32, f32)
 FOR_EACH_ACTIVATION(BF16, bf16)
+
+// The VAE's reparameterisation: z = mu + eps * exp(logvar / 2); backward dmu = dz, dlogvar = dz * eps *
+// exp(logvar / 2) / 2 (both written).
+template <typename T>
+__device__ void reparameterize_forward(const typename T::raw* mu, const typename T::raw* logvar, const typename T::raw* eps,
+                                       typename T::raw* z, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(z, i, T::load(mu, i) + T::load(eps, i) * __expf(0.5f * T::load(logvar, i)));
+}
+template <typename T>
+__device__ void reparameterize_backward(const typename T::raw* logvar, const typename T::raw* eps, const typename T::raw* dz,
+                                        typename T::raw* dmu, typename T::raw* dlogvar, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float g = T::load(dz, i);
+        T::store(dmu, i, g);
+        T::store(dlogvar, i, 0.5f * g * T::load(eps, i) * __expf(0.5f * T::load(logvar, i)));
+    }
+}
+#define REPARAMETERIZE(T, suffix)                                                                                 \
+    extern "C" __global__ void reparameterize_forward_##suffix(const T::raw* mu, const T::raw* logvar,          \
+                                                               const T::raw* eps, T::raw* z, long long n) {     \
+        reparameterize_forward<T>(mu, logvar, eps, z, n);                                                        \
+    }                                                                                                            \
+    extern "C" __global__ void reparameterize_backward_##suffix(const T::raw* logvar, const T::raw* eps,        \
+                                                                const T::raw* dz, T::raw* dmu, T::raw* dlogvar, \
+                                                                long long n) {                                   \
+        reparameterize_backward<T>(logvar, eps, dz, dmu, dlogvar, n);                                            \
+    }
+REPARAMETERIZE(F32, f32)
+REPARAMETERIZE(BF16, bf16)

@@ -6,7 +6,7 @@ use common::{check_gradient, compare, cpu, random};
 use sgdm::ops::elementwise::{
     add, add_scaled, add_scaled_backward, cast, geglu_backward, geglu_forward, gelu_backward, gelu_forward,
     relu_backward, relu_forward, scale, sigmoid_backward, sigmoid_forward, silu_backward, silu_forward,
-    timestep_embedding,
+    reparameterize_backward, reparameterize_forward, timestep_embedding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -322,4 +322,24 @@ fn timestep_embedding_refuses_bad_shapes() {
     let mut y = Tensor::zeros(&Device::Cpu, &[1, 2], DType::F32).unwrap();
     let err = timestep_embedding(&cpu(&[1], &[1.0]), true, 1.0, &mut y).unwrap_err().to_string();
     assert!(err.contains("half - freq_shift = 0"), "{err}");
+}
+
+#[test]
+fn reparameterize_matches_float64_and_central_differences() {
+    let n = 37;
+    let (mu, logvar, eps) = (random(n, -2.0, 2.0, 31), random(n, -4.0, 2.0, 32), random(n, -2.0, 2.0, 33));
+    let mut z = cpu(&[n], &vec![0.0; n]);
+    reparameterize_forward(&cpu(&[n], &mu), &cpu(&[n], &logvar), &cpu(&[n], &eps), &mut z).unwrap();
+    let want: Vec<f32> = (0..n).map(|i| (mu[i] as f64 + eps[i] as f64 * (0.5 * logvar[i] as f64).exp()) as f32).collect();
+    // One f32 exp and one fma-free multiply-add: a few ulp.
+    compare("reparameterize_forward", z.f32s().unwrap(), &want, 1e-6, 1e-6);
+
+    let g = random(n, -1.0, 1.0, 34);
+    let (mut dmu, mut dlogvar) = (cpu(&[n], &vec![9.0; n]), cpu(&[n], &vec![9.0; n]));
+    reparameterize_backward(&cpu(&[n], &logvar), &cpu(&[n], &eps), &cpu(&[n], &g), &mut dmu, &mut dlogvar).unwrap();
+    let loss = |mu: &[f64], lv: &[f64]| (0..n).map(|i| (mu[i] + eps[i] as f64 * (0.5 * lv[i]).exp()) * g[i] as f64).sum::<f64>();
+    let lv64 = common::f64s(&logvar);
+    let mu64 = common::f64s(&mu);
+    check_gradient("reparameterize dmu", &mu, dmu.f32s().unwrap(), |m| loss(m, &lv64), n, 1e-6, 1e-7);
+    check_gradient("reparameterize dlogvar", &logvar, dlogvar.f32s().unwrap(), |l| loss(&mu64, l), n, 1e-5, 1e-7);
 }

@@ -3,7 +3,8 @@
 
 use anyhow::{ensure, Result};
 
-use crate::nn::{join, Conv2d, Linear, Norm, Padding2d, ParamTree};
+use crate::nn::{join, Conv2d, Linear, Norm, ParamTree};
+use crate::ops::conv::Conv2dSpec;
 
 /// `ResnetBlock2D`: GroupNorm, SiLU, 3x3 conv, (+ projected time embedding), GroupNorm, SiLU, 3x3 conv,
 /// plus a 1x1 shortcut where the channel count changes. Output scale 1.
@@ -168,8 +169,8 @@ pub struct MidBlock {
 /// Downsampler conv: the UNet pads 1 on every side; the VAE pads (0, 1, 0, 1) explicitly and convolves with
 /// padding 0.
 pub fn downsampler(tree: &mut ParamTree, prefix: &str, channels: usize, vae: bool) -> Conv2d {
-    let padding = if vae { Padding2d { top: 0, bottom: 1, left: 0, right: 1 } } else { Padding2d::same(1) };
-    Conv2d::new(tree, &join(prefix, "downsamplers.0.conv"), channels, channels, 3, 2, padding, true)
+    let spec = if vae { Conv2dSpec::VAE_DOWNSAMPLE } else { Conv2dSpec::new(2, 1) };
+    Conv2d::new(tree, &join(prefix, "downsamplers.0.conv"), channels, channels, 3, spec, true)
 }
 
 pub fn upsampler(tree: &mut ParamTree, prefix: &str, channels: usize) -> Conv2d {

@@ -9,7 +9,8 @@ use anyhow::{ensure, Result};
 use serde_json::Value;
 
 use crate::models::config::ConfigReader;
-use crate::nn::{Conv1d, Conv2d, ConvTranspose2d, Linear, Lstm, Padding2d, ParamTree};
+use crate::nn::{Conv1d, Conv2d, ConvTranspose2d, Linear, Lstm, ParamTree};
+use crate::ops::conv::Conv2dSpec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EegEncoderConfig {
@@ -117,7 +118,7 @@ impl StructuralVae {
         let mut t = ParamTree::new();
         let [c0, c1, c2] = c.channels;
         let s = c.image_size / 8;
-        let k4 = |t: &mut ParamTree, name: &str, i: usize, o: usize| Conv2d::new(t, name, i, o, 4, 2, Padding2d::same(1), true);
+        let k4 = |t: &mut ParamTree, name: &str, i: usize, o: usize| Conv2d::new(t, name, i, o, 4, Conv2dSpec::new(2, 1), true);
         let encoder_convs = [k4(&mut t, "encoder.0", 3, c0), k4(&mut t, "encoder.2", c0, c1), k4(&mut t, "encoder.4", c1, c2)];
         let encoder_fc = Linear::new(&mut t, "encoder.7", c2 * s * s, c.hidden, true);
         let fc_mu = Linear::new(&mut t, "fc_mu", c.hidden, c.latent_dim, true);

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
+use crate::ops::conv::Conv2dSpec;
+
 /// The index of a parameter in its [`ParamTree`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParamId(pub usize);
@@ -92,21 +94,6 @@ impl Linear {
     }
 }
 
-/// Padding of a 2D convolution: (top, bottom, left, right).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Padding2d {
-    pub top: usize,
-    pub bottom: usize,
-    pub left: usize,
-    pub right: usize,
-}
-
-impl Padding2d {
-    pub fn same(p: usize) -> Padding2d {
-        Padding2d { top: p, bottom: p, left: p, right: p }
-    }
-}
-
 /// `nn.Conv2d`: weight `[output, input, k, k]`, bias `[output]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2d {
@@ -115,26 +102,24 @@ pub struct Conv2d {
     pub input: usize,
     pub output: usize,
     pub kernel: usize,
-    pub stride: usize,
-    pub padding: Padding2d,
+    pub spec: Conv2dSpec,
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)] // PyTorch's own constructor arguments
-    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, kernel: usize, stride: usize, padding: Padding2d, bias: bool) -> Conv2d {
+    pub fn new(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, kernel: usize, spec: Conv2dSpec, bias: bool) -> Conv2d {
         let weight = tree.add(join(prefix, "weight"), &[output, input, kernel, kernel]);
         let bias = bias.then(|| tree.add(join(prefix, "bias"), &[output]));
-        Conv2d { weight, bias, input, output, kernel, stride, padding }
+        Conv2d { weight, bias, input, output, kernel, spec }
     }
 
     /// A 3x3 convolution with padding 1 (stride 1 or 2), the UNet's workhorse.
     pub fn k3(tree: &mut ParamTree, prefix: &str, input: usize, output: usize, stride: usize) -> Conv2d {
-        Conv2d::new(tree, prefix, input, output, 3, stride, Padding2d::same(1), true)
+        Conv2d::new(tree, prefix, input, output, 3, Conv2dSpec::new(stride, 1), true)
     }
 
     /// A 1x1 convolution.
     pub fn k1(tree: &mut ParamTree, prefix: &str, input: usize, output: usize) -> Conv2d {
-        Conv2d::new(tree, prefix, input, output, 1, 1, Padding2d::same(0), true)
+        Conv2d::new(tree, prefix, input, output, 1, Conv2dSpec::new(1, 0), true)
     }
 }
 

@@ -49,6 +49,10 @@ pub const KERNELS: &[&str] = &[
     "add_scaled_backward_bf16",
     "timestep_embedding_f32",
     "timestep_embedding_bf16",
+    "reparameterize_forward_f32",
+    "reparameterize_forward_bf16",
+    "reparameterize_backward_f32",
+    "reparameterize_backward_bf16",
 ];
 
 fn cast_kernel(from: DType, to: DType) -> &'static str {
@@ -436,6 +440,53 @@ pub fn add_scaled_backward(dy: &Tensor, s: f32, da: &mut Tensor, db: &mut Tensor
             by_dtype(dtype, "add_scaled_backward_f32", "add_scaled_backward_bf16")?,
             &[Ptr(dy.cuda_ptr()?), F32(s), Ptr(da.cuda_ptr()?), Ptr(db.cuda_ptr()?)],
             dy.numel(),
+        ),
+    }
+}
+
+/// The VAE's reparameterisation `z = mu + eps * exp(logvar / 2)` for a given standard-normal `eps`.
+pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor, z: &mut Tensor) -> Result<()> {
+    const OP: &str = "reparameterize_forward";
+    let device = common_device(OP, &[mu, logvar, eps, z])?;
+    same_shape(OP, &[mu, logvar, eps, z])?;
+    let dtype = common_dtype(OP, &device, &[mu, logvar, eps, z])?;
+    match device {
+        Device::Cpu => {
+            let (mu, logvar, eps) = (mu.f32s()?, logvar.f32s()?, eps.f32s()?);
+            for (i, z) in z.f32s_mut()?.iter_mut().enumerate() {
+                *z = mu[i] + eps[i] * (0.5 * logvar[i]).exp();
+            }
+            Ok(())
+        }
+        Device::Cuda(d) => d.launch_elementwise(
+            KERNEL_FILE,
+            by_dtype(dtype, "reparameterize_forward_f32", "reparameterize_forward_bf16")?,
+            &[Ptr(mu.cuda_ptr()?), Ptr(logvar.cuda_ptr()?), Ptr(eps.cuda_ptr()?), Ptr(z.cuda_ptr()?)],
+            mu.numel(),
+        ),
+    }
+}
+
+/// Backward of [`reparameterize_forward`]: `dmu = dz`, `dlogvar = dz * eps * exp(logvar / 2) / 2` (written).
+pub fn reparameterize_backward(logvar: &Tensor, eps: &Tensor, dz: &Tensor, dmu: &mut Tensor, dlogvar: &mut Tensor) -> Result<()> {
+    const OP: &str = "reparameterize_backward";
+    let device = common_device(OP, &[logvar, eps, dz, dmu, dlogvar])?;
+    same_shape(OP, &[logvar, eps, dz, dmu, dlogvar])?;
+    let dtype = common_dtype(OP, &device, &[logvar, eps, dz, dmu, dlogvar])?;
+    match device {
+        Device::Cpu => {
+            let (logvar, eps, dz) = (logvar.f32s()?, eps.f32s()?, dz.f32s()?);
+            dmu.f32s_mut()?.copy_from_slice(dz);
+            for (i, d) in dlogvar.f32s_mut()?.iter_mut().enumerate() {
+                *d = 0.5 * dz[i] * eps[i] * (0.5 * logvar[i]).exp();
+            }
+            Ok(())
+        }
+        Device::Cuda(d) => d.launch_elementwise(
+            KERNEL_FILE,
+            by_dtype(dtype, "reparameterize_backward_f32", "reparameterize_backward_bf16")?,
+            &[Ptr(logvar.cuda_ptr()?), Ptr(eps.cuda_ptr()?), Ptr(dz.cuda_ptr()?), Ptr(dmu.cuda_ptr()?), Ptr(dlogvar.cuda_ptr()?)],
+            dz.numel(),
         ),
     }
 }

@@ -133,6 +133,16 @@ fn check_activations(gpu: &Device) {
             floor,
         );
 
+        // Reparameterisation with x as mu, g as logvar and the sigmoid outputs as eps: __expf differs from
+        // the CPU's exp by a few ulp, within the same bounds.
+        elementwise::reparameterize_forward(&gx, &gg, &gs, &mut gy).unwrap();
+        elementwise::reparameterize_forward(&cpu(&[n], &xr), &cpu(&[n], &gr), &cpu(&[n], &sr), &mut cy).unwrap();
+        compare(&format!("reparameterize_forward {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        elementwise::reparameterize_backward(&gg, &gs, &gx, &mut gy, &mut gdb).unwrap();
+        elementwise::reparameterize_backward(&cpu(&[n], &gr), &cpu(&[n], &sr), &cpu(&[n], &xr), &mut cy, &mut cdb).unwrap();
+        compare(&format!("reparameterize_backward dmu {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        compare(&format!("reparameterize_backward dlogvar {dtype}"), &gdb.to_f32_vec().unwrap(), cdb.f32s().unwrap(), rel, floor);
+
         // GEGLU: x [rows, 2 half] -> y [rows, half]; the backward writes both halves of dx.
         let gx2 = upload(&mut arena, &[rows, 2 * half], dtype, &xr);
         let gdy = upload(&mut arena, &[rows, half], dtype, &gr[..rows * half]);
