@@ -63,14 +63,14 @@ const COMPONENTS: [(&str, f64, f64); 6] = [
 const EARLY: usize = 3;
 
 // Nominal amplitudes, microvolts.
-const C1_UV: f64 = 1.5;
-const P1_UV: f64 = 3.0;
-const N1_UV: f64 = -4.0;
-const LATE_COMMON_UV: f64 = 1.5;
-const LATE_IDENTITY_UV: f64 = 1.5;
-const PINK_UV: f64 = 8.0;
-const ALPHA_UV: f64 = 5.0;
-const SENSOR_UV: f64 = 1.5;
+const C1_UV: f64 = 2.5;
+const P1_UV: f64 = 5.0;
+const N1_UV: f64 = -7.0;
+const LATE_COMMON_UV: f64 = 2.0;
+const LATE_IDENTITY_UV: f64 = 3.0;
+const PINK_UV: f64 = 7.0;
+const ALPHA_UV: f64 = 4.0;
+const SENSOR_UV: f64 = 1.0;
 
 // Trial-to-trial variability.
 const EARLY_LATENCY_JITTER_S: f64 = 0.008;

@@ -176,6 +176,7 @@ pub struct Progress<'a> {
 
 /// Folders and files `generate` writes inside the output folder; `--force` removes these and nothing else.
 const OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
+const IO_WORKERS_PER_CORE: usize = 4;
 /// Figures generated per parallel batch (and per progress report).
 const BATCH: usize = 50;
 
@@ -216,6 +217,10 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
     }
     prepare_output(out, cfg.force)?;
 
+    // Each PNG is flushed to disk before its rename (atomic writes), so most of a worker's time is spent
+    // waiting on the disk: more workers than cores overlap those waits.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(IO_WORKERS_PER_CORE * cores).build()?;
     let brain = Brain::new();
     let figures = split_figures(cfg);
     let mut splits = Vec::new();
@@ -230,20 +235,22 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
         let (mut images, mut structure) = (Vec::new(), Vec::new());
         for start in (0..figs.len()).step_by(BATCH) {
             let end = (start + BATCH).min(figs.len());
-            let done: Vec<(Vec<f32>, Vec<f32>)> = (start..end)
-                .into_par_iter()
-                .map(|i| {
-                    let rendering = figs[i].render();
-                    write_pngs(out, name, i, &rendering)?;
-                    let evoked = brain.evoked(&rendering);
-                    let mut trials = Vec::with_capacity(size.repetitions * trial_len);
-                    for rep in 0..size.repetitions {
-                        let mut rng = Rng::stream(cfg.seed, &[1, split_index as u64, i as u64, rep as u64]);
-                        trials.extend(brain.simulate_trial(&evoked, cfg.snr, &mut rng));
-                    }
-                    Ok((trials, rendering.edges16))
-                })
-                .collect::<Result<_>>()?;
+            let done: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| {
+                (start..end)
+                    .into_par_iter()
+                    .map(|i| {
+                        let rendering = figs[i].render();
+                        write_pngs(out, name, i, &rendering)?;
+                        let evoked = brain.evoked(&rendering);
+                        let mut trials = Vec::with_capacity(size.repetitions * trial_len);
+                        for rep in 0..size.repetitions {
+                            let mut rng = Rng::stream(cfg.seed, &[1, split_index as u64, i as u64, rep as u64]);
+                            trials.extend(brain.simulate_trial(&evoked, cfg.snr, &mut rng));
+                        }
+                        Ok((trials, rendering.edges16))
+                    })
+                    .collect::<Result<_>>()
+            })?;
             for (i, (trials, e16)) in (start..end).zip(done) {
                 eeg.extend(trials);
                 edges16.extend(e16);

@@ -155,6 +155,16 @@ impl Figure {
     /// the orientation and position that shares the most edge length with the figure so far, give or take
     /// Gumbel noise (so the figure is compact yet varied). Every piece shares an edge with an earlier one.
     pub fn random(rng: &mut Rng) -> Figure {
+        loop {
+            if let Some(f) = Figure::try_random(rng) {
+                return f;
+            }
+        }
+    }
+
+    /// One attempt at [`Figure::random`]; `None` when a piece has nowhere to go, which happens when the
+    /// pieces so far expose only diagonal edges and the next one is the square.
+    fn try_random(rng: &mut Rng) -> Option<Figure> {
         let mut order: Vec<usize> = (0..PIECES.len()).collect();
         rng.shuffle(&mut order);
         let mut occupied = Occupancy::default();
@@ -186,10 +196,10 @@ impl Figure {
                     }
                 }
             }
-            let (_, placed) = best.expect("a piece always fits beside a figure in the middle of the lattice");
+            let (_, placed) = best?;
             placed.into_iter().for_each(|p| occupied.set(p));
         }
-        Figure { quarters: occupied.quarters() }
+        Some(Figure { quarters: occupied.quarters() })
     }
 
     /// The silhouette up to translation, rotation and mirroring: two figures with the same key look the
