@@ -2,6 +2,8 @@
 //! visual evoked components a figure drives there, and the background EEG a trial is buried in.
 //! docs/synth.md gives the equations and the physiology behind each number.
 
+use std::sync::OnceLock;
+
 use super::tangram::{block_mean, Figure, Rendering, EDGE_SIZE, IMAGE_SIZE};
 use super::Rng;
 
@@ -124,6 +126,12 @@ fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
 }
 
 impl Brain {
+    /// The observer, built once per process (building it renders the reference figures).
+    pub fn shared() -> &'static Brain {
+        static BRAIN: OnceLock<Brain> = OnceLock::new();
+        BRAIN.get_or_init(Brain::new)
+    }
+
     pub fn new() -> Brain {
         let mut rng = Rng::new(BRAIN_SEED);
         let fields = POSITIONS.iter().map(|&p| field_weights(p)).collect();

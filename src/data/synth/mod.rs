@@ -61,15 +61,21 @@ impl Rng {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Standard normal (Box-Muller, both values used).
+    /// Standard normal (Marsaglia's polar method, both values used: no trigonometry, which matters as
+    /// the background EEG draws about ten thousand of these per trial).
     pub fn normal(&mut self) -> f64 {
         if let Some(z) = self.spare_normal.take() {
             return z;
         }
-        let u = 1.0 - self.uniform();
-        let (r, a) = ((-2.0 * u.ln()).sqrt(), std::f64::consts::TAU * self.uniform());
-        self.spare_normal = Some(r * a.sin());
-        r * a.cos()
+        loop {
+            let (u, v) = (2.0 * self.uniform() - 1.0, 2.0 * self.uniform() - 1.0);
+            let s = u * u + v * v;
+            if s > 0.0 && s < 1.0 {
+                let f = (-2.0 * s.ln() / s).sqrt();
+                self.spare_normal = Some(v * f);
+                return u * f;
+            }
+        }
     }
 
     /// Standard Gumbel.
@@ -221,7 +227,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
     // waiting on the disk: more workers than cores overlap those waits.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(IO_WORKERS_PER_CORE * cores).build()?;
-    let brain = Brain::new();
+    let brain = Brain::shared();
     let figures = split_figures(cfg);
     let mut splits = Vec::new();
     for (split_index, ((name, size), figs)) in cfg.splits().into_iter().zip(&figures).enumerate() {
