@@ -182,6 +182,7 @@ pub struct Progress<'a> {
 
 /// Folders and files `generate` writes inside the output folder; `--force` removes these and nothing else.
 const OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
+/// Generation threads per core (see `generate` for why more than one).
 const IO_WORKERS_PER_CORE: usize = 4;
 /// Figures generated per parallel batch (and per progress report).
 const BATCH: usize = 50;
@@ -226,7 +227,10 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
     // Each PNG is flushed to disk before its rename (atomic writes), so most of a worker's time is spent
     // waiting on the disk: more workers than cores overlap those waits.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(IO_WORKERS_PER_CORE * cores).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(IO_WORKERS_PER_CORE * cores)
+        .build()
+        .with_context(|| format!("{p}: cannot start worker threads"))?;
     let brain = Brain::shared();
     let figures = split_figures(cfg);
     let mut splits = Vec::new();
