@@ -18,16 +18,22 @@ pub struct Args {
     /// Gain of the stimulus-locked EEG relative to its nominal amplitude; 0 leaves background EEG only.
     #[arg(long, default_value_t = 1.0)]
     snr: f64,
+    /// Distinct training figures.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     train_figures: usize,
+    /// Repetitions (trials) per training figure.
     #[arg(long, default_value_t = 4, value_name = "N")]
     train_reps: usize,
+    /// Distinct validation figures.
     #[arg(long, default_value_t = 100, value_name = "N")]
     val_figures: usize,
+    /// Repetitions per validation figure.
     #[arg(long, default_value_t = 4, value_name = "N")]
     val_reps: usize,
+    /// Distinct test figures (none shared with train or val).
     #[arg(long, default_value_t = 200, value_name = "N")]
     test_figures: usize,
+    /// Repetitions per test figure (THINGS-EEG2 averages 80 at test).
     #[arg(long, default_value_t = 80, value_name = "N")]
     test_reps: usize,
     /// Replace the dataset in a non-empty DIR (only what synth writes there is removed).
