@@ -13,7 +13,8 @@ mod cli;
     about = "Structure-Guided Diffusion Model engine: reconstruct seen images from EEG, on CPU or CUDA",
     after_help = "Examples:\n  sgdm info                    devices, driver and NVRTC versions, kernel cache\n  \
                   sgdm kernels --arch sm_90    compile every kernel for H100 and show registers and spills\n  \
-                  sgdm --device cpu info       force the CPU backend\n\n\
+                  sgdm --device cpu info       force the CPU backend\n  \
+                  sgdm synth --out data/synth  write the simulated default dataset\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
@@ -39,6 +40,16 @@ enum Command {
                             Without --arch, the architecture of the selected CUDA device is used.\n\
                             The cubins are written to the kernel cache, so this also prewarms it.")]
     Kernels(cli::kernels::Args),
+    /// Write the simulated default dataset: tangram stimuli, their structure maps and simulated posterior
+    /// EEG (THINGS-EEG2 layout: 17 channels, 100 Hz, -0.2 to 0.8 s).
+    #[command(after_help = "Examples:\n  sgdm synth --out data/synth                 default: 1000/100/200 figures, 4/4/80 repetitions\n  \
+                            sgdm synth --out data/noise --snr 0         background EEG only (a chance-level control)\n  \
+                            sgdm synth --out data/small --train-figures 200 --test-figures 50 --seed 7\n  \
+                            sgdm synth --out data/synth --force         replace an earlier run\n\n\
+                            Writes DIR/manifest.json, DIR/eeg/<split>.npy [figures, reps, 17, 100] in microvolts,\n\
+                            DIR/images/<split>/<index>.png, DIR/structure/<split>/<index>.png and\n\
+                            DIR/edges16/<split>.npy [figures, 16, 16]. See docs/synth.md.")]
+    Synth(cli::synth::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
+        Command::Synth(args) => cli::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
