@@ -9,6 +9,7 @@
 
 pub mod elementwise;
 pub mod linear;
+pub mod lstm;
 
 use anyhow::{ensure, Result};
 
@@ -20,6 +21,7 @@ use crate::tensor::{DType, Tensor};
 pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (elementwise::KERNEL_FILE, elementwise::KERNELS),
     (linear::KERNEL_FILE, linear::KERNELS),
+    (lstm::KERNEL_FILE, lstm::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.
