@@ -8,6 +8,7 @@
 //!   trust them. The CPU backend computes in f32; CUDA stores f32 or bf16 and accumulates in f32.
 
 pub mod elementwise;
+pub mod infonce;
 pub mod linear;
 pub mod lstm;
 
@@ -22,6 +23,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (elementwise::KERNEL_FILE, elementwise::KERNELS),
     (linear::KERNEL_FILE, linear::KERNELS),
     (lstm::KERNEL_FILE, lstm::KERNELS),
+    (infonce::KERNEL_FILE, infonce::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.
