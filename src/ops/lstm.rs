@@ -416,6 +416,12 @@ fn step_args(s: &Step) -> [crate::runtime::cuda::KernelArg; 7] {
     ]
 }
 
+/// Batch rows per rayon task in a CPU cell step: a step is only B·H elements, so small batches run on one
+/// thread rather than pay a fork-join per step.
+fn cell_rows_per_task(hidden: usize) -> usize {
+    (16_384 / hidden.max(1)).max(1)
+}
+
 /// Cell step forward: gates (pre-activations, then activated) of step `t`, its c and h, and h into the output.
 fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recurrent: &Tensor, y: &mut Tensor) -> Result<()> {
     match y.device() {
@@ -431,6 +437,7 @@ fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recu
                 .zip(c_cur.par_chunks_mut(h))
                 .zip(h_cur.par_chunks_mut(h))
                 .enumerate()
+                .with_min_len(cell_rows_per_task(h))
                 .for_each(|(b, (((gates, y), c), hid))| {
                     let pre = &mut gates[s.t * g4..][..g4];
                     let y = &mut y[s.t * s.y_cols + s.y_offset..][..h];
@@ -493,6 +500,7 @@ fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Ten
                 .zip(dg_step.par_chunks_mut(g4))
                 .zip(scratch.dc.f32s_mut()?.par_chunks_mut(h))
                 .enumerate()
+                .with_min_len(cell_rows_per_task(h))
                 .for_each(|(b, ((dgb, dgs), dc))| {
                     let row = b * s.seq_len + s.t;
                     let act = &gates[row * g4..][..g4];

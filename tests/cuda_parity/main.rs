@@ -4,7 +4,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod elementwise;
+mod infonce;
 mod linear;
+mod lstm;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -15,6 +17,8 @@ fn every_kernel_file_matches_the_cpu_reference() {
         match file.name {
             "elementwise.cu" => elementwise::check(&gpu),
             "linear.cu" => linear::check(&gpu),
+            "lstm.cu" => lstm::check(&gpu),
+            "infonce.cu" => infonce::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
