@@ -4,8 +4,10 @@
 // (batch row b, hidden unit j); adjacent threads touch adjacent j, so every access is coalesced.
 //
 // Layouts (B batch, T steps, H hidden): gates f32 [B, T, 4H] (batch-major, the input projection's layout);
-// cell f32 and hidden T [T, B, H] (time-major, one step is one dense GEMM operand); y / dy T [B, T, y_cols]
-// with this direction's H columns starting at y_offset. `prev` is the step the direction processed just
+// cell f32 [T, B, H]; hidden T [T, R, H] and dgates_by_step T [T, R, 4H] (time-major GEMM operands) with
+// R >= B rows per step so that each step starts 256-byte aligned for cuBLASLt: the kernels run over R·H
+// threads and write zeros to rows B..R-1, which keeps the padding out of every GEMM's result; y / dy T
+// [B, T, y_cols] with this direction's H columns starting at y_offset. `prev` is the step the direction processed just
 // before t (t-1 forward, t+1 reverse), or -1 at its first step, where h and c start at zero.
 //
 // A persistent kernel that keeps W_hh on chip across steps would save the per-step launches and W_hh
@@ -20,11 +22,16 @@ __device__ __forceinline__ float sigmoid_f32(float v) { return 1.0f / (1.0f + ex
 template <typename T>
 __device__ void lstm_cell_forward(float* gates, const float* recurrent, const typename T::raw* b_ih,
                                   const typename T::raw* b_hh, float* cell, typename T::raw* hidden,
-                                  typename T::raw* y, int t, int prev, int B, int steps, int H, int y_cols,
+                                  typename T::raw* y, int t, int prev, int B, int R, int steps, int H, int y_cols,
                                   int y_offset) {
-    const long long n = (long long)B * H;
+    const long long n = (long long)R * H;
     GRID_STRIDE_LOOP(idx, n) {
         const int b = (int)(idx / H), j = (int)(idx % H);
+        typename T::raw* h_out = hidden + ((long long)t * R + b) * H + j;
+        if (b >= B) {
+            T::store(h_out, 0, 0.0f);
+            continue;
+        }
         float* pre = gates + ((long long)b * steps + t) * 4 * H;
         const float* rec = recurrent + (long long)b * 4 * H;
         float v[4];
@@ -42,23 +49,29 @@ __device__ void lstm_cell_forward(float* gates, const float* recurrent, const ty
         pre[2 * H + j] = gg;
         pre[3 * H + j] = og;
         cell[((long long)t * B + b) * H + j] = c;
-        T::store(hidden, ((long long)t * B + b) * H + j, h);
+        T::store(h_out, 0, h);
         T::store(y, ((long long)b * steps + t) * y_cols + y_offset + j, h);
     }
 }
 
 // Backward of step t. In: the activated gates and cell states of the forward; dy [B, T, y_cols]; when
-// has_next (t is not the direction's last step) dh_next [B, H] f32 = dgates_next · W_hh and dc [B, H] f32,
+// has_next (t is not the direction's last step) dh_next [R, H] f32 = dgates_next · W_hh and dc [B, H] f32,
 // the cell gradient carried from the next step. Out (=): the pre-activation gate gradients of step t into
-// dgates[b, t, :] ([B, T, 4H]) and dgates_by_step[t, b, :] ([T, B, 4H]); dc = the gradient of c_prev.
+// dgates[b, t, :] ([B, T, 4H]) and dgates_by_step[t, b, :] ([T, R, 4H]); dc = the gradient of c_prev.
 template <typename T>
 __device__ void lstm_cell_backward(const float* gates, const float* cell, const typename T::raw* dy,
                                    const float* dh_next, float* dc, typename T::raw* dgates,
                                    typename T::raw* dgates_by_step, int has_next, int t, int prev, int B,
-                                   int steps, int H, int y_cols, int y_offset) {
-    const long long n = (long long)B * H;
+                                   int R, int steps, int H, int y_cols, int y_offset) {
+    const long long n = (long long)R * H;
     GRID_STRIDE_LOOP(idx, n) {
         const int b = (int)(idx / H), j = (int)(idx % H);
+        typename T::raw* by_step = dgates_by_step + ((long long)t * R + b) * 4 * H;
+        if (b >= B) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) T::store(by_step, k * H + j, 0.0f);
+            continue;
+        }
         const long long row = (long long)b * steps + t;
         const float* act = gates + row * 4 * H;
         const float ig = act[j], fg = act[H + j], gg = act[2 * H + j], og = act[3 * H + j];
@@ -74,7 +87,6 @@ __device__ void lstm_cell_backward(const float* gates, const float* cell, const 
                             dh * tc * og * (1.0f - og)};
         dc[idx] = dct * fg;
         typename T::raw* by_row = dgates + row * 4 * H;
-        typename T::raw* by_step = dgates_by_step + ((long long)t * B + b) * 4 * H;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             T::store(by_row, k * H + j, d[k]);
@@ -86,14 +98,16 @@ __device__ void lstm_cell_backward(const float* gates, const float* cell, const 
 #define LSTM_KERNELS(T, suffix)                                                                                   \
     extern "C" __global__ void lstm_cell_forward_##suffix(                                                        \
         float* gates, const float* recurrent, const T::raw* b_ih, const T::raw* b_hh, float* cell, T::raw* hidden, \
-        T::raw* y, int t, int prev, int B, int steps, int H, int y_cols, int y_offset) {                          \
-        lstm_cell_forward<T>(gates, recurrent, b_ih, b_hh, cell, hidden, y, t, prev, B, steps, H, y_cols, y_offset); \
+        T::raw* y, int t, int prev, int B, int R, int steps, int H, int y_cols, int y_offset) {                   \
+        lstm_cell_forward<T>(gates, recurrent, b_ih, b_hh, cell, hidden, y, t, prev, B, R, steps, H, y_cols,       \
+                             y_offset);                                                                           \
     }                                                                                                             \
     extern "C" __global__ void lstm_cell_backward_##suffix(                                                       \
         const float* gates, const float* cell, const T::raw* dy, const float* dh_next, float* dc, T::raw* dgates,  \
-        T::raw* dgates_by_step, int has_next, int t, int prev, int B, int steps, int H, int y_cols, int y_offset) { \
-        lstm_cell_backward<T>(gates, cell, dy, dh_next, dc, dgates, dgates_by_step, has_next, t, prev, B, steps, H, \
-                              y_cols, y_offset);                                                                  \
+        T::raw* dgates_by_step, int has_next, int t, int prev, int B, int R, int steps, int H, int y_cols,        \
+        int y_offset) {                                                                                           \
+        lstm_cell_backward<T>(gates, cell, dy, dh_next, dc, dgates, dgates_by_step, has_next, t, prev, B, R, steps, \
+                              H, y_cols, y_offset);                                                               \
     }
 LSTM_KERNELS(F32, f32)
 LSTM_KERNELS(BF16, bf16)

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{check_gradient, compare, cpu, f64s, random};
-use sgdm::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
+use sgdm::ops::lstm::{lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
 use sgdm::{DType, Device, Tensor};
 
 const TWO_LAYERS_BIDI: LstmConfig = LstmConfig { input_size: 7, hidden_size: 4, num_layers: 2, bidirectional: true };
@@ -253,4 +253,43 @@ fn parameter_names_follow_pytorch() {
     assert_eq!(shapes[0], [16, 7]);
     assert_eq!(shapes[8], [16, 8]); // layer 1 reads both directions of layer 0
     assert_eq!(shapes[9], [16, 4]);
+}
+
+#[test]
+fn step_rows_align_every_step_to_256_bytes() {
+    assert_eq!(step_rows(3, 4, DType::F32), 16); // 16-byte rows: 16 per 256 bytes
+    assert_eq!(step_rows(5, 40, DType::F32), 8); // 160-byte rows: 8 rows = 1280 bytes
+    assert_eq!(step_rows(5, 40, DType::BF16), 16);
+    assert_eq!(step_rows(256, 256, DType::BF16), 256); // the EEG encoder: no padding
+    assert_eq!(step_rows(1, 256, DType::F32), 1);
+    for (b, h, dt) in [(3, 4, DType::F32), (7, 33, DType::BF16), (2, 1, DType::BF16)] {
+        let r = step_rows(b, h, dt);
+        assert!(r >= b && (r * h * dt.size()).is_multiple_of(256), "{b} {h} {dt}: {r}");
+    }
+}
+
+#[test]
+fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
+    // Arena memory is zero only the first time it is handed out: every activation and scratch buffer must be
+    // written before it is read, padding rows included.
+    let (cfg, b, t) = (TWO_LAYERS_BIDI, 3, 5);
+    let params = random_params(&cfg, 80);
+    let x = random(b * t * 7, -1.0, 1.0, 81);
+    let dy = random(b * t * 8, -1.0, 1.0, 82);
+    let clean = run_cpu(cfg, &params, &x, &dy, b, t);
+
+    let nan = |shape: &[usize], dtype: DType| Tensor::from_f32(&Device::Cpu, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
+    let p = params_on(&Device::Cpu, cfg, &params, DType::F32);
+    let xt = cpu(&[b, t, 7], &x);
+    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, nan).unwrap();
+    lstm_forward(&p, &xt, &mut acts).unwrap();
+    let mut grads = LstmParams::zeros(&Device::Cpu, cfg, DType::F32).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, nan).unwrap();
+    let mut dx = cpu(&[b, t, 7], &vec![f32::NAN; b * t * 7]);
+    lstm_backward(&p, &xt, &acts, &cpu(&[b, t, 8], &dy), Some(&mut dx), &mut grads, &mut scratch).unwrap();
+    compare("lstm y from NaN-filled buffers", &acts.output().to_f32_vec().unwrap(), &clean.y, 0.0, 0.0);
+    compare("lstm dx from NaN-filled buffers", dx.f32s().unwrap(), &clean.dx, 0.0, 0.0);
+    for ((name, g), want) in grads.named().iter().zip(&clean.grads) {
+        compare(&format!("lstm d{name} from NaN-filled buffers"), g.f32s().unwrap(), want, 0.0, 0.0);
+    }
 }

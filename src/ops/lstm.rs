@@ -13,6 +13,9 @@
 //! gates stay batch-major `[B, T, 4H]`, the layout of the input projection that produces them. Cell states,
 //! gates and the recurrent GEMM's output are f32 on every backend (the cell state is a running sum over up
 //! to hundreds of steps); hidden states, outputs and gate gradients use the parameters' storage dtype.
+//! The time-major GEMM operands (hidden states, step gate gradients) have `step_rows(B, H, dtype) >= B` rows
+//! per step, kept at zero beyond B, so that every step starts on a 256-byte boundary: cuBLASLt chooses its
+//! algorithms assuming 256-byte aligned operands, and the per-step GEMMs address steps by offset.
 //! Parameter gradients accumulate (`+=`) into f32 or the storage dtype; the input gradient is written (`=`).
 
 use anyhow::{bail, ensure, Result};
@@ -179,6 +182,19 @@ fn check_dtype(op: &str, device: &Device, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// Rows per step of the time-major GEMM operands: `batch` rounded up so that one step of `hidden` elements
+/// per row is a multiple of 256 bytes (see the module docs). No padding when `hidden·size` is a multiple of
+/// 256 bytes, as for the EEG encoder's hidden size 256.
+pub fn step_rows(batch: usize, hidden: usize, dtype: DType) -> usize {
+    let row_bytes = (hidden * dtype.size()).max(1);
+    let (mut x, mut y) = (row_bytes, 256);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    let unit = 256 / x;
+    batch.div_ceil(unit) * unit
+}
+
 /// What one direction of one layer saves for backward.
 struct DirectionActivations {
     /// Gates after their nonlinearities (sigmoid i, f, o; tanh g), f32 `[B, T, 4H]`. Forward first writes the
@@ -186,7 +202,8 @@ struct DirectionActivations {
     gates: Tensor,
     /// Cell states c_t, f32 `[T, B, H]`.
     cell: Tensor,
-    /// Hidden states h_t, storage dtype `[T, B, H]` (the same values as in the layer's output).
+    /// Hidden states h_t, storage dtype `[T, R, H]` with `R = step_rows(B, H, dtype)` (rows past B are zero;
+    /// the same values as in the layer's output).
     hidden: Tensor,
 }
 
@@ -200,8 +217,10 @@ pub struct LstmActivations {
     /// Per layer, `[B, T, D·H]` in the storage dtype; the last is the LSTM's output.
     outputs: Vec<Tensor>,
     directions: Vec<Vec<DirectionActivations>>,
-    /// Scratch for one step's `h_{t-1} · W_hhᵀ`, f32 `[B, 4H]`.
+    /// Scratch for one step's `h_{t-1} · W_hhᵀ`, f32 `[R, 4H]`.
     recurrent: Tensor,
+    /// Rows per step of the time-major GEMM operands.
+    rows: usize,
 }
 
 impl LstmActivations {
@@ -214,6 +233,7 @@ impl LstmActivations {
         mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
     ) -> Result<LstmActivations> {
         let (b, t, h) = (batch, seq_len, config.hidden_size);
+        let rows = step_rows(batch, h, dtype);
         let mut outputs = Vec::new();
         let mut directions = Vec::new();
         for _ in 0..config.num_layers {
@@ -223,13 +243,13 @@ impl LstmActivations {
                 dirs.push(DirectionActivations {
                     gates: alloc(&[b, t, 4 * h], DType::F32)?,
                     cell: alloc(&[t, b, h], DType::F32)?,
-                    hidden: alloc(&[t, b, h], dtype)?,
+                    hidden: alloc(&[t, rows, h], dtype)?,
                 });
             }
             directions.push(dirs);
         }
-        let recurrent = alloc(&[b, 4 * h], DType::F32)?;
-        Ok(LstmActivations { config, batch, seq_len, dtype, outputs, directions, recurrent })
+        let recurrent = alloc(&[rows, 4 * h], DType::F32)?;
+        Ok(LstmActivations { config, batch, seq_len, dtype, outputs, directions, recurrent, rows })
     }
 
     /// Standalone zero tensors on `device`.
@@ -259,9 +279,10 @@ pub struct LstmBackwardScratch {
     /// Pre-activation gate gradients of one direction, storage dtype, batch-major `[B, T, 4H]` (paired with
     /// the layer input for `dW_ih` and the input gradient) ...
     dgates: Tensor,
-    /// ... and the same values time-major `[T, B, 4H]` (one step is one matrix for `dh_{t-1}` and `dW_hh`).
+    /// ... and the same values time-major `[T, R, 4H]` (one step is one matrix for `dh_{t-1}` and `dW_hh`;
+    /// rows past B are zero).
     dgates_by_step: Tensor,
-    /// `dgates_{t+1} · W_hh`: the hidden-state gradient the next step sends back, f32 `[B, H]`.
+    /// `dgates_{t+1} · W_hh`: the hidden-state gradient the next step sends back, f32 `[R, H]`.
     dh: Tensor,
     /// The cell-state gradient the next step sends back, f32 `[B, H]`, updated in place step by step.
     dc: Tensor,
@@ -279,6 +300,7 @@ impl LstmBackwardScratch {
         mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
     ) -> Result<LstmBackwardScratch> {
         let (b, t, h) = (batch, seq_len, config.hidden_size);
+        let rows = step_rows(batch, h, dtype);
         let dlayers = (0..config.num_layers.saturating_sub(1).min(2))
             .map(|_| alloc(&[b, t, config.output_size()], dtype))
             .collect::<Result<Vec<_>>>()?;
@@ -288,8 +310,8 @@ impl LstmBackwardScratch {
             seq_len,
             dtype,
             dgates: alloc(&[b, t, 4 * h], dtype)?,
-            dgates_by_step: alloc(&[t, b, 4 * h], dtype)?,
-            dh: alloc(&[b, h], DType::F32)?,
+            dgates_by_step: alloc(&[t, rows, 4 * h], dtype)?,
+            dh: alloc(&[rows, h], DType::F32)?,
             dc: alloc(&[b, h], DType::F32)?,
             dlayers,
         })
@@ -322,6 +344,8 @@ fn previous_step(seq_len: usize, direction: usize, t: usize) -> Option<usize> {
 #[derive(Clone, Copy)]
 struct Step {
     batch: usize,
+    /// Rows per step of the time-major GEMM operands (>= batch).
+    rows: usize,
     seq_len: usize,
     hidden: usize,
     t: usize,
@@ -404,11 +428,12 @@ fn kernel_name(dtype: DType, f32_name: &'static str, bf16_name: &'static str) ->
     }
 }
 
-fn step_args(s: &Step) -> [crate::runtime::cuda::KernelArg; 7] {
+fn step_args(s: &Step) -> [crate::runtime::cuda::KernelArg; 8] {
     [
         I32(s.t as i32),
         I32(s.prev.map_or(-1, |p| p as i32)),
         I32(s.batch as i32),
+        I32(s.rows as i32),
         I32(s.seq_len as i32),
         I32(s.hidden as i32),
         I32(s.y_cols as i32),
@@ -429,7 +454,9 @@ fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recu
             let (h, g4) = (s.hidden, 4 * s.hidden);
             let (b_ih, b_hh, rec) = (w.bias_ih.f32s()?, w.bias_hh.f32s()?, recurrent.f32s()?);
             let (c_cur, c_prev) = step_and_prev(acts.cell.f32s_mut()?, s.batch * h, s.t, s.prev);
-            let h_cur = &mut acts.hidden.f32s_mut()?[s.t * s.batch * h..][..s.batch * h];
+            let h_step = &mut acts.hidden.f32s_mut()?[s.t * s.rows * h..][..s.rows * h];
+            let (h_cur, h_pad) = h_step.split_at_mut(s.batch * h);
+            h_pad.fill(0.0);
             let gates = acts.gates.f32s_mut()?;
             gates
                 .par_chunks_mut(s.seq_len * g4)
@@ -477,7 +504,7 @@ fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recu
                 Ptr(y.cuda_ptr()?),
             ];
             args.extend(step_args(s));
-            d.launch(KERNEL_FILE, name, cuda_config(s.batch * s.hidden), &args, None)
+            d.launch(KERNEL_FILE, name, cuda_config(s.rows * s.hidden), &args, None)
         }
     }
 }
@@ -492,7 +519,9 @@ fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Ten
             let (gates, cell, dy, dh_next) = (acts.gates.f32s()?, acts.cell.f32s()?, dy.f32s()?, scratch.dh.f32s()?);
             let c_cur = &cell[s.t * bh..][..bh];
             let c_prev = s.prev.map(|p| &cell[p * bh..][..bh]);
-            let dg_step = &mut scratch.dgates_by_step.f32s_mut()?[s.t * s.batch * g4..][..s.batch * g4];
+            let dg_step = &mut scratch.dgates_by_step.f32s_mut()?[s.t * s.rows * g4..][..s.rows * g4];
+            let (dg_step, dg_pad) = dg_step.split_at_mut(s.batch * g4);
+            dg_pad.fill(0.0);
             scratch
                 .dgates
                 .f32s_mut()?
@@ -544,7 +573,7 @@ fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Ten
                 I32(has_next as i32),
             ];
             args.extend(step_args(s));
-            d.launch(KERNEL_FILE, name, cuda_config(s.batch * s.hidden), &args, None)
+            d.launch(KERNEL_FILE, name, cuda_config(s.rows * s.hidden), &args, None)
         }
     }
 }
@@ -566,8 +595,8 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
     let dtype = params.check(OP, "parameters", &config, &device)?;
     check_dtype(OP, &device, dtype)?;
     acts.check(OP, &config, &device, dtype)?;
-    let (batch, seq_len, hidden) = (acts.batch, acts.seq_len, config.hidden_size);
-    check_sizes(OP, &config, batch, seq_len)?;
+    let (batch, seq_len, hidden, rows) = (acts.batch, acts.seq_len, config.hidden_size, acts.rows);
+    check_sizes(OP, &config, rows, seq_len)?;
     ensure!(
         x.shape() == [batch, seq_len, config.input_size],
         "{OP}: input x must be [batch {batch}, time {seq_len}, features {}], got {:?}",
@@ -586,10 +615,10 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
             for t in steps(seq_len, dir) {
                 let prev = previous_step(seq_len, dir, t);
                 if let Some(p) = prev {
-                    let s = GemmShape { m: batch, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
-                    gemm_at(OP, s, (&a.hidden, p * batch * hidden), (&w.weight_hh, 0), (recurrent, 0), 0.0)?;
+                    let s = GemmShape { m: rows, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
+                    gemm_at(OP, s, (&a.hidden, p * rows * hidden), (&w.weight_hh, 0), (recurrent, 0), 0.0)?;
                 }
-                let step = Step { batch, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
+                let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                 cell_forward(&step, w, a, recurrent, y)?;
             }
         }
@@ -620,7 +649,7 @@ pub fn lstm_backward(
         "{OP}: gradients must be f32 or the parameters' {dtype}, got {grad_dtype}"
     );
     acts.check(OP, &config, &device, dtype)?;
-    let (batch, seq_len, hidden) = (acts.batch, acts.seq_len, config.hidden_size);
+    let (batch, seq_len, hidden, rows) = (acts.batch, acts.seq_len, config.hidden_size, acts.rows);
     ensure!(
         (scratch.config, scratch.batch, scratch.seq_len, scratch.dtype) == (config, batch, seq_len, dtype),
         "{OP}: scratch is for {:?} batch {} length {} {}, the activations for {config:?} batch {batch} length {seq_len} {dtype}",
@@ -682,19 +711,20 @@ pub fn lstm_backward(
                 let mut next = None;
                 for t in steps(seq_len, dir).rev() {
                     if let Some(n) = next {
-                        let s = GemmShape { m: batch, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
-                        gemm_at(OP, s, (&scratch.dgates_by_step, n * batch * 4 * hidden), (&w.weight_hh, 0), (&mut scratch.dh, 0), 0.0)?;
+                        let s = GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
+                        gemm_at(OP, s, (&scratch.dgates_by_step, n * rows * 4 * hidden), (&w.weight_hh, 0), (&mut scratch.dh, 0), 0.0)?;
                     }
                     let prev = previous_step(seq_len, dir, t);
-                    let step = Step { batch, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
+                    let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                     cell_backward(&step, next.is_some(), a, dout, scratch)?;
                     next = Some(t);
                 }
                 // dW_hh += Σ_t dgates_tᵀ · h_prev(t): the steps with a predecessor, paired with it, are two
-                // contiguous ranges of the time-major buffers, shifted by one step.
+                // contiguous ranges of the time-major buffers, shifted by one step (padding rows are zero in
+                // both).
                 if seq_len > 1 {
-                    let (dg_off, h_off) = if dir == 0 { (batch * 4 * hidden, 0) } else { (0, batch * hidden) };
-                    let s = GemmShape { m: 4 * hidden, n: hidden, k: (seq_len - 1) * batch, trans_a: true, trans_b: false, batch: 1 };
+                    let (dg_off, h_off) = if dir == 0 { (rows * 4 * hidden, 0) } else { (0, rows * hidden) };
+                    let s = GemmShape { m: 4 * hidden, n: hidden, k: (seq_len - 1) * rows, trans_a: true, trans_b: false, batch: 1 };
                     gemm_at(OP, s, (&scratch.dgates_by_step, dg_off), (&a.hidden, h_off), (&mut g.weight_hh, 0), 1.0)?;
                 }
                 linear_backward(input, &w.weight_ih, &scratch.dgates, None, Some(&mut g.weight_ih), Some(&mut g.bias_ih))?;

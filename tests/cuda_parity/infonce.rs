@@ -8,7 +8,9 @@ use crate::common::{compare, random, rounded};
 
 fn run(device: &Device, dtype: DType, a: &[f32], b: &[f32], (n, d): (usize, usize), tau: f32) -> (f32, Vec<f32>, Vec<f32>) {
     let on = |v: &[f32]| Tensor::from_f32(device, &[n, d], dtype, v).unwrap();
-    let mut acts = InfoNceActivations::zeros(device, n, d, dtype).unwrap();
+    // NaN-filled like reused arena memory: every buffer must be written before it is read.
+    let nan = |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
+    let mut acts = InfoNceActivations::new(n, d, dtype, nan).unwrap();
     infonce_forward(&on(a), &on(b), tau, &mut acts).unwrap();
     let (mut da, mut db) = (on(&vec![f32::NAN; n * d]), on(&vec![f32::NAN; n * d]));
     infonce_backward(&mut acts, 1.5, &mut da, &mut db).unwrap();
