@@ -14,6 +14,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{matmul, MatmulSpec};
+use crate::runtime::arena::{MemoryPlan, Region};
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
@@ -61,23 +62,48 @@ pub struct InfoNceActivations {
 }
 
 impl InfoNceActivations {
-    /// Makes every tensor with `alloc(shape, dtype)`; `dtype` is the embeddings' storage dtype.
-    pub fn new(batch: usize, dim: usize, dtype: DType, mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>) -> Result<InfoNceActivations> {
+    /// Every tensor's shape and dtype, in the order of the fields (and of allocation).
+    fn layout(batch: usize, dim: usize, dtype: DType) -> [(Vec<usize>, DType); 9] {
         let (b, d) = (batch, dim);
+        [
+            (vec![b, d], dtype),
+            (vec![b, d], dtype),
+            (vec![2 * b], DType::F32),
+            (vec![b, b], DType::F32),
+            (vec![2 * b], DType::F32),
+            (vec![1], DType::F32),
+            (vec![b, b], dtype),
+            (vec![b, d], DType::F32),
+            (vec![b, d], DType::F32),
+        ]
+    }
+
+    /// Reserves what `new` will carve, for an arena planned before the first step.
+    pub fn reserve(plan: &mut MemoryPlan, region: Region, batch: usize, dim: usize, dtype: DType) {
+        for (shape, dtype) in InfoNceActivations::layout(batch, dim, dtype) {
+            plan.reserve(region, &shape, dtype);
+        }
+    }
+
+    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
+    /// planned with `reserve`); `dtype` is the embeddings' storage dtype.
+    pub fn new(batch: usize, dim: usize, dtype: DType, mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>) -> Result<InfoNceActivations> {
+        let mut t = InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc(&shape, dtype));
+        let mut next = || t.next().expect("the layout lists every tensor");
         Ok(InfoNceActivations {
             batch,
             dim,
             dtype,
             temperature: DEFAULT_TEMPERATURE,
-            a_unit: alloc(&[b, d], dtype)?,
-            b_unit: alloc(&[b, d], dtype)?,
-            norms: alloc(&[2 * b], DType::F32)?,
-            logits: alloc(&[b, b], DType::F32)?,
-            lse: alloc(&[2 * b], DType::F32)?,
-            loss: alloc(&[1], DType::F32)?,
-            dlogits: alloc(&[b, b], dtype)?,
-            da_unit: alloc(&[b, d], DType::F32)?,
-            db_unit: alloc(&[b, d], DType::F32)?,
+            a_unit: next()?,
+            b_unit: next()?,
+            norms: next()?,
+            logits: next()?,
+            lse: next()?,
+            loss: next()?,
+            dlogits: next()?,
+            da_unit: next()?,
+            db_unit: next()?,
         })
     }
 

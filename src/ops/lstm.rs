@@ -23,6 +23,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{linear_backward, linear_forward};
+use crate::runtime::arena::{MemoryPlan, Region};
 use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::KernelArg::{Ptr, I32};
 use crate::runtime::device::Device;
@@ -223,32 +224,65 @@ pub struct LstmActivations {
     rows: usize,
 }
 
+/// The tensors of a layout, made in order by `alloc` as `next` is called.
+struct Allocations<F> {
+    layout: std::vec::IntoIter<(Vec<usize>, DType)>,
+    alloc: F,
+}
+
+impl<F: FnMut(&[usize], DType) -> Result<Tensor>> Allocations<F> {
+    fn next(&mut self) -> Result<Tensor> {
+        let (shape, dtype) = self.layout.next().expect("the layout lists every tensor");
+        (self.alloc)(&shape, dtype)
+    }
+}
+
 impl LstmActivations {
-    /// Makes every tensor with `alloc(shape, dtype)`; `dtype` is the storage dtype of the parameters.
+    /// Every tensor's shape and dtype, in allocation order.
+    fn layout(config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Vec<(Vec<usize>, DType)> {
+        let (b, t, h) = (batch, seq_len, config.hidden_size);
+        let rows = step_rows(batch, h, dtype);
+        let mut out = Vec::new();
+        for _ in 0..config.num_layers {
+            out.push((vec![b, t, config.output_size()], dtype));
+            for _ in 0..config.directions() {
+                out.extend([(vec![b, t, 4 * h], DType::F32), (vec![t, b, h], DType::F32), (vec![t, rows, h], dtype)]);
+            }
+        }
+        out.push((vec![rows, 4 * h], DType::F32));
+        out
+    }
+
+    /// Reserves what `new` will carve, for an arena planned before the first step.
+    pub fn reserve(plan: &mut MemoryPlan, region: Region, config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) {
+        for (shape, dtype) in LstmActivations::layout(config, batch, seq_len, dtype) {
+            plan.reserve(region, &shape, dtype);
+        }
+    }
+
+    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
+    /// planned with `reserve`); `dtype` is the storage dtype of the parameters.
     pub fn new(
         config: LstmConfig,
         batch: usize,
         seq_len: usize,
         dtype: DType,
-        mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
     ) -> Result<LstmActivations> {
-        let (b, t, h) = (batch, seq_len, config.hidden_size);
-        let rows = step_rows(batch, h, dtype);
+        let mut a = Allocations { layout: LstmActivations::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let mut outputs = Vec::new();
         let mut directions = Vec::new();
         for _ in 0..config.num_layers {
-            outputs.push(alloc(&[b, t, config.output_size()], dtype)?);
+            outputs.push(a.next()?);
             let mut dirs = Vec::new();
             for _ in 0..config.directions() {
-                dirs.push(DirectionActivations {
-                    gates: alloc(&[b, t, 4 * h], DType::F32)?,
-                    cell: alloc(&[t, b, h], DType::F32)?,
-                    hidden: alloc(&[t, rows, h], dtype)?,
-                });
+                let (gates, cell, hidden) = (a.next()?, a.next()?, a.next()?);
+                dirs.push(DirectionActivations { gates, cell, hidden });
             }
             directions.push(dirs);
         }
-        let recurrent = alloc(&[rows, 4 * h], DType::F32)?;
+        let recurrent = a.next()?;
+        let rows = step_rows(batch, config.hidden_size, dtype);
         Ok(LstmActivations { config, batch, seq_len, dtype, outputs, directions, recurrent, rows })
     }
 
@@ -292,29 +326,45 @@ pub struct LstmBackwardScratch {
 }
 
 impl LstmBackwardScratch {
+    /// Every tensor's shape and dtype, in allocation order.
+    fn layout(config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Vec<(Vec<usize>, DType)> {
+        let (b, t, h) = (batch, seq_len, config.hidden_size);
+        let rows = step_rows(batch, h, dtype);
+        let mut out = vec![
+            (vec![b, t, 4 * h], dtype),
+            (vec![t, rows, 4 * h], dtype),
+            (vec![rows, h], DType::F32),
+            (vec![b, h], DType::F32),
+        ];
+        for _ in 0..Self::dlayer_count(config) {
+            out.push((vec![b, t, config.output_size()], dtype));
+        }
+        out
+    }
+
+    fn dlayer_count(config: &LstmConfig) -> usize {
+        config.num_layers.saturating_sub(1).min(2)
+    }
+
+    /// Reserves what `new` will carve, for an arena planned before the first step.
+    pub fn reserve(plan: &mut MemoryPlan, region: Region, config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) {
+        for (shape, dtype) in LstmBackwardScratch::layout(config, batch, seq_len, dtype) {
+            plan.reserve(region, &shape, dtype);
+        }
+    }
+
+    /// Makes every tensor with `alloc(shape, dtype)` (see `LstmActivations::new`).
     pub fn new(
         config: LstmConfig,
         batch: usize,
         seq_len: usize,
         dtype: DType,
-        mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
     ) -> Result<LstmBackwardScratch> {
-        let (b, t, h) = (batch, seq_len, config.hidden_size);
-        let rows = step_rows(batch, h, dtype);
-        let dlayers = (0..config.num_layers.saturating_sub(1).min(2))
-            .map(|_| alloc(&[b, t, config.output_size()], dtype))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LstmBackwardScratch {
-            config,
-            batch,
-            seq_len,
-            dtype,
-            dgates: alloc(&[b, t, 4 * h], dtype)?,
-            dgates_by_step: alloc(&[t, rows, 4 * h], dtype)?,
-            dh: alloc(&[rows, h], DType::F32)?,
-            dc: alloc(&[b, h], DType::F32)?,
-            dlayers,
-        })
+        let mut a = Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
+        let (dgates, dgates_by_step, dh, dc) = (a.next()?, a.next()?, a.next()?, a.next()?);
+        let dlayers = (0..Self::dlayer_count(&config)).map(|_| a.next()).collect::<Result<Vec<_>>>()?;
+        Ok(LstmBackwardScratch { config, batch, seq_len, dtype, dgates, dgates_by_step, dh, dc, dlayers })
     }
 
     pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmBackwardScratch> {
@@ -392,6 +442,11 @@ fn gemm_at(op: &str, s: GemmShape, (a, ao): (&Tensor, usize), (b, bo): (&Tensor,
         Device::Cuda(d) => {
             let at = |t: &Tensor, off: usize| Ok::<u64, anyhow::Error>(t.cuda_ptr()? + (off * t.dtype().size()) as u64);
             let ptrs = (at(a, ao)?, at(b, bo)?, at(c, co)?);
+            ensure!(
+                [ptrs.0, ptrs.1, ptrs.2].iter().all(|p| p % 256 == 0),
+                "{op}: GEMM operands at element offsets ({ao}, {bo}, {co}) are not 256-byte aligned, as cuBLASLt's \
+                 algorithm choice assumes"
+            );
             d.blas()?.gemm(&d, s, a.dtype(), c.dtype(), ptrs, None, 1.0, beta)
         }
     }
