@@ -27,7 +27,8 @@ fn bench(c: &mut Criterion) {
     }
     for (name, device, dtype) in runs {
         let (a, b) = (filled(&device, dtype, 1), filled(&device, dtype, 2));
-        let (mut da, mut db) = (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
+        let (mut da, mut db) =
+            (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
         let mut acts = InfoNceActivations::zeros(&device, B, D, dtype).unwrap();
         let mut g = c.benchmark_group(format!("infonce/b{B}-d{D}"));
         g.sample_size(20);

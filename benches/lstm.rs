@@ -21,7 +21,8 @@ fn filled(device: &Device, shape: &[usize], dtype: DType, seed: usize) -> Tensor
 
 fn forward_flops(batch: usize) -> u64 {
     let h4 = 4 * CONFIG.hidden_size;
-    let per_layer = |layer| 2 * batch * STEPS * h4 * (CONFIG.layer_input_size(layer) + CONFIG.hidden_size) * CONFIG.directions();
+    let per_layer =
+        |layer| 2 * batch * STEPS * h4 * (CONFIG.layer_input_size(layer) + CONFIG.hidden_size) * CONFIG.directions();
     (0..CONFIG.num_layers).map(per_layer).sum::<usize>() as u64
 }
 

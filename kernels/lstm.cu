@@ -7,8 +7,8 @@
 // cell f32 [T, B, H]; hidden T [T, R, H] and dgates_by_step T [T, R, 4H] (time-major GEMM operands) with
 // R >= B rows per step so that each step starts 256-byte aligned for cuBLASLt: the kernels run over R·H
 // threads and write zeros to rows B..R-1, which keeps the padding out of every GEMM's result; y / dy T
-// [B, T, y_cols] with this direction's H columns starting at y_offset. `prev` is the step the direction processed just
-// before t (t-1 forward, t+1 reverse), or -1 at its first step, where h and c start at zero.
+// [B, T, y_cols] with this direction's H columns starting at y_offset. `prev` is the step the direction
+// processed just before t (t-1 forward, t+1 reverse), or -1 at its first step, where h and c start at zero.
 //
 // A persistent kernel that keeps W_hh on chip across steps would save the per-step launches and W_hh
 // re-reads; this file is the plain per-step structure that the CPU reference shares.
@@ -16,7 +16,7 @@
 
 __device__ __forceinline__ float sigmoid_f32(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-// Forward of step t. In: gates[b, t, :] holds x_t · W_ihᵀ; recurrent [B, 4H] f32 holds h_prev · W_hhᵀ (read
+// Forward of step t. In: gates[b, t, :] holds x_t · W_ihᵀ; recurrent [R, 4H] f32 holds h_prev · W_hhᵀ (read
 // only when prev >= 0). Out (=): gates[b, t, :] = (σ(i), σ(f), tanh(g), σ(o)) of the pre-activations plus
 // both biases; cell[t] = f·c_prev + i·g; hidden[t] = o·tanh(c), also stored into y.
 template <typename T>

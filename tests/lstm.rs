@@ -4,7 +4,9 @@
 mod common;
 
 use common::{check_gradient, compare, cpu, f64s, random};
-use sgdm::ops::lstm::{lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
+use sgdm::ops::lstm::{
+    lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams,
+};
 use sgdm::{Arena, DType, Device, MemoryPlan, Region, Tensor};
 
 const TWO_LAYERS_BIDI: LstmConfig = LstmConfig { input_size: 7, hidden_size: 4, num_layers: 2, bidirectional: true };
@@ -33,10 +35,13 @@ fn reference(cfg: &LstmConfig, p: &[Vec<f64>], x: &[f64], b: usize, t: usize) ->
                 for ti in order {
                     let xt = &input[(bi * t + ti) * in_size..][..in_size];
                     let pre: Vec<f64> = (0..4 * h)
-                        .map(|r| bih[r] + bhh[r] + dot(&wih[r * in_size..][..in_size], xt) + dot(&whh[r * h..][..h], &hs))
+                        .map(|r| {
+                            bih[r] + bhh[r] + dot(&wih[r * in_size..][..in_size], xt) + dot(&whh[r * h..][..h], &hs)
+                        })
                         .collect();
                     for j in 0..h {
-                        let (i, f, g, o) = (sigmoid(pre[j]), sigmoid(pre[h + j]), pre[2 * h + j].tanh(), sigmoid(pre[3 * h + j]));
+                        let (i, f, g, o) =
+                            (sigmoid(pre[j]), sigmoid(pre[h + j]), pre[2 * h + j].tanh(), sigmoid(pre[3 * h + j]));
                         cs[j] = f * cs[j] + i * g;
                         hs[j] = o * cs[j].tanh();
                     }
@@ -113,7 +118,13 @@ fn forward_matches_float64_pytorch_equations_for_odd_sizes() {
         let run = run_cpu(cfg, &params, &x, &vec![0.0; b * t * cfg.output_size()], b, t);
         let p64: Vec<Vec<f64>> = params.iter().map(|v| f64s(v)).collect();
         let want: Vec<f32> = reference(&cfg, &p64, &f64s(&x), b, t).iter().map(|&v| v as f32).collect();
-        compare(&format!("lstm_forward L{} D{} B{b} T{t}", cfg.num_layers, cfg.directions()), &run.y, &want, FWD_REL, FWD_FLOOR);
+        compare(
+            &format!("lstm_forward L{} D{} B{b} T{t}", cfg.num_layers, cfg.directions()),
+            &run.y,
+            &want,
+            FWD_REL,
+            FWD_FLOOR,
+        );
     }
 }
 
@@ -173,7 +184,12 @@ fn parameter_grads_accumulate_and_input_grads_overwrite() {
     let xt = cpu(&[b, t, 7], &x);
     let mut acts = LstmActivations::zeros(&Device::Cpu, cfg, b, t, DType::F32).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
-    let prior: Vec<Vec<f32>> = cfg.parameter_shapes().iter().enumerate().map(|(i, (_, s))| random(s.iter().product(), -1.0, 1.0, 60 + i as u64)).collect();
+    let prior: Vec<Vec<f32>> = cfg
+        .parameter_shapes()
+        .iter()
+        .enumerate()
+        .map(|(i, (_, s))| random(s.iter().product(), -1.0, 1.0, 60 + i as u64))
+        .collect();
     let mut grads = params_on(&Device::Cpu, cfg, &prior, DType::F32);
     let mut scratch = LstmBackwardScratch::zeros(&Device::Cpu, cfg, b, t, DType::F32).unwrap();
     let mut dx = cpu(&[b, t, 7], &vec![5.0; b * t * 7]);
@@ -247,7 +263,10 @@ fn bad_shapes_are_errors_naming_the_op_and_the_tensor() {
 fn parameter_names_follow_pytorch() {
     let names: Vec<String> = TWO_LAYERS_BIDI.parameter_shapes().into_iter().map(|(n, _)| n).collect();
     assert_eq!(&names[..4], ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]);
-    assert_eq!(&names[4..8], ["weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse"]);
+    assert_eq!(
+        &names[4..8],
+        ["weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse"]
+    );
     assert_eq!(names[8], "weight_ih_l1");
     let shapes: Vec<Vec<usize>> = TWO_LAYERS_BIDI.parameter_shapes().into_iter().map(|(_, s)| s).collect();
     assert_eq!(shapes[0], [16, 7]);
@@ -278,7 +297,9 @@ fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
     let dy = random(b * t * 8, -1.0, 1.0, 82);
     let clean = run_cpu(cfg, &params, &x, &dy, b, t);
 
-    let nan = |shape: &[usize], dtype: DType| Tensor::from_f32(&Device::Cpu, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
+    let nan = |shape: &[usize], dtype: DType| {
+        Tensor::from_f32(&Device::Cpu, shape, dtype, &vec![f32::NAN; shape.iter().product()])
+    };
     let p = params_on(&Device::Cpu, cfg, &params, DType::F32);
     let xt = cpu(&[b, t, 7], &x);
     let mut acts = LstmActivations::new(cfg, b, t, DType::F32, nan).unwrap();
@@ -302,7 +323,8 @@ fn activations_and_scratch_carve_exactly_their_reserved_arena_plan() {
     LstmBackwardScratch::reserve(&mut plan, Region::Scratch, &cfg, b, t, DType::F32);
     let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
     let mut acts = LstmActivations::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Activations, s, d)).unwrap();
-    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Scratch, s, d)).unwrap();
+    let mut scratch =
+        LstmBackwardScratch::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Scratch, s, d)).unwrap();
     for region in [Region::Activations, Region::Scratch] {
         let u = arena.usage(region);
         assert_eq!(u.used, u.capacity, "{region:?}: the plan reserves exactly what is carved");

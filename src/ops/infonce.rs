@@ -87,8 +87,14 @@ impl InfoNceActivations {
 
     /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
     /// planned with `reserve`); `dtype` is the embeddings' storage dtype.
-    pub fn new(batch: usize, dim: usize, dtype: DType, mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>) -> Result<InfoNceActivations> {
-        let mut t = InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc(&shape, dtype));
+    pub fn new(
+        batch: usize,
+        dim: usize,
+        dtype: DType,
+        mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+    ) -> Result<InfoNceActivations> {
+        let mut t =
+            InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc(&shape, dtype));
         let mut next = || t.next().expect("the layout lists every tensor");
         Ok(InfoNceActivations {
             batch,
@@ -146,7 +152,11 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 pub fn infonce_forward(a: &Tensor, b: &Tensor, temperature: f32, acts: &mut InfoNceActivations) -> Result<()> {
     const OP: &str = "infonce_forward";
     ensure!(temperature.is_finite() && temperature > 0.0, "{OP}: temperature must be positive, got {temperature}");
-    ensure!(a.shape().len() == 2 && a.shape()[0] > 0 && a.shape()[1] > 0, "{OP}: a must be [batch, dim], got {:?}", a.shape());
+    ensure!(
+        a.shape().len() == 2 && a.shape()[0] > 0 && a.shape()[1] > 0,
+        "{OP}: a must be [batch, dim], got {:?}",
+        a.shape()
+    );
     ensure!(b.shape() == a.shape(), "{OP}: b {:?} must match a {:?}", b.shape(), a.shape());
     let (batch, dim) = (a.shape()[0], a.shape()[1]);
     ensure!(
@@ -211,10 +221,25 @@ pub fn infonce_forward(a: &Tensor, b: &Tensor, temperature: f32, acts: &mut Info
         }
         Device::Cuda(d) => {
             let (row_blocks, col_blocks) = (batch.div_ceil(8), batch.div_ceil(32));
-            let cfg = LaunchConfig { grid_dim: ((row_blocks + col_blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            d.launch(KERNEL_FILE, "infonce_softmax_stats", cfg, &[Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), I32(batch as i32)], None)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((row_blocks + col_blocks) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            d.launch(
+                KERNEL_FILE,
+                "infonce_softmax_stats",
+                cfg,
+                &[Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), I32(batch as i32)],
+                None,
+            )?;
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            let args = [Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), Ptr(acts.loss.cuda_ptr()?), I32(batch as i32)];
+            let args = [
+                Ptr(acts.logits.cuda_ptr()?),
+                Ptr(acts.lse.cuda_ptr()?),
+                Ptr(acts.loss.cuda_ptr()?),
+                I32(batch as i32),
+            ];
             d.launch(KERNEL_FILE, "infonce_loss", cfg, &args, None)?;
         }
     }
@@ -281,7 +306,13 @@ pub fn infonce_backward(acts: &mut InfoNceActivations, dloss: f32, da: &mut Tens
         }
         Device::Cuda(d) => {
             let name = kernel_name(acts.dtype, "infonce_logits_grad_f32", "infonce_logits_grad_bf16")?;
-            let args = [Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), Ptr(acts.dlogits.cuda_ptr()?), F32(scale), I32(batch as i32)];
+            let args = [
+                Ptr(acts.logits.cuda_ptr()?),
+                Ptr(acts.lse.cuda_ptr()?),
+                Ptr(acts.dlogits.cuda_ptr()?),
+                F32(scale),
+                I32(batch as i32),
+            ];
             d.launch_elementwise(KERNEL_FILE, name, &args, batch * batch)?;
         }
     }

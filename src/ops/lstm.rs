@@ -70,12 +70,7 @@ impl LstmConfig {
         let mut out = Vec::new();
         for layer in 0..self.num_layers {
             for dir in 0..self.directions() {
-                let shapes = [
-                    vec![h4, self.layer_input_size(layer)],
-                    vec![h4, self.hidden_size],
-                    vec![h4],
-                    vec![h4],
-                ];
+                let shapes = [vec![h4, self.layer_input_size(layer)], vec![h4, self.hidden_size], vec![h4], vec![h4]];
                 for (kind, shape) in PARAM_KINDS.iter().zip(shapes) {
                     out.push((param_name(kind, layer, dir), shape));
                 }
@@ -135,7 +130,9 @@ impl LstmParams {
     /// `(PyTorch name, tensor)` for every parameter.
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
-        names.zip(self.layers.iter().flatten().flat_map(|w| [&w.weight_ih, &w.weight_hh, &w.bias_ih, &w.bias_hh])).collect()
+        names
+            .zip(self.layers.iter().flatten().flat_map(|w| [&w.weight_ih, &w.weight_hh, &w.bias_ih, &w.bias_hh]))
+            .collect()
     }
 
     /// `(PyTorch name, tensor)` for every parameter, writable (for loading weights).
@@ -254,7 +251,14 @@ impl LstmActivations {
     }
 
     /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(plan: &mut MemoryPlan, region: Region, config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) {
+    pub fn reserve(
+        plan: &mut MemoryPlan,
+        region: Region,
+        config: &LstmConfig,
+        batch: usize,
+        seq_len: usize,
+        dtype: DType,
+    ) {
         for (shape, dtype) in LstmActivations::layout(config, batch, seq_len, dtype) {
             plan.reserve(region, &shape, dtype);
         }
@@ -287,7 +291,13 @@ impl LstmActivations {
     }
 
     /// Standalone zero tensors on `device`.
-    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmActivations> {
+    pub fn zeros(
+        device: &Device,
+        config: LstmConfig,
+        batch: usize,
+        seq_len: usize,
+        dtype: DType,
+    ) -> Result<LstmActivations> {
         LstmActivations::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
     }
 
@@ -299,7 +309,11 @@ impl LstmActivations {
     fn check(&self, op: &str, config: &LstmConfig, device: &Device, dtype: DType) -> Result<()> {
         ensure!(self.config == *config, "{op}: activations are for {:?}, the parameters for {config:?}", self.config);
         ensure!(self.dtype == dtype, "{op}: activations are {}, the parameters {dtype}", self.dtype);
-        ensure!(self.recurrent.device().same(device), "{op}: activations are on {}, the input on {device}", self.recurrent.device());
+        ensure!(
+            self.recurrent.device().same(device),
+            "{op}: activations are on {}, the input on {device}",
+            self.recurrent.device()
+        );
         Ok(())
     }
 }
@@ -347,7 +361,14 @@ impl LstmBackwardScratch {
     }
 
     /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(plan: &mut MemoryPlan, region: Region, config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) {
+    pub fn reserve(
+        plan: &mut MemoryPlan,
+        region: Region,
+        config: &LstmConfig,
+        batch: usize,
+        seq_len: usize,
+        dtype: DType,
+    ) {
         for (shape, dtype) in LstmBackwardScratch::layout(config, batch, seq_len, dtype) {
             plan.reserve(region, &shape, dtype);
         }
@@ -361,13 +382,20 @@ impl LstmBackwardScratch {
         dtype: DType,
         alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
     ) -> Result<LstmBackwardScratch> {
-        let mut a = Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
+        let mut a =
+            Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let (dgates, dgates_by_step, dh, dc) = (a.next()?, a.next()?, a.next()?, a.next()?);
         let dlayers = (0..Self::dlayer_count(&config)).map(|_| a.next()).collect::<Result<Vec<_>>>()?;
         Ok(LstmBackwardScratch { config, batch, seq_len, dtype, dgates, dgates_by_step, dh, dc, dlayers })
     }
 
-    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmBackwardScratch> {
+    pub fn zeros(
+        device: &Device,
+        config: LstmConfig,
+        batch: usize,
+        seq_len: usize,
+        dtype: DType,
+    ) -> Result<LstmBackwardScratch> {
         LstmBackwardScratch::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
     }
 }
@@ -407,7 +435,14 @@ struct Step {
 
 /// One GEMM whose matrices start `offset` elements into their tensors: `c = op(a)·op(b) + beta·c`. The
 /// per-step slices of the time-major buffers need it (`matmul` takes whole tensors only).
-fn gemm_at(op: &str, s: GemmShape, (a, ao): (&Tensor, usize), (b, bo): (&Tensor, usize), (c, co): (&mut Tensor, usize), beta: f32) -> Result<()> {
+fn gemm_at(
+    op: &str,
+    s: GemmShape,
+    (a, ao): (&Tensor, usize),
+    (b, bo): (&Tensor, usize),
+    (c, co): (&mut Tensor, usize),
+    beta: f32,
+) -> Result<()> {
     ensure!(
         ao + s.m * s.k <= a.numel() && bo + s.k * s.n <= b.numel() && co + s.m * s.n <= c.numel(),
         "{op}: GEMM {s:?} reaches past its operands {:?}, {:?}, {:?}",
@@ -434,7 +469,20 @@ fn gemm_at(op: &str, s: GemmShape, (a, ao): (&Tensor, usize), (b, bo): (&Tensor,
             // SAFETY: the matrices lie inside the slices (checked above) and the strides address one matrix.
             unsafe {
                 matrixmultiply::sgemm(
-                    s.m, s.k, s.n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), s.n as isize, 1,
+                    s.m,
+                    s.k,
+                    s.n,
+                    1.0,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    beta,
+                    c.as_mut_ptr(),
+                    s.n as isize,
+                    1,
                 )
             };
             Ok(())
@@ -503,7 +551,13 @@ fn cell_rows_per_task(hidden: usize) -> usize {
 }
 
 /// Cell step forward: gates (pre-activations, then activated) of step `t`, its c and h, and h into the output.
-fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recurrent: &Tensor, y: &mut Tensor) -> Result<()> {
+fn cell_forward(
+    s: &Step,
+    w: &LstmWeights,
+    acts: &mut DirectionActivations,
+    recurrent: &Tensor,
+    y: &mut Tensor,
+) -> Result<()> {
     match y.device() {
         Device::Cpu => {
             let (h, g4) = (s.hidden, 4 * s.hidden);
@@ -567,7 +621,13 @@ fn cell_forward(s: &Step, w: &LstmWeights, acts: &mut DirectionActivations, recu
 /// Cell step backward: from dh (output gradient of step `t` plus, unless `t` is the direction's last step,
 /// `scratch.dh`) and the carried dc, the pre-activation gate gradients of step `t` (both layouts) and the dc
 /// carried to the previous step.
-fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Tensor, scratch: &mut LstmBackwardScratch) -> Result<()> {
+fn cell_backward(
+    s: &Step,
+    has_next: bool,
+    acts: &DirectionActivations,
+    dy: &Tensor,
+    scratch: &mut LstmBackwardScratch,
+) -> Result<()> {
     match dy.device() {
         Device::Cpu => {
             let (h, g4, bh) = (s.hidden, 4 * s.hidden, s.batch * s.hidden);
@@ -673,7 +733,16 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
                     let s = GemmShape { m: rows, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
                     gemm_at(OP, s, (&a.hidden, p * rows * hidden), (&w.weight_hh, 0), (recurrent, 0), 0.0)?;
                 }
-                let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
+                let step = Step {
+                    batch,
+                    rows,
+                    seq_len,
+                    hidden,
+                    t,
+                    prev,
+                    y_cols: config.output_size(),
+                    y_offset: dir * hidden,
+                };
                 cell_forward(&step, w, a, recurrent, y)?;
             }
         }
@@ -766,11 +835,28 @@ pub fn lstm_backward(
                 let mut next = None;
                 for t in steps(seq_len, dir).rev() {
                     if let Some(n) = next {
-                        let s = GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
-                        gemm_at(OP, s, (&scratch.dgates_by_step, n * rows * 4 * hidden), (&w.weight_hh, 0), (&mut scratch.dh, 0), 0.0)?;
+                        let s =
+                            GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
+                        gemm_at(
+                            OP,
+                            s,
+                            (&scratch.dgates_by_step, n * rows * 4 * hidden),
+                            (&w.weight_hh, 0),
+                            (&mut scratch.dh, 0),
+                            0.0,
+                        )?;
                     }
                     let prev = previous_step(seq_len, dir, t);
-                    let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
+                    let step = Step {
+                        batch,
+                        rows,
+                        seq_len,
+                        hidden,
+                        t,
+                        prev,
+                        y_cols: config.output_size(),
+                        y_offset: dir * hidden,
+                    };
                     cell_backward(&step, next.is_some(), a, dout, scratch)?;
                     next = Some(t);
                 }
@@ -779,14 +865,35 @@ pub fn lstm_backward(
                 // both).
                 if seq_len > 1 {
                     let (dg_off, h_off) = if dir == 0 { (rows * 4 * hidden, 0) } else { (0, rows * hidden) };
-                    let s = GemmShape { m: 4 * hidden, n: hidden, k: (seq_len - 1) * rows, trans_a: true, trans_b: false, batch: 1 };
+                    let s = GemmShape {
+                        m: 4 * hidden,
+                        n: hidden,
+                        k: (seq_len - 1) * rows,
+                        trans_a: true,
+                        trans_b: false,
+                        batch: 1,
+                    };
                     gemm_at(OP, s, (&scratch.dgates_by_step, dg_off), (&a.hidden, h_off), (&mut g.weight_hh, 0), 1.0)?;
                 }
-                linear_backward(input, &w.weight_ih, &scratch.dgates, None, Some(&mut g.weight_ih), Some(&mut g.bias_ih))?;
+                linear_backward(
+                    input,
+                    &w.weight_ih,
+                    &scratch.dgates,
+                    None,
+                    Some(&mut g.weight_ih),
+                    Some(&mut g.bias_ih),
+                )?;
                 linear_backward(input, &w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
                 if let Some(di) = dinput.as_deref_mut() {
                     let k_in = config.layer_input_size(layer);
-                    let s = GemmShape { m: batch * seq_len, n: k_in, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
+                    let s = GemmShape {
+                        m: batch * seq_len,
+                        n: k_in,
+                        k: 4 * hidden,
+                        trans_a: false,
+                        trans_b: false,
+                        batch: 1,
+                    };
                     let beta = if dir == 0 { 0.0 } else { 1.0 };
                     gemm_at(OP, s, (&scratch.dgates, 0), (&w.weight_ih, 0), (di, 0), beta)?;
                 }

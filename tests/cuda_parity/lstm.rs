@@ -13,7 +13,16 @@ struct Run {
 }
 
 #[allow(clippy::too_many_arguments)] // the inputs of one forward + backward
-fn run(device: &Device, dtype: DType, cfg: LstmConfig, params: &[Vec<f32>], prior: &[Vec<f32>], x: &[f32], dy: &[f32], (b, t): (usize, usize)) -> Run {
+fn run(
+    device: &Device,
+    dtype: DType,
+    cfg: LstmConfig,
+    params: &[Vec<f32>],
+    prior: &[Vec<f32>],
+    x: &[f32],
+    dy: &[f32],
+    (b, t): (usize, usize),
+) -> Run {
     let mut p = LstmParams::zeros(device, cfg, dtype).unwrap();
     for ((_, t), v) in p.named_mut().into_iter().zip(params) {
         t.write_f32(v).unwrap();
@@ -25,7 +34,8 @@ fn run(device: &Device, dtype: DType, cfg: LstmConfig, params: &[Vec<f32>], prio
     let xt = Tensor::from_f32(device, &[b, t, cfg.input_size], dtype, x).unwrap();
     // NaN-filled buffers, as reused arena memory may hold anything: every buffer, padding rows included,
     // must be written before it is read.
-    let nan = |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
+    let nan =
+        |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
     let mut acts = LstmActivations::new(cfg, b, t, dtype, nan).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
     let dyt = Tensor::from_f32(device, acts.output().shape(), dtype, dy).unwrap();
@@ -64,8 +74,12 @@ pub fn check(gpu: &Device) {
                 .enumerate()
                 .map(|(k, (_, s))| rounded(dtype, &random(s.iter().product(), -0.4, 0.4, seed + k as u64)))
                 .collect();
-            let prior: Vec<Vec<f32>> =
-                cfg.parameter_shapes().iter().enumerate().map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64)).collect();
+            let prior: Vec<Vec<f32>> = cfg
+                .parameter_shapes()
+                .iter()
+                .enumerate()
+                .map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64))
+                .collect();
             let x = rounded(dtype, &random(b * t * cfg.input_size, -1.0, 1.0, seed + 90));
             let dy = rounded(dtype, &random(b * t * cfg.output_size(), -1.0, 1.0, seed + 91));
             let g = run(gpu, dtype, cfg, &params, &prior, &x, &dy, (b, t));
