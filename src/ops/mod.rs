@@ -10,8 +10,10 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod infonce;
 pub mod linear;
 pub mod loss;
+pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod shape;
@@ -32,6 +34,8 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (loss::KERNEL_FILE, loss::KERNELS),
     (optim::KERNEL_FILE, optim::KERNELS),
     (conv::KERNEL_FILE, conv::KERNELS),
+    (lstm::KERNEL_FILE, lstm::KERNELS),
+    (infonce::KERNEL_FILE, infonce::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -6,11 +6,13 @@ mod attention;
 mod common;
 mod conv;
 mod elementwise;
+mod infonce;
 mod linear;
 mod norm;
 mod loss;
 mod optim;
 mod shape;
+mod lstm;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -27,6 +29,8 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "shape.cu" => shape::check(&gpu),
             "loss.cu" => loss::check(&gpu),
             "optim.cu" => optim::check(&gpu),
+            "lstm.cu" => lstm::check(&gpu),
+            "infonce.cu" => infonce::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         }
     }
