@@ -39,6 +39,16 @@ struct Key {
     c: DType,
     bias: bool,
     accumulate: bool,
+    /// Byte alignment (at most 256) of cuBLAS's A (our B), B (our A) and C operands, every batch included.
+    align: [u32; 3],
+}
+
+/// The largest power of two, at most 256, dividing the address and (for batches) the stride in bytes:
+/// cuBLASLt's heuristic may otherwise pick an algorithm that assumes 256-byte aligned operands, and arena
+/// views (one step of a sequence, one head) often start elsewhere.
+fn alignment(ptr: u64, batch_stride_bytes: Option<u64>) -> u32 {
+    let bits = ptr | batch_stride_bytes.unwrap_or(0) | 256;
+    1 << bits.trailing_zeros()
 }
 
 struct Plan {
@@ -153,12 +163,17 @@ impl BlasLt {
             }
             let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
             let ws = WORKSPACE_BYTES as u64;
-            let r = lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                8,
-            );
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let mut r = lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8);
+            let [align_a, align_b, align_c] = key.align;
+            for (attr, align) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c),
+            ] {
+                r = r.and_then(|_| lt::set_matmul_pref_attribute(pref, attr, &align as *const u32 as *const c_void, 4));
+            }
             let heuristic = r.and_then(|_| {
                 lt::get_matmul_algo_heuristic(self.handle, desc, plan.layouts[0], plan.layouts[1], plan.layouts[2], plan.layouts[2], pref)
             });
@@ -182,7 +197,13 @@ impl BlasLt {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        let key = Key { shape, ab: ab_dtype, c: c_dtype, bias: bias.is_some(), accumulate: beta != 0.0 };
+        let strides = |elems: usize, dtype: DType| (shape.batch > 1).then_some((elems * dtype.size()) as u64);
+        let align = [
+            alignment(b, strides(shape.k * shape.n, ab_dtype)),
+            alignment(a, strides(shape.m * shape.k, ab_dtype)),
+            alignment(c, strides(shape.m * shape.n, c_dtype)),
+        ];
+        let key = Key { shape, ab: ab_dtype, c: c_dtype, bias: bias.is_some(), accumulate: beta != 0.0, align };
         let mut plans = self.plans.lock().unwrap();
         let plan = match plans.entry(key) {
             Entry::Occupied(o) => o.into_mut(),
@@ -230,5 +251,18 @@ impl BlasLt {
 impl std::fmt::Debug for BlasLt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BlasLt({} plans)", self.plans.lock().unwrap().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alignment;
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x7f00_0000, None), 256);
+        assert_eq!(alignment(0x7f00_0040, None), 64);
+        assert_eq!(alignment(0x7f00_0002, None), 2);
+        assert_eq!(alignment(0x7f00_0000, Some(80)), 16, "a batch stride of 80 bytes leaves 16-byte alignment");
     }
 }
