@@ -13,7 +13,8 @@ mod cli;
     about = "Structure-Guided Diffusion Model engine: reconstruct seen images from EEG, on CPU or CUDA",
     after_help = "Examples:\n  sgdm info                    devices, driver and NVRTC versions, kernel cache\n  \
                   sgdm kernels --arch sm_90    compile every kernel for H100 and show registers and spills\n  \
-                  sgdm --device cpu info       force the CPU backend\n\n\
+                  sgdm --device cpu info       force the CPU backend\n  \
+                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
@@ -39,6 +40,9 @@ enum Command {
                             Without --arch, the architecture of the selected CUDA device is used.\n\
                             The cubins are written to the kernel cache, so this also prewarms it.")]
     Kernels(cli::kernels::Args),
+    /// Look inside EEG data files.
+    #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
+    Data(cli::data::Command),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
+        Command::Data(command) => cli::data::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

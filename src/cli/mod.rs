@@ -1,3 +1,4 @@
 //! One module per `sgdm` command.
+pub mod data;
 pub mod info;
 pub mod kernels;

@@ -51,8 +51,8 @@ pub enum Repetitions {
 pub struct EegData {
     pub path: PathBuf,
     pub format: EegFormat,
-    /// The element type stored in the file (float64, float32, ...).
-    pub source_dtype: String,
+    /// The element type stored in the file.
+    pub source_dtype: Dtype,
     /// `[rows, repetitions, channels, time]`.
     pub shape: [usize; 4],
     /// C order over `shape`.
@@ -109,7 +109,11 @@ impl EegData {
             return Ok(EegData {
                 path: path.to_path_buf(),
                 format: EegFormat::NpyArray,
-                source_dtype: header.dtype.descr().to_string(),
+                source_dtype: match header.dtype {
+                    NpyDtype::F16 => Dtype::F16,
+                    NpyDtype::F32 => Dtype::F32,
+                    NpyDtype::F64 | NpyDtype::Object => Dtype::F64,
+                },
                 shape,
                 data: npy::decode_f32(header.dtype, data),
                 ch_names: None,
@@ -280,7 +284,7 @@ fn from_dict(dict: &Value, path: &Path, format: EegFormat) -> Result<EegData> {
     Ok(EegData {
         path: path.to_path_buf(),
         format,
-        source_dtype: eeg.dtype.to_string(),
+        source_dtype: eeg.dtype,
         shape,
         data,
         ch_names: Some(ch_names),
