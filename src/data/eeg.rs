@@ -104,7 +104,7 @@ impl EegData {
                 return from_dict(&dict, path, EegFormat::ThingsEeg2);
             }
             let shape = shape4(&header.shape, path)?;
-            let want = header.numel() * header.dtype.size();
+            let want = header.numel().saturating_mul(header.dtype.size());
             ensure!(data.len() == want, "{p}: shape {:?} needs {want} bytes of data, the file holds {}", header.shape, data.len());
             return Ok(EegData {
                 path: path.to_path_buf(),
@@ -190,15 +190,21 @@ impl EegData {
 
 /// `[N, C, T]` becomes `[N, 1, C, T]`; `[N, R, C, T]` stays.
 fn shape4(shape: &[usize], path: &Path) -> Result<[usize; 4]> {
-    match *shape {
-        [n, c, t] => Ok([n, 1, c, t]),
-        [n, r, c, t] => Ok([n, r, c, t]),
+    let shape4 = match *shape {
+        [n, c, t] => [n, 1, c, t],
+        [n, r, c, t] => [n, r, c, t],
         _ => bail!(
             "{}: EEG array has rank {} (shape {shape:?}); expected [images, channels, time] or [images, repetitions, channels, time]",
             path.display(),
             shape.len()
         ),
-    }
+    };
+    ensure!(
+        shape4[1..].iter().all(|&d| d > 0),
+        "{}: EEG array of shape {shape:?} has no repetitions, channels or time points",
+        path.display()
+    );
+    Ok(shape4)
 }
 
 fn non_finite(data: &[f32], shape: [usize; 4], row_offset: usize) -> Option<NonFinite> {
