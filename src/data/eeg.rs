@@ -240,13 +240,17 @@ fn from_dict(dict: &Value, path: &Path, format: EegFormat) -> Result<EegData> {
         Value::Array(a) => a,
         v => bail!("{p}: 'preprocessed_eeg_data' is a {}, expected a numpy float array", v.kind()),
     };
-    ensure!(
-        matches!(eeg.dtype, Dtype::F16 | Dtype::F32 | Dtype::F64),
-        "{p}: 'preprocessed_eeg_data' has dtype {}, expected float16, float32 or float64",
-        eeg.dtype
-    );
+    let npy_dtype = match eeg.dtype {
+        Dtype::F16 => NpyDtype::F16,
+        Dtype::F32 => NpyDtype::F32,
+        Dtype::F64 => NpyDtype::F64,
+        d => bail!("{p}: 'preprocessed_eeg_data' has dtype {d}, expected float16, float32 or float64"),
+    };
     let shape = shape4(&eeg.shape, path).with_context(|| format!("{p}: in 'preprocessed_eeg_data'"))?;
-    let data: Vec<f32> = eeg.to_f64().unwrap_or_default().into_iter().map(|v| v as f32).collect();
+    let data = match &eeg.data {
+        ArrayData::Raw(bytes) => npy::decode_f32(npy_dtype, bytes),
+        ArrayData::Objects(_) => bail!("{p}: 'preprocessed_eeg_data' holds Python objects, expected floats"),
+    };
     let [_, _, channels, timepoints] = shape;
 
     let ch_names = match key("ch_names")? {

@@ -75,7 +75,8 @@ impl Dtype {
             "i4" | "i" => Some(Dtype::I32),
             "i8" | "q" => Some(Dtype::I64),
             "O" | "O8" => Some(Dtype::Object),
-            d => d.strip_prefix('U').and_then(|n| n.parse().ok()).map(Dtype::Unicode),
+            // A cap on the width keeps `size()` from overflowing; channel names are a few characters.
+            d => d.strip_prefix('U').and_then(|n| n.parse().ok()).filter(|&n| n <= 1 << 16).map(Dtype::Unicode),
         }
     }
 
@@ -589,14 +590,15 @@ impl<'a> Unpickler<'a, '_> {
                     None => return self.fail("_codecs.encode of a string beyond latin-1"),
                 }
             }
-            (Global::Scalar, [Value::Dtype(d), Value::Bytes(b)]) => {
-                let a = NdArray { dtype: *d, shape: vec![1], data: ArrayData::Raw(b.clone()) };
-                match (a.to_f64(), b.len() == d.size()) {
-                    (Some(v), true) if matches!(d, Dtype::F16 | Dtype::F32 | Dtype::F64) => Value::Float(v[0]),
-                    (Some(v), true) => Value::Int(v[0] as i64),
-                    _ => return self.fail(format!("numpy scalar of dtype {d} with {} bytes is not read", b.len())),
-                }
-            }
+            (Global::Scalar, [Value::Dtype(d), Value::Bytes(b)]) => match (*d, b.as_ref()) {
+                (Dtype::F16, &[a, b]) => Value::Float(half::f16::from_le_bytes([a, b]).to_f64()),
+                (Dtype::F32, b) if b.len() == 4 => Value::Float(f32::from_le_bytes(b.try_into().unwrap()).into()),
+                (Dtype::F64, b) if b.len() == 8 => Value::Float(f64::from_le_bytes(b.try_into().unwrap())),
+                (Dtype::I8, &[a]) => Value::Int((a as i8).into()),
+                (Dtype::I32, b) if b.len() == 4 => Value::Int(i32::from_le_bytes(b.try_into().unwrap()).into()),
+                (Dtype::I64, b) if b.len() == 8 => Value::Int(i64::from_le_bytes(b.try_into().unwrap())),
+                (d, b) => return self.fail(format!("numpy scalar of dtype {d} with {} bytes is not read", b.len())),
+            },
             (Global::FromBuffer, [Value::Bytes(b), Value::Dtype(d), Value::Tuple(shape), Value::Str(order)]) => {
                 let shape = self.shape(shape)?;
                 if order == "F" && shape.len() > 1 {
