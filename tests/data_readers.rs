@@ -389,3 +389,15 @@ fn cli_data_inspect_prints_the_summary_and_fails_on_bad_files() {
     let (ok, out, _) = sgdm(&["data", "inspect", "--help"]);
     assert!(ok && out.contains("Examples:"), "{out}");
 }
+
+#[test]
+fn zero_width_string_arrays_cannot_claim_unbounded_elements() {
+    // dtype('U0') with shape (2**62,) and no data: refused, not a 2**62-element allocation.
+    let mut p = Pickle(b"\x80\x03".to_vec());
+    p.global("numpy.core.multiarray", "_reconstruct").op(b"q\x00").global("numpy", "ndarray").op(b"q\x01");
+    p.op(b"C\x01bq\x02").global("numpy", "dtype").op(b"q\x03");
+    p.op(b"h\x00h\x01").int(0).op(b"\x85h\x02\x87R(").int(1).op(b"(\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x40t");
+    p.dtype("U0", "<", 8).op(b"\x89").bytes(&[]).op(b"tb.");
+    let e = err(pickle::load(&p.0, Path::new("u0.pkl")));
+    assert!(e.contains("u0.pkl: pickle byte") && e.contains("numpy dtype \"U0\" is not read"), "{e}");
+}

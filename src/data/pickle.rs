@@ -75,8 +75,9 @@ impl Dtype {
             "i4" | "i" => Some(Dtype::I32),
             "i8" | "q" => Some(Dtype::I64),
             "O" | "O8" => Some(Dtype::Object),
-            // A cap on the width keeps `size()` from overflowing; channel names are a few characters.
-            d => d.strip_prefix('U').and_then(|n| n.parse().ok()).filter(|&n| n <= 1 << 16).map(Dtype::Unicode),
+            // Bounds on the width keep `size()` from overflowing and a zero-width array from claiming any number of
+            // elements; channel names are a few characters.
+            d => d.strip_prefix('U').and_then(|n| n.parse().ok()).filter(|&n| (1..=1 << 16).contains(&n)).map(Dtype::Unicode),
         }
     }
 
@@ -145,9 +146,6 @@ impl NdArray<'_> {
     /// Elements of a `<U` array as strings (trailing NULs removed, as numpy does).
     pub fn to_strings(&self) -> Option<Vec<String>> {
         let (Dtype::Unicode(n), ArrayData::Raw(bytes)) = (self.dtype, &self.data) else { return None };
-        if n == 0 {
-            return Some(vec![String::new(); self.numel()]);
-        }
         bytes
             .chunks_exact(4 * n)
             .map(|item| {
