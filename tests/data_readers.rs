@@ -313,7 +313,7 @@ fn hostile_pickles_cannot_exhaust_the_stack_or_memory() {
     deep.extend(std::iter::repeat_n(b'a', 999_999));
     deep.push(b'.');
     assert!(err(pickle::load(&deep, p)).contains("nest deeper than 64"));
-    // A 1 MiB string memoised, then fetched 100 000 times: 100 GiB of copies, refused by the work budget.
+    // A 1 MiB string memoised, then fetched 100 000 times: 100 GiB of copies, refused by the memory budget.
     let mut big = b"\x80\x02X\x00\x00\x10\x00".to_vec();
     big.extend(std::iter::repeat_n(b'x', 1 << 20));
     big.extend_from_slice(b"q\x00");
@@ -321,7 +321,12 @@ fn hostile_pickles_cannot_exhaust_the_stack_or_memory() {
         big.extend_from_slice(b"h\x00");
     }
     big.push(b'.');
-    assert!(err(pickle::load(&big, p)).contains("work budget"));
+    assert!(err(pickle::load(&big, p)).contains("memory budget"));
+    // Two million Nones: refused by the opcode limit before they take 200 MB.
+    let mut many = b"\x80\x02(".to_vec();
+    many.extend(std::iter::repeat_n(b'N', 2_000_000));
+    many.extend_from_slice(b"l.");
+    assert!(err(pickle::load(&many, p)).contains("more than 1048576 opcodes"));
     // Lengths beyond the input are truncation, not allocation.
     assert!(err(pickle::load(b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\x7f.", p)).contains("truncated"));
 }

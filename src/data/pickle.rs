@@ -14,9 +14,14 @@ use anyhow::{bail, Result};
 
 /// Deepest container nesting accepted; numpy's files nest four deep.
 const MAX_DEPTH: u16 = 64;
-/// Work allowed for copies out of the memo, beyond a multiple of the input size: a file may fetch a memoised
-/// value many times, and each fetch is a copy.
+/// Bytes allowed for copies into and out of the memo, beyond a multiple of the input size: a file may fetch a
+/// memoised value many times, and each fetch is a copy.
 const COPY_BUDGET_BASE: usize = 64 << 20;
+/// Opcodes run at most. Each creates at most one value, so this bounds memory (about 100 bytes a value) where
+/// the input size does not; numpy's EEG pickles run a few hundred.
+const MAX_OPCODES: usize = 1 << 20;
+/// What one value costs in memory, apart from bytes it owns.
+const NODE: usize = std::mem::size_of::<Item>();
 
 /// An allowed global: a numpy constructor, or `_codecs.encode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +208,7 @@ impl<'a> Value<'a> {
     }
 }
 
-/// A value on the unpickler's stack, with its nesting depth and the cost of copying it.
+/// A value on the unpickler's stack, with its nesting depth and the bytes a copy of it takes.
 #[derive(Clone)]
 struct Item<'a> {
     value: Value<'a>,
@@ -213,7 +218,7 @@ struct Item<'a> {
 
 impl<'a> Item<'a> {
     fn leaf(value: Value<'a>) -> Item<'a> {
-        let weight = 1 + match &value {
+        let weight = NODE + match &value {
             Value::Str(s) => s.len(),
             Value::Bytes(Cow::Owned(b)) => b.len(),
             _ => 0,
@@ -319,7 +324,7 @@ impl<'a> Unpickler<'a, '_> {
         if depth > MAX_DEPTH {
             return self.fail(format!("values nest deeper than {MAX_DEPTH} levels"));
         }
-        let weight = items.iter().fold(1usize, |w, i| w.saturating_add(i.weight));
+        let weight = items.iter().fold(NODE, |w, i| w.saturating_add(i.weight));
         Ok(Item { value: make(items.into_iter().map(|i| i.value).collect()), depth, weight })
     }
 
@@ -344,7 +349,7 @@ impl<'a> Unpickler<'a, '_> {
                 self.copy_budget = left;
                 Ok(())
             }
-            None => self.fail("copies out of the memo exceed the work budget (a hostile or corrupt pickle)"),
+            None => self.fail("copies through the memo exceed the memory budget (a hostile or corrupt pickle)"),
         }
     }
 
@@ -379,7 +384,7 @@ impl<'a> Unpickler<'a, '_> {
     }
 
     fn run(&mut self) -> Result<Value<'a>> {
-        loop {
+        for _ in 0..MAX_OPCODES {
             self.op_at = self.pos;
             if self.pos >= self.input.len() {
                 return self.fail("truncated: the pickle ends before its STOP opcode");
@@ -555,6 +560,7 @@ impl<'a> Unpickler<'a, '_> {
                 op => return self.fail(format!("opcode 0x{op:02x} ({:?}) is not in the subset numpy writes", op as char)),
             }
         }
+        self.fail(format!("more than {MAX_OPCODES} opcodes (numpy's EEG pickles have a few hundred)"))
     }
 
     fn global(&mut self, module: &str, name: &str) -> Result<()> {
