@@ -235,11 +235,14 @@ struct Unpickler<'a, 'p> {
     path: &'p Path,
     stack: Vec<Item<'a>>,
     marks: Vec<usize>,
+    /// Copies, not shared references as in Python: numpy's pickles only fetch back values nothing changes
+    /// afterwards (globals, dtypes, shapes, strings), and copies keep the value tree free of cycles.
     memo: HashMap<u32, Item<'a>>,
     copy_budget: usize,
 }
 
-/// Decodes a pickle stream. `path` names the file in errors.
+/// Decodes a pickle stream. `path` names the file in errors, whose byte offsets count from the start of the
+/// stream (for an `np.save` file, from the end of the `.npy` header).
 pub fn load<'a>(input: &'a [u8], path: &Path) -> Result<Value<'a>> {
     let copy_budget = COPY_BUDGET_BASE.saturating_add(input.len().saturating_mul(4));
     let mut u = Unpickler { input, pos: 0, op_at: 0, path, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), copy_budget };
