@@ -415,3 +415,13 @@ fn numpy_scalars_unpickle_to_plain_numbers() {
     assert_eq!(v.get("s"), Some(&Value::Float(1.5)));
     assert_eq!(v.get("i"), Some(&Value::Int(-3)));
 }
+
+#[test]
+fn fuzz_found_memo_copy_bombs_are_refused() {
+    // Found by cargo-fuzz when the memo budget counted values rather than bytes: each took over 10 s and
+    // 1.4 GB; now refused by the memory budget.
+    for name in ["slow_memo_copies_1.bin", "slow_memo_copies_2.bin"] {
+        let e = err(EegData::open(fixture("fuzz").join(name), Repetitions::Keep));
+        assert!(e.contains(name) && e.contains("memory budget"), "{e}");
+    }
+}

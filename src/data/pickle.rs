@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 const MAX_DEPTH: u16 = 64;
 /// Bytes allowed for copies into and out of the memo, beyond a multiple of the input size: a file may fetch a
 /// memoised value many times, and each fetch is a copy.
-const COPY_BUDGET_BASE: usize = 64 << 20;
+const COPY_BUDGET_BASE: usize = 16 << 20;
 /// Opcodes run at most. Each creates at most one value, so this bounds memory (about 100 bytes a value) where
 /// the input size does not; numpy's EEG pickles run a few hundred.
 const MAX_OPCODES: usize = 1 << 20;
