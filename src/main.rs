@@ -14,7 +14,8 @@ mod cli;
     after_help = "Examples:\n  sgdm info                    devices, driver and NVRTC versions, kernel cache\n  \
                   sgdm kernels --arch sm_90    compile every kernel for H100 and show registers and spills\n  \
                   sgdm --device cpu info       force the CPU backend\n  \
-                  sgdm synth --out data/synth  write the simulated default dataset\n\n\
+                  sgdm synth --out data/synth  write the simulated default dataset\n  \
+                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
@@ -50,6 +51,9 @@ enum Command {
                             DIR/images/<split>/<index>.png, DIR/structure/<split>/<index>.png and\n\
                             DIR/edges16/<split>.npy [figures, 16, 16]. See docs/synth.md.")]
     Synth(cli::synth::Args),
+    /// Look inside EEG data files.
+    #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
+    Data(cli::data::Command),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
         Command::Synth(args) => cli::synth::run(&args),
+        Command::Data(command) => cli::data::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

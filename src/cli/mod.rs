@@ -1,4 +1,5 @@
 //! One module per `sgdm` command.
+pub mod data;
 pub mod info;
 pub mod kernels;
 pub mod synth;
