@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
 
+use sgdm::data::eeg::{EegData, Repetitions};
 use sgdm::data::image::load_rgb;
 use sgdm::data::npy::NpyFile;
 use sgdm::data::synth::{generate, split_figures, Manifest, SplitSize, SynthConfig};
@@ -68,6 +69,10 @@ fn layout_and_manifest_match_what_a_real_dataset_provides() {
         assert_eq!(split.eeg_shape, eeg.header.shape);
         let values = eeg.to_f32().unwrap();
         assert!(values.iter().all(|v| v.is_finite() && v.abs() < 500.0), "plausible microvolts");
+        // The EEG loader that reads users' files takes the synthetic ones as they are.
+        let loaded = EegData::open(dir.path().join(&split.eeg), Repetitions::Keep).unwrap();
+        loaded.expect(17, 100).unwrap();
+        assert_eq!(loaded.data, values);
         let edges = NpyFile::open(dir.path().join(&split.edges16)).unwrap();
         assert_eq!(edges.header.shape, [n, 16, 16]);
         let edges = edges.to_f32().unwrap();
