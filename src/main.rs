@@ -41,6 +41,17 @@ enum Command {
                             Without --arch, the architecture of the selected CUDA device is used.\n\
                             The cubins are written to the kernel cache, so this also prewarms it.")]
     Kernels(cli::kernels::Args),
+    /// Run one model (UNet, ControlNet, AutoencoderKL or an SGDM module) on tensors from a safetensors file,
+    /// optionally backward, and write the results: the conformance and debugging tool.
+    #[command(after_help = "Examples:\n  \
+                            sgdm forward tests/fixtures/models/contrastive_alignment \\\n      \
+                            --inputs tests/fixtures/models/contrastive_alignment/inputs.safetensors --output out.safetensors\n  \
+                            sgdm forward MODEL_DIR --inputs in.safetensors --grad-outputs g.safetensors --output out.safetensors\n  \
+                            sgdm --device cuda forward MODEL_DIR --inputs in.safetensors --output out.safetensors --dtype bf16\n\n\
+                            Tensor names follow the PyTorch call: e.g. UNet2DConditionModel takes sample, timestep,\n\
+                            encoder_hidden_states (and down_block_additional_residuals.{i}, mid_block_additional_residual)\n\
+                            and returns sample; with --grad-outputs it also writes grad.<input> and grad.<parameter>.")]
+    Forward(cli::forward::Args),
     /// Write the simulated default dataset: tangram stimuli, their structure maps and simulated posterior
     /// EEG (THINGS-EEG2 layout: 17 channels, 100 Hz, -0.2 to 0.8 s).
     #[command(after_help = "Examples:\n  sgdm synth --out data/synth                 default: 1000/100/200 figures, 4/4/80 repetitions\n  \
@@ -61,6 +72,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
+        Command::Forward(args) => cli::forward::run(cli.device, &args),
         Command::Synth(args) => cli::synth::run(&args),
         Command::Data(command) => cli::data::run(&command),
     };

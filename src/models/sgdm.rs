@@ -8,7 +8,12 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use serde_json::Value;
 
+use crate::conformance::{Named, Outputs};
 use crate::models::config::ConfigReader;
+use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
+use crate::runtime::device::Device;
+use crate::tensor::{DType, Tensor};
+use crate::weights::Component;
 use crate::nn::{Conv1d, Conv2d, ConvTranspose2d, Linear, Lstm, ParamTree};
 use crate::ops::conv::Conv2dSpec;
 
@@ -146,4 +151,28 @@ impl ContrastiveAlignment {
         ensure!(temperature > 0.0, "{}: 'temperature' must be positive, got {temperature}", path.display());
         Ok(ContrastiveAlignment { temperature })
     }
+}
+
+/// `sgdm forward` for ContrastiveAlignment: inputs `eeg_embed` and `visual_embed` [B, D]; output `loss` [1];
+/// with an upstream gradient for `loss`, `grad.eeg_embed` and `grad.visual_embed`.
+pub fn run_contrastive_alignment(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = ContrastiveAlignment::from_json(&c.dir.join("config.json"), &c.config)?;
+    c.weights.ensure_all_used()?;
+    inputs.ensure_only(&["eeg_embed", "visual_embed"])?;
+    let (a, b) = (inputs.get("eeg_embed")?, inputs.get("visual_embed")?);
+    ensure!(a.shape().len() == 2 && a.shape() == b.shape(), "{}: eeg_embed {:?} and visual_embed {:?} must both be [B, D]", inputs.source, a.shape(), b.shape());
+    let (batch, dim) = (a.shape()[0], a.shape()[1]);
+    let mut acts = InfoNceActivations::zeros(device, batch, dim, dtype)?;
+    infonce_forward(a, b, m.temperature as f32, &mut acts)?;
+    let mut out = vec![("loss".to_string(), Tensor::from_f32(device, &[1], DType::F32, &[acts.loss()?])?)];
+    if let Some(g) = grads {
+        g.ensure_only(&["loss"])?;
+        let dloss = g.get_shaped("loss", &[1])?.to_f32_vec()?[0];
+        let mut da = Tensor::zeros(device, &[batch, dim], dtype)?;
+        let mut db = Tensor::zeros(device, &[batch, dim], dtype)?;
+        infonce_backward(&mut acts, dloss, &mut da, &mut db)?;
+        out.push(("grad.eeg_embed".to_string(), da));
+        out.push(("grad.visual_embed".to_string(), db));
+    }
+    Ok(out)
 }

@@ -1,0 +1,96 @@
+//! What `sgdm forward` runs: one model from a component directory on named input tensors, optionally
+//! backward from named upstream gradients, returning named outputs, `grad.<input>` for every float input
+//! (except timesteps and scalars) and `grad.<parameter>` for every parameter. Tensor names follow the PyTorch
+//! calls the fixtures in tests/fixtures/models were made with.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::runtime::device::Device;
+use crate::tensor::{DType, Tensor};
+use crate::weights::{Component, SafetensorsFile};
+
+/// Tensors by name, as read from a safetensors file, on one device in one dtype.
+pub struct Named {
+    /// Where they came from, for error messages.
+    pub source: String,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Named {
+    /// Reads every tensor of a safetensors file onto `device` as `dtype`; f32-only inputs (timesteps,
+    /// scales) are always read as f32.
+    pub fn load(path: &Path, device: &Device, dtype: DType, f32_names: &[&str]) -> Result<Named> {
+        let file = SafetensorsFile::open(path)?;
+        let mut tensors = BTreeMap::new();
+        for name in file.names() {
+            let d = if f32_names.contains(&name) { DType::F32 } else { dtype };
+            tensors.insert(name.to_string(), file.tensor(name, device, d)?);
+        }
+        Ok(Named { source: path.display().to_string(), tensors })
+    }
+
+    /// The tensor `name`, or an error naming the file and what it holds.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+            anyhow!("{}: no tensor '{name}' (it holds {})", self.source, have.join(", "))
+        })
+    }
+
+    pub fn get_opt(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name` with an expected shape.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
+        let t = self.get(name)?;
+        if t.shape() != shape {
+            bail!("{}: tensor '{name}' has shape {:?}, expected {shape:?}", self.source, t.shape());
+        }
+        Ok(t)
+    }
+
+    /// Fails on names no model input uses, so a typo is not silently ignored.
+    pub fn ensure_only(&self, known: &[&str]) -> Result<()> {
+        let unknown: Vec<&str> = self.tensors.keys().map(String::as_str).filter(|n| !known.iter().any(|k| k == n || n.starts_with(&format!("{k}.")))).collect();
+        if !unknown.is_empty() {
+            bail!("{}: unknown tensor name(s) {} (expected {})", self.source, unknown.join(", "), known.join(", "));
+        }
+        Ok(())
+    }
+}
+
+/// Named results of one run.
+pub type Outputs = Vec<(String, Tensor)>;
+
+/// How one model class is run: its component, the inputs, the upstream gradients if any, device, dtype.
+pub type Runner = fn(&Component, &Named, Option<&Named>, &Device, DType) -> Result<Outputs>;
+
+/// The runner for a diffusers/PyTorch `_class_name`.
+fn runner(class: &str) -> Option<Runner> {
+    match class {
+        "ContrastiveAlignment" => Some(crate::models::sgdm::run_contrastive_alignment),
+        _ => None,
+    }
+}
+
+/// The classes `sgdm forward` runs.
+pub const CLASSES: &[&str] = &["ContrastiveAlignment"];
+
+/// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`.
+pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let component = Component::open(model_dir)?;
+    let class = component
+        .class_name()
+        .ok_or_else(|| anyhow!("{}: config.json has no _class_name to choose the model", model_dir.display()))?
+        .to_string();
+    let Some(run) = runner(&class) else {
+        bail!("{}: sgdm forward does not run {class} models (it runs {})", model_dir.display(), CLASSES.join(", "));
+    };
+    let inputs = Named::load(inputs, device, dtype, &["timestep", "conditioning_scale"])?;
+    let grads = grad_outputs.map(|p| Named::load(p, device, dtype, &[])).transpose()?;
+    run(&component, &inputs, grads.as_ref(), device, dtype).with_context(|| format!("running {class} from {}", model_dir.display()))
+}

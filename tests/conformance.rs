@@ -1,0 +1,82 @@
+//! Every model `sgdm forward` runs, on the fixtures PyTorch made (tests/fixtures/models/make_fixtures.py),
+//! through the same code path as the command: outputs within a relative L2 error of 1e-4 and gradients
+//! within 1e-3 of the float64 reference on CPU f32 (the bounds: f32 rounding over a few hundred
+//! operations per value sits far below them, a wrong weight mapping or formula far above).
+
+mod common;
+
+use std::path::Path;
+
+use sgdm::conformance::{run, CLASSES};
+use sgdm::weights::{Component, SafetensorsFile};
+use sgdm::{DType, Device};
+
+const OUTPUT_BOUND: f64 = 1e-4;
+const GRAD_BOUND: f64 = 1e-3;
+
+fn fixture(case: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(case)
+}
+
+fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Runs a fixture forward and backward and checks every expected tensor, and nothing else, came out.
+fn check_case(case: &str) {
+    let dir = fixture(case);
+    let outputs = run(&dir, &dir.join("inputs.safetensors"), Some(&dir.join("grad_outputs.safetensors")), &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+    let expected = SafetensorsFile::open(dir.join("expected.safetensors")).unwrap();
+    let mut produced: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
+    produced.sort();
+    assert_eq!(produced, expected.names().collect::<Vec<_>>(), "{case}: output names");
+    let mut worst = (0f64, 0f64);
+    for (name, t) in &outputs {
+        let want = expected.tensor(name, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(t.shape(), want.shape(), "{case}: {name}");
+        let err = relative_l2(&t.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+        let (bound, slot) = if name.starts_with("grad.") { (GRAD_BOUND, &mut worst.1) } else { (OUTPUT_BOUND, &mut worst.0) };
+        assert!(err <= bound, "{case}: {name}: relative L2 error {err:.3e} > {bound:e}");
+        *slot = slot.max(err);
+    }
+    println!("{case:<28} worst relative L2: outputs {:.2e}, gradients {:.2e}", worst.0, worst.1);
+}
+
+#[test]
+fn every_runnable_model_matches_pytorch_on_cpu_f32() {
+    let mut ran = 0;
+    for case in std::fs::read_dir(fixture("")).unwrap() {
+        let case = case.unwrap().file_name().to_string_lossy().into_owned();
+        let Ok(component) = Component::open(fixture(&case)) else { continue };
+        let class = component.class_name().unwrap().to_string();
+        if CLASSES.contains(&class.as_str()) {
+            check_case(&case);
+            ran += 1;
+        } else {
+            common::skipped(&format!("conformance of {case}"), format!("sgdm forward does not run {class} yet"));
+        }
+    }
+    assert_eq!(ran, CLASSES.len(), "one fixture per runnable class");
+}
+
+#[test]
+fn the_command_writes_its_results_and_refuses_bad_inputs() {
+    let dir = fixture("contrastive_alignment");
+    let out = tempfile::tempdir().unwrap();
+    let bin = common::sgdm_bin();
+    let run = |args: &[&str]| std::process::Command::new(&bin).args(args).output().unwrap();
+    let d = dir.display().to_string();
+    let o = out.path().join("o.safetensors").display().to_string();
+    let ok = run(&["--device", "cpu", "forward", &d, "--inputs", &format!("{d}/inputs.safetensors"), "--output", &o]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(SafetensorsFile::open(&o).unwrap().names().collect::<Vec<_>>(), ["loss"]);
+    // The weights file where inputs belong: unknown input names are refused by name.
+    let bad = run(&["--device", "cpu", "forward", &d, "--inputs", &format!("{d}/grad_outputs.safetensors"), "--output", &o]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown tensor name(s) loss"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let missing = run(&["--device", "cpu", "forward", &d, "--inputs", "/nonexistent.safetensors", "--output", &o]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.safetensors"));
+}
