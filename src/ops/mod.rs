@@ -15,6 +15,7 @@ pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod shape;
+pub mod softmax;
 
 use anyhow::{ensure, Result};
 
@@ -32,6 +33,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (loss::KERNEL_FILE, loss::KERNELS),
     (optim::KERNEL_FILE, optim::KERNELS),
     (conv::KERNEL_FILE, conv::KERNELS),
+    (softmax::KERNEL_FILE, softmax::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -11,6 +11,7 @@ mod norm;
 mod loss;
 mod optim;
 mod shape;
+mod softmax;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -25,6 +26,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "attention.cu" => attention::check(&gpu),
             "norm.cu" => norm::check(&gpu),
             "shape.cu" => shape::check(&gpu),
+            "softmax.cu" => softmax::check(&gpu),
             "loss.cu" => loss::check(&gpu),
             "optim.cu" => optim::check(&gpu),
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
