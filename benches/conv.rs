@@ -4,13 +4,20 @@
 //! (2 * N * C_out * H' * W' * C_in * 9 per pass; the input gradient also spends them on the zero taps of
 //! its gather formulation, so its FLOP/s are comparable with the others).
 //!
+//! Each device's forward is compared, in the same run, with the composition it replaces: on CUDA,
+//! `<device>/im2col+gemm` (the im2col kernel writes the [N, C*9, H*W] patch matrix, 2x 47 MB in bf16, then a
+//! cuBLASLt GEMM batched over the images with the weight repeated per image, as a zero-stride batched GEMM
+//! would read it; no bias, so the baseline does slightly less). The CPU forward already is im2col + sgemm
+//! per image, its own baseline.
+//!
 //! The CPU runs the full SD shape too: a pass is 15.1 GFLOP, measured at 0.5-0.7 s per iteration (about
 //! 25 GFLOP/s, 2 shared cores), inside the ~2 s per iteration that `cargo test`'s single run can afford.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dSpec};
+use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col, Conv2dSpec};
+use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::runtime::{select, Arena, MemoryPlan, Region};
-use sgdm::{DType, Device, DeviceSpec};
+use sgdm::{DType, Device, DeviceSpec, Tensor};
 
 const BATCH: usize = 2;
 const CHANNELS: usize = 320;
@@ -53,7 +60,9 @@ fn bench(c: &mut Criterion) {
         let b = alloc(&[CHANNELS], 0.1);
 
         let flops = (2 * BATCH * CHANNELS * SIDE * SIDE * CHANNELS * 9) as u64;
-        let mut g = c.benchmark_group(format!("conv2d_3x3_{CHANNELS}to{CHANNELS}_b{BATCH}_{SIDE}x{SIDE}"));
+        let mut g = c.benchmark_group(format!(
+            "conv2d_3x3_{CHANNELS}to{CHANNELS}_b{BATCH}_{SIDE}x{SIDE}: implicit GEMM vs im2col+gemm (CUDA forward)"
+        ));
         g.throughput(Throughput::Elements(flops));
         g.sample_size(10);
         g.bench_function(format!("{name}/forward"), |bench| {
@@ -62,6 +71,20 @@ fn bench(c: &mut Criterion) {
                 device.synchronize().unwrap();
             })
         });
+        if device.is_cuda() {
+            let patch = CHANNELS * 9;
+            let mut col = Tensor::zeros(&device, &[BATCH, patch, SIDE * SIDE], dtype).unwrap();
+            let w_rows = w.to_f32_vec().unwrap();
+            let w_batched = Tensor::from_f32(&device, &[BATCH, CHANNELS, patch], dtype, &w_rows.repeat(BATCH)).unwrap();
+            let mut y_rows = Tensor::zeros(&device, &[BATCH, CHANNELS, SIDE * SIDE], dtype).unwrap();
+            g.bench_function(format!("{name}/im2col+gemm"), |bench| {
+                bench.iter(|| {
+                    im2col(&x, [3, 3], spec, &mut col).unwrap();
+                    matmul(&w_batched, &col, &mut y_rows, MatmulSpec::default()).unwrap();
+                    device.synchronize().unwrap();
+                })
+            });
+        }
         g.bench_function(format!("{name}/backward_input"), |bench| {
             bench.iter(|| {
                 conv2d_backward_input(&dy, &w, spec, &mut dx).unwrap();

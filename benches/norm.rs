@@ -6,7 +6,7 @@
 //! x, dy and dx backward), not its re-reads from cache, so it compares directly with copy bandwidth.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgdm::ops::elementwise::silu_forward;
+use sgdm::ops::elementwise::{silu_backward, silu_forward};
 use sgdm::ops::norm::{
     group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward,
     layer_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut,
@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
         let sync = || device.synchronize().unwrap();
 
         let mut t = bufs(&device, dtype, &GN_SHAPE, 320, &[2, 32], &group_norm_scratch_shape(&GN_SHAPE));
-        let mut g = c.benchmark_group("group_norm_silu_forward/2x320x64x64");
+        let mut g = c.benchmark_group("group_norm_silu_forward/2x320x64x64: fused vs unfused norm then silu");
         g.throughput(Throughput::Bytes((2 * gn_numel * size) as u64));
         g.bench_function(format!("{name}/fused"), |bench| {
             bench.iter(|| {
@@ -96,9 +96,9 @@ fn bench(c: &mut Criterion) {
         });
         g.finish();
 
-        let mut g = c.benchmark_group("group_norm_silu_backward/2x320x64x64");
+        let mut g = c.benchmark_group("group_norm_silu_backward/2x320x64x64: fused vs unfused silu then norm");
         g.throughput(Throughput::Bytes((3 * gn_numel * size) as u64));
-        g.bench_function(&name, |bench| {
+        g.bench_function(format!("{name}/fused"), |bench| {
             bench.iter(|| {
                 let grads = NormGrads { dx: &mut t.dx, dweight: &mut t.dw, dbias: &mut t.db, scratch: &mut t.scratch };
                 let stats = Stats { mean: &t.mean, rstd: &t.rstd };
@@ -106,7 +106,21 @@ fn bench(c: &mut Criterion) {
                 sync();
             })
         });
+        // The unfused backward: SiLU's backward from the stored norm output h, then the plain GroupNorm's.
+        let h = filled(&device, &GN_SHAPE, dtype, 5);
+        let mut dh = Tensor::zeros(&device, &GN_SHAPE, dtype).unwrap();
+        g.bench_function(format!("{name}/unfused-silu-then-norm"), |bench| {
+            let plain = GroupNorm { silu: false, ..GN };
+            bench.iter(|| {
+                silu_backward(&h, &t.dy, &mut dh).unwrap();
+                let grads = NormGrads { dx: &mut t.dx, dweight: &mut t.dw, dbias: &mut t.db, scratch: &mut t.scratch };
+                let stats = Stats { mean: &t.mean, rstd: &t.rstd };
+                group_norm_backward(plain, &t.x, Affine { weight: &t.w, bias: &t.b }, stats, &dh, grads).unwrap();
+                sync();
+            })
+        });
         g.finish();
+        drop(dh);
         drop(t);
 
         let mut t = bufs(&device, dtype, &LN_SHAPE, 320, &[LN_SHAPE[0]], &layer_norm_scratch_shape(&LN_SHAPE));

@@ -251,6 +251,25 @@ __device__ void conv_bias_backward(const typename T::raw* dy, typename T::raw* d
     if (threadIdx.x == 0) T::store(db, c, T::load(db, c) + v);
 }
 
+// Benchmark baseline only (the conv kernels above never build this buffer): the im2col matrix of x,
+// col [N, C*R*S, P*Q] with col[n, (c, r, s), (p, q)] = x[n, c, p*stride - pad_h + r, q*stride - pad_w + s],
+// zero in the padding. One thread per col element (grid-stride), consecutive threads along q: the writes are
+// coalesced, the reads of one image row are too at stride 1. count = N*C*R*S*P*Q. K is unused.
+template <typename T>
+__device__ void im2col(const typename T::raw* x, typename T::raw* col, const ConvShape s, long long count) {
+    const int RS = s.R * s.S, PQ = s.P * s.Q;
+    GRID_STRIDE_LOOP(i, count) {
+        const int pq = (int)(i % PQ);
+        const long long plane = i / PQ;  // (n, c, r, s)
+        const int tap = (int)(plane % RS);
+        const long long nc = plane / RS;  // n * C + c
+        const int ih = (pq / s.Q) * s.stride - s.pad_h + tap / s.S;
+        const int iw = (pq % s.Q) * s.stride - s.pad_w + tap % s.S;
+        const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+        T::store(col, i, inside ? T::load(x, (nc * s.H + ih) * s.W + iw) : 0.0f);
+    }
+}
+
 #define CONV_SHAPE_PARAMS \
     int N, int C, int H, int W, int K, int R, int S, int stride, int pad_h, int pad_w, int P, int Q
 #define CONV_SHAPE {N, C, H, W, K, R, S, stride, pad_h, pad_w, P, Q}
@@ -271,6 +290,9 @@ __device__ void conv_bias_backward(const typename T::raw* dy, typename T::raw* d
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) conv_bias_backward_##suffix(                             \
         const T::raw* dy, T::raw* db, int N, int C, int L) {                                                       \
         conv_bias_backward<T>(dy, db, N, C, L);                                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void im2col_##suffix(const T::raw* x, T::raw* col, CONV_SHAPE_PARAMS, long long count) { \
+        im2col<T>(x, col, ConvShape CONV_SHAPE, count);                                                            \
     }
 CONV_KERNELS(F32, f32)
 CONV_KERNELS(BF16, bf16)

@@ -80,6 +80,32 @@ __device__ void avg_pool_last_backward(const typename T::raw* dy, typename T::ra
     GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(dy, i / len) / (float)len);
 }
 
+// y [B, C, R] = x [B, R, C] transposed per matrix. Block (32, 8) moves 32x32 tiles through shared memory:
+// reads of x and writes of y both run along rows (coalesced); the tile's row padding (33 floats) puts the
+// column reads of the write phase on 32 different banks. Grid (ceil(C/32), <= ceil(R/32), <= B); the y and z
+// grid dims stride over the rest. Tile coordinates are uniform per block, so __syncthreads is reached by all.
+// n = B.
+template <typename T>
+__device__ void transpose_last2(const typename T::raw* x, typename T::raw* y, int R, int C, long long n) {
+    __shared__ float tile[32][33];
+    const int c0 = blockIdx.x * 32;
+    for (long long b = blockIdx.z; b < n; b += gridDim.z) {
+        const long long matrix = b * R * C;
+        for (int r0 = blockIdx.y * 32; r0 < R; r0 += gridDim.y * 32) {
+            for (int i = threadIdx.y; i < 32; i += 8) {
+                const int r = r0 + i, c = c0 + threadIdx.x;
+                if (r < R && c < C) tile[i][threadIdx.x] = T::load(x, matrix + (long long)r * C + c);
+            }
+            __syncthreads();
+            for (int i = threadIdx.y; i < 32; i += 8) {
+                const int c = c0 + i, r = r0 + threadIdx.x;
+                if (c < C && r < R) T::store(y, matrix + (long long)c * R + r, tile[threadIdx.x][i]);
+            }
+            __syncthreads();  // the next tile overwrites this one
+        }
+    }
+}
+
 #define FOR_EACH_SHAPE_OP(T, suffix)                                                                            \
     extern "C" __global__ void concat_channels_##suffix(const T::raw* a, const T::raw* b, T::raw* y, int ca, int cb, \
                                                         long long hw, long long n) {                             \
@@ -102,6 +128,9 @@ __device__ void avg_pool_last_backward(const typename T::raw* dy, typename T::ra
     extern "C" __global__ void avg_pool_last_backward_##suffix(const T::raw* dy, T::raw* dx, long long len,      \
                                                                long long n) {                                    \
         avg_pool_last_backward<T>(dy, dx, len, n);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void transpose_last2_##suffix(const T::raw* x, T::raw* y, int R, int C, long long n) { \
+        transpose_last2<T>(x, y, R, C, n);                                                                       \
     }
 FOR_EACH_SHAPE_OP(F32, f32)
 FOR_EACH_SHAPE_OP(BF16, bf16)

@@ -17,7 +17,7 @@ use common::{check_gradient, compare, cpu, f64s, random};
 use sgdm::ops::conv::{
     conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv_transpose2d_forward, Conv2dSpec, Padding,
+    conv_transpose2d_forward, im2col, Conv2dSpec, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -523,4 +523,71 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
         "conv1d_forward",
         &["[5, 3, 3, 3]"],
     );
+}
+
+/// col [N, C*R*S, P*Q] of `x` [N, C, H, W], written as the definition reads.
+fn im2col_loops(x: &[f32], [n, c, h, w]: [usize; 4], [r, s]: [usize; 2], spec: Conv2dSpec) -> Vec<f32> {
+    let pad = spec.padding;
+    let p = (h + pad.top + pad.bottom - r) / spec.stride + 1;
+    let q = (w + pad.left + pad.right - s) / spec.stride + 1;
+    let mut col = Vec::with_capacity(n * c * r * s * p * q);
+    for img in 0..n {
+        for ch in 0..c {
+            for kr in 0..r {
+                for ks in 0..s {
+                    for op in 0..p {
+                        for oq in 0..q {
+                            let ih = (op * spec.stride + kr) as isize - pad.top as isize;
+                            let iw = (oq * spec.stride + ks) as isize - pad.left as isize;
+                            let inside = (0..h as isize).contains(&ih) && (0..w as isize).contains(&iw);
+                            col.push(if inside { x[((img * c + ch) * h + ih as usize) * w + iw as usize] } else { 0.0 });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    col
+}
+
+#[test]
+fn im2col_matches_its_definition_exactly_and_gives_the_conv_as_a_gemm() {
+    // The bench baseline's buffer: 3x3 p1 (SD's resnet conv), the VAE downsampler's asymmetric pad, a 1x1, and
+    // a 2x5 kernel at stride 2 on an odd image.
+    for (x_shape, kernel, spec) in [
+        ([2, 3, 7, 9], [3, 3], Conv2dSpec::new(1, 1)),
+        ([1, 4, 8, 8], [3, 3], Conv2dSpec::VAE_DOWNSAMPLE),
+        ([2, 5, 3, 4], [1, 1], Conv2dSpec::new(1, 0)),
+        ([1, 2, 9, 11], [2, 5], Conv2dSpec::new(2, 1)),
+    ] {
+        let x = random(x_shape.iter().product(), -1.0, 1.0, 71);
+        let want = im2col_loops(&x, x_shape, kernel, spec);
+        let crs = x_shape[1] * kernel[0] * kernel[1];
+        let mut col = zeros(&[x_shape[0], crs, want.len() / (x_shape[0] * crs)]);
+        col.f32s_mut().unwrap().fill(f32::NAN); // written, padding included
+        im2col(&cpu(&x_shape, &x), kernel, spec, &mut col).unwrap();
+        assert_eq!(col.f32s().unwrap(), want, "im2col {x_shape:?} kernel {kernel:?} {spec:?}");
+    }
+    // The composition the bench times equals the conv: y[n] = w [K, C*9] · col[n] (f32 sums in another order).
+    let (xs, k) = ([2, 3, 7, 9], 4);
+    let spec = Conv2dSpec::new(1, 1);
+    let x = random(xs.iter().product(), -1.0, 1.0, 72);
+    let w = random(k * 3 * 9, -1.0, 1.0, 73);
+    let mut col = zeros(&[2, 27, 63]);
+    im2col(&cpu(&xs, &x), [3, 3], spec, &mut col).unwrap();
+    let mut y = zeros(&[2, k, 7, 9]);
+    conv2d_forward(&cpu(&xs, &x), &cpu(&[k, 3, 3, 3], &w), None, spec, &mut y).unwrap();
+    let mut gemm = Vec::new();
+    for img in col.f32s().unwrap().chunks(27 * 63) {
+        for row in w.chunks(27) {
+            gemm.extend((0..63).map(|j| row.iter().enumerate().map(|(i, w)| w * img[i * 63 + j]).sum::<f32>()));
+        }
+    }
+    compare("im2col + GEMM vs conv2d_forward", &gemm, y.f32s().unwrap(), REL, FLOOR);
+
+    let mut col = zeros(&[2, 27, 62]);
+    let err = im2col(&cpu(&xs, &x), [3, 3], spec, &mut col).unwrap_err().to_string();
+    assert!(err.contains("im2col") && err.contains("[2, 27, 62]"), "{err}");
+    let err = im2col(&zeros(&[2, 3, 7]), [3, 3], spec, &mut col).unwrap_err().to_string();
+    assert!(err.contains("im2col") && err.contains("[2, 3, 7]"), "{err}");
 }

@@ -5,8 +5,8 @@ mod common;
 
 use common::{check_gradient, compare, cpu, f64s, random};
 use sgdm::ops::shape::{
-    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, upsample_nearest2x,
-    upsample_nearest2x_backward,
+    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels,
+    transpose_last2, transpose_last2_backward, upsample_nearest2x, upsample_nearest2x_backward,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -149,4 +149,62 @@ fn avg_pool_last_and_its_backward() {
     let mut dx = zeros(&[3, 5, 0]);
     let err = avg_pool_last_backward(&zeros(&[3, 5, 1]), &mut dx).unwrap_err().to_string();
     assert!(err.contains("L > 0"), "{err}");
+}
+
+fn transpose64(x: &[f64], batch: usize, r: usize, c: usize) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for b in 0..batch {
+        for i in 0..r {
+            for j in 0..c {
+                out[(b * c + j) * r + i] = x[(b * r + i) * c + j];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn transpose_last2_and_its_backward_are_exact() {
+    // Odd sizes around the 32-wide CPU blocks, a single row or column, batch 1, a rank-2 and a rank-4 shape,
+    // and the VAE's [1, 4096, 512] <-> [1, 512, 4096] at 64x64 (the mid-block attention).
+    for shape in [vec![2, 7, 9], vec![1, 33, 65], vec![3, 1, 5], vec![2, 5, 1], vec![40, 77], vec![2, 3, 31, 64], vec![1, 4096, 512]] {
+        let rank = shape.len();
+        let (r, c) = (shape[rank - 2], shape[rank - 1]);
+        let batch: usize = shape[..rank - 2].iter().product();
+        let mut out_shape = shape.clone();
+        out_shape.swap(rank - 2, rank - 1);
+        let x = random(batch * r * c, -1.0, 1.0, 8);
+        let mut y = zeros(&out_shape);
+        transpose_last2(&cpu(&shape, &x), &mut y).unwrap();
+        let want: Vec<f32> = transpose64(&f64s(&x), batch, r, c).iter().map(|&v| v as f32).collect();
+        assert_eq!(y.f32s().unwrap(), want, "transpose_last2 {shape:?}");
+
+        // The backward is the same op on dy: dx = dyᵀ, bit for bit, and it undoes the forward.
+        let mut dx = zeros(&shape);
+        transpose_last2_backward(&y, &mut dx).unwrap();
+        assert_eq!(dx.f32s().unwrap(), x, "transpose_last2_backward {out_shape:?} undoes the forward");
+        let g = random(batch * r * c, -1.0, 1.0, 9);
+        transpose_last2_backward(&cpu(&out_shape, &g), &mut dx).unwrap();
+        let mut again = zeros(&shape);
+        transpose_last2(&cpu(&out_shape, &g), &mut again).unwrap();
+        let want: Vec<f32> = transpose64(&f64s(&g), batch, c, r).iter().map(|&v| v as f32).collect();
+        assert_eq!(dx.f32s().unwrap(), want, "transpose_last2_backward {out_shape:?}");
+        assert_eq!(dx.f32s().unwrap(), again.f32s().unwrap(), "the backward is the forward on dy");
+    }
+}
+
+#[test]
+fn transpose_last2_refuses_mismatched_shapes() {
+    let mut y = zeros(&[2, 7, 9]);
+    let err = transpose_last2(&zeros(&[2, 7, 9]), &mut y).unwrap_err().to_string();
+    assert!(err.contains("transpose_last2") && err.contains("[2, 7, 9]"), "{err}");
+    let mut y = zeros(&[3, 9, 7]);
+    let err = transpose_last2(&zeros(&[2, 7, 9]), &mut y).unwrap_err().to_string();
+    assert!(err.contains("transpose_last2") && err.contains("[3, 9, 7]"), "{err}");
+    let mut y = zeros(&[7]);
+    let err = transpose_last2(&zeros(&[7]), &mut y).unwrap_err().to_string();
+    assert!(err.contains("transpose_last2") && err.contains("[7]"), "{err}");
+    let mut dx = zeros(&[2, 9, 7]);
+    let err = transpose_last2_backward(&zeros(&[2, 9, 7]), &mut dx).unwrap_err().to_string();
+    assert!(err.contains("transpose_last2_backward") && err.contains("[2, 9, 7]"), "{err}");
 }

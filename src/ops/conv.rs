@@ -28,6 +28,8 @@ pub const KERNELS: &[&str] = &[
     "conv2d_backward_weight_bf16",
     "conv_bias_backward_f32",
     "conv_bias_backward_bf16",
+    "im2col_f32",
+    "im2col_bf16",
 ];
 
 /// Zero padding added on each side of the image before the convolution.
@@ -403,6 +405,39 @@ fn backward_weight(op: &str, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Ten
     }
 }
 
+/// Benchmark baseline only: the convolutions above never build an im2col buffer (CPU: per image, internally;
+/// CUDA: implicit GEMM). `benches/conv.rs` times im2col + a batched GEMM against them, the composition they
+/// replace. `col` [N, C*kH*kW, H'*W'] = the patches of `x` [N, C, H, W] under a `kernel` [kH, kW] window with
+/// `spec`'s stride and padding: `col[n, (c, r, s), (p, q)] = x[n, c, p*stride - top + r, q*stride - left + s]`,
+/// zero in the padding; so `y[n] = w.reshape(C_out, C*kH*kW) · col[n]` is the Conv2d. Exact (values move).
+pub fn im2col(x: &Tensor, kernel: [usize; 2], spec: Conv2dSpec, col: &mut Tensor) -> Result<()> {
+    let op = "im2col";
+    let xs = x.shape();
+    ensure!(xs.len() == 4, "{op}: input {xs:?} is not [N, C, H, W]");
+    let g = conv2d_geometry(op, xs, &[1, xs[1], kernel[0], kernel[1]], spec)?;
+    expect_shape(op, "col", col, &[g.n, g.patch_len(), g.p * g.q])?;
+    let device = common_device(op, &[x, col])?;
+    let dtype = common_dtype(op, &device, &[x, col])?;
+    match device {
+        Device::Cpu => {
+            im2col_cpu(&g, x.f32s()?, col.f32s_mut()?);
+            Ok(())
+        }
+        Device::Cuda(d) => {
+            let dims = [g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride, g.pad_h, g.pad_w, g.p, g.q];
+            ensure!(
+                dims.iter().all(|&v| v <= i32::MAX as usize) && g.patch_len() * g.p * g.q <= i32::MAX as usize,
+                "{op}: geometry {g:?} exceeds the kernel's 32-bit per-image indexing"
+            );
+            let args: Vec<KernelArg> = [Ptr(x.cuda_ptr()?), Ptr(col.cuda_ptr()?)]
+                .into_iter()
+                .chain(dims.iter().map(|&v| I32(v as i32)))
+                .collect();
+            d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, "im2col")?, &args, col.numel())
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // CUDA launchers.
 
@@ -450,7 +485,7 @@ fn launch_gemm(
 // batch 1); im2col and col2im run in parallel over channels.
 
 /// `col[(c, r, s), (p, q)] = x[c, p*stride - pad_h + r, q*stride - pad_w + s]`, zero in the padding.
-fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
+fn im2col_cpu(g: &Geometry, x: &[f32], col: &mut [f32]) {
     let (rs, pq) = (g.r * g.s, g.p * g.q);
     col.par_chunks_mut(rs * pq).zip(x.par_chunks(g.h * g.w)).for_each(|(rows, img)| {
         for (tap, row) in rows.chunks_mut(pq).enumerate() {
@@ -471,7 +506,7 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
     });
 }
 
-/// The adjoint of [`im2col`]: `x[c, h, w] = sum of the col entries that im2col read from (h, w)`.
+/// The adjoint of [`im2col_cpu`]: `x[c, h, w] = sum of the col entries that im2col read from (h, w)`.
 fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
     let (rs, pq) = (g.r * g.s, g.p * g.q);
     x.par_chunks_mut(g.h * g.w).zip(col.par_chunks(rs * pq)).for_each(|(img, rows)| {
@@ -539,7 +574,7 @@ fn cpu_forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
         let cols = if g.pointwise() {
             img
         } else {
-            im2col(g, img, &mut col);
+            im2col_cpu(g, img, &mut col);
             &col
         };
         gemm(g.k, crs, pq, w, false, cols, false, 0.0, out);
@@ -568,7 +603,7 @@ fn cpu_backward_weight(g: &Geometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         let cols = if g.pointwise() {
             img
         } else {
-            im2col(g, img, &mut col);
+            im2col_cpu(g, img, &mut col);
             &col
         };
         // beta = 1: accumulate into dw, image after image and on top of what the caller holds.

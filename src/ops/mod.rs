@@ -17,6 +17,7 @@ pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod shape;
+pub mod softmax;
 
 use anyhow::{ensure, Result};
 
@@ -36,6 +37,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (conv::KERNEL_FILE, conv::KERNELS),
     (lstm::KERNEL_FILE, lstm::KERNELS),
     (infonce::KERNEL_FILE, infonce::KERNELS),
+    (softmax::KERNEL_FILE, softmax::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -1,6 +1,8 @@
 //! Shape ops: channel concat and split of NCHW tensors (split is concat's backward), nearest 2x upsampling
 //! and its backward, and `AdaptiveAvgPool1d(1)` over the last dim of [B, C, L] and its backward. Outputs are
-//! written (=). CPU: f32 reference. CUDA: `kernels/shape.cu`, f32 or bf16 storage, f32 sums.
+//! written (=). Also the swap of the last two dims, [B, R, C] -> [B, C, R] (NCHW <-> [B, HW, C] around a
+//! Transformer2DModel), its own backward. CPU: f32 reference. CUDA: `kernels/shape.cu`, f32 or bf16 storage,
+//! f32 sums.
 
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
@@ -25,6 +27,8 @@ pub const KERNELS: &[&str] = &[
     "avg_pool_last_bf16",
     "avg_pool_last_backward_f32",
     "avg_pool_last_backward_bf16",
+    "transpose_last2_f32",
+    "transpose_last2_bf16",
 ];
 
 fn kernel(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -> &'static str {
@@ -262,5 +266,86 @@ pub fn avg_pool_last_backward(dy: &Tensor, dx: &mut Tensor) -> Result<()> {
             &[Ptr(dy.cuda_ptr()?), Ptr(dx.cuda_ptr()?), I64(len as i64)],
             dx.numel(),
         ),
+    }
+}
+
+/// Checks `x` [.., R, C] against `y` [.., C, R] (equal leading dims); returns (batch, R, C).
+fn transpose_dims(op: &str, x: &Tensor, y: &Tensor) -> Result<(usize, usize, usize)> {
+    let (sx, sy) = (x.shape(), y.shape());
+    let rank = sx.len();
+    let ok = rank >= 2
+        && sy.len() == rank
+        && sx[..rank - 2] == sy[..rank - 2]
+        && sx[rank - 2] == sy[rank - 1]
+        && sx[rank - 1] == sy[rank - 2];
+    ensure!(ok, "{op}: expected x [.., R, C] and y [.., C, R], got {sx:?} and {sy:?}");
+    Ok((sx[..rank - 2].iter().product(), sx[rank - 2], sx[rank - 1]))
+}
+
+/// Side of the square blocks the CPU transpose walks: a 32x32 f32 block of x and of y (4 KiB each) stay in L1
+/// while one is read along rows and the other written along rows.
+const CPU_BLOCK: usize = 32;
+/// Side of the CUDA kernel's shared-memory tile (its launch grid counts tiles).
+const TILE: usize = 32;
+
+/// `y[b, c, r] = x[b, r, c]`: swaps the last two dims of `x` [.., R, C] into `y` [.., C, R], as
+/// `x.transpose(-1, -2).contiguous()`. Exact (values only move).
+pub fn transpose_last2(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    transpose("transpose_last2", x, y)
+}
+
+/// Backward of [`transpose_last2`]: `dx` [.., R, C] is `dy` [.., C, R] transposed back, the same operation.
+pub fn transpose_last2_backward(dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    transpose("transpose_last2_backward", dy, dx)
+}
+
+fn transpose(op: &str, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    let device = common_device(op, &[x, y])?;
+    let (batch, r, c) = transpose_dims(op, x, y)?;
+    let dtype = common_dtype(op, &device, &[x, y])?;
+    if y.numel() == 0 {
+        return Ok(());
+    }
+    match device {
+        Device::Cpu => {
+            let x = x.f32s()?;
+            // Parallel over (matrix, block of CPU_BLOCK output rows); each task walks its rows block by block.
+            y.f32s_mut()?.par_chunks_mut(c * r).zip(x.par_chunks(r * c)).for_each(|(y, x)| {
+                y.par_chunks_mut(CPU_BLOCK * r).enumerate().for_each(|(block, y)| {
+                    let c0 = block * CPU_BLOCK;
+                    for r0 in (0..r).step_by(CPU_BLOCK) {
+                        let r1 = (r0 + CPU_BLOCK).min(r);
+                        for (i, out) in y.chunks_mut(r).enumerate() {
+                            for (j, v) in out[r0..r1].iter_mut().enumerate() {
+                                *v = x[(r0 + j) * c + c0 + i];
+                            }
+                        }
+                    }
+                });
+            });
+            Ok(())
+        }
+        Device::Cuda(d) => {
+            ensure!(
+                r < 1 << 30 && c < 1 << 30,
+                "{op}: {r} x {c} matrices exceed the kernel's int dims (its tile loop steps past R)"
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    c.div_ceil(TILE).min(i32::MAX as usize) as u32,
+                    r.div_ceil(TILE).min(65_535) as u32,
+                    batch.min(65_535) as u32,
+                ),
+                block_dim: (TILE as u32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            d.launch(
+                KERNEL_FILE,
+                kernel(dtype, "transpose_last2_f32", "transpose_last2_bf16"),
+                cfg,
+                &[Ptr(x.cuda_ptr()?), Ptr(y.cuda_ptr()?), I32(r as i32), I32(c as i32)],
+                Some(batch as i64),
+            )
+        }
     }
 }

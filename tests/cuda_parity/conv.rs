@@ -12,7 +12,7 @@ use anyhow::Result;
 use sgdm::ops::conv::{
     conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv_transpose2d_forward, Conv2dSpec, Padding,
+    conv_transpose2d_forward, im2col, Conv2dSpec, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -164,5 +164,21 @@ pub fn check(gpu: &Device) {
         for (i, layer) in layers().iter().enumerate() {
             check_layer(gpu, dtype, layer, 9000 + 10 * i as u64);
         }
+        // The bench baseline's im2col only moves values: bit-exact against the CPU.
+        for (xs, kernel, spec) in
+            [([2, 5, 7, 9], [3, 3], Conv2dSpec::new(1, 1)), ([1, 3, 8, 8], [3, 3], Conv2dSpec::VAE_DOWNSAMPLE)]
+        {
+            let x = rounded(dtype, &random(xs.iter().product(), -1.0, 1.0, 9900));
+            let crs = xs[1] * kernel[0] * kernel[1];
+            let pq = if spec.stride == 1 { xs[2] * xs[3] } else { (xs[2] / 2) * (xs[3] / 2) };
+            let col_shape = [xs[0], crs, pq];
+            let gx = Tensor::from_f32(gpu, &xs, dtype, &x).unwrap();
+            let mut gcol = Tensor::from_f32(gpu, &col_shape, dtype, &vec![f32::NAN; xs[0] * crs * pq]).unwrap();
+            let mut ccol = Tensor::zeros(&Device::Cpu, &col_shape, DType::F32).unwrap();
+            im2col(&gx, kernel, spec, &mut gcol).unwrap();
+            im2col(&Tensor::from_f32(&Device::Cpu, &xs, DType::F32, &x).unwrap(), kernel, spec, &mut ccol).unwrap();
+            assert_eq!(gcol.to_f32_vec().unwrap(), ccol.f32s().unwrap(), "im2col {xs:?} {spec:?} {dtype}");
+        }
+        println!("im2col {dtype}: bit-exact");
     }
 }

@@ -13,6 +13,7 @@ mod loss;
 mod optim;
 mod shape;
 mod lstm;
+mod softmax;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
@@ -27,6 +28,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "attention.cu" => attention::check(&gpu),
             "norm.cu" => norm::check(&gpu),
             "shape.cu" => shape::check(&gpu),
+            "softmax.cu" => softmax::check(&gpu),
             "loss.cu" => loss::check(&gpu),
             "optim.cu" => optim::check(&gpu),
             "lstm.cu" => lstm::check(&gpu),
