@@ -327,3 +327,28 @@ impl ParamStore {
         self.tensors.is_empty()
     }
 }
+
+/// Where layers get the tensors they write (activations, gradients, scratch): a region of a planned arena
+/// inside a step loop, or standalone allocations for one-off runs such as `sgdm forward`.
+pub trait Allocator {
+    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor>;
+}
+
+/// Standalone zeroed tensors on one device.
+pub struct Standalone(pub crate::runtime::Device);
+
+impl Allocator for Standalone {
+    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
+        crate::tensor::Tensor::zeros(&self.0, shape, dtype)
+    }
+}
+
+/// Tensors carved from one region of an arena (never zeroed after the first use: layers write every element
+/// they hand on).
+pub struct ArenaRegion<'a>(pub &'a mut crate::runtime::Arena, pub crate::runtime::Region);
+
+impl Allocator for ArenaRegion<'_> {
+    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
+        self.0.alloc(self.1, shape, dtype)
+    }
+}
