@@ -230,3 +230,70 @@ __device__ void reparameterize_backward(const typename T::raw* logvar, const typ
     }
 REPARAMETERIZE(F32, f32)
 REPARAMETERIZE(BF16, bf16)
+
+// tanh, ln and rsqrt: y = tanhf(x), logf(x), rsqrtf(x). The tanh and rsqrt backwards take the forward's output y
+// (dx = dy * (1 - y^2), dx = -dy * y^3 / 2); the log backward takes x (dx = dy / x).
+template <typename T>
+__device__ void tanh_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, tanhf(T::load(x, i)));
+}
+template <typename T>
+__device__ void tanh_backward(const typename T::raw* y, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float t = T::load(y, i);
+        T::store(dx, i, T::load(dy, i) * (1.0f - t * t));
+    }
+}
+template <typename T>
+__device__ void log_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, logf(T::load(x, i)));
+}
+template <typename T>
+__device__ void log_backward(const typename T::raw* x, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(dx, i, T::load(dy, i) / T::load(x, i));
+}
+template <typename T>
+__device__ void rsqrt_forward(const typename T::raw* x, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, rsqrtf(T::load(x, i)));
+}
+template <typename T>
+__device__ void rsqrt_backward(const typename T::raw* y, const typename T::raw* dy, typename T::raw* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float r = T::load(y, i);
+        T::store(dx, i, -0.5f * T::load(dy, i) * r * r * r);
+    }
+}
+// Product y = a * b; backward da = dy * b, db = dy * a (both written; each element is read before it is written).
+template <typename T>
+__device__ void mul(const typename T::raw* a, const typename T::raw* b, typename T::raw* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, T::load(a, i) * T::load(b, i));
+}
+template <typename T>
+__device__ void mul_backward(const typename T::raw* a, const typename T::raw* b, const typename T::raw* dy,
+                             typename T::raw* da, typename T::raw* db, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float g = T::load(dy, i), av = T::load(a, i), bv = T::load(b, i);
+        T::store(da, i, g * bv);
+        T::store(db, i, g * av);
+    }
+}
+#define UNARY_PAIR(T, suffix, name)                                                                               \
+    extern "C" __global__ void name##_forward_##suffix(const T::raw* x, T::raw* y, long long n) {               \
+        name##_forward<T>(x, y, n);                                                                              \
+    }                                                                                                            \
+    extern "C" __global__ void name##_backward_##suffix(const T::raw* x, const T::raw* dy, T::raw* dx, long long n) { \
+        name##_backward<T>(x, dy, dx, n);                                                                        \
+    }
+#define PRODUCT(T, suffix)                                                                                        \
+    UNARY_PAIR(T, suffix, tanh)                                                                                  \
+    UNARY_PAIR(T, suffix, log)                                                                                   \
+    UNARY_PAIR(T, suffix, rsqrt)                                                                                 \
+    extern "C" __global__ void mul_##suffix(const T::raw* a, const T::raw* b, T::raw* y, long long n) {         \
+        mul<T>(a, b, y, n);                                                                                      \
+    }                                                                                                            \
+    extern "C" __global__ void mul_backward_##suffix(const T::raw* a, const T::raw* b, const T::raw* dy,        \
+                                                     T::raw* da, T::raw* db, long long n) {                      \
+        mul_backward<T>(a, b, dy, da, db, n);                                                                    \
+    }
+PRODUCT(F32, f32)
+PRODUCT(BF16, bf16)

@@ -8,6 +8,9 @@ use sgdm::ops::elementwise::{
     relu_backward, relu_forward, scale, sigmoid_backward, sigmoid_forward, silu_backward, silu_forward,
     reparameterize_backward, reparameterize_forward, timestep_embedding,
 };
+use sgdm::ops::elementwise::{
+    log_backward, log_forward, mul, mul_backward, rsqrt_backward, rsqrt_forward, tanh_backward, tanh_forward,
+};
 use sgdm::{DType, Device, Tensor};
 
 fn t(values: &[f32]) -> Tensor {
@@ -342,4 +345,70 @@ fn reparameterize_matches_float64_and_central_differences() {
     let mu64 = common::f64s(&mu);
     check_gradient("reparameterize dmu", &mu, dmu.f32s().unwrap(), |m| loss(m, &lv64), n, 1e-6, 1e-7);
     check_gradient("reparameterize dlogvar", &logvar, dlogvar.f32s().unwrap(), |l| loss(&mu64, l), n, 1e-5, 1e-7);
+}
+
+#[test]
+fn tanh_forward_and_backward_match_float64() {
+    let x = grid();
+    let dy: Vec<f32> = x.iter().map(|v| 0.7 - v * 0.05).collect();
+    let y = run_unary(tanh_forward, &x);
+    // libm's f32 tanh is within an ulp or two: 1e-6 relative.
+    compare("tanh_forward cpu vs f64", &y, &f32s(x.iter().map(|&v| (v as f64).tanh())), 1e-6, 1e-30);
+    let dx = run_backward(tanh_backward, &y, &dy);
+    let loss = |x: &[f64]| x.iter().zip(&dy).map(|(x, g)| x.tanh() * *g as f64).sum::<f64>();
+    // From the f32 output: 1 - y^2 cancels in the tails (|x| > 8, where y rounds to 1), an absolute error of
+    // ~1e-7 |dy|; elsewhere ~1e-6 relative. Central differences in f64 are good to ~1e-9.
+    check_gradient("tanh_backward", &x, &dx, loss, 401, 1e-5, 1e-6);
+}
+
+#[test]
+fn log_and_rsqrt_match_float64_and_central_differences() {
+    let x = random(777, 0.05, 20.0, 11); // odd size, positive inputs
+    let dy = random(777, -1.0, 1.0, 12);
+    let y = run_unary(log_forward, &x);
+    // f32 ln is within an ulp of the result (its absolute error near x = 1, where ln is near 0): 1e-6 relative,
+    // 1e-7 absolute.
+    compare("log_forward cpu vs f64", &y, &f32s(x.iter().map(|&v| (v as f64).ln())), 1e-6, 1e-7);
+    let dx = run_backward(log_backward, &x, &dy);
+    let loss = |x: &[f64]| x.iter().zip(&dy).map(|(x, g)| x.ln() * *g as f64).sum::<f64>();
+    // One f32 division: ~1e-7 relative.
+    check_gradient("log_backward", &x, &dx, loss, 777, 1e-5, 1e-6);
+
+    let y = run_unary(rsqrt_forward, &x);
+    // sqrt then a division, each correctly rounded: two half-ulps, 2.4e-7 relative; 1e-6 leaves margin.
+    compare("rsqrt_forward cpu vs f64", &y, &f32s(x.iter().map(|&v| 1.0 / (v as f64).sqrt())), 1e-6, 1e-30);
+    let dx = run_backward(rsqrt_backward, &y, &dy);
+    let loss = |x: &[f64]| x.iter().zip(&dy).map(|(x, g)| *g as f64 / x.sqrt()).sum::<f64>();
+    // y^3 from the f32 output: ~1e-6 relative.
+    check_gradient("rsqrt_backward", &x, &dx, loss, 777, 1e-5, 1e-6);
+}
+
+#[test]
+fn mul_is_correctly_rounded_and_its_backward_matches_central_differences() {
+    let (n, a, b, dy) = (777, random(777, -3.0, 3.0, 21), random(777, -3.0, 3.0, 22), random(777, -1.0, 1.0, 23));
+    let mut y = zeros(n);
+    mul(&t(&a), &t(&b), &mut y).unwrap();
+    // The product of two f32 values is exact in f64, so one f32 rounding makes them equal.
+    for ((y, a), b) in y.f32s().unwrap().iter().zip(&a).zip(&b) {
+        assert_eq!(*y, (*a as f64 * *b as f64) as f32);
+    }
+    let (mut da, mut db) = (zeros(n), zeros(n));
+    mul_backward(&t(&a), &t(&b), &t(&dy), &mut da, &mut db).unwrap();
+    // One f32 product each: correctly rounded, so ~6e-8 relative.
+    let loss_a = |a: &[f64]| a.iter().zip(&b).zip(&dy).map(|((a, b), g)| a * *b as f64 * *g as f64).sum::<f64>();
+    check_gradient("mul_backward da", &a, da.f32s().unwrap(), loss_a, n, 1e-6, 1e-7);
+    let loss_b = |b: &[f64]| b.iter().zip(&a).zip(&dy).map(|((b, a), g)| *a as f64 * b * *g as f64).sum::<f64>();
+    check_gradient("mul_backward db", &b, db.f32s().unwrap(), loss_b, n, 1e-6, 1e-7);
+
+    // Bad shapes name the op and the shapes; half dtypes are refused on the CPU.
+    let mut short = zeros(5);
+    let err = mul(&t(&a), &t(&b), &mut short).unwrap_err().to_string();
+    assert!(err.contains("mul: shape [5] does not match [777]"), "{err}");
+    let err = mul_backward(&t(&a), &t(&b), &t(&dy), &mut short, &mut db).unwrap_err().to_string();
+    assert!(err.contains("mul_backward: shape [5] does not match [777]"), "{err}");
+    let err = tanh_forward(&t(&a), &mut short).unwrap_err().to_string();
+    assert!(err.contains("tanh_forward: shape [5] does not match [777]"), "{err}");
+    let half = Tensor::zeros(&Device::Cpu, &[4], DType::BF16).unwrap();
+    let mut half_out = Tensor::zeros(&Device::Cpu, &[4], DType::BF16).unwrap();
+    assert!(rsqrt_forward(&half, &mut half_out).unwrap_err().to_string().contains("rsqrt_forward: the CPU backend computes in f32"));
 }

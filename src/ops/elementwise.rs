@@ -1,5 +1,6 @@
-//! Elementwise ops: dtype casts, add, scale, residual add with a scale, the activations (SiLU, ReLU, exact
-//! GELU, GEGLU, sigmoid) forward and backward, and diffusers' sinusoidal timestep embedding. Outputs and
+//! Elementwise ops: dtype casts, add, scale, product, residual add with a scale, the activations (SiLU,
+//! ReLU, exact GELU, GEGLU, sigmoid, tanh) and the natural log and reciprocal square root, forward and
+//! backward, and diffusers' sinusoidal timestep embedding. Outputs and
 //! input gradients are written (=). CPU: f32 reference. CUDA: `kernels/elementwise.cu`, f32 or bf16 storage,
 //! f32 arithmetic.
 
@@ -53,6 +54,22 @@ pub const KERNELS: &[&str] = &[
     "reparameterize_forward_bf16",
     "reparameterize_backward_f32",
     "reparameterize_backward_bf16",
+    "tanh_forward_f32",
+    "tanh_forward_bf16",
+    "tanh_backward_f32",
+    "tanh_backward_bf16",
+    "log_forward_f32",
+    "log_forward_bf16",
+    "log_backward_f32",
+    "log_backward_bf16",
+    "rsqrt_forward_f32",
+    "rsqrt_forward_bf16",
+    "rsqrt_backward_f32",
+    "rsqrt_backward_bf16",
+    "mul_f32",
+    "mul_bf16",
+    "mul_backward_f32",
+    "mul_backward_bf16",
 ];
 
 fn cast_kernel(from: DType, to: DType) -> &'static str {
@@ -541,6 +558,63 @@ pub fn timestep_embedding(t: &Tensor, flip_sin_to_cos: bool, freq_shift: f32, y:
             by_dtype(dtype, "timestep_embedding_f32", "timestep_embedding_bf16")?,
             &[Ptr(t.cuda_ptr()?), Ptr(y.cuda_ptr()?), I32(dim as i32), I32(flip_sin_to_cos as i32), F32(freq_shift)],
             y.numel(),
+        ),
+    }
+}
+
+/// `y = tanh(x)`.
+pub fn tanh_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    unary("tanh_forward", ("tanh_forward_f32", "tanh_forward_bf16"), x, y, f32::tanh)
+}
+
+/// `dx = dy * (1 - y^2)`, from the forward's output `y` (like [`sigmoid_backward`]).
+pub fn tanh_backward(y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    binary("tanh_backward", ("tanh_backward_f32", "tanh_backward_bf16"), y, dy, dx, |t, g| g * (1.0 - t * t))
+}
+
+/// `y = ln(x)`: NaN for x < 0 and -inf at 0, as in torch.
+pub fn log_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    unary("log_forward", ("log_forward_f32", "log_forward_bf16"), x, y, f32::ln)
+}
+
+/// `dx = dy / x`.
+pub fn log_backward(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    binary("log_backward", ("log_backward_f32", "log_backward_bf16"), x, dy, dx, |x, g| g / x)
+}
+
+/// `y = 1 / sqrt(x)`: +inf at 0, NaN for x < 0, as torch's `rsqrt`.
+pub fn rsqrt_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    unary("rsqrt_forward", ("rsqrt_forward_f32", "rsqrt_forward_bf16"), x, y, |x| 1.0 / x.sqrt())
+}
+
+/// `dx = -dy * y^3 / 2`, from the forward's output `y` (d/dx x^(-1/2) = -x^(-3/2) / 2).
+pub fn rsqrt_backward(y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    binary("rsqrt_backward", ("rsqrt_backward_f32", "rsqrt_backward_bf16"), y, dy, dx, |r, g| -0.5 * g * r * r * r)
+}
+
+/// `y = a * b` (same shapes; no broadcasting).
+pub fn mul(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
+    binary("mul", ("mul_f32", "mul_bf16"), a, b, y, |a, b| a * b)
+}
+
+/// Backward of [`mul`]: `da = dy * b`, `db = dy * a` (both written).
+pub fn mul_backward(a: &Tensor, b: &Tensor, dy: &Tensor, da: &mut Tensor, db: &mut Tensor) -> Result<()> {
+    const OP: &str = "mul_backward";
+    let device = common_device(OP, &[a, b, dy, da, db])?;
+    same_shape(OP, &[a, b, dy, da, db])?;
+    let dtype = common_dtype(OP, &device, &[a, b, dy, da, db])?;
+    match device {
+        Device::Cpu => {
+            let (a, b, dy) = (a.f32s()?, b.f32s()?, dy.f32s()?);
+            map2(dy, b, da.f32s_mut()?, |g, b| g * b);
+            map2(dy, a, db.f32s_mut()?, |g, a| g * a);
+            Ok(())
+        }
+        Device::Cuda(d) => d.launch_elementwise(
+            KERNEL_FILE,
+            by_dtype(dtype, "mul_backward_f32", "mul_backward_bf16")?,
+            &[Ptr(a.cuda_ptr()?), Ptr(b.cuda_ptr()?), Ptr(dy.cuda_ptr()?), Ptr(da.cuda_ptr()?), Ptr(db.cuda_ptr()?)],
+            a.numel(),
         ),
     }
 }

@@ -69,6 +69,7 @@ pub fn check(gpu: &Device) {
     }
     println!("{}", arena.report());
     check_activations(gpu);
+    check_products(gpu);
 }
 
 fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
@@ -181,6 +182,56 @@ fn check_activations(gpu: &Device) {
                 );
             }
         }
+        arena.reset_step();
+    }
+}
+
+/// tanh, ln, rsqrt and the product, forward and backward. f32: CUDA's tanhf/logf/rsqrtf against the CPU's libm,
+/// a few ulp, so 1e-5. bf16: the same bf16-rounded inputs on both sides and one bf16 rounding of the f32 result,
+/// 2^-8 relative. ln and rsqrt get inputs in [0.05, 4) (finite results); the product's are exact in f32.
+fn check_products(gpu: &Device) {
+    let n = 10_007;
+    let x = random(n, -4.0, 4.0, 201);
+    let p = random(n, 0.05, 4.0, 202);
+    let g = random(n, -1.0, 1.0, 203);
+    let mut plan = MemoryPlan::new();
+    plan.reserve_bytes(Region::Activations, 8 * n * 4 + (1 << 16));
+    let mut arena = Arena::new(gpu, &plan).unwrap();
+    for (dtype, rel, floor) in [(DType::F32, 1e-5, 1e-6), (DType::BF16, 2f32.powi(-8), 1e-6)] {
+        let (xr, pr, gr) = (rounded(dtype, &x), rounded(dtype, &p), rounded(dtype, &g));
+        let gx = upload(&mut arena, &[n], dtype, &xr);
+        let gp = upload(&mut arena, &[n], dtype, &pr);
+        let gg = upload(&mut arena, &[n], dtype, &gr);
+        let mut gy = arena.alloc(Region::Activations, &[n], dtype).unwrap();
+        let mut gz = arena.alloc(Region::Activations, &[n], dtype).unwrap();
+        let (mut cy, mut cz) = (cpu(&[n], &vec![0.0; n]), cpu(&[n], &vec![0.0; n]));
+        let unary: [(&str, Unary, &Tensor, &[f32]); 3] = [
+            ("tanh_forward", elementwise::tanh_forward, &gx, &xr),
+            ("log_forward", elementwise::log_forward, &gp, &pr),
+            ("rsqrt_forward", elementwise::rsqrt_forward, &gp, &pr),
+        ];
+        for (name, op, input, values) in unary {
+            op(input, &mut gy).unwrap();
+            op(&cpu(&[n], values), &mut cy).unwrap();
+            compare(&format!("{name} {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        }
+        // The tanh and rsqrt backwards take the forward's output; p in [0.05, 4) stands in for it (the kernels
+        // do not care where it came from), and for the log backward's x.
+        let binary: [(&str, Binary, &Tensor, &[f32]); 4] = [
+            ("tanh_backward", elementwise::tanh_backward, &gx, &xr),
+            ("log_backward", elementwise::log_backward, &gp, &pr),
+            ("rsqrt_backward", elementwise::rsqrt_backward, &gp, &pr),
+            ("mul", elementwise::mul, &gx, &xr),
+        ];
+        for (name, op, input, values) in binary {
+            op(input, &gg, &mut gy).unwrap();
+            op(&cpu(&[n], values), &cpu(&[n], &gr), &mut cy).unwrap();
+            compare(&format!("{name} {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        }
+        elementwise::mul_backward(&gx, &gp, &gg, &mut gy, &mut gz).unwrap();
+        elementwise::mul_backward(&cpu(&[n], &xr), &cpu(&[n], &pr), &cpu(&[n], &gr), &mut cy, &mut cz).unwrap();
+        compare(&format!("mul_backward da {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
+        compare(&format!("mul_backward db {dtype}"), &gz.to_f32_vec().unwrap(), cz.f32s().unwrap(), rel, floor);
         arena.reset_step();
     }
 }
