@@ -12,7 +12,9 @@ use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
+use super::linear::cpu_gemm;
 use super::{common_device, common_dtype};
+use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, I32};
 use crate::runtime::device::Device;
@@ -530,33 +532,11 @@ fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
     });
 }
 
-/// Row-major `c[m, n] = alpha * a * b + beta * c[m, n]` where `a` is [m, k] (or [k, m] if `a_t`) and `b` is
-/// [k, n] (or [n, k] if `b_t`).
+/// Row-major `c[m, n] = a · b + beta · c[m, n]` where `a` is [m, k] (or [k, m] if `a_t`) and `b` is [k, n]
+/// (or [n, k] if `b_t`).
 #[allow(clippy::too_many_arguments)]
 fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    let (rsa, csa) = if a_t { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if b_t { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the slices hold at least the m*k, k*n and m*n elements these strides address (asserted above),
-    // and `c` does not alias `a` or `b` (it is borrowed mutably).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
+    cpu_gemm(GemmShape { m, n, k, trans_a: a_t, trans_b: b_t, batch: 1 }, a, b, c, 1.0, beta);
 }
 
 fn add_bias(bias: Option<&[f32]>, out: &mut [f32], plane: usize) {

@@ -49,14 +49,22 @@ fn gemm_dtypes(op: &str, device: &Device, ab: &[&Tensor], c: DType) -> Result<DT
     Ok(dtype)
 }
 
-/// Row-major sgemm on slices: `c = alpha * op(a) · op(b) + beta * c`.
-fn cpu_gemm(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], alpha: f32, beta: f32) {
+/// Row-major sgemm on slices, the CPU GEMM of every op family: `c = alpha * op(a) · op(b) + beta * c` for
+/// `s.batch` matrices packed one after another in each slice (slices may be longer).
+pub(crate) fn cpu_gemm(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], alpha: f32, beta: f32) {
     let (rsa, csa) = if s.trans_a { (1, s.m as isize) } else { (s.k as isize, 1) };
     let (rsb, csb) = if s.trans_b { (1, s.k as isize) } else { (s.n as isize, 1) };
     let (sa, sb, sc) = (s.m * s.k, s.k * s.n, s.m * s.n);
+    assert!(
+        a.len() >= s.batch * sa && b.len() >= s.batch * sb && c.len() >= s.batch * sc,
+        "cpu_gemm: {s:?} does not fit slices of {}, {} and {} elements",
+        a.len(),
+        b.len(),
+        c.len()
+    );
     for i in 0..s.batch {
-        // SAFETY: each matrix lies inside its slice: the slices hold `batch` packed matrices of these sizes
-        // (checked by the callers), and the strides above address exactly one matrix.
+        // SAFETY: each matrix lies inside its slice (asserted above), the strides address exactly one matrix,
+        // and `c` does not alias `a` or `b` (it is borrowed mutably).
         unsafe {
             matrixmultiply::sgemm(
                 s.m,

@@ -22,7 +22,7 @@ use anyhow::{bail, ensure, Result};
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
-use super::linear::{linear_backward, linear_forward};
+use super::linear::{cpu_gemm, linear_backward, linear_forward};
 use crate::runtime::arena::{MemoryPlan, Region};
 use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::KernelArg::{Ptr, I32};
@@ -462,29 +462,8 @@ fn gemm_at(
     }
     match c.device() {
         Device::Cpu => {
-            let (rsa, csa) = if s.trans_a { (1, s.m as isize) } else { (s.k as isize, 1) };
-            let (rsb, csb) = if s.trans_b { (1, s.k as isize) } else { (s.n as isize, 1) };
             let (a, b) = (&a.f32s()?[ao..], &b.f32s()?[bo..]);
-            let c = &mut c.f32s_mut()?[co..];
-            // SAFETY: the matrices lie inside the slices (checked above) and the strides address one matrix.
-            unsafe {
-                matrixmultiply::sgemm(
-                    s.m,
-                    s.k,
-                    s.n,
-                    1.0,
-                    a.as_ptr(),
-                    rsa,
-                    csa,
-                    b.as_ptr(),
-                    rsb,
-                    csb,
-                    beta,
-                    c.as_mut_ptr(),
-                    s.n as isize,
-                    1,
-                )
-            };
+            cpu_gemm(s, a, b, &mut c.f32s_mut()?[co..], 1.0, beta);
             Ok(())
         }
         Device::Cuda(d) => {
