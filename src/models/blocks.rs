@@ -1,10 +1,13 @@
 //! The diffusers building blocks shared by the UNet, the ControlNet and the AutoencoderKL, as parameter
 //! structures named exactly like diffusers' modules (`resnets.0.norm1.weight`, ...).
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::nn::{join, Conv2d, Linear, Norm, ParamTree};
 use crate::ops::conv::Conv2dSpec;
+use crate::nn::{Allocator, Grads, ParamStore};
+use crate::ops;
+use crate::tensor::{DType, Tensor};
 
 /// `ResnetBlock2D`: GroupNorm, SiLU, 3x3 conv, (+ projected time embedding), GroupNorm, SiLU, 3x3 conv,
 /// plus a 1x1 shortcut where the channel count changes. Output scale 1.
@@ -110,6 +113,7 @@ pub struct TransformerSpec {
 impl Transformer2d {
     pub fn new(tree: &mut ParamTree, prefix: &str, channels: usize, heads: usize, layers: usize, spec: TransformerSpec) -> Result<Transformer2d> {
         ensure!(heads > 0 && channels.is_multiple_of(heads), "{prefix}: {channels} channels do not split into {heads} heads");
+        ensure!(layers > 0, "{prefix}: a Transformer2DModel needs at least one transformer block");
         let head_dim = channels / heads;
         let projection = |tree: &mut ParamTree, name: &str| {
             let p = join(prefix, name);
@@ -139,6 +143,417 @@ impl Transformer2d {
         Ok(Transformer2d { norm, proj_in, blocks, proj_out, heads, head_dim })
     }
 }
+
+/// A LayerNorm's output and the statistics its backward needs ([rows] f32 each).
+pub struct LayerNormActivations {
+    pub output: Tensor,
+    pub mean: Tensor,
+    pub rstd: Tensor,
+}
+
+fn layer_norm_forward(norm: &Norm, params: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<LayerNormActivations> {
+    let rows = x.numel() / norm.channels.max(1);
+    let mut output = alloc.alloc(x.shape(), x.dtype())?;
+    let mut mean = alloc.alloc(&[rows], DType::F32)?;
+    let mut rstd = alloc.alloc(&[rows], DType::F32)?;
+    let affine = ops::norm::Affine { weight: params.get(norm.weight), bias: params.get(norm.bias) };
+    let stats = ops::norm::StatsMut { mean: &mut mean, rstd: &mut rstd };
+    ops::norm::layer_norm_forward(norm.eps as f32, x, affine, &mut output, stats)?;
+    Ok(LayerNormActivations { output, mean, rstd })
+}
+
+/// Returns dx; adds to the norm's weight and bias gradients.
+fn layer_norm_backward(
+    norm: &Norm,
+    params: &ParamStore,
+    grads: &mut Grads,
+    acts: &LayerNormActivations,
+    x: &Tensor,
+    dy: &Tensor,
+    alloc: &mut dyn Allocator,
+) -> Result<Tensor> {
+    let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+    let mut scratch = alloc.alloc(&ops::norm::layer_norm_scratch_shape(x.shape()), DType::F32)?;
+    let (dweight, dbias) = grads.pair_mut(norm.weight, norm.bias);
+    let stats = ops::norm::Stats { mean: &acts.mean, rstd: &acts.rstd };
+    let norm_grads = ops::norm::NormGrads { dx: &mut dx, dweight, dbias, scratch: &mut scratch };
+    ops::norm::layer_norm_backward(x, params.get(norm.weight), stats, dy, norm_grads)?;
+    Ok(dx)
+}
+
+/// `nn.Linear` over the last dimension: `x` [.., input] -> [.., output].
+pub(crate) fn linear_layer_forward(layer: &Linear, params: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    ensure!(shape.last() == Some(&layer.input), "Linear({}, {}): input {:?} does not end in {}", layer.input, layer.output, x.shape(), layer.input);
+    *shape.last_mut().unwrap() = layer.output;
+    let mut y = alloc.alloc(&shape, x.dtype())?;
+    ops::linear::linear_forward(x, params.get(layer.weight), layer.bias.map(|b| params.get(b)), &mut y)?;
+    Ok(y)
+}
+
+/// Backward of [`linear_layer_forward`]: adds to the weight and bias gradients and returns dx.
+pub(crate) fn linear_layer_backward(
+    layer: &Linear,
+    params: &ParamStore,
+    grads: &mut Grads,
+    x: &Tensor,
+    dy: &Tensor,
+    alloc: &mut dyn Allocator,
+) -> Result<Tensor> {
+    let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+    ops::linear::linear_backward(x, params.get(layer.weight), dy, Some(&mut dx), None, None)?;
+    linear_layer_param_backward(layer, params, grads, x, dy)?;
+    Ok(dx)
+}
+
+/// The parameter half of [`linear_layer_backward`], for layers whose input takes no gradient.
+pub(crate) fn linear_layer_param_backward(layer: &Linear, params: &ParamStore, grads: &mut Grads, x: &Tensor, dy: &Tensor) -> Result<()> {
+    let w = params.get(layer.weight);
+    ops::linear::linear_backward(x, w, dy, None, Some(grads.get_mut(layer.weight)), None)?;
+    if let Some(b) = layer.bias {
+        ops::linear::linear_backward(x, w, dy, None, None, Some(grads.get_mut(b)))?;
+    }
+    Ok(())
+}
+
+fn sum(a: &Tensor, b: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut y = alloc.alloc(a.shape(), a.dtype())?;
+    ops::elementwise::add(a, b, &mut y)?;
+    Ok(y)
+}
+
+/// `y` [B, C, H, W] <-> tokens [B, HW, C] (diffusers' permute + reshape around the transformer blocks).
+fn map_to_tokens(map: Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let &[b, c, h, w] = map.shape() else { bail!("Transformer2DModel: feature map {:?} is not [B, C, H, W]", map.shape()) };
+    let map = map.reshape(&[b, c, h * w])?;
+    let mut tokens = alloc.alloc(&[b, h * w, c], map.dtype())?;
+    ops::shape::transpose_last2(&map, &mut tokens)?;
+    Ok(tokens)
+}
+
+fn tokens_to_map(tokens: &Tensor, height: usize, width: usize, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let &[b, l, c] = tokens.shape() else { bail!("Transformer2DModel: tokens {:?} are not [B, HW, C]", tokens.shape()) };
+    ensure!(l == height * width, "Transformer2DModel: {l} tokens do not fill a {height}x{width} map");
+    let mut map = alloc.alloc(&[b, c, l], tokens.dtype())?;
+    ops::shape::transpose_last2(tokens, &mut map)?;
+    map.reshape(&[b, c, height, width])
+}
+
+/// What one transformer-variant [`Attention`]'s backward needs, and its output.
+pub struct AttentionActivations {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// The fused attention's output (`to_out.0`'s input) and its per-row log-sum-exp [B, heads, Lq] (f32).
+    pub attended: Tensor,
+    pub lse: Tensor,
+    pub output: Tensor,
+}
+
+impl Attention {
+    fn spec(&self) -> ops::attention::AttentionSpec {
+        ops::attention::AttentionSpec::new(self.heads)
+    }
+
+    /// Multi-head attention over token sequences: queries from `x` [B, Lq, query_dim], keys and values from
+    /// `context` [B, Lk, kv_dim] (cross-attention) or from `x` itself (`None`: self-attention).
+    pub fn sequence_forward(&self, params: &ParamStore, x: &Tensor, context: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<AttentionActivations> {
+        ensure!(self.group_norm.is_none(), "Attention: the VAE's spatial attention does not run on token sequences");
+        let kv_input = context.unwrap_or(x);
+        let q = linear_layer_forward(&self.to_q, params, x, alloc)?;
+        let k = linear_layer_forward(&self.to_k, params, kv_input, alloc)?;
+        let v = linear_layer_forward(&self.to_v, params, kv_input, alloc)?;
+        let mut attended = alloc.alloc(q.shape(), q.dtype())?;
+        let mut lse = alloc.alloc(&[q.shape()[0], self.heads, q.shape()[1]], DType::F32)?;
+        ops::attention::attention_forward(self.spec(), ops::attention::Qkv { q: &q, k: &k, v: &v }, &mut attended, &mut lse)?;
+        let output = linear_layer_forward(&self.to_out, params, &attended, alloc)?;
+        Ok(AttentionActivations { q, k, v, attended, lse, output })
+    }
+
+    /// Backward of [`Attention::sequence_forward`] with the same `x` and `context`: adds to the parameter
+    /// gradients and returns (dx, dcontext). For self-attention dx includes the key and value paths and
+    /// dcontext is `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sequence_backward(
+        &self,
+        params: &ParamStore,
+        grads: &mut Grads,
+        acts: &AttentionActivations,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let kv_input = context.unwrap_or(x);
+        let dattended = linear_layer_backward(&self.to_out, params, grads, &acts.attended, dy, alloc)?;
+        let mut dq = alloc.alloc(acts.q.shape(), acts.q.dtype())?;
+        let mut dk = alloc.alloc(acts.k.shape(), acts.k.dtype())?;
+        let mut dv = alloc.alloc(acts.v.shape(), acts.v.dtype())?;
+        let mut delta = alloc.alloc(acts.lse.shape(), DType::F32)?;
+        ops::attention::attention_backward(
+            self.spec(),
+            ops::attention::Qkv { q: &acts.q, k: &acts.k, v: &acts.v },
+            &acts.attended,
+            &acts.lse,
+            &dattended,
+            &mut delta,
+            ops::attention::QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
+        )?;
+        let dx = linear_layer_backward(&self.to_q, params, grads, x, &dq, alloc)?;
+        let dkv_k = linear_layer_backward(&self.to_k, params, grads, kv_input, &dk, alloc)?;
+        let dkv_v = linear_layer_backward(&self.to_v, params, grads, kv_input, &dv, alloc)?;
+        let dkv = sum(&dkv_k, &dkv_v, alloc)?;
+        match context {
+            Some(_) => Ok((dx, Some(dkv))),
+            None => Ok((sum(&dx, &dkv, alloc)?, None)),
+        }
+    }
+}
+
+/// What one [`TransformerBlock`]'s backward needs, and its output (tokens [B, L, C]).
+pub struct TransformerBlockActivations {
+    pub norm1: LayerNormActivations,
+    pub attn1: AttentionActivations,
+    /// The tokens after the self-attention residual (norm2's input) and after the cross-attention residual
+    /// (norm3's input).
+    pub after_attn1: Tensor,
+    pub norm2: LayerNormActivations,
+    pub attn2: AttentionActivations,
+    pub after_attn2: Tensor,
+    pub norm3: LayerNormActivations,
+    /// `ff.net.0.proj`'s output [.., 8C] and the GEGLU of it [.., 4C].
+    pub ff_hidden: Tensor,
+    pub ff_gated: Tensor,
+    pub output: Tensor,
+}
+
+impl TransformerBlock {
+    /// `x` [B, L, C] tokens, `context` [B, Lc, cross_attention_dim].
+    pub fn forward(&self, params: &ParamStore, x: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<TransformerBlockActivations> {
+        let norm1 = layer_norm_forward(&self.norm1, params, x, alloc)?;
+        let attn1 = self.attn1.sequence_forward(params, &norm1.output, None, alloc)?;
+        let after_attn1 = sum(&attn1.output, x, alloc)?;
+        let norm2 = layer_norm_forward(&self.norm2, params, &after_attn1, alloc)?;
+        let attn2 = self.attn2.sequence_forward(params, &norm2.output, Some(context), alloc)?;
+        let after_attn2 = sum(&attn2.output, &after_attn1, alloc)?;
+        let norm3 = layer_norm_forward(&self.norm3, params, &after_attn2, alloc)?;
+        let ff_hidden = linear_layer_forward(&self.ff_proj, params, &norm3.output, alloc)?;
+        let mut gated_shape = ff_hidden.shape().to_vec();
+        *gated_shape.last_mut().unwrap() /= 2;
+        let mut ff_gated = alloc.alloc(&gated_shape, ff_hidden.dtype())?;
+        ops::elementwise::geglu_forward(&ff_hidden, &mut ff_gated)?;
+        let ff_out = linear_layer_forward(&self.ff_out, params, &ff_gated, alloc)?;
+        let output = sum(&ff_out, &after_attn2, alloc)?;
+        Ok(TransformerBlockActivations { norm1, attn1, after_attn1, norm2, attn2, after_attn2, norm3, ff_hidden, ff_gated, output })
+    }
+
+    /// Backward of [`TransformerBlock::forward`] with the same `x` and `context`: adds to the parameter
+    /// gradients and returns (dx, dcontext).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &ParamStore,
+        grads: &mut Grads,
+        acts: &TransformerBlockActivations,
+        x: &Tensor,
+        context: &Tensor,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<(Tensor, Tensor)> {
+        let dgated = linear_layer_backward(&self.ff_out, params, grads, &acts.ff_gated, dy, alloc)?;
+        let mut dhidden = alloc.alloc(acts.ff_hidden.shape(), acts.ff_hidden.dtype())?;
+        ops::elementwise::geglu_backward(&acts.ff_hidden, &dgated, &mut dhidden)?;
+        let dnorm3 = linear_layer_backward(&self.ff_proj, params, grads, &acts.norm3.output, &dhidden, alloc)?;
+        let dnorm3_in = layer_norm_backward(&self.norm3, params, grads, &acts.norm3, &acts.after_attn2, &dnorm3, alloc)?;
+        let dafter_attn2 = sum(dy, &dnorm3_in, alloc)?;
+
+        let (dnorm2, dcontext) = self.attn2.sequence_backward(params, grads, &acts.attn2, &acts.norm2.output, Some(context), &dafter_attn2, alloc)?;
+        let dnorm2_in = layer_norm_backward(&self.norm2, params, grads, &acts.norm2, &acts.after_attn1, &dnorm2, alloc)?;
+        let dafter_attn1 = sum(&dafter_attn2, &dnorm2_in, alloc)?;
+
+        let (dnorm1, _) = self.attn1.sequence_backward(params, grads, &acts.attn1, &acts.norm1.output, None, &dafter_attn1, alloc)?;
+        let dnorm1_in = layer_norm_backward(&self.norm1, params, grads, &acts.norm1, x, &dnorm1, alloc)?;
+        let dx = sum(&dafter_attn1, &dnorm1_in, alloc)?;
+        Ok((dx, dcontext.expect("cross-attention returns a context gradient")))
+    }
+}
+
+impl Projection {
+    /// A 1x1 conv over `x` [B, C, H, W], or a Linear over tokens `x` [B, HW, C].
+    pub fn forward(&self, params: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        match self {
+            Projection::Linear(l) => linear_layer_forward(l, params, x, alloc),
+            Projection::Conv(c) => {
+                let &[b, channels, h, w] = x.shape() else { bail!("Transformer2DModel projection: input {:?} is not [B, C, H, W]", x.shape()) };
+                ensure!(c.kernel == 1 && channels == c.input, "Transformer2DModel projection: a 1x1 conv from {} channels cannot take {:?}", c.input, x.shape());
+                let mut y = alloc.alloc(&[b, c.output, h, w], x.dtype())?;
+                ops::conv::conv2d_forward(x, params.get(c.weight), c.bias.map(|id| params.get(id)), c.spec, &mut y)?;
+                Ok(y)
+            }
+        }
+    }
+
+    /// Backward of [`Projection::forward`] with the same `x`: adds to the parameter gradients, returns dx.
+    pub fn backward(&self, params: &ParamStore, grads: &mut Grads, x: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        match self {
+            Projection::Linear(l) => Ok(linear_layer_backward(l, params, grads, x, dy, alloc)?),
+            Projection::Conv(c) => {
+                let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+                ops::conv::conv2d_backward_input(dy, params.get(c.weight), c.spec, &mut dx)?;
+                ops::conv::conv2d_backward_weight(x, dy, c.spec, grads.get_mut(c.weight))?;
+                if let Some(b) = c.bias {
+                    ops::conv::conv_backward_bias(dy, grads.get_mut(b))?;
+                }
+                Ok(dx)
+            }
+        }
+    }
+}
+
+/// What a [`Transformer2d`]'s backward needs, and its output [B, C, H, W].
+pub struct Transformer2dActivations {
+    /// The GroupNorm's statistics [B, groups] (f32).
+    pub norm_mean: Tensor,
+    pub norm_rstd: Tensor,
+    /// `proj_in`'s input: the normalised map [B, C, H, W] (conv) or its tokens [B, HW, C] (linear).
+    pub proj_in_input: Tensor,
+    /// `proj_in`'s output as tokens [B, HW, C]: the first block's input.
+    pub tokens: Tensor,
+    pub blocks: Vec<TransformerBlockActivations>,
+    /// The last block's output back on the map [B, C, H, W], `proj_out`'s input when it is a conv.
+    pub proj_out_map: Option<Tensor>,
+    pub output: Tensor,
+}
+
+impl Transformer2dActivations {
+    fn block_input(&self, block: usize) -> &Tensor {
+        if block == 0 {
+            &self.tokens
+        } else {
+            &self.blocks[block - 1].output
+        }
+    }
+}
+
+/// The input gradients of a [`Transformer2d`], written.
+pub struct Transformer2dGrads {
+    pub dx: Tensor,
+    pub dcontext: Tensor,
+}
+
+impl Transformer2d {
+    fn group_norm_spec(&self) -> ops::norm::GroupNorm {
+        ops::norm::GroupNorm { groups: self.norm.groups, eps: self.norm.eps as f32, silu: false }
+    }
+
+    /// `x` [B, C, H, W], `context` [B, L, cross_attention_dim] (encoder_hidden_states).
+    pub fn forward(&self, params: &ParamStore, x: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<Transformer2dActivations> {
+        let &[batch, channels, height, width] = x.shape() else { bail!("Transformer2DModel: input {:?} is not [B, C, H, W]", x.shape()) };
+        ensure!(channels == self.norm.channels, "Transformer2DModel: input {:?} has {channels} channels, the model {}", x.shape(), self.norm.channels);
+        let mut normed = alloc.alloc(x.shape(), x.dtype())?;
+        let mut norm_mean = alloc.alloc(&[batch, self.norm.groups], DType::F32)?;
+        let mut norm_rstd = alloc.alloc(&[batch, self.norm.groups], DType::F32)?;
+        let affine = ops::norm::Affine { weight: params.get(self.norm.weight), bias: params.get(self.norm.bias) };
+        let stats = ops::norm::StatsMut { mean: &mut norm_mean, rstd: &mut norm_rstd };
+        ops::norm::group_norm_forward(self.group_norm_spec(), x, affine, &mut normed, stats).context("Transformer2DModel norm")?;
+        // diffusers applies a conv projection before moving to tokens and a linear one after.
+        let (proj_in_input, tokens) = match &self.proj_in {
+            Projection::Conv(_) => {
+                let projected = self.proj_in.forward(params, &normed, alloc).context("Transformer2DModel proj_in")?;
+                (normed, map_to_tokens(projected, alloc)?)
+            }
+            Projection::Linear(_) => {
+                let normed_tokens = map_to_tokens(normed, alloc)?;
+                let tokens = self.proj_in.forward(params, &normed_tokens, alloc).context("Transformer2DModel proj_in")?;
+                (normed_tokens, tokens)
+            }
+        };
+        let output = alloc.alloc(x.shape(), x.dtype())?;
+        let mut acts = Transformer2dActivations { norm_mean, norm_rstd, proj_in_input, tokens, blocks: Vec::new(), proj_out_map: None, output };
+        for (l, block) in self.blocks.iter().enumerate() {
+            let b = block.forward(params, acts.block_input(l), context, alloc).with_context(|| format!("Transformer2DModel transformer_blocks.{l}"))?;
+            acts.blocks.push(b);
+        }
+        let last = acts.block_input(self.blocks.len());
+        let projected = match &self.proj_out {
+            Projection::Conv(_) => {
+                let map = tokens_to_map(last, height, width, alloc)?;
+                let projected = self.proj_out.forward(params, &map, alloc).context("Transformer2DModel proj_out")?;
+                acts.proj_out_map = Some(map);
+                projected
+            }
+            Projection::Linear(_) => {
+                let projected = self.proj_out.forward(params, last, alloc).context("Transformer2DModel proj_out")?;
+                tokens_to_map(&projected, height, width, alloc)?
+            }
+        };
+        ops::elementwise::add(&projected, x, &mut acts.output)?;
+        Ok(acts)
+    }
+
+    /// Backward of [`Transformer2d::forward`] with the same `x` and `context`: adds to the parameter
+    /// gradients and returns the input gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &ParamStore,
+        grads: &mut Grads,
+        acts: &Transformer2dActivations,
+        x: &Tensor,
+        context: &Tensor,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Transformer2dGrads> {
+        let &[_, _, height, width] = x.shape() else { bail!("Transformer2DModel: input {:?} is not [B, C, H, W]", x.shape()) };
+        // The output residual hands dy to both the input and proj_out.
+        let mut dx_residual = alloc.alloc(dy.shape(), dy.dtype())?;
+        let mut dprojected = alloc.alloc(dy.shape(), dy.dtype())?;
+        ops::elementwise::add_scaled_backward(dy, 1.0, &mut dx_residual, &mut dprojected)?;
+        let mut dtokens = match &self.proj_out {
+            Projection::Conv(_) => {
+                let map = acts.proj_out_map.as_ref().expect("a conv proj_out keeps its input map");
+                let dmap = self.proj_out.backward(params, grads, map, &dprojected, alloc).context("Transformer2DModel proj_out")?;
+                map_to_tokens(dmap, alloc)?
+            }
+            Projection::Linear(_) => {
+                let dprojected = map_to_tokens(dprojected, alloc)?;
+                let last = acts.block_input(self.blocks.len());
+                self.proj_out.backward(params, grads, last, &dprojected, alloc).context("Transformer2DModel proj_out")?
+            }
+        };
+        let mut dcontext: Option<Tensor> = None;
+        for (l, block) in self.blocks.iter().enumerate().rev() {
+            let (dx, dc) = block
+                .backward(params, grads, &acts.blocks[l], acts.block_input(l), context, &dtokens, alloc)
+                .with_context(|| format!("Transformer2DModel transformer_blocks.{l} backward"))?;
+            dtokens = dx;
+            dcontext = Some(match dcontext {
+                Some(total) => sum(&total, &dc, alloc)?,
+                None => dc,
+            });
+        }
+        let dcontext = dcontext.expect("Transformer2d::new builds at least one block");
+        let dnormed = match &self.proj_in {
+            Projection::Conv(_) => {
+                let dprojected = tokens_to_map(&dtokens, height, width, alloc)?;
+                self.proj_in.backward(params, grads, &acts.proj_in_input, &dprojected, alloc).context("Transformer2DModel proj_in")?
+            }
+            Projection::Linear(_) => {
+                let dnormed_tokens = self.proj_in.backward(params, grads, &acts.proj_in_input, &dtokens, alloc).context("Transformer2DModel proj_in")?;
+                tokens_to_map(&dnormed_tokens, height, width, alloc)?
+            }
+        };
+        let mut dx_norm = alloc.alloc(x.shape(), x.dtype())?;
+        let mut scratch = alloc.alloc(&ops::norm::group_norm_scratch_shape(x.shape()), DType::F32)?;
+        let (dweight, dbias) = grads.pair_mut(self.norm.weight, self.norm.bias);
+        let affine = ops::norm::Affine { weight: params.get(self.norm.weight), bias: params.get(self.norm.bias) };
+        let stats = ops::norm::Stats { mean: &acts.norm_mean, rstd: &acts.norm_rstd };
+        let norm_grads = ops::norm::NormGrads { dx: &mut dx_norm, dweight, dbias, scratch: &mut scratch };
+        ops::norm::group_norm_backward(self.group_norm_spec(), x, affine, stats, &dnormed, norm_grads).context("Transformer2DModel norm backward")?;
+        Ok(Transformer2dGrads { dx: sum(&dx_residual, &dx_norm, alloc)?, dcontext })
+    }
+}
+
 
 /// A down block: resnets, optional transformers after each, and an optional stride-2 downsampler.
 #[derive(Debug, Clone)]

@@ -4,12 +4,16 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::models::blocks::{downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, Transformer2d, TransformerSpec, UpBlock};
 use crate::models::config::ConfigReader;
 use crate::nn::{join, Conv2d, Linear, Norm, ParamTree};
+use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_layer_param_backward};
+use crate::nn::{Allocator, Grads, ParamStore};
+use crate::ops;
+use crate::tensor::Tensor;
 
 /// The UNet settings sgdm implements. Everything else in a diffusers config either keeps its default or is
 /// refused when the model is built.
@@ -164,11 +168,7 @@ fn build_encoder(tree: &mut ParamTree, c: &UNetConfig) -> Result<Encoder> {
     let temb = c.time_embed_dim();
     let (groups, eps, spec) = (c.norm_num_groups, c.norm_eps, c.transformer_spec());
     let conv_in = Conv2d::k3(tree, "conv_in", c.in_channels, boc[0], 1);
-    let time_embedding = TimeEmbedding {
-        linear_1: Linear::new(tree, "time_embedding.linear_1", boc[0], temb, true),
-        linear_2: Linear::new(tree, "time_embedding.linear_2", temb, temb, true),
-        channels: boc[0],
-    };
+    let time_embedding = TimeEmbedding::new(tree, "time_embedding", boc[0], temb);
     let mut down = Vec::new();
     let mut input = boc[0];
     for (i, &output) in boc.iter().enumerate() {
@@ -301,5 +301,54 @@ impl ControlNet {
     /// How many times smaller the latent is than the condition image.
     pub fn condition_downscale(&self) -> usize {
         1 << (self.config.conditioning_embedding_out_channels.len() - 1)
+    }
+}
+
+/// What the time embedding's backward needs, and its output [B, time_embed_dim].
+pub struct TimeEmbeddingActivations {
+    /// The sinusoidal features [B, channels] (`linear_1`'s input), `linear_1`'s output and its SiLU.
+    pub sinusoid: Tensor,
+    pub hidden: Tensor,
+    pub activated: Tensor,
+    pub output: Tensor,
+}
+
+impl TimeEmbedding {
+    pub fn new(tree: &mut ParamTree, prefix: &str, channels: usize, time_embed_dim: usize) -> TimeEmbedding {
+        TimeEmbedding {
+            linear_1: Linear::new(tree, &join(prefix, "linear_1"), channels, time_embed_dim, true),
+            linear_2: Linear::new(tree, &join(prefix, "linear_2"), time_embed_dim, time_embed_dim, true),
+            channels,
+        }
+    }
+
+    /// `timesteps` [B] f32 -> [B, time_embed_dim] in the parameters' dtype; `flip_sin_to_cos` and
+    /// `freq_shift` as the UNet config gives them.
+    pub fn forward(
+        &self,
+        params: &ParamStore,
+        timesteps: &Tensor,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+        alloc: &mut dyn Allocator,
+    ) -> Result<TimeEmbeddingActivations> {
+        ensure!(timesteps.shape().len() == 1, "time_embedding: timesteps {:?} must be [batch]", timesteps.shape());
+        let dtype = params.get(self.linear_1.weight).dtype();
+        let mut sinusoid = alloc.alloc(&[timesteps.shape()[0], self.channels], dtype)?;
+        ops::elementwise::timestep_embedding(timesteps, flip_sin_to_cos, freq_shift as f32, &mut sinusoid)?;
+        let hidden = linear_layer_forward(&self.linear_1, params, &sinusoid, alloc).context("time_embedding.linear_1")?;
+        let mut activated = alloc.alloc(hidden.shape(), dtype)?;
+        ops::elementwise::silu_forward(&hidden, &mut activated)?;
+        let output = linear_layer_forward(&self.linear_2, params, &activated, alloc).context("time_embedding.linear_2")?;
+        Ok(TimeEmbeddingActivations { sinusoid, hidden, activated, output })
+    }
+
+    /// Backward of [`TimeEmbedding::forward`] from `dy` [B, time_embed_dim]: adds to the gradients of
+    /// `linear_1` and `linear_2` (timesteps take no gradient).
+    pub fn backward(&self, params: &ParamStore, grads: &mut Grads, acts: &TimeEmbeddingActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<()> {
+        let dactivated = linear_layer_backward(&self.linear_2, params, grads, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
+        let mut dhidden = alloc.alloc(acts.hidden.shape(), acts.hidden.dtype())?;
+        ops::elementwise::silu_backward(&acts.hidden, &dactivated, &mut dhidden)?;
+        linear_layer_param_backward(&self.linear_1, params, grads, &acts.sinusoid, &dhidden).context("time_embedding.linear_1 backward")
     }
 }

@@ -352,3 +352,63 @@ impl Allocator for ArenaRegion<'_> {
         self.0.alloc(self.1, shape, dtype)
     }
 }
+
+/// Parameter gradients: one tensor per [`ParamId`] of a tree, shaped like the parameter. Backwards add to
+/// them (`+=`), so they start at zero and gradient accumulation over micro-batches needs no extra buffer.
+pub struct Grads {
+    tensors: Vec<crate::tensor::Tensor>,
+}
+
+impl Grads {
+    /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
+    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
+        for s in tree.specs() {
+            plan.reserve(crate::runtime::Region::Grads, &s.shape, dtype);
+        }
+    }
+
+    /// Zeroed gradients for every parameter of `tree`, from `alloc`.
+    pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
+        let mut grads = Grads { tensors };
+        grads.zero()?;
+        Ok(grads)
+    }
+
+    /// Sets every gradient to zero (an arena hands out its memory zeroed only the first time).
+    pub fn zero(&mut self) -> Result<()> {
+        for t in &mut self.tensors {
+            let bytes = vec![0u8; t.size_bytes()];
+            t.write_bytes(&bytes)?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
+        &self.tensors[id.0]
+    }
+
+    pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
+        &mut self.tensors[id.0]
+    }
+
+    /// Two distinct gradients at once (a norm's weight and bias are written by one backward call).
+    pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut crate::tensor::Tensor, &mut crate::tensor::Tensor) {
+        assert_ne!(a, b, "Grads::pair_mut: the same parameter twice");
+        if a.0 < b.0 {
+            let (low, high) = self.tensors.split_at_mut(b.0);
+            (&mut low[a.0], &mut high[0])
+        } else {
+            let (low, high) = self.tensors.split_at_mut(a.0);
+            (&mut high[0], &mut low[b.0])
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
