@@ -352,3 +352,59 @@ impl Allocator for ArenaRegion<'_> {
         self.0.alloc(self.1, shape, dtype)
     }
 }
+
+/// Parameter gradients: one tensor per [`ParamId`] of a tree, in the parameter's shape, zero when made.
+/// Backward passes accumulate into them (`+=`), so two backward calls sum their gradients (accumulation
+/// over micro-batches). The dtype must be one every op accepts for its parameter gradients: f32 on the CPU,
+/// the parameters' storage dtype on CUDA (the convolutions' weight gradients have no mixed-dtype form).
+pub struct Grads {
+    /// `None` only while [`Grads::with_lent`] has lent the tensor out.
+    tensors: Vec<Option<crate::tensor::Tensor>>,
+}
+
+impl Grads {
+    /// Gradients for every parameter of `tree`. The tensors must come zeroed: standalone allocations, or a
+    /// gradient region of an arena carved once for the whole run.
+    pub fn new(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype).map(Some)).collect::<Result<_>>()?;
+        Ok(Grads { tensors })
+    }
+
+    pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
+        self.tensors[id.0].as_ref().expect("a lent gradient is back before `with_lent` returns")
+    }
+
+    pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
+        self.tensors[id.0].as_mut().expect("a lent gradient is back before `with_lent` returns")
+    }
+
+    /// Moves the gradients of `ids` (distinct) out, in order, for ops whose gradient structs own their
+    /// tensors (`ops::lstm::LstmParams`); `f` hands them back in the same order with its result, which is
+    /// returned after every tensor is back in place, whether `f` succeeded or not.
+    pub fn with_lent<R>(
+        &mut self,
+        ids: &[ParamId],
+        f: impl FnOnce(Vec<crate::tensor::Tensor>) -> (Vec<crate::tensor::Tensor>, R),
+    ) -> R {
+        let lent = ids.iter().map(|id| self.tensors[id.0].take().expect("each gradient is lent once at a time")).collect();
+        let (back, result) = f(lent);
+        assert_eq!(back.len(), ids.len(), "every lent gradient comes back");
+        for (id, t) in ids.iter().zip(back) {
+            self.tensors[id.0] = Some(t);
+        }
+        result
+    }
+
+    /// The gradients in [`ParamId`] order (the tree's registration order).
+    pub fn into_tensors(self) -> Vec<crate::tensor::Tensor> {
+        self.tensors.into_iter().map(|t| t.expect("a lent gradient is back before `with_lent` returns")).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
