@@ -73,12 +73,14 @@ pub type Runner = fn(&Component, &Named, Option<&Named>, &Device, DType) -> Resu
 fn runner(class: &str) -> Option<Runner> {
     match class {
         "ContrastiveAlignment" => Some(crate::models::sgdm::run_contrastive_alignment),
+        "SpatiotemporalEEGEncoder" => Some(crate::models::sgdm::run_eeg_encoder),
+        "StructuralVAE" => Some(crate::models::sgdm::run_structural_vae),
         _ => None,
     }
 }
 
 /// The classes `sgdm forward` runs.
-pub const CLASSES: &[&str] = &["ContrastiveAlignment"];
+pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE"];
 
 /// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`.
 pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType) -> Result<Outputs> {

@@ -5,17 +5,29 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use crate::conformance::{Named, Outputs};
 use crate::models::config::ConfigReader;
+use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Lstm, ParamStore, ParamTree, Standalone};
+use crate::ops::conv::{
+    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
+    conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, Conv2dSpec,
+};
+use crate::ops::elementwise::{
+    add, relu_backward, relu_forward, reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward,
+};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
+use crate::ops::linear::{linear_backward, linear_forward};
+use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams, LstmWeights};
+use crate::ops::shape::{
+    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
+};
 use crate::runtime::device::Device;
+use crate::runtime::{Arena, MemoryPlan};
 use crate::tensor::{DType, Tensor};
 use crate::weights::Component;
-use crate::nn::{Conv1d, Conv2d, ConvTranspose2d, Linear, Lstm, ParamTree};
-use crate::ops::conv::Conv2dSpec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EegEncoderConfig {
@@ -73,6 +85,173 @@ impl EegEncoder {
         ];
         Ok(EegEncoder { config, params: t, temporal, spatial, fusion })
     }
+}
+
+/// What [`EegEncoder::backward`] needs from a forward, and the forward's output `embedding`.
+pub struct EegEncoderActivations {
+    /// `eeg` transposed to [B, T, C]: the LSTM's batch-first sequence, and the spatial branch's input with
+    /// the time steps as channels and the electrodes as the length.
+    eeg_t: Tensor,
+    /// A device copy of the LSTM's parameters: `ops::lstm` takes a struct that owns its tensors, and tensors
+    /// never alias, so the ParamStore's cannot be lent (about 9 MB at the default sizes).
+    lstm_params: LstmParams,
+    lstm: LstmActivations,
+    /// [1, T, 1], one at the last step: a 1x1 Conv1d with it as its only filter picks `temporal[:, -1]`.
+    last_step: Tensor,
+    /// After each Conv1d's ReLU, [B, c0, C] and [B, c1, C].
+    spatial: [Tensor; 2],
+    /// `cat(temporal[:, -1], pooled spatial features)`, [B, 2H + c1].
+    fused: Tensor,
+    /// After `fusion.0` and its ReLU, [B, fusion_hidden].
+    hidden: Tensor,
+    /// [B, latent_dim].
+    pub embedding: Tensor,
+}
+
+const EEG_ENCODER: &str = "SpatiotemporalEEGEncoder";
+
+impl EegEncoder {
+    fn lstm_config(&self) -> LstmConfig {
+        let t = &self.temporal;
+        LstmConfig { input_size: t.input, hidden_size: t.hidden, num_layers: t.layers.len(), bidirectional: t.layers[0].len() == 2 }
+    }
+
+    /// The LSTM's parameter ids in `LstmParams` order (per layer and direction: W_ih, W_hh, b_ih, b_hh).
+    fn lstm_ids(&self) -> Vec<crate::nn::ParamId> {
+        self.temporal.layers.iter().flatten().flat_map(|d| [d.weight_ih, d.weight_hh, d.bias_ih, d.bias_hh]).collect()
+    }
+
+    /// `eeg` [B, n_channels, n_timepoints] -> `embedding` [B, latent_dim], keeping what backward needs.
+    pub fn forward(&self, p: &ParamStore, eeg: &Tensor, alloc: &mut dyn Allocator) -> Result<EegEncoderActivations> {
+        let c = &self.config;
+        let s = eeg.shape();
+        ensure!(
+            s.len() == 3 && s[0] > 0 && s[1..] == [c.n_channels, c.n_timepoints],
+            "{EEG_ENCODER}: eeg must be [B, {} electrodes, {} time points] with B > 0, got {s:?}",
+            c.n_channels,
+            c.n_timepoints
+        );
+        let (b, ch, t, dtype) = (s[0], s[1], s[2], eeg.dtype());
+        let mut eeg_t = alloc.alloc(&[b, t, ch], dtype)?;
+        transpose_last2(eeg, &mut eeg_t).with_context(|| format!("{EEG_ENCODER}: eeg.transpose(1, 2)"))?;
+
+        let config = self.lstm_config();
+        let copies = self.lstm_ids().iter().map(|&id| copy(p.get(id), alloc)).collect::<Result<Vec<_>>>()?;
+        let lstm_params = lstm_struct(config, copies);
+        let mut lstm = LstmActivations::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        lstm_forward(&lstm_params, &eeg_t, &mut lstm).with_context(|| format!("{EEG_ENCODER}: temporal_encoder"))?;
+        let last_step = last_step_filter(t, dtype, alloc)?;
+        let out = config.output_size();
+        let mut temporal = alloc.alloc(&[b, 1, out], dtype)?;
+        conv1d_forward(lstm.output(), &last_step, None, 1, 0, &mut temporal)
+            .with_context(|| format!("{EEG_ENCODER}: temporal_encoder output at the last step"))?;
+
+        let s0 = relu(&conv1d(&self.spatial[0], p, &eeg_t, alloc, "spatial_encoder.0")?, alloc)?;
+        let s1 = relu(&conv1d(&self.spatial[1], p, &s0, alloc, "spatial_encoder.2")?, alloc)?;
+        let c1 = self.spatial[1].output;
+        let mut pooled = alloc.alloc(&[b, c1, 1], dtype)?;
+        avg_pool_last(&s1, &mut pooled).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.4"))?;
+
+        let mut fused = alloc.alloc(&[b, out + c1, 1, 1], dtype)?;
+        concat_channels(&temporal.reshape(&[b, out, 1, 1])?, &pooled.reshape(&[b, c1, 1, 1])?, &mut fused)
+            .with_context(|| format!("{EEG_ENCODER}: concatenating the temporal and spatial features"))?;
+        let fused = fused.reshape(&[b, out + c1])?;
+        let hidden = relu(&linear(&self.fusion[0], p, &fused, alloc, EEG_ENCODER, "fusion.0")?, alloc)?;
+        let embedding = linear(&self.fusion[1], p, &hidden, alloc, EEG_ENCODER, "fusion.2")?;
+        Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, embedding })
+    }
+
+    /// Backward from `dembedding` (the gradient of `acts.embedding`): accumulates every parameter gradient
+    /// into `grads` (`+=`) and, when `input_grad`, returns the gradient of `eeg` (written).
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        acts: &EegEncoderActivations,
+        dembedding: &Tensor,
+        grads: &mut Grads,
+        input_grad: bool,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Option<Tensor>> {
+        ensure!(
+            dembedding.shape() == acts.embedding.shape(),
+            "{EEG_ENCODER}: the gradient of embedding has shape {:?}, the embedding {:?}",
+            dembedding.shape(),
+            acts.embedding.shape()
+        );
+        let [b, t, ch] = [acts.eeg_t.shape()[0], acts.eeg_t.shape()[1], acts.eeg_t.shape()[2]];
+        let dtype = acts.eeg_t.dtype();
+        let config = self.lstm_config();
+        let (out, c1) = (config.output_size(), self.spatial[1].output);
+
+        let mut dhidden = alloc.alloc(acts.hidden.shape(), dtype)?;
+        linear_grad(&self.fusion[1], p, &acts.hidden, dembedding, grads, Some(&mut dhidden), EEG_ENCODER, "fusion.2")?;
+        let dhidden = relu_grad(&acts.hidden, &dhidden, alloc)?;
+        let mut dfused = alloc.alloc(acts.fused.shape(), dtype)?;
+        linear_grad(&self.fusion[0], p, &acts.fused, &dhidden, grads, Some(&mut dfused), EEG_ENCODER, "fusion.0")?;
+        let mut dtemporal = alloc.alloc(&[b, out, 1, 1], dtype)?;
+        let mut dpooled = alloc.alloc(&[b, c1, 1, 1], dtype)?;
+        split_channels(&dfused.reshape(&[b, out + c1, 1, 1])?, &mut dtemporal, &mut dpooled)?;
+
+        // The LSTM's backward takes the gradient of its whole output: the last step's, zero elsewhere
+        // (exact zeros: each is the last-step filter's 0 times a finite gradient).
+        let mut dsequence = alloc.alloc(&[b, t, out], dtype)?;
+        conv1d_backward_input(&dtemporal.reshape(&[b, 1, out])?, &acts.last_step, 1, 0, &mut dsequence)?;
+        let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        let mut dx_temporal = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
+        grads
+            .with_lent(&self.lstm_ids(), |lent| {
+                let mut g = lstm_struct(config, lent);
+                let r = lstm_backward(&acts.lstm_params, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut g, &mut scratch);
+                (lstm_tensors(g), r)
+            })
+            .with_context(|| format!("{EEG_ENCODER}: temporal_encoder backward"))?;
+
+        let mut ds1 = alloc.alloc(acts.spatial[1].shape(), dtype)?;
+        avg_pool_last_backward(&dpooled.reshape(&[b, c1, 1])?, &mut ds1)?;
+        let ds1 = relu_grad(&acts.spatial[1], &ds1, alloc)?;
+        let mut ds0 = alloc.alloc(acts.spatial[0].shape(), dtype)?;
+        conv1d_grad(&self.spatial[1], p, &acts.spatial[0], &ds1, grads, Some(&mut ds0), "spatial_encoder.2")?;
+        let ds0 = relu_grad(&acts.spatial[0], &ds0, alloc)?;
+        let mut dx_spatial = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
+        conv1d_grad(&self.spatial[0], p, &acts.eeg_t, &ds0, grads, dx_spatial.as_mut(), "spatial_encoder.0")?;
+
+        let (Some(dx_temporal), Some(dx_spatial)) = (dx_temporal, dx_spatial) else { return Ok(None) };
+        let mut dx = alloc.alloc(&[b, t, ch], dtype)?;
+        add(&dx_temporal, &dx_spatial, &mut dx)?;
+        let mut deeg = alloc.alloc(&[b, ch, t], dtype)?;
+        transpose_last2_backward(&dx, &mut deeg)?;
+        Ok(Some(deeg))
+    }
+}
+
+/// `LstmParams` from tensors in `EegEncoder::lstm_ids` order.
+fn lstm_struct(config: LstmConfig, tensors: Vec<Tensor>) -> LstmParams {
+    let mut it = tensors.into_iter();
+    let mut next = || it.next().expect("four tensors per layer and direction");
+    let layers = (0..config.num_layers)
+        .map(|_| {
+            (0..config.directions())
+                .map(|_| LstmWeights { weight_ih: next(), weight_hh: next(), bias_ih: next(), bias_hh: next() })
+                .collect()
+        })
+        .collect();
+    LstmParams { config, layers }
+}
+
+/// The tensors of `lstm_struct`'s result, in the order it took them.
+fn lstm_tensors(p: LstmParams) -> Vec<Tensor> {
+    p.layers.into_iter().flatten().flat_map(|w| [w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh]).collect()
+}
+
+/// The [1, T, 1] Conv1d filter that picks step T - 1 of a [B, T, F] sequence read as T channels of length
+/// F. The ops have no strided slice; this one is exact (one product by 1, the others by 0, summed) and its
+/// input gradient is the scatter back into a dense [B, T, F] that the LSTM's backward reads.
+fn last_step_filter(steps: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut f = alloc.alloc(&[1, steps, 1], dtype)?;
+    let mut one_hot = vec![0.0; steps];
+    one_hot[steps - 1] = 1.0;
+    f.write_f32(&one_hot)?;
+    Ok(f)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +318,201 @@ impl StructuralVae {
     }
 }
 
+/// What [`StructuralVae::backward`] needs from a forward, and the forward's outputs.
+pub struct StructuralVaeActivations {
+    /// After each encoder conv's ReLU: [B, c0, S/2, S/2], [B, c1, S/4, S/4] and [B, c2·s·s] (the last
+    /// flattened, as `encoder.7` reads it).
+    encoder: [Tensor; 3],
+    /// After `encoder.7` and its ReLU, [B, hidden].
+    hidden: Tensor,
+    /// [B, latent_dim].
+    pub mu: Tensor,
+    /// [B, latent_dim].
+    pub logvar: Tensor,
+    /// `mu + eps·exp(logvar / 2)` when an `eps` was given; `None` when z is `mu`.
+    z: Option<Tensor>,
+    /// `structure_head(z)`, [B, structure_dim].
+    pub structure: Tensor,
+    /// `decoder.0`'s output unflattened to [B, c2, s, s], then the first two deconvolutions after their ReLUs.
+    decoder: [Tensor; 3],
+    /// The reconstruction after the Sigmoid, [B, 3, S, S].
+    pub recon: Tensor,
+}
+
+/// The upstream gradients of the four outputs (pass zeros for an output no loss reads).
+pub struct StructuralVaeOutputGrads<'a> {
+    pub recon: &'a Tensor,
+    pub mu: &'a Tensor,
+    pub logvar: &'a Tensor,
+    pub structure: &'a Tensor,
+}
+
+/// Gradients of the inputs: `image`, and `eps` when one was given.
+pub struct StructuralVaeInputGrads {
+    pub image: Tensor,
+    pub eps: Option<Tensor>,
+}
+
+const STRUCTURAL_VAE: &str = "StructuralVAE";
+
+impl StructuralVae {
+    /// `image` [B, 3, S, S] and an optional standard-normal `eps` [B, latent_dim] -> `recon`, `mu`, `logvar`,
+    /// `structure`, keeping what backward needs. Without `eps`, z = mu (deterministic).
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        image: &Tensor,
+        eps: Option<&Tensor>,
+        alloc: &mut dyn Allocator,
+    ) -> Result<StructuralVaeActivations> {
+        let c = &self.config;
+        let (size, latent) = (c.image_size, c.latent_dim);
+        let s = image.shape();
+        ensure!(
+            s.len() == 4 && s[0] > 0 && s[1..] == [3, size, size],
+            "{STRUCTURAL_VAE}: image must be [B, 3, {size}, {size}] with B > 0, got {s:?}"
+        );
+        let b = s[0];
+        if let Some(e) = eps {
+            ensure!(e.shape() == [b, latent], "{STRUCTURAL_VAE}: eps must be [{b}, {latent}], got {:?}", e.shape());
+        }
+        let e0 = relu(&conv2d(&self.encoder_convs[0], p, image, alloc, "encoder.0")?, alloc)?;
+        let e1 = relu(&conv2d(&self.encoder_convs[1], p, &e0, alloc, "encoder.2")?, alloc)?;
+        let e2 = relu(&conv2d(&self.encoder_convs[2], p, &e1, alloc, "encoder.4")?, alloc)?;
+        let e2 = e2.reshape(&[b, self.encoder_fc.input])?;
+        let hidden = relu(&linear(&self.encoder_fc, p, &e2, alloc, STRUCTURAL_VAE, "encoder.7")?, alloc)?;
+        let mu = linear(&self.fc_mu, p, &hidden, alloc, STRUCTURAL_VAE, "fc_mu")?;
+        let logvar = linear(&self.fc_logvar, p, &hidden, alloc, STRUCTURAL_VAE, "fc_logvar")?;
+        let z = match eps {
+            Some(e) => {
+                let mut z = alloc.alloc(&[b, latent], mu.dtype())?;
+                reparameterize_forward(&mu, &logvar, e, &mut z)
+                    .with_context(|| format!("{STRUCTURAL_VAE}: z = mu + eps·exp(logvar / 2)"))?;
+                Some(z)
+            }
+            None => None,
+        };
+        let zr = z.as_ref().unwrap_or(&mu);
+        let structure = linear(&self.structure_head, p, zr, alloc, STRUCTURAL_VAE, "structure_head")?;
+        let c2 = c.channels[2];
+        let d0 = linear(&self.decoder_fc, p, zr, alloc, STRUCTURAL_VAE, "decoder.0")?.reshape(&[b, c2, size / 8, size / 8])?;
+        let d1 = relu(&conv_transpose2d(&self.decoder_deconvs[0], p, &d0, alloc, "decoder.2")?, alloc)?;
+        let d2 = relu(&conv_transpose2d(&self.decoder_deconvs[1], p, &d1, alloc, "decoder.4")?, alloc)?;
+        let logits = conv_transpose2d(&self.decoder_deconvs[2], p, &d2, alloc, "decoder.6")?;
+        let mut recon = alloc.alloc(logits.shape(), logits.dtype())?;
+        sigmoid_forward(&logits, &mut recon).with_context(|| format!("{STRUCTURAL_VAE}: decoder.7"))?;
+        Ok(StructuralVaeActivations { encoder: [e0, e1, e2], hidden, mu, logvar, z, structure, decoder: [d0, d1, d2], recon })
+    }
+
+    /// Backward from the outputs' gradients `d`: accumulates every parameter gradient into `grads` (`+=`)
+    /// and, when `input_grads`, returns the gradients of `image` and `eps` (written). `image` and `eps` are
+    /// the forward's inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        image: &Tensor,
+        eps: Option<&Tensor>,
+        acts: &StructuralVaeActivations,
+        d: &StructuralVaeOutputGrads,
+        grads: &mut Grads,
+        input_grads: bool,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Option<StructuralVaeInputGrads>> {
+        for (name, g, out) in [
+            ("recon", d.recon, &acts.recon),
+            ("mu", d.mu, &acts.mu),
+            ("logvar", d.logvar, &acts.logvar),
+            ("structure", d.structure, &acts.structure),
+        ] {
+            ensure!(
+                g.shape() == out.shape(),
+                "{STRUCTURAL_VAE}: the gradient of {name} has shape {:?}, the output {:?}",
+                g.shape(),
+                out.shape()
+            );
+        }
+        ensure!(eps.is_some() == acts.z.is_some(), "{STRUCTURAL_VAE}: backward must get the eps the forward got");
+        let dtype = acts.mu.dtype();
+        let new = |alloc: &mut dyn Allocator, like: &Tensor| alloc.alloc(like.shape(), dtype);
+
+        let mut dlogits = new(alloc, &acts.recon)?;
+        sigmoid_backward(&acts.recon, d.recon, &mut dlogits)?;
+        let [d0, d1, d2] = &acts.decoder;
+        let mut dd2 = new(alloc, d2)?;
+        conv_transpose2d_grad(&self.decoder_deconvs[2], p, d2, &dlogits, grads, Some(&mut dd2), "decoder.6")?;
+        let dd2 = relu_grad(d2, &dd2, alloc)?;
+        let mut dd1 = new(alloc, d1)?;
+        conv_transpose2d_grad(&self.decoder_deconvs[1], p, d1, &dd2, grads, Some(&mut dd1), "decoder.4")?;
+        let dd1 = relu_grad(d1, &dd1, alloc)?;
+        let mut dd0 = new(alloc, d0)?;
+        conv_transpose2d_grad(&self.decoder_deconvs[0], p, d0, &dd1, grads, Some(&mut dd0), "decoder.2")?;
+        let dd0 = dd0.reshape(&[d0.shape()[0], self.decoder_fc.output])?;
+
+        let z = acts.z.as_ref().unwrap_or(&acts.mu);
+        let mut dz_decoder = new(alloc, z)?;
+        linear_grad(&self.decoder_fc, p, z, &dd0, grads, Some(&mut dz_decoder), STRUCTURAL_VAE, "decoder.0")?;
+        let mut dz_structure = new(alloc, z)?;
+        linear_grad(&self.structure_head, p, z, d.structure, grads, Some(&mut dz_structure), STRUCTURAL_VAE, "structure_head")?;
+        let mut dz = new(alloc, z)?;
+        add(&dz_decoder, &dz_structure, &mut dz)?;
+
+        let mut dmu = new(alloc, &acts.mu)?;
+        let (dlogvar_sum, deps) = match eps {
+            Some(e) => {
+                let (mut dmu_z, mut dlogvar_z) = (new(alloc, &acts.mu)?, new(alloc, &acts.mu)?);
+                reparameterize_backward(&acts.logvar, e, &dz, &mut dmu_z, &mut dlogvar_z)?;
+                add(&dmu_z, d.mu, &mut dmu)?;
+                let mut dlogvar = new(alloc, &acts.mu)?;
+                add(&dlogvar_z, d.logvar, &mut dlogvar)?;
+                // deps = dz·exp(logvar / 2) is the reparameterisation itself with mu = 0 and eps = dz; 0·dz is
+                // an exact zero for a finite dz.
+                let deps = if input_grads {
+                    let mut zero = new(alloc, &dz)?;
+                    scale(&dz, 0.0, &mut zero)?;
+                    let mut deps = new(alloc, &dz)?;
+                    reparameterize_forward(&zero, &acts.logvar, &dz, &mut deps)?;
+                    Some(deps)
+                } else {
+                    None
+                };
+                (Some(dlogvar), deps)
+            }
+            None => {
+                add(&dz, d.mu, &mut dmu)?;
+                (None, None)
+            }
+        };
+
+        let dlogvar = dlogvar_sum.as_ref().unwrap_or(d.logvar);
+        let mut dh_mu = new(alloc, &acts.hidden)?;
+        linear_grad(&self.fc_mu, p, &acts.hidden, &dmu, grads, Some(&mut dh_mu), STRUCTURAL_VAE, "fc_mu")?;
+        let mut dh_logvar = new(alloc, &acts.hidden)?;
+        linear_grad(&self.fc_logvar, p, &acts.hidden, dlogvar, grads, Some(&mut dh_logvar), STRUCTURAL_VAE, "fc_logvar")?;
+        let mut dh = new(alloc, &acts.hidden)?;
+        add(&dh_mu, &dh_logvar, &mut dh)?;
+        let dh = relu_grad(&acts.hidden, &dh, alloc)?;
+        let [e0, e1, e2] = &acts.encoder;
+        let mut de2 = new(alloc, e2)?;
+        linear_grad(&self.encoder_fc, p, e2, &dh, grads, Some(&mut de2), STRUCTURAL_VAE, "encoder.7")?;
+        let de2 = relu_grad(e2, &de2, alloc)?.reshape(&[
+            e1.shape()[0],
+            self.encoder_convs[2].output,
+            self.config.image_size / 8,
+            self.config.image_size / 8,
+        ])?;
+        let mut de1 = new(alloc, e1)?;
+        conv2d_grad(&self.encoder_convs[2], p, e1, &de2, grads, Some(&mut de1), "encoder.4")?;
+        let de1 = relu_grad(e1, &de1, alloc)?;
+        let mut de0 = new(alloc, e0)?;
+        conv2d_grad(&self.encoder_convs[1], p, e0, &de1, grads, Some(&mut de0), "encoder.2")?;
+        let de0 = relu_grad(e0, &de0, alloc)?;
+        let mut dimage = input_grads.then(|| new(alloc, image)).transpose()?;
+        conv2d_grad(&self.encoder_convs[0], p, image, &de0, grads, dimage.as_mut(), "encoder.0")?;
+        Ok(dimage.map(|image| StructuralVaeInputGrads { image, eps: deps }))
+    }
+}
+
 /// `ContrastiveAlignment`: the symmetric NT-Xent loss at a temperature; it has no parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ContrastiveAlignment {
@@ -160,7 +534,13 @@ pub fn run_contrastive_alignment(c: &Component, inputs: &Named, grads: Option<&N
     c.weights.ensure_all_used()?;
     inputs.ensure_only(&["eeg_embed", "visual_embed"])?;
     let (a, b) = (inputs.get("eeg_embed")?, inputs.get("visual_embed")?);
-    ensure!(a.shape().len() == 2 && a.shape() == b.shape(), "{}: eeg_embed {:?} and visual_embed {:?} must both be [B, D]", inputs.source, a.shape(), b.shape());
+    ensure!(
+        a.shape().len() == 2 && a.shape() == b.shape(),
+        "{}: eeg_embed {:?} and visual_embed {:?} must both be [B, D]",
+        inputs.source,
+        a.shape(),
+        b.shape()
+    );
     let (batch, dim) = (a.shape()[0], a.shape()[1]);
     let mut acts = InfoNceActivations::zeros(device, batch, dim, dtype)?;
     infonce_forward(a, b, m.temperature as f32, &mut acts)?;
@@ -175,4 +555,184 @@ pub fn run_contrastive_alignment(c: &Component, inputs: &Named, grads: Option<&N
         out.push(("grad.visual_embed".to_string(), db));
     }
     Ok(out)
+}
+
+/// `sgdm forward` for SpatiotemporalEEGEncoder: input `eeg` [B, C, T]; output `embedding` [B, latent]; with
+/// its upstream gradient, `grad.eeg` and `grad.<parameter>`.
+pub fn run_eeg_encoder(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = EegEncoder::new(EegEncoderConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let params = load_params(&m.params, c, device, dtype)?;
+    inputs.ensure_only(&["eeg"])?;
+    let mut alloc = Standalone(device.clone());
+    let acts = m.forward(&params, inputs.get("eeg")?, &mut alloc)?;
+    let mut out = Vec::new();
+    if let Some(g) = grads {
+        g.ensure_only(&["embedding"])?;
+        let dembedding = g.get_shaped("embedding", acts.embedding.shape())?;
+        let mut pg = Grads::zeros(&m.params, &mut alloc, dtype)?;
+        let deeg = m.backward(&params, &acts, dembedding, &mut pg, true, &mut alloc)?.expect("asked for the input gradient");
+        out.push(("grad.eeg".to_string(), deeg));
+        out.extend(named_grads(&m.params, pg));
+    }
+    out.push(("embedding".to_string(), acts.embedding));
+    Ok(out)
+}
+
+/// `sgdm forward` for StructuralVAE: inputs `image` [B, 3, S, S] and optionally `eps` [B, latent]; outputs
+/// `recon`, `mu`, `logvar`, `structure`; with their upstream gradients, `grad.image`, `grad.eps` (when
+/// given) and `grad.<parameter>`.
+pub fn run_structural_vae(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = StructuralVae::new(StructuralVaeConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let params = load_params(&m.params, c, device, dtype)?;
+    inputs.ensure_only(&["image", "eps"])?;
+    let (image, eps) = (inputs.get("image")?, inputs.get_opt("eps"));
+    let mut alloc = Standalone(device.clone());
+    let acts = m.forward(&params, image, eps, &mut alloc)?;
+    let mut out = Vec::new();
+    if let Some(g) = grads {
+        g.ensure_only(&["recon", "mu", "logvar", "structure"])?;
+        let d = StructuralVaeOutputGrads {
+            recon: g.get_shaped("recon", acts.recon.shape())?,
+            mu: g.get_shaped("mu", acts.mu.shape())?,
+            logvar: g.get_shaped("logvar", acts.logvar.shape())?,
+            structure: g.get_shaped("structure", acts.structure.shape())?,
+        };
+        let mut pg = Grads::zeros(&m.params, &mut alloc, dtype)?;
+        let di = m.backward(&params, image, eps, &acts, &d, &mut pg, true, &mut alloc)?.expect("asked for the input gradients");
+        out.push(("grad.image".to_string(), di.image));
+        out.extend(di.eps.map(|e| ("grad.eps".to_string(), e)));
+        out.extend(named_grads(&m.params, pg));
+    }
+    let StructuralVaeActivations { recon, mu, logvar, structure, .. } = acts;
+    out.extend([("recon", recon), ("mu", mu), ("logvar", logvar), ("structure", structure)].map(|(n, t)| (n.to_string(), t)));
+    Ok(out)
+}
+
+/// The component's weights for `tree` on `device` in `dtype`, in an arena of their own.
+fn load_params(tree: &ParamTree, c: &Component, device: &Device, dtype: DType) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, dtype);
+    let mut arena = Arena::new(device, &plan)?;
+    ParamStore::load(tree, &c.weights, &mut arena, dtype, &[])
+}
+
+/// `(grad.<parameter>, gradient)` for every parameter of `tree`.
+fn named_grads(tree: &ParamTree, grads: Grads) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    tree.specs().iter().zip(grads.into_tensors()).map(|(s, g)| (format!("grad.{}", s.name), g))
+}
+
+/// `y = x`, a device copy.
+fn copy(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut y = alloc.alloc(x.shape(), x.dtype())?;
+    scale(x, 1.0, &mut y)?;
+    Ok(y)
+}
+
+fn relu(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut y = alloc.alloc(x.shape(), x.dtype())?;
+    relu_forward(x, &mut y)?;
+    Ok(y)
+}
+
+/// ReLU's backward from its output `y`: torch's test `x <= 0` picks the same elements as `y <= 0`, so the
+/// activations keep only the ReLU's output.
+fn relu_grad(y: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut dx = alloc.alloc(y.shape(), y.dtype())?;
+    relu_backward(y, dy, &mut dx)?;
+    Ok(dx)
+}
+
+/// `nn.Linear` on `x` [B, input] -> [B, output].
+fn linear(l: &Linear, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, model: &str, name: &str) -> Result<Tensor> {
+    let mut y = alloc.alloc(&[x.shape()[0], l.output], x.dtype())?;
+    linear_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), &mut y).with_context(|| format!("{model}: {name}"))?;
+    Ok(y)
+}
+
+/// Backward of [`linear`]: accumulates the weight and bias gradients; writes `dx` when given.
+#[allow(clippy::too_many_arguments)]
+fn linear_grad(
+    l: &Linear,
+    p: &ParamStore,
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut Grads,
+    dx: Option<&mut Tensor>,
+    model: &str,
+    name: &str,
+) -> Result<()> {
+    let w = p.get(l.weight);
+    let context = || format!("{model}: {name} backward");
+    linear_backward(x, w, dy, dx, Some(grads.get_mut(l.weight)), None).with_context(context)?;
+    if let Some(b) = l.bias {
+        linear_backward(x, w, dy, None, None, Some(grads.get_mut(b))).with_context(context)?;
+    }
+    Ok(())
+}
+
+/// The EEG encoder's `nn.Conv1d` (stride 1) on `x` [B, input, L].
+fn conv1d(l: &Conv1d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
+    let s = x.shape();
+    let len = (s[2] + 2 * l.padding + 1).saturating_sub(l.kernel);
+    let mut y = alloc.alloc(&[s[0], l.output, len], x.dtype())?;
+    conv1d_forward(x, p.get(l.weight), Some(p.get(l.bias)), 1, l.padding, &mut y).with_context(|| format!("{EEG_ENCODER}: {name}"))?;
+    Ok(y)
+}
+
+fn conv1d_grad(l: &Conv1d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
+    let context = || format!("{EEG_ENCODER}: {name} backward");
+    if let Some(dx) = dx {
+        conv1d_backward_input(dy, p.get(l.weight), 1, l.padding, dx).with_context(context)?;
+    }
+    conv1d_backward_weight(x, dy, 1, l.padding, grads.get_mut(l.weight)).with_context(context)?;
+    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
+}
+
+/// The VAE encoder's `nn.Conv2d` on `x` [B, input, H, W].
+fn conv2d(l: &Conv2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
+    let (s, pad) = (x.shape(), l.spec.padding);
+    let out = |len: usize, before: usize, after: usize| (len + before + after).saturating_sub(l.kernel) / l.spec.stride + 1;
+    let mut y = alloc.alloc(&[s[0], l.output, out(s[2], pad.top, pad.bottom), out(s[3], pad.left, pad.right)], x.dtype())?;
+    conv2d_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), l.spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
+    Ok(y)
+}
+
+fn conv2d_grad(l: &Conv2d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
+    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
+    if let Some(dx) = dx {
+        conv2d_backward_input(dy, p.get(l.weight), l.spec, dx).with_context(context)?;
+    }
+    conv2d_backward_weight(x, dy, l.spec, grads.get_mut(l.weight)).with_context(context)?;
+    if let Some(b) = l.bias {
+        conv_backward_bias(dy, grads.get_mut(b)).with_context(context)?;
+    }
+    Ok(())
+}
+
+/// The VAE decoder's `nn.ConvTranspose2d` on `x` [B, input, H, W].
+fn conv_transpose2d(l: &ConvTranspose2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
+    let s = x.shape();
+    let out = |len: usize| ((len.max(1) - 1) * l.stride + l.kernel).saturating_sub(2 * l.padding);
+    let mut y = alloc.alloc(&[s[0], l.output, out(s[2]), out(s[3])], x.dtype())?;
+    let spec = Conv2dSpec::new(l.stride, l.padding);
+    conv_transpose2d_forward(x, p.get(l.weight), Some(p.get(l.bias)), spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
+    Ok(y)
+}
+
+fn conv_transpose2d_grad(
+    l: &ConvTranspose2d,
+    p: &ParamStore,
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut Grads,
+    dx: Option<&mut Tensor>,
+    name: &str,
+) -> Result<()> {
+    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
+    let spec = Conv2dSpec::new(l.stride, l.padding);
+    if let Some(dx) = dx {
+        conv_transpose2d_backward_input(dy, p.get(l.weight), spec, dx).with_context(context)?;
+    }
+    conv_transpose2d_backward_weight(x, dy, spec, grads.get_mut(l.weight)).with_context(context)?;
+    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
 }

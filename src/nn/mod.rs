@@ -355,9 +355,14 @@ impl Allocator for ArenaRegion<'_> {
 
 /// Parameter gradients: one tensor per [`ParamId`] of a tree, shaped like the parameter. Backwards add to
 /// them (`+=`), so they start at zero and gradient accumulation over micro-batches needs no extra buffer.
+/// The dtype must be one every op accepts for its parameter gradients: f32 on the CPU, the parameters'
+/// storage dtype on CUDA (the convolutions' weight gradients have no mixed-dtype form).
 pub struct Grads {
-    tensors: Vec<crate::tensor::Tensor>,
+    /// `None` only while [`Grads::with_lent`] has lent the tensor out.
+    tensors: Vec<Option<crate::tensor::Tensor>>,
 }
+
+const LENT: &str = "a lent gradient is back before `with_lent` returns";
 
 impl Grads {
     /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
@@ -369,7 +374,7 @@ impl Grads {
 
     /// Zeroed gradients for every parameter of `tree`, from `alloc`.
     pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
-        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype).map(Some)).collect::<Result<Vec<_>>>()?;
         let mut grads = Grads { tensors };
         grads.zero()?;
         Ok(grads)
@@ -378,6 +383,7 @@ impl Grads {
     /// Sets every gradient to zero (an arena hands out its memory zeroed only the first time).
     pub fn zero(&mut self) -> Result<()> {
         for t in &mut self.tensors {
+            let t = t.as_mut().expect(LENT);
             let bytes = vec![0u8; t.size_bytes()];
             t.write_bytes(&bytes)?;
         }
@@ -385,23 +391,46 @@ impl Grads {
     }
 
     pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
-        &self.tensors[id.0]
+        self.tensors[id.0].as_ref().expect(LENT)
     }
 
     pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
-        &mut self.tensors[id.0]
+        self.tensors[id.0].as_mut().expect(LENT)
     }
 
     /// Two distinct gradients at once (a norm's weight and bias are written by one backward call).
     pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut crate::tensor::Tensor, &mut crate::tensor::Tensor) {
         assert_ne!(a, b, "Grads::pair_mut: the same parameter twice");
-        if a.0 < b.0 {
+        let (first, second) = if a.0 < b.0 {
             let (low, high) = self.tensors.split_at_mut(b.0);
             (&mut low[a.0], &mut high[0])
         } else {
             let (low, high) = self.tensors.split_at_mut(a.0);
             (&mut high[0], &mut low[b.0])
+        };
+        (first.as_mut().expect(LENT), second.as_mut().expect(LENT))
+    }
+
+    /// Moves the gradients of `ids` (distinct) out, in order, for ops whose gradient structs own their
+    /// tensors (`ops::lstm::LstmParams`); `f` hands them back in the same order with its result, which is
+    /// returned after every tensor is back in place, whether `f` succeeded or not.
+    pub fn with_lent<R>(
+        &mut self,
+        ids: &[ParamId],
+        f: impl FnOnce(Vec<crate::tensor::Tensor>) -> (Vec<crate::tensor::Tensor>, R),
+    ) -> R {
+        let lent = ids.iter().map(|id| self.tensors[id.0].take().expect("each gradient is lent once at a time")).collect();
+        let (back, result) = f(lent);
+        assert_eq!(back.len(), ids.len(), "every lent gradient comes back");
+        for (id, t) in ids.iter().zip(back) {
+            self.tensors[id.0] = Some(t);
         }
+        result
+    }
+
+    /// The gradients in [`ParamId`] order (the tree's registration order).
+    pub fn into_tensors(self) -> Vec<crate::tensor::Tensor> {
+        self.tensors.into_iter().map(|t| t.expect(LENT)).collect()
     }
 
     pub fn len(&self) -> usize {
