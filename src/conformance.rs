@@ -73,12 +73,13 @@ pub type Runner = fn(&Component, &Named, Option<&Named>, &Device, DType) -> Resu
 fn runner(class: &str) -> Option<Runner> {
     match class {
         "ContrastiveAlignment" => Some(crate::models::sgdm::run_contrastive_alignment),
+        "AutoencoderKL" => Some(crate::models::autoencoder_kl::run_autoencoder_kl),
         _ => None,
     }
 }
 
 /// The classes `sgdm forward` runs.
-pub const CLASSES: &[&str] = &["ContrastiveAlignment"];
+pub const CLASSES: &[&str] = &["ContrastiveAlignment", "AutoencoderKL"];
 
 /// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`.
 pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType) -> Result<Outputs> {

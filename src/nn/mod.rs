@@ -352,3 +352,46 @@ impl Allocator for ArenaRegion<'_> {
         self.0.alloc(self.1, shape, dtype)
     }
 }
+
+/// Gradients of every parameter of a [`ParamTree`], one tensor per [`ParamId`] with the parameter's shape.
+/// Layers' backward passes add into them (`+=`), so several uses of one weight (the VAE decoder run on two
+/// inputs, the UNet's time embedding in every resnet) sum without extra buffers.
+pub struct Grads {
+    tensors: Vec<crate::tensor::Tensor>,
+}
+
+impl Grads {
+    /// Gradient tensors for every parameter of `tree`. They start at zero only if `alloc` hands out zeroed
+    /// memory: [`Standalone`] always does, an arena region only the first time.
+    pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
+        Ok(Grads { tensors })
+    }
+
+    pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
+        &self.tensors[id.0]
+    }
+
+    pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
+        &mut self.tensors[id.0]
+    }
+
+    /// The gradients of a layer's weight and (distinct) optional bias, both writable at once.
+    pub fn weight_bias_mut(&mut self, weight: ParamId, bias: Option<ParamId>) -> (&mut crate::tensor::Tensor, Option<&mut crate::tensor::Tensor>) {
+        assert!(bias != Some(weight), "a layer's weight and bias are distinct parameters");
+        let (mut w, mut b) = (None, None);
+        for (i, t) in self.tensors.iter_mut().enumerate() {
+            if i == weight.0 {
+                w = Some(t);
+            } else if bias == Some(ParamId(i)) {
+                b = Some(t);
+            }
+        }
+        (w.expect("the weight's id belongs to this tree"), b)
+    }
+
+    /// The tensors in [`ParamId`] order.
+    pub fn into_tensors(self) -> Vec<crate::tensor::Tensor> {
+        self.tensors
+    }
+}
