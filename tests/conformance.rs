@@ -13,9 +13,17 @@ use sgdm::{DType, Device};
 
 const OUTPUT_BOUND: f64 = 1e-4;
 const GRAD_BOUND: f64 = 1e-3;
+/// A reference gradient below this norm is float64 round-off of an exact zero; ours must then stay below
+/// `ZERO_GRAD_BOUND` (f32 round-off of the same sums).
+const ZERO_GRAD_NORM: f64 = 1e-10;
+const ZERO_GRAD_BOUND: f64 = 1e-4;
 
 fn fixture(case: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(case)
+}
+
+fn l2(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
@@ -37,7 +45,14 @@ fn check_case(case: &str) {
     for (name, t) in &outputs {
         let want = expected.tensor(name, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(t.shape(), want.shape(), "{case}: {name}");
-        let err = relative_l2(&t.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+        let (got, want) = (t.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+        if name.starts_with("grad.") && l2(&want) < ZERO_GRAD_NORM {
+            // Zero in exact arithmetic (the attention's key bias: softmax ignores a shift shared by a row's
+            // scores); the reference holds float64 round-off, so only an absolute bound means anything.
+            assert!(l2(&got) <= ZERO_GRAD_BOUND, "{case}: {name}: norm {:.3e} where the gradient is zero", l2(&got));
+            continue;
+        }
+        let err = relative_l2(&got, &want);
         let (bound, slot) = if name.starts_with("grad.") { (GRAD_BOUND, &mut worst.1) } else { (OUTPUT_BOUND, &mut worst.0) };
         assert!(err <= bound, "{case}: {name}: relative L2 error {err:.3e} > {bound:e}");
         *slot = slot.max(err);

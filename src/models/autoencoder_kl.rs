@@ -4,12 +4,19 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::models::blocks::{downsampler, upsampler, Attention, DownBlock, MidBlock, ResnetBlock, UpBlock};
+use crate::conformance::{Named, Outputs};
+use crate::models::blocks::layers::{self, GroupNormActivations};
+use crate::models::blocks::{downsampler, upsampler, Attention, DownActivations, DownBlock, MidBlock, ResnetBlock, UpActivations, UpBlock, VaeMidActivations};
 use crate::models::config::ConfigReader;
-use crate::nn::{Conv2d, Norm, ParamTree};
+use crate::nn::{Allocator, Conv2d, Grads, Norm, ParamStore, ParamTree, Standalone};
+use crate::ops::elementwise::{add, add_scaled, relu_backward, relu_forward};
+use crate::ops::shape::{concat_channels, split_channels};
+use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::tensor::{DType, Tensor};
+use crate::weights::Component;
 
 /// The AutoencoderKL's GroupNorms use eps 1e-6 throughout.
 const VAE_EPS: f64 = 1e-6;
@@ -161,3 +168,237 @@ impl AutoencoderKl {
 /// (old suffix, current suffix).
 pub const LEGACY_ATTENTION_NAMES: [(&str, &str); 4] =
     [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
+
+/// diffusers' `DiagonalGaussianDistribution` clamps the log-variance to this range.
+const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
+
+/// `clamp(x, lo, hi)` from the ops at hand: `x1 = x - relu(x - hi)`, `y = x1 + relu(lo - x1)`. Inside the
+/// range both ReLUs are exactly 0, so y is x bit for bit; the ReLUs' zero slope at 0 passes the gradient at
+/// the bounds, as torch's clamp does.
+struct ClampActivations {
+    above: Tensor,
+    below: Tensor,
+}
+
+fn clamp_forward(x: &Tensor, (lo, hi): (f32, f32), alloc: &mut dyn Allocator) -> Result<(Tensor, ClampActivations)> {
+    let n = x.numel();
+    let mut bound = alloc.alloc(x.shape(), x.dtype())?;
+    bound.write_f32(&vec![hi; n])?;
+    let mut above = alloc.alloc(x.shape(), x.dtype())?;
+    add_scaled(x, &bound, -1.0, &mut above)?;
+    let mut excess = alloc.alloc(x.shape(), x.dtype())?;
+    relu_forward(&above, &mut excess)?;
+    let mut capped = alloc.alloc(x.shape(), x.dtype())?;
+    add_scaled(x, &excess, -1.0, &mut capped)?;
+    bound.write_f32(&vec![lo; n])?;
+    let mut below = alloc.alloc(x.shape(), x.dtype())?;
+    add_scaled(&bound, &capped, -1.0, &mut below)?;
+    relu_forward(&below, &mut excess)?;
+    let mut y = alloc.alloc(x.shape(), x.dtype())?;
+    add(&capped, &excess, &mut y)?;
+    Ok((y, ClampActivations { above, below }))
+}
+
+fn clamp_backward(acts: &ClampActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut masked = alloc.alloc(dy.shape(), dy.dtype())?;
+    relu_backward(&acts.below, dy, &mut masked)?;
+    let mut dcapped = alloc.alloc(dy.shape(), dy.dtype())?;
+    add_scaled(dy, &masked, -1.0, &mut dcapped)?;
+    relu_backward(&acts.above, &dcapped, &mut masked)?;
+    let mut dx = alloc.alloc(dy.shape(), dy.dtype())?;
+    add_scaled(&dcapped, &masked, -1.0, &mut dx)?;
+    Ok(dx)
+}
+
+/// What [`AutoencoderKl::encode_backward`] reads.
+pub struct EncoderActivations {
+    conv_in: Tensor,
+    down: Vec<DownActivations>,
+    /// Each down block's output: the next block's (or the mid block's) input.
+    down_outputs: Vec<Tensor>,
+    mid: VaeMidActivations,
+    mid_output: Tensor,
+    norm_out: GroupNormActivations,
+    conv_out: Tensor,
+    logvar: ClampActivations,
+}
+
+/// What [`AutoencoderKl::decode_backward`] reads.
+pub struct DecoderActivations {
+    post_quant: Tensor,
+    conv_in: Tensor,
+    mid: VaeMidActivations,
+    mid_output: Tensor,
+    up: Vec<UpActivations>,
+    /// Each up block's output: the next block's (or the output norm's) input.
+    up_outputs: Vec<Tensor>,
+    norm_out: GroupNormActivations,
+}
+
+impl AutoencoderKl {
+    /// `encode(sample).latent_dist`: `sample` [B, in_channels, H, W] -> (mean, logvar), each
+    /// [B, latent_channels, H / 2^(blocks-1), W / 2^(blocks-1)], logvar clamped to [-30, 20].
+    pub fn encode(&self, p: &ParamStore, sample: &Tensor, alloc: &mut dyn Allocator) -> Result<(Tensor, Tensor, EncoderActivations)> {
+        let s = sample.shape();
+        ensure!(
+            s.len() == 4 && s[1] == self.config.in_channels,
+            "AutoencoderKL encode: sample {s:?} must be [B, {}, H, W]",
+            self.config.in_channels
+        );
+        let e = &self.encoder;
+        let conv_in = layers::conv(p, &e.conv_in, sample, alloc).context("AutoencoderKL encoder.conv_in")?;
+        let mut down = Vec::new();
+        let mut down_outputs: Vec<Tensor> = Vec::new();
+        for (i, block) in e.down.iter().enumerate() {
+            let x = down_outputs.last().unwrap_or(&conv_in);
+            let (y, acts) = block.forward(p, x, None, alloc).with_context(|| format!("AutoencoderKL encoder.down_blocks.{i}"))?;
+            down.push(acts);
+            down_outputs.push(y);
+        }
+        let mid_input = down_outputs.last().expect("at least one block");
+        let (mid_output, mid) = e.mid.vae_forward(p, mid_input, alloc).context("AutoencoderKL encoder.mid_block")?;
+        let norm_out = layers::group_norm(p, &e.conv_norm_out, true, &mid_output, alloc)?;
+        let conv_out = layers::conv(p, &e.conv_out, &norm_out.y, alloc)?;
+        let moments = layers::conv(p, &self.quant_conv, &conv_out, alloc)?;
+        let m = moments.shape();
+        let latent = [m[0], self.config.latent_channels, m[2], m[3]];
+        let mut mean = alloc.alloc(&latent, moments.dtype())?;
+        let mut raw_logvar = alloc.alloc(&latent, moments.dtype())?;
+        split_channels(&moments, &mut mean, &mut raw_logvar)?;
+        let (logvar, logvar_acts) = clamp_forward(&raw_logvar, LOGVAR_RANGE, alloc)?;
+        let acts = EncoderActivations { conv_in, down, down_outputs, mid, mid_output, norm_out, conv_out, logvar: logvar_acts };
+        Ok((mean, logvar, acts))
+    }
+
+    /// Backward of [`AutoencoderKl::encode`] from the mean's and the clamped logvar's gradients: returns
+    /// dsample, adds every encoder and quant_conv gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        sample: &Tensor,
+        acts: &EncoderActivations,
+        dmean: &Tensor,
+        dlogvar: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
+        let e = &self.encoder;
+        let draw_logvar = clamp_backward(&acts.logvar, dlogvar, alloc)?;
+        let mut dmoments = alloc.alloc(acts.conv_out.shape(), dmean.dtype())?;
+        concat_channels(dmean, &draw_logvar, &mut dmoments)?;
+        let dconv_out = layers::conv_back(p, g, &self.quant_conv, &acts.conv_out, &dmoments, alloc)?;
+        let dnorm_out = layers::conv_back(p, g, &e.conv_out, &acts.norm_out.y, &dconv_out, alloc)?;
+        let dmid_output = layers::group_norm_back(p, g, &e.conv_norm_out, true, &acts.mid_output, &acts.norm_out, &dnorm_out, alloc)?;
+        let mid_input = acts.down_outputs.last().expect("at least one block");
+        let mut d = e.mid.vae_backward(p, g, mid_input, &acts.mid, &dmid_output, alloc).context("AutoencoderKL encoder.mid_block backward")?;
+        for (i, block) in e.down.iter().enumerate().rev() {
+            let x = if i == 0 { &acts.conv_in } else { &acts.down_outputs[i - 1] };
+            d = block.backward(p, g, x, None, &acts.down[i], &d, alloc).with_context(|| format!("AutoencoderKL encoder.down_blocks.{i} backward"))?.0;
+        }
+        layers::conv_back(p, g, &e.conv_in, sample, &d, alloc).context("AutoencoderKL encoder.conv_in backward")
+    }
+
+    /// `decode(z).sample`: `z` [B, latent_channels, h, w] -> [B, out_channels, h·2^(blocks-1), w·2^(blocks-1)].
+    pub fn decode(&self, p: &ParamStore, z: &Tensor, alloc: &mut dyn Allocator) -> Result<(Tensor, DecoderActivations)> {
+        let s = z.shape();
+        ensure!(
+            s.len() == 4 && s[1] == self.config.latent_channels,
+            "AutoencoderKL decode: latents {s:?} must be [B, {}, h, w]",
+            self.config.latent_channels
+        );
+        let d = &self.decoder;
+        let post_quant = layers::conv(p, &self.post_quant_conv, z, alloc).context("AutoencoderKL post_quant_conv")?;
+        let conv_in = layers::conv(p, &d.conv_in, &post_quant, alloc).context("AutoencoderKL decoder.conv_in")?;
+        let (mid_output, mid) = d.mid.vae_forward(p, &conv_in, alloc).context("AutoencoderKL decoder.mid_block")?;
+        let mut up = Vec::new();
+        let mut up_outputs: Vec<Tensor> = Vec::new();
+        for (i, block) in d.up.iter().enumerate() {
+            let x = up_outputs.last().unwrap_or(&mid_output);
+            let (y, acts) = block.decoder_forward(p, x, alloc).with_context(|| format!("AutoencoderKL decoder.up_blocks.{i}"))?;
+            up.push(acts);
+            up_outputs.push(y);
+        }
+        let last = up_outputs.last().expect("at least one block");
+        let norm_out = layers::group_norm(p, &d.conv_norm_out, true, last, alloc)?;
+        let y = layers::conv(p, &d.conv_out, &norm_out.y, alloc)?;
+        Ok((y, DecoderActivations { post_quant, conv_in, mid, mid_output, up, up_outputs, norm_out }))
+    }
+
+    /// Backward of [`AutoencoderKl::decode`]: returns dz, adds every decoder and post_quant_conv gradient.
+    pub fn decode_backward(&self, p: &ParamStore, g: &mut Grads, z: &Tensor, acts: &DecoderActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let dd = &self.decoder;
+        let last = acts.up_outputs.last().expect("at least one block");
+        let dnorm_out = layers::conv_back(p, g, &dd.conv_out, &acts.norm_out.y, dy, alloc)?;
+        let mut d = layers::group_norm_back(p, g, &dd.conv_norm_out, true, last, &acts.norm_out, &dnorm_out, alloc)?;
+        for (i, block) in dd.up.iter().enumerate().rev() {
+            let x = if i == 0 { &acts.mid_output } else { &acts.up_outputs[i - 1] };
+            d = block.decoder_backward(p, g, x, &acts.up[i], &d, alloc).with_context(|| format!("AutoencoderKL decoder.up_blocks.{i} backward"))?;
+        }
+        let dconv_in = dd.mid.vae_backward(p, g, &acts.conv_in, &acts.mid, &d, alloc).context("AutoencoderKL decoder.mid_block backward")?;
+        let dpost_quant = layers::conv_back(p, g, &dd.conv_in, &acts.post_quant, &dconv_in, alloc)?;
+        layers::conv_back(p, g, &self.post_quant_conv, z, &dpost_quant, alloc)
+    }
+}
+
+/// `sgdm forward` for AutoencoderKL, as tests/fixtures/models/make_fixtures.py's `run_vae`: inputs `sample`
+/// [B, in, H, W] and/or `latents` [B', latent, h, w]; outputs `latent_dist.mean`, `latent_dist.logvar` and
+/// `reconstruction` = decode(mean) from `sample`, `decoded` = decode(latents) from `latents`. With upstream
+/// gradients for every output, also `grad.sample`, `grad.latents` and `grad.<parameter>`.
+pub fn run_autoencoder_kl(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = AutoencoderKl::new(AutoencoderKlConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(&model.params, &mut plan, dtype);
+    let mut arena = Arena::new(device, &plan)?;
+    let p = ParamStore::load(&model.params, &c.weights, &mut arena, dtype, &LEGACY_ATTENTION_NAMES)?;
+    inputs.ensure_only(&["sample", "latents"])?;
+    let (sample, latents) = (inputs.get_opt("sample"), inputs.get_opt("latents"));
+    ensure!(sample.is_some() || latents.is_some(), "{}: AutoencoderKL needs 'sample' and/or 'latents'", inputs.source);
+    let alloc = &mut Standalone(device.clone());
+
+    let encoded = sample.map(|x| -> Result<_> {
+        let (mean, logvar, enc) = model.encode(&p, x, alloc)?;
+        let (reconstruction, dec) = model.decode(&p, &mean, alloc)?;
+        Ok((mean, logvar, enc, reconstruction, dec))
+    });
+    let encoded = encoded.transpose()?;
+    let decoded = latents.map(|z| model.decode(&p, z, alloc)).transpose()?;
+
+    let mut g = grads.map(|_| Grads::zeros(&model.params, alloc, dtype)).transpose()?;
+    let mut input_grads = Vec::new();
+    if let (Some(gn), Some(g)) = (grads, g.as_mut()) {
+        let mut known = Vec::new();
+        if let (Some(x), Some((mean, logvar, enc, reconstruction, dec))) = (sample, &encoded) {
+            known.extend(["latent_dist.mean", "latent_dist.logvar", "reconstruction"]);
+            let dmean_out = gn.get_shaped("latent_dist.mean", mean.shape())?;
+            let dlogvar = gn.get_shaped("latent_dist.logvar", logvar.shape())?;
+            let drec = gn.get_shaped("reconstruction", reconstruction.shape())?;
+            let dmean_dec = model.decode_backward(&p, g, mean, dec, drec, alloc)?;
+            let mut dmean = alloc.alloc(mean.shape(), dtype)?;
+            add(dmean_out, &dmean_dec, &mut dmean)?;
+            input_grads.push(("grad.sample".to_string(), model.encode_backward(&p, g, x, enc, &dmean, dlogvar, alloc)?));
+        }
+        if let (Some(z), Some((out, dec))) = (latents, &decoded) {
+            known.push("decoded");
+            let dy = gn.get_shaped("decoded", out.shape())?;
+            input_grads.push(("grad.latents".to_string(), model.decode_backward(&p, g, z, dec, dy, alloc)?));
+        }
+        gn.ensure_only(&known)?;
+    }
+
+    let mut out = Vec::new();
+    if let Some((mean, logvar, _, reconstruction, _)) = encoded {
+        out.push(("latent_dist.mean".to_string(), mean));
+        out.push(("latent_dist.logvar".to_string(), logvar));
+        out.push(("reconstruction".to_string(), reconstruction));
+    }
+    if let Some((y, _)) = decoded {
+        out.push(("decoded".to_string(), y));
+    }
+    out.extend(input_grads);
+    if let Some(g) = g {
+        let names = model.params.specs().iter().map(|s| format!("grad.{}", s.name));
+        out.extend(names.zip(g.into_tensors()));
+    }
+    Ok(out)
+}

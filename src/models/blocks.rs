@@ -1,12 +1,16 @@
 //! The diffusers building blocks shared by the UNet, the ControlNet and the AutoencoderKL, as parameter
 //! structures named exactly like diffusers' modules (`resnets.0.norm1.weight`, ...).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use crate::nn::{join, Conv2d, Linear, Norm, ParamTree};
-use crate::ops::conv::Conv2dSpec;
-use crate::nn::{Allocator, Grads, ParamStore};
+use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
+use crate::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads, MAX_HEAD_DIM};
 use crate::ops;
+use crate::ops::conv::Conv2dSpec;
+use crate::ops::elementwise::{add, silu_backward, silu_forward};
+use crate::ops::linear::{matmul, MatmulSpec};
+use crate::ops::shape::{transpose_last2, upsample_nearest2x, upsample_nearest2x_backward};
+use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::tensor::{DType, Tensor};
 
 /// `ResnetBlock2D`: GroupNorm, SiLU, 3x3 conv, (+ projected time embedding), GroupNorm, SiLU, 3x3 conv,
@@ -31,6 +35,480 @@ impl ResnetBlock {
             conv2: Conv2d::k3(tree, &join(prefix, "conv2"), output, output, 1),
             conv_shortcut: (input != output).then(|| Conv2d::k1(tree, &join(prefix, "conv_shortcut"), input, output)),
         })
+    }
+}
+
+/// The parameterised layers of [`crate::nn`] run on a [`ParamStore`]: forward from the parameters, backward
+/// adding into [`Grads`], every tensor taken from an [`Allocator`].
+pub mod layers {
+    use anyhow::Result;
+
+    use crate::nn::{Allocator, Conv2d, Grads, Linear, Norm, ParamStore};
+    use crate::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv_backward_bias};
+    use crate::ops::linear::{linear_backward, linear_forward};
+    use crate::ops::norm::{group_norm_backward, group_norm_forward, group_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut};
+    use crate::tensor::{DType, Tensor};
+
+    /// A GroupNorm's output and the statistics its backward reads.
+    pub struct GroupNormActivations {
+        pub y: Tensor,
+        pub mean: Tensor,
+        pub rstd: Tensor,
+    }
+
+    fn group_norm_spec(norm: &Norm, silu: bool) -> GroupNorm {
+        GroupNorm { groups: norm.groups, eps: norm.eps as f32, silu }
+    }
+
+    /// GroupNorm of `x` [N, C, ...], followed by SiLU when `silu`.
+    pub fn group_norm(p: &ParamStore, norm: &Norm, silu: bool, x: &Tensor, alloc: &mut dyn Allocator) -> Result<GroupNormActivations> {
+        let n = x.shape()[0];
+        let mut y = alloc.alloc(x.shape(), x.dtype())?;
+        let mut mean = alloc.alloc(&[n, norm.groups], DType::F32)?;
+        let mut rstd = alloc.alloc(&[n, norm.groups], DType::F32)?;
+        let affine = Affine { weight: p.get(norm.weight), bias: p.get(norm.bias) };
+        group_norm_forward(group_norm_spec(norm, silu), x, affine, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd })?;
+        Ok(GroupNormActivations { y, mean, rstd })
+    }
+
+    /// Backward of [`group_norm`]: returns dx, adds the weight and bias gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_back(
+        p: &ParamStore,
+        g: &mut Grads,
+        norm: &Norm,
+        silu: bool,
+        x: &Tensor,
+        acts: &GroupNormActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
+        let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+        let mut scratch = alloc.alloc(&group_norm_scratch_shape(x.shape()), DType::F32)?;
+        let affine = Affine { weight: p.get(norm.weight), bias: p.get(norm.bias) };
+        let (dweight, dbias) = g.weight_bias_mut(norm.weight, Some(norm.bias));
+        let dbias = dbias.expect("a GroupNorm has a bias");
+        let stats = Stats { mean: &acts.mean, rstd: &acts.rstd };
+        group_norm_backward(group_norm_spec(norm, silu), x, affine, stats, dy, NormGrads { dx: &mut dx, dweight, dbias, scratch: &mut scratch })?;
+        Ok(dx)
+    }
+
+    /// Conv2d of `x` [N, C_in, H, W] into a new [N, C_out, H', W'].
+    pub fn conv(p: &ParamStore, c: &Conv2d, x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let s = x.shape();
+        anyhow::ensure!(s.len() == 4 && s[1] == c.input, "conv2d: input {s:?} must be [N, {}, H, W]", c.input);
+        let pad = c.spec.padding;
+        let (h, w) = (s[2] + pad.top + pad.bottom, s[3] + pad.left + pad.right);
+        anyhow::ensure!(h >= c.kernel && w >= c.kernel, "conv2d: padded input {h}x{w} is smaller than the {}x{} kernel", c.kernel, c.kernel);
+        let out = [s[0], c.output, (h - c.kernel) / c.spec.stride + 1, (w - c.kernel) / c.spec.stride + 1];
+        let mut y = alloc.alloc(&out, x.dtype())?;
+        conv2d_forward(x, p.get(c.weight), c.bias.map(|b| p.get(b)), c.spec, &mut y)?;
+        Ok(y)
+    }
+
+    /// Backward of [`conv`]: returns dx, adds the weight and bias gradients.
+    pub fn conv_back(p: &ParamStore, g: &mut Grads, c: &Conv2d, x: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+        conv2d_backward_input(dy, p.get(c.weight), c.spec, &mut dx)?;
+        let (dw, db) = g.weight_bias_mut(c.weight, c.bias);
+        conv2d_backward_weight(x, dy, c.spec, dw)?;
+        if let Some(db) = db {
+            conv_backward_bias(dy, db)?;
+        }
+        Ok(dx)
+    }
+
+    /// `nn.Linear` over the last dimension of `x` into a new tensor.
+    pub fn linear(p: &ParamStore, l: &Linear, x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("linear input has a feature dimension") = l.output;
+        let mut y = alloc.alloc(&shape, x.dtype())?;
+        linear_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), &mut y)?;
+        Ok(y)
+    }
+
+    /// Backward of [`linear`]: writes `dx` when given, adds the weight and bias gradients.
+    pub fn linear_back(p: &ParamStore, g: &mut Grads, l: &Linear, x: &Tensor, dy: &Tensor, dx: Option<&mut Tensor>) -> Result<()> {
+        let (dw, db) = g.weight_bias_mut(l.weight, l.bias);
+        linear_backward(x, p.get(l.weight), dy, dx, Some(dw), db)
+    }
+}
+
+/// The time-embedding branch of a resnet: `silu(temb)` (the projection's input) and the ones the projected
+/// [N, C] embedding is multiplied with to broadcast it over the N x H·W positions in one accumulating GEMM.
+pub struct TimeActivations {
+    silu: Tensor,
+    ones: Tensor,
+}
+
+/// What [`ResnetBlock::backward`] reads: the GroupNorm activations and the first conv's output (with the time
+/// embedding added), which is the second GroupNorm's input.
+pub struct ResnetActivations {
+    norm1: layers::GroupNormActivations,
+    conv1: Tensor,
+    time: Option<TimeActivations>,
+    norm2: layers::GroupNormActivations,
+}
+
+impl ResnetBlock {
+    /// `x` [N, C_in, H, W] and, when the block has `time_emb_proj`, `temb` [N, temb_channels]; returns
+    /// [N, C_out, H, W] = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))).
+    pub fn forward(&self, p: &ParamStore, x: &Tensor, temb: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<(Tensor, ResnetActivations)> {
+        let norm1 = layers::group_norm(p, &self.norm1, true, x, alloc)?;
+        let mut conv1 = layers::conv(p, &self.conv1, &norm1.y, alloc)?;
+        let time = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let shape = conv1.shape().to_vec();
+                let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+                ensure!(temb.shape() == [n, proj.input], "ResnetBlock2D: temb {:?} must be [{n}, {}]", temb.shape(), proj.input);
+                let mut silu = alloc.alloc(temb.shape(), temb.dtype())?;
+                silu_forward(temb, &mut silu)?;
+                let projected = layers::linear(p, proj, &silu, alloc)?.reshape(&[n, c, 1])?;
+                let mut ones = alloc.alloc(&[n, 1, hw], conv1.dtype())?;
+                ones.write_f32(&vec![1.0; n * hw])?;
+                let mut h = conv1.reshape(&[n, c, hw])?;
+                matmul(&projected, &ones, &mut h, MatmulSpec { accumulate: true, ..MatmulSpec::default() })?;
+                conv1 = h.reshape(&shape)?;
+                Some(TimeActivations { silu, ones })
+            }
+            (None, None) => None,
+            (Some(_), None) => bail!("ResnetBlock2D: the block projects a time embedding but none was given"),
+            (None, Some(_)) => bail!("ResnetBlock2D: a time embedding was given to a block without time_emb_proj"),
+        };
+        let norm2 = layers::group_norm(p, &self.norm2, true, &conv1, alloc)?;
+        let conv2 = layers::conv(p, &self.conv2, &norm2.y, alloc)?;
+        let mut y = alloc.alloc(conv2.shape(), conv2.dtype())?;
+        match &self.conv_shortcut {
+            Some(sc) => add(&layers::conv(p, sc, x, alloc)?, &conv2, &mut y)?,
+            None => add(x, &conv2, &mut y)?,
+        }
+        Ok((y, ResnetActivations { norm1, conv1, time, norm2 }))
+    }
+
+    /// Backward of [`ResnetBlock::forward`] from `dy`: returns dx and, with a time embedding, dtemb; adds
+    /// every parameter gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        acts: &ResnetActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dnorm2 = layers::conv_back(p, g, &self.conv2, &acts.norm2.y, dy, alloc)?;
+        let dconv1 = layers::group_norm_back(p, g, &self.norm2, true, &acts.conv1, &acts.norm2, &dnorm2, alloc)?;
+        let (dconv1, dtemb) = match (&self.time_emb_proj, temb, &acts.time) {
+            (Some(proj), Some(temb), Some(time)) => {
+                let shape = dconv1.shape().to_vec();
+                let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+                let dconv1 = dconv1.reshape(&[n, c, hw])?;
+                let mut dprojected = alloc.alloc(&[n, c, 1], dconv1.dtype())?;
+                matmul(&dconv1, &time.ones, &mut dprojected, MatmulSpec { trans_b: true, ..MatmulSpec::default() })?;
+                let dprojected = dprojected.reshape(&[n, c])?;
+                let mut dsilu = alloc.alloc(time.silu.shape(), time.silu.dtype())?;
+                layers::linear_back(p, g, proj, &time.silu, &dprojected, Some(&mut dsilu))?;
+                let mut dtemb = alloc.alloc(temb.shape(), temb.dtype())?;
+                silu_backward(temb, &dsilu, &mut dtemb)?;
+                (dconv1.reshape(&shape)?, Some(dtemb))
+            }
+            (None, None, None) => (dconv1, None),
+            _ => bail!("ResnetBlock2D backward: the time embedding does not match the forward's"),
+        };
+        let dnorm1 = layers::conv_back(p, g, &self.conv1, &acts.norm1.y, &dconv1, alloc)?;
+        let dmain = layers::group_norm_back(p, g, &self.norm1, true, x, &acts.norm1, &dnorm1, alloc)?;
+        let mut dx = alloc.alloc(x.shape(), x.dtype())?;
+        match &self.conv_shortcut {
+            Some(sc) => add(&dmain, &layers::conv_back(p, g, sc, x, dy, alloc)?, &mut dx)?,
+            None => add(&dmain, dy, &mut dx)?,
+        }
+        Ok((dx, dtemb))
+    }
+}
+
+/// The attention core's saved tensors: the fused op's output and log-sum-exp rows, or, for head dims the
+/// fused kernels do not hold (the SD VAE's 512), the explicit probabilities and output.
+enum AttentionCore {
+    Fused { out: Tensor, lse: Tensor },
+    Unfused { probs: Tensor, out: Tensor },
+}
+
+impl AttentionCore {
+    fn out(&self) -> &Tensor {
+        match self {
+            AttentionCore::Fused { out, .. } | AttentionCore::Unfused { out, .. } => out,
+        }
+    }
+}
+
+/// What [`Attention::vae_backward`] reads: the GroupNorm, its output as tokens [B, L, C], q, k, v and the core.
+pub struct VaeAttentionActivations {
+    norm: layers::GroupNormActivations,
+    tokens: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    core: AttentionCore,
+}
+
+impl Attention {
+    /// The VAE mid block's attention on `x` [B, C, L] (L = H·W): GroupNorm, tokens [B, L, C], single-head
+    /// softmax(q kᵀ / √C) v, `to_out.0`, back to [B, C, L], plus `x`. `fused` picks the fused attention op
+    /// (head dims up to [`MAX_HEAD_DIM`]) or matmul + softmax + matmul (any head dim).
+    pub fn vae_forward(&self, p: &ParamStore, x: &Tensor, fused: bool, alloc: &mut dyn Allocator) -> Result<(Tensor, VaeAttentionActivations)> {
+        let norm_params = self.group_norm.as_ref().filter(|_| self.heads == 1);
+        let Some(norm_params) = norm_params else { bail!("Attention: the VAE path needs the single-head attention with a GroupNorm") };
+        let s = x.shape().to_vec();
+        ensure!(s.len() == 3 && s[1] == self.head_dim, "VAE attention: input {s:?} must be [B, {}, H*W]", self.head_dim);
+        ensure!(!fused || self.head_dim <= MAX_HEAD_DIM, "VAE attention: the fused op holds head dims up to {MAX_HEAD_DIM}, not {}", self.head_dim);
+        let (b, c, l) = (s[0], s[1], s[2]);
+        let norm = layers::group_norm(p, norm_params, false, x, alloc)?;
+        let mut tokens = alloc.alloc(&[b, l, c], x.dtype())?;
+        transpose_last2(&norm.y, &mut tokens)?;
+        let q = layers::linear(p, &self.to_q, &tokens, alloc)?;
+        let k = layers::linear(p, &self.to_k, &tokens, alloc)?;
+        let v = layers::linear(p, &self.to_v, &tokens, alloc)?;
+        let mut out = alloc.alloc(&[b, l, c], x.dtype())?;
+        let core = if fused {
+            let mut lse = alloc.alloc(&[b, 1, l], DType::F32)?;
+            attention_forward(AttentionSpec::new(1), Qkv { q: &q, k: &k, v: &v }, &mut out, &mut lse)?;
+            AttentionCore::Fused { out, lse }
+        } else {
+            let mut scores = alloc.alloc(&[b, l, l], x.dtype())?;
+            matmul(&q, &k, &mut scores, MatmulSpec { trans_b: true, ..MatmulSpec::default() })?;
+            let mut probs = alloc.alloc(&[b, l, l], x.dtype())?;
+            softmax_forward(&scores, vae_attention_scale(c), &mut probs)?;
+            matmul(&probs, &v, &mut out, MatmulSpec::default())?;
+            AttentionCore::Unfused { probs, out }
+        };
+        let projected = layers::linear(p, &self.to_out, core.out(), alloc)?;
+        let mut back = alloc.alloc(&[b, c, l], x.dtype())?;
+        transpose_last2(&projected, &mut back)?;
+        let mut y = alloc.alloc(&[b, c, l], x.dtype())?;
+        add(x, &back, &mut y)?;
+        Ok((y, VaeAttentionActivations { norm, tokens, q, k, v, core }))
+    }
+
+    /// Backward of [`Attention::vae_forward`] from `dy` [B, C, L]: returns dx, adds every parameter gradient.
+    pub fn vae_backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &VaeAttentionActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let norm_params = self.group_norm.as_ref().expect("vae_forward checked the GroupNorm");
+        let s = x.shape();
+        let (b, c, l) = (s[0], s[1], s[2]);
+        let mut dprojected = alloc.alloc(&[b, l, c], dy.dtype())?;
+        transpose_last2(dy, &mut dprojected)?;
+        let mut dout = alloc.alloc(&[b, l, c], dy.dtype())?;
+        layers::linear_back(p, g, &self.to_out, acts.core.out(), &dprojected, Some(&mut dout))?;
+        let mut dq = alloc.alloc(&[b, l, c], dy.dtype())?;
+        let mut dk = alloc.alloc(&[b, l, c], dy.dtype())?;
+        let mut dv = alloc.alloc(&[b, l, c], dy.dtype())?;
+        let qkv = Qkv { q: &acts.q, k: &acts.k, v: &acts.v };
+        match &acts.core {
+            AttentionCore::Fused { out, lse } => {
+                let mut delta = alloc.alloc(&[b, 1, l], DType::F32)?;
+                attention_backward(AttentionSpec::new(1), qkv, out, lse, &dout, &mut delta, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv })?;
+            }
+            AttentionCore::Unfused { probs, .. } => {
+                let mut dprobs = alloc.alloc(&[b, l, l], dy.dtype())?;
+                matmul(&dout, &acts.v, &mut dprobs, MatmulSpec { trans_b: true, ..MatmulSpec::default() })?;
+                matmul(probs, &dout, &mut dv, MatmulSpec { trans_a: true, ..MatmulSpec::default() })?;
+                let mut dscores = alloc.alloc(&[b, l, l], dy.dtype())?;
+                softmax_backward(probs, &dprobs, vae_attention_scale(c), &mut dscores)?;
+                matmul(&dscores, &acts.k, &mut dq, MatmulSpec::default())?;
+                matmul(&dscores, &acts.q, &mut dk, MatmulSpec { trans_a: true, ..MatmulSpec::default() })?;
+            }
+        }
+        // The three projections read the same tokens: their input gradients sum in one [B·L, C] buffer.
+        let mut dtokens = alloc.alloc(&[b * l, c], dy.dtype())?;
+        let accumulate = MatmulSpec { accumulate: true, ..MatmulSpec::default() };
+        for (proj, d, first) in [(&self.to_q, dq, true), (&self.to_k, dk, false), (&self.to_v, dv, false)] {
+            layers::linear_back(p, g, proj, &acts.tokens, &d, None)?;
+            let spec = if first { MatmulSpec::default() } else { accumulate };
+            matmul(&d.reshape(&[b * l, c])?, p.get(proj.weight), &mut dtokens, spec)?;
+        }
+        let mut dnormed = alloc.alloc(&[b, c, l], dy.dtype())?;
+        transpose_last2(&dtokens.reshape(&[b, l, c])?, &mut dnormed)?;
+        let dmain = layers::group_norm_back(p, g, norm_params, false, x, &acts.norm, &dnormed, alloc)?;
+        let mut dx = alloc.alloc(s, dy.dtype())?;
+        add(&dmain, dy, &mut dx)?;
+        Ok(dx)
+    }
+}
+
+/// diffusers' score scale for one head of dimension `channels`.
+fn vae_attention_scale(channels: usize) -> f32 {
+    1.0 / (channels as f32).sqrt()
+}
+
+/// A chain of resnets, each input kept for the backward.
+pub struct ResnetChainActivations {
+    inputs: Vec<Tensor>,
+    resnets: Vec<ResnetActivations>,
+}
+
+/// Runs `resnets` in order from `x`; the activations keep every resnet's input but the first (`x`, the
+/// caller's).
+fn resnet_chain_forward(resnets: &[ResnetBlock], p: &ParamStore, x: &Tensor, temb: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<(Tensor, ResnetChainActivations)> {
+    let mut chain = ResnetChainActivations { inputs: Vec::new(), resnets: Vec::new() };
+    let mut h: Option<Tensor> = None;
+    for (i, r) in resnets.iter().enumerate() {
+        let input = h.as_ref().unwrap_or(x);
+        let (y, acts) = r.forward(p, input, temb, alloc).with_context(|| format!("resnets.{i}"))?;
+        chain.resnets.push(acts);
+        chain.inputs.extend(h.replace(y));
+    }
+    let y = h.ok_or_else(|| anyhow!("a block needs at least one resnet"))?;
+    Ok((y, chain))
+}
+
+/// Backward of [`resnet_chain_forward`]: returns dx and the summed dtemb.
+#[allow(clippy::too_many_arguments)]
+fn resnet_chain_backward(
+    resnets: &[ResnetBlock],
+    p: &ParamStore,
+    g: &mut Grads,
+    x: &Tensor,
+    temb: Option<&Tensor>,
+    chain: &ResnetChainActivations,
+    dy: &Tensor,
+    alloc: &mut dyn Allocator,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut d: Option<Tensor> = None;
+    let mut dtemb: Option<Tensor> = None;
+    for (i, r) in resnets.iter().enumerate().rev() {
+        let input = if i == 0 { x } else { &chain.inputs[i - 1] };
+        let upstream = d.as_ref().unwrap_or(dy);
+        let (dx, dt) = r.backward(p, g, input, temb, &chain.resnets[i], upstream, alloc).with_context(|| format!("resnets.{i} backward"))?;
+        d = Some(dx);
+        dtemb = match (dtemb, dt) {
+            (Some(sum), Some(dt)) => {
+                let mut total = alloc.alloc(sum.shape(), sum.dtype())?;
+                add(&sum, &dt, &mut total)?;
+                Some(total)
+            }
+            (sum, dt) => sum.or(dt),
+        };
+    }
+    Ok((d.ok_or_else(|| anyhow!("a block needs at least one resnet"))?, dtemb))
+}
+
+/// What [`MidBlock::vae_backward`] reads.
+pub struct VaeMidActivations {
+    resnet0: ResnetActivations,
+    /// resnet 0's output as [B, C, H·W], the attention's input.
+    attention_input: Tensor,
+    attention: VaeAttentionActivations,
+    /// The attention's output as [B, C, H, W], resnet 1's input.
+    resnet1_input: Tensor,
+    resnet1: ResnetActivations,
+}
+
+impl MidBlock {
+    /// The VAE's mid block (`UNetMidBlock2D` without time embedding): resnet, spatial attention, resnet.
+    pub fn vae_forward(&self, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<(Tensor, VaeMidActivations)> {
+        let (Some(attention), [r0, r1], true) = (&self.vae_attention, &self.resnets[..], self.attentions.is_empty()) else {
+            bail!("mid block: the VAE path needs two resnets and the VAE attention");
+        };
+        let shape = x.shape().to_vec();
+        let (h0, resnet0) = r0.forward(p, x, None, alloc).context("resnets.0")?;
+        let attention_input = h0.reshape(&[shape[0], shape[1], shape[2] * shape[3]])?;
+        let fused = attention.head_dim <= MAX_HEAD_DIM;
+        let (h1, attention_acts) = attention.vae_forward(p, &attention_input, fused, alloc).context("attentions.0")?;
+        let resnet1_input = h1.reshape(&shape)?;
+        let (y, resnet1) = r1.forward(p, &resnet1_input, None, alloc).context("resnets.1")?;
+        Ok((y, VaeMidActivations { resnet0, attention_input, attention: attention_acts, resnet1_input, resnet1 }))
+    }
+
+    /// Backward of [`MidBlock::vae_forward`]: returns dx, adds every parameter gradient.
+    pub fn vae_backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &VaeMidActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let attention = self.vae_attention.as_ref().expect("vae_forward checked the attention");
+        let (d1, _) = self.resnets[1].backward(p, g, &acts.resnet1_input, None, &acts.resnet1, dy, alloc).context("resnets.1 backward")?;
+        let shape = d1.shape().to_vec();
+        let d1 = d1.reshape(acts.attention_input.shape())?;
+        let da = attention.vae_backward(p, g, &acts.attention_input, &acts.attention, &d1, alloc).context("attentions.0 backward")?;
+        let (dx, _) = self.resnets[0].backward(p, g, x, None, &acts.resnet0, &da.reshape(&shape)?, alloc).context("resnets.0 backward")?;
+        Ok(dx)
+    }
+}
+
+/// What [`DownBlock::backward`] reads: the resnets' activations and the downsampler's input.
+pub struct DownActivations {
+    resnets: ResnetChainActivations,
+    downsampler_input: Option<Tensor>,
+}
+
+impl DownBlock {
+    /// A down block without transformers (`DownEncoderBlock2D`, or `DownBlock2D` with `temb`): resnets, then
+    /// the downsampler if any.
+    pub fn forward(&self, p: &ParamStore, x: &Tensor, temb: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<(Tensor, DownActivations)> {
+        ensure!(self.attentions.is_empty(), "down block: this path runs blocks without transformers");
+        let (h, resnets) = resnet_chain_forward(&self.resnets, p, x, temb, alloc)?;
+        match &self.downsampler {
+            Some(conv) => {
+                let y = layers::conv(p, conv, &h, alloc).context("downsamplers.0")?;
+                Ok((y, DownActivations { resnets, downsampler_input: Some(h) }))
+            }
+            None => Ok((h, DownActivations { resnets, downsampler_input: None })),
+        }
+    }
+
+    /// Backward of [`DownBlock::forward`]: returns dx and, with a time embedding, dtemb.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        acts: &DownActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dh = match (&self.downsampler, &acts.downsampler_input) {
+            (Some(conv), Some(h)) => Some(layers::conv_back(p, g, conv, h, dy, alloc).context("downsamplers.0 backward")?),
+            _ => None,
+        };
+        resnet_chain_backward(&self.resnets, p, g, x, temb, &acts.resnets, dh.as_ref().unwrap_or(dy), alloc)
+    }
+}
+
+/// What [`UpBlock::decoder_backward`] reads: the resnets' activations and the upsampler conv's input.
+pub struct UpActivations {
+    resnets: ResnetChainActivations,
+    upsampled: Option<Tensor>,
+}
+
+impl UpBlock {
+    /// The VAE decoder's `UpDecoderBlock2D` (no skip connections): resnets, then nearest 2x and a 3x3 conv.
+    pub fn decoder_forward(&self, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<(Tensor, UpActivations)> {
+        ensure!(self.attentions.is_empty(), "up block: the decoder path runs blocks without transformers");
+        let (h, resnets) = resnet_chain_forward(&self.resnets, p, x, None, alloc)?;
+        match &self.upsampler {
+            Some(conv) => {
+                let s = h.shape();
+                let mut upsampled = alloc.alloc(&[s[0], s[1], 2 * s[2], 2 * s[3]], h.dtype())?;
+                upsample_nearest2x(&h, &mut upsampled)?;
+                let y = layers::conv(p, conv, &upsampled, alloc).context("upsamplers.0")?;
+                Ok((y, UpActivations { resnets, upsampled: Some(upsampled) }))
+            }
+            None => Ok((h, UpActivations { resnets, upsampled: None })),
+        }
+    }
+
+    /// Backward of [`UpBlock::decoder_forward`]: returns dx, adds every parameter gradient.
+    pub fn decoder_backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &UpActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let dh = match (&self.upsampler, &acts.upsampled) {
+            (Some(conv), Some(up)) => {
+                let dup = layers::conv_back(p, g, conv, up, dy, alloc).context("upsamplers.0 backward")?;
+                let s = dup.shape();
+                let mut dh = alloc.alloc(&[s[0], s[1], s[2] / 2, s[3] / 2], dup.dtype())?;
+                upsample_nearest2x_backward(&dup, &mut dh)?;
+                Some(dh)
+            }
+            _ => None,
+        };
+        Ok(resnet_chain_backward(&self.resnets, p, g, x, None, &acts.resnets, dh.as_ref().unwrap_or(dy), alloc)?.0)
     }
 }
 

@@ -411,6 +411,17 @@ impl Grads {
         (first.as_mut().expect(LENT), second.as_mut().expect(LENT))
     }
 
+    /// The gradients of a layer's weight and (distinct) optional bias, both writable at once.
+    pub fn weight_bias_mut(&mut self, weight: ParamId, bias: Option<ParamId>) -> (&mut crate::tensor::Tensor, Option<&mut crate::tensor::Tensor>) {
+        match bias {
+            Some(b) => {
+                let (w, b) = self.pair_mut(weight, b);
+                (w, Some(b))
+            }
+            None => (self.get_mut(weight), None),
+        }
+    }
+
     /// Moves the gradients of `ids` (distinct) out, in order, for ops whose gradient structs own their
     /// tensors (`ops::lstm::LstmParams`); `f` hands them back in the same order with its result, which is
     /// returned after every tensor is back in place, whether `f` succeeded or not.
