@@ -343,6 +343,23 @@ impl Tensor {
         Ok(())
     }
 
+    /// Sets every element to zero, on the device's stream (no host copy, no synchronisation).
+    pub fn fill_zero(&mut self) -> Result<()> {
+        self.check_live()?;
+        let len = self.size_bytes();
+        match &self.storage.buffer {
+            Buffer::Host(_) => self.host_bytes_mut()?.fill(0),
+            Buffer::Cuda { ptr, device, .. } => {
+                // SAFETY: the range lies inside the allocation; the memset is ordered on the device's stream.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream())
+                }
+                .context("zeroing device memory")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Overwrites the tensor with `values`, converted to its dtype.
     pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
         ensure!(

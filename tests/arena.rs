@@ -86,6 +86,9 @@ fn reset_reuses_memory_and_invalidates_old_tensors() {
     let second = arena.alloc(Region::Activations, &[10], DType::F32).unwrap();
     assert_eq!(second.offset(), first.offset(), "reset hands the same bytes out again");
     assert_eq!(second.to_f32_vec().unwrap(), vec![3.0; 10], "memory is not cleared on reset");
+    let mut second = second;
+    second.fill_zero().unwrap();
+    assert_eq!(second.to_f32_vec().unwrap(), vec![0.0; 10], "fill_zero clears exactly the tensor");
     let err = first.to_f32_vec().unwrap_err().to_string();
     assert!(err.contains("has been reset"), "{err}");
     assert!(first.write_f32(&[0.0; 10]).is_err());

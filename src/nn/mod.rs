@@ -380,12 +380,10 @@ impl Grads {
         Ok(grads)
     }
 
-    /// Sets every gradient to zero (an arena hands out its memory zeroed only the first time).
+    /// Sets every gradient to zero on the device (an arena hands out its memory zeroed only the first time).
     pub fn zero(&mut self) -> Result<()> {
         for t in &mut self.tensors {
-            let t = t.as_mut().expect(LENT);
-            let bytes = vec![0u8; t.size_bytes()];
-            t.write_bytes(&bytes)?;
+            t.as_mut().expect(LENT).fill_zero()?;
         }
         Ok(())
     }

@@ -19,6 +19,16 @@ pub fn check(gpu: &Device) {
     }
     let mut arena = Arena::new(gpu, &plan).unwrap();
 
+    // Tensor::fill_zero is a device memset of exactly the tensor's bytes.
+    let mut before = arena.alloc(Region::Activations, &[n], DType::F32).unwrap();
+    let mut zeroed = arena.alloc(Region::Activations, &[n], DType::BF16).unwrap();
+    before.write_f32(&x).unwrap();
+    zeroed.write_f32(&x).unwrap();
+    zeroed.fill_zero().unwrap();
+    assert!(zeroed.to_f32_vec().unwrap().iter().all(|v| *v == 0.0), "fill_zero left non-zero values");
+    assert_eq!(before.to_f32_vec().unwrap(), x, "fill_zero wrote outside its tensor");
+    arena.reset_step();
+
     // Casts: CUDA and `half` both round to nearest even, so the bits agree exactly.
     for (from, to) in [
         (DType::F32, DType::BF16),
