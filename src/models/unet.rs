@@ -17,7 +17,7 @@ use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_
 use crate::models::config::ConfigReader;
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree, Standalone};
 use crate::ops;
-use crate::ops::elementwise::add;
+use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
 use crate::runtime::{Arena, Device, MemoryPlan};
 use crate::tensor::{DType, Tensor};
 use crate::weights::Component;
@@ -631,6 +631,130 @@ impl UNet {
     }
 }
 
+/// What [`ControlNet::backward`] reads, and the outputs.
+pub struct ControlNetActivations {
+    /// The conditioning embedding's convs before the last: each one's output and its SiLU (the next conv's
+    /// input).
+    cond_hidden: Vec<(Tensor, Tensor)>,
+    encoder: EncoderActivations,
+    conditioning_scale: f32,
+    /// One residual per UNet skip connection, and the mid block's, each times `conditioning_scale`.
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The ControlNet's input gradients.
+pub struct ControlNetInputGrads {
+    pub sample: Tensor,
+    pub encoder_hidden_states: Tensor,
+    pub controlnet_cond: Tensor,
+}
+
+impl ControlNet {
+    /// A zero conv's output times the conditioning scale.
+    fn zero_conv_forward(p: &ParamStore, conv: &Conv2d, x: &Tensor, s: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let z = layers::conv(p, conv, x, alloc)?;
+        let mut y = alloc.alloc(z.shape(), z.dtype())?;
+        scale(&z, s, &mut y)?;
+        Ok(y)
+    }
+
+    fn zero_conv_backward(p: &ParamStore, g: &mut Grads, conv: &Conv2d, x: &Tensor, s: f32, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut dz = alloc.alloc(dy.shape(), dy.dtype())?;
+        scale(dy, s, &mut dz)?;
+        layers::conv_back(p, g, conv, x, &dz, alloc)
+    }
+
+    /// The conditioning embedding's convs that a SiLU follows: conv_in and the blocks.
+    fn cond_convs(&self) -> Vec<&Conv2d> {
+        std::iter::once(&self.cond_conv_in).chain(&self.cond_blocks).collect()
+    }
+
+    /// `ControlNetModel.forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`
+    /// (no guess mode): `controlnet_cond` [B, conditioning_channels, H·f, W·f] with f =
+    /// [`ControlNet::condition_downscale`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        controlnet_cond: &Tensor,
+        conditioning_scale: f32,
+        alloc: &mut dyn Allocator,
+    ) -> Result<ControlNetActivations> {
+        let c = &self.config;
+        check_sample("ControlNetModel", c, sample)?;
+        let (s, f) = (sample.shape(), self.condition_downscale());
+        let expected = [s[0], c.conditioning_channels, s[2] * f, s[3] * f];
+        ensure!(controlnet_cond.shape() == expected, "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}", controlnet_cond.shape());
+        let mut cond_hidden: Vec<(Tensor, Tensor)> = Vec::new();
+        for (j, conv) in self.cond_convs().into_iter().enumerate() {
+            let x = cond_hidden.last().map_or(controlnet_cond, |(_, a)| a);
+            let h = layers::conv(p, conv, x, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j}"))?;
+            let mut a = alloc.alloc(h.shape(), h.dtype())?;
+            silu_forward(&h, &mut a)?;
+            cond_hidden.push((h, a));
+        }
+        let last = &cond_hidden.last().expect("conv_in at least").1;
+        let embedding = layers::conv(p, &self.cond_conv_out, last, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out")?;
+        let h = layers::conv(p, &self.encoder.conv_in, sample, alloc).context("ControlNetModel conv_in")?;
+        let first = sum(&h, &embedding, alloc)?;
+        let encoder = self.encoder.forward(c, p, first, timestep, context, alloc).context("ControlNetModel")?;
+        let skips = encoder.skips();
+        ensure!(skips.len() == self.zero_convs.len(), "ControlNetModel: {} skips for {} zero convs", skips.len(), self.zero_convs.len());
+        let down = skips
+            .iter()
+            .zip(&self.zero_convs)
+            .enumerate()
+            .map(|(i, (x, conv))| Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc).context("ControlNetModel controlnet_mid_block")?;
+        Ok(ControlNetActivations { cond_hidden, encoder, conditioning_scale, down, mid })
+    }
+
+    /// Backward of [`ControlNet::forward`] from the residuals' gradients: returns the input gradients, adds
+    /// every parameter gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        sample: &Tensor,
+        context: &Tensor,
+        controlnet_cond: &Tensor,
+        acts: &ControlNetActivations,
+        ddown: &[&Tensor],
+        dmid: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<ControlNetInputGrads> {
+        let s = acts.conditioning_scale;
+        let skips = acts.encoder.skips();
+        ensure!(ddown.len() == skips.len(), "ControlNetModel backward: {} residual gradients for {} residuals", ddown.len(), skips.len());
+        let dskips = skips
+            .iter()
+            .zip(&self.zero_convs)
+            .zip(ddown)
+            .map(|((x, conv), dy)| Self::zero_conv_backward(p, g, conv, x, s, dy, alloc))
+            .collect::<Result<Vec<_>>>()?;
+        let dmid = Self::zero_conv_backward(p, g, &self.mid_zero_conv, acts.encoder.mid_output(), s, dmid, alloc)?;
+        let (dfirst, encoder_hidden_states) =
+            self.encoder.backward(p, g, &acts.encoder, context, &dskips, &dmid, SharedGrads::default(), alloc).context("ControlNetModel backward")?;
+        let dsample = layers::conv_back(p, g, &self.encoder.conv_in, sample, &dfirst, alloc).context("ControlNetModel conv_in backward")?;
+        let last = &acts.cond_hidden.last().expect("conv_in at least").1;
+        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
+        for (j, conv) in self.cond_convs().into_iter().enumerate().rev() {
+            let (h, _) = &acts.cond_hidden[j];
+            let mut dh = alloc.alloc(h.shape(), h.dtype())?;
+            silu_backward(h, &d, &mut dh)?;
+            let x = if j == 0 { controlnet_cond } else { &acts.cond_hidden[j - 1].1 };
+            d = layers::conv_back(p, g, conv, x, &dh, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
+        }
+        Ok(ControlNetInputGrads { sample: dsample, encoder_hidden_states, controlnet_cond: d })
+    }
+}
+
 fn load_params(tree: &ParamTree, c: &Component, device: &Device, dtype: DType) -> Result<ParamStore> {
     let mut plan = MemoryPlan::new();
     ParamStore::plan(tree, &mut plan, dtype);
@@ -680,5 +804,45 @@ pub fn run_unet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &D
         out.extend(param_grads(&model.params, g));
     }
     out.push(("sample".to_string(), acts.output));
+    Ok(out)
+}
+
+/// `sgdm forward` for ControlNetModel, as tests/fixtures/models/make_fixtures.py calls it: inputs `sample`,
+/// `timestep`, `encoder_hidden_states`, `controlnet_cond` and `conditioning_scale` [1] (1 when absent);
+/// outputs `down_block_res_samples.{i}` and `mid_block_res_sample`. With their upstream gradients, also
+/// `grad.sample`, `grad.encoder_hidden_states`, `grad.controlnet_cond` and `grad.<parameter>`.
+pub fn run_controlnet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = ControlNet::new(UNetConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let p = load_params(&model.params, c, device, dtype)?;
+    inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"])?;
+    let (sample, context, cond) = (inputs.get("sample")?, inputs.get("encoder_hidden_states")?, inputs.get("controlnet_cond")?);
+    let conditioning_scale = match inputs.get_opt("conditioning_scale") {
+        Some(t) => match t.to_f32_vec()?[..] {
+            [s] => s,
+            _ => bail!("{}: conditioning_scale {:?} must hold one value", inputs.source, t.shape()),
+        },
+        None => 1.0,
+    };
+    let alloc = &mut Standalone(device.clone());
+    let acts = model.forward(&p, sample, inputs.get("timestep")?, context, cond, conditioning_scale, alloc)?;
+    let mut out = Vec::new();
+    if let Some(gn) = grads {
+        gn.ensure_only(&["down_block_res_samples", "mid_block_res_sample"])?;
+        let ddown = acts
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, y)| gn.get_shaped(&format!("down_block_res_samples.{i}"), y.shape()))
+            .collect::<Result<Vec<_>>>()?;
+        let dmid = gn.get_shaped("mid_block_res_sample", acts.mid.shape())?;
+        let mut g = Grads::zeros(&model.params, alloc, dtype)?;
+        let d = model.backward(&p, &mut g, sample, context, cond, &acts, &ddown, dmid, alloc)?;
+        out.push(("grad.sample".to_string(), d.sample));
+        out.push(("grad.encoder_hidden_states".to_string(), d.encoder_hidden_states));
+        out.push(("grad.controlnet_cond".to_string(), d.controlnet_cond));
+        out.extend(param_grads(&model.params, g));
+    }
+    out.extend(acts.down.into_iter().enumerate().map(|(i, t)| (format!("down_block_res_samples.{i}"), t)));
+    out.push(("mid_block_res_sample".to_string(), acts.mid));
     Ok(out)
 }
