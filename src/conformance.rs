@@ -76,12 +76,14 @@ fn runner(class: &str) -> Option<Runner> {
         "SpatiotemporalEEGEncoder" => Some(crate::models::sgdm::run_eeg_encoder),
         "StructuralVAE" => Some(crate::models::sgdm::run_structural_vae),
         "AutoencoderKL" => Some(crate::models::autoencoder_kl::run_autoencoder_kl),
+        "UNet2DConditionModel" => Some(crate::models::unet::run_unet),
+        "ControlNetModel" => Some(crate::models::unet::run_controlnet),
         _ => None,
     }
 }
 
 /// The classes `sgdm forward` runs.
-pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL"];
+pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
 
 /// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`.
 pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType) -> Result<Outputs> {

@@ -4,16 +4,23 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::models::blocks::{downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, Transformer2d, TransformerSpec, UpBlock};
-use crate::models::config::ConfigReader;
-use crate::nn::{join, Conv2d, Linear, Norm, ParamTree};
+use crate::conformance::{Named, Outputs};
+use crate::models::blocks::layers::{self, GroupNormActivations};
+use crate::models::blocks::{
+    downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, SharedGrads, Transformer2d, TransformerSpec, UNetDownActivations, UNetMidActivations,
+    UNetUpActivations, UpBlock,
+};
 use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_layer_param_backward};
-use crate::nn::{Allocator, Grads, ParamStore};
+use crate::models::config::ConfigReader;
+use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree, Standalone};
 use crate::ops;
-use crate::tensor::Tensor;
+use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
+use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::tensor::{DType, Tensor};
+use crate::weights::Component;
 
 /// The UNet settings sgdm implements. Everything else in a diffusers config either keeps its default or is
 /// refused when the model is built.
@@ -102,6 +109,8 @@ impl UNetConfig {
         r.require("attention_type", &[Value::Null, json!("default")], "only default attention")?;
         r.require("mid_block_scale_factor", &[Value::Null, json!(1), json!(1.0)], "output scale 1 only")?;
         r.require("downsample_padding", &[Value::Null, json!(1)], "padding 1 only")?;
+        r.require("global_pool_conditions", &[Value::Null, json!(false)], "the ControlNet's residuals keep their maps")?;
+        r.require("controlnet_conditioning_channel_order", &[Value::Null, json!("rgb")], "RGB condition images only")?;
         ensure!(
             value.get("reverse_transformer_layers_per_block").is_none_or(Value::is_null),
             "{}: 'reverse_transformer_layers_per_block' is not supported",
@@ -351,4 +360,489 @@ impl TimeEmbedding {
         ops::elementwise::silu_backward(&acts.hidden, &dactivated, &mut dhidden)?;
         linear_layer_param_backward(&self.linear_1, params, grads, &acts.sinusoid, &dhidden).context("time_embedding.linear_1 backward")
     }
+}
+
+/// `timestep` [B] or [1] (diffusers broadcasts one timestep over the batch) as [batch] f32.
+fn batch_timesteps(timestep: &Tensor, batch: usize, alloc: &mut dyn Allocator) -> Result<Option<Tensor>> {
+    match timestep.shape() {
+        [n] if *n == batch => Ok(None),
+        [1] => {
+            let t = timestep.to_f32_vec()?[0];
+            let mut expanded = alloc.alloc(&[batch], DType::F32)?;
+            expanded.write_f32(&vec![t; batch])?;
+            Ok(Some(expanded))
+        }
+        s => bail!("timestep {s:?} must be [{batch}] or [1] for a batch of {batch}"),
+    }
+}
+
+/// What [`Encoder::backward`] reads; also holds the skip connections and the mid block's output.
+pub struct EncoderActivations {
+    time: TimeEmbeddingActivations,
+    /// conv_in's output (plus the conditioning embedding in the ControlNet): the first skip connection.
+    first: Tensor,
+    down: Vec<UNetDownActivations>,
+    mid: UNetMidActivations,
+}
+
+impl EncoderActivations {
+    /// conv_in's output, then every down block's skips, in the order diffusers collects them.
+    pub fn skips(&self) -> Vec<&Tensor> {
+        std::iter::once(&self.first).chain(self.down.iter().flat_map(UNetDownActivations::skips)).collect()
+    }
+
+    pub fn mid_output(&self) -> &Tensor {
+        &self.mid.output
+    }
+
+    fn temb(&self) -> &Tensor {
+        &self.time.output
+    }
+
+    fn down_input(&self, block: usize) -> &Tensor {
+        if block == 0 {
+            &self.first
+        } else {
+            self.down[block - 1].output()
+        }
+    }
+}
+
+impl Encoder {
+    /// The time embedding of `timestep`, then the down blocks and the mid block from `first` (conv_in's
+    /// output, which the caller computes: the ControlNet adds its condition to it).
+    fn forward(&self, c: &UNetConfig, p: &ParamStore, first: Tensor, timestep: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<EncoderActivations> {
+        let batch = first.shape()[0];
+        ensure!(
+            context.shape().len() == 3 && context.shape()[0] == batch && context.shape()[2] == c.cross_attention_dim,
+            "encoder_hidden_states {:?} must be [{batch}, L, {}]",
+            context.shape(),
+            c.cross_attention_dim
+        );
+        let expanded = batch_timesteps(timestep, batch, alloc)?;
+        let time = self.time_embedding.forward(p, expanded.as_ref().unwrap_or(timestep), c.flip_sin_to_cos, c.freq_shift, alloc)?;
+        let mut down: Vec<UNetDownActivations> = Vec::new();
+        for (i, block) in self.down.iter().enumerate() {
+            let x = down.last().map_or(&first, UNetDownActivations::output);
+            down.push(block.unet_forward(p, x, &time.output, context, alloc).with_context(|| format!("down_blocks.{i}"))?);
+        }
+        let mid_input = down.last().map_or(&first, UNetDownActivations::output);
+        let mid = self.mid.unet_forward(p, mid_input, &time.output, context, alloc).context("mid_block")?;
+        Ok(EncoderActivations { time, first, down, mid })
+    }
+
+    /// Backward of [`Encoder::forward`] from each skip's gradient (`dskips`, as [`EncoderActivations::skips`]
+    /// orders them) and the mid output's, with `shared` holding what the layers after the encoder (the UNet's
+    /// up blocks) sent to the time embedding and the context: returns the gradients of `first` and of the
+    /// context, adds every parameter gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        acts: &EncoderActivations,
+        context: &Tensor,
+        dskips: &[Tensor],
+        dmid: &Tensor,
+        mut shared: SharedGrads,
+        alloc: &mut dyn Allocator,
+    ) -> Result<(Tensor, Tensor)> {
+        let temb = acts.temb();
+        let last = self.down.len() - 1;
+        let mut carried = self.mid.unet_backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
+        let mut end = dskips.len();
+        for (i, block) in self.down.iter().enumerate().rev() {
+            let count = acts.down[i].skips().len();
+            let start = end - count;
+            // The block's output is a skip and the next block's input: both gradients reach it.
+            let output_total = sum(&carried, &dskips[end - 1], alloc)?;
+            let mut block_dskips: Vec<&Tensor> = dskips[start..end - 1].iter().collect();
+            block_dskips.push(&output_total);
+            carried = block
+                .unet_backward(p, g, acts.down_input(i), temb, context, &acts.down[i], &block_dskips, &mut shared, alloc)
+                .with_context(|| format!("down_blocks.{i} backward"))?;
+            end = start;
+        }
+        ensure!(end == 1, "UNet encoder backward: {} skip gradients for {} skips", dskips.len(), acts.skips().len());
+        let dfirst = sum(&carried, &dskips[0], alloc)?;
+        let dtemb = shared.dtemb.ok_or_else(|| anyhow!("UNet encoder backward: no resnet took the time embedding"))?;
+        self.time_embedding.backward(p, g, &acts.time, &dtemb, alloc)?;
+        let dcontext = match shared.dcontext {
+            Some(d) => d,
+            None => alloc.alloc(context.shape(), context.dtype())?,
+        };
+        Ok((dfirst, dcontext))
+    }
+}
+
+fn sum(a: &Tensor, b: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    let mut y = alloc.alloc(a.shape(), a.dtype())?;
+    add(a, b, &mut y)?;
+    Ok(y)
+}
+
+/// `sample` [B, in_channels, H, W] with H and W divisible by the down blocks' total downscaling (diffusers
+/// then upsamples by exactly 2x each time).
+fn check_sample(what: &str, c: &UNetConfig, sample: &Tensor) -> Result<()> {
+    let s = sample.shape();
+    let factor = 1 << (c.block_out_channels.len() - 1);
+    ensure!(
+        s.len() == 4 && s[1] == c.in_channels && s[2].is_multiple_of(factor) && s[3].is_multiple_of(factor),
+        "{what}: sample {s:?} must be [B, {}, H, W] with H and W multiples of {factor}",
+        c.in_channels
+    );
+    Ok(())
+}
+
+/// The UNet's inputs besides the sample; the residuals are a ControlNet's, one per skip connection plus the
+/// mid block's, or none.
+pub struct UNetConditioning<'a> {
+    pub timestep: &'a Tensor,
+    pub encoder_hidden_states: &'a Tensor,
+    pub residuals: Option<(Vec<&'a Tensor>, &'a Tensor)>,
+}
+
+/// What [`UNet::backward`] reads.
+pub struct UNetActivations {
+    encoder: EncoderActivations,
+    /// The skips and the mid output with the residuals added, when residuals were given.
+    with_residuals: Option<(Vec<Tensor>, Tensor)>,
+    up: Vec<UNetUpActivations>,
+    norm_out: GroupNormActivations,
+    pub output: Tensor,
+}
+
+impl UNetActivations {
+    fn skips(&self) -> Vec<&Tensor> {
+        match &self.with_residuals {
+            Some((skips, _)) => skips.iter().collect(),
+            None => self.encoder.skips(),
+        }
+    }
+
+    fn mid_output(&self) -> &Tensor {
+        match &self.with_residuals {
+            Some((_, mid)) => mid,
+            None => self.encoder.mid_output(),
+        }
+    }
+
+    fn up_input(&self, block: usize) -> &Tensor {
+        if block == 0 {
+            self.mid_output()
+        } else {
+            self.up[block - 1].output()
+        }
+    }
+}
+
+/// The UNet's input gradients: the sample's, the context's, and each residual's when residuals were given.
+pub struct UNetInputGrads {
+    pub sample: Tensor,
+    pub encoder_hidden_states: Tensor,
+    pub residuals: Option<(Vec<Tensor>, Tensor)>,
+}
+
+impl UNet {
+    /// `UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)`: the predicted noise
+    /// [B, out_channels, H, W].
+    pub fn forward(&self, p: &ParamStore, sample: &Tensor, cond: &UNetConditioning, alloc: &mut dyn Allocator) -> Result<UNetActivations> {
+        let c = &self.config;
+        check_sample("UNet2DConditionModel", c, sample)?;
+        let context = cond.encoder_hidden_states;
+        let first = layers::conv(p, &self.encoder.conv_in, sample, alloc).context("UNet conv_in")?;
+        let encoder = self.encoder.forward(c, p, first, cond.timestep, context, alloc).context("UNet2DConditionModel")?;
+        let with_residuals = match &cond.residuals {
+            Some((down, mid)) => {
+                let skips = encoder.skips();
+                ensure!(down.len() == skips.len(), "UNet2DConditionModel: {} down residuals for {} skip connections", down.len(), skips.len());
+                let mut summed = Vec::new();
+                for (i, (skip, r)) in skips.iter().zip(down).enumerate() {
+                    ensure!(r.shape() == skip.shape(), "UNet2DConditionModel: down residual {i} {:?} does not match its skip {:?}", r.shape(), skip.shape());
+                    summed.push(sum(skip, r, alloc)?);
+                }
+                let m = encoder.mid_output();
+                ensure!(mid.shape() == m.shape(), "UNet2DConditionModel: mid residual {:?} does not match the mid block's output {:?}", mid.shape(), m.shape());
+                Some((summed, sum(m, mid, alloc)?))
+            }
+            None => None,
+        };
+        let (skips, mid_output) = match &with_residuals {
+            Some((skips, mid)) => (skips.iter().collect(), mid),
+            None => (encoder.skips(), encoder.mid_output()),
+        };
+        let mut up: Vec<UNetUpActivations> = Vec::new();
+        let mut remaining = skips.len();
+        for (i, block) in self.up.iter().enumerate() {
+            let count = block.resnets.len();
+            ensure!(count <= remaining, "UNet2DConditionModel: up_blocks.{i} needs {count} skips, {remaining} are left");
+            let block_skips: Vec<&Tensor> = skips[remaining - count..remaining].iter().rev().copied().collect();
+            let x = up.last().map_or(mid_output, UNetUpActivations::output);
+            up.push(block.unet_forward(p, x, &block_skips, encoder.temb(), context, alloc).with_context(|| format!("UNet up_blocks.{i}"))?);
+            remaining -= count;
+        }
+        ensure!(remaining == 0, "UNet2DConditionModel: {remaining} skip connections left unused");
+        let last = up.last().expect("at least one up block").output();
+        let norm_out = layers::group_norm(p, &self.conv_norm_out, true, last, alloc).context("UNet conv_norm_out")?;
+        let output = layers::conv(p, &self.conv_out, &norm_out.y, alloc).context("UNet conv_out")?;
+        Ok(UNetActivations { encoder, with_residuals, up, norm_out, output })
+    }
+
+    /// Backward of [`UNet::forward`] from the output's gradient: returns the input gradients, adds every
+    /// parameter gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        sample: &Tensor,
+        cond: &UNetConditioning,
+        acts: &UNetActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<UNetInputGrads> {
+        let context = cond.encoder_hidden_states;
+        let last = acts.up.last().expect("at least one up block").output();
+        let dnorm = layers::conv_back(p, g, &self.conv_out, &acts.norm_out.y, dy, alloc).context("UNet conv_out backward")?;
+        let mut d = layers::group_norm_back(p, g, &self.conv_norm_out, true, last, &acts.norm_out, &dnorm, alloc).context("UNet conv_norm_out backward")?;
+        let mut dskips: Vec<Option<Tensor>> = (0..acts.skips().len()).map(|_| None).collect();
+        let mut shared = SharedGrads::default();
+        let mut start = 0;
+        for (i, block) in self.up.iter().enumerate().rev() {
+            let (dx, block_dskips) = block
+                .unet_backward(p, g, acts.up_input(i), acts.encoder.temb(), context, &acts.up[i], &d, &mut shared, alloc)
+                .with_context(|| format!("UNet up_blocks.{i} backward"))?;
+            // The last up block consumed the first skips; each consumed its range most recent first.
+            let end = start + block_dskips.len();
+            for (k, ds) in block_dskips.into_iter().enumerate() {
+                dskips[end - 1 - k] = Some(ds);
+            }
+            start = end;
+            d = dx;
+        }
+        ensure!(start == dskips.len(), "UNet2DConditionModel backward: the up blocks consumed {start} of {} skips", dskips.len());
+        let dskips: Vec<Tensor> = dskips.into_iter().map(|d| d.expect("every skip feeds one up resnet")).collect();
+        let (dfirst, encoder_hidden_states) =
+            self.encoder.backward(p, g, &acts.encoder, context, &dskips, &d, shared, alloc).context("UNet2DConditionModel backward")?;
+        let dsample = layers::conv_back(p, g, &self.encoder.conv_in, sample, &dfirst, alloc).context("UNet conv_in backward")?;
+        // A residual is added to its skip (or the mid output): it takes that tensor's gradient.
+        let residuals = acts.with_residuals.as_ref().map(|_| (dskips, d));
+        Ok(UNetInputGrads { sample: dsample, encoder_hidden_states, residuals })
+    }
+}
+
+/// What [`ControlNet::backward`] reads, and the outputs.
+pub struct ControlNetActivations {
+    /// The conditioning embedding's convs before the last: each one's output and its SiLU (the next conv's
+    /// input).
+    cond_hidden: Vec<(Tensor, Tensor)>,
+    encoder: EncoderActivations,
+    conditioning_scale: f32,
+    /// One residual per UNet skip connection, and the mid block's, each times `conditioning_scale`.
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The ControlNet's input gradients.
+pub struct ControlNetInputGrads {
+    pub sample: Tensor,
+    pub encoder_hidden_states: Tensor,
+    pub controlnet_cond: Tensor,
+}
+
+impl ControlNet {
+    /// A zero conv's output times the conditioning scale.
+    fn zero_conv_forward(p: &ParamStore, conv: &Conv2d, x: &Tensor, s: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let z = layers::conv(p, conv, x, alloc)?;
+        let mut y = alloc.alloc(z.shape(), z.dtype())?;
+        scale(&z, s, &mut y)?;
+        Ok(y)
+    }
+
+    fn zero_conv_backward(p: &ParamStore, g: &mut Grads, conv: &Conv2d, x: &Tensor, s: f32, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut dz = alloc.alloc(dy.shape(), dy.dtype())?;
+        scale(dy, s, &mut dz)?;
+        layers::conv_back(p, g, conv, x, &dz, alloc)
+    }
+
+    /// The conditioning embedding's convs that a SiLU follows: conv_in and the blocks.
+    fn cond_convs(&self) -> Vec<&Conv2d> {
+        std::iter::once(&self.cond_conv_in).chain(&self.cond_blocks).collect()
+    }
+
+    /// `ControlNetModel.forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`
+    /// (no guess mode): `controlnet_cond` [B, conditioning_channels, H·f, W·f] with f =
+    /// [`ControlNet::condition_downscale`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        controlnet_cond: &Tensor,
+        conditioning_scale: f32,
+        alloc: &mut dyn Allocator,
+    ) -> Result<ControlNetActivations> {
+        let c = &self.config;
+        check_sample("ControlNetModel", c, sample)?;
+        let (s, f) = (sample.shape(), self.condition_downscale());
+        let expected = [s[0], c.conditioning_channels, s[2] * f, s[3] * f];
+        ensure!(controlnet_cond.shape() == expected, "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}", controlnet_cond.shape());
+        let mut cond_hidden: Vec<(Tensor, Tensor)> = Vec::new();
+        for (j, conv) in self.cond_convs().into_iter().enumerate() {
+            let x = cond_hidden.last().map_or(controlnet_cond, |(_, a)| a);
+            let h = layers::conv(p, conv, x, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j}"))?;
+            let mut a = alloc.alloc(h.shape(), h.dtype())?;
+            silu_forward(&h, &mut a)?;
+            cond_hidden.push((h, a));
+        }
+        let last = &cond_hidden.last().expect("conv_in at least").1;
+        let embedding = layers::conv(p, &self.cond_conv_out, last, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out")?;
+        let h = layers::conv(p, &self.encoder.conv_in, sample, alloc).context("ControlNetModel conv_in")?;
+        let first = sum(&h, &embedding, alloc)?;
+        let encoder = self.encoder.forward(c, p, first, timestep, context, alloc).context("ControlNetModel")?;
+        let skips = encoder.skips();
+        ensure!(skips.len() == self.zero_convs.len(), "ControlNetModel: {} skips for {} zero convs", skips.len(), self.zero_convs.len());
+        let down = skips
+            .iter()
+            .zip(&self.zero_convs)
+            .enumerate()
+            .map(|(i, (x, conv))| Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc).context("ControlNetModel controlnet_mid_block")?;
+        Ok(ControlNetActivations { cond_hidden, encoder, conditioning_scale, down, mid })
+    }
+
+    /// Backward of [`ControlNet::forward`] from the residuals' gradients: returns the input gradients, adds
+    /// every parameter gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        sample: &Tensor,
+        context: &Tensor,
+        controlnet_cond: &Tensor,
+        acts: &ControlNetActivations,
+        ddown: &[&Tensor],
+        dmid: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<ControlNetInputGrads> {
+        let s = acts.conditioning_scale;
+        let skips = acts.encoder.skips();
+        ensure!(ddown.len() == skips.len(), "ControlNetModel backward: {} residual gradients for {} residuals", ddown.len(), skips.len());
+        let dskips = skips
+            .iter()
+            .zip(&self.zero_convs)
+            .zip(ddown)
+            .map(|((x, conv), dy)| Self::zero_conv_backward(p, g, conv, x, s, dy, alloc))
+            .collect::<Result<Vec<_>>>()?;
+        let dmid = Self::zero_conv_backward(p, g, &self.mid_zero_conv, acts.encoder.mid_output(), s, dmid, alloc)?;
+        let (dfirst, encoder_hidden_states) =
+            self.encoder.backward(p, g, &acts.encoder, context, &dskips, &dmid, SharedGrads::default(), alloc).context("ControlNetModel backward")?;
+        let dsample = layers::conv_back(p, g, &self.encoder.conv_in, sample, &dfirst, alloc).context("ControlNetModel conv_in backward")?;
+        let last = &acts.cond_hidden.last().expect("conv_in at least").1;
+        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
+        for (j, conv) in self.cond_convs().into_iter().enumerate().rev() {
+            let (h, _) = &acts.cond_hidden[j];
+            let mut dh = alloc.alloc(h.shape(), h.dtype())?;
+            silu_backward(h, &d, &mut dh)?;
+            let x = if j == 0 { controlnet_cond } else { &acts.cond_hidden[j - 1].1 };
+            d = layers::conv_back(p, g, conv, x, &dh, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
+        }
+        Ok(ControlNetInputGrads { sample: dsample, encoder_hidden_states, controlnet_cond: d })
+    }
+}
+
+fn load_params(tree: &ParamTree, c: &Component, device: &Device, dtype: DType) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, dtype);
+    let mut arena = Arena::new(device, &plan)?;
+    ParamStore::load(tree, &c.weights, &mut arena, dtype, &[])
+}
+
+/// The tensors `name.0`, `name.1`, ... in order, as many as there are.
+fn numbered<'a>(inputs: &'a Named, name: &str) -> Vec<&'a Tensor> {
+    (0..).map_while(|i| inputs.get_opt(&format!("{name}.{i}"))).collect()
+}
+
+fn param_grads(tree: &ParamTree, g: Grads) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    tree.specs().iter().map(|s| format!("grad.{}", s.name)).zip(g.into_tensors())
+}
+
+/// `sgdm forward` for UNet2DConditionModel, as tests/fixtures/models/make_fixtures.py calls it: inputs
+/// `sample`, `timestep` [B] (or [1]), `encoder_hidden_states` and optionally a ControlNet's
+/// `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; output `sample`. With its
+/// upstream gradient, also `grad.` of every float input and every parameter.
+pub fn run_unet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = UNet::new(UNetConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let p = load_params(&model.params, c, device, dtype)?;
+    inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"])?;
+    let sample = inputs.get("sample")?;
+    let down = numbered(inputs, "down_block_additional_residuals");
+    let residuals = match (down.is_empty(), inputs.get_opt("mid_block_additional_residual")) {
+        (true, None) => None,
+        (false, Some(mid)) => Some((down, mid)),
+        _ => bail!("{}: the down block residuals and the mid block residual come together (a ControlNet's) or not at all", inputs.source),
+    };
+    let cond = UNetConditioning { timestep: inputs.get("timestep")?, encoder_hidden_states: inputs.get("encoder_hidden_states")?, residuals };
+    let alloc = &mut Standalone(device.clone());
+    let acts = model.forward(&p, sample, &cond, alloc)?;
+    let mut out = Vec::new();
+    if let Some(gn) = grads {
+        gn.ensure_only(&["sample"])?;
+        let dy = gn.get_shaped("sample", acts.output.shape())?;
+        let mut g = Grads::zeros(&model.params, alloc, dtype)?;
+        let d = model.backward(&p, &mut g, sample, &cond, &acts, dy, alloc)?;
+        out.push(("grad.sample".to_string(), d.sample));
+        out.push(("grad.encoder_hidden_states".to_string(), d.encoder_hidden_states));
+        if let Some((down, mid)) = d.residuals {
+            out.extend(down.into_iter().enumerate().map(|(i, t)| (format!("grad.down_block_additional_residuals.{i}"), t)));
+            out.push(("grad.mid_block_additional_residual".to_string(), mid));
+        }
+        out.extend(param_grads(&model.params, g));
+    }
+    out.push(("sample".to_string(), acts.output));
+    Ok(out)
+}
+
+/// `sgdm forward` for ControlNetModel, as tests/fixtures/models/make_fixtures.py calls it: inputs `sample`,
+/// `timestep`, `encoder_hidden_states`, `controlnet_cond` and `conditioning_scale` [1] (1 when absent);
+/// outputs `down_block_res_samples.{i}` and `mid_block_res_sample`. With their upstream gradients, also
+/// `grad.sample`, `grad.encoder_hidden_states`, `grad.controlnet_cond` and `grad.<parameter>`.
+pub fn run_controlnet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = ControlNet::new(UNetConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
+    let p = load_params(&model.params, c, device, dtype)?;
+    inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"])?;
+    let (sample, context, cond) = (inputs.get("sample")?, inputs.get("encoder_hidden_states")?, inputs.get("controlnet_cond")?);
+    let conditioning_scale = match inputs.get_opt("conditioning_scale") {
+        Some(t) => match t.to_f32_vec()?[..] {
+            [s] => s,
+            _ => bail!("{}: conditioning_scale {:?} must hold one value", inputs.source, t.shape()),
+        },
+        None => 1.0,
+    };
+    let alloc = &mut Standalone(device.clone());
+    let acts = model.forward(&p, sample, inputs.get("timestep")?, context, cond, conditioning_scale, alloc)?;
+    let mut out = Vec::new();
+    if let Some(gn) = grads {
+        gn.ensure_only(&["down_block_res_samples", "mid_block_res_sample"])?;
+        let ddown = acts
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, y)| gn.get_shaped(&format!("down_block_res_samples.{i}"), y.shape()))
+            .collect::<Result<Vec<_>>>()?;
+        let dmid = gn.get_shaped("mid_block_res_sample", acts.mid.shape())?;
+        let mut g = Grads::zeros(&model.params, alloc, dtype)?;
+        let d = model.backward(&p, &mut g, sample, context, cond, &acts, &ddown, dmid, alloc)?;
+        out.push(("grad.sample".to_string(), d.sample));
+        out.push(("grad.encoder_hidden_states".to_string(), d.encoder_hidden_states));
+        out.push(("grad.controlnet_cond".to_string(), d.controlnet_cond));
+        out.extend(param_grads(&model.params, g));
+    }
+    out.extend(acts.down.into_iter().enumerate().map(|(i, t)| (format!("down_block_res_samples.{i}"), t)));
+    out.push(("mid_block_res_sample".to_string(), acts.mid));
+    Ok(out)
 }
