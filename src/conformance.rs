@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::nn::{ParamStore, ParamTree};
 use crate::runtime::device::Device;
+use crate::runtime::{Arena, MemoryPlan};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{Component, SafetensorsFile};
 
@@ -66,8 +68,59 @@ impl Named {
 /// Named results of one run.
 pub type Outputs = Vec<(String, Tensor)>;
 
-/// How one model class is run: its component, the inputs, the upstream gradients if any, device, dtype.
-pub type Runner = fn(&Component, &Named, Option<&Named>, &Device, DType) -> Result<Outputs>;
+/// Where a model's configuration and parameters come from: a component directory with its weights, or
+/// its `config.json` alone with seeded random parameters (for profiling full-size configs without weights).
+pub struct ModelSource {
+    pub dir: std::path::PathBuf,
+    pub config: serde_json::Value,
+    weights: Option<SafetensorsFile>,
+    random_seed: u64,
+    /// Bytes of the parameters loaded through [`ModelSource::params`], for the memory report.
+    param_bytes: std::cell::Cell<usize>,
+}
+
+impl ModelSource {
+    /// The component in `dir`; with `random_seed`, only its config.json is read.
+    pub fn open(dir: &Path, random_seed: Option<u64>) -> Result<ModelSource> {
+        match random_seed {
+            None => {
+                let c = Component::open(dir)?;
+                Ok(ModelSource { dir: c.dir, config: c.config, weights: Some(c.weights), random_seed: 0, param_bytes: 0.into() })
+            }
+            Some(seed) => {
+                let path = dir.join("config.json");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                let config: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+                Ok(ModelSource { dir: dir.to_path_buf(), config, weights: None, random_seed: seed, param_bytes: 0.into() })
+            }
+        }
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// The model's parameters, in an arena of their own: loaded from the weights file (every tensor checked
+    /// by name and shape, `aliases` as in [`ParamStore::load`]) or drawn from the seed.
+    pub fn params(&self, tree: &ParamTree, device: &Device, dtype: DType, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+        let mut plan = MemoryPlan::new();
+        ParamStore::plan(tree, &mut plan, dtype);
+        let mut arena = Arena::new(device, &plan)?;
+        self.param_bytes.set(self.param_bytes.get() + tree.numel() * dtype.size());
+        match &self.weights {
+            Some(file) => ParamStore::load(tree, file, &mut arena, dtype, aliases),
+            None => ParamStore::random(tree, &mut arena, dtype, self.random_seed),
+        }
+    }
+
+    pub fn class_name(&self) -> Option<&str> {
+        self.config.get("_class_name").and_then(|v| v.as_str())
+    }
+}
+
+/// How one model class is run: its source, the inputs, the upstream gradients if any, device, dtype.
+pub type Runner = fn(&ModelSource, &Named, Option<&Named>, &Device, DType) -> Result<Outputs>;
 
 /// The runner for a diffusers/PyTorch `_class_name`.
 fn runner(class: &str) -> Option<Runner> {
@@ -85,9 +138,17 @@ fn runner(class: &str) -> Option<Runner> {
 /// The classes `sgdm forward` runs.
 pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
 
-/// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`.
-pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let component = Component::open(model_dir)?;
+/// What one run produced.
+pub struct Run {
+    pub outputs: Outputs,
+    /// Bytes of the model's parameters as stored for the run.
+    pub param_bytes: usize,
+}
+
+/// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`,
+/// with its weights file, or with seeded random parameters when `random_seed` is given.
+pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType, random_seed: Option<u64>) -> Result<Run> {
+    let component = ModelSource::open(model_dir, random_seed)?;
     let class = component
         .class_name()
         .ok_or_else(|| anyhow!("{}: config.json has no _class_name to choose the model", model_dir.display()))?
@@ -97,5 +158,7 @@ pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device:
     };
     let inputs = Named::load(inputs, device, dtype, &["timestep", "conditioning_scale"])?;
     let grads = grad_outputs.map(|p| Named::load(p, device, dtype, &[])).transpose()?;
-    run(&component, &inputs, grads.as_ref(), device, dtype).with_context(|| format!("running {class} from {}", model_dir.display()))
+    let outputs = run(&component, &inputs, grads.as_ref(), device, dtype)
+        .with_context(|| format!("running {class} from {}", model_dir.display()))?;
+    Ok(Run { outputs, param_bytes: component.param_bytes.get() })
 }

@@ -136,6 +136,46 @@ enum Buffer {
     Cuda { _allocation: CudaSlice<u8>, ptr: u64, device: Arc<CudaDevice> },
 }
 
+/// Bytes allocated through [`Storage`] (arenas and standalone tensors), now and at the high-water mark,
+/// on the host and on CUDA devices: what `sgdm forward` and the profiler report as memory use.
+static HOST_LIVE: AtomicU64 = AtomicU64::new(0);
+static HOST_PEAK: AtomicU64 = AtomicU64::new(0);
+static DEVICE_LIVE: AtomicU64 = AtomicU64::new(0);
+static DEVICE_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Live and peak bytes of tensor storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub host_live: u64,
+    pub host_peak: u64,
+    pub device_live: u64,
+    pub device_peak: u64,
+}
+
+/// Tensor storage now and at its peak since the last [`reset_memory_peak`].
+pub fn memory_stats() -> MemoryStats {
+    MemoryStats {
+        host_live: HOST_LIVE.load(Ordering::Relaxed),
+        host_peak: HOST_PEAK.load(Ordering::Relaxed),
+        device_live: DEVICE_LIVE.load(Ordering::Relaxed),
+        device_peak: DEVICE_PEAK.load(Ordering::Relaxed),
+    }
+}
+
+/// Starts a new high-water mark at the current use.
+pub fn reset_memory_peak() {
+    HOST_PEAK.store(HOST_LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    DEVICE_PEAK.store(DEVICE_LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+fn counters(cuda: bool) -> (&'static AtomicU64, &'static AtomicU64) {
+    if cuda {
+        (&DEVICE_LIVE, &DEVICE_PEAK)
+    } else {
+        (&HOST_LIVE, &HOST_PEAK)
+    }
+}
+
 /// One allocation, shared by the tensors carved from it.
 pub struct Storage {
     buffer: Buffer,
@@ -158,6 +198,9 @@ impl Storage {
                 Buffer::Cuda { ptr, _allocation: allocation, device: d.clone() }
             }
         };
+        let (live, peak) = counters(device.is_cuda());
+        let now = live.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        peak.fetch_max(now, Ordering::Relaxed);
         Ok(Arc::new(Storage { buffer, bytes, generation: AtomicU64::new(0) }))
     }
 
@@ -179,6 +222,13 @@ impl Storage {
     /// Invalidates every tensor carved so far.
     pub(crate) fn bump_generation(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let (live, _) = counters(matches!(self.buffer, Buffer::Cuda { .. }));
+        live.fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }
 

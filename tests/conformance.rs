@@ -35,8 +35,9 @@ fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
 /// Runs a fixture forward and backward and checks every expected tensor, and nothing else, came out.
 fn check_case(case: &str) {
     let dir = fixture(case);
-    let outputs = run(&dir, &dir.join("inputs.safetensors"), Some(&dir.join("grad_outputs.safetensors")), &Device::Cpu, DType::F32)
-        .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+    let outputs = run(&dir, &dir.join("inputs.safetensors"), Some(&dir.join("grad_outputs.safetensors")), &Device::Cpu, DType::F32, None)
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"))
+        .outputs;
     let expected = SafetensorsFile::open(dir.join("expected.safetensors")).unwrap();
     let mut produced: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
     produced.sort();

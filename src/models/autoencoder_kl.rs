@@ -7,16 +7,15 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::conformance::{Named, Outputs};
+use crate::conformance::{ModelSource, Named, Outputs};
 use crate::models::blocks::layers::{self, GroupNormActivations};
 use crate::models::blocks::{downsampler, upsampler, Attention, DownActivations, DownBlock, MidBlock, ResnetBlock, UpActivations, UpBlock, VaeMidActivations};
 use crate::models::config::ConfigReader;
 use crate::nn::{Allocator, Conv2d, Grads, Norm, ParamStore, ParamTree, Standalone};
 use crate::ops::elementwise::{add, add_scaled, relu_backward, relu_forward};
 use crate::ops::shape::{concat_channels, split_channels};
-use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
-use crate::weights::Component;
 
 /// The AutoencoderKL's GroupNorms use eps 1e-6 throughout.
 const VAE_EPS: f64 = 1e-6;
@@ -345,12 +344,9 @@ impl AutoencoderKl {
 /// [B, in, H, W] and/or `latents` [B', latent, h, w]; outputs `latent_dist.mean`, `latent_dist.logvar` and
 /// `reconstruction` = decode(mean) from `sample`, `decoded` = decode(latents) from `latents`. With upstream
 /// gradients for every output, also `grad.sample`, `grad.latents` and `grad.<parameter>`.
-pub fn run_autoencoder_kl(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let model = AutoencoderKl::new(AutoencoderKlConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(&model.params, &mut plan, dtype);
-    let mut arena = Arena::new(device, &plan)?;
-    let p = ParamStore::load(&model.params, &c.weights, &mut arena, dtype, &LEGACY_ATTENTION_NAMES)?;
+pub fn run_autoencoder_kl(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = AutoencoderKl::new(AutoencoderKlConfig::from_json(&c.config_path(), &c.config)?)?;
+    let p = c.params(&model.params, device, dtype, &LEGACY_ATTENTION_NAMES)?;
     inputs.ensure_only(&["sample", "latents"])?;
     let (sample, latents) = (inputs.get_opt("sample"), inputs.get_opt("latents"));
     ensure!(sample.is_some() || latents.is_some(), "{}: AutoencoderKL needs 'sample' and/or 'latents'", inputs.source);

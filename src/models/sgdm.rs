@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
-use crate::conformance::{Named, Outputs};
+use crate::conformance::{ModelSource, Named, Outputs};
 use crate::models::config::ConfigReader;
 use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Lstm, ParamStore, ParamTree, Standalone};
 use crate::ops::conv::{
@@ -25,9 +25,7 @@ use crate::ops::shape::{
     avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
 };
 use crate::runtime::device::Device;
-use crate::runtime::{Arena, MemoryPlan};
 use crate::tensor::{DType, Tensor};
-use crate::weights::Component;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EegEncoderConfig {
@@ -529,9 +527,9 @@ impl ContrastiveAlignment {
 
 /// `sgdm forward` for ContrastiveAlignment: inputs `eeg_embed` and `visual_embed` [B, D]; output `loss` [1];
 /// with an upstream gradient for `loss`, `grad.eeg_embed` and `grad.visual_embed`.
-pub fn run_contrastive_alignment(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = ContrastiveAlignment::from_json(&c.dir.join("config.json"), &c.config)?;
-    c.weights.ensure_all_used()?;
+pub fn run_contrastive_alignment(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = ContrastiveAlignment::from_json(&c.config_path(), &c.config)?;
+    c.params(&ParamTree::new(), device, dtype, &[])?;
     inputs.ensure_only(&["eeg_embed", "visual_embed"])?;
     let (a, b) = (inputs.get("eeg_embed")?, inputs.get("visual_embed")?);
     ensure!(
@@ -559,9 +557,9 @@ pub fn run_contrastive_alignment(c: &Component, inputs: &Named, grads: Option<&N
 
 /// `sgdm forward` for SpatiotemporalEEGEncoder: input `eeg` [B, C, T]; output `embedding` [B, latent]; with
 /// its upstream gradient, `grad.eeg` and `grad.<parameter>`.
-pub fn run_eeg_encoder(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = EegEncoder::new(EegEncoderConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
-    let params = load_params(&m.params, c, device, dtype)?;
+pub fn run_eeg_encoder(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = EegEncoder::new(EegEncoderConfig::from_json(&c.config_path(), &c.config)?)?;
+    let params = c.params(&m.params, device, dtype, &[])?;
     inputs.ensure_only(&["eeg"])?;
     let mut alloc = Standalone(device.clone());
     let acts = m.forward(&params, inputs.get("eeg")?, &mut alloc)?;
@@ -581,9 +579,9 @@ pub fn run_eeg_encoder(c: &Component, inputs: &Named, grads: Option<&Named>, dev
 /// `sgdm forward` for StructuralVAE: inputs `image` [B, 3, S, S] and optionally `eps` [B, latent]; outputs
 /// `recon`, `mu`, `logvar`, `structure`; with their upstream gradients, `grad.image`, `grad.eps` (when
 /// given) and `grad.<parameter>`.
-pub fn run_structural_vae(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = StructuralVae::new(StructuralVaeConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
-    let params = load_params(&m.params, c, device, dtype)?;
+pub fn run_structural_vae(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let m = StructuralVae::new(StructuralVaeConfig::from_json(&c.config_path(), &c.config)?)?;
+    let params = c.params(&m.params, device, dtype, &[])?;
     inputs.ensure_only(&["image", "eps"])?;
     let (image, eps) = (inputs.get("image")?, inputs.get_opt("eps"));
     let mut alloc = Standalone(device.clone());
@@ -606,14 +604,6 @@ pub fn run_structural_vae(c: &Component, inputs: &Named, grads: Option<&Named>, 
     let StructuralVaeActivations { recon, mu, logvar, structure, .. } = acts;
     out.extend([("recon", recon), ("mu", mu), ("logvar", logvar), ("structure", structure)].map(|(n, t)| (n.to_string(), t)));
     Ok(out)
-}
-
-/// The component's weights for `tree` on `device` in `dtype`, in an arena of their own.
-fn load_params(tree: &ParamTree, c: &Component, device: &Device, dtype: DType) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, dtype);
-    let mut arena = Arena::new(device, &plan)?;
-    ParamStore::load(tree, &c.weights, &mut arena, dtype, &[])
 }
 
 /// `(grad.<parameter>, gradient)` for every parameter of `tree`.

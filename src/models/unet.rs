@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::conformance::{Named, Outputs};
+use crate::conformance::{ModelSource, Named, Outputs};
 use crate::models::blocks::layers::{self, GroupNormActivations};
 use crate::models::blocks::{
     downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, SharedGrads, Transformer2d, TransformerSpec, UNetDownActivations, UNetMidActivations,
@@ -18,9 +18,8 @@ use crate::models::config::ConfigReader;
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree, Standalone};
 use crate::ops;
 use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
-use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
-use crate::weights::Component;
 
 /// The UNet settings sgdm implements. Everything else in a diffusers config either keeps its default or is
 /// refused when the model is built.
@@ -755,13 +754,6 @@ impl ControlNet {
     }
 }
 
-fn load_params(tree: &ParamTree, c: &Component, device: &Device, dtype: DType) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, dtype);
-    let mut arena = Arena::new(device, &plan)?;
-    ParamStore::load(tree, &c.weights, &mut arena, dtype, &[])
-}
-
 /// The tensors `name.0`, `name.1`, ... in order, as many as there are.
 fn numbered<'a>(inputs: &'a Named, name: &str) -> Vec<&'a Tensor> {
     (0..).map_while(|i| inputs.get_opt(&format!("{name}.{i}"))).collect()
@@ -775,9 +767,9 @@ fn param_grads(tree: &ParamTree, g: Grads) -> impl Iterator<Item = (String, Tens
 /// `sample`, `timestep` [B] (or [1]), `encoder_hidden_states` and optionally a ControlNet's
 /// `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; output `sample`. With its
 /// upstream gradient, also `grad.` of every float input and every parameter.
-pub fn run_unet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let model = UNet::new(UNetConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
-    let p = load_params(&model.params, c, device, dtype)?;
+pub fn run_unet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = UNet::new(UNetConfig::from_json(&c.config_path(), &c.config)?)?;
+    let p = c.params(&model.params, device, dtype, &[])?;
     inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"])?;
     let sample = inputs.get("sample")?;
     let down = numbered(inputs, "down_block_additional_residuals");
@@ -811,9 +803,9 @@ pub fn run_unet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &D
 /// `timestep`, `encoder_hidden_states`, `controlnet_cond` and `conditioning_scale` [1] (1 when absent);
 /// outputs `down_block_res_samples.{i}` and `mid_block_res_sample`. With their upstream gradients, also
 /// `grad.sample`, `grad.encoder_hidden_states`, `grad.controlnet_cond` and `grad.<parameter>`.
-pub fn run_controlnet(c: &Component, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let model = ControlNet::new(UNetConfig::from_json(&c.dir.join("config.json"), &c.config)?)?;
-    let p = load_params(&model.params, c, device, dtype)?;
+pub fn run_controlnet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
+    let model = ControlNet::new(UNetConfig::from_json(&c.config_path(), &c.config)?)?;
+    let p = c.params(&model.params, device, dtype, &[])?;
     inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"])?;
     let (sample, context, cond) = (inputs.get("sample")?, inputs.get("encoder_hidden_states")?, inputs.get("controlnet_cond")?);
     let conditioning_scale = match inputs.get_opt("conditioning_scale") {
