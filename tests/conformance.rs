@@ -95,4 +95,19 @@ fn the_command_writes_its_results_and_refuses_bad_inputs() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown tensor name(s) loss"), "{}", String::from_utf8_lossy(&bad.stderr));
     let missing = run(&["--device", "cpu", "forward", &d, "--inputs", "/nonexistent.safetensors", "--output", &o]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.safetensors"));
+
+    // Random weights from config.json alone: the UNet runs in a directory holding nothing else, and reports
+    // its parameter and peak memory.
+    let unet = fixture("unet_tiny");
+    let config_only = out.path().join("unet");
+    std::fs::create_dir(&config_only).unwrap();
+    std::fs::copy(unet.join("config.json"), config_only.join("config.json")).unwrap();
+    let (c, i) = (config_only.display().to_string(), format!("{}/inputs.safetensors", unet.display()));
+    let random = run(&["--device", "cpu", "forward", &c, "--inputs", &i, "--output", &o, "--random-weights", "5"]);
+    let stdout = String::from_utf8_lossy(&random.stdout);
+    assert!(random.status.success(), "{}", String::from_utf8_lossy(&random.stderr));
+    assert!(stdout.contains("memory on cpu: parameters 783.8 KiB, peak of all tensors"), "{stdout}");
+    assert_eq!(SafetensorsFile::open(&o).unwrap().names().collect::<Vec<_>>(), ["sample"]);
+    let without = run(&["--device", "cpu", "forward", &c, "--inputs", &i, "--output", &o]);
+    assert!(String::from_utf8_lossy(&without.stderr).contains("no weights"), "{}", String::from_utf8_lossy(&without.stderr));
 }
