@@ -39,6 +39,8 @@ pub struct UNetConfig {
     pub transformer_layers_per_block: Vec<usize>,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    /// Accepted either way: our attention always forms scores and the softmax in f32, which is what
+    /// upcasting asks of a half-precision model.
     pub upcast_attention: bool,
     pub norm_num_groups: usize,
     pub norm_eps: f64,
