@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
 use sgdm::models::blocks::{Attention, ResnetBlock};
@@ -118,7 +117,7 @@ fn vae_attention_beyond_the_fused_head_dim_runs_unfused_only() {
 
 #[test]
 fn sd15_vae_with_random_weights_encodes_and_decodes_a_small_image() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd15/vae.json");
+    let path = common::repo_root().join("tests/fixtures/sd15/vae.json");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&path, &config).unwrap()).unwrap();
     assert_eq!((vae.config.block_out_channels.as_slice(), vae.config.latent_channels), ([128, 256, 512, 512].as_slice(), 4));

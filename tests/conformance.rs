@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use sgdm::conformance::{run, CLASSES};
 use sgdm::weights::{Component, SafetensorsFile};
@@ -19,7 +18,7 @@ const ZERO_GRAD_NORM: f64 = 1e-10;
 const ZERO_GRAD_BOUND: f64 = 1e-4;
 
 fn fixture(case: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(case)
+    common::repo_root().join("tests/fixtures/models").join(case)
 }
 
 fn l2(v: &[f32]) -> f64 {

@@ -1,6 +1,8 @@
 //! EEG readers against files written by real numpy 1.x and 2.x (tests/fixtures/data, see make_fixtures.py),
 //! a THINGS-EEG2 file built byte by byte here, every validation error, hostile pickles, and the CLI.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,7 +14,7 @@ const THINGS_CHANNELS: [&str; 17] =
     ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
+    common::repo_root().join("tests/fixtures/data").join(name)
 }
 
 /// What make_fixtures.py stores in every data array: (arange(n) % 1000) * 0.25 - 100.

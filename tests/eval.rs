@@ -11,7 +11,7 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 
 #[test]
 fn ssim_and_pixcorr_match_scikit_image_and_numpy() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eval/ssim_pixcorr.json")).unwrap();
+    let text = std::fs::read_to_string(common::repo_root().join("tests/fixtures/eval/ssim_pixcorr.json")).unwrap();
     let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
     for case in fixture["cases"].as_array().unwrap() {
         let (h, w) = (case["height"].as_u64().unwrap() as usize, case["width"].as_u64().unwrap() as usize);

@@ -2,6 +2,8 @@
 //! through our weights reader: real-world safetensors files, diffusers config.json files, and expected
 //! gradients for every parameter.
 
+mod common;
+
 use sgdm::weights::{Component, SafetensorsFile};
 use sgdm::{DType, Device};
 
@@ -16,7 +18,7 @@ const CASES: [(&str, &str); 6] = [
 
 #[test]
 fn every_fixture_opens_and_has_a_gradient_per_parameter() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let root = common::repo_root().join("tests/fixtures/models");
     for (case, class) in CASES {
         let dir = root.join(case);
         let component = Component::open(&dir).unwrap_or_else(|e| panic!("{e}"));

@@ -1,6 +1,8 @@
 //! Our module trees name and size every parameter exactly as diffusers does: the SD 1.5 UNet, ControlNet
 //! and VAE (tests/fixtures/sd15, from diffusers 0.42.1) and the tiny fixture models (their weights files).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -10,8 +12,8 @@ use sgdm::models::unet::{ControlNet, UNet, UNetConfig};
 use sgdm::nn::ParamTree;
 use sgdm::weights::Component;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+fn root() -> std::path::PathBuf {
+    common::repo_root()
 }
 
 fn ours(tree: &ParamTree) -> BTreeMap<String, Vec<usize>> {

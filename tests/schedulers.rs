@@ -1,6 +1,8 @@
 //! DDIM, Euler and DPM-Solver++(2M) replayed against trajectories recorded from diffusers
 //! (tests/fixtures/schedulers/make_fixture.py says how they were made).
 
+mod common;
+
 use sgdm::diffusion::scheduler::{Scheduler, SchedulerKind};
 
 fn floats(v: &serde_json::Value) -> Vec<f64> {
@@ -9,7 +11,7 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 
 #[test]
 fn schedulers_reproduce_diffusers_trajectories() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schedulers/trajectories.json")).unwrap();
+    let text = std::fs::read_to_string(common::repo_root().join("tests/fixtures/schedulers/trajectories.json")).unwrap();
     let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 12);

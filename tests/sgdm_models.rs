@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use common::{compare, cpu, random};
 use sgdm::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
@@ -14,7 +13,7 @@ use sgdm::weights::Component;
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
 
 fn component(case: &str) -> Component {
-    Component::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(case)).unwrap()
+    Component::open(common::repo_root().join("tests/fixtures/models").join(case)).unwrap()
 }
 
 fn load(tree: &ParamTree, c: &Component) -> ParamStore {

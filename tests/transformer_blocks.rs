@@ -4,7 +4,9 @@
 //! through `ParamStore` against the trees `Transformer2d::new` and `TimeEmbedding::new` build, so a name or
 //! shape that differs from diffusers' state_dict fails the load.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use serde_json::Value;
 use sgdm::models::blocks::{Transformer2d, TransformerSpec};
@@ -17,7 +19,7 @@ const OUTPUT_BOUND: f64 = 1e-4;
 const GRAD_BOUND: f64 = 1e-3;
 
 fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocks").join(case)
+    common::repo_root().join("tests/fixtures/blocks").join(case)
 }
 
 fn config(case: &str) -> Value {

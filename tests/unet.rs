@@ -18,7 +18,7 @@ fn random_params(tree: &ParamTree, seed: u64) -> ParamStore {
 }
 
 fn sd15_config(name: &str) -> UNetConfig {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd15").join(name);
+    let path = common::repo_root().join("tests/fixtures/sd15").join(name);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     UNetConfig::from_json(&path, &config).unwrap()
 }

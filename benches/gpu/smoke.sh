@@ -11,6 +11,8 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 export SGDM_CACHE_DIR="$out/kernel-cache"
 export SGDM_BIN="$bundle/sgdm"
+# Fixtures are read from the repository root this script runs in (the test binaries were built elsewhere).
+export SGDM_REPO_ROOT="$PWD"
 rm -rf "$SGDM_CACHE_DIR"
 log="$out/smoke.txt"
 {

@@ -22,6 +22,12 @@ pub fn sgdm_bin() -> std::path::PathBuf {
     std::env::var_os("SGDM_BIN").map(Into::into).unwrap_or_else(|| env!("CARGO_BIN_EXE_sgdm").into())
 }
 
+/// The repository root, where `tests/fixtures/` lives: `$SGDM_REPO_ROOT` when set (the GPU bundle runs test
+/// binaries in a copy of the tree at another path), else the source tree this binary was built from.
+pub fn repo_root() -> std::path::PathBuf {
+    std::env::var_os("SGDM_REPO_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
 /// CUDA device 0, or None after printing SKIPPED with the reason.
 pub fn gpu_or_skip(what: &str) -> Option<Device> {
     match select(DeviceSpec::Cuda(0)) {
