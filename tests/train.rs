@@ -1,7 +1,7 @@
 //! The training machinery: the learning-rate schedule against values worked out by hand, AdamW (with
 //! global-norm clipping) against torch.optim.AdamW (tests/fixtures/train, made by make_fixture.py there),
-//! gradient accumulation by loss scaling, checkpoints that resume bit-identically on CPU and refuse what is
-//! not theirs, and the JSONL log.
+//! gradient accumulation by loss scaling, and checkpoints that resume bit-identically on CPU and refuse
+//! what is not theirs.
 
 mod common;
 
@@ -14,8 +14,8 @@ use sgdm::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutput
 use sgdm::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use sgdm::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use sgdm::ops::optim::AdamW;
-use sgdm::train::{LrSchedule, Optimizer, OptimizerConfig};
-use sgdm::weights::SafetensorsFile;
+use sgdm::train::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, RngState};
+use sgdm::weights::{save_safetensors, SafetensorsFile};
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
 
 fn close(got: f64, want: f64) {
@@ -166,6 +166,16 @@ fn uniform(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
     Tensor::from_f32(&Device::Cpu, shape, DType::F32, &v).unwrap()
 }
 
+fn normal(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
+    let v: Vec<f32> = (0..shape.iter().product())
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_f32(&Device::Cpu, shape, DType::F32, &v).unwrap()
+}
+
 fn rows(t: &Tensor, range: std::ops::Range<usize>) -> Tensor {
     let s = t.shape();
     let per: usize = s[1..].iter().product();
@@ -196,4 +206,157 @@ fn accumulating_micro_batches_with_the_loss_scale_gives_the_full_batch_gradient(
         let (got, want) = (accumulated.get(ParamId(i)).to_f32_vec().unwrap(), full.get(ParamId(i)).to_f32_vec().unwrap());
         compare(&format!("accumulated grad {}", s.name), &got, &want, 1e-5, 1e-7);
     }
+}
+
+/// The configuration text a run's checkpoints are tied to (what `sgdm train --config` would read).
+const CONFIG: &[u8] = b"[vae]\nsteps = 8\nbatch = 2\nmicro_batches = 2\n";
+const TOTAL_STEPS: u64 = 8;
+
+/// Everything a training process holds between steps.
+struct Run {
+    model: StructuralVae,
+    params: ParamStore,
+    grads: Grads,
+    opt: Optimizer,
+    rng: ChaCha8Rng,
+    schedule: LrSchedule,
+}
+
+/// A fresh process's state: parameters from `param_seed`, data RNG from `data_seed`.
+fn new_run(hidden: usize, param_seed: u64, data_seed: u64) -> Run {
+    let model = tiny_vae(hidden);
+    let params = random_params(&model.params, param_seed);
+    let alloc = &mut Standalone(Device::Cpu);
+    let grads = Grads::zeros(&model.params, alloc, DType::F32).unwrap();
+    let config = OptimizerConfig { adamw: AdamW { weight_decay: 0.05, ..AdamW::default() }, max_grad_norm: Some(0.5), micro_batches: 2 };
+    let opt = Optimizer::new(&model.params, &params, alloc, config).unwrap();
+    let schedule = LrSchedule::new(1e-2, 1e-3, 2, TOTAL_STEPS).unwrap();
+    Run { model, params, grads, opt, rng: ChaCha8Rng::seed_from_u64(data_seed), schedule }
+}
+
+/// Trains until `end` optimizer steps: each step two micro-batches of two random images with sampled z.
+/// Returns each step's mean loss.
+fn train_until(run: &mut Run, end: u64) -> Vec<f32> {
+    let mut losses = Vec::new();
+    while run.opt.steps() < end {
+        let scale = run.opt.loss_scale();
+        let mut loss = 0.0;
+        for _ in 0..run.opt.config.micro_batches {
+            let image = uniform(&mut run.rng, &[2, 3, 8, 8]);
+            let eps = normal(&mut run.rng, &[2, 4]);
+            loss += scale * vae_loss_backward(&run.model, &run.params, &image, Some(&eps), scale, &mut run.grads);
+        }
+        let lr = run.schedule.lr(run.opt.steps());
+        run.opt.step(&mut run.params, &mut run.grads, lr).unwrap();
+        losses.push(loss);
+    }
+    losses
+}
+
+/// Parameters and AdamW moments, as bytes.
+fn state_bytes(run: &Run) -> Vec<Vec<u8>> {
+    let (master, m, v) = run.opt.state();
+    assert!(master.is_none(), "f32 parameters need no master copy");
+    (0..run.params.len()).map(|i| run.params.get(ParamId(i)).to_bytes().unwrap()).chain(m.iter().chain(v).map(|t| t.to_bytes().unwrap())).collect()
+}
+
+fn save(run: &Run, path: &Path) {
+    save_checkpoint(path, &run.model.params, &run.params, &run.opt, &config_id(CONFIG), &RngState::of(&run.rng)).unwrap();
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_bit_identically() {
+    let mut straight = new_run(8, 1, 11);
+    let losses = train_until(&mut straight, TOTAL_STEPS);
+    println!("losses of the uninterrupted run: {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("step3.safetensors");
+    let mut first = new_run(8, 1, 11);
+    train_until(&mut first, 3);
+    save(&first, &path);
+    drop(first);
+
+    // Another process: other initial weights and another data seed, all replaced by the checkpoint.
+    let mut resumed = new_run(8, 99, 12);
+    let meta = load_checkpoint(&path, &resumed.model.params, &mut resumed.params, &mut resumed.opt, &config_id(CONFIG)).unwrap();
+    assert_eq!((meta.step, resumed.opt.steps()), (3, 3));
+    resumed.rng = meta.rng.rng();
+    let rest = train_until(&mut resumed, TOTAL_STEPS);
+    assert_eq!(rest, losses[3..], "the resumed run's losses");
+    assert!(state_bytes(&resumed) == state_bytes(&straight), "parameters or AdamW moments differ after resuming");
+
+    let file = SafetensorsFile::open(&path).unwrap();
+    for name in ["fc_mu.weight", "optimizer.m.fc_mu.weight", "optimizer.v.decoder.6.bias"] {
+        assert!(file.contains(name), "checkpoint lacks {name}");
+    }
+    assert!(!file.names().any(|n| n.starts_with("optimizer.master.")), "no master copies of f32 parameters");
+    assert_eq!(file.metadata()["step"], "3");
+    assert_eq!(file.metadata()["format_version"], "1");
+}
+
+/// Loads `path` into a fresh run of the tiny VAE with `hidden` under `config`; returns the error text.
+fn refusal(path: &Path, hidden: usize, config: &[u8]) -> String {
+    let mut run = new_run(hidden, 5, 6);
+    let before = state_bytes(&run);
+    let e = load_checkpoint(path, &run.model.params, &mut run.params, &mut run.opt, &config_id(config)).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains(&path.display().to_string()), "the error names the file: {msg}");
+    assert!(state_bytes(&run) == before, "a refused checkpoint changed the state: {msg}");
+    println!("refused: {msg}");
+    msg
+}
+
+/// A copy of the checkpoint at `from` with its tensors edited by `edit`, written with the same metadata.
+fn edited_copy(from: &Path, to: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let f = SafetensorsFile::open(from).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.tensor(n, &Device::Cpu, DType::F32).unwrap())).collect();
+    edit(&mut tensors);
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    save_safetensors(to, &refs, Some(f.metadata())).unwrap();
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    let mut run = new_run(8, 1, 11);
+    train_until(&mut run, 1);
+    save(&run, &good);
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(refusal(&truncated, 8, CONFIG).contains("truncated"));
+
+    let corrupt = dir.path().join("corrupt.safetensors");
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&corrupt, &flipped).unwrap();
+    assert!(refusal(&corrupt, 8, CONFIG).contains("corrupt checkpoint: the tensor data's SHA-256"));
+
+    let msg = refusal(&good, 10, CONFIG);
+    assert!(msg.contains("'encoder.7.weight' has shape [8, 4], expected [10, 4]"), "{msg}");
+
+    let msg = refusal(&good, 8, b"[vae]\nsteps = 9\n");
+    assert!(msg.contains("another configuration"), "{msg}");
+
+    let missing = dir.path().join("missing.safetensors");
+    edited_copy(&good, &missing, |t| t.retain(|(n, _)| n != "optimizer.v.fc_mu.bias"));
+    assert!(refusal(&missing, 8, CONFIG).contains("missing tensor 'optimizer.v.fc_mu.bias'"));
+
+    let extra = dir.path().join("extra.safetensors");
+    edited_copy(&good, &extra, |t| t.push(("controlnet.conv_in.bias".into(), Tensor::zeros(&Device::Cpu, &[2], DType::F32).unwrap())));
+    assert!(refusal(&extra, 8, CONFIG).contains("1 tensor(s) this model does not have (a checkpoint of another model?): controlnet.conv_in.bias"));
+
+    let weights_only = dir.path().join("weights.safetensors");
+    let refs: Vec<(&str, &Tensor)> = run.model.params.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), run.params.get(ParamId(i)))).collect();
+    save_safetensors(&weights_only, &refs, None).unwrap();
+    assert!(refusal(&weights_only, 8, CONFIG).contains("not an sgdm checkpoint"));
+
+    // The intact file still loads.
+    let mut fresh = new_run(8, 5, 6);
+    load_checkpoint(&good, &fresh.model.params, &mut fresh.params, &mut fresh.opt, &config_id(CONFIG)).unwrap();
+    assert!(state_bytes(&fresh) == state_bytes(&run));
 }

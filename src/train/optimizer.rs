@@ -135,4 +135,14 @@ impl Optimizer {
     pub fn grad_norm(&self) -> Result<f32> {
         Ok(self.total_norm.to_f32_vec()?[0])
     }
+
+    /// The state a checkpoint holds, by parameter index: the f32 master weights (when kept), and the moments.
+    pub fn state(&self) -> (Option<&[Tensor]>, &[Tensor], &[Tensor]) {
+        (self.master.as_deref(), &self.m, &self.v)
+    }
+
+    /// The state to restore into, by parameter index, and the step counter.
+    pub(crate) fn state_mut(&mut self) -> (&mut u64, Option<&mut [Tensor]>, &mut [Tensor], &mut [Tensor]) {
+        (&mut self.step, self.master.as_deref_mut(), &mut self.m, &mut self.v)
+    }
 }
