@@ -1,7 +1,7 @@
 //! The training machinery: the learning-rate schedule against values worked out by hand, AdamW (with
 //! global-norm clipping) against torch.optim.AdamW (tests/fixtures/train, made by make_fixture.py there),
-//! gradient accumulation by loss scaling, and checkpoints that resume bit-identically on CPU and refuse
-//! what is not theirs.
+//! gradient accumulation by loss scaling, checkpoints that resume bit-identically on CPU and refuse what is
+//! not theirs, and the JSONL log.
 
 mod common;
 
@@ -14,7 +14,10 @@ use sgdm::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutput
 use sgdm::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use sgdm::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use sgdm::ops::optim::AdamW;
-use sgdm::train::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, RngState};
+use sgdm::train::log::format_duration;
+use sgdm::train::{
+    config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog,
+};
 use sgdm::weights::{save_safetensors, SafetensorsFile};
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
 
@@ -359,4 +362,47 @@ fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
     let mut fresh = new_run(8, 5, 6);
     load_checkpoint(&good, &fresh.model.params, &mut fresh.params, &mut fresh.opt, &config_id(CONFIG)).unwrap();
     assert!(state_bytes(&fresh) == state_bytes(&run));
+}
+
+#[test]
+fn step_log_writes_one_flushed_json_object_per_logged_step_and_appends_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    let mut log = StepLog::open(&path, 0).unwrap();
+    log.log(10, &[("total", 0.5), ("kl", 0.125)], 1e-3, 2.5).unwrap();
+    // Flushed: readable before the log is closed.
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+    assert_eq!(first["step"], 10);
+    assert_eq!(first["loss"]["total"], 0.5);
+    assert_eq!(first["loss"]["kl"], 0.125);
+    assert_eq!(first["lr"], 1e-3);
+    assert_eq!(first["grad_norm"], 2.5);
+    assert!(first["steps_per_s"].as_f64().unwrap() > 0.0 && first["wall_s"].as_f64().unwrap() >= 0.0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let second = log.log(12, &[("total", 0.25)], 5e-4, 1.0).unwrap();
+    assert!(second.steps_per_s > 0.0 && second.steps_per_s <= 2.0 / 0.02, "2 steps in at least 20 ms: {}", second.steps_per_s);
+    drop(log);
+    let mut resumed = StepLog::open(&path, 12).unwrap();
+    resumed.log(13, &[("total", 0.2)], 4e-4, 0.9).unwrap();
+    let steps: Vec<u64> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [10, 12, 13]);
+    let Err(e) = StepLog::open(dir.path().join("no/such/dir/train.jsonl"), 0) else { panic!("opened a log in a missing folder") };
+    assert!(format!("{e:#}").contains("no/such/dir/train.jsonl: cannot open the training log"), "{e:#}");
+}
+
+#[test]
+fn progress_line_shows_step_loss_rate_and_eta() {
+    let progress = Progress::new(100, 1000);
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let line = progress.line(100, 0.123456);
+    assert!(line.starts_with("step 100/1000  loss 0.1235  0.00 steps/s  ETA ?"), "{line}");
+    let line = progress.line(150, 0.5);
+    assert!(line.starts_with("step 150/1000  loss 0.5000  ") && line.contains(" steps/s  ETA "), "{line}");
+    assert_eq!(format_duration(std::time::Duration::from_secs(12)), "12s");
+    assert_eq!(format_duration(std::time::Duration::from_secs(275)), "4m35s");
+    assert_eq!(format_duration(std::time::Duration::from_secs(7380)), "2h03m");
 }
