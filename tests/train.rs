@@ -406,3 +406,66 @@ fn progress_line_shows_step_loss_rate_and_eta() {
     assert_eq!(format_duration(std::time::Duration::from_secs(275)), "4m35s");
     assert_eq!(format_duration(std::time::Duration::from_secs(7380)), "2h03m");
 }
+
+/// Three clipped steps on the fixture's gradients (AdamW's default betas, eps and decay at the fixture's
+/// rate) with parameters stored in `dtype` (f32, or bf16 with f32 master weights), on CPU, from the
+/// fixture's initial values rounded to bf16.
+fn fixture_run_in(dtype: DType) -> (ParamTree, ParamStore, Optimizer) {
+    let f = SafetensorsFile::open(fixture_path()).unwrap();
+    let (tree, f32_params, mut grads, _, lr) = fixture_model(&f, Some(1.0));
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(&tree, &mut plan, dtype);
+    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
+    let mut params = ParamStore::random(&tree, &mut arena, dtype, 0).unwrap();
+    for i in 0..tree.len() {
+        let v = common::rounded(DType::BF16, &f32_params.get(ParamId(i)).to_f32_vec().unwrap());
+        params.get_mut(ParamId(i)).write_f32(&v).unwrap();
+    }
+    let config = OptimizerConfig { adamw: AdamW { lr: 0.0, ..AdamW::default() }, max_grad_norm: Some(1.0), micro_batches: 1 };
+    let mut opt = Optimizer::new(&tree, &params, &mut Standalone(Device::Cpu), config).unwrap();
+    for k in 1..=3 {
+        for (i, s) in tree.specs().iter().enumerate() {
+            let g = f.tensor(&format!("grad{k}.{}", s.name), &Device::Cpu, DType::F32).unwrap().to_f32_vec().unwrap();
+            grads.get_mut(ParamId(i)).write_f32(&g).unwrap();
+        }
+        opt.step(&mut params, &mut grads, lr).unwrap();
+    }
+    (tree, params, opt)
+}
+
+#[test]
+fn bf16_parameters_follow_f32_master_weights_and_checkpoints_carry_them() {
+    let (tree, f32_params, f32_opt) = fixture_run_in(DType::F32);
+    let (_, bf16_params, bf16_opt) = fixture_run_in(DType::BF16);
+    let master = bf16_opt.state().0.expect("bf16 parameters keep f32 master weights");
+    for (i, master) in master.iter().enumerate() {
+        let want = f32_params.get(ParamId(i)).to_f32_vec().unwrap();
+        assert_eq!(master.to_f32_vec().unwrap(), want, "master weights step exactly as f32 parameters");
+        assert_eq!(bf16_params.get(ParamId(i)).to_f32_vec().unwrap(), common::rounded(DType::BF16, &want), "bf16 copy");
+    }
+    assert_eq!(bf16_opt.state().1[0].to_bytes().unwrap(), f32_opt.state().1[0].to_bytes().unwrap());
+
+    // A bf16 run's checkpoint restores an f32 run from the master weights, bit for bit.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bf16.safetensors");
+    let rng = RngState::of(&ChaCha8Rng::seed_from_u64(0));
+    save_checkpoint(&path, &tree, &bf16_params, &bf16_opt, "id", &rng).unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    assert_eq!(file.raw("linear.weight").unwrap().0, DType::BF16);
+    assert_eq!(file.raw("optimizer.master.linear.weight").unwrap().0, DType::F32);
+    let (_, mut params, mut opt) = fixture_run_in(DType::F32);
+    params.get_mut(ParamId(0)).fill_zero().unwrap();
+    load_checkpoint(&path, &tree, &mut params, &mut opt, "id").unwrap();
+    for i in 0..tree.len() {
+        assert_eq!(params.get(ParamId(i)).to_bytes().unwrap(), f32_params.get(ParamId(i)).to_bytes().unwrap());
+    }
+    // And a bf16 run takes back both its bf16 parameters and its master weights.
+    let (_, mut params, mut opt) = fixture_run_in(DType::BF16);
+    params.get_mut(ParamId(0)).fill_zero().unwrap();
+    load_checkpoint(&path, &tree, &mut params, &mut opt, "id").unwrap();
+    let restored = opt.state().0.unwrap();
+    for i in 0..tree.len() {
+        assert_eq!(params.get(ParamId(i)).to_bytes().unwrap(), bf16_params.get(ParamId(i)).to_bytes().unwrap());
+        assert_eq!(restored[i].to_bytes().unwrap(), master[i].to_bytes().unwrap());
+    }
+}
