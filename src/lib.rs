@@ -14,6 +14,7 @@ pub mod nn;
 pub mod ops;
 pub mod runtime;
 pub mod tensor;
+pub mod train;
 pub mod util;
 pub mod weights;
 

@@ -70,6 +70,7 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
     used: Mutex<HashSet<String>>,
 }
 
@@ -126,6 +127,7 @@ impl SafetensorsFile {
             }
             other => WeightError::Corrupt { path: path.clone(), detail: other.to_string() },
         })?;
+        let header_metadata = metadata.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
         let entries = metadata
             .tensors()
             .into_iter()
@@ -134,11 +136,23 @@ impl SafetensorsFile {
                 (name, Entry { dtype: info.dtype, shape: info.shape.clone(), start, end })
             })
             .collect();
-        Ok(SafetensorsFile { path, mmap, data_start: 8 + n, entries, used: Mutex::new(HashSet::new()) })
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            data_start: 8 + n,
+            entries,
+            metadata: header_metadata,
+            used: Mutex::new(HashSet::new()),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The header's `__metadata__` entries (empty when it has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     /// Every tensor name, sorted.
@@ -263,14 +277,29 @@ pub fn save_safetensors(
 ) -> Result<(), WeightError> {
     let path = path.as_ref();
     let werr = |detail: String| WeightError::Write { path: path.to_path_buf(), detail };
+    let views = tensors
+        .iter()
+        .map(|(name, t)| {
+            let bytes = t.to_bytes().map_err(|e| werr(format!("reading tensor '{name}': {e:#}")))?;
+            Ok((name.to_string(), RawView::of(t, bytes)))
+        })
+        .collect::<Result<Vec<_>, WeightError>>()?;
+    save_safetensors_raw(path, views, metadata)
+}
+
+/// [`save_safetensors`] for tensors already read to the host (a caller that also hashes the bytes).
+pub fn save_safetensors_raw(
+    path: impl AsRef<Path>,
+    views: Vec<(String, RawView)>,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<(), WeightError> {
+    let path = path.as_ref();
+    let werr = |detail: String| WeightError::Write { path: path.to_path_buf(), detail };
     let mut seen = HashSet::new();
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        if !seen.insert(*name) {
+    for (name, _) in &views {
+        if !seen.insert(name.as_str()) {
             return Err(werr(format!("tensor name '{name}' given twice")));
         }
-        let bytes = t.to_bytes().map_err(|e| werr(format!("reading tensor '{name}': {e:#}")))?;
-        views.push((name.to_string(), RawView { dtype: dtype_to_safetensors(t.dtype()), shape: t.shape().to_vec(), bytes }));
     }
     let info = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     let buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
@@ -282,6 +311,13 @@ pub struct RawView {
     pub dtype: StDtype,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
+}
+
+impl RawView {
+    /// `t`'s dtype and shape with `bytes`, its content as [`Tensor::to_bytes`] reads it.
+    pub fn of(t: &Tensor, bytes: Vec<u8>) -> RawView {
+        RawView { dtype: dtype_to_safetensors(t.dtype()), shape: t.shape().to_vec(), bytes }
+    }
 }
 
 impl safetensors::View for RawView {

@@ -319,6 +319,11 @@ impl ParamStore {
         &self.tensors[id.0]
     }
 
+    /// A parameter to update in place (the optimizer's step, a checkpoint restore).
+    pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
+        &mut self.tensors[id.0]
+    }
+
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
