@@ -57,7 +57,7 @@ fn schedule_warms_up_linearly_then_decays_by_half_cosine_to_the_floor() {
 }
 
 fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/adamw.safetensors")
+    common::repo_root().join("tests/fixtures/train/adamw.safetensors")
 }
 
 fn meta_f64(f: &SafetensorsFile, key: &str) -> f64 {
