@@ -67,7 +67,7 @@ enum Command {
     #[command(after_help = "Examples:\n  \
                             sgdm train vae --config train.toml --out runs/vae\n  \
                             sgdm train encoder --config train.toml --out runs/encoder\n  \
-                            sgdm train vae --config train.toml --out runs/vae --resume runs/vae/vae-checkpoint.safetensors\n\n\
+                            sgdm train vae --config train.toml --out runs/vae --resume runs/vae/vae-step000500.safetensors\n\n\
                             train.toml (sizes for `sgdm synth`'s default dataset):\n  \
                             [vae]\n  data = \"data/synth\"\n  beta = 0.001\n  lambda = 1.0\n  \
                             [vae.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  warmup = 100\n  seed = 0\n  \
@@ -78,7 +78,7 @@ enum Command {
                             [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
                             lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
                             [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500) and\n\
-                            log_every (10). DIR receives <stage>.jsonl, <stage>-checkpoint.safetensors, <stage>.safetensors\n\
+                            log_every (10). DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
                             and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
     Train(cli::train::Args),
     /// Look inside EEG data files.

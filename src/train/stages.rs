@@ -4,8 +4,8 @@
 //! on its `train` split, validate on its `val` split and never open the `test` split.
 //!
 //! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
-//! `<stage>-checkpoint.safetensors` (every `checkpoint_every` steps and at the end; `--resume` continues
-//! from it exactly) and `<stage>.safetensors` (the final parameters under their PyTorch names). The encoder
+//! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
+//! the validation losses can pick one; `--resume` continues from any of them exactly) and `<stage>.safetensors` (the final parameters under their PyTorch names). The encoder
 //! stage also writes `eeg_standardization.json`, the per-channel statistics its inputs were scaled with.
 
 use std::path::{Path, PathBuf};
@@ -192,6 +192,9 @@ fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()>
     save_safetensors(path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
+/// A stage's losses of one step, named, the total first.
+type NamedLosses = Vec<(&'static str, f64)>;
+
 /// The training loop both stages share. `step` runs one batch's forward and backward (dloss 1) into the
 /// gradients and returns its named losses, the total first; `validate` returns the validation loss.
 #[allow(clippy::too_many_arguments)]
@@ -203,7 +206,7 @@ fn train_loop(
     resume: Option<&Path>,
     tree: &ParamTree,
     params: &mut ParamStore,
-    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng) -> Result<Vec<(&'static str, f64)>>,
+    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng) -> Result<NamedLosses>,
     validate: &mut dyn FnMut(&ParamStore) -> Result<f64>,
 ) -> Result<StageReport> {
     ensure!(cfg.steps > 0 && cfg.checkpoint_every > 0 && cfg.log_every > 0, "stage {stage}: steps, checkpoint_every and log_every must be positive");
@@ -217,7 +220,6 @@ fn train_loop(
     if let Some(path) = resume {
         rng = load_checkpoint(path, tree, params, &mut opt, id)?.rng.rng();
     }
-    let checkpoint = out.join(format!("{stage}-checkpoint.safetensors"));
     let first_step = opt.steps();
     let mut log = StepLog::open(out.join(format!("{stage}.jsonl")), first_step)?;
     let mut progress = Progress::new(first_step, cfg.steps);
@@ -234,6 +236,7 @@ fn train_loop(
             let val = validate(params)?;
             report.val_losses.push((done, val));
             losses.push(("val", val));
+            let checkpoint = out.join(format!("{stage}-step{done:06}.safetensors"));
             save_checkpoint(&checkpoint, tree, params, &opt, id, &RngState::of(&rng))?;
         }
         if at_checkpoint || done.is_multiple_of(cfg.log_every) {
@@ -291,7 +294,7 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>) -> Res
     let (s, sd, latent) = (m.image_size, m.structure_dim, m.latent_dim);
     let per_image = 3 * s * s;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<Vec<(&'static str, f64)>> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
         let image = tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
         let edges = tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
@@ -410,7 +413,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let mut params = random_params(&encoder.params, cfg.train.seed)?;
     let mut nce = InfoNceActivations::zeros(&CPU, b, latent, DType::F32)?;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<Vec<(&'static str, f64)>> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
         let eeg = tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
