@@ -62,6 +62,25 @@ enum Command {
                             DIR/images/<split>/<index>.png, DIR/structure/<split>/<index>.png and\n\
                             DIR/edges16/<split>.npy [figures, 16, 16]. See docs/synth.md.")]
     Synth(cli::synth::Args),
+    /// Train one SGDM stage on CPU from a TOML configuration: vae (StructuralVAE) or encoder (EEG encoder,
+    /// InfoNCE against the frozen VAE). Trains on the train split, validates on val, never reads test.
+    #[command(after_help = "Examples:\n  \
+                            sgdm train vae --config train.toml --out runs/vae\n  \
+                            sgdm train encoder --config train.toml --out runs/encoder\n  \
+                            sgdm train vae --config train.toml --out runs/vae --resume runs/vae/vae-step000500.safetensors\n\n\
+                            train.toml (sizes for `sgdm synth`'s default dataset):\n  \
+                            [vae]\n  data = \"data/synth\"\n  beta = 0.001\n  lambda = 1.0\n  \
+                            [vae.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  warmup = 100\n  seed = 0\n  \
+                            [vae.model]\n  latent_dim = 64\n  structure_dim = 256\n  image_size = 64\n  channels = [16, 32, 64]\n  hidden = 256\n  \
+                            [encoder]\n  data = \"data/synth\"\n  vae_weights = \"runs/vae/vae.safetensors\"\n  temperature = 0.07\n  \
+                            [encoder.vae]   # the [vae.model] values\n  ...\n  \
+                            [encoder.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  \
+                            [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
+                            lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
+                            [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500) and\n\
+                            log_every (10). DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
+                            and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
+    Train(cli::train::Args),
     /// Look inside EEG data files.
     #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
     Data(cli::data::Command),
@@ -75,6 +94,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => cli::forward::run(cli.device, &args),
         Command::Synth(args) => cli::synth::run(&args),
         Command::Data(command) => cli::data::run(&command),
+        Command::Train(args) => cli::train::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,3 +4,4 @@ pub mod forward;
 pub mod info;
 pub mod kernels;
 pub mod synth;
+pub mod train;

@@ -27,7 +27,9 @@ use crate::ops::shape::{
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
-#[derive(Debug, Clone, PartialEq)]
+/// Also read from a training configuration's TOML (every field required there).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EegEncoderConfig {
     pub n_channels: usize,
     pub n_timepoints: usize,
@@ -252,7 +254,9 @@ fn last_step_filter(steps: usize, dtype: DType, alloc: &mut dyn Allocator) -> Re
     Ok(f)
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Also read from a training configuration's TOML (every field required there).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StructuralVaeConfig {
     pub latent_dim: usize,
     pub structure_dim: usize,

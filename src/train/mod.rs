@@ -1,10 +1,12 @@
 //! Training machinery shared by the stages: the AdamW optimizer with clipping and accumulation, the
-//! learning-rate schedule, checkpoints that resume exactly, and the step log and progress line.
+//! learning-rate schedule, checkpoints that resume exactly, the step log and progress line, and the stages
+//! that use them.
 
 pub mod checkpoint;
 pub mod log;
 pub mod optimizer;
 pub mod schedule;
+pub mod stages;
 
 pub use checkpoint::{config_id, load_checkpoint, save_checkpoint, CheckpointMeta, RngState};
 pub use log::{Progress, StepLog, StepRecord};

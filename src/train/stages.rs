@@ -1,0 +1,447 @@
+//! The SGDM training stages on CPU, each a function of a small configuration: `vae` (stage 1, the
+//! StructuralVAE) and `encoder` (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's
+//! mu by the symmetric InfoNCE loss). Both read a dataset in `sgdm synth`'s layout (`manifest.json`), train
+//! on its `train` split, validate on its `val` split and never open the `test` split.
+//!
+//! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
+//! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
+//! the validation losses can pick one; `--resume` continues from any of them exactly) and `<stage>.safetensors` (the final parameters under their PyTorch names). The encoder
+//! stage also writes `eeg_standardization.json`, the per-channel statistics its inputs were scaled with.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+
+use super::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
+use crate::data::eeg::{EegData, Repetitions};
+use crate::data::image::load_square;
+use crate::data::npy::NpyFile;
+use crate::data::synth::{Manifest, SplitManifest};
+use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
+use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
+use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
+use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
+use crate::ops::optim::AdamW;
+use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::tensor::{DType, Tensor};
+use crate::weights::{save_safetensors, SafetensorsFile};
+
+/// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Optimizer steps of the whole run (a resumed run counts the steps before it).
+    pub steps: u64,
+    /// Distinct figures per step.
+    pub batch: usize,
+    /// Peak learning rate, reached after `warmup` steps, then half-cosine decay to `min_lr`.
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup: u64,
+    /// Seeds the initial parameters and the data RNG (batches, repetitions, the VAE's noise).
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; absent: never clip.
+    #[serde(default)]
+    pub max_grad_norm: Option<f32>,
+    /// Write a checkpoint and validate every this many steps (and always at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Write a step-log line every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+fn default_weight_decay() -> f64 {
+    AdamW::default().weight_decay
+}
+
+fn default_checkpoint_every() -> u64 {
+    500
+}
+
+fn default_log_every() -> u64 {
+    10
+}
+
+/// Stage `vae` (TOML table `[vae]`): loss = MSE(recon, image in [0, 1]) + beta * KL + lambda *
+/// MSE(structure, the 16x16 edge map flattened), z sampled with the reparameterisation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeStageConfig {
+    /// Dataset folder holding `manifest.json`.
+    pub data: PathBuf,
+    pub beta: f32,
+    pub lambda: f32,
+    pub train: LoopConfig,
+    /// `structure_dim` must equal the dataset's edge map size squared (256 for 16x16); images are resized
+    /// to `image_size`.
+    pub model: StructuralVaeConfig,
+}
+
+/// Stage `encoder` (TOML table `[encoder]`): the EEG encoder's embedding of a trial against the frozen
+/// StructuralVAE's mu (z = mu, no noise) of the figure shown, by the symmetric InfoNCE loss.
+///
+/// EEG: training draws one random single trial per figure at each step (the repetitions act as
+/// augmentation, and a batch holds distinct figures, so no positive pair is ever a negative);
+/// validation uses each val figure's average over its repetitions, the usual test-time protocol. Each
+/// channel is standardised with the mean and standard deviation of the train split's trials.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderStageConfig {
+    pub data: PathBuf,
+    /// The StructuralVAE's parameters (`vae.safetensors` from stage `vae`) and configuration.
+    pub vae_weights: PathBuf,
+    pub vae: StructuralVaeConfig,
+    pub temperature: f32,
+    pub train: LoopConfig,
+    /// `latent_dim` must equal the VAE's; `n_channels` and `n_timepoints` the dataset's.
+    pub model: EegEncoderConfig,
+}
+
+/// What a run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    /// The step the run started from (0, or the checkpoint's).
+    pub first_step: u64,
+    /// The training loss of each step this run took.
+    pub train_losses: Vec<f64>,
+    /// (step, validation loss) at every checkpoint, the last at the end.
+    pub val_losses: Vec<(u64, f64)>,
+}
+
+const CPU: Device = Device::Cpu;
+
+fn read_manifest(data: &Path) -> Result<Manifest> {
+    let path = data.join("manifest.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not an sgdm dataset manifest", path.display()))
+}
+
+fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a SplitManifest> {
+    manifest
+        .splits
+        .iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
+}
+
+/// A split's images as `[N, 3, S, S]` in [0, 1] and its edge maps as `[N, E·E]`.
+struct ImageSplit {
+    len: usize,
+    images: Vec<f32>,
+    edges: Vec<f32>,
+}
+
+fn load_images(data: &Path, split: &SplitManifest, size: usize, structure_dim: usize) -> Result<ImageSplit> {
+    let edges_path = data.join(&split.edges16);
+    let edges = NpyFile::open(&edges_path)?.to_f32()?;
+    ensure!(
+        edges.len() == split.figures * structure_dim,
+        "{}: {} values, expected {} figures x structure_dim {structure_dim}",
+        edges_path.display(),
+        edges.len(),
+        split.figures
+    );
+    let mut images = Vec::with_capacity(split.figures * 3 * size * size);
+    for rel in &split.images {
+        let img = load_square(data.join(rel), size as u32)?;
+        for c in 0..3 {
+            images.extend(img.pixels().map(|p| p.0[c] as f32 / 255.0));
+        }
+    }
+    ensure!(split.images.len() == split.figures, "split '{}': {} images for {} figures", split.name, split.images.len(), split.figures);
+    Ok(ImageSplit { len: split.figures, images, edges })
+}
+
+/// The rows `idx` of a row-major array with `per` values a row.
+fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
+    idx.iter().flat_map(|&i| &values[i * per..(i + 1) * per]).copied().collect()
+}
+
+/// Standard normal values (Box–Muller).
+fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], values: &[f32]) -> Result<Tensor> {
+    Tensor::from_f32(&CPU, shape, DType::F32, values)
+}
+
+fn random_params(tree: &ParamTree, seed: u64) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, DType::F32);
+    let mut arena = Arena::new(&CPU, &plan)?;
+    ParamStore::random(tree, &mut arena, DType::F32, seed)
+}
+
+fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()> {
+    let refs: Vec<(&str, &Tensor)> = tree.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
+    save_safetensors(path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
+}
+
+/// A stage's losses of one step, named, the total first.
+type NamedLosses = Vec<(&'static str, f64)>;
+
+/// The training loop both stages share. `step` runs one batch's forward and backward (dloss 1) into the
+/// gradients and returns its named losses, the total first; `validate` returns the validation loss.
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    stage: &str,
+    cfg: &LoopConfig,
+    id: &str,
+    out: &Path,
+    resume: Option<&Path>,
+    tree: &ParamTree,
+    params: &mut ParamStore,
+    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng) -> Result<NamedLosses>,
+    validate: &mut dyn FnMut(&ParamStore) -> Result<f64>,
+) -> Result<StageReport> {
+    ensure!(cfg.steps > 0 && cfg.checkpoint_every > 0 && cfg.log_every > 0, "stage {stage}: steps, checkpoint_every and log_every must be positive");
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+    let schedule = LrSchedule::new(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)?;
+    let alloc = &mut Standalone(CPU);
+    let mut grads = Grads::zeros(tree, alloc, DType::F32)?;
+    let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
+    let mut opt = Optimizer::new(tree, params, alloc, OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: 1 })?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    if let Some(path) = resume {
+        rng = load_checkpoint(path, tree, params, &mut opt, id)?.rng.rng();
+    }
+    let first_step = opt.steps();
+    let mut log = StepLog::open(out.join(format!("{stage}.jsonl")), first_step)?;
+    let mut progress = Progress::new(first_step, cfg.steps);
+    let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new() };
+    while opt.steps() < cfg.steps {
+        let mut losses = step(params, &mut grads, &mut rng)?;
+        let lr = schedule.lr(opt.steps());
+        opt.step(params, &mut grads, lr)?;
+        let done = opt.steps();
+        let total = losses[0].1;
+        report.train_losses.push(total);
+        let at_checkpoint = done.is_multiple_of(cfg.checkpoint_every) || done == cfg.steps;
+        if at_checkpoint {
+            let val = validate(params)?;
+            report.val_losses.push((done, val));
+            losses.push(("val", val));
+            let checkpoint = out.join(format!("{stage}-step{done:06}.safetensors"));
+            save_checkpoint(&checkpoint, tree, params, &opt, id, &RngState::of(&rng))?;
+        }
+        if at_checkpoint || done.is_multiple_of(cfg.log_every) {
+            log.log(done, &losses, lr, opt.grad_norm()? as f64)?;
+        }
+        progress.update(done, total);
+    }
+    save_params(&out.join(format!("{stage}.safetensors")), tree, params)?;
+    Ok(report)
+}
+
+/// The three terms of the VAE loss: MSE(recon, image), KL against N(0, 1), MSE(structure, edges).
+struct VaeLosses {
+    recon: f64,
+    kl: f64,
+    structure: f64,
+}
+
+/// The three terms of a forward's outputs against `image` and `edges`.
+fn vae_losses(acts: &crate::models::sgdm::StructuralVaeActivations, image: &Tensor, edges: &Tensor) -> Result<VaeLosses> {
+    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
+    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    let read = |loss: &Tensor| -> Result<f64> { Ok(loss.to_f32_vec()?[0] as f64) };
+    mse_loss(&acts.recon, image, &mut loss, &mut partials)?;
+    let recon = read(&loss)?;
+    kl_loss(&acts.mu, &acts.logvar, &mut loss, &mut partials)?;
+    let kl = read(&loss)?;
+    mse_loss(&acts.structure, edges, &mut loss, &mut partials)?;
+    let structure = read(&loss)?;
+    Ok(VaeLosses { recon, kl, structure })
+}
+
+impl VaeStageConfig {
+    fn total(&self, l: &VaeLosses) -> f64 {
+        l.recon + self.beta as f64 * l.kl + self.lambda as f64 * l.structure
+    }
+}
+
+/// Runs stage `vae`; see [`VaeStageConfig`] and the module docs for what it writes into `out`.
+pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+    let m = &cfg.model;
+    let manifest = read_manifest(&cfg.data)?;
+    ensure!(
+        m.structure_dim == manifest.edge_size * manifest.edge_size,
+        "stage vae: model.structure_dim is {}, the dataset's edge maps are {0}x{0} = {1}",
+        m.structure_dim,
+        manifest.edge_size * manifest.edge_size
+    );
+    let train = load_images(&cfg.data, split(&manifest, &cfg.data, "train")?, m.image_size, m.structure_dim)?;
+    let val = load_images(&cfg.data, split(&manifest, &cfg.data, "val")?, m.image_size, m.structure_dim)?;
+    let b = cfg.train.batch;
+    ensure!(b >= 1 && b <= train.len, "stage vae: batch {b} must be between 1 and the {} training figures", train.len);
+    let model = StructuralVae::new(m.clone())?;
+    let mut params = random_params(&model.params, cfg.train.seed)?;
+    let (s, sd, latent) = (m.image_size, m.structure_dim, m.latent_dim);
+    let per_image = 3 * s * s;
+
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
+        let image = tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
+        let edges = tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
+        let eps = tensor(&[b, latent], &normal(rng, b * latent))?;
+        let alloc = &mut Standalone(CPU);
+        let acts = model.forward(p, &image, Some(&eps), alloc)?;
+        let l = vae_losses(&acts, &image, &edges)?;
+        let zeros = |t: &Tensor| Tensor::zeros(&CPU, t.shape(), DType::F32);
+        let (mut drecon, mut dmu, mut dlogvar, mut dstructure) = (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
+        mse_loss_backward(&acts.recon, &image, 1.0, &mut drecon)?;
+        kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta, &mut dmu, &mut dlogvar)?;
+        mse_loss_backward(&acts.structure, &edges, cfg.lambda, &mut dstructure)?;
+        let d = StructuralVaeOutputGrads { recon: &drecon, mu: &dmu, logvar: &dlogvar, structure: &dstructure };
+        model.backward(p, &image, Some(&eps), &acts, &d, grads, false, alloc)?;
+        Ok(vec![("total", cfg.total(&l)), ("recon", l.recon), ("kl", l.kl), ("structure", l.structure)])
+    };
+    // z = mu: the validation loss is deterministic. Every loss term is a mean over the batch, so chunk
+    // means weighted by chunk size give the split's mean.
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut sum = 0.0;
+        for start in (0..val.len).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(val.len)).collect();
+            let image = tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
+            let edges = tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
+            let acts = model.forward(p, &image, None, &mut Standalone(CPU))?;
+            sum += cfg.total(&vae_losses(&acts, &image, &edges)?) * idx.len() as f64;
+        }
+        Ok(sum / val.len as f64)
+    };
+    let id = config_id(format!("vae {cfg:?}").as_bytes());
+    train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate)
+}
+
+/// Per-channel mean and standard deviation over every trial and time point of `eeg` ([N, R, C, T]).
+fn channel_stats(eeg: &EegData) -> (Vec<f32>, Vec<f32>) {
+    let [n, r, c, t] = eeg.shape;
+    let mut sum = vec![0f64; c];
+    let mut sq = vec![0f64; c];
+    for (k, row) in eeg.data.chunks_exact(t).enumerate() {
+        let ch = k % c;
+        for &v in row {
+            sum[ch] += v as f64;
+            sq[ch] += v as f64 * v as f64;
+        }
+    }
+    let count = (n * r * t) as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+    let std = sq.iter().zip(&mean).map(|(q, m)| ((q / count - m * m).max(0.0).sqrt().max(1e-6)) as f32).collect();
+    (mean.into_iter().map(|m| m as f32).collect(), std)
+}
+
+fn standardize(eeg: &mut EegData, mean: &[f32], std: &[f32]) {
+    let [_, _, c, t] = eeg.shape;
+    for (k, row) in eeg.data.chunks_exact_mut(t).enumerate() {
+        let ch = k % c;
+        row.iter_mut().for_each(|v| *v = (*v - mean[ch]) / std[ch]);
+    }
+}
+
+/// The frozen VAE's mu (z = mu) of every image of a split, `[N, latent]`.
+fn vae_mu(model: &StructuralVae, p: &ParamStore, images: &ImageSplit, chunk: usize) -> Result<Vec<f32>> {
+    let s = model.config.image_size;
+    let mut mu = Vec::with_capacity(images.len * model.config.latent_dim);
+    for start in (0..images.len).step_by(chunk) {
+        let idx: Vec<usize> = (start..(start + chunk).min(images.len)).collect();
+        let image = tensor(&[idx.len(), 3, s, s], &gather(&images.images, 3 * s * s, &idx))?;
+        mu.extend(model.forward(p, &image, None, &mut Standalone(CPU))?.mu.to_f32_vec()?);
+    }
+    Ok(mu)
+}
+
+/// Runs stage `encoder`; see [`EncoderStageConfig`] and the module docs for what it writes into `out`.
+pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+    let m = &cfg.model;
+    ensure!(
+        m.latent_dim == cfg.vae.latent_dim,
+        "stage encoder: model.latent_dim {} differs from the VAE's latent_dim {}",
+        m.latent_dim,
+        cfg.vae.latent_dim
+    );
+    ensure!(cfg.temperature > 0.0 && cfg.temperature.is_finite(), "stage encoder: temperature must be positive, got {}", cfg.temperature);
+    let manifest = read_manifest(&cfg.data)?;
+    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+
+    let vae = StructuralVae::new(cfg.vae.clone())?;
+    let vae_params = {
+        let mut plan = MemoryPlan::new();
+        ParamStore::plan(&vae.params, &mut plan, DType::F32);
+        let mut arena = Arena::new(&CPU, &plan)?;
+        ParamStore::load(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &mut arena, DType::F32, &[])?
+    };
+    let b = cfg.train.batch;
+    let sd = cfg.vae.structure_dim;
+    let train_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?;
+    let val_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?;
+
+    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
+    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    train.expect(m.n_channels, m.n_timepoints)?;
+    val.expect(m.n_channels, m.n_timepoints)?;
+    let (mean, std) = channel_stats(&train);
+    standardize(&mut train, &mean, &std);
+    standardize(&mut val, &mean, &std);
+    let val = val.with_repetitions(Repetitions::Average);
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+    let stats_path = out.join("eeg_standardization.json");
+    let stats = serde_json::json!({ "split": "train", "ch_names": manifest.ch_names, "mean": mean, "std": std });
+    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?).with_context(|| format!("{}: cannot write", stats_path.display()))?;
+
+    let [n_train, reps, c, t] = train.shape;
+    let n_val = val.shape[0];
+    ensure!(b >= 2 && b <= n_train, "stage encoder: batch {b} must be between 2 and the {n_train} training figures");
+    ensure!(n_val >= 2, "stage encoder: the val split needs at least 2 figures for InfoNCE, it has {n_val}");
+    let (latent, trial) = (m.latent_dim, c * t);
+    let encoder = EegEncoder::new(m.clone())?;
+    let mut params = random_params(&encoder.params, cfg.train.seed)?;
+    let mut nce = InfoNceActivations::zeros(&CPU, b, latent, DType::F32)?;
+
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
+        let eeg = tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
+        let target = tensor(&[b, latent], &gather(&train_mu, latent, &figures))?;
+        let alloc = &mut Standalone(CPU);
+        let acts = encoder.forward(p, &eeg, alloc)?;
+        infonce_forward(&acts.embedding, &target, cfg.temperature, &mut nce)?;
+        let loss = nce.loss()? as f64;
+        let (mut dembedding, mut dtarget) = (Tensor::zeros(&CPU, &[b, latent], DType::F32)?, Tensor::zeros(&CPU, &[b, latent], DType::F32)?);
+        infonce_backward(&mut nce, 1.0, &mut dembedding, &mut dtarget)?;
+        encoder.backward(p, &acts, &dembedding, grads, false, alloc)?;
+        Ok(vec![("total", loss)])
+    };
+    // InfoNCE depends on the batch: the val figures in order, in chunks of `batch` (the last may be
+    // smaller), each chunk's loss weighted by its size.
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let eeg = tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
+            let target = tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
+            let acts = encoder.forward(p, &eeg, &mut Standalone(CPU))?;
+            let mut chunk = InfoNceActivations::zeros(&CPU, idx.len(), latent, DType::F32)?;
+            infonce_forward(&acts.embedding, &target, cfg.temperature, &mut chunk)?;
+            sum += chunk.loss()? as f64 * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("encoder {cfg:?}").as_bytes());
+    train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate)
+}

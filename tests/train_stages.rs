@@ -1,0 +1,179 @@
+//! The training stages on a tiny synthetic dataset (generated here with `sgdm synth`'s generator): each
+//! stage's training loss falls over a short CPU run, validation reads the val split and nothing else (the
+//! test split is deleted before training), and a resumed run continues exactly.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sgdm::data::synth::{generate, SplitSize, SynthConfig};
+use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
+use sgdm::train::stages::{train_encoder, train_vae, EncoderStageConfig, LoopConfig, StageReport, VaeStageConfig};
+use sgdm::weights::SafetensorsFile;
+
+/// 24 train, 8 val and 2 test figures, 2 repetitions each, with the test split's files removed.
+fn dataset() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train_stages_synth");
+        let cfg = SynthConfig {
+            seed: 3,
+            snr: 1.0,
+            train: SplitSize { figures: 24, repetitions: 2 },
+            val: SplitSize { figures: 8, repetitions: 2 },
+            test: SplitSize { figures: 2, repetitions: 2 },
+            force: true,
+        };
+        generate(&cfg, &dir, &mut |_| {}).unwrap();
+        remove_test_split(&dir);
+        dir
+    })
+}
+
+/// Deletes every file of the test split: a stage that opened one would fail.
+fn remove_test_split(dir: &Path) {
+    for f in ["eeg/test.npy", "edges16/test.npy"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    for d in ["images/test", "structure/test"] {
+        std::fs::remove_dir_all(dir.join(d)).unwrap();
+    }
+}
+
+fn loop_config(steps: u64, batch: usize, lr: f64) -> LoopConfig {
+    LoopConfig {
+        steps,
+        batch,
+        lr,
+        min_lr: lr / 10.0,
+        warmup: 2,
+        seed: 1,
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        checkpoint_every: 10,
+        log_every: 5,
+    }
+}
+
+fn vae_model() -> StructuralVaeConfig {
+    StructuralVaeConfig { latent_dim: 8, structure_dim: 256, image_size: 32, channels: [4, 8, 8], hidden: 32 }
+}
+
+fn vae_config(data: &Path, steps: u64) -> VaeStageConfig {
+    VaeStageConfig { data: data.to_path_buf(), beta: 1e-3, lambda: 1.0, train: loop_config(steps, 8, 3e-3), model: vae_model() }
+}
+
+fn encoder_config(data: &Path, vae_weights: &Path, steps: u64) -> EncoderStageConfig {
+    EncoderStageConfig {
+        data: data.to_path_buf(),
+        vae_weights: vae_weights.to_path_buf(),
+        vae: vae_model(),
+        temperature: 0.1,
+        train: loop_config(steps, 8, 3e-3),
+        model: EegEncoderConfig {
+            n_channels: 17,
+            n_timepoints: 100,
+            latent_dim: 8,
+            lstm_hidden: 8,
+            lstm_layers: 1,
+            spatial_channels: [8, 8],
+            fusion_hidden: 16,
+        },
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The mean training loss of the first and last `k` steps, printed.
+fn first_last(what: &str, r: &StageReport, k: usize) -> (f64, f64) {
+    let l = &r.train_losses;
+    let (first, last) = (mean(&l[..k]), mean(&l[l.len() - k..]));
+    println!("{what}: training loss {first:.4} (first {k} steps) -> {last:.4} (last {k}); validation {:?}", r.val_losses);
+    assert!(l.iter().all(|x| x.is_finite()), "{what}: non-finite loss in {l:?}");
+    (first, last)
+}
+
+#[test]
+fn vae_stage_loss_falls_and_it_writes_log_checkpoint_and_weights() {
+    let out = tempfile::tempdir().unwrap();
+    let report = train_vae(&vae_config(dataset(), 40), out.path(), None).unwrap();
+    assert_eq!((report.first_step, report.train_losses.len()), (0, 40));
+    let (first, last) = first_last("vae", &report, 5);
+    assert!(last < 0.8 * first, "the VAE's training loss fell from {first} to only {last}");
+    assert_eq!(report.val_losses.iter().map(|v| v.0).collect::<Vec<_>>(), [10, 20, 30, 40]);
+    let (val_first, val_last) = (report.val_losses[0].1, report.val_losses[3].1);
+    assert!(val_last < val_first, "validation loss {val_first} -> {val_last}");
+
+    let log = std::fs::read_to_string(out.path().join("vae.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8, "a line every 5 steps: {log}");
+    assert!(lines[1]["loss"]["val"].is_number() && lines[0]["loss"]["val"].is_null());
+    for key in ["total", "recon", "kl", "structure"] {
+        assert!(lines[7]["loss"][key].is_number(), "{key} missing from {}", lines[7]);
+    }
+    assert_eq!(SafetensorsFile::open(out.path().join("vae-step000040.safetensors")).unwrap().metadata()["step"], "40");
+    assert!(SafetensorsFile::open(out.path().join("vae.safetensors")).unwrap().contains("structure_head.weight"));
+}
+
+#[test]
+fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
+    let vae_out = tempfile::tempdir().unwrap();
+    train_vae(&vae_config(dataset(), 20), vae_out.path(), None).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None).unwrap();
+    let (first, last) = first_last("encoder", &report, 5);
+    // ln(8) = 2.08 is chance for a batch of 8.
+    assert!(last < first - 0.2, "the encoder's InfoNCE loss fell from {first} to only {last}");
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("eeg_standardization.json")).unwrap()).unwrap();
+    assert_eq!(stats["split"], "train");
+    assert_eq!(stats["std"].as_array().unwrap().len(), 17);
+    assert!(SafetensorsFile::open(out.path().join("encoder.safetensors")).unwrap().contains("fusion.2.weight"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn validation_reads_the_val_split_and_training_does_not() {
+    // The same dataset with the val split's images and edge maps replaced by the train split's first eight:
+    // training must be unchanged (it never reads val) and validation must change (it reads nothing else).
+    let edited = tempfile::tempdir().unwrap();
+    copy_dir(dataset(), edited.path());
+    for i in 0..8 {
+        let name = format!("{i:05}.png");
+        std::fs::copy(dataset().join("images/train").join(&name), edited.path().join("images/val").join(&name)).unwrap();
+    }
+    let edges = sgdm::data::npy::NpyFile::open(dataset().join("edges16/train.npy")).unwrap().to_f32().unwrap();
+    sgdm::data::npy::write_f32(edited.path().join("edges16/val.npy"), &[8, 16, 16], &edges[..8 * 256]).unwrap();
+
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let original = train_vae(&vae_config(dataset(), 10), a.path(), None).unwrap();
+    let swapped = train_vae(&vae_config(edited.path(), 10), b.path(), None).unwrap();
+    assert_eq!(original.train_losses, swapped.train_losses, "training read the val split");
+    println!("validation on val {:?}, on train figures put in val {:?}", original.val_losses, swapped.val_losses);
+    assert_ne!(original.val_losses, swapped.val_losses, "validation ignored the val split");
+}
+
+#[test]
+fn vae_stage_resumes_exactly_from_its_checkpoint() {
+    let (straight, resumed_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = vae_config(dataset(), 20);
+    let full = train_vae(&cfg, straight.path(), None).unwrap();
+    let resumed = train_vae(&cfg, resumed_out.path(), Some(&straight.path().join("vae-step000010.safetensors"))).unwrap();
+    assert_eq!(resumed.first_step, 10);
+    assert_eq!(resumed.train_losses, full.train_losses[10..], "the resumed run's training losses");
+    assert_eq!(resumed.val_losses, full.val_losses[1..], "the resumed run's validation losses");
+    let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(resumed_out.path().join("vae.safetensors")).unwrap());
+    assert!(a == b, "the resumed run's final parameters differ");
+}
