@@ -286,8 +286,8 @@ impl ParamStore {
     }
 
     /// Parameters from a seeded generator: N(0, std²) with `std = 1/√fan_in` for weights (fan_in = the
-    /// product of all but the first dimension), zero biases, unit norm weights. For benchmarks and profiles
-    /// with random weights, never for results.
+    /// product of all but the first dimension), zero biases, unit norm weights: the starting point of
+    /// training from scratch, and the weights of benchmarks and profiles of full-size configs.
     pub fn random(tree: &ParamTree, arena: &mut crate::runtime::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
