@@ -17,12 +17,15 @@
 //! 1.4 s of CPU time and one backward 2.3 s (7 s and 10 s wall on the shared 2-core machine), and
 //! `cargo test` runs every bench once. Cross-attention keeps the full 4096 x 77 shape on every device.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::attention::{attention_backward, attention_forward, AttentionDims, AttentionSpec, Qkv, QkvGrads};
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::{select, Arena, MemoryPlan, Region};
-use sgdm::{DType, Device, DeviceSpec, Tensor};
+use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::{DType, Device, Tensor};
 
 const BATCH: usize = 2;
 const HEADS: usize = 8;
@@ -31,14 +34,6 @@ const TOKENS: usize = 4096;
 const CPU_TOKENS: usize = 1024;
 const TEXT_TOKENS: usize = 77;
 
-fn devices() -> Vec<(String, Device, DType)> {
-    let mut out = vec![("cpu-f32".to_string(), Device::Cpu, DType::F32)];
-    match select(DeviceSpec::Cuda(0)) {
-        Ok(s) => out.push(("cuda-bf16".into(), s.device, DType::BF16)),
-        Err(e) => eprintln!("SKIPPED: CUDA attention benches: {e:#}"),
-    }
-    out
-}
 
 struct Buffers {
     q: Tensor,
@@ -158,7 +153,7 @@ fn unfused_backward(u: &mut Unfused, scale: f32) {
 
 fn bench(c: &mut Criterion) {
     let spec = AttentionSpec::new(HEADS);
-    for (name, device, dtype) in devices() {
+    for (name, device, dtype) in common::devices("attention", &[DType::BF16]) {
         let self_tokens = if device.is_cuda() { TOKENS } else { CPU_TOKENS };
         for (kind, q_len, kv_len) in [("self", self_tokens, self_tokens), ("cross", TOKENS, TEXT_TOKENS)] {
             let (_arena, mut b) = buffers(&device, dtype, q_len, kv_len);

@@ -13,31 +13,23 @@
 //! The CPU runs the full SD shape too: a pass is 15.1 GFLOP, measured at 0.5-0.7 s per iteration (about
 //! 25 GFLOP/s, 2 shared cores), inside the ~2 s per iteration that `cargo test`'s single run can afford.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col, Conv2dSpec};
 use sgdm::ops::linear::{matmul, MatmulSpec};
-use sgdm::runtime::{select, Arena, MemoryPlan, Region};
-use sgdm::{DType, Device, DeviceSpec, Tensor};
+use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::{DType, Tensor};
 
 const BATCH: usize = 2;
 const CHANNELS: usize = 320;
 const SIDE: usize = 64;
 
-fn devices() -> Vec<(String, Device, DType)> {
-    let mut out = vec![("cpu-f32".to_string(), Device::Cpu, DType::F32)];
-    match select(DeviceSpec::Cuda(0)) {
-        Ok(s) => {
-            out.push(("cuda-bf16".into(), s.device.clone(), DType::BF16));
-            out.push(("cuda-f32".into(), s.device, DType::F32));
-        }
-        Err(e) => eprintln!("SKIPPED: CUDA conv benches: {e:#}"),
-    }
-    out
-}
 
 fn bench(c: &mut Criterion) {
     let spec = Conv2dSpec::new(1, 1);
-    for (name, device, dtype) in devices() {
+    for (name, device, dtype) in common::devices("conv", &[DType::BF16, DType::F32]) {
         let image = [BATCH, CHANNELS, SIDE, SIDE];
         let weight = [CHANNELS, CHANNELS, 3, 3];
         let mut plan = MemoryPlan::new();

@@ -3,11 +3,14 @@
 //! feed-forward (batch 2 x 4096 tokens, input 2 x 1280) and an AdamW step over 10M parameters: both stay
 //! under ~0.2 s per CPU iteration on 2 cores, so the CPU runs the full shapes.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::elementwise::{add, geglu_forward, silu_forward};
 use sgdm::ops::optim::{adamw_step, AdamW};
-use sgdm::runtime::{select, Arena, MemoryPlan, Region};
-use sgdm::{DType, Device, DeviceSpec};
+use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::{DType, Device};
 
 const N: usize = 1 << 22;
 /// GEGLU in SD 1.5's first-level transformer blocks: [2 * 4096 tokens, 2 * 1280] -> [8192, 1280].
@@ -16,20 +19,9 @@ const GEGLU_HALF: usize = 1280;
 /// Parameters in the AdamW bench (the SGDM encoders and VAE are of this order).
 const ADAMW_PARAMS: usize = 10_000_000;
 
-fn devices() -> Vec<(String, Device, DType)> {
-    let mut out = vec![("cpu-f32".to_string(), Device::Cpu, DType::F32)];
-    match select(DeviceSpec::Cuda(0)) {
-        Ok(s) => {
-            out.push(("cuda-f32".into(), s.device.clone(), DType::F32));
-            out.push(("cuda-bf16".into(), s.device, DType::BF16));
-        }
-        Err(e) => eprintln!("SKIPPED: CUDA elementwise benches: {e:#}"),
-    }
-    out
-}
 
 fn bench(c: &mut Criterion) {
-    for (name, device, dtype) in devices() {
+    for (name, device, dtype) in common::devices("elementwise", &[DType::F32, DType::BF16]) {
         let mut plan = MemoryPlan::new();
         for _ in 0..3 {
             plan.reserve(Region::Activations, &[N], dtype);

@@ -5,30 +5,21 @@
 //! and f32 when a GPU is present. Throughput counts the bytes an op must read and write (x and y forward;
 //! x, dy and dx backward), not its re-reads from cache, so it compares directly with copy bandwidth.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::elementwise::{silu_backward, silu_forward};
 use sgdm::ops::norm::{
     group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward,
     layer_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut,
 };
-use sgdm::runtime::select;
-use sgdm::{DType, Device, DeviceSpec, Tensor};
+use sgdm::{DType, Device, Tensor};
 
 const GN_SHAPE: [usize; 4] = [2, 320, 64, 64];
 const GN: GroupNorm = GroupNorm { groups: 32, eps: 1e-5, silu: true };
 const LN_SHAPE: [usize; 2] = [2 * 4096, 320];
 
-fn devices() -> Vec<(String, Device, DType)> {
-    let mut out = vec![("cpu-f32".to_string(), Device::Cpu, DType::F32)];
-    match select(DeviceSpec::Cuda(0)) {
-        Ok(s) => {
-            out.push(("cuda-bf16".into(), s.device.clone(), DType::BF16));
-            out.push(("cuda-f32".into(), s.device, DType::F32));
-        }
-        Err(e) => eprintln!("SKIPPED: CUDA norm benches: {e:#}"),
-    }
-    out
-}
 
 fn filled(device: &Device, shape: &[usize], dtype: DType, seed: usize) -> Tensor {
     let n: usize = shape.iter().product();
@@ -71,7 +62,7 @@ fn bufs(device: &Device, dtype: DType, shape: &[usize], features: usize, stats: 
 fn bench(c: &mut Criterion) {
     let gn_numel: usize = GN_SHAPE.iter().product();
     let ln_numel: usize = LN_SHAPE.iter().product();
-    for (name, device, dtype) in devices() {
+    for (name, device, dtype) in common::devices("norm", &[DType::BF16, DType::F32]) {
         let size = dtype.size();
         let sync = || device.synchronize().unwrap();
 

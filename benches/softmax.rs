@@ -5,25 +5,16 @@
 //! compares directly with copy bandwidth; the CUDA kernels re-read their row once more from cache.
 //! No library softmax exists in this build to compare against: copy bandwidth is the bound to read them by.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::select;
-use sgdm::{DType, Device, DeviceSpec, Tensor};
+use sgdm::{DType, Device, Tensor};
 
 const ROWS: usize = 4096;
 const KEYS: usize = 4096;
 
-fn devices() -> Vec<(String, Device, DType)> {
-    let mut out = vec![("cpu-f32".to_string(), Device::Cpu, DType::F32)];
-    match select(DeviceSpec::Cuda(0)) {
-        Ok(s) => {
-            out.push(("cuda-bf16".into(), s.device.clone(), DType::BF16));
-            out.push(("cuda-f32".into(), s.device, DType::F32));
-        }
-        Err(e) => eprintln!("SKIPPED: CUDA softmax benches: {e:#}"),
-    }
-    out
-}
 
 fn filled(device: &Device, dtype: DType, seed: usize) -> Tensor {
     let v: Vec<f32> = (0..ROWS * KEYS).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32) * 0.02 - 10.0).collect();
@@ -32,7 +23,7 @@ fn filled(device: &Device, dtype: DType, seed: usize) -> Tensor {
 
 fn bench(c: &mut Criterion) {
     let scale = 512f32.powf(-0.5);
-    for (name, device, dtype) in devices() {
+    for (name, device, dtype) in common::devices("softmax", &[DType::BF16, DType::F32]) {
         let bytes = (ROWS * KEYS * dtype.size()) as u64;
         let x = filled(&device, dtype, 1);
         let dy = filled(&device, dtype, 2);
