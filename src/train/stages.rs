@@ -1,5 +1,5 @@
-//! The SGDM training stages on CPU, each a function of a small configuration: `vae` (stage 1, the
-//! StructuralVAE) and `encoder` (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's
+//! The SGDM training stages on CPU, each a function of a small configuration: `base` (the embedded
+//! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE) and `encoder` (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's
 //! mu by the symmetric InfoNCE loss). Both read a dataset in `sgdm synth`'s layout (`manifest.json`), train
 //! on its `train` split, validate on its `val` split and never open the `test` split.
 //!
@@ -10,24 +10,29 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::load_square;
 use crate::data::npy::NpyFile;
 use crate::data::synth::{Manifest, SplitManifest};
+use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
+use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
+use crate::models::unet::{UNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
+use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
 use crate::ops::optim::AdamW;
 use crate::runtime::{Arena, Device, MemoryPlan};
 use crate::tensor::{DType, Tensor};
-use crate::weights::{save_safetensors, SafetensorsFile};
+use crate::weights::{save_safetensors, SafetensorsFile, COMPONENT_WEIGHT_FILES};
 
 /// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -444,4 +449,258 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
     train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate)
+}
+
+fn load_params(tree: &ParamTree, file: &Path, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, DType::F32);
+    let mut arena = Arena::new(&CPU, &plan)?;
+    ParamStore::load(tree, &SafetensorsFile::open(file)?, &mut arena, DType::F32, aliases)
+}
+
+/// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
+/// `diffusion_pytorch_model.safetensors` holding the parameters of `tree` whose names `keep` accepts.
+fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, params: &ParamStore, keep: &dyn Fn(&str) -> bool) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the component folder", dir.display()))?;
+    let mut config = config.clone();
+    config.as_object_mut().with_context(|| format!("{class} config must be a table"))?.insert("_class_name".into(), Value::from(class));
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    let refs: Vec<(&str, &Tensor)> =
+        tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
+    let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
+    save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
+}
+
+/// Stage `base` (TOML table `[base]`), for the embedded default only: a user with Stable Diffusion weights
+/// skips it. First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
+/// sampled with the reparameterisation), then a small UNet2DConditionModel with the epsilon-prediction loss
+/// on the frozen VAE's latents.
+///
+/// UNet training: the latent of an image is the VAE posterior's mean (deterministic, computed once) times
+/// the VAE config's `scaling_factor`; t is uniform in [0, 1000), ε standard normal from the stage's seeded
+/// RNG, x_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε with SD 1.5's ᾱ, loss = MSE(UNet(x_t, t, context), ε). The
+/// base UNet has no text: its context is a fixed null context, `context_tokens` zero tokens of the
+/// config's `cross_attention_dim` (so cross-attention contributes only its output bias); the ControlNet stage
+/// feeds the same UNet its EEG tokens, and zero tokens again under condition dropout.
+///
+/// Writes `vae/` and `unet/` as diffusers components (`config.json` + `diffusion_pytorch_model.safetensors`)
+/// beside the two halves' logs and checkpoints (`base_vae-*`, `base_unet-*`). `--resume` with a `base_vae`
+/// checkpoint continues the VAE and then trains the UNet; with a `base_unet` checkpoint it reads the VAE
+/// from the `vae/` component next to that checkpoint and continues the UNet.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseStageConfig {
+    pub data: PathBuf,
+    /// Images are resized to this; the latents are `image_size / 2^(blocks - 1)` square.
+    pub image_size: usize,
+    pub kl_weight: f32,
+    pub context_tokens: usize,
+    pub vae_train: LoopConfig,
+    pub unet_train: LoopConfig,
+    /// diffusers `config.json` contents of the AutoencoderKL and the UNet2DConditionModel.
+    pub vae_model: Value,
+    pub unet_model: Value,
+}
+
+/// What stage `base` reports: the VAE's run (absent when resumed from a UNet checkpoint) and the UNet's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseReport {
+    pub vae: Option<StageReport>,
+    pub unet: StageReport,
+}
+
+/// Images of a split as `[N, 3, S, S]` in [-1, 1], diffusers' VAE input range.
+fn signed_images(data: &Path, split: &SplitManifest, size: usize, edge_size: usize) -> Result<Vec<f32>> {
+    Ok(load_images(data, split, size, edge_size * edge_size)?.images.into_iter().map(|v| 2.0 * v - 1.0).collect())
+}
+
+/// The VAE's two loss terms for a decode of z against `image`.
+fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor) -> Result<(f64, f64)> {
+    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
+    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    mse_loss(recon, image, &mut loss, &mut partials)?;
+    let mse = loss.to_f32_vec()?[0] as f64;
+    kl_loss(mean, logvar, &mut loss, &mut partials)?;
+    Ok((mse, loss.to_f32_vec()?[0] as f64))
+}
+
+fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>) -> Result<(ParamStore, StageReport)> {
+    let s = cfg.image_size;
+    let per_image = 3 * s * s;
+    let n_train = train.len() / per_image;
+    let b = cfg.vae_train.batch;
+    ensure!(b >= 1 && b <= n_train, "stage base: vae_train.batch {b} must be between 1 and the {n_train} training figures");
+    let mut params = random_params(&vae.params, cfg.vae_train.seed)?;
+    let kl_weight = cfg.kl_weight;
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let image = tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
+        let alloc = &mut Standalone(CPU);
+        let (mean, logvar, enc) = vae.encode(p, &image, alloc)?;
+        let eps = tensor(mean.shape(), &normal(rng, mean.numel()))?;
+        let mut z = Tensor::zeros(&CPU, mean.shape(), DType::F32)?;
+        reparameterize_forward(&mean, &logvar, &eps, &mut z)?;
+        let (recon, dec) = vae.decode(p, &z, alloc)?;
+        let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
+        let mut drecon = Tensor::zeros(&CPU, recon.shape(), DType::F32)?;
+        mse_loss_backward(&recon, &image, 1.0, &mut drecon)?;
+        let dz = vae.decode_backward(p, grads, &z, &dec, &drecon, alloc)?;
+        let (mut dmean, mut dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        reparameterize_backward(&logvar, &eps, &dz, &mut dmean, &mut dlogvar)?;
+        let (mut kl_dmean, mut kl_dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        kl_loss_backward(&mean, &logvar, kl_weight, &mut kl_dmean, &mut kl_dlogvar)?;
+        let (mut dmean_total, mut dlogvar_total) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        add(&dmean, &kl_dmean, &mut dmean_total)?;
+        add(&dlogvar, &kl_dlogvar, &mut dlogvar_total)?;
+        vae.encode_backward(p, grads, &image, &enc, &dmean_total, &dlogvar_total, alloc)?;
+        Ok(vec![("total", mse + kl_weight as f64 * kl), ("recon", mse), ("kl", kl)])
+    };
+    // z = mean: deterministic; both terms are batch means, so size-weighted chunk means give the split's.
+    let n_val = val.len() / per_image;
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let image = tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
+            let alloc = &mut Standalone(CPU);
+            let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
+            let (recon, _) = vae.decode(p, &mean, alloc)?;
+            let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
+            sum += (mse + kl_weight as f64 * kl) * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
+    let report = train_loop("base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate)?;
+    Ok((params, report))
+}
+
+/// The VAE posterior's mean of every image, times `scaling_factor`: `[N, latent, h, w]` flattened.
+fn scaled_latents(vae: &AutoencoderKl, p: &ParamStore, images: &[f32], size: usize, chunk: usize) -> Result<Vec<f32>> {
+    let per_image = 3 * size * size;
+    let n = images.len() / per_image;
+    let scale = vae.config.scaling_factor as f32;
+    let mut latents = Vec::new();
+    for start in (0..n).step_by(chunk) {
+        let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
+        let image = tensor(&[idx.len(), 3, size, size], &gather(images, per_image, &idx))?;
+        let (mean, _, _) = vae.encode(p, &image, &mut Standalone(CPU))?;
+        latents.extend(mean.to_f32_vec()?.into_iter().map(|v| v * scale));
+    }
+    Ok(latents)
+}
+
+/// A noised batch for the epsilon loss: timesteps [B] and x_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε per sample.
+struct NoisedBatch {
+    timesteps: Tensor,
+    noise: Tensor,
+    noisy: Tensor,
+}
+
+fn noise_batch(latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
+    let per = latents.len() / shape[0];
+    let t: Vec<usize> = (0..shape[0]).map(|_| rng.random_range(0..TRAIN_TIMESTEPS)).collect();
+    let eps = normal(rng, latents.len());
+    let noisy: Vec<f32> = latents
+        .iter()
+        .zip(&eps)
+        .enumerate()
+        .map(|(i, (z, e))| {
+            let a = alphas[t[i / per]];
+            (a.sqrt() * *z as f64 + (1.0 - a).sqrt() * *e as f64) as f32
+        })
+        .collect();
+    let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    Ok(NoisedBatch { timesteps: tensor(&[shape[0]], &steps)?, noise: tensor(shape, &eps)?, noisy: tensor(shape, &noisy)? })
+}
+
+fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
+    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
+    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    mse_loss(pred, target, &mut loss, &mut partials)?;
+    Ok(loss.to_f32_vec()?[0] as f64)
+}
+
+/// The seed of the fixed timesteps and noise that the epsilon-loss validations draw, the same at every
+/// checkpoint so their losses compare.
+const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
+
+/// Runs stage `base`; see [`BaseStageConfig`].
+pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> Result<BaseReport> {
+    let vae_config_path = out.join("vae/config.json");
+    let unet_config_path = out.join("unet/config.json");
+    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
+    let unet = UNet::new(UNetConfig::from_json(&unet_config_path, &cfg.unet_model)?)?;
+    let uc = &unet.config;
+    ensure!(
+        uc.in_channels == vae.config.latent_channels && uc.out_channels == vae.config.latent_channels,
+        "stage base: the UNet's in/out channels {}/{} must equal the VAE's latent_channels {}",
+        uc.in_channels,
+        uc.out_channels,
+        vae.config.latent_channels
+    );
+    let down = 1 << (vae.config.block_out_channels.len() - 1);
+    let s = cfg.image_size;
+    ensure!(s.is_multiple_of(down), "stage base: image_size {s} must be a multiple of the VAE's downscale {down}");
+    let manifest = read_manifest(&cfg.data)?;
+    let train = signed_images(&cfg.data, split(&manifest, &cfg.data, "train")?, s, manifest.edge_size)?;
+    let val = signed_images(&cfg.data, split(&manifest, &cfg.data, "val")?, s, manifest.edge_size)?;
+
+    let resume_kind = resume.map(|p| p.file_name().and_then(|f| f.to_str()).unwrap_or_default());
+    let (vae_params, vae_report, unet_resume) = match resume_kind {
+        Some(name) if name.starts_with("base_unet") => {
+            let checkpoint = resume.expect("a resume path");
+            let dir = checkpoint.parent().unwrap_or(Path::new(".")).join("vae");
+            (load_params(&vae.params, &dir.join(COMPONENT_WEIGHT_FILES[0]), &LEGACY_ATTENTION_NAMES)?, None, Some(checkpoint))
+        }
+        Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
+        _ => {
+            let (p, report) = train_base_vae(cfg, &vae, &train, &val, out, resume)?;
+            save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
+            (p, Some(report), None)
+        }
+    };
+
+    let b = cfg.unet_train.batch;
+    let train_latents = scaled_latents(&vae, &vae_params, &train, s, b)?;
+    let val_latents = scaled_latents(&vae, &vae_params, &val, s, b)?;
+    let (lc, h) = (vae.config.latent_channels, s / down);
+    let per = lc * h * h;
+    let n_train = train_latents.len() / per;
+    ensure!(b >= 1 && b <= n_train, "stage base: unet_train.batch {b} must be between 1 and the {n_train} training figures");
+    let alphas = alphas_cumprod();
+    let null_context = |n: usize| Tensor::zeros(&CPU, &[n, cfg.context_tokens, uc.cross_attention_dim], DType::F32);
+    let batch_context = null_context(b)?;
+    let mut params = random_params(&unet.params, cfg.unet_train.seed)?;
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let batch = noise_batch(&gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
+        let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &batch_context, residuals: None };
+        let alloc = &mut Standalone(CPU);
+        let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
+        let loss = mse(&acts.output, &batch.noise)?;
+        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        unet.backward(p, grads, &batch.noisy, &cond, &acts, &dy, alloc)?;
+        Ok(vec![("total", loss)])
+    };
+    let n_val = val_latents.len() / per;
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let context = null_context(idx.len())?;
+            let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };
+            let acts = unet.forward(p, &batch.noisy, &cond, &mut Standalone(CPU))?;
+            sum += mse(&acts.output, &batch.noise)? * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("base_unet {cfg:?}").as_bytes());
+    let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate)?;
+    save_component(&out.join("unet"), "UNet2DConditionModel", &cfg.unet_model, &unet.params, &params, &|_| true)?;
+    Ok(BaseReport { vae: vae_report, unet: unet_report })
 }
