@@ -7,7 +7,10 @@ use std::sync::OnceLock;
 
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
 use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
-use sgdm::train::stages::{train_base, train_encoder, train_vae, BaseStageConfig, EncoderStageConfig, LoopConfig, StageReport, VaeStageConfig};
+use sgdm::train::stages::{
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport,
+    VaeStageConfig,
+};
 use sgdm::weights::SafetensorsFile;
 
 /// 24 train, 8 val and 2 test figures, 2 repetitions each, with the test split's files removed.
@@ -221,4 +224,36 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
         assert_eq!(c.config["_class_name"], class);
         assert!(c.weights.contains(tensor), "{component} lacks {tensor}");
     }
+}
+
+#[test]
+fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
+    let (base, vae, encoder, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train_base(&base_config(dataset(), 20, 20), base.path(), None).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae.path(), None).unwrap();
+    let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
+    train_encoder(&enc, encoder.path(), None).unwrap();
+    let cfg = ControlNetStageConfig {
+        data: dataset().to_path_buf(),
+        vae: base.path().join("vae"),
+        unet: base.path().join("unet"),
+        structural_vae_weights: vae.path().join("vae.safetensors"),
+        structural_vae: vae_model(),
+        encoder_weights: encoder.path().join("encoder.safetensors"),
+        encoder: enc.model.clone(),
+        eeg_standardization: encoder.path().join("eeg_standardization.json"),
+        image_size: 32,
+        tokens: 2,
+        condition_dropout: 0.2,
+        conditioning_embedding_out_channels: vec![8, 16],
+        train: loop_config(30, 8, 2e-3),
+    };
+    let report = train_controlnet(&cfg, out.path(), None).unwrap();
+    let (first, last) = first_last("controlnet", &report, 5);
+    assert!(last < 0.9 * first, "the ControlNet's epsilon loss fell from {first} to only {last}");
+    let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
+    assert_eq!(c.config["_class_name"], "ControlNetModel");
+    assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
+    let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
+    assert_eq!(projector.metadata()["tokens"], "2");
 }

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use sgdm::train::stages::{train_base, train_encoder, train_vae, BaseStageConfig, EncoderStageConfig, StageReport, VaeStageConfig};
+use sgdm::train::stages::{
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, StageReport, VaeStageConfig,
+};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Stage {
@@ -14,11 +16,13 @@ pub enum Stage {
     Vae,
     /// Stage 2: the EEG encoder, InfoNCE against the frozen StructuralVAE's mu.
     Encoder,
+    /// Stage 3: the ControlNet and the EEG-to-token projector, epsilon loss through the frozen UNet.
+    Controlnet,
 }
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The stage to run; its table ([base], [vae] or [encoder]) is read from the configuration.
+    /// The stage to run; its table ([base], [vae], [encoder] or [controlnet]) is read from the configuration.
     #[arg(value_enum)]
     stage: Stage,
     /// TOML configuration holding the stage's table.
@@ -39,6 +43,7 @@ struct ConfigFile {
     base: Option<BaseStageConfig>,
     vae: Option<VaeStageConfig>,
     encoder: Option<EncoderStageConfig>,
+    controlnet: Option<ControlNetStageConfig>,
 }
 
 fn read_config(path: &Path) -> Result<ConfigFile> {
@@ -57,6 +62,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Stage::Vae => vec![("vae", train_vae(&config.vae.with_context(|| missing("vae"))?, &args.out, resume)?)],
         Stage::Encoder => vec![("encoder", train_encoder(&config.encoder.with_context(|| missing("encoder"))?, &args.out, resume)?)],
+        Stage::Controlnet => vec![("controlnet", train_controlnet(&config.controlnet.with_context(|| missing("controlnet"))?, &args.out, resume)?)],
     };
     for (name, report) in &reports {
         print_report(name, report);

@@ -1,12 +1,17 @@
 //! The SGDM training stages on CPU, each a function of a small configuration: `base` (the embedded
-//! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE) and `encoder` (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's
-//! mu by the symmetric InfoNCE loss). Both read a dataset in `sgdm synth`'s layout (`manifest.json`), train
-//! on its `train` split, validate on its `val` split and never open the `test` split.
+//! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE), `encoder`
+//! (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's mu by the symmetric InfoNCE
+//! loss) and `controlnet` (stage 3, the ControlNet and the EEG-to-token projector, see
+//! [`ControlNetStageConfig`]). Each reads a dataset in `sgdm synth`'s layout (`manifest.json`), trains on its
+//! `train` split, validates on its `val` split and never opens the `test` split.
 //!
 //! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
 //! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
-//! the validation losses can pick one; `--resume` continues from any of them exactly) and `<stage>.safetensors` (the final parameters under their PyTorch names). The encoder
-//! stage also writes `eeg_standardization.json`, the per-channel statistics its inputs were scaled with.
+//! the validation losses can pick one; `--resume` continues from any of them exactly) and
+//! `<stage>.safetensors` (the final parameters under their PyTorch names); stage `base` runs two such loops,
+//! `base_vae` and `base_unet`. The encoder stage also writes `eeg_standardization.json`, the per-channel
+//! statistics its inputs were scaled with; `base` and `controlnet` also write their models as diffusers
+//! components.
 
 use std::path::{Path, PathBuf};
 
@@ -23,16 +28,17 @@ use crate::data::npy::NpyFile;
 use crate::data::synth::{Manifest, SplitManifest};
 use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
-use crate::models::unet::{UNet, UNetConditioning, UNetConfig};
+use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
+use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
-use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
+use crate::nn::{Grads, Linear, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
 use crate::ops::optim::AdamW;
 use crate::runtime::{Arena, Device, MemoryPlan};
 use crate::tensor::{DType, Tensor};
-use crate::weights::{save_safetensors, SafetensorsFile, COMPONENT_WEIGHT_FILES};
+use crate::weights::{save_safetensors, Component, SafetensorsFile, COMPONENT_WEIGHT_FILES};
 
 /// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -385,12 +391,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
 
     let vae = StructuralVae::new(cfg.vae.clone())?;
-    let vae_params = {
-        let mut plan = MemoryPlan::new();
-        ParamStore::plan(&vae.params, &mut plan, DType::F32);
-        let mut arena = Arena::new(&CPU, &plan)?;
-        ParamStore::load(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &mut arena, DType::F32, &[])?
-    };
+    let vae_params = load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
     let b = cfg.train.batch;
     let sd = cfg.vae.structure_dim;
     let train_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?;
@@ -451,11 +452,11 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate)
 }
 
-fn load_params(tree: &ParamTree, file: &Path, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+fn load_params(tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
     let mut plan = MemoryPlan::new();
     ParamStore::plan(tree, &mut plan, DType::F32);
     let mut arena = Arena::new(&CPU, &plan)?;
-    ParamStore::load(tree, &SafetensorsFile::open(file)?, &mut arena, DType::F32, aliases)
+    ParamStore::load(tree, file, &mut arena, DType::F32, aliases)
 }
 
 /// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
@@ -652,7 +653,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> R
         Some(name) if name.starts_with("base_unet") => {
             let checkpoint = resume.expect("a resume path");
             let dir = checkpoint.parent().unwrap_or(Path::new(".")).join("vae");
-            (load_params(&vae.params, &dir.join(COMPONENT_WEIGHT_FILES[0]), &LEGACY_ATTENTION_NAMES)?, None, Some(checkpoint))
+            (load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?, None, Some(checkpoint))
         }
         Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
         _ => {
@@ -703,4 +704,233 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> R
     let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate)?;
     save_component(&out.join("unet"), "UNet2DConditionModel", &cfg.unet_model, &unet.params, &params, &|_| true)?;
     Ok(BaseReport { vae: vae_report, unet: unet_report })
+}
+
+/// Stage `controlnet` (TOML table `[controlnet]`, stage 3): the ControlNet and the EEG-to-token projector
+/// `eeg_projector` (Linear, the EEG encoder's embedding -> `tokens` · `cross_attention_dim`, read as
+/// `[tokens, cross_attention_dim]`) trained with the epsilon loss of stage `base` through the frozen UNet
+/// (the UNet's context is the tokens and its residuals the ControlNet's); the AutoencoderKL, the UNet, the
+/// EEG encoder and the StructuralVAE are frozen.
+///
+/// The condition: the EEG encoder's embedding e (a random single trial in training, the repetition average
+/// in validation, standardised with stage `encoder`'s statistics) gives the structure map
+/// `structure_head(e)` of the StructuralVAE's decoder, `[E·E]` row-major (E = sqrt(structure_dim), 16), read
+/// as a one-channel E x E image and upsampled nearest-neighbour by the integer factor (latent size ·
+/// condition downscale) / E to the ControlNet's condition size; the ControlNet has
+/// `conditioning_channels` 1. Values are used as the head gives them (about [0, 1], edges high).
+///
+/// Condition dropout: each training sample's tokens are zero with probability `condition_dropout` (the
+/// structure map stays), which is the unconditional branch classifier-free guidance evaluates.
+///
+/// Initialisation as diffusers' `ControlNetModel.from_unet`: conv_in, time_embedding, down_blocks and
+/// mid_block copied from the UNet; the zero convs and `controlnet_cond_embedding.conv_out` zero; the rest of
+/// the conditioning embedding and the projector seeded random. Writes `controlnet/` as a diffusers component
+/// (its config is the UNet's encoder half with `conditioning_channels` 1 and
+/// `conditioning_embedding_out_channels`) and `eeg_projector.safetensors` (metadata `tokens`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetStageConfig {
+    pub data: PathBuf,
+    /// Stage `base`'s output (or any diffusers Stable Diffusion folder's) `vae/` and `unet/` components.
+    pub vae: PathBuf,
+    pub unet: PathBuf,
+    /// Stage `vae`'s parameters and configuration.
+    pub structural_vae_weights: PathBuf,
+    pub structural_vae: StructuralVaeConfig,
+    /// Stage `encoder`'s parameters, configuration and `eeg_standardization.json`.
+    pub encoder_weights: PathBuf,
+    pub encoder: EegEncoderConfig,
+    pub eeg_standardization: PathBuf,
+    /// Images are resized to this before the VAE encodes them.
+    pub image_size: usize,
+    pub tokens: usize,
+    pub condition_dropout: f64,
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    pub train: LoopConfig,
+}
+
+/// The diffusers ControlNetModel config keys that `from_unet` copies from the UNet's config.
+const CONTROLNET_UNET_KEYS: [&str; 17] = [
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "upcast_attention",
+];
+
+/// `[B, E·E]` structure maps -> `[B, 1, E·f, E·f]`, nearest-neighbour.
+fn upsample_structure(structure: &[f32], edge: usize, factor: usize) -> Vec<f32> {
+    let out = edge * factor;
+    structure
+        .chunks_exact(edge * edge)
+        .flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor]))
+        .collect()
+}
+
+/// Runs stage `controlnet`; see [`ControlNetStageConfig`].
+pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+    ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
+    ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
+    let vae_component = Component::open(&cfg.vae)?;
+    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
+    let vae_params = load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
+    let unet_component = Component::open(&cfg.unet)?;
+    let unet_config = unet_component.config;
+    let unet = UNet::new(UNetConfig::from_json(&cfg.unet.join("config.json"), &unet_config)?)?;
+    let unet_params = load_params(&unet.params, &unet_component.weights, &[])?;
+
+    let mut cn_config = serde_json::Map::new();
+    cn_config.insert("_class_name".into(), Value::from("ControlNetModel"));
+    for key in CONTROLNET_UNET_KEYS {
+        if let Some(v) = unet_config.get(key) {
+            cn_config.insert(key.into(), v.clone());
+        }
+    }
+    cn_config.insert("conditioning_channels".into(), Value::from(1));
+    cn_config.insert("conditioning_embedding_out_channels".into(), Value::from(cfg.conditioning_embedding_out_channels.clone()));
+    let cn_config = Value::Object(cn_config);
+    let controlnet = ControlNet::new(UNetConfig::from_json(&out.join("controlnet/config.json"), &cn_config)?)?;
+    let d = unet.config.cross_attention_dim;
+    let latent_dim = cfg.encoder.latent_dim;
+    ensure!(latent_dim == cfg.structural_vae.latent_dim, "stage controlnet: the encoder's latent_dim {latent_dim} differs from the StructuralVAE's {}", cfg.structural_vae.latent_dim);
+    let mut tree = controlnet.params.clone();
+    let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, cfg.tokens * d, true);
+
+    let svae = StructuralVae::new(cfg.structural_vae.clone())?;
+    let svae_params = load_params(&svae.params, &SafetensorsFile::open(&cfg.structural_vae_weights)?, &[])?;
+    let encoder = EegEncoder::new(cfg.encoder.clone())?;
+    let encoder_params = load_params(&encoder.params, &SafetensorsFile::open(&cfg.encoder_weights)?, &[])?;
+    let edge = (cfg.structural_vae.structure_dim as f64).sqrt() as usize;
+    ensure!(edge * edge == cfg.structural_vae.structure_dim, "stage controlnet: structure_dim {} is not a square", cfg.structural_vae.structure_dim);
+
+    let s = cfg.image_size;
+    let down = 1 << (vae.config.block_out_channels.len() - 1);
+    ensure!(s.is_multiple_of(down), "stage controlnet: image_size {s} must be a multiple of the VAE's downscale {down}");
+    let (lc, h) = (vae.config.latent_channels, s / down);
+    let cond_size = h * controlnet.condition_downscale();
+    ensure!(cond_size.is_multiple_of(edge), "stage controlnet: the condition size {cond_size} is not a multiple of the structure map's {edge}");
+    let factor = cond_size / edge;
+
+    let manifest = read_manifest(&cfg.data)?;
+    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let b = cfg.train.batch;
+    let train_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
+    let val_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
+    let stats_text = std::fs::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
+    let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
+    let column = |key: &str| -> Result<Vec<f32>> {
+        serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", cfg.eeg_standardization.display()))
+    };
+    let (mean, std) = (column("mean")?, column("std")?);
+    let (c, t) = (cfg.encoder.n_channels, cfg.encoder.n_timepoints);
+    ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for {c} channels", cfg.eeg_standardization.display(), mean.len(), std.len());
+    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
+    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    train.expect(c, t)?;
+    val.expect(c, t)?;
+    standardize(&mut train, &mean, &std);
+    standardize(&mut val, &mean, &std);
+    let val = val.with_repetitions(Repetitions::Average);
+    let [n_train, reps, _, _] = train.shape;
+    let n_val = val.shape[0];
+    ensure!(b >= 1 && b <= n_train, "stage controlnet: batch {b} must be between 1 and the {n_train} training figures");
+    let per = lc * h * h;
+
+    // from_unet: the shared encoder half copied by name, the zero convs and the condition embedding's
+    // conv_out zero.
+    let mut params = random_params(&tree, cfg.train.seed)?;
+    for (i, spec) in tree.specs().iter().enumerate() {
+        let zero = spec.name.starts_with("controlnet_down_blocks.")
+            || spec.name.starts_with("controlnet_mid_block.")
+            || spec.name.starts_with("controlnet_cond_embedding.conv_out.");
+        if zero {
+            params.get_mut(ParamId(i)).write_f32(&vec![0.0; spec.shape.iter().product()])?;
+        } else if let Some(id) = unet.params.id(&spec.name) {
+            params.get_mut(ParamId(i)).write_f32(&unet_params.get(id).to_f32_vec()?)?;
+        }
+    }
+
+    // The EEG's embedding [B, latent] and its condition image [B, 1, S, S]; then the tokens, zero where dropped.
+    let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
+        let alloc = &mut Standalone(CPU);
+        let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
+        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &embedding, alloc)?;
+        let n = embedding.shape()[0];
+        let cond = tensor(&[n, 1, cond_size, cond_size], &upsample_structure(&structure.to_f32_vec()?, edge, factor))?;
+        Ok((embedding, cond))
+    };
+    let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
+        let flat = linear_layer_forward(&projector, p, embedding, &mut Standalone(CPU))?.to_f32_vec()?;
+        let masked: Vec<f32> = flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
+        tensor(&[keep.len(), cfg.tokens, d], &masked)
+    };
+    // The frozen UNet's backward adds its parameter gradients here; nothing reads them.
+    let mut unet_grads = Grads::zeros(&unet.params, &mut Standalone(CPU), DType::F32)?;
+    let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut Standalone| -> Result<_> {
+        let cn = controlnet.forward(p, &batch.noisy, &batch.timesteps, context, cond, 1.0, alloc)?;
+        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let acts = unet.forward(&unet_params, &batch.noisy, &unet_cond, alloc)?;
+        let loss = mse(&acts.output, &batch.noise)?;
+        Ok((cn, acts, loss))
+    };
+    let alphas = alphas_cumprod();
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
+        let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
+        let batch = noise_batch(&gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
+        let (embedding, cond) = condition(&tensor(&[b, c, t], &gather(&train.data, c * t, &rows))?)?;
+        let context = tokens(p, &embedding, &keep)?;
+        let alloc = &mut Standalone(CPU);
+        let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
+        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let du = unet.backward(&unet_params, &mut unet_grads, &batch.noisy, &unet_cond, &acts, &dy, alloc)?;
+        let (ddown, dmid) = du.residuals.context("stage controlnet: the UNet returned no residual gradients")?;
+        let ddown: Vec<&Tensor> = ddown.iter().collect();
+        let dc = controlnet.backward(p, grads, &batch.noisy, &context, &cond, &cn, &ddown, &dmid, alloc)?;
+        // The tokens feed both the UNet's and the ControlNet's cross-attention; dropped rows were constants.
+        let (du_ctx, dc_ctx) = (du.encoder_hidden_states.to_f32_vec()?, dc.encoder_hidden_states.to_f32_vec()?);
+        let dtokens: Vec<f32> = du_ctx
+            .chunks_exact(cfg.tokens * d)
+            .zip(dc_ctx.chunks_exact(cfg.tokens * d))
+            .zip(&keep)
+            .flat_map(|((u, c), &k)| u.iter().zip(c).map(move |(u, c)| if k { u + c } else { 0.0 }))
+            .collect();
+        linear_layer_param_backward(&projector, p, grads, &embedding, &tensor(&[b, cfg.tokens * d], &dtokens)?)?;
+        Ok(vec![("total", loss)])
+    };
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let (embedding, cond) = condition(&tensor(&[idx.len(), c, t], &gather(&val.data, c * t, &idx))?)?;
+            let context = tokens(p, &embedding, &vec![true; idx.len()])?;
+            sum += epsilon_loss(p, &batch, &context, &cond, &mut Standalone(CPU))?.2 * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("controlnet {cfg:?}").as_bytes());
+    let report = train_loop("controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate)?;
+    save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
+    let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string())]);
+    let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
+    let path = out.join("eeg_projector.safetensors");
+    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
+    Ok(report)
 }
