@@ -224,6 +224,16 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
         assert_eq!(c.config["_class_name"], class);
         assert!(c.weights.contains(tensor), "{component} lacks {tensor}");
     }
+    // They load as real Stable Diffusion components do: every parameter present, by name and shape.
+    let source = |c: &str| sgdm::conformance::ModelSource::open(&out.path().join(c), None).unwrap();
+    let (vae, unet) = (source("vae"), source("unet"));
+    let vae_model = sgdm::models::autoencoder_kl::AutoencoderKl::new(
+        sgdm::models::autoencoder_kl::AutoencoderKlConfig::from_json(&vae.config_path(), &vae.config).unwrap(),
+    )
+    .unwrap();
+    vae.params(&vae_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    let unet_model = sgdm::models::unet::UNet::new(sgdm::models::unet::UNetConfig::from_json(&unet.config_path(), &unet.config).unwrap()).unwrap();
+    unet.params(&unet_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
 }
 
 #[test]
@@ -254,6 +264,9 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
     assert_eq!(c.config["_class_name"], "ControlNetModel");
     assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
+    let source = sgdm::conformance::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
+    let model = sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
+    source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
     let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
     assert_eq!(projector.metadata()["tokens"], "2");
 }

@@ -653,7 +653,10 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> R
         Some(name) if name.starts_with("base_unet") => {
             let checkpoint = resume.expect("a resume path");
             let dir = checkpoint.parent().unwrap_or(Path::new(".")).join("vae");
-            (load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?, None, Some(checkpoint))
+            let p = load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?;
+            // The output folder holds both components, whichever folder the run resumed from.
+            save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
+            (p, None, Some(checkpoint))
         }
         Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
         _ => {
