@@ -266,7 +266,10 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
     let source = sgdm::conformance::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
     let model = sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
-    source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    let p = source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    // The zero convs start at zero: training moved them, so gradients reached the ControlNet's outputs.
+    let mid = p.get(model.mid_zero_conv.weight).to_f32_vec().unwrap();
+    assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");
     let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
     assert_eq!(projector.metadata()["tokens"], "2");
 }
