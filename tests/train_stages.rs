@@ -7,7 +7,10 @@ use std::sync::OnceLock;
 
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
 use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
-use sgdm::train::stages::{train_encoder, train_vae, EncoderStageConfig, LoopConfig, StageReport, VaeStageConfig};
+use sgdm::train::stages::{
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport,
+    VaeStageConfig,
+};
 use sgdm::weights::SafetensorsFile;
 
 /// 24 train, 8 val and 2 test figures, 2 repetitions each, with the test split's files removed.
@@ -176,4 +179,97 @@ fn vae_stage_resumes_exactly_from_its_checkpoint() {
     assert_eq!(resumed.val_losses, full.val_losses[1..], "the resumed run's validation losses");
     let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(resumed_out.path().join("vae.safetensors")).unwrap());
     assert!(a == b, "the resumed run's final parameters differ");
+}
+
+fn base_config(data: &Path, vae_steps: u64, unet_steps: u64) -> BaseStageConfig {
+    BaseStageConfig {
+        data: data.to_path_buf(),
+        image_size: 32,
+        kl_weight: 1e-6,
+        context_tokens: 4,
+        vae_train: loop_config(vae_steps, 8, 3e-3),
+        unet_train: loop_config(unet_steps, 8, 2e-3),
+        vae_model: serde_json::json!({
+            "block_out_channels": [8, 16],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "scaling_factor": 0.5
+        }),
+        unet_model: serde_json::json!({
+            "sample_size": 16,
+            "block_out_channels": [16, 32],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": 2,
+            "cross_attention_dim": 16,
+            "norm_num_groups": 4
+        }),
+    }
+}
+
+#[test]
+fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
+    let out = tempfile::tempdir().unwrap();
+    let report = train_base(&base_config(dataset(), 30, 30), out.path(), None).unwrap();
+    let (first, last) = first_last("base vae", report.vae.as_ref().unwrap(), 5);
+    assert!(last < 0.8 * first, "the AutoencoderKL's training loss fell from {first} to only {last}");
+    let (first, last) = first_last("base unet", &report.unet, 5);
+    assert!(last < 0.8 * first, "the UNet's epsilon loss fell from {first} to only {last}");
+    for (component, class, tensor) in [("vae", "AutoencoderKL", "decoder.conv_out.weight"), ("unet", "UNet2DConditionModel", "conv_out.weight")] {
+        let c = sgdm::weights::Component::open(out.path().join(component)).unwrap();
+        assert_eq!(c.config["_class_name"], class);
+        assert!(c.weights.contains(tensor), "{component} lacks {tensor}");
+    }
+    // They load as real Stable Diffusion components do: every parameter present, by name and shape.
+    let source = |c: &str| sgdm::conformance::ModelSource::open(&out.path().join(c), None).unwrap();
+    let (vae, unet) = (source("vae"), source("unet"));
+    let vae_model = sgdm::models::autoencoder_kl::AutoencoderKl::new(
+        sgdm::models::autoencoder_kl::AutoencoderKlConfig::from_json(&vae.config_path(), &vae.config).unwrap(),
+    )
+    .unwrap();
+    vae.params(&vae_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    let unet_model = sgdm::models::unet::UNet::new(sgdm::models::unet::UNetConfig::from_json(&unet.config_path(), &unet.config).unwrap()).unwrap();
+    unet.params(&unet_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+}
+
+#[test]
+fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
+    let (base, vae, encoder, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train_base(&base_config(dataset(), 20, 20), base.path(), None).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae.path(), None).unwrap();
+    let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
+    train_encoder(&enc, encoder.path(), None).unwrap();
+    let cfg = ControlNetStageConfig {
+        data: dataset().to_path_buf(),
+        vae: base.path().join("vae"),
+        unet: base.path().join("unet"),
+        structural_vae_weights: vae.path().join("vae.safetensors"),
+        structural_vae: vae_model(),
+        encoder_weights: encoder.path().join("encoder.safetensors"),
+        encoder: enc.model.clone(),
+        eeg_standardization: encoder.path().join("eeg_standardization.json"),
+        image_size: 32,
+        tokens: 2,
+        condition_dropout: 0.2,
+        conditioning_embedding_out_channels: vec![8, 16],
+        train: loop_config(30, 8, 2e-3),
+    };
+    let report = train_controlnet(&cfg, out.path(), None).unwrap();
+    let (first, last) = first_last("controlnet", &report, 5);
+    assert!(last < 0.9 * first, "the ControlNet's epsilon loss fell from {first} to only {last}");
+    let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
+    assert_eq!(c.config["_class_name"], "ControlNetModel");
+    assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
+    let source = sgdm::conformance::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
+    let model = sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
+    let p = source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    // The zero convs start at zero: training moved them, so gradients reached the ControlNet's outputs.
+    let mid = p.get(model.mid_zero_conv.weight).to_f32_vec().unwrap();
+    assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");
+    let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
+    assert_eq!(projector.metadata()["tokens"], "2");
 }

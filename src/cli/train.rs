@@ -4,19 +4,25 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use sgdm::train::stages::{train_encoder, train_vae, EncoderStageConfig, StageReport, VaeStageConfig};
+use sgdm::train::stages::{
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, StageReport, VaeStageConfig,
+};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Stage {
+    /// The embedded default's AutoencoderKL and UNet, from scratch (skip it with real SD 1.5 weights).
+    Base,
     /// Stage 1: the StructuralVAE (reconstruction, beta-weighted KL, structure map).
     Vae,
     /// Stage 2: the EEG encoder, InfoNCE against the frozen StructuralVAE's mu.
     Encoder,
+    /// Stage 3: the ControlNet and the EEG-to-token projector, epsilon loss through the frozen UNet.
+    Controlnet,
 }
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The stage to run; its table ([vae] or [encoder]) is read from the configuration.
+    /// The stage to run; its table ([base], [vae], [encoder] or [controlnet]) is read from the configuration.
     #[arg(value_enum)]
     stage: Stage,
     /// TOML configuration holding the stage's table.
@@ -34,8 +40,10 @@ pub struct Args {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    base: Option<BaseStageConfig>,
     vae: Option<VaeStageConfig>,
     encoder: Option<EncoderStageConfig>,
+    controlnet: Option<ControlNetStageConfig>,
 }
 
 fn read_config(path: &Path) -> Result<ConfigFile> {
@@ -47,16 +55,27 @@ pub fn run(args: &Args) -> Result<()> {
     let config = read_config(&args.config)?;
     let missing = |table: &str| format!("{}: no [{table}] table for this stage", args.config.display());
     let resume = args.resume.as_deref();
-    let (name, report): (&str, StageReport) = match args.stage {
-        Stage::Vae => ("vae", train_vae(&config.vae.with_context(|| missing("vae"))?, &args.out, resume)?),
-        Stage::Encoder => ("encoder", train_encoder(&config.encoder.with_context(|| missing("encoder"))?, &args.out, resume)?),
+    let reports: Vec<(&str, StageReport)> = match args.stage {
+        Stage::Base => {
+            let r = train_base(&config.base.with_context(|| missing("base"))?, &args.out, resume)?;
+            r.vae.map(|v| ("base_vae", v)).into_iter().chain([("base_unet", r.unet)]).collect()
+        }
+        Stage::Vae => vec![("vae", train_vae(&config.vae.with_context(|| missing("vae"))?, &args.out, resume)?)],
+        Stage::Encoder => vec![("encoder", train_encoder(&config.encoder.with_context(|| missing("encoder"))?, &args.out, resume)?)],
+        Stage::Controlnet => vec![("controlnet", train_controlnet(&config.controlnet.with_context(|| missing("controlnet"))?, &args.out, resume)?)],
     };
+    for (name, report) in &reports {
+        print_report(name, report);
+        println!("wrote {}", args.out.join(format!("{name}.safetensors")).display());
+    }
+    Ok(())
+}
+
+fn print_report(name: &str, report: &StageReport) {
     let first = report.train_losses.first().copied().unwrap_or(f64::NAN);
     let last = report.train_losses.last().copied().unwrap_or(f64::NAN);
     println!("{name}: steps {}..{}, training loss {first:.4} -> {last:.4}", report.first_step, report.first_step + report.train_losses.len() as u64);
     for (step, val) in &report.val_losses {
         println!("  validation loss at step {step}: {val:.4}");
     }
-    println!("wrote {}", args.out.join(format!("{name}.safetensors")).display());
-    Ok(())
 }

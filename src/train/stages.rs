@@ -1,33 +1,44 @@
-//! The SGDM training stages on CPU, each a function of a small configuration: `vae` (stage 1, the
-//! StructuralVAE) and `encoder` (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's
-//! mu by the symmetric InfoNCE loss). Both read a dataset in `sgdm synth`'s layout (`manifest.json`), train
-//! on its `train` split, validate on its `val` split and never open the `test` split.
+//! The SGDM training stages on CPU, each a function of a small configuration: `base` (the embedded
+//! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE), `encoder`
+//! (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's mu by the symmetric InfoNCE
+//! loss) and `controlnet` (stage 3, the ControlNet and the EEG-to-token projector, see
+//! [`ControlNetStageConfig`]). Each reads a dataset in `sgdm synth`'s layout (`manifest.json`), trains on its
+//! `train` split, validates on its `val` split and never opens the `test` split.
 //!
 //! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
 //! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
-//! the validation losses can pick one; `--resume` continues from any of them exactly) and `<stage>.safetensors` (the final parameters under their PyTorch names). The encoder
-//! stage also writes `eeg_standardization.json`, the per-channel statistics its inputs were scaled with.
+//! the validation losses can pick one; `--resume` continues from any of them exactly) and
+//! `<stage>.safetensors` (the final parameters under their PyTorch names); stage `base` runs two such loops,
+//! `base_vae` and `base_unet`. The encoder stage also writes `eeg_standardization.json`, the per-channel
+//! statistics its inputs were scaled with; `base` and `controlnet` also write their models as diffusers
+//! components.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::load_square;
 use crate::data::npy::NpyFile;
 use crate::data::synth::{Manifest, SplitManifest};
+use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
+use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
+use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
+use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
-use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
+use crate::nn::{Grads, Linear, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
+use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
 use crate::ops::optim::AdamW;
 use crate::runtime::{Arena, Device, MemoryPlan};
 use crate::tensor::{DType, Tensor};
-use crate::weights::{save_safetensors, SafetensorsFile};
+use crate::weights::{save_safetensors, Component, SafetensorsFile, COMPONENT_WEIGHT_FILES};
 
 /// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -380,12 +391,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
 
     let vae = StructuralVae::new(cfg.vae.clone())?;
-    let vae_params = {
-        let mut plan = MemoryPlan::new();
-        ParamStore::plan(&vae.params, &mut plan, DType::F32);
-        let mut arena = Arena::new(&CPU, &plan)?;
-        ParamStore::load(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &mut arena, DType::F32, &[])?
-    };
+    let vae_params = load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
     let b = cfg.train.batch;
     let sd = cfg.vae.structure_dim;
     let train_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?;
@@ -444,4 +450,490 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
     train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate)
+}
+
+fn load_params(tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, DType::F32);
+    let mut arena = Arena::new(&CPU, &plan)?;
+    ParamStore::load(tree, file, &mut arena, DType::F32, aliases)
+}
+
+/// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
+/// `diffusion_pytorch_model.safetensors` holding the parameters of `tree` whose names `keep` accepts.
+fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, params: &ParamStore, keep: &dyn Fn(&str) -> bool) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the component folder", dir.display()))?;
+    let mut config = config.clone();
+    config.as_object_mut().with_context(|| format!("{class} config must be a table"))?.insert("_class_name".into(), Value::from(class));
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    let refs: Vec<(&str, &Tensor)> =
+        tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
+    let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
+    save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
+}
+
+/// Stage `base` (TOML table `[base]`), for the embedded default only: a user with Stable Diffusion weights
+/// skips it. First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
+/// sampled with the reparameterisation), then a small UNet2DConditionModel with the epsilon-prediction loss
+/// on the frozen VAE's latents.
+///
+/// UNet training: the latent of an image is the VAE posterior's mean (deterministic, computed once) times
+/// the VAE config's `scaling_factor`; t is uniform in [0, 1000), ε standard normal from the stage's seeded
+/// RNG, x_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε with SD 1.5's ᾱ, loss = MSE(UNet(x_t, t, context), ε). The
+/// base UNet has no text: its context is a fixed null context, `context_tokens` zero tokens of the
+/// config's `cross_attention_dim` (so cross-attention contributes only its output bias); the ControlNet stage
+/// feeds the same UNet its EEG tokens, and zero tokens again under condition dropout.
+///
+/// Writes `vae/` and `unet/` as diffusers components (`config.json` + `diffusion_pytorch_model.safetensors`)
+/// beside the two halves' logs and checkpoints (`base_vae-*`, `base_unet-*`). `--resume` with a `base_vae`
+/// checkpoint continues the VAE and then trains the UNet; with a `base_unet` checkpoint it reads the VAE
+/// from the `vae/` component next to that checkpoint and continues the UNet.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseStageConfig {
+    pub data: PathBuf,
+    /// Images are resized to this; the latents are `image_size / 2^(blocks - 1)` square.
+    pub image_size: usize,
+    pub kl_weight: f32,
+    pub context_tokens: usize,
+    pub vae_train: LoopConfig,
+    pub unet_train: LoopConfig,
+    /// diffusers `config.json` contents of the AutoencoderKL and the UNet2DConditionModel.
+    pub vae_model: Value,
+    pub unet_model: Value,
+}
+
+/// What stage `base` reports: the VAE's run (absent when resumed from a UNet checkpoint) and the UNet's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseReport {
+    pub vae: Option<StageReport>,
+    pub unet: StageReport,
+}
+
+/// Images of a split as `[N, 3, S, S]` in [-1, 1], diffusers' VAE input range.
+fn signed_images(data: &Path, split: &SplitManifest, size: usize, edge_size: usize) -> Result<Vec<f32>> {
+    Ok(load_images(data, split, size, edge_size * edge_size)?.images.into_iter().map(|v| 2.0 * v - 1.0).collect())
+}
+
+/// The VAE's two loss terms for a decode of z against `image`.
+fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor) -> Result<(f64, f64)> {
+    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
+    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    mse_loss(recon, image, &mut loss, &mut partials)?;
+    let mse = loss.to_f32_vec()?[0] as f64;
+    kl_loss(mean, logvar, &mut loss, &mut partials)?;
+    Ok((mse, loss.to_f32_vec()?[0] as f64))
+}
+
+fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>) -> Result<(ParamStore, StageReport)> {
+    let s = cfg.image_size;
+    let per_image = 3 * s * s;
+    let n_train = train.len() / per_image;
+    let b = cfg.vae_train.batch;
+    ensure!(b >= 1 && b <= n_train, "stage base: vae_train.batch {b} must be between 1 and the {n_train} training figures");
+    let mut params = random_params(&vae.params, cfg.vae_train.seed)?;
+    let kl_weight = cfg.kl_weight;
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let image = tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
+        let alloc = &mut Standalone(CPU);
+        let (mean, logvar, enc) = vae.encode(p, &image, alloc)?;
+        let eps = tensor(mean.shape(), &normal(rng, mean.numel()))?;
+        let mut z = Tensor::zeros(&CPU, mean.shape(), DType::F32)?;
+        reparameterize_forward(&mean, &logvar, &eps, &mut z)?;
+        let (recon, dec) = vae.decode(p, &z, alloc)?;
+        let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
+        let mut drecon = Tensor::zeros(&CPU, recon.shape(), DType::F32)?;
+        mse_loss_backward(&recon, &image, 1.0, &mut drecon)?;
+        let dz = vae.decode_backward(p, grads, &z, &dec, &drecon, alloc)?;
+        let (mut dmean, mut dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        reparameterize_backward(&logvar, &eps, &dz, &mut dmean, &mut dlogvar)?;
+        let (mut kl_dmean, mut kl_dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        kl_loss_backward(&mean, &logvar, kl_weight, &mut kl_dmean, &mut kl_dlogvar)?;
+        let (mut dmean_total, mut dlogvar_total) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        add(&dmean, &kl_dmean, &mut dmean_total)?;
+        add(&dlogvar, &kl_dlogvar, &mut dlogvar_total)?;
+        vae.encode_backward(p, grads, &image, &enc, &dmean_total, &dlogvar_total, alloc)?;
+        Ok(vec![("total", mse + kl_weight as f64 * kl), ("recon", mse), ("kl", kl)])
+    };
+    // z = mean: deterministic; both terms are batch means, so size-weighted chunk means give the split's.
+    let n_val = val.len() / per_image;
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let image = tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
+            let alloc = &mut Standalone(CPU);
+            let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
+            let (recon, _) = vae.decode(p, &mean, alloc)?;
+            let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
+            sum += (mse + kl_weight as f64 * kl) * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
+    let report = train_loop("base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate)?;
+    Ok((params, report))
+}
+
+/// The VAE posterior's mean of every image, times `scaling_factor`: `[N, latent, h, w]` flattened.
+fn scaled_latents(vae: &AutoencoderKl, p: &ParamStore, images: &[f32], size: usize, chunk: usize) -> Result<Vec<f32>> {
+    let per_image = 3 * size * size;
+    let n = images.len() / per_image;
+    let scale = vae.config.scaling_factor as f32;
+    let mut latents = Vec::new();
+    for start in (0..n).step_by(chunk) {
+        let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
+        let image = tensor(&[idx.len(), 3, size, size], &gather(images, per_image, &idx))?;
+        let (mean, _, _) = vae.encode(p, &image, &mut Standalone(CPU))?;
+        latents.extend(mean.to_f32_vec()?.into_iter().map(|v| v * scale));
+    }
+    Ok(latents)
+}
+
+/// A noised batch for the epsilon loss: timesteps [B] and x_t = sqrt(ᾱ_t)·z + sqrt(1 − ᾱ_t)·ε per sample.
+struct NoisedBatch {
+    timesteps: Tensor,
+    noise: Tensor,
+    noisy: Tensor,
+}
+
+fn noise_batch(latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
+    let per = latents.len() / shape[0];
+    let t: Vec<usize> = (0..shape[0]).map(|_| rng.random_range(0..TRAIN_TIMESTEPS)).collect();
+    let eps = normal(rng, latents.len());
+    let noisy: Vec<f32> = latents
+        .iter()
+        .zip(&eps)
+        .enumerate()
+        .map(|(i, (z, e))| {
+            let a = alphas[t[i / per]];
+            (a.sqrt() * *z as f64 + (1.0 - a).sqrt() * *e as f64) as f32
+        })
+        .collect();
+    let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    Ok(NoisedBatch { timesteps: tensor(&[shape[0]], &steps)?, noise: tensor(shape, &eps)?, noisy: tensor(shape, &noisy)? })
+}
+
+fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
+    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
+    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    mse_loss(pred, target, &mut loss, &mut partials)?;
+    Ok(loss.to_f32_vec()?[0] as f64)
+}
+
+/// The seed of the fixed timesteps and noise that the epsilon-loss validations draw, the same at every
+/// checkpoint so their losses compare.
+const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
+
+/// Runs stage `base`; see [`BaseStageConfig`].
+pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> Result<BaseReport> {
+    let vae_config_path = out.join("vae/config.json");
+    let unet_config_path = out.join("unet/config.json");
+    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
+    let unet = UNet::new(UNetConfig::from_json(&unet_config_path, &cfg.unet_model)?)?;
+    let uc = &unet.config;
+    ensure!(
+        uc.in_channels == vae.config.latent_channels && uc.out_channels == vae.config.latent_channels,
+        "stage base: the UNet's in/out channels {}/{} must equal the VAE's latent_channels {}",
+        uc.in_channels,
+        uc.out_channels,
+        vae.config.latent_channels
+    );
+    let down = 1 << (vae.config.block_out_channels.len() - 1);
+    let s = cfg.image_size;
+    ensure!(s.is_multiple_of(down), "stage base: image_size {s} must be a multiple of the VAE's downscale {down}");
+    let manifest = read_manifest(&cfg.data)?;
+    let train = signed_images(&cfg.data, split(&manifest, &cfg.data, "train")?, s, manifest.edge_size)?;
+    let val = signed_images(&cfg.data, split(&manifest, &cfg.data, "val")?, s, manifest.edge_size)?;
+
+    let resume_kind = resume.map(|p| p.file_name().and_then(|f| f.to_str()).unwrap_or_default());
+    let (vae_params, vae_report, unet_resume) = match resume_kind {
+        Some(name) if name.starts_with("base_unet") => {
+            let checkpoint = resume.expect("a resume path");
+            let dir = checkpoint.parent().unwrap_or(Path::new(".")).join("vae");
+            let p = load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?;
+            // The output folder holds both components, whichever folder the run resumed from.
+            save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
+            (p, None, Some(checkpoint))
+        }
+        Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
+        _ => {
+            let (p, report) = train_base_vae(cfg, &vae, &train, &val, out, resume)?;
+            save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
+            (p, Some(report), None)
+        }
+    };
+
+    let b = cfg.unet_train.batch;
+    let train_latents = scaled_latents(&vae, &vae_params, &train, s, b)?;
+    let val_latents = scaled_latents(&vae, &vae_params, &val, s, b)?;
+    let (lc, h) = (vae.config.latent_channels, s / down);
+    let per = lc * h * h;
+    let n_train = train_latents.len() / per;
+    ensure!(b >= 1 && b <= n_train, "stage base: unet_train.batch {b} must be between 1 and the {n_train} training figures");
+    let alphas = alphas_cumprod();
+    let null_context = |n: usize| Tensor::zeros(&CPU, &[n, cfg.context_tokens, uc.cross_attention_dim], DType::F32);
+    let batch_context = null_context(b)?;
+    let mut params = random_params(&unet.params, cfg.unet_train.seed)?;
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let batch = noise_batch(&gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
+        let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &batch_context, residuals: None };
+        let alloc = &mut Standalone(CPU);
+        let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
+        let loss = mse(&acts.output, &batch.noise)?;
+        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        unet.backward(p, grads, &batch.noisy, &cond, &acts, &dy, alloc)?;
+        Ok(vec![("total", loss)])
+    };
+    let n_val = val_latents.len() / per;
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let context = null_context(idx.len())?;
+            let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };
+            let acts = unet.forward(p, &batch.noisy, &cond, &mut Standalone(CPU))?;
+            sum += mse(&acts.output, &batch.noise)? * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("base_unet {cfg:?}").as_bytes());
+    let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate)?;
+    save_component(&out.join("unet"), "UNet2DConditionModel", &cfg.unet_model, &unet.params, &params, &|_| true)?;
+    Ok(BaseReport { vae: vae_report, unet: unet_report })
+}
+
+/// Stage `controlnet` (TOML table `[controlnet]`, stage 3): the ControlNet and the EEG-to-token projector
+/// `eeg_projector` (Linear, the EEG encoder's embedding -> `tokens` · `cross_attention_dim`, read as
+/// `[tokens, cross_attention_dim]`) trained with the epsilon loss of stage `base` through the frozen UNet
+/// (the UNet's context is the tokens and its residuals the ControlNet's); the AutoencoderKL, the UNet, the
+/// EEG encoder and the StructuralVAE are frozen.
+///
+/// The condition: the EEG encoder's embedding e (a random single trial in training, the repetition average
+/// in validation, standardised with stage `encoder`'s statistics) gives the structure map
+/// `structure_head(e)` of the StructuralVAE's decoder, `[E·E]` row-major (E = sqrt(structure_dim), 16), read
+/// as a one-channel E x E image and upsampled nearest-neighbour by the integer factor (latent size ·
+/// condition downscale) / E to the ControlNet's condition size; the ControlNet has
+/// `conditioning_channels` 1. Values are used as the head gives them (about [0, 1], edges high).
+///
+/// Condition dropout: each training sample's tokens are zero with probability `condition_dropout` (the
+/// structure map stays), which is the unconditional branch classifier-free guidance evaluates.
+///
+/// Initialisation as diffusers' `ControlNetModel.from_unet`: conv_in, time_embedding, down_blocks and
+/// mid_block copied from the UNet; the zero convs and `controlnet_cond_embedding.conv_out` zero; the rest of
+/// the conditioning embedding and the projector seeded random. Writes `controlnet/` as a diffusers component
+/// (its config is the UNet's encoder half with `conditioning_channels` 1 and
+/// `conditioning_embedding_out_channels`) and `eeg_projector.safetensors` (metadata `tokens`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetStageConfig {
+    pub data: PathBuf,
+    /// Stage `base`'s output (or any diffusers Stable Diffusion folder's) `vae/` and `unet/` components.
+    pub vae: PathBuf,
+    pub unet: PathBuf,
+    /// Stage `vae`'s parameters and configuration.
+    pub structural_vae_weights: PathBuf,
+    pub structural_vae: StructuralVaeConfig,
+    /// Stage `encoder`'s parameters, configuration and `eeg_standardization.json`.
+    pub encoder_weights: PathBuf,
+    pub encoder: EegEncoderConfig,
+    pub eeg_standardization: PathBuf,
+    /// Images are resized to this before the VAE encodes them.
+    pub image_size: usize,
+    pub tokens: usize,
+    pub condition_dropout: f64,
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    pub train: LoopConfig,
+}
+
+/// The diffusers ControlNetModel config keys that `from_unet` copies from the UNet's config.
+const CONTROLNET_UNET_KEYS: [&str; 17] = [
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "upcast_attention",
+];
+
+/// `[B, E·E]` structure maps -> `[B, 1, E·f, E·f]`, nearest-neighbour.
+fn upsample_structure(structure: &[f32], edge: usize, factor: usize) -> Vec<f32> {
+    let out = edge * factor;
+    structure
+        .chunks_exact(edge * edge)
+        .flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor]))
+        .collect()
+}
+
+/// Runs stage `controlnet`; see [`ControlNetStageConfig`].
+pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+    ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
+    ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
+    let vae_component = Component::open(&cfg.vae)?;
+    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
+    let vae_params = load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
+    let unet_component = Component::open(&cfg.unet)?;
+    let unet_config = unet_component.config;
+    let unet = UNet::new(UNetConfig::from_json(&cfg.unet.join("config.json"), &unet_config)?)?;
+    let unet_params = load_params(&unet.params, &unet_component.weights, &[])?;
+
+    let mut cn_config = serde_json::Map::new();
+    cn_config.insert("_class_name".into(), Value::from("ControlNetModel"));
+    for key in CONTROLNET_UNET_KEYS {
+        if let Some(v) = unet_config.get(key) {
+            cn_config.insert(key.into(), v.clone());
+        }
+    }
+    cn_config.insert("conditioning_channels".into(), Value::from(1));
+    cn_config.insert("conditioning_embedding_out_channels".into(), Value::from(cfg.conditioning_embedding_out_channels.clone()));
+    let cn_config = Value::Object(cn_config);
+    let controlnet = ControlNet::new(UNetConfig::from_json(&out.join("controlnet/config.json"), &cn_config)?)?;
+    let d = unet.config.cross_attention_dim;
+    let latent_dim = cfg.encoder.latent_dim;
+    ensure!(latent_dim == cfg.structural_vae.latent_dim, "stage controlnet: the encoder's latent_dim {latent_dim} differs from the StructuralVAE's {}", cfg.structural_vae.latent_dim);
+    let mut tree = controlnet.params.clone();
+    let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, cfg.tokens * d, true);
+
+    let svae = StructuralVae::new(cfg.structural_vae.clone())?;
+    let svae_params = load_params(&svae.params, &SafetensorsFile::open(&cfg.structural_vae_weights)?, &[])?;
+    let encoder = EegEncoder::new(cfg.encoder.clone())?;
+    let encoder_params = load_params(&encoder.params, &SafetensorsFile::open(&cfg.encoder_weights)?, &[])?;
+    let edge = (cfg.structural_vae.structure_dim as f64).sqrt() as usize;
+    ensure!(edge * edge == cfg.structural_vae.structure_dim, "stage controlnet: structure_dim {} is not a square", cfg.structural_vae.structure_dim);
+
+    let s = cfg.image_size;
+    let down = 1 << (vae.config.block_out_channels.len() - 1);
+    ensure!(s.is_multiple_of(down), "stage controlnet: image_size {s} must be a multiple of the VAE's downscale {down}");
+    let (lc, h) = (vae.config.latent_channels, s / down);
+    let cond_size = h * controlnet.condition_downscale();
+    ensure!(cond_size.is_multiple_of(edge), "stage controlnet: the condition size {cond_size} is not a multiple of the structure map's {edge}");
+    let factor = cond_size / edge;
+
+    let manifest = read_manifest(&cfg.data)?;
+    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let b = cfg.train.batch;
+    let train_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
+    let val_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
+    let stats_text = std::fs::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
+    let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
+    let column = |key: &str| -> Result<Vec<f32>> {
+        serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", cfg.eeg_standardization.display()))
+    };
+    let (mean, std) = (column("mean")?, column("std")?);
+    let (c, t) = (cfg.encoder.n_channels, cfg.encoder.n_timepoints);
+    ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for {c} channels", cfg.eeg_standardization.display(), mean.len(), std.len());
+    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
+    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    train.expect(c, t)?;
+    val.expect(c, t)?;
+    standardize(&mut train, &mean, &std);
+    standardize(&mut val, &mean, &std);
+    let val = val.with_repetitions(Repetitions::Average);
+    let [n_train, reps, _, _] = train.shape;
+    let n_val = val.shape[0];
+    ensure!(b >= 1 && b <= n_train, "stage controlnet: batch {b} must be between 1 and the {n_train} training figures");
+    let per = lc * h * h;
+
+    // from_unet: the shared encoder half copied by name, the zero convs and the condition embedding's
+    // conv_out zero.
+    let mut params = random_params(&tree, cfg.train.seed)?;
+    for (i, spec) in tree.specs().iter().enumerate() {
+        let zero = spec.name.starts_with("controlnet_down_blocks.")
+            || spec.name.starts_with("controlnet_mid_block.")
+            || spec.name.starts_with("controlnet_cond_embedding.conv_out.");
+        if zero {
+            params.get_mut(ParamId(i)).write_f32(&vec![0.0; spec.shape.iter().product()])?;
+        } else if let Some(id) = unet.params.id(&spec.name) {
+            params.get_mut(ParamId(i)).write_f32(&unet_params.get(id).to_f32_vec()?)?;
+        }
+    }
+
+    // The EEG's embedding [B, latent] and its condition image [B, 1, S, S]; then the tokens, zero where dropped.
+    let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
+        let alloc = &mut Standalone(CPU);
+        let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
+        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &embedding, alloc)?;
+        let n = embedding.shape()[0];
+        let cond = tensor(&[n, 1, cond_size, cond_size], &upsample_structure(&structure.to_f32_vec()?, edge, factor))?;
+        Ok((embedding, cond))
+    };
+    let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
+        let flat = linear_layer_forward(&projector, p, embedding, &mut Standalone(CPU))?.to_f32_vec()?;
+        let masked: Vec<f32> = flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
+        tensor(&[keep.len(), cfg.tokens, d], &masked)
+    };
+    // The frozen UNet's backward adds its parameter gradients here; nothing reads them.
+    let mut unet_grads = Grads::zeros(&unet.params, &mut Standalone(CPU), DType::F32)?;
+    let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut Standalone| -> Result<_> {
+        let cn = controlnet.forward(p, &batch.noisy, &batch.timesteps, context, cond, 1.0, alloc)?;
+        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let acts = unet.forward(&unet_params, &batch.noisy, &unet_cond, alloc)?;
+        let loss = mse(&acts.output, &batch.noise)?;
+        Ok((cn, acts, loss))
+    };
+    let alphas = alphas_cumprod();
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+        let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
+        let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
+        let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
+        let batch = noise_batch(&gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
+        let (embedding, cond) = condition(&tensor(&[b, c, t], &gather(&train.data, c * t, &rows))?)?;
+        let context = tokens(p, &embedding, &keep)?;
+        let alloc = &mut Standalone(CPU);
+        let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
+        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let du = unet.backward(&unet_params, &mut unet_grads, &batch.noisy, &unet_cond, &acts, &dy, alloc)?;
+        let (ddown, dmid) = du.residuals.context("stage controlnet: the UNet returned no residual gradients")?;
+        let ddown: Vec<&Tensor> = ddown.iter().collect();
+        let dc = controlnet.backward(p, grads, &batch.noisy, &context, &cond, &cn, &ddown, &dmid, alloc)?;
+        // The tokens feed both the UNet's and the ControlNet's cross-attention; dropped rows were constants.
+        let (du_ctx, dc_ctx) = (du.encoder_hidden_states.to_f32_vec()?, dc.encoder_hidden_states.to_f32_vec()?);
+        let dtokens: Vec<f32> = du_ctx
+            .chunks_exact(cfg.tokens * d)
+            .zip(dc_ctx.chunks_exact(cfg.tokens * d))
+            .zip(&keep)
+            .flat_map(|((u, c), &k)| u.iter().zip(c).map(move |(u, c)| if k { u + c } else { 0.0 }))
+            .collect();
+        linear_layer_param_backward(&projector, p, grads, &embedding, &tensor(&[b, cfg.tokens * d], &dtokens)?)?;
+        Ok(vec![("total", loss)])
+    };
+    let mut validate = |p: &ParamStore| -> Result<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
+        let mut sum = 0.0;
+        for start in (0..n_val).step_by(b) {
+            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
+            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let (embedding, cond) = condition(&tensor(&[idx.len(), c, t], &gather(&val.data, c * t, &idx))?)?;
+            let context = tokens(p, &embedding, &vec![true; idx.len()])?;
+            sum += epsilon_loss(p, &batch, &context, &cond, &mut Standalone(CPU))?.2 * idx.len() as f64;
+        }
+        Ok(sum / n_val as f64)
+    };
+    let id = config_id(format!("controlnet {cfg:?}").as_bytes());
+    let report = train_loop("controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate)?;
+    save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
+    let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string())]);
+    let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
+    let path = out.join("eeg_projector.safetensors");
+    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
+    Ok(report)
 }
