@@ -62,12 +62,18 @@ enum Command {
                             DIR/images/<split>/<index>.png, DIR/structure/<split>/<index>.png and\n\
                             DIR/edges16/<split>.npy [figures, 16, 16]. See docs/synth.md.")]
     Synth(cli::synth::Args),
-    /// Train one SGDM stage on CPU from a TOML configuration: vae (StructuralVAE) or encoder (EEG encoder,
-    /// InfoNCE against the frozen VAE). Trains on the train split, validates on val, never reads test.
+    /// Train the SGDM stages on CPU from a TOML configuration: base, vae, encoder, controlnet, or all of them
+    /// in order. Trains on the train split, validates on val, never reads test. The first Ctrl-C stops at the
+    /// end of the current step with a checkpoint and prints how to continue.
     #[command(after_help = "Examples:\n  \
                             sgdm train vae --config train.toml --out runs/vae\n  \
                             sgdm train encoder --config train.toml --out runs/encoder\n  \
-                            sgdm train vae --config train.toml --out runs/vae --resume runs/vae/vae-step000500.safetensors\n\n\
+                            sgdm train vae --config train.toml --out runs/vae --resume runs/vae/vae-step000500.safetensors\n  \
+                            sgdm train all --config train.toml --out runs/all     rerun it to continue after Ctrl-C\n\n\
+                            `all` runs base (if [base] is present), vae, encoder and controlnet into one --out, skipping a\n\
+                            stage whose final output is there and resuming one from its latest checkpoint there; it sets the\n\
+                            paths to earlier stages' outputs itself (encoder.vae_weights, controlnet.structural_vae_weights,\n\
+                            encoder_weights, eeg_standardization, and vae/unet when [base] is present), so leave them out.\n\n\
                             train.toml (sizes for `sgdm synth`'s default dataset):\n  \
                             [vae]\n  data = \"data/synth\"\n  beta = 0.001\n  lambda = 1.0\n  \
                             [vae.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  warmup = 100\n  seed = 0\n  \

@@ -3,15 +3,19 @@
 //! test split is deleted before training), and a resumed run continues exactly.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
 use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
 use sgdm::train::stages::{
-    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport,
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport, Stopped,
     VaeStageConfig,
 };
 use sgdm::weights::SafetensorsFile;
+
+/// The stop flag of the runs that are not stopped.
+static KEEP_GOING: AtomicBool = AtomicBool::new(false);
 
 /// 24 train, 8 val and 2 test figures, 2 repetitions each, with the test split's files removed.
 fn dataset() -> &'static Path {
@@ -100,7 +104,7 @@ fn first_last(what: &str, r: &StageReport, k: usize) -> (f64, f64) {
 #[test]
 fn vae_stage_loss_falls_and_it_writes_log_checkpoint_and_weights() {
     let out = tempfile::tempdir().unwrap();
-    let report = train_vae(&vae_config(dataset(), 40), out.path(), None).unwrap();
+    let report = train_vae(&vae_config(dataset(), 40), out.path(), None, &KEEP_GOING).unwrap();
     assert_eq!((report.first_step, report.train_losses.len()), (0, 40));
     let (first, last) = first_last("vae", &report, 5);
     assert!(last < 0.8 * first, "the VAE's training loss fell from {first} to only {last}");
@@ -122,9 +126,9 @@ fn vae_stage_loss_falls_and_it_writes_log_checkpoint_and_weights() {
 #[test]
 fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     let vae_out = tempfile::tempdir().unwrap();
-    train_vae(&vae_config(dataset(), 20), vae_out.path(), None).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae_out.path(), None, &KEEP_GOING).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None).unwrap();
+    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None, &KEEP_GOING).unwrap();
     let (first, last) = first_last("encoder", &report, 5);
     // ln(8) = 2.08 is chance for a batch of 8.
     assert!(last < first - 0.2, "the encoder's InfoNCE loss fell from {first} to only {last}");
@@ -161,8 +165,8 @@ fn validation_reads_the_val_split_and_training_does_not() {
     sgdm::data::npy::write_f32(edited.path().join("edges16/val.npy"), &[8, 16, 16], &edges[..8 * 256]).unwrap();
 
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let original = train_vae(&vae_config(dataset(), 10), a.path(), None).unwrap();
-    let swapped = train_vae(&vae_config(edited.path(), 10), b.path(), None).unwrap();
+    let original = train_vae(&vae_config(dataset(), 10), a.path(), None, &KEEP_GOING).unwrap();
+    let swapped = train_vae(&vae_config(edited.path(), 10), b.path(), None, &KEEP_GOING).unwrap();
     assert_eq!(original.train_losses, swapped.train_losses, "training read the val split");
     println!("validation on val {:?}, on train figures put in val {:?}", original.val_losses, swapped.val_losses);
     assert_ne!(original.val_losses, swapped.val_losses, "validation ignored the val split");
@@ -172,8 +176,8 @@ fn validation_reads_the_val_split_and_training_does_not() {
 fn vae_stage_resumes_exactly_from_its_checkpoint() {
     let (straight, resumed_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = vae_config(dataset(), 20);
-    let full = train_vae(&cfg, straight.path(), None).unwrap();
-    let resumed = train_vae(&cfg, resumed_out.path(), Some(&straight.path().join("vae-step000010.safetensors"))).unwrap();
+    let full = train_vae(&cfg, straight.path(), None, &KEEP_GOING).unwrap();
+    let resumed = train_vae(&cfg, resumed_out.path(), Some(&straight.path().join("vae-step000010.safetensors")), &KEEP_GOING).unwrap();
     assert_eq!(resumed.first_step, 10);
     assert_eq!(resumed.train_losses, full.train_losses[10..], "the resumed run's training losses");
     assert_eq!(resumed.val_losses, full.val_losses[1..], "the resumed run's validation losses");
@@ -214,7 +218,7 @@ fn base_config(data: &Path, vae_steps: u64, unet_steps: u64) -> BaseStageConfig 
 #[test]
 fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
     let out = tempfile::tempdir().unwrap();
-    let report = train_base(&base_config(dataset(), 30, 30), out.path(), None).unwrap();
+    let report = train_base(&base_config(dataset(), 30, 30), out.path(), None, &KEEP_GOING).unwrap();
     let (first, last) = first_last("base vae", report.vae.as_ref().unwrap(), 5);
     assert!(last < 0.8 * first, "the AutoencoderKL's training loss fell from {first} to only {last}");
     let (first, last) = first_last("base unet", &report.unet, 5);
@@ -239,10 +243,10 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
 #[test]
 fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let (base, vae, encoder, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train_base(&base_config(dataset(), 20, 20), base.path(), None).unwrap();
-    train_vae(&vae_config(dataset(), 20), vae.path(), None).unwrap();
+    train_base(&base_config(dataset(), 20, 20), base.path(), None, &KEEP_GOING).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae.path(), None, &KEEP_GOING).unwrap();
     let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
-    train_encoder(&enc, encoder.path(), None).unwrap();
+    train_encoder(&enc, encoder.path(), None, &KEEP_GOING).unwrap();
     let cfg = ControlNetStageConfig {
         data: dataset().to_path_buf(),
         vae: base.path().join("vae"),
@@ -258,7 +262,7 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
         conditioning_embedding_out_channels: vec![8, 16],
         train: loop_config(30, 8, 2e-3),
     };
-    let report = train_controlnet(&cfg, out.path(), None).unwrap();
+    let report = train_controlnet(&cfg, out.path(), None, &KEEP_GOING).unwrap();
     let (first, last) = first_last("controlnet", &report, 5);
     assert!(last < 0.9 * first, "the ControlNet's epsilon loss fell from {first} to only {last}");
     let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
@@ -272,4 +276,84 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");
     let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
     assert_eq!(projector.metadata()["tokens"], "2");
+}
+
+#[test]
+fn a_stop_request_ends_the_stage_with_a_checkpoint_that_resumes_to_the_same_result() {
+    let (straight, stopped_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = vae_config(dataset(), 12);
+    train_vae(&cfg, straight.path(), None, &KEEP_GOING).unwrap();
+    // Set before the run, as Ctrl-C during its first step would: it stops at the end of that step.
+    let err = train_vae(&cfg, stopped_out.path(), None, &AtomicBool::new(true)).unwrap_err();
+    let stopped = err.downcast_ref::<Stopped>().unwrap_or_else(|| panic!("not a stop: {err:#}"));
+    let checkpoint = stopped_out.path().join("vae-step000001.safetensors");
+    assert_eq!((stopped.step, stopped.steps, &stopped.checkpoint), (1, 12, &checkpoint));
+    assert!(!stopped_out.path().join("vae.safetensors").exists(), "a stopped run wrote its final parameters");
+    let resumed = train_vae(&cfg, stopped_out.path(), Some(&checkpoint), &KEEP_GOING).unwrap();
+    assert_eq!((resumed.first_step, resumed.train_losses.len()), (1, 11));
+    let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(stopped_out.path().join("vae.safetensors")).unwrap());
+    assert!(a == b, "the stopped and resumed run's final parameters differ from an uninterrupted run's");
+}
+
+/// `[<table>]`'s training loop for the tiny set, as TOML.
+fn loop_toml(table: &str, steps: u64, lr: f64) -> String {
+    format!("[{table}]\nsteps = {steps}\nbatch = 8\nlr = {lr}\nwarmup = 2\nseed = 1\ncheckpoint_every = 5\nlog_every = 5\n")
+}
+
+#[test]
+fn train_all_runs_every_stage_into_one_folder_and_a_rerun_skips_them() {
+    let out = tempfile::tempdir().unwrap();
+    let data = dataset().display().to_string();
+    let vae_model = "latent_dim = 8\nstructure_dim = 256\nimage_size = 32\nchannels = [4, 8, 8]\nhidden = 32\n";
+    let encoder_model = "n_channels = 17\nn_timepoints = 100\nlatent_dim = 8\nlstm_hidden = 8\nlstm_layers = 1\nspatial_channels = [8, 8]\nfusion_hidden = 16\n";
+    let config = format!(
+        "[base]\ndata = {data:?}\nimage_size = 32\nkl_weight = 1e-6\ncontext_tokens = 4\n\
+         [base.vae_model]\nblock_out_channels = [8, 16]\ndown_block_types = [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\"]\n\
+         up_block_types = [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]\nlatent_channels = 4\nlayers_per_block = 1\nnorm_num_groups = 4\nscaling_factor = 0.5\n\
+         [base.unet_model]\nsample_size = 16\nblock_out_channels = [16, 32]\ndown_block_types = [\"CrossAttnDownBlock2D\", \"DownBlock2D\"]\n\
+         up_block_types = [\"UpBlock2D\", \"CrossAttnUpBlock2D\"]\nlayers_per_block = 1\nattention_head_dim = 2\ncross_attention_dim = 16\nnorm_num_groups = 4\n\
+         {}{}\
+         [vae]\ndata = {data:?}\nbeta = 1e-3\nlambda = 1.0\n{}[vae.model]\n{vae_model}\
+         [encoder]\ndata = {data:?}\ntemperature = 0.1\n{}[encoder.vae]\n{vae_model}[encoder.model]\n{encoder_model}\
+         [controlnet]\ndata = {data:?}\nimage_size = 32\ntokens = 2\ncondition_dropout = 0.2\nconditioning_embedding_out_channels = [8, 16]\n\
+         {}[controlnet.structural_vae]\n{vae_model}[controlnet.encoder]\n{encoder_model}",
+        loop_toml("base.vae_train", 5, 3e-3),
+        loop_toml("base.unet_train", 5, 2e-3),
+        loop_toml("vae.train", 5, 3e-3),
+        loop_toml("encoder.train", 5, 3e-3),
+        loop_toml("controlnet.train", 5, 2e-3),
+    );
+    let config_path = out.path().join("train.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let run = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sgdm"))
+            .args(["train", "all", "--config"])
+            .arg(&config_path)
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "sgdm train all failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        stdout
+    };
+    let first = run();
+    for file in [
+        "base_vae.safetensors",
+        "base_unet.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae.safetensors",
+        "vae.jsonl",
+        "encoder.safetensors",
+        "eeg_standardization.json",
+        "controlnet.safetensors",
+        "controlnet/diffusion_pytorch_model.safetensors",
+        "eeg_projector.safetensors",
+        "controlnet-step000005.safetensors",
+    ] {
+        assert!(out.path().join(file).exists(), "train all did not write {file}:\n{first}");
+    }
+    let again = run();
+    assert_eq!(again.matches("skipped").count(), 4, "a rerun should skip every stage:\n{again}");
 }

@@ -12,8 +12,12 @@
 //! `base_vae` and `base_unet`. The encoder stage also writes `eeg_standardization.json`, the per-channel
 //! statistics its inputs were scaled with; `base` and `controlnet` also write their models as diffusers
 //! components.
+//!
+//! Every stage takes a stop flag: once it is set (by Ctrl-C in `sgdm train`), the running loop ends after its
+//! current step, writes a checkpoint there and returns a [`Stopped`] error naming it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -206,8 +210,21 @@ fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()>
 /// A stage's losses of one step, named, the total first.
 type NamedLosses = Vec<(&'static str, f64)>;
 
-/// The training loop both stages share. `step` runs one batch's forward and backward (dloss 1) into the
-/// gradients and returns its named losses, the total first; `validate` returns the validation loss.
+/// A run that stopped on request (`stop` set, e.g. by Ctrl-C) at the end of a step, before its last, after
+/// writing a checkpoint there; `--resume` with `checkpoint` continues it exactly.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{stage} stopped on request at step {step} of {steps}; checkpoint {}", checkpoint.display())]
+pub struct Stopped {
+    /// The loop that stopped: a stage's name, or `base_vae` / `base_unet`.
+    pub stage: String,
+    pub step: u64,
+    pub steps: u64,
+    pub checkpoint: PathBuf,
+}
+
+/// The training loop the stages share. `step` runs one batch's forward and backward (dloss 1) into the
+/// gradients and returns its named losses, the total first; `validate` returns the validation loss. When
+/// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
 #[allow(clippy::too_many_arguments)]
 fn train_loop(
     stage: &str,
@@ -219,6 +236,7 @@ fn train_loop(
     params: &mut ParamStore,
     step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng) -> Result<NamedLosses>,
     validate: &mut dyn FnMut(&ParamStore) -> Result<f64>,
+    stop: &AtomicBool,
 ) -> Result<StageReport> {
     ensure!(cfg.steps > 0 && cfg.checkpoint_every > 0 && cfg.log_every > 0, "stage {stage}: steps, checkpoint_every and log_every must be positive");
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
@@ -242,18 +260,24 @@ fn train_loop(
         let done = opt.steps();
         let total = losses[0].1;
         report.train_losses.push(total);
+        let stopping = stop.load(Ordering::SeqCst) && done < cfg.steps;
         let at_checkpoint = done.is_multiple_of(cfg.checkpoint_every) || done == cfg.steps;
+        let checkpoint = out.join(format!("{stage}-step{done:06}.safetensors"));
         if at_checkpoint {
             let val = validate(params)?;
             report.val_losses.push((done, val));
             losses.push(("val", val));
-            let checkpoint = out.join(format!("{stage}-step{done:06}.safetensors"));
+        }
+        if at_checkpoint || stopping {
             save_checkpoint(&checkpoint, tree, params, &opt, id, &RngState::of(&rng))?;
         }
-        if at_checkpoint || done.is_multiple_of(cfg.log_every) {
+        if at_checkpoint || stopping || done.is_multiple_of(cfg.log_every) {
             log.log(done, &losses, lr, opt.grad_norm()? as f64)?;
         }
         progress.update(done, total);
+        if stopping {
+            return Err(Stopped { stage: stage.to_string(), step: done, steps: cfg.steps, checkpoint }.into());
+        }
     }
     save_params(&out.join(format!("{stage}.safetensors")), tree, params)?;
     Ok(report)
@@ -287,7 +311,7 @@ impl VaeStageConfig {
 }
 
 /// Runs stage `vae`; see [`VaeStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
     let m = &cfg.model;
     let manifest = read_manifest(&cfg.data)?;
     ensure!(
@@ -336,7 +360,7 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>) -> Res
         Ok(sum / val.len as f64)
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
-    train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate)
+    train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)
 }
 
 /// Per-channel mean and standard deviation over every trial and time point of `eeg` ([N, R, C, T]).
@@ -378,7 +402,7 @@ fn vae_mu(model: &StructuralVae, p: &ParamStore, images: &ImageSplit, chunk: usi
 }
 
 /// Runs stage `encoder`; see [`EncoderStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
     let m = &cfg.model;
     ensure!(
         m.latent_dim == cfg.vae.latent_dim,
@@ -449,7 +473,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
-    train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate)
+    train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)
 }
 
 fn load_params(tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
@@ -526,7 +550,8 @@ fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor)
     Ok((mse, loss.to_f32_vec()?[0] as f64))
 }
 
-fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>) -> Result<(ParamStore, StageReport)> {
+#[allow(clippy::too_many_arguments)]
+fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<(ParamStore, StageReport)> {
     let s = cfg.image_size;
     let per_image = 3 * s * s;
     let n_train = train.len() / per_image;
@@ -573,7 +598,7 @@ fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
-    let report = train_loop("base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate)?;
+    let report = train_loop("base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate, stop)?;
     Ok((params, report))
 }
 
@@ -628,7 +653,7 @@ fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
 const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
 
 /// Runs stage `base`; see [`BaseStageConfig`].
-pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> Result<BaseReport> {
+pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<BaseReport> {
     let vae_config_path = out.join("vae/config.json");
     let unet_config_path = out.join("unet/config.json");
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
@@ -660,7 +685,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> R
         }
         Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
         _ => {
-            let (p, report) = train_base_vae(cfg, &vae, &train, &val, out, resume)?;
+            let (p, report) = train_base_vae(cfg, &vae, &train, &val, out, resume, stop)?;
             save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
             (p, Some(report), None)
         }
@@ -704,7 +729,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>) -> R
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("base_unet {cfg:?}").as_bytes());
-    let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate)?;
+    let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("unet"), "UNet2DConditionModel", &cfg.unet_model, &unet.params, &params, &|_| true)?;
     Ok(BaseReport { vae: vae_report, unet: unet_report })
 }
@@ -783,7 +808,7 @@ fn upsample_structure(structure: &[f32], edge: usize, factor: usize) -> Vec<f32>
 }
 
 /// Runs stage `controlnet`; see [`ControlNetStageConfig`].
-pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>) -> Result<StageReport> {
+pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
     ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
     let vae_component = Component::open(&cfg.vae)?;
@@ -929,7 +954,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("controlnet {cfg:?}").as_bytes());
-    let report = train_loop("controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate)?;
+    let report = train_loop("controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
     let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string())]);
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
