@@ -364,7 +364,7 @@ fn truncated_and_bit_flipped_fixtures_never_panic() {
 }
 
 fn sgdm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sgdm")).args(args).output().unwrap();
+    let out = Command::new(common::sgdm_bin()).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

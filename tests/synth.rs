@@ -2,6 +2,8 @@
 //! and the honesty check: a linear decoder finds the images in the EEG when the evoked signal is on, and
 //! nothing when it is off.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
@@ -154,7 +156,7 @@ fn the_cli_generates_reports_progress_and_refuses_to_overwrite() {
         let mut args = vec!["synth", "--out", out.to_str().unwrap(), "--train-figures", "4", "--val-figures", "2"];
         args.extend_from_slice(&["--test-figures", "2", "--test-reps", "3"]);
         args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_sgdm")).args(&args).output().unwrap()
+        Command::new(common::sgdm_bin()).args(&args).output().unwrap()
     };
     let first = run(&[]);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
@@ -166,7 +168,7 @@ fn the_cli_generates_reports_progress_and_refuses_to_overwrite() {
     assert!(run(&["--force", "--snr", "0"]).status.success());
     assert_eq!(read_manifest(&out).snr, 0.0);
 
-    let help = Command::new(env!("CARGO_BIN_EXE_sgdm")).args(["synth", "--help"]).output().unwrap();
+    let help = Command::new(common::sgdm_bin()).args(["synth", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("Examples:") && help.contains("--snr") && help.contains("--force"), "{help}");
 }

@@ -2,6 +2,8 @@
 //! stage's training loss falls over a short CPU run, validation reads the val split and nothing else (the
 //! test split is deleted before training), and a resumed run continues exactly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
@@ -326,7 +328,7 @@ fn train_all_runs_every_stage_into_one_folder_and_a_rerun_skips_them() {
     let config_path = out.path().join("train.toml");
     std::fs::write(&config_path, config).unwrap();
     let run = || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sgdm"))
+        let output = std::process::Command::new(common::sgdm_bin())
             .args(["train", "all", "--config"])
             .arg(&config_path)
             .arg("--out")
