@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on this (GPU-less) machine, everything the GPU machine runs: the GPU machine has no Rust toolchain
-# and no network. Output: target/gpu-bundle/ with `sgdm` and the test binaries, stripped, plus smoke.sh.
-# Carry target/gpu-bundle to the GPU machine and run `bash target/gpu-bundle/smoke.sh` there.
+# and no network. Output: target/gpu-bundle/ with `sgdm` and the test binaries, stripped, plus smoke.sh, and
+# the same packed as target/gpu-bundle.tar.gz (a third of the size, for tools that limit what they carry).
+# On the GPU machine, from the repository root:
+#   tar xzf target/gpu-bundle.tar.gz -C target && bash target/gpu-bundle/smoke.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=target/gpu-bundle
@@ -20,4 +22,5 @@ for line in sys.stdin:
 strip --strip-all "$out/sgdm" "$out"/tests/*
 cp benches/gpu/smoke.sh "$out/"
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/COMMIT"
-du -sh "$out"
+tar czf target/gpu-bundle.tar.gz -C target gpu-bundle
+du -sh "$out" target/gpu-bundle.tar.gz
