@@ -74,6 +74,18 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     );
 }
 
+/// A tensor carved from the arena's activation region holding `values` in `dtype`.
+pub fn upload(arena: &mut sgdm::Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
+    let mut t = arena.alloc(sgdm::Region::Activations, shape, dtype).unwrap();
+    t.write_f32(values).unwrap();
+    t
+}
+
+/// A CPU f32 tensor of zeros.
+pub fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(&Device::Cpu, shape, DType::F32).unwrap()
+}
+
 /// Float64 values of an f32 slice.
 pub fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()

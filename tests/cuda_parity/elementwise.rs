@@ -4,7 +4,7 @@ use sgdm::ops::elementwise;
 use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, cpu, random, rounded};
+use crate::common::{compare, cpu, random, rounded, upload};
 
 type Unary = fn(&Tensor, &mut Tensor) -> anyhow::Result<()>;
 type Binary = fn(&Tensor, &Tensor, &mut Tensor) -> anyhow::Result<()>;
@@ -80,12 +80,6 @@ pub fn check(gpu: &Device) {
     println!("{}", arena.report());
     check_activations(gpu);
     check_products(gpu);
-}
-
-fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
-    let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
-    t.write_f32(values).unwrap();
-    t
 }
 
 /// ReLU, GELU, GEGLU, sigmoid, the scaled residual add and the timestep embedding, forward and backward.

@@ -6,17 +6,7 @@ use sgdm::ops::loss::{self, PARTIALS};
 use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, cpu, random, rounded};
-
-fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
-    let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
-    t.write_f32(values).unwrap();
-    t
-}
-
-fn zeros(shape: &[usize]) -> Tensor {
-    Tensor::zeros(&Device::Cpu, shape, DType::F32).unwrap()
-}
+use crate::common::{compare, cpu, random, rounded, upload, zeros};
 
 pub fn check(gpu: &Device) {
     let shape = [3, 4, 63, 65]; // more elements than the partial-sum grid's threads, not a multiple of them

@@ -5,19 +5,9 @@
 
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
 use sgdm::runtime::{Arena, MemoryPlan, Region};
-use sgdm::{DType, Device, Tensor};
+use sgdm::{DType, Device};
 
-use crate::common::{compare, cpu, random, rounded};
-
-fn upload(arena: &mut Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
-    let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
-    t.write_f32(values).unwrap();
-    t
-}
-
-fn zeros(shape: &[usize]) -> Tensor {
-    Tensor::zeros(&Device::Cpu, shape, DType::F32).unwrap()
-}
+use crate::common::{compare, cpu, random, rounded, upload, zeros};
 
 pub fn check(gpu: &Device) {
     let mut plan = MemoryPlan::new();
