@@ -264,7 +264,7 @@ fn state_bytes(run: &Run) -> Vec<Vec<u8>> {
 }
 
 fn save(run: &Run, path: &Path) {
-    save_checkpoint(path, &run.model.params, &run.params, &run.opt, &config_id(CONFIG), &RngState::of(&run.rng)).unwrap();
+    save_checkpoint(path, &run.model.params, &run.params, &run.opt, &config_id(CONFIG), &RngState::of(&run.rng), None).unwrap();
 }
 
 #[test]
@@ -449,7 +449,7 @@ fn bf16_parameters_follow_f32_master_weights_and_checkpoints_carry_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bf16.safetensors");
     let rng = RngState::of(&ChaCha8Rng::seed_from_u64(0));
-    save_checkpoint(&path, &tree, &bf16_params, &bf16_opt, "id", &rng).unwrap();
+    save_checkpoint(&path, &tree, &bf16_params, &bf16_opt, "id", &rng, None).unwrap();
     let file = SafetensorsFile::open(&path).unwrap();
     assert_eq!(file.raw("linear.weight").unwrap().0, DType::BF16);
     assert_eq!(file.raw("optimizer.master.linear.weight").unwrap().0, DType::F32);

@@ -60,6 +60,9 @@ fn loop_config(steps: u64, batch: usize, lr: f64) -> LoopConfig {
         max_grad_norm: Some(1.0),
         checkpoint_every: 10,
         log_every: 5,
+        // Runs compared across folders (resume tests) must not pick different checkpoints; selection has
+        // its own test.
+        select_best: false,
     }
 }
 
@@ -78,6 +81,7 @@ fn encoder_config(data: &Path, vae_weights: &Path, steps: u64) -> EncoderStageCo
         vae: vae_model(),
         temperature: 0.1,
         train: loop_config(steps, 8, 3e-3),
+        image_embeddings: None,
         model: EegEncoderConfig {
             n_channels: 17,
             n_timepoints: 100,
@@ -138,6 +142,73 @@ fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     assert_eq!(stats["split"], "train");
     assert_eq!(stats["std"].as_array().unwrap().len(), 17);
     assert!(SafetensorsFile::open(out.path().join("encoder.safetensors")).unwrap().contains("fusion.2.weight"));
+}
+
+/// Rewrites a safetensors file's `__metadata__` entry `key` (the tensors stay byte for byte).
+fn set_metadata(path: &Path, key: &str, value: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"][key] = serde_json::Value::from(value);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn the_final_parameters_are_those_of_the_checkpoint_with_the_lowest_validation_loss() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = vae_config(dataset(), 10);
+    cfg.train.checkpoint_every = 5;
+    cfg.train.select_best = true;
+    let report = train_vae(&cfg, out.path(), None, &KEEP_GOING).unwrap();
+    let best = report.val_losses.iter().copied().fold((0, f64::INFINITY), |b, v| if v.1 <= b.1 { v } else { b });
+    assert_eq!(report.selected, best, "validation losses {:?}", report.val_losses);
+
+    // Make step 5 the best by its recorded validation loss, then finish the (already finished) run again:
+    // selection alone must put step 5's parameters in vae.safetensors.
+    let step5 = out.path().join("vae-step000005.safetensors");
+    set_metadata(&step5, "val_loss", "-1.0");
+    let again = train_vae(&cfg, out.path(), Some(&out.path().join("vae-step000010.safetensors")), &KEEP_GOING).unwrap();
+    assert!(again.train_losses.is_empty());
+    assert_eq!(again.selected, (5, -1.0));
+    let (ckpt, last, fin) = (
+        SafetensorsFile::open(&step5).unwrap(),
+        SafetensorsFile::open(out.path().join("vae-step000010.safetensors")).unwrap(),
+        SafetensorsFile::open(out.path().join("vae.safetensors")).unwrap(),
+    );
+    let mut differs_from_last = false;
+    for name in fin.names() {
+        let (_, _, bytes) = fin.raw(name).unwrap();
+        assert!(bytes == ckpt.raw(name).unwrap().2, "vae.safetensors' {name} is not step 5's");
+        differs_from_last |= bytes != last.raw(name).unwrap().2;
+    }
+    assert!(differs_from_last, "steps 5 and 10 have the same parameters: the check above proves nothing");
+
+}
+
+#[test]
+fn encoder_stage_aligns_with_precomputed_image_embeddings_and_refuses_misshapen_ones() {
+    let (dir, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rows = |n: usize, seed: u64| -> Vec<f32> { common::random(n * 8, -1.0, 1.0, seed) };
+    let (train, val) = (dir.path().join("train.npy"), dir.path().join("val.npy"));
+    sgdm::data::npy::write_f32(&train, &[24, 8], &rows(24, 1)).unwrap();
+    sgdm::data::npy::write_f32(&val, &[8, 8], &rows(8, 2)).unwrap();
+    // No VAE weights exist: the embeddings replace the VAE's mu entirely.
+    let mut cfg = encoder_config(dataset(), &dir.path().join("absent-vae.safetensors"), 40);
+    cfg.image_embeddings = Some(sgdm::train::stages::EmbeddingTargets { train: train.clone(), val: val.clone() });
+    let report = train_encoder(&cfg, out.path(), None, &KEEP_GOING).unwrap();
+    let (first, last) = first_last("encoder vs .npy embeddings", &report, 5);
+    assert!(last < first - 0.2, "InfoNCE against the given embeddings fell from {first} to only {last}");
+
+    sgdm::data::npy::write_f32(&val, &[8, 7], &common::random(56, -1.0, 1.0, 3)).unwrap();
+    let err = format!("{:#}", train_encoder(&cfg, out.path(), None, &KEEP_GOING).unwrap_err());
+    assert!(err.contains("val.npy") && err.contains("[8, 7]") && err.contains("[8, 8]"), "{err}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -353,6 +424,8 @@ fn train_all_runs_every_stage_into_one_folder_and_a_rerun_skips_them() {
         "controlnet/diffusion_pytorch_model.safetensors",
         "eeg_projector.safetensors",
         "controlnet-step000005.safetensors",
+        "vae_config.json",
+        "encoder_config.json",
     ] {
         assert!(out.path().join(file).exists(), "train all did not write {file}:\n{first}");
     }

@@ -207,4 +207,6 @@ fn print_report(name: &str, report: &StageReport) {
     for (step, val) in &report.val_losses {
         println!("  validation loss at step {step}: {val:.4}");
     }
+    let (step, val) = report.selected;
+    println!("  final parameters: step {step} (validation loss {val:.4})");
 }

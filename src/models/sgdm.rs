@@ -28,7 +28,7 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 /// Also read from a training configuration's TOML (every field required there).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EegEncoderConfig {
     pub n_channels: usize,
@@ -255,7 +255,7 @@ fn last_step_filter(steps: usize, dtype: DType, alloc: &mut dyn Allocator) -> Re
 }
 
 /// Also read from a training configuration's TOML (every field required there).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StructuralVaeConfig {
     pub latent_dim: usize,

@@ -78,12 +78,14 @@ impl RngState {
 }
 
 /// What a checkpoint restores besides the tensors.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointMeta {
     /// Optimizer steps taken when it was written.
     pub step: u64,
     pub config_id: String,
     pub rng: RngState,
+    /// The validation loss measured at this step, when the run measured one.
+    pub val_loss: Option<f64>,
 }
 
 fn m_name(name: &str) -> String {
@@ -109,8 +111,8 @@ fn digest<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
     hex(&h.finalize())
 }
 
-/// Writes the model's parameters, the optimizer's state and `rng` to `path` (atomically: a crash leaves the
-/// previous checkpoint whole).
+/// Writes the model's parameters, the optimizer's state, `rng` and the step's validation loss (when one was
+/// measured) to `path` (atomically: a crash leaves the previous checkpoint whole).
 pub fn save_checkpoint(
     path: impl AsRef<Path>,
     tree: &ParamTree,
@@ -118,6 +120,7 @@ pub fn save_checkpoint(
     optimizer: &Optimizer,
     config_id: &str,
     rng: &RngState,
+    val_loss: Option<f64>,
 ) -> Result<()> {
     let path = path.as_ref();
     let (master, m, v) = optimizer.state();
@@ -137,7 +140,7 @@ pub fn save_checkpoint(
             Ok((name, RawView::of(t, bytes)))
         })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
         ("step".to_string(), optimizer.steps().to_string()),
@@ -146,6 +149,10 @@ pub fn save_checkpoint(
         ("master_weights".to_string(), master.is_some().to_string()),
         ("sha256".to_string(), digest(views.iter().map(|(n, v)| (n.as_str(), v.bytes.as_slice())))),
     ]);
+    if let Some(val) = val_loss {
+        // `{:?}` keeps every bit of the f64, so the selection among checkpoints is exact.
+        metadata.insert("val_loss".to_string(), format!("{val:?}"));
+    }
     save_safetensors_raw(path, views, Some(&metadata))?;
     Ok(())
 }
@@ -249,5 +256,30 @@ pub fn load_checkpoint(
         }
     }
     *opt_step = step;
-    Ok(CheckpointMeta { step, config_id: config_id.to_string(), rng })
+    Ok(CheckpointMeta { step, config_id: config_id.to_string(), rng, val_loss: val_loss_of(&file)? })
+}
+
+fn val_loss_of(file: &SafetensorsFile) -> Result<Option<f64>> {
+    match file.metadata().get("val_loss") {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{}: metadata 'val_loss' is {text:?}, not a number", file.path().display())),
+    }
+}
+
+/// The step, configuration identity and validation loss recorded in a checkpoint's header, read without
+/// its tensors; `None` for a safetensors file that is not an sgdm checkpoint.
+pub fn peek_checkpoint(path: impl AsRef<Path>) -> Result<Option<(u64, String, Option<f64>)>> {
+    let file = SafetensorsFile::open(path.as_ref())?;
+    let meta = file.metadata();
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Ok(None);
+    }
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: metadata 'step' is not a step count", file.path().display()))?;
+    Ok(Some((step, meta.get("config_id").cloned().unwrap_or_default(), val_loss_of(&file)?)))
 }

@@ -8,7 +8,7 @@ pub mod optimizer;
 pub mod schedule;
 pub mod stages;
 
-pub use checkpoint::{config_id, load_checkpoint, save_checkpoint, CheckpointMeta, RngState};
+pub use checkpoint::{config_id, load_checkpoint, peek_checkpoint, save_checkpoint, CheckpointMeta, RngState};
 pub use log::{Progress, StepLog, StepRecord};
 pub use optimizer::{Optimizer, OptimizerConfig};
 pub use schedule::LrSchedule;

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
+use super::{config_id, load_checkpoint, peek_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::load_square;
 use crate::data::npy::NpyFile;
@@ -72,6 +72,14 @@ pub struct LoopConfig {
     /// Write a step-log line every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// The final parameters are those of the checkpoint with the lowest validation loss (true), or of the
+    /// last step (false).
+    #[serde(default = "default_select_best")]
+    pub select_best: bool,
+}
+
+fn default_select_best() -> bool {
+    true
 }
 
 fn default_weight_decay() -> f64 {
@@ -119,6 +127,36 @@ pub struct EncoderStageConfig {
     pub train: LoopConfig,
     /// `latent_dim` must equal the VAE's; `n_channels` and `n_timepoints` the dataset's.
     pub model: EegEncoderConfig,
+    /// Precomputed image embeddings (e.g. CLIP features a user extracted) to align with instead of the
+    /// VAE's mu. Stage `controlnet` reads the structure map through the StructuralVAE's structure head, so
+    /// an encoder trained against other embeddings serves retrieval, not the default reconstruction path.
+    #[serde(default)]
+    pub image_embeddings: Option<EmbeddingTargets>,
+}
+
+/// `[encoder.image_embeddings]`: `.npy` files `[figures, latent_dim]` (f16/f32/f64), one row per figure
+/// of the split in the manifest's order.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingTargets {
+    pub train: PathBuf,
+    pub val: PathBuf,
+}
+
+/// An embedding file's rows, checked against the split's figure count and the embedding width.
+fn embedding_rows(path: &Path, figures: usize, dim: usize) -> Result<Vec<f32>> {
+    let file = NpyFile::open(path)?;
+    ensure!(
+        file.header.shape == [figures, dim],
+        "{}: image embeddings of shape {:?}, expected [{figures}, {dim}] (figures of the split, the encoder's latent_dim)",
+        path.display(),
+        file.header.shape
+    );
+    let rows = file.to_f32()?;
+    if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
+        bail!("{}: non-finite value at row {}, column {}", path.display(), i / dim, i % dim);
+    }
+    Ok(rows)
 }
 
 /// What a run reports.
@@ -130,6 +168,10 @@ pub struct StageReport {
     pub train_losses: Vec<f64>,
     /// (step, validation loss) at every checkpoint, the last at the end.
     pub val_losses: Vec<(u64, f64)>,
+    /// The checkpoint the final parameters are taken from and its validation loss: the best of every
+    /// checkpoint of this run in the output folder (earlier processes' included) with `select_best`, else
+    /// the last step.
+    pub selected: (u64, f64),
 }
 
 const CPU: Device = Device::Cpu;
@@ -252,7 +294,7 @@ fn train_loop(
     let first_step = opt.steps();
     let mut log = StepLog::open(out.join(format!("{stage}.jsonl")), first_step)?;
     let mut progress = Progress::new(first_step, cfg.steps);
-    let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new() };
+    let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new(), selected: (0, f64::NAN) };
     while opt.steps() < cfg.steps {
         let mut losses = step(params, &mut grads, &mut rng)?;
         let lr = schedule.lr(opt.steps());
@@ -269,7 +311,7 @@ fn train_loop(
             losses.push(("val", val));
         }
         if at_checkpoint || stopping {
-            save_checkpoint(&checkpoint, tree, params, &opt, id, &RngState::of(&rng))?;
+            save_checkpoint(&checkpoint, tree, params, &opt, id, &RngState::of(&rng), at_checkpoint.then(|| losses.last().map(|l| l.1)).flatten())?;
         }
         if at_checkpoint || stopping || done.is_multiple_of(cfg.log_every) {
             log.log(done, &losses, lr, opt.grad_norm()? as f64)?;
@@ -279,8 +321,41 @@ fn train_loop(
             return Err(Stopped { stage: stage.to_string(), step: done, steps: cfg.steps, checkpoint }.into());
         }
     }
+    let last = out.join(format!("{stage}-step{:06}.safetensors", cfg.steps));
+    report.selected = match best_checkpoint(stage, out, id, cfg.steps)? {
+        Some((step, path, val)) if cfg.select_best => {
+            if step != cfg.steps {
+                load_checkpoint(&path, tree, params, &mut opt, id)?;
+            }
+            (step, val)
+        }
+        _ => (cfg.steps, peek_checkpoint(&last)?.and_then(|c| c.2).unwrap_or(f64::NAN)),
+    };
     save_params(&out.join(format!("{stage}.safetensors")), tree, params)?;
     Ok(report)
+}
+
+/// The checkpoint of `stage` in `out` written under configuration `id` at a step up to `steps` with the
+/// lowest validation loss (the later one on a tie): (step, path, validation loss).
+fn best_checkpoint(stage: &str, out: &Path, id: &str, steps: u64) -> Result<Option<(u64, PathBuf, f64)>> {
+    let prefix = format!("{stage}-step");
+    let mut best: Option<(u64, PathBuf, f64)> = None;
+    for entry in std::fs::read_dir(out).with_context(|| format!("{}: cannot list the output folder", out.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(digits) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".safetensors")) else { continue };
+        if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Some((step, config, Some(val))) = peek_checkpoint(&path)? else { continue };
+        if config != id || step > steps || !val.is_finite() {
+            continue;
+        }
+        if best.as_ref().is_none_or(|b| val < b.2 || (val == b.2 && step > b.0)) {
+            best = Some((step, path, val));
+        }
+    }
+    Ok(best)
 }
 
 /// The three terms of the VAE loss: MSE(recon, image), KL against N(0, 1), MSE(structure, edges).
@@ -360,7 +435,21 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         Ok(sum / val.len as f64)
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
-    train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)
+    let report = train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)?;
+    save_model_config(&out.join(VAE_CONFIG), "StructuralVAE", m)?;
+    Ok(report)
+}
+
+/// The StructuralVAE's configuration, written by stage `vae` beside `vae.safetensors`.
+pub const VAE_CONFIG: &str = "vae_config.json";
+/// The EEG encoder's configuration, written by stage `encoder` beside `encoder.safetensors`.
+pub const ENCODER_CONFIG: &str = "encoder_config.json";
+
+/// Writes a model's configuration as JSON with diffusers' `_class_name` key (what `from_json` reads back).
+fn save_model_config(path: &Path, class: &str, config: &impl serde::Serialize) -> Result<()> {
+    let mut value = serde_json::to_value(config)?;
+    value.as_object_mut().context("a model configuration is a table")?.insert("_class_name".into(), Value::from(class));
+    crate::util::write_atomic(path, serde_json::to_string_pretty(&value)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// Per-channel mean and standard deviation over every trial and time point of `eeg` ([N, R, C, T]).
@@ -414,12 +503,19 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let manifest = read_manifest(&cfg.data)?;
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
 
-    let vae = StructuralVae::new(cfg.vae.clone())?;
-    let vae_params = load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
     let b = cfg.train.batch;
-    let sd = cfg.vae.structure_dim;
-    let train_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?;
-    let val_mu = vae_mu(&vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?;
+    let (train_mu, val_mu) = match &cfg.image_embeddings {
+        Some(t) => (embedding_rows(&t.train, train_split.figures, m.latent_dim)?, embedding_rows(&t.val, val_split.figures, m.latent_dim)?),
+        None => {
+            let vae = StructuralVae::new(cfg.vae.clone())?;
+            let vae_params = load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
+            let sd = cfg.vae.structure_dim;
+            (
+                vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?,
+                vae_mu(&vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?,
+            )
+        }
+    };
 
     let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
     let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
@@ -473,7 +569,9 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
-    train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)
+    let report = train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)?;
+    save_model_config(&out.join(ENCODER_CONFIG), "SpatiotemporalEEGEncoder", m)?;
+    Ok(report)
 }
 
 fn load_params(tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
