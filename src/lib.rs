@@ -12,6 +12,8 @@ pub mod eval;
 pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod pipeline;
+pub mod reconstruct;
 pub mod runtime;
 pub mod tensor;
 pub mod train;

@@ -87,6 +87,18 @@ enum Command {
                             log_every (10). DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
                             and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
     Train(cli::train::Args),
+    /// Reconstruct the images seen in an EEG file: encoder -> structure map -> ControlNet-guided denoising
+    /// -> VAE decode; PNGs and a manifest, resumable, shardable across processes.
+    #[command(after_help = "Examples:\n  \
+                            sgdm reconstruct --eeg data/synth/eeg/test.npy --images data/synth/images/test --out out/recon\n  \
+                            sgdm reconstruct --eeg eeg.npy --weights runs/all --out out/recon --steps 30 --guidance 4\n  \
+                            sgdm reconstruct --eeg eeg.npy --out out/recon --shard 2/8     the third of 8 processes\n  \
+                            sbatch --array=0-7 --wrap 'sgdm reconstruct --eeg eeg.npy --out out/recon --shard $SLURM_ARRAY_TASK_ID/8'\n\n\
+                            Writes OUT/images/<index>.png, OUT/structure/<index>.png (the structure map predicted from the\n\
+                            EEG), OUT/manifest.jsonl (one line per finished item) and OUT/run.json (the settings). A rerun\n\
+                            skips finished items, so a killed run resumes; a rerun with other settings is refused.\n\
+                            On CUDA the models run in bf16; on the CPU in f32.")]
+    Reconstruct(cli::reconstruct::Args),
     /// Look inside EEG data files.
     #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
     Data(cli::data::Command),
@@ -101,6 +113,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => cli::synth::run(&args),
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => cli::train::run(&args),
+        Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -56,3 +56,55 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
     }
 }
+
+/// `n` standard normal values (Box–Muller, the cosine branch), drawn from `rng`.
+pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+/// A progress line on stderr for counted work (`reconstruct: 48/200  3.1 images/s  ETA 49s`): redrawn in
+/// place on a terminal at most five times a second; elsewhere (a log file, CI) a plain line every 10
+/// seconds and at the end.
+pub struct ItemProgress {
+    label: String,
+    unit: &'static str,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+    tty: bool,
+}
+
+impl ItemProgress {
+    pub fn new(label: &str, unit: &'static str) -> ItemProgress {
+        use std::io::IsTerminal;
+        ItemProgress { label: label.to_string(), unit, start: std::time::Instant::now(), last: None, tty: io::stderr().is_terminal() }
+    }
+
+    pub fn line(&self, done: usize, total: usize) -> String {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
+        let eta = if rate > 0.0 { crate::train::log::format_duration(std::time::Duration::from_secs_f64((total - done.min(total)) as f64 / rate)) } else { "?".into() };
+        format!("{}: {done}/{total}  {rate:.2} {}/s  ETA {eta}", self.label, self.unit)
+    }
+
+    pub fn update(&mut self, done: usize, total: usize) {
+        let now = std::time::Instant::now();
+        let every = std::time::Duration::from_millis(if self.tty { 200 } else { 10_000 });
+        let finished = done >= total;
+        if !finished && self.last.is_some_and(|t| now.duration_since(t) < every) {
+            return;
+        }
+        self.last = Some(now);
+        let mut err = io::stderr().lock();
+        let _ = if self.tty {
+            write!(err, "\r\x1b[2K{}{}", self.line(done, total), if finished { "\n" } else { "" })
+        } else {
+            writeln!(err, "{}", self.line(done, total))
+        };
+        let _ = err.flush();
+    }
+}

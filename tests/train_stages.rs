@@ -368,34 +368,10 @@ fn a_stop_request_ends_the_stage_with_a_checkpoint_that_resumes_to_the_same_resu
     assert!(a == b, "the stopped and resumed run's final parameters differ from an uninterrupted run's");
 }
 
-/// `[<table>]`'s training loop for the tiny set, as TOML.
-fn loop_toml(table: &str, steps: u64, lr: f64) -> String {
-    format!("[{table}]\nsteps = {steps}\nbatch = 8\nlr = {lr}\nwarmup = 2\nseed = 1\ncheckpoint_every = 5\nlog_every = 5\n")
-}
-
 #[test]
 fn train_all_runs_every_stage_into_one_folder_and_a_rerun_skips_them() {
     let out = tempfile::tempdir().unwrap();
-    let data = dataset().display().to_string();
-    let vae_model = "latent_dim = 8\nstructure_dim = 256\nimage_size = 32\nchannels = [4, 8, 8]\nhidden = 32\n";
-    let encoder_model = "n_channels = 17\nn_timepoints = 100\nlatent_dim = 8\nlstm_hidden = 8\nlstm_layers = 1\nspatial_channels = [8, 8]\nfusion_hidden = 16\n";
-    let config = format!(
-        "[base]\ndata = {data:?}\nimage_size = 32\nkl_weight = 1e-6\ncontext_tokens = 4\n\
-         [base.vae_model]\nblock_out_channels = [8, 16]\ndown_block_types = [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\"]\n\
-         up_block_types = [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]\nlatent_channels = 4\nlayers_per_block = 1\nnorm_num_groups = 4\nscaling_factor = 0.5\n\
-         [base.unet_model]\nsample_size = 16\nblock_out_channels = [16, 32]\ndown_block_types = [\"CrossAttnDownBlock2D\", \"DownBlock2D\"]\n\
-         up_block_types = [\"UpBlock2D\", \"CrossAttnUpBlock2D\"]\nlayers_per_block = 1\nattention_head_dim = 2\ncross_attention_dim = 16\nnorm_num_groups = 4\n\
-         {}{}\
-         [vae]\ndata = {data:?}\nbeta = 1e-3\nlambda = 1.0\n{}[vae.model]\n{vae_model}\
-         [encoder]\ndata = {data:?}\ntemperature = 0.1\n{}[encoder.vae]\n{vae_model}[encoder.model]\n{encoder_model}\
-         [controlnet]\ndata = {data:?}\nimage_size = 32\ntokens = 2\ncondition_dropout = 0.2\nconditioning_embedding_out_channels = [8, 16]\n\
-         {}[controlnet.structural_vae]\n{vae_model}[controlnet.encoder]\n{encoder_model}",
-        loop_toml("base.vae_train", 5, 3e-3),
-        loop_toml("base.unet_train", 5, 2e-3),
-        loop_toml("vae.train", 5, 3e-3),
-        loop_toml("encoder.train", 5, 3e-3),
-        loop_toml("controlnet.train", 5, 2e-3),
-    );
+    let config = common::tiny_train_config(dataset());
     let config_path = out.path().join("train.toml");
     std::fs::write(&config_path, config).unwrap();
     let run = || {

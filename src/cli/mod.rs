@@ -3,5 +3,6 @@ pub mod data;
 pub mod forward;
 pub mod info;
 pub mod kernels;
+pub mod reconstruct;
 pub mod synth;
 pub mod train;

@@ -92,12 +92,14 @@ pub struct Progress {
     first_step: u64,
     start: Instant,
     last_draw: Option<Instant>,
+    /// stderr is a terminal: redraw in place; otherwise a plain line every 10 seconds and at the end.
+    tty: bool,
 }
 
 impl Progress {
     /// A run going from `first_step` (0, or the step resumed from) to `total` optimizer steps.
     pub fn new(first_step: u64, total: u64) -> Progress {
-        Progress { total, first_step, start: Instant::now(), last_draw: None }
+        Progress { total, first_step, start: Instant::now(), last_draw: None, tty: std::io::IsTerminal::is_terminal(&std::io::stderr()) }
     }
 
     /// The line for `step` (steps taken) with `loss`; rates count only this process's steps.
@@ -116,12 +118,16 @@ impl Progress {
     /// Redraws the line if 200 ms have passed since the last draw, or at the last step.
     pub fn update(&mut self, step: u64, loss: f64) {
         let now = Instant::now();
-        let due = self.last_draw.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(200));
+        let every = Duration::from_millis(if self.tty { 200 } else { 10_000 });
+        let due = self.last_draw.is_none_or(|t| now.duration_since(t) >= every);
         if due || step >= self.total {
             self.last_draw = Some(now);
-            let end = if step >= self.total { "\n" } else { "" };
             let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K{}{end}", self.line(step, loss));
+            let _ = if self.tty {
+                write!(err, "\r\x1b[2K{}{}", self.line(step, loss), if step >= self.total { "\n" } else { "" })
+            } else {
+                writeln!(err, "{}", self.line(step, loss))
+            };
             let _ = err.flush();
         }
     }

@@ -223,15 +223,6 @@ fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
     idx.iter().flat_map(|&i| &values[i * per..(i + 1) * per]).copied().collect()
 }
 
-/// Standard normal values (Box–Muller).
-fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
-            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect()
-}
 
 fn tensor(shape: &[usize], values: &[f32]) -> Result<Tensor> {
     Tensor::from_f32(&CPU, shape, DType::F32, values)
@@ -408,7 +399,7 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
         let image = tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
         let edges = tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
-        let eps = tensor(&[b, latent], &normal(rng, b * latent))?;
+        let eps = tensor(&[b, latent], &crate::util::standard_normal(rng, b * latent))?;
         let alloc = &mut Standalone(CPU);
         let acts = model.forward(p, &image, Some(&eps), alloc)?;
         let l = vae_losses(&acts, &image, &edges)?;
@@ -662,7 +653,7 @@ fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val
         let image = tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
         let alloc = &mut Standalone(CPU);
         let (mean, logvar, enc) = vae.encode(p, &image, alloc)?;
-        let eps = tensor(mean.shape(), &normal(rng, mean.numel()))?;
+        let eps = tensor(mean.shape(), &crate::util::standard_normal(rng, mean.numel()))?;
         let mut z = Tensor::zeros(&CPU, mean.shape(), DType::F32)?;
         reparameterize_forward(&mean, &logvar, &eps, &mut z)?;
         let (recon, dec) = vae.decode(p, &z, alloc)?;
@@ -725,7 +716,7 @@ struct NoisedBatch {
 fn noise_batch(latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
     let per = latents.len() / shape[0];
     let t: Vec<usize> = (0..shape[0]).map(|_| rng.random_range(0..TRAIN_TIMESTEPS)).collect();
-    let eps = normal(rng, latents.len());
+    let eps = crate::util::standard_normal(rng, latents.len());
     let noisy: Vec<f32> = latents
         .iter()
         .zip(&eps)
@@ -896,14 +887,6 @@ const CONTROLNET_UNET_KEYS: [&str; 17] = [
     "upcast_attention",
 ];
 
-/// `[B, E·E]` structure maps -> `[B, 1, E·f, E·f]`, nearest-neighbour.
-fn upsample_structure(structure: &[f32], edge: usize, factor: usize) -> Vec<f32> {
-    let out = edge * factor;
-    structure
-        .chunks_exact(edge * edge)
-        .flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor]))
-        .collect()
-}
 
 /// Runs stage `controlnet`; see [`ControlNetStageConfig`].
 pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
@@ -994,7 +977,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
         let structure = linear_layer_forward(&svae.structure_head, &svae_params, &embedding, alloc)?;
         let n = embedding.shape()[0];
-        let cond = tensor(&[n, 1, cond_size, cond_size], &upsample_structure(&structure.to_f32_vec()?, edge, factor))?;
+        let cond = tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
     };
     let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {

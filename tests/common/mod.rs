@@ -118,3 +118,61 @@ pub fn check_gradient(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f
     }
     println!("{what:<36} gradient vs central differences: max abs err {max_err:.3e}  pass");
 }
+
+/// A `sgdm train all` configuration of tiny models (32x32 images, 16x16 latents) for the dataset `data`,
+/// five steps a stage: seconds on a CPU.
+#[allow(dead_code)]
+pub fn tiny_train_config(data: &std::path::Path) -> String {
+    let data = data.display().to_string();
+    let loop_toml = |table: &str, lr: f64| format!("[{table}]\nsteps = 5\nbatch = 8\nlr = {lr}\nwarmup = 2\nseed = 1\ncheckpoint_every = 5\nlog_every = 5\n");
+    let vae_model = "latent_dim = 8\nstructure_dim = 256\nimage_size = 32\nchannels = [4, 8, 8]\nhidden = 32\n";
+    let encoder_model = "n_channels = 17\nn_timepoints = 100\nlatent_dim = 8\nlstm_hidden = 8\nlstm_layers = 1\nspatial_channels = [8, 8]\nfusion_hidden = 16\n";
+    format!(
+        "[base]\ndata = {data:?}\nimage_size = 32\nkl_weight = 1e-6\ncontext_tokens = 4\n\
+         [base.vae_model]\nblock_out_channels = [8, 16]\ndown_block_types = [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\"]\n\
+         up_block_types = [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]\nlatent_channels = 4\nlayers_per_block = 1\nnorm_num_groups = 4\nscaling_factor = 0.5\n\
+         [base.unet_model]\nsample_size = 16\nblock_out_channels = [16, 32]\ndown_block_types = [\"CrossAttnDownBlock2D\", \"DownBlock2D\"]\n\
+         up_block_types = [\"UpBlock2D\", \"CrossAttnUpBlock2D\"]\nlayers_per_block = 1\nattention_head_dim = 2\ncross_attention_dim = 16\nnorm_num_groups = 4\n\
+         {}{}\
+         [vae]\ndata = {data:?}\nbeta = 1e-3\nlambda = 1.0\n{}[vae.model]\n{vae_model}\
+         [encoder]\ndata = {data:?}\ntemperature = 0.1\n{}[encoder.vae]\n{vae_model}[encoder.model]\n{encoder_model}\
+         [controlnet]\ndata = {data:?}\nimage_size = 32\ntokens = 2\ncondition_dropout = 0.2\nconditioning_embedding_out_channels = [8, 16]\n\
+         {}[controlnet.structural_vae]\n{vae_model}[controlnet.encoder]\n{encoder_model}",
+        loop_toml("base.vae_train", 3e-3),
+        loop_toml("base.unet_train", 2e-3),
+        loop_toml("vae.train", 3e-3),
+        loop_toml("encoder.train", 3e-3),
+        loop_toml("controlnet.train", 2e-3),
+    )
+}
+
+/// Runs the `sgdm` binary with `args`; returns (success, stdout, stderr).
+#[allow(dead_code)]
+pub fn run_sgdm<I, S>(args: I) -> (bool, String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(sgdm_bin()).args(args).output().expect("cannot run sgdm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A tiny synthetic dataset (24/8/6 figures, 6 test figures of 4 repetitions) and a weights folder trained
+/// on it by `sgdm train all` with [`tiny_train_config`], made once per test binary: (dataset, weights).
+#[allow(dead_code)]
+pub fn tiny_model() -> &'static (std::path::PathBuf, std::path::PathBuf) {
+    static MODEL: std::sync::OnceLock<(std::path::PathBuf, std::path::PathBuf)> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tiny_model_{}", std::process::id()));
+        let (data, weights) = (root.join("data"), root.join("weights"));
+        let (ok, _, err) = run_sgdm([
+            "synth", "--out", data.to_str().unwrap(), "--train-figures", "24", "--val-figures", "8", "--test-figures", "6", "--train-reps", "2",
+            "--val-reps", "2", "--test-reps", "4", "--seed", "5", "--force",
+        ]);
+        assert!(ok, "sgdm synth failed: {err}");
+        std::fs::write(root.join("train.toml"), tiny_train_config(&data)).unwrap();
+        let (ok, out, err) = run_sgdm(["train", "all", "--config", root.join("train.toml").to_str().unwrap(), "--out", weights.to_str().unwrap()]);
+        assert!(ok, "sgdm train all failed:\n{out}\n{err}");
+        (data, weights)
+    })
+}

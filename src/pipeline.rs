@@ -1,0 +1,328 @@
+//! The reconstruction pipeline: EEG -> encoder embedding -> structure map (StructuralVAE structure head) ->
+//! ControlNet condition; embedding -> cross-attention tokens (the EEG projector); guided denoising of
+//! Gaussian latents by the UNet with the ControlNet's residuals; AutoencoderKL decode.
+//!
+//! A weights folder is what `sgdm train all` writes (the shipped default in `weights/` is one):
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `vae/`, `unet/`, `controlnet/` | diffusers components (`config.json` + `diffusion_pytorch_model.safetensors`) |
+//! | `vae.safetensors`, `vae_config.json` | the StructuralVAE (stage 1) |
+//! | `encoder.safetensors`, `encoder_config.json`, `eeg_standardization.json` | the EEG encoder (stage 2) and its input scaling |
+//! | `eeg_projector.safetensors` | embedding -> `tokens` cross-attention tokens (stage 3) |
+//!
+//! The denoising state (the latents and the scheduler's x0) is kept on the host in f32 and the scheduler
+//! update is applied there; the models run on the pipeline's device in its dtype. Each item's initial noise
+//! depends only on the seed and the item's index, so batching, sharding and resuming never change an image.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
+use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
+use crate::models::blocks::linear_layer_forward;
+use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
+use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
+use crate::nn::{Linear, ParamStore, ParamTree, Standalone};
+use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::tensor::{DType, Tensor};
+use crate::weights::{Component, SafetensorsFile};
+
+/// The files a weights folder must hold besides the three diffusers components.
+pub const WEIGHT_FILES: [&str; 6] =
+    ["vae.safetensors", "vae_config.json", "encoder.safetensors", "encoder_config.json", "eeg_standardization.json", "eeg_projector.safetensors"];
+
+/// How the denoising loop runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingOptions {
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+    /// Classifier-free guidance scale: 1 evaluates the conditional branch only; above 1 also the
+    /// unconditional one (zero tokens, the same structure map) and extrapolates away from it.
+    pub guidance: f32,
+    pub controlnet_scale: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> SamplingOptions {
+        SamplingOptions { steps: 20, scheduler: SchedulerKind::DpmSolverPp2m, guidance: 3.0, controlnet_scale: 1.0, seed: 0 }
+    }
+}
+
+/// One batch's results, in the batch's order.
+pub struct Reconstruction {
+    /// RGB images `[B, 3, S, S]` in [0, 1].
+    pub images: Vec<f32>,
+    /// The structure maps predicted from the EEG, `[B, E, E]` as the structure head outputs them.
+    pub structure: Vec<f32>,
+    /// The EEG embeddings `[B, latent]`.
+    pub embeddings: Vec<f32>,
+    /// Seconds spent in the denoising loop (UNet + ControlNet + scheduler) and in the whole batch.
+    pub denoise_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Every model of a weights folder, loaded on one device.
+pub struct Pipeline {
+    pub dir: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+    encoder: EegEncoder,
+    encoder_params: ParamStore,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    svae: StructuralVae,
+    svae_params: ParamStore,
+    projector: Linear,
+    projector_params: ParamStore,
+    pub tokens: usize,
+    controlnet: ControlNet,
+    controlnet_params: ParamStore,
+    unet: UNet,
+    unet_params: ParamStore,
+    vae: AutoencoderKl,
+    vae_params: ParamStore,
+    /// The structure map's side, the latent's side and channels, the condition image's side.
+    pub edge: usize,
+    pub latent_size: usize,
+    pub latent_channels: usize,
+    pub condition_size: usize,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+fn load(tree: &ParamTree, file: &SafetensorsFile, device: &Device, dtype: DType, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+    let mut plan = MemoryPlan::new();
+    ParamStore::plan(tree, &mut plan, dtype);
+    let mut arena = Arena::new(device, &plan)?;
+    ParamStore::load(tree, file, &mut arena, dtype, aliases)
+}
+
+impl Pipeline {
+    /// Loads the weights folder `dir` (see the module docs) onto `device` as `dtype`. Every file is checked:
+    /// missing files, unknown or misshapen tensors and inconsistent sizes are errors naming the file.
+    pub fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Pipeline> {
+        ensure!(dir.is_dir(), "{}: no such weights folder (expected the output of `sgdm train all`)", dir.display());
+        for f in WEIGHT_FILES.iter().chain(&["vae/config.json", "unet/config.json", "controlnet/config.json"]) {
+            ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} (expected the output of `sgdm train all`)", dir.display());
+        }
+        let path = dir.join("encoder_config.json");
+        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?)?;
+        let encoder_params = load(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
+        let path = dir.join("vae_config.json");
+        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?)?;
+        let svae_params = load(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
+        let latent_dim = encoder.config.latent_dim;
+        ensure!(
+            latent_dim == svae.config.latent_dim,
+            "{}: the encoder's latent_dim {latent_dim} differs from the StructuralVAE's {}",
+            dir.display(),
+            svae.config.latent_dim
+        );
+
+        let path = dir.join("eeg_standardization.json");
+        let stats = read_json(&path)?;
+        let column = |key: &str| -> Result<Vec<f32>> {
+            serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", path.display()))
+        };
+        let (mean, std) = (column("mean")?, column("std")?);
+        let c = encoder.config.n_channels;
+        ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for the encoder's {c} channels", path.display(), mean.len(), std.len());
+        ensure!(std.iter().all(|s| *s > 0.0 && s.is_finite()), "{}: every 'std' must be positive", path.display());
+
+        let vae_component = Component::open(dir.join("vae"))?;
+        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&dir.join("vae/config.json"), &vae_component.config)?)?;
+        let vae_params = load(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
+        let unet_component = Component::open(dir.join("unet"))?;
+        let unet = UNet::new(UNetConfig::from_json(&dir.join("unet/config.json"), &unet_component.config)?)?;
+        let unet_params = load(&unet.params, &unet_component.weights, device, dtype, &[])?;
+        let cn_component = Component::open(dir.join("controlnet"))?;
+        let controlnet = ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?)?;
+        let controlnet_params = load(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
+
+        let path = dir.join("eeg_projector.safetensors");
+        let file = SafetensorsFile::open(&path)?;
+        let tokens: usize = file
+            .metadata()
+            .get("tokens")
+            .and_then(|t| t.parse().ok())
+            .with_context(|| format!("{}: no 'tokens' metadata (the number of cross-attention tokens)", path.display()))?;
+        let d = unet.config.cross_attention_dim;
+        let mut tree = ParamTree::new();
+        let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, tokens * d, true);
+        let projector_params = load(&tree, &file, device, dtype, &[])?;
+
+        let edge = (svae.config.structure_dim as f64).sqrt().round() as usize;
+        ensure!(edge * edge == svae.config.structure_dim, "{}: structure_dim {} is not a square", dir.join("vae_config.json").display(), svae.config.structure_dim);
+        ensure!(controlnet.config.conditioning_channels == 1, "{}: the ControlNet must take a 1-channel structure map", dir.join("controlnet/config.json").display());
+        ensure!(
+            unet.config.in_channels == vae.config.latent_channels && controlnet.config.in_channels == vae.config.latent_channels,
+            "{}: the UNet and ControlNet take {} and {} channels, the VAE's latents have {}",
+            dir.display(),
+            unet.config.in_channels,
+            controlnet.config.in_channels,
+            vae.config.latent_channels
+        );
+        let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", dir.join("unet/config.json").display()))?
+            as usize;
+        let condition_size = sample_size * controlnet.condition_downscale();
+        ensure!(
+            condition_size.is_multiple_of(edge),
+            "{}: the ControlNet's condition size {condition_size} is not a multiple of the structure map's {edge}",
+            dir.display()
+        );
+        Ok(Pipeline {
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+            encoder,
+            encoder_params,
+            mean,
+            std,
+            svae,
+            svae_params,
+            projector,
+            projector_params,
+            tokens,
+            controlnet,
+            controlnet_params,
+            latent_channels: vae.config.latent_channels,
+            latent_size: sample_size,
+            unet,
+            unet_params,
+            vae,
+            vae_params,
+            edge,
+            condition_size,
+        })
+    }
+
+    /// EEG channels and time points the encoder takes.
+    pub fn eeg_shape(&self) -> (usize, usize) {
+        (self.encoder.config.n_channels, self.encoder.config.n_timepoints)
+    }
+
+    /// The decoded image's side.
+    pub fn image_size(&self) -> usize {
+        self.latent_size << (self.vae.config.block_out_channels.len() - 1)
+    }
+
+    /// The StructuralVAE's input side (images are resized to it for the latent-space metrics).
+    pub fn structural_vae_image_size(&self) -> usize {
+        self.svae.config.image_size
+    }
+
+    fn tensor(&self, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        Tensor::from_f32(&self.device, shape, self.dtype, values)
+    }
+
+    /// The encoder's embeddings `[B, latent]` of raw EEG `[B, C, T]` (microvolts, as stored; standardised
+    /// here with the training split's statistics).
+    pub fn embed(&self, eeg: &[f32]) -> Result<Tensor> {
+        let (c, t) = self.eeg_shape();
+        ensure!(eeg.len().is_multiple_of(c * t) && !eeg.is_empty(), "EEG batch of {} values is not a whole number of [{c}, {t}] trials", eeg.len());
+        let b = eeg.len() / (c * t);
+        let scaled: Vec<f32> = eeg.iter().enumerate().map(|(i, v)| (v - self.mean[(i / t) % c]) / self.std[(i / t) % c]).collect();
+        let x = self.tensor(&[b, c, t], &scaled)?;
+        Ok(self.encoder.forward(&self.encoder_params, &x, &mut Standalone(self.device.clone()))?.embedding)
+    }
+
+    /// The StructuralVAE's mu `[B, latent]` of RGB images `[B, 3, S, S]` in [0, 1] at its input size: the
+    /// space the encoder's embeddings are aligned to, where retrieval and 2-way identification compare.
+    pub fn image_embedding(&self, images: &[f32]) -> Result<Vec<f32>> {
+        let s = self.svae.config.image_size;
+        ensure!(images.len().is_multiple_of(3 * s * s) && !images.is_empty(), "{} image values are not a whole number of [3, {s}, {s}] images", images.len());
+        let x = self.tensor(&[images.len() / (3 * s * s), 3, s, s], images)?;
+        self.svae.forward(&self.svae_params, &x, None, &mut Standalone(self.device.clone()))?.mu.to_f32_vec()
+    }
+
+    /// The structure maps `[B, E·E]` the structure head predicts from embeddings.
+    pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
+        linear_layer_forward(&self.svae.structure_head, &self.svae_params, embedding, &mut Standalone(self.device.clone()))
+    }
+
+    /// Item `index`'s initial latent noise: depends on the seed and the index only.
+    pub fn initial_noise(&self, seed: u64, index: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(index);
+        let n = self.latent_channels * self.latent_size * self.latent_size;
+        crate::util::standard_normal(&mut rng, n)
+    }
+
+    /// Reconstructs one batch: `eeg` `[B, C, T]` raw, `indices` the items' indices (they seed the noise).
+    pub fn reconstruct(&self, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
+        let start = std::time::Instant::now();
+        let b = indices.len();
+        ensure!(opts.guidance.is_finite() && opts.guidance >= 1.0, "guidance {} must be at least 1 (1: no guidance)", opts.guidance);
+        ensure!(opts.controlnet_scale.is_finite(), "controlnet scale {} is not finite", opts.controlnet_scale);
+        let embedding = self.embed(eeg)?;
+        ensure!(embedding.shape()[0] == b, "{} EEG trials for {b} items", embedding.shape()[0]);
+        let structure = self.structure(&embedding)?.to_f32_vec()?;
+
+        // Conditional tokens, then (with guidance) the unconditional branch's zero tokens after them.
+        let guided = opts.guidance > 1.0;
+        let branches = if guided { 2 } else { 1 };
+        let d = self.unet.config.cross_attention_dim;
+        let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Standalone(self.device.clone()))?.to_f32_vec()?;
+        tokens.resize(branches * b * self.tokens * d, 0.0);
+        let context = self.tensor(&[branches * b, self.tokens, d], &tokens)?;
+        let factor = self.condition_size / self.edge;
+        let cond_one = upsample_nearest(&structure, self.edge, factor);
+        let cond_all: Vec<f32> = (0..branches).flat_map(|_| cond_one.iter().copied()).collect();
+        let cond = self.tensor(&[branches * b, 1, self.condition_size, self.condition_size], &cond_all)?;
+
+        let scheduler = Scheduler::new(opts.scheduler, opts.steps)?;
+        let (lc, h) = (self.latent_channels, self.latent_size);
+        let per = lc * h * h;
+        let mut sample: Vec<f32> = indices.iter().flat_map(|&i| self.initial_noise(opts.seed, i)).collect();
+        let sigma = scheduler.init_noise_sigma as f32;
+        sample.iter_mut().for_each(|v| *v *= sigma);
+        let mut x0 = vec![0f32; sample.len()];
+        let denoise_start = std::time::Instant::now();
+        for step in 0..scheduler.steps() {
+            let scale = scheduler.input_scale(step) as f32;
+            let model_in: Vec<f32> = (0..branches).flat_map(|_| sample.iter().map(|v| v * scale)).collect();
+            let x = self.tensor(&[branches * b, lc, h, h], &model_in)?;
+            let t = Tensor::from_f32(&self.device, &[branches * b], DType::F32, &vec![scheduler.timesteps[step] as f32; branches * b])?;
+            let eps = self.predict_noise(&x, &t, &context, &cond, opts.controlnet_scale)?;
+            let eps = if guided {
+                let (c, u) = eps.split_at(b * per);
+                c.iter().zip(u).map(|(c, u)| u + opts.guidance * (c - u)).collect()
+            } else {
+                eps
+            };
+            scheduler.coefficients(step).apply(&mut sample, &eps, &mut x0);
+        }
+        self.device.synchronize()?;
+        let denoise_seconds = denoise_start.elapsed().as_secs_f64();
+
+        let inv = (1.0 / self.vae.config.scaling_factor) as f32;
+        let z: Vec<f32> = sample.iter().map(|v| v * inv).collect();
+        let (decoded, _) = self.vae.decode(&self.vae_params, &self.tensor(&[b, lc, h, h], &z)?, &mut Standalone(self.device.clone()))?;
+        ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
+        let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
+        Ok(Reconstruction { images, structure, embeddings: embedding.to_f32_vec()?, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// One denoising step's noise prediction: ControlNet, then the UNet with its residuals.
+    pub fn predict_noise(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32) -> Result<Vec<f32>> {
+        let alloc = &mut Standalone(self.device.clone());
+        let cn = self.controlnet.forward(&self.controlnet_params, x, t, context, cond, controlnet_scale, alloc)?;
+        let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        self.unet.forward(&self.unet_params, x, &unet_cond, alloc)?.output.to_f32_vec()
+    }
+}
+
+/// `[B, E·E]` maps -> `[B, E·f, E·f]`, nearest-neighbour.
+pub fn upsample_nearest(maps: &[f32], edge: usize, factor: usize) -> Vec<f32> {
+    let out = edge * factor;
+    maps.chunks_exact(edge * edge).flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor])).collect()
+}

@@ -1,0 +1,368 @@
+//! Offline reconstruction of an EEG file (`sgdm reconstruct`): items (EEG rows, averaged over their
+//! repetitions) are read from the file's memory map in batches by a reader thread, reconstructed by the
+//! [`Pipeline`], and encoded and written by a writer thread, each PNG atomically, each finished item
+//! appended to `manifest.jsonl` as one line.
+//!
+//! Output folder:
+//! - `run.json`: the settings that determine the images (EEG file, weights, steps, scheduler, guidance,
+//!   ControlNet scale, seed). A rerun with other settings is refused rather than mixing two runs.
+//! - `images/<index>.png`, `structure/<index>.png` (the structure map predicted from the EEG, upsampled to
+//!   the image size), with `<index>` the item's row in the EEG file, zero-padded to 5 digits.
+//! - `manifest.jsonl`: one JSON object per finished item (index, source row, seed, steps, timing, ...).
+//!
+//! An item is finished when its line is in the manifest and its PNG exists; a rerun skips finished items,
+//! so a killed run resumes where it stopped. `--shard K/N` takes the items with `index % N == K`, so N
+//! processes (a Slurm job array, several GPUs) split a file with no coordination; their manifest lines are
+//! appended with one `write` each to a file opened for appending, which keeps lines whole on local
+//! filesystems.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use image::{GrayImage, RgbImage};
+use serde_json::{json, Value};
+
+use crate::data::eeg::{EegData, EegRows, Repetitions};
+use crate::data::image::{save_png_gray, save_png_rgb};
+use crate::data::npy::{NpyDtype, NpyFile};
+use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
+use crate::tensor::{memory_stats, reset_memory_peak};
+use crate::util::write_atomic;
+
+/// `--shard K/N`: the items with `index % N == K` (K counts from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard { k: 0, n: 1 }
+    }
+}
+
+impl FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("'{s}' is not K/N with 0 <= K < N (e.g. 0/4 .. 3/4)");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (k, n): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if n == 0 || k >= n {
+            return Err(bad());
+        }
+        Ok(Shard { k, n })
+    }
+}
+
+impl Shard {
+    pub fn takes(&self, index: usize) -> bool {
+        index % self.n == self.k
+    }
+}
+
+/// The EEG items of a file: a plain `.npy` is read by rows from its memory map; THINGS-EEG2 and pickle
+/// files (dicts) are loaded whole.
+pub enum EegItems {
+    Rows(EegRows),
+    Whole(EegData),
+}
+
+impl EegItems {
+    pub fn open(path: &Path) -> Result<EegItems> {
+        let is_plain_npy = NpyFile::open(path).map(|f| f.header.dtype != NpyDtype::Object).unwrap_or(false);
+        if is_plain_npy {
+            Ok(EegItems::Rows(EegRows::open(path)?))
+        } else {
+            let data = EegData::open(path, Repetitions::Average)?;
+            data.check_finite()?;
+            Ok(EegItems::Whole(data))
+        }
+    }
+
+    /// `[items, repetitions, channels, time]`.
+    pub fn shape(&self) -> [usize; 4] {
+        match self {
+            EegItems::Rows(r) => r.shape(),
+            EegItems::Whole(d) => d.shape,
+        }
+    }
+
+    /// Items `indices` averaged over their repetitions, `[k, C, T]`; non-finite values are errors naming the
+    /// file and position.
+    pub fn read(&self, indices: &[usize]) -> Result<Vec<f32>> {
+        let [_, r, c, t] = self.shape();
+        let per = c * t;
+        let mut out = Vec::with_capacity(indices.len() * per);
+        for &i in indices {
+            let rows = match self {
+                EegItems::Rows(rows) => rows.read(i..i + 1)?,
+                EegItems::Whole(d) => d.data[i * r * per..(i + 1) * r * per].to_vec(),
+            };
+            let mut mean = vec![0f32; per];
+            for rep in rows.chunks_exact(per) {
+                mean.iter_mut().zip(rep).for_each(|(m, v)| *m += v);
+            }
+            out.extend(mean.into_iter().map(|m| m / r as f32));
+        }
+        Ok(out)
+    }
+}
+
+/// What `sgdm reconstruct` does.
+#[derive(Debug, Clone)]
+pub struct ReconstructConfig {
+    pub eeg: PathBuf,
+    /// The seen images, sorted by file name, one per EEG row (recorded in the manifest for `sgdm eval`).
+    pub images: Option<PathBuf>,
+    pub out: PathBuf,
+    pub sampling: SamplingOptions,
+    pub batch: usize,
+    pub shard: Shard,
+    /// Only the first `limit` items of the file.
+    pub limit: Option<usize>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Items this shard owns, those already finished before this run, and those written now.
+    pub owned: usize,
+    pub skipped: usize,
+    pub written: usize,
+    pub seconds: f64,
+    /// Seconds per denoising step of one batch (UNet + ControlNet + scheduler), averaged over the batches.
+    pub seconds_per_step: f64,
+    pub batch: usize,
+    pub peak_host_bytes: u64,
+    pub peak_device_bytes: u64,
+}
+
+impl Summary {
+    pub fn images_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.written as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The image files of a folder (PNG or JPEG), sorted by name.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list the images folder", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("{}: cannot list the images folder", dir.display()))?
+        .into_iter()
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The finished items of an output folder: index -> its manifest line. Lines that do not parse (a line
+/// cut short by a crash) are ignored, and so are lines whose PNG is missing.
+pub fn finished_items(out: &Path) -> Result<BTreeMap<usize, Value>> {
+    let path = out.join("manifest.jsonl");
+    let mut done = BTreeMap::new();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let (Some(index), Some(image)) = (v["index"].as_u64(), v["image"].as_str()) else { continue };
+        if out.join(image).is_file() {
+            done.insert(index as usize, v);
+        }
+    }
+    Ok(done)
+}
+
+pub fn item_name(index: usize) -> String {
+    format!("{index:05}.png")
+}
+
+/// The settings recorded in `run.json`.
+fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
+    let canonical = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
+    let s = &cfg.sampling;
+    Ok(json!({
+        "eeg": canonical(&cfg.eeg)?,
+        "weights": canonical(&pipeline.dir)?,
+        "steps": s.steps,
+        "scheduler": s.scheduler.to_string(),
+        "guidance": s.guidance,
+        "controlnet_scale": s.controlnet_scale,
+        "seed": s.seed,
+    }))
+}
+
+/// Writes `run.json`, or checks an existing one holds the same settings.
+fn claim_output(cfg: &ReconstructConfig, settings: &Value) -> Result<()> {
+    let path = cfg.out.join("run.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+            if &found != settings {
+                bail!(
+                    "{}: this folder holds reconstructions made with other settings:\n  there: {found}\n  now:   {settings}\n\
+                     use another --out, or delete the folder to start over",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    }
+}
+
+/// One finished item on its way to the writer thread.
+struct Finished {
+    index: usize,
+    image: RgbImage,
+    structure: GrayImage,
+    line: Value,
+}
+
+/// Runs a reconstruction; `progress(done, total)` is called after each batch with this run's counts.
+pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
+    ensure!(cfg.batch >= 1, "--batch must be at least 1");
+    let items = EegItems::open(&cfg.eeg)?;
+    let [rows, _, c, t] = items.shape();
+    let (ec, et) = pipeline.eeg_shape();
+    ensure!(
+        (c, t) == (ec, et),
+        "{}: trials of {c} channels x {t} time points, the encoder in {} takes {ec} x {et}",
+        cfg.eeg.display(),
+        pipeline.dir.display()
+    );
+    let n = cfg.limit.map_or(rows, |l| l.min(rows));
+    let seen = match &cfg.images {
+        Some(dir) => {
+            let dir = std::fs::canonicalize(dir).with_context(|| format!("{}: no such images folder", dir.display()))?;
+            let files = image_files(&dir)?;
+            ensure!(files.len() >= n, "{}: {} images for {n} EEG items", dir.display(), files.len());
+            Some(files)
+        }
+        None => None,
+    };
+    std::fs::create_dir_all(cfg.out.join("images")).with_context(|| format!("{}: cannot create", cfg.out.join("images").display()))?;
+    std::fs::create_dir_all(cfg.out.join("structure")).with_context(|| format!("{}: cannot create", cfg.out.join("structure").display()))?;
+    let settings = run_settings(cfg, pipeline)?;
+    claim_output(cfg, &settings)?;
+
+    let owned: Vec<usize> = (0..n).filter(|&i| cfg.shard.takes(i)).collect();
+    let done = finished_items(&cfg.out)?;
+    let pending: Vec<usize> = owned.iter().copied().filter(|i| !done.contains_key(i)).collect();
+    let skipped = owned.len() - pending.len();
+    reset_memory_peak();
+    let start = Instant::now();
+    let (s, edge) = (pipeline.image_size(), pipeline.edge);
+    let batches: Vec<Vec<usize>> = pending.chunks(cfg.batch).map(<[usize]>::to_vec).collect();
+    let total = pending.len();
+    let mut written = 0;
+    let mut step_seconds = Vec::new();
+
+    std::thread::scope(|scope| -> Result<()> {
+        // Reader: the next batches' EEG, read while the current one is denoised.
+        let (eeg_tx, eeg_rx) = mpsc::sync_channel::<Result<(Vec<usize>, Vec<f32>)>>(2);
+        let items = &items;
+        let batches = &batches;
+        scope.spawn(move || {
+            for idx in batches {
+                if eeg_tx.send(items.read(idx).map(|eeg| (idx.clone(), eeg))).is_err() {
+                    return;
+                }
+            }
+        });
+        // Writer: PNG encoding, atomic writes and manifest lines.
+        let (out_tx, out_rx) = mpsc::sync_channel::<Finished>(4 * cfg.batch);
+        let out_dir = &cfg.out;
+        let writer = scope.spawn(move || -> Result<()> {
+            let path = out_dir.join("manifest.jsonl");
+            let mut manifest =
+                OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("{}: cannot open for appending", path.display()))?;
+            for item in out_rx {
+                let name = item_name(item.index);
+                save_png_rgb(out_dir.join("images").join(&name), &item.image)?;
+                save_png_gray(out_dir.join("structure").join(&name), &item.structure)?;
+                let mut line = serde_json::to_vec(&item.line)?;
+                line.push(b'\n');
+                manifest.write_all(&line).with_context(|| format!("{}: cannot append", path.display()))?;
+            }
+            manifest.sync_data().with_context(|| format!("{}: cannot sync", path.display()))?;
+            Ok(())
+        });
+
+        let result = (|| -> Result<()> {
+            for batch in eeg_rx {
+                let (idx, eeg) = batch?;
+                let indices: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+                let r = pipeline.reconstruct(&eeg, &indices, &cfg.sampling)?;
+                step_seconds.push(r.denoise_seconds / cfg.sampling.steps as f64);
+                let per_item = r.total_seconds / idx.len() as f64;
+                let structure_up = upsample_nearest(&r.structure, edge, s / edge);
+                for (k, &index) in idx.iter().enumerate() {
+                    let px = &r.images[k * 3 * s * s..(k + 1) * 3 * s * s];
+                    let image = RgbImage::from_fn(s as u32, s as u32, |x, y| {
+                        let at = |ch: usize| (px[ch * s * s + y as usize * s + x as usize] * 255.0).round() as u8;
+                        image::Rgb([at(0), at(1), at(2)])
+                    });
+                    let map = &structure_up[k * s * s..(k + 1) * s * s];
+                    let structure = GrayImage::from_fn(s as u32, s as u32, |x, y| image::Luma([(map[y as usize * s + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8]));
+                    let mut line = json!({
+                        "index": index,
+                        "row": index,
+                        "image": format!("images/{}", item_name(index)),
+                        "structure": format!("structure/{}", item_name(index)),
+                        "seed": cfg.sampling.seed,
+                        "steps": cfg.sampling.steps,
+                        "scheduler": cfg.sampling.scheduler.to_string(),
+                        "guidance": cfg.sampling.guidance,
+                        "controlnet_scale": cfg.sampling.controlnet_scale,
+                        "seconds": per_item,
+                        "batch": idx.len(),
+                        "device": if pipeline.device.is_cuda() { "cuda" } else { "cpu" },
+                    });
+                    if let Some(files) = &seen {
+                        line["seen"] = Value::from(files[index].display().to_string());
+                    }
+                    if out_tx.send(Finished { index, image, structure, line }).is_err() {
+                        break;
+                    }
+                }
+                written += idx.len();
+                progress(written, total);
+            }
+            Ok(())
+        })();
+        drop(out_tx);
+        let wrote = writer.join().map_err(|_| anyhow::anyhow!("the PNG writer thread panicked"))?;
+        result?;
+        wrote
+    })?;
+    let mem = memory_stats();
+    Ok(Summary {
+        owned: owned.len(),
+        skipped,
+        written,
+        seconds: start.elapsed().as_secs_f64(),
+        seconds_per_step: if step_seconds.is_empty() { 0.0 } else { step_seconds.iter().sum::<f64>() / step_seconds.len() as f64 },
+        batch: cfg.batch,
+        peak_host_bytes: mem.host_peak,
+        peak_device_bytes: mem.device_peak,
+    })
+}
