@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod data;
 pub mod diffusion;
 pub mod eval;
+pub mod evaluate;
 pub mod models;
 pub mod nn;
 pub mod ops;

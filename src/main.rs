@@ -99,6 +99,17 @@ enum Command {
                             skips finished items, so a killed run resumes; a rerun with other settings is refused.\n\
                             On CUDA the models run in bf16; on the CPU in f32.")]
     Reconstruct(cli::reconstruct::Args),
+    /// Evaluate reconstructions: N-way retrieval top-1/top-5, PixCorr, SSIM and 2-way identification, next
+    /// to a control with the items shuffled; writes metrics.json and a contact sheet.
+    #[command(after_help = "Examples:\n  \
+                            sgdm eval --recon out/recon --out out/eval\n  \
+                            sgdm eval --recon out/seed0 --recon out/seed1 --recon out/seed2 --out out/eval   averaged over seeds\n  \
+                            sgdm eval --recon out/recon --images data/synth/images/test --out out/eval --sheet-items 48\n\n\
+                            Retrieval and 2-way identification compare in the StructuralVAE's latent space (its mu);\n\
+                            PixCorr uses RGB values, SSIM grayscale (scikit-image's definition), both at the reconstruction's\n\
+                            size. The control pairs every item with another item's image (a seeded derangement): chance,\n\
+                            measured on the same data. sheet.png shows seen | structure map from EEG | reconstruction.")]
+    Eval(cli::eval::Args),
     /// Look inside EEG data files.
     #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
     Data(cli::data::Command),
@@ -114,6 +125,7 @@ fn main() -> ExitCode {
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => cli::train::run(&args),
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
+        Command::Eval(args) => cli::eval::run(cli.device, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

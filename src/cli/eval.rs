@@ -1,0 +1,68 @@
+//! `sgdm eval`: retrieval and reconstruction metrics with a shuffled control; see [`sgdm::evaluate`].
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use sgdm::evaluate::{evaluate, format_table, EvalConfig};
+use sgdm::pipeline::Pipeline;
+use sgdm::runtime::select;
+use sgdm::DeviceSpec;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A folder written by `sgdm reconstruct`; repeat it for runs with other seeds (the metrics are
+    /// averaged over them).
+    #[arg(long, value_name = "DIR", required = true)]
+    recon: Vec<PathBuf>,
+    /// Where to write metrics.json and sheet.png (created if absent).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The EEG file [default: the one the reconstruction's run.json names].
+    #[arg(long, value_name = "FILE")]
+    eeg: Option<PathBuf>,
+    /// The seen images in file-name order [default: the manifest's `seen` paths].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Weights folder for the embeddings [default: the one the reconstruction's run.json names].
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Items on the contact sheet (the first ones, in index order).
+    #[arg(long, default_value_t = 24, value_name = "N")]
+    sheet_items: usize,
+    /// Items per sheet row (each: seen | structure from EEG | reconstruction).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    sheet_columns: usize,
+    /// Seed of the shuffled control's permutation.
+    #[arg(long, default_value_t = 0)]
+    control_seed: u64,
+}
+
+pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
+    let selected = select(spec)?;
+    if let Some(n) = &selected.notice {
+        eprintln!("{n}");
+    }
+    let weights = match &args.weights {
+        Some(w) => w.clone(),
+        None => {
+            let path = args.recon[0].join("run.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (give --weights)", path.display()))?;
+            let run: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+            PathBuf::from(run["weights"].as_str().with_context(|| format!("{}: no 'weights'", path.display()))?)
+        }
+    };
+    let pipeline = Pipeline::open(&weights, &selected.device, super::reconstruct::dtype_for(&selected.device))?;
+    let cfg = EvalConfig {
+        recon: args.recon.clone(),
+        eeg: args.eeg.clone(),
+        images: args.images.clone(),
+        out: args.out.clone(),
+        sheet_items: args.sheet_items,
+        sheet_columns: args.sheet_columns,
+        control_seed: args.control_seed,
+    };
+    let metrics = evaluate(&pipeline, &cfg)?;
+    print!("{}", format_table(&metrics));
+    println!("wrote {} and {}", args.out.join("metrics.json").display(), args.out.join("sheet.png").display());
+    Ok(())
+}
