@@ -31,6 +31,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole job on the shipped default model, with no GPU and no download: synthesise the default
+    /// dataset, reconstruct its test split from EEG, evaluate against a shuffled control, write
+    /// out/demo/sheet.png and out/demo/metrics.json.
+    #[command(after_help = "Examples:\n  \
+                            sgdm demo                         everything into out/demo (a rerun reuses what is there)\n  \
+                            sgdm demo --items 40 --steps 10   a quicker look\n  \
+                            sgdm demo --weights runs/all      your own `sgdm train all` output instead of weights/\n\n\
+                            Writes OUT/data (the dataset), OUT/recon (images, structure maps, manifest), OUT/metrics.json\n\
+                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).")]
+    Demo(cli::demo::Args),
     /// Print the devices found, driver and NVRTC versions (or why CUDA is unavailable) and the kernel cache.
     #[command(after_help = "Examples:\n  sgdm info\n  sgdm --device cuda:1 info")]
     Info,
@@ -126,6 +136,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(&args),
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
         Command::Eval(args) => cli::eval::run(cli.device, &args),
+        Command::Demo(args) => cli::demo::run(cli.device, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

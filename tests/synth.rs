@@ -160,8 +160,8 @@ fn the_cli_generates_reports_progress_and_refuses_to_overwrite() {
     };
     let first = run(&[]);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    let stdout = String::from_utf8_lossy(&first.stdout);
-    assert!(stdout.contains("test: 2/2 figures") && stdout.contains("wrote 8 figures, 30 trials"), "{stdout}");
+    let (stdout, stderr) = (String::from_utf8_lossy(&first.stdout), String::from_utf8_lossy(&first.stderr));
+    assert!(stderr.contains("test: 2/2 ") && stdout.contains("wrote 8 figures, 30 trials"), "{stdout}\n{stderr}");
     let second = run(&[]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("is not empty; pass --force"));

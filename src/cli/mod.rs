@@ -1,5 +1,6 @@
 //! One module per `sgdm` command.
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod forward;
 pub mod info;

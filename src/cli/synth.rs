@@ -1,11 +1,11 @@
 //! `sgdm synth`: write the simulated visual-EEG dataset to a folder.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
+use sgdm::util::ItemProgress;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,18 +51,15 @@ pub fn run(args: &Args) -> Result<()> {
         force: args.force,
     };
     let start = Instant::now();
-    let mut last = String::new();
+    let mut progress: Option<(String, ItemProgress)> = None;
     let manifest = generate(&cfg, &args.out, &mut |p| {
-        // One line per split, rewritten in place.
-        let line = format!("\r{}: {}/{} figures", p.split, p.done, p.total);
-        if p.split != last && !last.is_empty() {
-            println!();
+        if progress.as_ref().is_none_or(|(split, _)| split != p.split) {
+            progress = Some((p.split.to_string(), ItemProgress::new(p.split, "figures")));
         }
-        last = p.split.to_string();
-        print!("{line}");
-        let _ = std::io::stdout().flush();
+        if let Some((_, bar)) = progress.as_mut() {
+            bar.update(p.done, p.total);
+        }
     })?;
-    println!();
     let trials: usize = manifest.splits.iter().map(|s| s.figures * s.repetitions).sum();
     println!(
         "wrote {} figures, {trials} trials ({} channels x {} samples at {} Hz) to {} in {:.1} s",

@@ -1,0 +1,95 @@
+//! `sgdm demo`: the whole job on the shipped default model, from nothing: synthesise `sgdm synth`'s default
+//! dataset, reconstruct its test split, evaluate against the shuffled control, and write the sheet and the
+//! metrics. A rerun reuses the dataset and the finished reconstructions.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use sgdm::data::synth::{generate, Manifest, SynthConfig, GENERATOR_VERSION};
+use sgdm::evaluate::{evaluate, format_table, EvalConfig};
+use sgdm::pipeline::Pipeline;
+use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard};
+use sgdm::runtime::select;
+use sgdm::util::ItemProgress;
+use sgdm::DeviceSpec;
+
+use super::reconstruct::{default_weights, dtype_for, print_summary, Sampling};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output folder: data/ (the synthetic dataset), recon/, metrics.json, sheet.png.
+    #[arg(long, value_name = "DIR", default_value = "out/demo")]
+    out: PathBuf,
+    /// Weights folder [default: the shipped model in weights/].
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Reconstruct only the first N of the 200 test figures.
+    #[arg(long, value_name = "N")]
+    items: Option<usize>,
+    #[command(flatten)]
+    sampling: Sampling,
+}
+
+/// Whether `dir` holds `sgdm synth`'s default dataset from this generator version.
+fn has_default_dataset(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("manifest.json")) else { return false };
+    let Ok(m) = serde_json::from_str::<Manifest>(&text) else { return false };
+    let d = SynthConfig::default();
+    let sizes: Vec<(usize, usize)> = m.splits.iter().map(|s| (s.figures, s.repetitions)).collect();
+    m.generator_version == GENERATOR_VERSION
+        && m.seed == d.seed
+        && m.snr == d.snr
+        && sizes == [(d.train.figures, d.train.repetitions), (d.val.figures, d.val.repetitions), (d.test.figures, d.test.repetitions)]
+}
+
+pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
+    let start = Instant::now();
+    let selected = select(spec)?;
+    if let Some(n) = &selected.notice {
+        eprintln!("{n}");
+    }
+    let data = args.out.join("data");
+    if has_default_dataset(&data) {
+        println!("1/3 dataset: reusing {}", data.display());
+    } else {
+        println!("1/3 dataset: sgdm synth's default set (seed 0) into {}", data.display());
+        let cfg = SynthConfig { force: true, ..SynthConfig::default() };
+        let mut bar: Option<(String, ItemProgress)> = None;
+        generate(&cfg, &data, &mut |p| {
+            if bar.as_ref().is_none_or(|(s, _)| s != p.split) {
+                bar = Some((p.split.to_string(), ItemProgress::new(p.split, "figures")));
+            }
+            if let Some((_, b)) = bar.as_mut() {
+                b.update(p.done, p.total);
+            }
+        })?;
+    }
+
+    let weights = args.weights.clone().unwrap_or_else(default_weights);
+    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device))
+        .with_context(|| format!("{}: cannot load the model (the shipped default lives in weights/ of the source tree)", weights.display()))?;
+    let recon = args.out.join("recon");
+    println!("2/3 reconstruct: the test split's EEG (averaged over its 80 repetitions) with {}", weights.display());
+    let cfg = ReconstructConfig {
+        eeg: data.join("eeg/test.npy"),
+        images: Some(data.join("images/test")),
+        out: recon.clone(),
+        sampling: args.sampling.options(),
+        batch: args.sampling.batch,
+        shard: Shard::default(),
+        limit: args.items,
+    };
+    let mut bar = ItemProgress::new("reconstruct", "images");
+    let summary = reconstruct(&pipeline, &cfg, &mut |done, total| bar.update(done, total))?;
+    print_summary(&summary, args.sampling.steps);
+
+    println!("3/3 evaluate: retrieval, PixCorr, SSIM, 2-way identification, and the shuffled control");
+    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0 };
+    let metrics = evaluate(&pipeline, &eval)?;
+    print!("{}", format_table(&metrics));
+    println!("sheet (seen | structure from EEG | reconstruction): {}", args.out.join("sheet.png").display());
+    println!("metrics: {}", args.out.join("metrics.json").display());
+    println!("demo finished in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
