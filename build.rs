@@ -3,6 +3,17 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
+    // The commit this binary was built from, for the numbers `sgdm profile` reports (absent outside git).
+    if let Ok(out) = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output() {
+        if out.status.success() {
+            println!("cargo:rustc-env=SGDM_GIT_COMMIT={}", String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    for git in [".git/HEAD", ".git/index"] {
+        if std::path::Path::new(git).exists() {
+            println!("cargo:rerun-if-changed={git}");
+        }
+    }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let dir = root.join("kernels");
     println!("cargo:rerun-if-changed={}", dir.display());

@@ -14,6 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod pipeline;
+pub mod profile;
 pub mod reconstruct;
 pub mod runtime;
 pub mod tensor;

@@ -120,6 +120,17 @@ enum Command {
                             size. The control pairs every item with another item's image (a seeded derangement): chance,\n\
                             measured on the same data. sheet.png shows seen | structure map from EEG | reconstruction.")]
     Eval(cli::eval::Args),
+    /// Profile a denoising step (ControlNet + UNet): time per op family, share of the step, FLOPs and bytes,
+    /// achieved TFLOP/s and GB/s against the device's peaks measured here.
+    #[command(after_help = "Examples:\n  \
+                            sgdm profile                                  the shipped default model, batch 1\n  \
+                            sgdm --device cuda profile --model sd15 --batch 4\n  \
+                            sgdm profile --model sd15 --steps 1           SD 1.5 at 512x512 on the CPU (slow: ~30 s a step)\n  \
+                            sgdm profile --json > profile.json\n\n\
+                            FLOPs count a multiply-add as 2 and bytes are each tensor read or written once (the op's minimum\n\
+                            traffic). The peaks are the best of a few square GEMMs and copies in the same dtype. On CUDA each op\n\
+                            is synchronised while profiled, so the plain step time is reported too.")]
+    Profile(cli::profile::Args),
     /// Look inside EEG data files.
     #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
     Data(cli::data::Command),
@@ -137,6 +148,7 @@ fn main() -> ExitCode {
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
         Command::Eval(args) => cli::eval::run(cli.device, &args),
         Command::Demo(args) => cli::demo::run(cli.device, &args),
+        Command::Profile(args) => cli::profile::run(cli.device, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -314,10 +314,52 @@ impl Pipeline {
 
     /// One denoising step's noise prediction: ControlNet, then the UNet with its residuals.
     pub fn predict_noise(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32) -> Result<Vec<f32>> {
-        let alloc = &mut Standalone(self.device.clone());
-        let cn = self.controlnet.forward(&self.controlnet_params, x, t, context, cond, controlnet_scale, alloc)?;
+        let m = self.denoiser();
+        m.predict(x, t, context, cond, controlnet_scale, &mut Standalone(self.device.clone()))?.to_f32_vec()
+    }
+
+    /// The UNet and ControlNet with their parameters.
+    pub fn denoiser(&self) -> Denoiser<'_> {
+        Denoiser { unet: &self.unet, unet_params: &self.unet_params, controlnet: &self.controlnet, controlnet_params: &self.controlnet_params }
+    }
+
+    /// Random inputs of one denoising step for `rows` rows (a guided batch of B items has 2B): latents,
+    /// timesteps, cross-attention tokens, condition maps. For benchmarks and the profiler.
+    pub fn step_inputs(&self, rows: usize, seed: u64) -> Result<[Tensor; 4]> {
+        let d = self.unet.config.cross_attention_dim;
+        self.denoiser().random_inputs(&self.device, self.dtype, rows, self.latent_size, self.tokens, d, seed)
+    }
+}
+
+/// A UNet driven by a ControlNet: what one denoising step evaluates.
+pub struct Denoiser<'a> {
+    pub unet: &'a UNet,
+    pub unet_params: &'a ParamStore,
+    pub controlnet: &'a ControlNet,
+    pub controlnet_params: &'a ParamStore,
+}
+
+impl Denoiser<'_> {
+    /// The predicted noise `[rows, C, H, W]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
+        let cn = self.controlnet.forward(self.controlnet_params, x, t, context, cond, controlnet_scale, alloc)?;
         let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
-        self.unet.forward(&self.unet_params, x, &unet_cond, alloc)?.output.to_f32_vec()
+        Ok(self.unet.forward(self.unet_params, x, &unet_cond, alloc)?.output)
+    }
+
+    /// Random step inputs for latents of side `size` and `tokens` context tokens of width `d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn random_inputs(&self, device: &Device, dtype: DType, rows: usize, size: usize, tokens: usize, d: usize, seed: u64) -> Result<[Tensor; 4]> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = self.unet.config.in_channels;
+        let cs = size * self.controlnet.condition_downscale();
+        let cc = self.controlnet.config.conditioning_channels;
+        let x = Tensor::from_f32(device, &[rows, c, size, size], dtype, &crate::util::standard_normal(&mut rng, rows * c * size * size))?;
+        let t = Tensor::from_f32(device, &[rows], DType::F32, &vec![500.0; rows])?;
+        let context = Tensor::from_f32(device, &[rows, tokens, d], dtype, &crate::util::standard_normal(&mut rng, rows * tokens * d))?;
+        let cond = Tensor::from_f32(device, &[rows, cc, cs, cs], dtype, &crate::util::standard_normal(&mut rng, rows * cc * cs * cs))?;
+        Ok([x, t, context, cond])
     }
 }
 

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod forward;
 pub mod info;
 pub mod kernels;
+pub mod profile;
 pub mod reconstruct;
 pub mod synth;
 pub mod train;

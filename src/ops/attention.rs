@@ -172,6 +172,9 @@ pub fn attention_forward(spec: AttentionSpec, x: Qkv, out: &mut Tensor, lse: &mu
     let dtype = common_dtype(OP, &device, &[x.q, x.k, x.v, out])?;
     check_row_stats(OP, "lse", &dims, lse)?;
     let scale = dims.scale(spec);
+    let _profile = crate::profile::scope(crate::profile::Family::Attention, || {
+        (device.clone(), dims.forward_flops() as f64, crate::profile::bytes_of(&[x.q.numel(), x.k.numel(), x.v.numel(), out.numel()], x.q.dtype().size()))
+    });
     match device {
         Device::Cpu => {
             cpu_forward(&dims, scale, x.q.f32s()?, x.k.f32s()?, x.v.f32s()?, out.f32s_mut()?, lse.f32s_mut()?);

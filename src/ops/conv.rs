@@ -227,6 +227,10 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: Conv2
     let g = conv2d_geometry(op, x.shape(), w.shape(), spec)?;
     expect_bias(op, bias, g.k)?;
     expect_shape(op, "output", y, &[g.n, g.k, g.p, g.q])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Conv, || {
+        let e = x.dtype().size();
+        (x.device(), 2.0 * y.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
+    });
     forward(op, &g, x, w, bias, y)
 }
 
@@ -288,6 +292,10 @@ pub fn conv_transpose2d_forward(
     let g = conv_transpose2d_geometry(op, x.shape(), w.shape(), spec)?;
     expect_bias(op, bias, g.c)?;
     expect_shape(op, "output", y, &[g.n, g.c, g.h, g.w])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Conv, || {
+        let e = x.dtype().size();
+        (x.device(), 2.0 * x.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
+    });
     backward_input(op, &g, x, w, bias, y)
 }
 
@@ -318,6 +326,10 @@ pub fn conv1d_forward(
 ) -> Result<()> {
     let op = "conv1d_forward";
     let g = conv1d_geometry(op, x.shape(), w.shape(), stride, padding)?;
+    let _profile = crate::profile::scope(crate::profile::Family::Conv, || {
+        let e = x.dtype().size();
+        (x.device(), 2.0 * y.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
+    });
     expect_bias(op, bias, g.k)?;
     expect_shape(op, "output", y, &[g.n, g.k, g.q])?;
     forward(op, &g, x, w, bias, y)

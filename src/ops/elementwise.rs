@@ -87,6 +87,7 @@ fn cast_kernel(from: DType, to: DType) -> &'static str {
 /// `y = x` converted to `y`'s dtype (round to nearest even).
 pub fn cast(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("cast", &[x, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     same_shape("cast", &[x, y])?;
     if x.dtype() == y.dtype() {
         return y.write_bytes(&x.to_bytes()?);
@@ -117,6 +118,7 @@ fn by_dtype(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -
 /// `y = a + b`.
 pub fn add(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("add", &[a, b, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
     same_shape("add", &[a, b, y])?;
     let dtype = common_dtype("add", &device, &[a, b, y])?;
     match device {
@@ -139,6 +141,7 @@ pub fn add(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
 /// `y = alpha * x`.
 pub fn scale(x: &Tensor, alpha: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device("scale", &[x, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     same_shape("scale", &[x, y])?;
     let dtype = common_dtype("scale", &device, &[x, y])?;
     match device {
@@ -226,6 +229,7 @@ fn unary(
     let device = common_device(op, &[x, y])?;
     same_shape(op, &[x, y])?;
     let dtype = common_dtype(op, &device, &[x, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     match device {
         Device::Cpu => {
             map1(x.f32s()?, y.f32s_mut()?, cpu);
@@ -251,6 +255,7 @@ fn binary(
     let device = common_device(op, &[a, b, y])?;
     same_shape(op, &[a, b, y])?;
     let dtype = common_dtype(op, &device, &[a, b, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
     match device {
         Device::Cpu => {
             map2(a.f32s()?, b.f32s()?, y.f32s_mut()?, cpu);
@@ -352,6 +357,7 @@ fn geglu_half(op: &str, x: &Tensor, y: &Tensor) -> Result<usize> {
 /// and gate = second half; `y` [.., h] = value * gelu(gate).
 pub fn geglu_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("geglu_forward", &[x, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     let half = geglu_half("geglu_forward", x, y)?;
     let dtype = common_dtype("geglu_forward", &device, &[x, y])?;
     if half == 0 || y.numel() == 0 {
@@ -424,6 +430,7 @@ pub fn sigmoid_backward(y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> 
 /// Residual add with a scale: `y = a + s * b`.
 pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device("add_scaled", &[a, b, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
     same_shape("add_scaled", &[a, b, y])?;
     let dtype = common_dtype("add_scaled", &device, &[a, b, y])?;
     match device {

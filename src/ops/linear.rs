@@ -141,6 +141,9 @@ pub fn matmul(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: MatmulSpec) -> Resul
         c.shape()
     );
     let shape = GemmShape { m, n, k, trans_a: spec.trans_a, trans_b: spec.trans_b, batch: ba };
+    let _profile = crate::profile::scope(crate::profile::Family::Gemm, || {
+        (device.clone(), 2.0 * (ba * m * n * k) as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), c.numel()], a.dtype().size()))
+    });
     run_gemm(&device, shape, a, b, c, None, spec.alpha, if spec.accumulate { 1.0 } else { 0.0 })
 }
 
@@ -173,6 +176,9 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &mut Tensor
         ensure!(b.dtype() == y.dtype(), "linear_forward: bias dtype {} differs from the output's {}", b.dtype(), y.dtype());
     }
     let shape = GemmShape { m, n, k, trans_a: false, trans_b: true, batch: 1 };
+    let _profile = crate::profile::scope(crate::profile::Family::Gemm, || {
+        (device.clone(), 2.0 * (m * n * k) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], x.dtype().size()))
+    });
     run_gemm(&device, shape, x, w, y, b, 1.0, 0.0)
 }
 

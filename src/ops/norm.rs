@@ -220,6 +220,7 @@ pub fn group_norm_forward(gn: GroupNorm, x: &Tensor, affine: Affine, y: &mut Ten
     check_shape(OP, "y", y, x.shape(), x)?;
     check_stats(OP, stats.mean, stats.rstd, &[n, gn.groups], x)?;
     let device = common_device(OP, &[x, affine.weight, affine.bias, y, stats.mean, stats.rstd])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Norm, || (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
     let dtype = common_dtype(OP, &device, &[x, affine.weight, affine.bias, y])?;
     let g = gn.groups;
     match device {
@@ -385,6 +386,7 @@ pub fn layer_norm_forward(eps: f32, x: &Tensor, affine: Affine, y: &mut Tensor, 
     check_shape(OP, "y", y, x.shape(), x)?;
     check_stats(OP, stats.mean, stats.rstd, &[rows], x)?;
     let device = common_device(OP, &[x, affine.weight, affine.bias, y, stats.mean, stats.rstd])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Norm, || (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
     let dtype = common_dtype(OP, &device, &[x, affine.weight, affine.bias, y])?;
     match device {
         Device::Cpu => {

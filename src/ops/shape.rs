@@ -68,6 +68,7 @@ pub fn concat_channels(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[a, b, y])?;
     let (_, ca, cb, hw) = concat_dims(OP, a, b, y)?;
     let dtype = common_dtype(OP, &device, &[a, b, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (device.clone(), 0.0, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
     if y.numel() == 0 {
         return Ok(());
     }
@@ -147,6 +148,7 @@ pub fn upsample_nearest2x(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[x, y])?;
     let (h, w) = upsample_dims(OP, x, y)?;
     let dtype = common_dtype(OP, &device, &[x, y])?;
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (device.clone(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     if y.numel() == 0 {
         return Ok(());
     }
@@ -291,6 +293,7 @@ const TILE: usize = 32;
 /// `y[b, c, r] = x[b, r, c]`: swaps the last two dims of `x` [.., R, C] into `y` [.., C, R], as
 /// `x.transpose(-1, -2).contiguous()`. Exact (values only move).
 pub fn transpose_last2(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (x.device(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
     transpose("transpose_last2", x, y)
 }
 

@@ -34,6 +34,7 @@ pub fn softmax_forward(x: &Tensor, scale: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[x, y])?;
     same_shape(OP, &[x, y])?;
     let (rows, n) = row_dims(OP, x)?;
+    let _profile = crate::profile::scope(crate::profile::Family::Softmax, || (device.clone(), 5.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
     let dtype = common_dtype(OP, &device, &[x, y])?;
     if rows == 0 {
         return Ok(());
