@@ -9,7 +9,7 @@ fn main() {
             println!("cargo:rustc-env=SGDM_GIT_COMMIT={}", String::from_utf8_lossy(&out.stdout).trim());
         }
     }
-    for git in [".git/HEAD", ".git/index"] {
+    for git in [".git/HEAD", ".git/refs/heads"] {
         if std::path::Path::new(git).exists() {
             println!("cargo:rerun-if-changed={git}");
         }
