@@ -6,13 +6,7 @@
 # the PyTorch/diffusers SD 1.5 step at the same shapes when diffusers is importable
 # (benches/gpu/torch_step.py). Writes everything to $OUT (default ./gpu-out).
 set -uo pipefail
-bundle="$(cd "$(dirname "$0")" && pwd)"
-out="${OUT:-$PWD/gpu-out}"
-mkdir -p "$out"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
-export SGDM_CACHE_DIR="$out/kernel-cache"
+source "$(dirname "$0")/env.sh"
 sgdm="$bundle/sgdm"
 log="$out/pipeline.txt"
 {

@@ -3,13 +3,7 @@
 # device info, the kernel compile report, then every test binary twice (the first run compiles kernels
 # into an empty cache, the second loads cubins from it). Writes everything to $OUT (default ./gpu-out).
 set -uo pipefail
-bundle="$(cd "$(dirname "$0")" && pwd)"
-out="${OUT:-$PWD/gpu-out}"
-mkdir -p "$out"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
-export SGDM_CACHE_DIR="$out/kernel-cache"
+source "$(dirname "$0")/env.sh"
 export SGDM_BIN="$bundle/sgdm"
 # Fixtures are read from the repository root this script runs in (the test binaries were built elsewhere).
 export SGDM_REPO_ROOT="$PWD"
