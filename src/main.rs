@@ -144,7 +144,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => cli::forward::run(cli.device, &args),
         Command::Synth(args) => cli::synth::run(&args),
         Command::Data(command) => cli::data::run(&command),
-        Command::Train(args) => cli::train::run(&args),
+        Command::Train(args) => cli::train::run(cli.device, &args),
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
         Command::Eval(args) => cli::eval::run(cli.device, &args),
         Command::Demo(args) => cli::demo::run(cli.device, &args),

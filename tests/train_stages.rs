@@ -15,6 +15,7 @@ use sgdm::train::stages::{
     VaeStageConfig,
 };
 use sgdm::weights::SafetensorsFile;
+use sgdm::Device;
 
 /// The stop flag of the runs that are not stopped.
 static KEEP_GOING: AtomicBool = AtomicBool::new(false);
@@ -110,7 +111,7 @@ fn first_last(what: &str, r: &StageReport, k: usize) -> (f64, f64) {
 #[test]
 fn vae_stage_loss_falls_and_it_writes_log_checkpoint_and_weights() {
     let out = tempfile::tempdir().unwrap();
-    let report = train_vae(&vae_config(dataset(), 40), out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_vae(&vae_config(dataset(), 40), out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     assert_eq!((report.first_step, report.train_losses.len()), (0, 40));
     let (first, last) = first_last("vae", &report, 5);
     assert!(last < 0.8 * first, "the VAE's training loss fell from {first} to only {last}");
@@ -132,9 +133,9 @@ fn vae_stage_loss_falls_and_it_writes_log_checkpoint_and_weights() {
 #[test]
 fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     let vae_out = tempfile::tempdir().unwrap();
-    train_vae(&vae_config(dataset(), 20), vae_out.path(), None, &KEEP_GOING).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae_out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("encoder", &report, 5);
     // ln(8) = 2.08 is chance for a batch of 8.
     assert!(last < first - 0.2, "the encoder's InfoNCE loss fell from {first} to only {last}");
@@ -166,7 +167,7 @@ fn the_final_parameters_are_those_of_the_checkpoint_with_the_lowest_validation_l
     let mut cfg = vae_config(dataset(), 10);
     cfg.train.checkpoint_every = 5;
     cfg.train.select_best = true;
-    let report = train_vae(&cfg, out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_vae(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let best = report.val_losses.iter().copied().fold((0, f64::INFINITY), |b, v| if v.1 <= b.1 { v } else { b });
     assert_eq!(report.selected, best, "validation losses {:?}", report.val_losses);
 
@@ -174,7 +175,7 @@ fn the_final_parameters_are_those_of_the_checkpoint_with_the_lowest_validation_l
     // selection alone must put step 5's parameters in vae.safetensors.
     let step5 = out.path().join("vae-step000005.safetensors");
     set_metadata(&step5, "val_loss", "-1.0");
-    let again = train_vae(&cfg, out.path(), Some(&out.path().join("vae-step000010.safetensors")), &KEEP_GOING).unwrap();
+    let again = train_vae(&cfg, out.path(), Some(&out.path().join("vae-step000010.safetensors")), &KEEP_GOING, &Device::Cpu).unwrap();
     assert!(again.train_losses.is_empty());
     assert_eq!(again.selected, (5, -1.0));
     let (ckpt, last, fin) = (
@@ -202,12 +203,12 @@ fn encoder_stage_aligns_with_precomputed_image_embeddings_and_refuses_misshapen_
     // No VAE weights exist: the embeddings replace the VAE's mu entirely.
     let mut cfg = encoder_config(dataset(), &dir.path().join("absent-vae.safetensors"), 40);
     cfg.image_embeddings = Some(sgdm::train::stages::EmbeddingTargets { train: train.clone(), val: val.clone() });
-    let report = train_encoder(&cfg, out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_encoder(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("encoder vs .npy embeddings", &report, 5);
     assert!(last < first - 0.2, "InfoNCE against the given embeddings fell from {first} to only {last}");
 
     sgdm::data::npy::write_f32(&val, &[8, 7], &common::random(56, -1.0, 1.0, 3)).unwrap();
-    let err = format!("{:#}", train_encoder(&cfg, out.path(), None, &KEEP_GOING).unwrap_err());
+    let err = format!("{:#}", train_encoder(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
     assert!(err.contains("val.npy") && err.contains("[8, 7]") && err.contains("[8, 8]"), "{err}");
 }
 
@@ -238,8 +239,8 @@ fn validation_reads_the_val_split_and_training_does_not() {
     sgdm::data::npy::write_f32(edited.path().join("edges16/val.npy"), &[8, 16, 16], &edges[..8 * 256]).unwrap();
 
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let original = train_vae(&vae_config(dataset(), 10), a.path(), None, &KEEP_GOING).unwrap();
-    let swapped = train_vae(&vae_config(edited.path(), 10), b.path(), None, &KEEP_GOING).unwrap();
+    let original = train_vae(&vae_config(dataset(), 10), a.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let swapped = train_vae(&vae_config(edited.path(), 10), b.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     assert_eq!(original.train_losses, swapped.train_losses, "training read the val split");
     println!("validation on val {:?}, on train figures put in val {:?}", original.val_losses, swapped.val_losses);
     assert_ne!(original.val_losses, swapped.val_losses, "validation ignored the val split");
@@ -249,8 +250,8 @@ fn validation_reads_the_val_split_and_training_does_not() {
 fn vae_stage_resumes_exactly_from_its_checkpoint() {
     let (straight, resumed_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = vae_config(dataset(), 20);
-    let full = train_vae(&cfg, straight.path(), None, &KEEP_GOING).unwrap();
-    let resumed = train_vae(&cfg, resumed_out.path(), Some(&straight.path().join("vae-step000010.safetensors")), &KEEP_GOING).unwrap();
+    let full = train_vae(&cfg, straight.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let resumed = train_vae(&cfg, resumed_out.path(), Some(&straight.path().join("vae-step000010.safetensors")), &KEEP_GOING, &Device::Cpu).unwrap();
     assert_eq!(resumed.first_step, 10);
     assert_eq!(resumed.train_losses, full.train_losses[10..], "the resumed run's training losses");
     assert_eq!(resumed.val_losses, full.val_losses[1..], "the resumed run's validation losses");
@@ -291,7 +292,7 @@ fn base_config(data: &Path, vae_steps: u64, unet_steps: u64) -> BaseStageConfig 
 #[test]
 fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
     let out = tempfile::tempdir().unwrap();
-    let report = train_base(&base_config(dataset(), 30, 30), out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_base(&base_config(dataset(), 30, 30), out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("base vae", report.vae.as_ref().unwrap(), 5);
     assert!(last < 0.8 * first, "the AutoencoderKL's training loss fell from {first} to only {last}");
     let (first, last) = first_last("base unet", &report.unet, 5);
@@ -316,10 +317,10 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
 #[test]
 fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let (base, vae, encoder, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train_base(&base_config(dataset(), 20, 20), base.path(), None, &KEEP_GOING).unwrap();
-    train_vae(&vae_config(dataset(), 20), vae.path(), None, &KEEP_GOING).unwrap();
+    train_base(&base_config(dataset(), 20, 20), base.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    train_vae(&vae_config(dataset(), 20), vae.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
-    train_encoder(&enc, encoder.path(), None, &KEEP_GOING).unwrap();
+    train_encoder(&enc, encoder.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let cfg = ControlNetStageConfig {
         data: dataset().to_path_buf(),
         vae: base.path().join("vae"),
@@ -335,7 +336,7 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
         conditioning_embedding_out_channels: vec![8, 16],
         train: loop_config(30, 8, 2e-3),
     };
-    let report = train_controlnet(&cfg, out.path(), None, &KEEP_GOING).unwrap();
+    let report = train_controlnet(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("controlnet", &report, 5);
     assert!(last < 0.9 * first, "the ControlNet's epsilon loss fell from {first} to only {last}");
     let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
@@ -355,14 +356,14 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
 fn a_stop_request_ends_the_stage_with_a_checkpoint_that_resumes_to_the_same_result() {
     let (straight, stopped_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = vae_config(dataset(), 12);
-    train_vae(&cfg, straight.path(), None, &KEEP_GOING).unwrap();
+    train_vae(&cfg, straight.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     // Set before the run, as Ctrl-C during its first step would: it stops at the end of that step.
-    let err = train_vae(&cfg, stopped_out.path(), None, &AtomicBool::new(true)).unwrap_err();
+    let err = train_vae(&cfg, stopped_out.path(), None, &AtomicBool::new(true), &Device::Cpu).unwrap_err();
     let stopped = err.downcast_ref::<Stopped>().unwrap_or_else(|| panic!("not a stop: {err:#}"));
     let checkpoint = stopped_out.path().join("vae-step000001.safetensors");
     assert_eq!((stopped.step, stopped.steps, &stopped.checkpoint), (1, 12, &checkpoint));
     assert!(!stopped_out.path().join("vae.safetensors").exists(), "a stopped run wrote its final parameters");
-    let resumed = train_vae(&cfg, stopped_out.path(), Some(&checkpoint), &KEEP_GOING).unwrap();
+    let resumed = train_vae(&cfg, stopped_out.path(), Some(&checkpoint), &KEEP_GOING, &Device::Cpu).unwrap();
     assert_eq!((resumed.first_step, resumed.train_losses.len()), (1, 11));
     let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(stopped_out.path().join("vae.safetensors")).unwrap());
     assert!(a == b, "the stopped and resumed run's final parameters differ from an uninterrupted run's");
@@ -407,4 +408,18 @@ fn train_all_runs_every_stage_into_one_folder_and_a_rerun_skips_them() {
     }
     let again = run();
     assert_eq!(again.matches("skipped").count(), 4, "a rerun should skip every stage:\n{again}");
+}
+
+#[test]
+fn the_vae_and_encoder_stages_train_on_cuda_in_bf16() {
+    let Some(gpu) = common::gpu_or_skip("CUDA bf16 training of stages vae and encoder") else { return };
+    let (vae_out, enc_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let report = train_vae(&vae_config(dataset(), 40), vae_out.path(), None, &KEEP_GOING, &gpu).unwrap();
+    let (first, last) = first_last("vae on CUDA (bf16, f32 master weights)", &report, 5);
+    assert!(last < 0.8 * first, "the VAE's bf16 training loss fell from {first} to only {last}");
+    let file = SafetensorsFile::open(vae_out.path().join("vae.safetensors")).unwrap();
+    assert_eq!(file.raw("structure_head.weight").unwrap().0, sgdm::DType::BF16);
+    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), enc_out.path(), None, &KEEP_GOING, &gpu).unwrap();
+    let (first, last) = first_last("encoder on CUDA", &report, 5);
+    assert!(last < first - 0.2, "the encoder's bf16 InfoNCE loss fell from {first} to only {last}");
 }

@@ -10,7 +10,9 @@ use sgdm::train::stages::{
     train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, StageReport, Stopped,
     VaeStageConfig,
 };
+use sgdm::runtime::select;
 use sgdm::weights::COMPONENT_WEIGHT_FILES;
+use sgdm::{Device, DeviceSpec};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Stage {
@@ -70,18 +72,23 @@ fn install_stop_handler() -> Result<()> {
     .context("cannot install the Ctrl-C handler")
 }
 
-pub fn run(args: &Args) -> Result<()> {
+pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
+    let selected = select(spec)?;
+    if let Some(n) = &selected.notice {
+        eprintln!("{n}");
+    }
+    let device = &selected.device;
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("{}: cannot read the configuration", args.config.display()))?;
     install_stop_handler()?;
     if let Stage::All = args.stage {
         ensure!(args.resume.is_none(), "sgdm train all takes no --resume: rerun it with the same --out to continue");
-        return run_all(args, &text).map_err(|e| match e.downcast_ref::<Stopped>() {
+        return run_all(args, &text, device).map_err(|e| match e.downcast_ref::<Stopped>() {
             Some(_) => e.context(format!("to continue, rerun: sgdm train all --config {} --out {}", args.config.display(), args.out.display())),
             None => e,
         });
     }
     let config = parse_config(&args.config, &text)?;
-    run_stage(args.stage, &config, &args.config, &args.out, args.resume.as_deref()).map_err(|e| match e.downcast_ref::<Stopped>() {
+    run_stage(args.stage, &config, &args.config, &args.out, args.resume.as_deref(), device).map_err(|e| match e.downcast_ref::<Stopped>() {
         Some(stopped) => {
             let stage = clap::ValueEnum::to_possible_value(&args.stage).map(|v| v.get_name().to_string()).unwrap_or_default();
             let hint = format!(
@@ -100,17 +107,17 @@ fn parse_config(path: &Path, text: &str) -> Result<ConfigFile> {
     toml::from_str(text).with_context(|| format!("{}: invalid training configuration", path.display()))
 }
 
-fn run_stage(stage: Stage, config: &ConfigFile, path: &Path, out: &Path, resume: Option<&Path>) -> Result<()> {
+fn run_stage(stage: Stage, config: &ConfigFile, path: &Path, out: &Path, resume: Option<&Path>, device: &Device) -> Result<()> {
     let missing = |table: &str| format!("{}: no [{table}] table for this stage", path.display());
     let stop = &STOP;
     let reports: Vec<(&str, StageReport)> = match stage {
         Stage::Base => {
-            let r = train_base(config.base.as_ref().with_context(|| missing("base"))?, out, resume, stop)?;
+            let r = train_base(config.base.as_ref().with_context(|| missing("base"))?, out, resume, stop, device)?;
             r.vae.map(|v| ("base_vae", v)).into_iter().chain([("base_unet", r.unet)]).collect()
         }
-        Stage::Vae => vec![("vae", train_vae(config.vae.as_ref().with_context(|| missing("vae"))?, out, resume, stop)?)],
-        Stage::Encoder => vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop)?)],
-        Stage::Controlnet => vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop)?)],
+        Stage::Vae => vec![("vae", train_vae(config.vae.as_ref().with_context(|| missing("vae"))?, out, resume, stop, device)?)],
+        Stage::Encoder => vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop, device)?)],
+        Stage::Controlnet => vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop, device)?)],
         Stage::All => unreachable!("sgdm train all runs the stages one by one"),
     };
     for (name, report) in &reports {
@@ -130,7 +137,7 @@ const OUTPUTS_IN_OUT: [(&str, &str, &str); 6] = [
     ("controlnet", "unet", "unet"),
 ];
 
-fn run_all(args: &Args, text: &str) -> Result<()> {
+fn run_all(args: &Args, text: &str, device: &Device) -> Result<()> {
     let path = &args.config;
     let mut table: toml::Table = toml::from_str(text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     let has_base = table.contains_key("base");
@@ -162,7 +169,7 @@ fn run_all(args: &Args, text: &str) -> Result<()> {
             Some(ckpt) => println!("{name}: resuming from {}", ckpt.display()),
             None => println!("{name}: training"),
         }
-        run_stage(stage, &config, path, &args.out, resume.as_deref())?;
+        run_stage(stage, &config, path, &args.out, resume.as_deref(), device)?;
     }
     Ok(())
 }

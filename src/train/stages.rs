@@ -1,4 +1,4 @@
-//! The SGDM training stages on CPU, each a function of a small configuration: `base` (the embedded
+//! The SGDM training stages, on the CPU (f32) or CUDA (bf16 with f32 master weights), each a function of a small configuration: `base` (the embedded
 //! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE), `encoder`
 //! (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's mu by the symmetric InfoNCE
 //! loss) and `controlnet` (stage 3, the ControlNet and the EEG-to-token projector, see
@@ -174,7 +174,49 @@ pub struct StageReport {
     pub selected: (u64, f64),
 }
 
-const CPU: Device = Device::Cpu;
+/// Where a stage runs: the device, and the storage dtype of its parameters and activations (f32 on the CPU;
+/// bf16 on CUDA, with f32 master weights in the optimizer). Losses are always f32.
+pub struct On {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl On {
+    pub fn new(device: &Device) -> On {
+        On { device: device.clone(), dtype: if device.is_cuda() { DType::BF16 } else { DType::F32 } }
+    }
+
+    fn tensor(&self, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        Tensor::from_f32(&self.device, shape, self.dtype, values)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Tensor::zeros(&self.device, shape, self.dtype)
+    }
+
+    fn alloc(&self) -> Standalone {
+        Standalone(self.device.clone())
+    }
+
+    fn random_params(&self, tree: &ParamTree, seed: u64) -> Result<ParamStore> {
+        let mut plan = MemoryPlan::new();
+        ParamStore::plan(tree, &mut plan, self.dtype);
+        let mut arena = Arena::new(&self.device, &plan)?;
+        ParamStore::random(tree, &mut arena, self.dtype, seed)
+    }
+
+    fn load_params(&self, tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
+        let mut plan = MemoryPlan::new();
+        ParamStore::plan(tree, &mut plan, self.dtype);
+        let mut arena = Arena::new(&self.device, &plan)?;
+        ParamStore::load(tree, file, &mut arena, self.dtype, aliases)
+    }
+}
+
+/// A loss value and its partial sums: f32 on the device of `like`.
+fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((Tensor::zeros(&like.device(), &[1], DType::F32)?, Tensor::zeros(&like.device(), &[PARTIALS], DType::F32)?))
+}
 
 fn read_manifest(data: &Path) -> Result<Manifest> {
     let path = data.join("manifest.json");
@@ -224,16 +266,7 @@ fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
 }
 
 
-fn tensor(shape: &[usize], values: &[f32]) -> Result<Tensor> {
-    Tensor::from_f32(&CPU, shape, DType::F32, values)
-}
 
-fn random_params(tree: &ParamTree, seed: u64) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, DType::F32);
-    let mut arena = Arena::new(&CPU, &plan)?;
-    ParamStore::random(tree, &mut arena, DType::F32, seed)
-}
 
 fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()> {
     let refs: Vec<(&str, &Tensor)> = tree.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
@@ -259,7 +292,7 @@ pub struct Stopped {
 /// gradients and returns its named losses, the total first; `validate` returns the validation loss. When
 /// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
 #[allow(clippy::too_many_arguments)]
-fn train_loop(
+fn train_loop(on: &On, 
     stage: &str,
     cfg: &LoopConfig,
     id: &str,
@@ -274,8 +307,8 @@ fn train_loop(
     ensure!(cfg.steps > 0 && cfg.checkpoint_every > 0 && cfg.log_every > 0, "stage {stage}: steps, checkpoint_every and log_every must be positive");
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     let schedule = LrSchedule::new(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)?;
-    let alloc = &mut Standalone(CPU);
-    let mut grads = Grads::zeros(tree, alloc, DType::F32)?;
+    let alloc = &mut on.alloc();
+    let mut grads = Grads::zeros(tree, alloc, on.dtype)?;
     let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
     let mut opt = Optimizer::new(tree, params, alloc, OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: 1 })?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -358,8 +391,7 @@ struct VaeLosses {
 
 /// The three terms of a forward's outputs against `image` and `edges`.
 fn vae_losses(acts: &crate::models::sgdm::StructuralVaeActivations, image: &Tensor, edges: &Tensor) -> Result<VaeLosses> {
-    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
-    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    let (mut loss, mut partials) = loss_buffers(image)?;
     let read = |loss: &Tensor| -> Result<f64> { Ok(loss.to_f32_vec()?[0] as f64) };
     mse_loss(&acts.recon, image, &mut loss, &mut partials)?;
     let recon = read(&loss)?;
@@ -377,7 +409,8 @@ impl VaeStageConfig {
 }
 
 /// Runs stage `vae`; see [`VaeStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
+pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
+    let on = &On::new(device);
     let m = &cfg.model;
     let manifest = read_manifest(&cfg.data)?;
     ensure!(
@@ -391,19 +424,19 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     let b = cfg.train.batch;
     ensure!(b >= 1 && b <= train.len, "stage vae: batch {b} must be between 1 and the {} training figures", train.len);
     let model = StructuralVae::new(m.clone())?;
-    let mut params = random_params(&model.params, cfg.train.seed)?;
+    let mut params = on.random_params(&model.params, cfg.train.seed)?;
     let (s, sd, latent) = (m.image_size, m.structure_dim, m.latent_dim);
     let per_image = 3 * s * s;
 
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
-        let image = tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
-        let edges = tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
-        let eps = tensor(&[b, latent], &crate::util::standard_normal(rng, b * latent))?;
-        let alloc = &mut Standalone(CPU);
+        let image = on.tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
+        let edges = on.tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
+        let eps = on.tensor(&[b, latent], &crate::util::standard_normal(rng, b * latent))?;
+        let alloc = &mut on.alloc();
         let acts = model.forward(p, &image, Some(&eps), alloc)?;
         let l = vae_losses(&acts, &image, &edges)?;
-        let zeros = |t: &Tensor| Tensor::zeros(&CPU, t.shape(), DType::F32);
+        let zeros = |t: &Tensor| on.zeros(t.shape());
         let (mut drecon, mut dmu, mut dlogvar, mut dstructure) = (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
         mse_loss_backward(&acts.recon, &image, 1.0, &mut drecon)?;
         kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta, &mut dmu, &mut dlogvar)?;
@@ -418,15 +451,15 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         let mut sum = 0.0;
         for start in (0..val.len).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(val.len)).collect();
-            let image = tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
-            let edges = tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
-            let acts = model.forward(p, &image, None, &mut Standalone(CPU))?;
+            let image = on.tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
+            let edges = on.tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
+            let acts = model.forward(p, &image, None, &mut on.alloc())?;
             sum += cfg.total(&vae_losses(&acts, &image, &edges)?) * idx.len() as f64;
         }
         Ok(sum / val.len as f64)
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
-    let report = train_loop("vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)?;
+    let report = train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)?;
     save_model_config(&out.join(VAE_CONFIG), "StructuralVAE", m)?;
     Ok(report)
 }
@@ -470,19 +503,20 @@ fn standardize(eeg: &mut EegData, mean: &[f32], std: &[f32]) {
 }
 
 /// The frozen VAE's mu (z = mu) of every image of a split, `[N, latent]`.
-fn vae_mu(model: &StructuralVae, p: &ParamStore, images: &ImageSplit, chunk: usize) -> Result<Vec<f32>> {
+fn vae_mu(on: &On, model: &StructuralVae, p: &ParamStore, images: &ImageSplit, chunk: usize) -> Result<Vec<f32>> {
     let s = model.config.image_size;
     let mut mu = Vec::with_capacity(images.len * model.config.latent_dim);
     for start in (0..images.len).step_by(chunk) {
         let idx: Vec<usize> = (start..(start + chunk).min(images.len)).collect();
-        let image = tensor(&[idx.len(), 3, s, s], &gather(&images.images, 3 * s * s, &idx))?;
-        mu.extend(model.forward(p, &image, None, &mut Standalone(CPU))?.mu.to_f32_vec()?);
+        let image = on.tensor(&[idx.len(), 3, s, s], &gather(&images.images, 3 * s * s, &idx))?;
+        mu.extend(model.forward(p, &image, None, &mut on.alloc())?.mu.to_f32_vec()?);
     }
     Ok(mu)
 }
 
 /// Runs stage `encoder`; see [`EncoderStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
+pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
+    let on = &On::new(device);
     let m = &cfg.model;
     ensure!(
         m.latent_dim == cfg.vae.latent_dim,
@@ -499,11 +533,11 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         Some(t) => (embedding_rows(&t.train, train_split.figures, m.latent_dim)?, embedding_rows(&t.val, val_split.figures, m.latent_dim)?),
         None => {
             let vae = StructuralVae::new(cfg.vae.clone())?;
-            let vae_params = load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
+            let vae_params = on.load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
             let sd = cfg.vae.structure_dim;
             (
-                vae_mu(&vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?,
-                vae_mu(&vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?,
+                vae_mu(on, &vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?,
+                vae_mu(on, &vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?,
             )
         }
     };
@@ -527,19 +561,19 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     ensure!(n_val >= 2, "stage encoder: the val split needs at least 2 figures for InfoNCE, it has {n_val}");
     let (latent, trial) = (m.latent_dim, c * t);
     let encoder = EegEncoder::new(m.clone())?;
-    let mut params = random_params(&encoder.params, cfg.train.seed)?;
-    let mut nce = InfoNceActivations::zeros(&CPU, b, latent, DType::F32)?;
+    let mut params = on.random_params(&encoder.params, cfg.train.seed)?;
+    let mut nce = InfoNceActivations::zeros(&on.device, b, latent, on.dtype)?;
 
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
-        let eeg = tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
-        let target = tensor(&[b, latent], &gather(&train_mu, latent, &figures))?;
-        let alloc = &mut Standalone(CPU);
+        let eeg = on.tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
+        let target = on.tensor(&[b, latent], &gather(&train_mu, latent, &figures))?;
+        let alloc = &mut on.alloc();
         let acts = encoder.forward(p, &eeg, alloc)?;
         infonce_forward(&acts.embedding, &target, cfg.temperature, &mut nce)?;
         let loss = nce.loss()? as f64;
-        let (mut dembedding, mut dtarget) = (Tensor::zeros(&CPU, &[b, latent], DType::F32)?, Tensor::zeros(&CPU, &[b, latent], DType::F32)?);
+        let (mut dembedding, mut dtarget) = (on.zeros(&[b, latent])?, on.zeros(&[b, latent])?);
         infonce_backward(&mut nce, 1.0, &mut dembedding, &mut dtarget)?;
         encoder.backward(p, &acts, &dembedding, grads, false, alloc)?;
         Ok(vec![("total", loss)])
@@ -550,27 +584,21 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let eeg = tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
-            let target = tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
-            let acts = encoder.forward(p, &eeg, &mut Standalone(CPU))?;
-            let mut chunk = InfoNceActivations::zeros(&CPU, idx.len(), latent, DType::F32)?;
+            let eeg = on.tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
+            let target = on.tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
+            let acts = encoder.forward(p, &eeg, &mut on.alloc())?;
+            let mut chunk = InfoNceActivations::zeros(&on.device, idx.len(), latent, on.dtype)?;
             infonce_forward(&acts.embedding, &target, cfg.temperature, &mut chunk)?;
             sum += chunk.loss()? as f64 * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
-    let report = train_loop("encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)?;
+    let report = train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)?;
     save_model_config(&out.join(ENCODER_CONFIG), "SpatiotemporalEEGEncoder", m)?;
     Ok(report)
 }
 
-fn load_params(tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, DType::F32);
-    let mut arena = Arena::new(&CPU, &plan)?;
-    ParamStore::load(tree, file, &mut arena, DType::F32, aliases)
-}
 
 /// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
 /// `diffusion_pytorch_model.safetensors` holding the parameters of `tree` whose names `keep` accepts.
@@ -631,8 +659,7 @@ fn signed_images(data: &Path, split: &SplitManifest, size: usize, edge_size: usi
 
 /// The VAE's two loss terms for a decode of z against `image`.
 fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor) -> Result<(f64, f64)> {
-    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
-    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    let (mut loss, mut partials) = loss_buffers(image)?;
     mse_loss(recon, image, &mut loss, &mut partials)?;
     let mse = loss.to_f32_vec()?[0] as f64;
     kl_loss(mean, logvar, &mut loss, &mut partials)?;
@@ -640,32 +667,32 @@ fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<(ParamStore, StageReport)> {
+fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<(ParamStore, StageReport)> {
     let s = cfg.image_size;
     let per_image = 3 * s * s;
     let n_train = train.len() / per_image;
     let b = cfg.vae_train.batch;
     ensure!(b >= 1 && b <= n_train, "stage base: vae_train.batch {b} must be between 1 and the {n_train} training figures");
-    let mut params = random_params(&vae.params, cfg.vae_train.seed)?;
+    let mut params = on.random_params(&vae.params, cfg.vae_train.seed)?;
     let kl_weight = cfg.kl_weight;
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let image = tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
-        let alloc = &mut Standalone(CPU);
+        let image = on.tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
+        let alloc = &mut on.alloc();
         let (mean, logvar, enc) = vae.encode(p, &image, alloc)?;
-        let eps = tensor(mean.shape(), &crate::util::standard_normal(rng, mean.numel()))?;
-        let mut z = Tensor::zeros(&CPU, mean.shape(), DType::F32)?;
+        let eps = on.tensor(mean.shape(), &crate::util::standard_normal(rng, mean.numel()))?;
+        let mut z = on.zeros(mean.shape())?;
         reparameterize_forward(&mean, &logvar, &eps, &mut z)?;
         let (recon, dec) = vae.decode(p, &z, alloc)?;
         let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
-        let mut drecon = Tensor::zeros(&CPU, recon.shape(), DType::F32)?;
+        let mut drecon = on.zeros(recon.shape())?;
         mse_loss_backward(&recon, &image, 1.0, &mut drecon)?;
         let dz = vae.decode_backward(p, grads, &z, &dec, &drecon, alloc)?;
-        let (mut dmean, mut dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        let (mut dmean, mut dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
         reparameterize_backward(&logvar, &eps, &dz, &mut dmean, &mut dlogvar)?;
-        let (mut kl_dmean, mut kl_dlogvar) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        let (mut kl_dmean, mut kl_dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
         kl_loss_backward(&mean, &logvar, kl_weight, &mut kl_dmean, &mut kl_dlogvar)?;
-        let (mut dmean_total, mut dlogvar_total) = (Tensor::zeros(&CPU, mean.shape(), DType::F32)?, Tensor::zeros(&CPU, mean.shape(), DType::F32)?);
+        let (mut dmean_total, mut dlogvar_total) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
         add(&dmean, &kl_dmean, &mut dmean_total)?;
         add(&dlogvar, &kl_dlogvar, &mut dlogvar_total)?;
         vae.encode_backward(p, grads, &image, &enc, &dmean_total, &dlogvar_total, alloc)?;
@@ -677,8 +704,8 @@ fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let image = tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
-            let alloc = &mut Standalone(CPU);
+            let image = on.tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
+            let alloc = &mut on.alloc();
             let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
             let (recon, _) = vae.decode(p, &mean, alloc)?;
             let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
@@ -687,20 +714,20 @@ fn train_base_vae(cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
-    let report = train_loop("base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate, stop)?;
+    let report = train_loop(on, "base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate, stop)?;
     Ok((params, report))
 }
 
 /// The VAE posterior's mean of every image, times `scaling_factor`: `[N, latent, h, w]` flattened.
-fn scaled_latents(vae: &AutoencoderKl, p: &ParamStore, images: &[f32], size: usize, chunk: usize) -> Result<Vec<f32>> {
+fn scaled_latents(on: &On, vae: &AutoencoderKl, p: &ParamStore, images: &[f32], size: usize, chunk: usize) -> Result<Vec<f32>> {
     let per_image = 3 * size * size;
     let n = images.len() / per_image;
     let scale = vae.config.scaling_factor as f32;
     let mut latents = Vec::new();
     for start in (0..n).step_by(chunk) {
         let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
-        let image = tensor(&[idx.len(), 3, size, size], &gather(images, per_image, &idx))?;
-        let (mean, _, _) = vae.encode(p, &image, &mut Standalone(CPU))?;
+        let image = on.tensor(&[idx.len(), 3, size, size], &gather(images, per_image, &idx))?;
+        let (mean, _, _) = vae.encode(p, &image, &mut on.alloc())?;
         latents.extend(mean.to_f32_vec()?.into_iter().map(|v| v * scale));
     }
     Ok(latents)
@@ -713,7 +740,7 @@ struct NoisedBatch {
     noisy: Tensor,
 }
 
-fn noise_batch(latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
+fn noise_batch(on: &On, latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
     let per = latents.len() / shape[0];
     let t: Vec<usize> = (0..shape[0]).map(|_| rng.random_range(0..TRAIN_TIMESTEPS)).collect();
     let eps = crate::util::standard_normal(rng, latents.len());
@@ -727,12 +754,11 @@ fn noise_batch(latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCh
         })
         .collect();
     let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    Ok(NoisedBatch { timesteps: tensor(&[shape[0]], &steps)?, noise: tensor(shape, &eps)?, noisy: tensor(shape, &noisy)? })
+    Ok(NoisedBatch { timesteps: Tensor::from_f32(&on.device, &[shape[0]], DType::F32, &steps)?, noise: on.tensor(shape, &eps)?, noisy: on.tensor(shape, &noisy)? })
 }
 
 fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
-    let mut loss = Tensor::zeros(&CPU, &[1], DType::F32)?;
-    let mut partials = Tensor::zeros(&CPU, &[PARTIALS], DType::F32)?;
+    let (mut loss, mut partials) = loss_buffers(pred)?;
     mse_loss(pred, target, &mut loss, &mut partials)?;
     Ok(loss.to_f32_vec()?[0] as f64)
 }
@@ -742,7 +768,8 @@ fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
 const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
 
 /// Runs stage `base`; see [`BaseStageConfig`].
-pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<BaseReport> {
+pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<BaseReport> {
+    let on = &On::new(device);
     let vae_config_path = out.join("vae/config.json");
     let unet_config_path = out.join("unet/config.json");
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
@@ -767,38 +794,38 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
         Some(name) if name.starts_with("base_unet") => {
             let checkpoint = resume.expect("a resume path");
             let dir = checkpoint.parent().unwrap_or(Path::new(".")).join("vae");
-            let p = load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?;
+            let p = on.load_params(&vae.params, &Component::open(&dir)?.weights, &LEGACY_ATTENTION_NAMES)?;
             // The output folder holds both components, whichever folder the run resumed from.
             save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
             (p, None, Some(checkpoint))
         }
         Some(name) if !name.starts_with("base_vae") => bail!("stage base: resume from a base_vae-* or base_unet-* checkpoint, not {name}"),
         _ => {
-            let (p, report) = train_base_vae(cfg, &vae, &train, &val, out, resume, stop)?;
+            let (p, report) = train_base_vae(on, cfg, &vae, &train, &val, out, resume, stop)?;
             save_component(&out.join("vae"), "AutoencoderKL", &cfg.vae_model, &vae.params, &p, &|_| true)?;
             (p, Some(report), None)
         }
     };
 
     let b = cfg.unet_train.batch;
-    let train_latents = scaled_latents(&vae, &vae_params, &train, s, b)?;
-    let val_latents = scaled_latents(&vae, &vae_params, &val, s, b)?;
+    let train_latents = scaled_latents(on, &vae, &vae_params, &train, s, b)?;
+    let val_latents = scaled_latents(on, &vae, &vae_params, &val, s, b)?;
     let (lc, h) = (vae.config.latent_channels, s / down);
     let per = lc * h * h;
     let n_train = train_latents.len() / per;
     ensure!(b >= 1 && b <= n_train, "stage base: unet_train.batch {b} must be between 1 and the {n_train} training figures");
     let alphas = alphas_cumprod();
-    let null_context = |n: usize| Tensor::zeros(&CPU, &[n, cfg.context_tokens, uc.cross_attention_dim], DType::F32);
+    let null_context = |n: usize| on.zeros(&[n, cfg.context_tokens, uc.cross_attention_dim]);
     let batch_context = null_context(b)?;
-    let mut params = random_params(&unet.params, cfg.unet_train.seed)?;
+    let mut params = on.random_params(&unet.params, cfg.unet_train.seed)?;
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let batch = noise_batch(&gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
+        let batch = noise_batch(on, &gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
         let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &batch_context, residuals: None };
-        let alloc = &mut Standalone(CPU);
+        let alloc = &mut on.alloc();
         let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
         let loss = mse(&acts.output, &batch.noise)?;
-        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        let mut dy = on.zeros(acts.output.shape())?;
         mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
         unet.backward(p, grads, &batch.noisy, &cond, &acts, &dy, alloc)?;
         Ok(vec![("total", loss)])
@@ -809,16 +836,16 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let batch = noise_batch(on, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
             let context = null_context(idx.len())?;
             let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };
-            let acts = unet.forward(p, &batch.noisy, &cond, &mut Standalone(CPU))?;
+            let acts = unet.forward(p, &batch.noisy, &cond, &mut on.alloc())?;
             sum += mse(&acts.output, &batch.noise)? * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("base_unet {cfg:?}").as_bytes());
-    let unet_report = train_loop("base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate, stop)?;
+    let unet_report = train_loop(on, "base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("unet"), "UNet2DConditionModel", &cfg.unet_model, &unet.params, &params, &|_| true)?;
     Ok(BaseReport { vae: vae_report, unet: unet_report })
 }
@@ -889,16 +916,17 @@ const CONTROLNET_UNET_KEYS: [&str; 17] = [
 
 
 /// Runs stage `controlnet`; see [`ControlNetStageConfig`].
-pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<StageReport> {
+pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
+    let on = &On::new(device);
     ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
     let vae_component = Component::open(&cfg.vae)?;
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
-    let vae_params = load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
+    let vae_params = on.load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
     let unet_component = Component::open(&cfg.unet)?;
     let unet_config = unet_component.config;
     let unet = UNet::new(UNetConfig::from_json(&cfg.unet.join("config.json"), &unet_config)?)?;
-    let unet_params = load_params(&unet.params, &unet_component.weights, &[])?;
+    let unet_params = on.load_params(&unet.params, &unet_component.weights, &[])?;
 
     let mut cn_config = serde_json::Map::new();
     cn_config.insert("_class_name".into(), Value::from("ControlNetModel"));
@@ -918,9 +946,9 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, cfg.tokens * d, true);
 
     let svae = StructuralVae::new(cfg.structural_vae.clone())?;
-    let svae_params = load_params(&svae.params, &SafetensorsFile::open(&cfg.structural_vae_weights)?, &[])?;
+    let svae_params = on.load_params(&svae.params, &SafetensorsFile::open(&cfg.structural_vae_weights)?, &[])?;
     let encoder = EegEncoder::new(cfg.encoder.clone())?;
-    let encoder_params = load_params(&encoder.params, &SafetensorsFile::open(&cfg.encoder_weights)?, &[])?;
+    let encoder_params = on.load_params(&encoder.params, &SafetensorsFile::open(&cfg.encoder_weights)?, &[])?;
     let edge = (cfg.structural_vae.structure_dim as f64).sqrt() as usize;
     ensure!(edge * edge == cfg.structural_vae.structure_dim, "stage controlnet: structure_dim {} is not a square", cfg.structural_vae.structure_dim);
 
@@ -935,8 +963,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let manifest = read_manifest(&cfg.data)?;
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
     let b = cfg.train.batch;
-    let train_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
-    let val_latents = scaled_latents(&vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
+    let train_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
+    let val_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
     let stats_text = std::fs::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
     let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
     let column = |key: &str| -> Result<Vec<f32>> {
@@ -959,7 +987,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
 
     // from_unet: the shared encoder half copied by name, the zero convs and the condition embedding's
     // conv_out zero.
-    let mut params = random_params(&tree, cfg.train.seed)?;
+    let mut params = on.random_params(&tree, cfg.train.seed)?;
     for (i, spec) in tree.specs().iter().enumerate() {
         let zero = spec.name.starts_with("controlnet_down_blocks.")
             || spec.name.starts_with("controlnet_mid_block.")
@@ -973,20 +1001,20 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
 
     // The EEG's embedding [B, latent] and its condition image [B, 1, S, S]; then the tokens, zero where dropped.
     let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
-        let alloc = &mut Standalone(CPU);
+        let alloc = &mut on.alloc();
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
         let structure = linear_layer_forward(&svae.structure_head, &svae_params, &embedding, alloc)?;
         let n = embedding.shape()[0];
-        let cond = tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
+        let cond = on.tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
     };
     let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
-        let flat = linear_layer_forward(&projector, p, embedding, &mut Standalone(CPU))?.to_f32_vec()?;
+        let flat = linear_layer_forward(&projector, p, embedding, &mut on.alloc())?.to_f32_vec()?;
         let masked: Vec<f32> = flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
-        tensor(&[keep.len(), cfg.tokens, d], &masked)
+        on.tensor(&[keep.len(), cfg.tokens, d], &masked)
     };
     // The frozen UNet's backward adds its parameter gradients here; nothing reads them.
-    let mut unet_grads = Grads::zeros(&unet.params, &mut Standalone(CPU), DType::F32)?;
+    let mut unet_grads = Grads::zeros(&unet.params, &mut on.alloc(), on.dtype)?;
     let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut Standalone| -> Result<_> {
         let cn = controlnet.forward(p, &batch.noisy, &batch.timesteps, context, cond, 1.0, alloc)?;
         let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
@@ -999,12 +1027,12 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
         let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
-        let batch = noise_batch(&gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
-        let (embedding, cond) = condition(&tensor(&[b, c, t], &gather(&train.data, c * t, &rows))?)?;
+        let batch = noise_batch(on, &gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
+        let (embedding, cond) = condition(&on.tensor(&[b, c, t], &gather(&train.data, c * t, &rows))?)?;
         let context = tokens(p, &embedding, &keep)?;
-        let alloc = &mut Standalone(CPU);
+        let alloc = &mut on.alloc();
         let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
-        let mut dy = Tensor::zeros(&CPU, acts.output.shape(), DType::F32)?;
+        let mut dy = on.zeros(acts.output.shape())?;
         mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
         let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         let du = unet.backward(&unet_params, &mut unet_grads, &batch.noisy, &unet_cond, &acts, &dy, alloc)?;
@@ -1019,7 +1047,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
             .zip(&keep)
             .flat_map(|((u, c), &k)| u.iter().zip(c).map(move |(u, c)| if k { u + c } else { 0.0 }))
             .collect();
-        linear_layer_param_backward(&projector, p, grads, &embedding, &tensor(&[b, cfg.tokens * d], &dtokens)?)?;
+        linear_layer_param_backward(&projector, p, grads, &embedding, &on.tensor(&[b, cfg.tokens * d], &dtokens)?)?;
         Ok(vec![("total", loss)])
     };
     let mut validate = |p: &ParamStore| -> Result<f64> {
@@ -1027,15 +1055,15 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let batch = noise_batch(&gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
-            let (embedding, cond) = condition(&tensor(&[idx.len(), c, t], &gather(&val.data, c * t, &idx))?)?;
+            let batch = noise_batch(on, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let (embedding, cond) = condition(&on.tensor(&[idx.len(), c, t], &gather(&val.data, c * t, &idx))?)?;
             let context = tokens(p, &embedding, &vec![true; idx.len()])?;
-            sum += epsilon_loss(p, &batch, &context, &cond, &mut Standalone(CPU))?.2 * idx.len() as f64;
+            sum += epsilon_loss(p, &batch, &context, &cond, &mut on.alloc())?.2 * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("controlnet {cfg:?}").as_bytes());
-    let report = train_loop("controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;
+    let report = train_loop(on, "controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
     let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string())]);
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
