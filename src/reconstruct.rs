@@ -341,7 +341,7 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
                         line["seen"] = Value::from(files[index].display().to_string());
                     }
                     if out_tx.send(Finished { index, image, structure, line }).is_err() {
-                        break;
+                        bail!("the PNG writer stopped");
                     }
                 }
                 written += idx.len();
@@ -350,9 +350,9 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
             Ok(())
         })();
         drop(out_tx);
-        let wrote = writer.join().map_err(|_| anyhow::anyhow!("the PNG writer thread panicked"))?;
-        result?;
-        wrote
+        // The writer's own error (a full disk, say) explains a stopped run better than the loop's.
+        writer.join().map_err(|_| anyhow::anyhow!("the PNG writer thread panicked"))??;
+        result
     })?;
     let mem = memory_stats();
     Ok(Summary {
