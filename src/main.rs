@@ -93,8 +93,12 @@ enum Command {
                             [encoder.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  \
                             [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
                             lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
-                            [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500) and\n\
-                            log_every (10). DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
+                            weights/train.toml is the configuration the shipped model was trained with (all four stages).\n\
+                            [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500),\n\
+                            log_every (10) and select_best (true: the final parameters are the checkpoint with the lowest\n\
+                            validation loss). [encoder.image_embeddings] train/val = .npy [figures, latent_dim] aligns the\n\
+                            encoder with precomputed image embeddings (e.g. CLIP) instead of the VAE's mu.\n\
+                            --device cuda trains in bf16 with f32 master weights. DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
                             and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
     Train(cli::train::Args),
     /// Reconstruct the images seen in an EEG file: encoder -> structure map -> ControlNet-guided denoising
