@@ -98,7 +98,8 @@ enum Command {
                             log_every (10) and select_best (true: the final parameters are the checkpoint with the lowest\n\
                             validation loss). [encoder.image_embeddings] train/val = .npy [figures, latent_dim] aligns the\n\
                             encoder with precomputed image embeddings (e.g. CLIP) instead of the VAE's mu.\n\
-                            --device cuda trains in bf16 with f32 master weights. DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
+                            --device cuda trains in bf16 with f32 master weights.\n\
+                            DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
                             and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
     Train(cli::train::Args),
     /// Reconstruct the images seen in an EEG file: encoder -> structure map -> ControlNet-guided denoising
