@@ -53,6 +53,7 @@ fn loop_config(steps: u64, batch: usize, lr: f64) -> LoopConfig {
     LoopConfig {
         steps,
         batch,
+        micro_batches: 1,
         lr,
         min_lr: lr / 10.0,
         warmup: 2,
@@ -422,4 +423,23 @@ fn the_vae_and_encoder_stages_train_on_cuda_in_bf16() {
     let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), enc_out.path(), None, &KEEP_GOING, &gpu).unwrap();
     let (first, last) = first_last("encoder on CUDA", &report, 5);
     assert!(last < first - 0.2, "the encoder's bf16 InfoNCE loss fell from {first} to only {last}");
+}
+
+#[test]
+fn micro_batches_accumulate_into_one_optimizer_step() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = vae_config(dataset(), 20);
+    let single = train_vae(&cfg, one.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    cfg.train.micro_batches = 2;
+    let report = train_vae(&cfg, two.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    // 20 optimizer steps either way; each reports the mean loss of its micro-batches.
+    assert_eq!(report.train_losses.len(), 20);
+    let (first, last) = first_last("vae, 2 micro-batches of 8", &report, 5);
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    // The first micro-batch of step 1 is the single run's whole step 1 batch (same RNG draws), and the
+    // second adds another: the step-1 losses differ, the runs are not the same run.
+    assert_ne!(report.train_losses[0], single.train_losses[0]);
+    cfg.train.micro_batches = 0;
+    let err = format!("{:#}", train_vae(&cfg, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
+    assert!(err.contains("micro_batches"), "{err}");
 }

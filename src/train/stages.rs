@@ -50,8 +50,11 @@ use crate::weights::{save_safetensors, Component, SafetensorsFile, COMPONENT_WEI
 pub struct LoopConfig {
     /// Optimizer steps of the whole run (a resumed run counts the steps before it).
     pub steps: u64,
-    /// Distinct figures per step.
+    /// Distinct figures per micro-batch.
     pub batch: usize,
+    /// Micro-batches whose gradients accumulate into one optimizer step (effective batch = batch x this).
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: usize,
     /// Peak learning rate, reached after `warmup` steps, then half-cosine decay to `min_lr`.
     pub lr: f64,
     #[serde(default)]
@@ -76,6 +79,10 @@ pub struct LoopConfig {
     /// last step (false).
     #[serde(default = "default_select_best")]
     pub select_best: bool,
+}
+
+fn default_micro_batches() -> usize {
+    1
 }
 
 fn default_select_best() -> bool {
@@ -288,8 +295,9 @@ pub struct Stopped {
     pub checkpoint: PathBuf,
 }
 
-/// The training loop the stages share. `step` runs one batch's forward and backward (dloss 1) into the
-/// gradients and returns its named losses, the total first; `validate` returns the validation loss. When
+/// The training loop the stages share. `step` runs one batch's forward and backward (with the upstream
+/// gradient `dloss` it is given) into the gradients and returns its named losses, the total first; with
+/// `micro_batches` k it runs k times per optimizer step with dloss 1/k (gradient accumulation); `validate` returns the validation loss. When
 /// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
 #[allow(clippy::too_many_arguments)]
 fn train_loop(on: &On, 
@@ -300,7 +308,7 @@ fn train_loop(on: &On,
     resume: Option<&Path>,
     tree: &ParamTree,
     params: &mut ParamStore,
-    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng) -> Result<NamedLosses>,
+    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng, f32) -> Result<NamedLosses>,
     validate: &mut dyn FnMut(&ParamStore) -> Result<f64>,
     stop: &AtomicBool,
 ) -> Result<StageReport> {
@@ -310,7 +318,7 @@ fn train_loop(on: &On,
     let alloc = &mut on.alloc();
     let mut grads = Grads::zeros(tree, alloc, on.dtype)?;
     let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
-    let mut opt = Optimizer::new(tree, params, alloc, OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: 1 })?;
+    let mut opt = Optimizer::new(tree, params, alloc, OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: cfg.micro_batches })?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     if let Some(path) = resume {
         rng = load_checkpoint(path, tree, params, &mut opt, id)?.rng.rng();
@@ -320,7 +328,12 @@ fn train_loop(on: &On,
     let mut progress = Progress::new(first_step, cfg.steps);
     let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new(), selected: (0, f64::NAN) };
     while opt.steps() < cfg.steps {
-        let mut losses = step(params, &mut grads, &mut rng)?;
+        let mut losses = step(params, &mut grads, &mut rng, opt.loss_scale())?;
+        for _ in 1..cfg.micro_batches {
+            let more = step(params, &mut grads, &mut rng, opt.loss_scale())?;
+            losses.iter_mut().zip(more).for_each(|(l, m)| l.1 += m.1);
+        }
+        losses.iter_mut().for_each(|l| l.1 /= cfg.micro_batches as f64);
         let lr = schedule.lr(opt.steps());
         opt.step(params, &mut grads, lr)?;
         let done = opt.steps();
@@ -428,7 +441,7 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     let (s, sd, latent) = (m.image_size, m.structure_dim, m.latent_dim);
     let per_image = 3 * s * s;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
         let image = on.tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
         let edges = on.tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
@@ -438,9 +451,9 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         let l = vae_losses(&acts, &image, &edges)?;
         let zeros = |t: &Tensor| on.zeros(t.shape());
         let (mut drecon, mut dmu, mut dlogvar, mut dstructure) = (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
-        mse_loss_backward(&acts.recon, &image, 1.0, &mut drecon)?;
-        kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta, &mut dmu, &mut dlogvar)?;
-        mse_loss_backward(&acts.structure, &edges, cfg.lambda, &mut dstructure)?;
+        mse_loss_backward(&acts.recon, &image, dloss, &mut drecon)?;
+        kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta * dloss, &mut dmu, &mut dlogvar)?;
+        mse_loss_backward(&acts.structure, &edges, cfg.lambda * dloss, &mut dstructure)?;
         let d = StructuralVaeOutputGrads { recon: &drecon, mu: &dmu, logvar: &dlogvar, structure: &dstructure };
         model.backward(p, &image, Some(&eps), &acts, &d, grads, false, alloc)?;
         Ok(vec![("total", cfg.total(&l)), ("recon", l.recon), ("kl", l.kl), ("structure", l.structure)])
@@ -564,7 +577,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let mut params = on.random_params(&encoder.params, cfg.train.seed)?;
     let mut nce = InfoNceActivations::zeros(&on.device, b, latent, on.dtype)?;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
         let eeg = on.tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
@@ -574,7 +587,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         infonce_forward(&acts.embedding, &target, cfg.temperature, &mut nce)?;
         let loss = nce.loss()? as f64;
         let (mut dembedding, mut dtarget) = (on.zeros(&[b, latent])?, on.zeros(&[b, latent])?);
-        infonce_backward(&mut nce, 1.0, &mut dembedding, &mut dtarget)?;
+        infonce_backward(&mut nce, dloss, &mut dembedding, &mut dtarget)?;
         encoder.backward(p, &acts, &dembedding, grads, false, alloc)?;
         Ok(vec![("total", loss)])
     };
@@ -675,7 +688,7 @@ fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[
     ensure!(b >= 1 && b <= n_train, "stage base: vae_train.batch {b} must be between 1 and the {n_train} training figures");
     let mut params = on.random_params(&vae.params, cfg.vae_train.seed)?;
     let kl_weight = cfg.kl_weight;
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
         let image = on.tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
         let alloc = &mut on.alloc();
@@ -686,12 +699,12 @@ fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[
         let (recon, dec) = vae.decode(p, &z, alloc)?;
         let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
         let mut drecon = on.zeros(recon.shape())?;
-        mse_loss_backward(&recon, &image, 1.0, &mut drecon)?;
+        mse_loss_backward(&recon, &image, dloss, &mut drecon)?;
         let dz = vae.decode_backward(p, grads, &z, &dec, &drecon, alloc)?;
         let (mut dmean, mut dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
         reparameterize_backward(&logvar, &eps, &dz, &mut dmean, &mut dlogvar)?;
         let (mut kl_dmean, mut kl_dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
-        kl_loss_backward(&mean, &logvar, kl_weight, &mut kl_dmean, &mut kl_dlogvar)?;
+        kl_loss_backward(&mean, &logvar, kl_weight * dloss, &mut kl_dmean, &mut kl_dlogvar)?;
         let (mut dmean_total, mut dlogvar_total) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
         add(&dmean, &kl_dmean, &mut dmean_total)?;
         add(&dlogvar, &kl_dlogvar, &mut dlogvar_total)?;
@@ -818,7 +831,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
     let null_context = |n: usize| on.zeros(&[n, cfg.context_tokens, uc.cross_attention_dim]);
     let batch_context = null_context(b)?;
     let mut params = on.random_params(&unet.params, cfg.unet_train.seed)?;
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
         let batch = noise_batch(on, &gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
         let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &batch_context, residuals: None };
@@ -826,7 +839,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
         let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
         let loss = mse(&acts.output, &batch.noise)?;
         let mut dy = on.zeros(acts.output.shape())?;
-        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        mse_loss_backward(&acts.output, &batch.noise, dloss, &mut dy)?;
         unet.backward(p, grads, &batch.noisy, &cond, &acts, &dy, alloc)?;
         Ok(vec![("total", loss)])
     };
@@ -1023,7 +1036,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         Ok((cn, acts, loss))
     };
     let alphas = alphas_cumprod();
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
         let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
@@ -1033,7 +1046,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let alloc = &mut on.alloc();
         let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
         let mut dy = on.zeros(acts.output.shape())?;
-        mse_loss_backward(&acts.output, &batch.noise, 1.0, &mut dy)?;
+        mse_loss_backward(&acts.output, &batch.noise, dloss, &mut dy)?;
         let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         let du = unet.backward(&unet_params, &mut unet_grads, &batch.noisy, &unet_cond, &acts, &dy, alloc)?;
         let (ddown, dmid) = du.residuals.context("stage controlnet: the UNet returned no residual gradients")?;
