@@ -10,6 +10,7 @@
 //! | `vae.safetensors`, `vae_config.json` | the StructuralVAE (stage 1) |
 //! | `encoder.safetensors`, `encoder_config.json`, `eeg_standardization.json` | the EEG encoder (stage 2) and its input scaling |
 //! | `eeg_projector.safetensors` | embedding -> `tokens` cross-attention tokens (stage 3) |
+//! | `base.json` (optional) | the `vae` and `unet` folders to use instead of `vae/` and `unet/` (e.g. Stable Diffusion's) |
 //!
 //! The denoising state (the latents and the scheduler's x0) is kept on the host in f32 and the scheduler
 //! update is applied there; the models run on the pipeline's device in its dtype. Each item's initial noise
@@ -94,6 +95,25 @@ pub struct Pipeline {
     pub condition_size: usize,
 }
 
+/// The AutoencoderKL and UNet folders of a weights folder: its `vae/` and `unet/`, or those `base.json`
+/// names (written by stage `controlnet` when it trained against, say, a Stable Diffusion folder).
+pub fn base_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let pointer = dir.join(crate::train::stages::BASE_POINTER);
+    if pointer.is_file() {
+        let v = read_json(&pointer)?;
+        let get = |key: &str| -> Result<PathBuf> {
+            let p = PathBuf::from(v[key].as_str().with_context(|| format!("{}: no '{key}' path", pointer.display()))?);
+            ensure!(p.join("config.json").is_file(), "{}: '{key}' names {}, which has no config.json", pointer.display(), p.display());
+            Ok(p)
+        };
+        return Ok((get("vae")?, get("unet")?));
+    }
+    for f in ["vae/config.json", "unet/config.json"] {
+        ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} and no base.json naming the VAE and UNet", dir.display());
+    }
+    Ok((dir.join("vae"), dir.join("unet")))
+}
+
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
@@ -111,9 +131,10 @@ impl Pipeline {
     /// missing files, unknown or misshapen tensors and inconsistent sizes are errors naming the file.
     pub fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Pipeline> {
         ensure!(dir.is_dir(), "{}: no such weights folder (expected the output of `sgdm train all`)", dir.display());
-        for f in WEIGHT_FILES.iter().chain(&["vae/config.json", "unet/config.json", "controlnet/config.json"]) {
+        for f in WEIGHT_FILES.iter().chain(&["controlnet/config.json"]) {
             ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} (expected the output of `sgdm train all`)", dir.display());
         }
+        let (vae_dir, unet_dir) = base_components(dir)?;
         let path = dir.join("encoder_config.json");
         let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?)?;
         let encoder_params = load(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
@@ -138,11 +159,11 @@ impl Pipeline {
         ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for the encoder's {c} channels", path.display(), mean.len(), std.len());
         ensure!(std.iter().all(|s| *s > 0.0 && s.is_finite()), "{}: every 'std' must be positive", path.display());
 
-        let vae_component = Component::open(dir.join("vae"))?;
-        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&dir.join("vae/config.json"), &vae_component.config)?)?;
+        let vae_component = Component::open(&vae_dir)?;
+        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
         let vae_params = load(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
-        let unet_component = Component::open(dir.join("unet"))?;
-        let unet = UNet::new(UNetConfig::from_json(&dir.join("unet/config.json"), &unet_component.config)?)?;
+        let unet_component = Component::open(&unet_dir)?;
+        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
         let unet_params = load(&unet.params, &unet_component.weights, device, dtype, &[])?;
         let cn_component = Component::open(dir.join("controlnet"))?;
         let controlnet = ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?)?;
@@ -171,7 +192,7 @@ impl Pipeline {
             controlnet.config.in_channels,
             vae.config.latent_channels
         );
-        let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", dir.join("unet/config.json").display()))?
+        let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
             as usize;
         let condition_size = sample_size * controlnet.condition_downscale();
         ensure!(

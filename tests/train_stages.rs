@@ -351,6 +351,22 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");
     let projector = SafetensorsFile::open(out.path().join("eeg_projector.safetensors")).unwrap();
     assert_eq!(projector.metadata()["tokens"], "2");
+
+    // Trained against another folder's VAE and UNet (as with Stable Diffusion's): base.json names them, and
+    // the folder completed with the other stages' files reconstructs through them.
+    let pointer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("base.json")).unwrap()).unwrap();
+    assert_eq!(pointer["unet"], std::fs::canonicalize(base.path().join("unet")).unwrap().display().to_string());
+    for f in ["vae.safetensors", "vae_config.json"] {
+        std::fs::copy(vae.path().join(f), out.path().join(f)).unwrap();
+    }
+    for f in ["encoder.safetensors", "encoder_config.json", "eeg_standardization.json"] {
+        std::fs::copy(encoder.path().join(f), out.path().join(f)).unwrap();
+    }
+    let pipeline = sgdm::pipeline::Pipeline::open(out.path(), &Device::Cpu, sgdm::DType::F32).unwrap();
+    let opts = sgdm::pipeline::SamplingOptions { steps: 2, ..Default::default() };
+    let r = pipeline.reconstruct(&vec![0.5; 2 * 17 * 100], &[0, 1], &opts).unwrap();
+    assert_eq!((r.images.len(), r.structure.len()), (2 * 3 * 32 * 32, 2 * 256));
+    assert!(r.images.iter().all(|v| (0.0..=1.0).contains(v)));
 }
 
 #[test]

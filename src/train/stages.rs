@@ -1082,5 +1082,26 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
     let path = out.join("eeg_projector.safetensors");
     save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
+    write_base_pointer(cfg, out)?;
     Ok(report)
+}
+
+/// The file naming the AutoencoderKL and UNet a ControlNet was trained against when they are not the
+/// `vae/` and `unet/` beside it (e.g. a Stable Diffusion folder): the reconstruction pipeline reads it.
+pub const BASE_POINTER: &str = "base.json";
+
+fn write_base_pointer(cfg: &ControlNetStageConfig, out: &Path) -> Result<()> {
+    let path = out.join(BASE_POINTER);
+    let same = |given: &Path, here: &str| -> bool {
+        match (std::fs::canonicalize(given), std::fs::canonicalize(out.join(here))) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    };
+    if same(&cfg.vae, "vae") && same(&cfg.unet, "unet") {
+        return Ok(());
+    }
+    let abs = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
+    let value = serde_json::json!({ "vae": abs(&cfg.vae)?, "unet": abs(&cfg.unet)? });
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(&value)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
