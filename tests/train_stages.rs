@@ -84,6 +84,7 @@ fn encoder_config(data: &Path, vae_weights: &Path, steps: u64) -> EncoderStageCo
         temperature: 0.1,
         train: loop_config(steps, 8, 3e-3),
         image_embeddings: None,
+        trial_average: 1,
         model: EegEncoderConfig {
             n_channels: 17,
             n_timepoints: 100,
@@ -144,6 +145,16 @@ fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     assert_eq!(stats["split"], "train");
     assert_eq!(stats["std"].as_array().unwrap().len(), 17);
     assert!(SafetensorsFile::open(out.path().join("encoder.safetensors")).unwrap().contains("fusion.2.weight"));
+
+    // Samples averaged over both repetitions train too; more repetitions than the data has are refused.
+    let mut cfg = encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40);
+    cfg.trial_average = 2;
+    let report = train_encoder(&cfg, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let (first, last) = first_last("encoder on 2-trial averages", &report, 5);
+    assert!(last < first - 0.2, "InfoNCE on averaged trials fell from {first} to only {last}");
+    cfg.trial_average = 3;
+    let err = format!("{:#}", train_encoder(&cfg, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
+    assert!(err.contains("trial_average 3") && err.contains("2 repetitions"), "{err}");
 }
 
 /// Rewrites a safetensors file's `__metadata__` entry `key` (the tensors stay byte for byte).
@@ -336,6 +347,7 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
         condition_dropout: 0.2,
         conditioning_embedding_out_channels: vec![8, 16],
         train: loop_config(30, 8, 2e-3),
+        trial_average: 1,
     };
     let report = train_controlnet(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("controlnet", &report, 5);

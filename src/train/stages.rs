@@ -139,6 +139,10 @@ pub struct EncoderStageConfig {
     /// an encoder trained against other embeddings serves retrieval, not the default reconstruction path.
     #[serde(default)]
     pub image_embeddings: Option<EmbeddingTargets>,
+    /// Each training sample's EEG is the mean of this many distinct random repetitions of its figure (1: a
+    /// single trial).
+    #[serde(default = "default_trial_average")]
+    pub trial_average: usize,
 }
 
 /// `[encoder.image_embeddings]`: `.npy` files `[figures, latent_dim]` (f16/f32/f64), one row per figure
@@ -489,6 +493,30 @@ fn save_model_config(path: &Path, class: &str, config: &impl serde::Serialize) -
     crate::util::write_atomic(path, serde_json::to_string_pretty(&value)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// The training EEG of `figures` (`[figures, per]`, from `data` `[N, reps, per]`): per figure one random
+/// repetition, or with `k` > 1 the mean of `k` distinct random repetitions (more signal per sample, closer to
+/// the averaged EEG of validation and test, and still a different sample at most steps).
+fn training_trials(data: &[f32], per: usize, reps: usize, figures: &[usize], k: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut out = Vec::with_capacity(figures.len() * per);
+    for &f in figures {
+        if k <= 1 {
+            let r = rng.random_range(0..reps);
+            out.extend_from_slice(&data[(f * reps + r) * per..(f * reps + r + 1) * per]);
+        } else {
+            let mut mean = vec![0f32; per];
+            for r in rand::seq::index::sample(rng, reps, k) {
+                mean.iter_mut().zip(&data[(f * reps + r) * per..(f * reps + r + 1) * per]).for_each(|(m, v)| *m += v);
+            }
+            out.extend(mean.into_iter().map(|m| m / k as f32));
+        }
+    }
+    out
+}
+
+fn default_trial_average() -> usize {
+    1
+}
+
 /// Per-channel mean and standard deviation over every trial and time point of `eeg` ([N, R, C, T]).
 fn channel_stats(eeg: &EegData) -> (Vec<f32>, Vec<f32>) {
     let [n, r, c, t] = eeg.shape;
@@ -570,6 +598,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
 
     let [n_train, reps, c, t] = train.shape;
     let n_val = val.shape[0];
+    ensure!((1..=reps).contains(&cfg.trial_average), "stage encoder: trial_average {} must be between 1 and the {reps} repetitions", cfg.trial_average);
     ensure!(b >= 2 && b <= n_train, "stage encoder: batch {b} must be between 2 and the {n_train} training figures");
     ensure!(n_val >= 2, "stage encoder: the val split needs at least 2 figures for InfoNCE, it has {n_val}");
     let (latent, trial) = (m.latent_dim, c * t);
@@ -579,8 +608,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
 
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
-        let eeg = on.tensor(&[b, c, t], &gather(&train.data, trial, &rows))?;
+        let eeg = on.tensor(&[b, c, t], &training_trials(&train.data, trial, reps, &figures, cfg.trial_average, rng))?;
         let target = on.tensor(&[b, latent], &gather(&train_mu, latent, &figures))?;
         let alloc = &mut on.alloc();
         let acts = encoder.forward(p, &eeg, alloc)?;
@@ -904,6 +932,9 @@ pub struct ControlNetStageConfig {
     pub condition_dropout: f64,
     pub conditioning_embedding_out_channels: Vec<usize>,
     pub train: LoopConfig,
+    /// As the encoder stage's: each training sample's EEG is the mean of this many random repetitions.
+    #[serde(default = "default_trial_average")]
+    pub trial_average: usize,
 }
 
 /// The diffusers ControlNetModel config keys that `from_unet` copies from the UNet's config.
@@ -995,6 +1026,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let val = val.with_repetitions(Repetitions::Average);
     let [n_train, reps, _, _] = train.shape;
     let n_val = val.shape[0];
+    ensure!((1..=reps).contains(&cfg.trial_average), "stage controlnet: trial_average {} must be between 1 and the {reps} repetitions", cfg.trial_average);
     ensure!(b >= 1 && b <= n_train, "stage controlnet: batch {b} must be between 1 and the {n_train} training figures");
     let per = lc * h * h;
 
@@ -1038,10 +1070,10 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let alphas = alphas_cumprod();
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let rows: Vec<usize> = figures.iter().map(|&f| f * reps + rng.random_range(0..reps)).collect();
+        let eeg = training_trials(&train.data, c * t, reps, &figures, cfg.trial_average, rng);
         let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
         let batch = noise_batch(on, &gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
-        let (embedding, cond) = condition(&on.tensor(&[b, c, t], &gather(&train.data, c * t, &rows))?)?;
+        let (embedding, cond) = condition(&on.tensor(&[b, c, t], &eeg)?)?;
         let context = tokens(p, &embedding, &keep)?;
         let alloc = &mut on.alloc();
         let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
