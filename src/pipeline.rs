@@ -82,6 +82,8 @@ pub struct Pipeline {
     projector: Linear,
     projector_params: ParamStore,
     pub tokens: usize,
+    /// The length embeddings are rescaled to before the structure head (InfoNCE fixes only their direction).
+    pub structure_norm: f32,
     controlnet: ControlNet,
     controlnet_params: ParamStore,
     unet: UNet,
@@ -176,6 +178,12 @@ impl Pipeline {
             .get("tokens")
             .and_then(|t| t.parse().ok())
             .with_context(|| format!("{}: no 'tokens' metadata (the number of cross-attention tokens)", path.display()))?;
+        let structure_norm: f32 = file
+            .metadata()
+            .get("structure_norm")
+            .and_then(|t| t.parse().ok())
+            .filter(|v: &f32| v.is_finite() && *v > 0.0)
+            .with_context(|| format!("{}: no positive 'structure_norm' metadata (the embedding length the structure head takes)", path.display()))?;
         let d = unet.config.cross_attention_dim;
         let mut tree = ParamTree::new();
         let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, tokens * d, true);
@@ -213,6 +221,7 @@ impl Pipeline {
             projector,
             projector_params,
             tokens,
+            structure_norm,
             controlnet,
             controlnet_params,
             latent_channels: vae.config.latent_channels,
@@ -265,9 +274,11 @@ impl Pipeline {
         self.svae.forward(&self.svae_params, &x, None, &mut Standalone(self.device.clone()))?.mu.to_f32_vec()
     }
 
-    /// The structure maps `[B, E·E]` the structure head predicts from embeddings.
+    /// The structure maps `[B, E·E]` the structure head predicts from embeddings (rescaled to `structure_norm`).
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
-        linear_layer_forward(&self.svae.structure_head, &self.svae_params, embedding, &mut Standalone(self.device.clone()))
+        let d = self.encoder.config.latent_dim;
+        let scaled = self.tensor(embedding.shape(), &rescale_rows(&embedding.to_f32_vec()?, d, self.structure_norm))?;
+        linear_layer_forward(&self.svae.structure_head, &self.svae_params, &scaled, &mut Standalone(self.device.clone()))
     }
 
     /// Item `index`'s initial latent noise: depends on the seed and the index only.
@@ -382,6 +393,17 @@ impl Denoiser<'_> {
         let cond = Tensor::from_f32(device, &[rows, cc, cs, cs], dtype, &crate::util::standard_normal(&mut rng, rows * cc * cs * cs))?;
         Ok([x, t, context, cond])
     }
+}
+
+/// Each row of `[B, d]` scaled to length `norm` (zero rows stay zero).
+pub fn rescale_rows(rows: &[f32], d: usize, norm: f32) -> Vec<f32> {
+    rows.chunks_exact(d)
+        .flat_map(|r| {
+            let len = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let k = if len > 0.0 { norm / len } else { 0.0 };
+            r.iter().map(move |v| v * k)
+        })
+        .collect()
 }
 
 /// `[B, E·E]` maps -> `[B, E·f, E·f]`, nearest-neighbour.

@@ -911,7 +911,8 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
 /// mid_block copied from the UNet; the zero convs and `controlnet_cond_embedding.conv_out` zero; the rest of
 /// the conditioning embedding and the projector seeded random. Writes `controlnet/` as a diffusers component
 /// (its config is the UNet's encoder half with `conditioning_channels` 1 and
-/// `conditioning_embedding_out_channels`) and `eeg_projector.safetensors` (metadata `tokens`).
+/// `conditioning_embedding_out_channels`) and `eeg_projector.safetensors` (metadata `tokens`, and
+/// `structure_norm`: the length the embedding is rescaled to before the structure head).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlNetStageConfig {
@@ -1045,10 +1046,19 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     }
 
     // The EEG's embedding [B, latent] and its condition image [B, 1, S, S]; then the tokens, zero where dropped.
+    // InfoNCE fixes only the embedding's direction: rescaled to the mean norm of the VAE's mu over the train
+    // split, it reaches the structure head at the scale that head was trained on.
+    let structure_norm = {
+        let images = load_images(&cfg.data, train_split, cfg.structural_vae.image_size, cfg.structural_vae.structure_dim)?;
+        let mu = vae_mu(on, &svae, &svae_params, &images, b.max(1))?;
+        let norms: Vec<f64> = mu.chunks_exact(latent_dim).map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()).collect();
+        (norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32
+    };
     let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
         let alloc = &mut on.alloc();
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
-        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &embedding, alloc)?;
+        let scaled = on.tensor(embedding.shape(), &crate::pipeline::rescale_rows(&embedding.to_f32_vec()?, latent_dim, structure_norm))?;
+        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &scaled, alloc)?;
         let n = embedding.shape()[0];
         let cond = on.tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
@@ -1110,7 +1120,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let id = config_id(format!("controlnet {cfg:?}").as_bytes());
     let report = train_loop(on, "controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
-    let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string())]);
+    let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string()), ("structure_norm".to_string(), format!("{structure_norm:?}"))]);
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
     let path = out.join("eeg_projector.safetensors");
     save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
