@@ -10,7 +10,6 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::nn::{ParamStore, ParamTree};
 use crate::runtime::device::Device;
-use crate::runtime::{Arena, MemoryPlan};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{Component, SafetensorsFile};
 
@@ -104,13 +103,10 @@ impl ModelSource {
     /// The model's parameters, in an arena of their own: loaded from the weights file (every tensor checked
     /// by name and shape, `aliases` as in [`ParamStore::load`]) or drawn from the seed.
     pub fn params(&self, tree: &ParamTree, device: &Device, dtype: DType, aliases: &[(&str, &str)]) -> Result<ParamStore> {
-        let mut plan = MemoryPlan::new();
-        ParamStore::plan(tree, &mut plan, dtype);
-        let mut arena = Arena::new(device, &plan)?;
         self.param_bytes.set(self.param_bytes.get() + tree.numel() * dtype.size());
         match &self.weights {
-            Some(file) => ParamStore::load(tree, file, &mut arena, dtype, aliases),
-            None => ParamStore::random(tree, &mut arena, dtype, self.random_seed),
+            Some(file) => ParamStore::load_owned(tree, file, device, dtype, aliases),
+            None => ParamStore::random_owned(tree, device, dtype, self.random_seed),
         }
     }
 

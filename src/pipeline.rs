@@ -29,7 +29,7 @@ use crate::models::blocks::linear_layer_forward;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::nn::{Linear, ParamStore, ParamTree, Standalone};
-use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{Component, SafetensorsFile};
 
@@ -121,12 +121,6 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
-fn load(tree: &ParamTree, file: &SafetensorsFile, device: &Device, dtype: DType, aliases: &[(&str, &str)]) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, dtype);
-    let mut arena = Arena::new(device, &plan)?;
-    ParamStore::load(tree, file, &mut arena, dtype, aliases)
-}
 
 impl Pipeline {
     /// Loads the weights folder `dir` (see the module docs) onto `device` as `dtype`. Every file is checked:
@@ -139,10 +133,10 @@ impl Pipeline {
         let (vae_dir, unet_dir) = base_components(dir)?;
         let path = dir.join("encoder_config.json");
         let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?)?;
-        let encoder_params = load(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
+        let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
         let path = dir.join("vae_config.json");
         let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?)?;
-        let svae_params = load(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
+        let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
         let latent_dim = encoder.config.latent_dim;
         ensure!(
             latent_dim == svae.config.latent_dim,
@@ -163,13 +157,13 @@ impl Pipeline {
 
         let vae_component = Component::open(&vae_dir)?;
         let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
-        let vae_params = load(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
+        let vae_params = ParamStore::load_owned(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
         let unet_component = Component::open(&unet_dir)?;
         let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
-        let unet_params = load(&unet.params, &unet_component.weights, device, dtype, &[])?;
+        let unet_params = ParamStore::load_owned(&unet.params, &unet_component.weights, device, dtype, &[])?;
         let cn_component = Component::open(dir.join("controlnet"))?;
         let controlnet = ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?)?;
-        let controlnet_params = load(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
+        let controlnet_params = ParamStore::load_owned(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
 
         let path = dir.join("eeg_projector.safetensors");
         let file = SafetensorsFile::open(&path)?;
@@ -187,7 +181,7 @@ impl Pipeline {
         let d = unet.config.cross_attention_dim;
         let mut tree = ParamTree::new();
         let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, tokens * d, true);
-        let projector_params = load(&tree, &file, device, dtype, &[])?;
+        let projector_params = ParamStore::load_owned(&tree, &file, device, dtype, &[])?;
 
         let edge = (svae.config.structure_dim as f64).sqrt().round() as usize;
         ensure!(edge * edge == svae.config.structure_dim, "{}: structure_dim {} is not a square", dir.join("vae_config.json").display(), svae.config.structure_dim);

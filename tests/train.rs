@@ -19,7 +19,7 @@ use sgdm::train::{
     config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog,
 };
 use sgdm::weights::{save_safetensors, SafetensorsFile};
-use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
+use sgdm::{DType, Device, Tensor};
 
 fn close(got: f64, want: f64) {
     assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "got {got}, want {want}");
@@ -70,10 +70,7 @@ fn fixture_model(f: &SafetensorsFile, max_norm: Option<f32>) -> (ParamTree, Para
     for name in ["linear.weight", "linear.bias", "norm.weight"] {
         tree.add(name.to_string(), f.shape(&format!("initial.{name}")).unwrap());
     }
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(&tree, &mut plan, DType::F32);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    let mut params = ParamStore::random(&tree, &mut arena, DType::F32, 0).unwrap();
+    let mut params = ParamStore::random_owned(&tree, &Device::Cpu, DType::F32, 0).unwrap();
     for (i, s) in tree.specs().iter().enumerate() {
         let v = f.tensor(&format!("initial.{}", s.name), &Device::Cpu, DType::F32).unwrap().to_f32_vec().unwrap();
         params.get_mut(ParamId(i)).write_f32(&v).unwrap();
@@ -135,10 +132,7 @@ fn tiny_vae(hidden: usize) -> StructuralVae {
 }
 
 fn random_params(tree: &ParamTree, seed: u64) -> ParamStore {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, DType::F32);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    ParamStore::random(tree, &mut arena, DType::F32, seed).unwrap()
+    ParamStore::random_owned(tree, &Device::Cpu, DType::F32, seed).unwrap()
 }
 
 const KL_WEIGHT: f32 = 0.1;
@@ -413,10 +407,7 @@ fn progress_line_shows_step_loss_rate_and_eta() {
 fn fixture_run_in(dtype: DType) -> (ParamTree, ParamStore, Optimizer) {
     let f = SafetensorsFile::open(fixture_path()).unwrap();
     let (tree, f32_params, mut grads, _, lr) = fixture_model(&f, Some(1.0));
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(&tree, &mut plan, dtype);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    let mut params = ParamStore::random(&tree, &mut arena, dtype, 0).unwrap();
+    let mut params = ParamStore::random_owned(&tree, &Device::Cpu, dtype, 0).unwrap();
     for i in 0..tree.len() {
         let v = common::rounded(DType::BF16, &f32_params.get(ParamId(i)).to_f32_vec().unwrap());
         params.get_mut(ParamId(i)).write_f32(&v).unwrap();

@@ -8,13 +8,10 @@ use std::path::Path;
 
 use sgdm::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use sgdm::nn::{ParamStore, ParamTree, Standalone};
-use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
+use sgdm::{DType, Device, Tensor};
 
 fn random_params(tree: &ParamTree, seed: u64) -> ParamStore {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, DType::F32);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    ParamStore::random(tree, &mut arena, DType::F32, seed).unwrap()
+    ParamStore::random_owned(tree, &Device::Cpu, DType::F32, seed).unwrap()
 }
 
 fn sd15_config(name: &str) -> UNetConfig {

@@ -6,13 +6,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sgdm::models::unet::{ControlNet, UNet, UNetConfig};
-use sgdm::nn::{ParamStore, ParamTree, Standalone};
+use sgdm::nn::{ParamStore, Standalone};
 use sgdm::ops::elementwise::scale;
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::pipeline::{Denoiser, Pipeline};
 use sgdm::profile::{Totals, FAMILIES};
 use sgdm::runtime::select;
-use sgdm::{Arena, DType, Device, DeviceSpec, MemoryPlan, Tensor};
+use sgdm::{DType, Device, DeviceSpec, Tensor};
 
 use super::reconstruct::{default_weights, dtype_for};
 
@@ -48,12 +48,6 @@ pub struct Args {
 const SD15_UNET: &str = include_str!("../../tests/fixtures/sd15/unet.json");
 const SD15_CONTROLNET: &str = include_str!("../../tests/fixtures/sd15/controlnet.json");
 
-fn random_params(tree: &ParamTree, device: &Device, dtype: DType, seed: u64) -> Result<ParamStore> {
-    let mut plan = MemoryPlan::new();
-    ParamStore::plan(tree, &mut plan, dtype);
-    let mut arena = Arena::new(device, &plan)?;
-    ParamStore::random(tree, &mut arena, dtype, seed)
-}
 
 /// The device's peaks, measured here: the best of a few square GEMMs, and of a few copies (scale by 1:
 /// one read and one write of each element).
@@ -111,8 +105,8 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
             let unet = UNet::new(parse(SD15_UNET, "sd15/unet.json")?)?;
             let controlnet = ControlNet::new(parse(SD15_CONTROLNET, "sd15/controlnet.json")?)?;
             eprintln!("drawing random SD 1.5 UNet and ControlNet parameters ({:.2} G)...", (unet.params.numel() + controlnet.params.numel()) as f64 / 1e9);
-            let up = random_params(&unet.params, &device, dtype, 1)?;
-            let cp = random_params(&controlnet.params, &device, dtype, 2)?;
+            let up = ParamStore::random_owned(&unet.params, &device, dtype, 1)?;
+            let cp = ParamStore::random_owned(&controlnet.params, &device, dtype, 2)?;
             sd15 = (unet, up, controlnet, cp);
             let d = Denoiser { unet: &sd15.0, unet_params: &sd15.1, controlnet: &sd15.2, controlnet_params: &sd15.3 };
             let inputs = d.random_inputs(&device, dtype, rows, 64, 77, sd15.0.config.cross_attention_dim, 0)?;

@@ -248,6 +248,29 @@ impl ParamStore {
         }
     }
 
+    /// An arena on `device` sized for exactly `tree`'s parameters in `dtype`.
+    fn own_arena(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<crate::runtime::Arena> {
+        let mut plan = crate::runtime::MemoryPlan::new();
+        ParamStore::plan(tree, &mut plan, dtype);
+        crate::runtime::Arena::new(device, &plan)
+    }
+
+    /// [`ParamStore::load`] into an arena of the parameters' own on `device`.
+    pub fn load_owned(
+        tree: &ParamTree,
+        file: &crate::weights::SafetensorsFile,
+        device: &crate::runtime::Device,
+        dtype: crate::tensor::DType,
+        aliases: &[(&str, &str)],
+    ) -> Result<ParamStore> {
+        ParamStore::load(tree, file, &mut ParamStore::own_arena(tree, device, dtype)?, dtype, aliases)
+    }
+
+    /// [`ParamStore::random`] into an arena of the parameters' own on `device`.
+    pub fn random_owned(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
+        ParamStore::random(tree, &mut ParamStore::own_arena(tree, device, dtype)?, dtype, seed)
+    }
+
     /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, or a tensor the
     /// model does not have is an error naming the file and tensor. `aliases` lists (old, current) name
     /// components accepted for older checkpoints (e.g. the VAE's `query` for `to_q`); an aliased weight may

@@ -40,7 +40,7 @@ use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations}
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
 use crate::ops::optim::AdamW;
-use crate::runtime::{Arena, Device, MemoryPlan};
+use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{save_safetensors, Component, SafetensorsFile, COMPONENT_WEIGHT_FILES};
 
@@ -210,17 +210,11 @@ impl On {
     }
 
     fn random_params(&self, tree: &ParamTree, seed: u64) -> Result<ParamStore> {
-        let mut plan = MemoryPlan::new();
-        ParamStore::plan(tree, &mut plan, self.dtype);
-        let mut arena = Arena::new(&self.device, &plan)?;
-        ParamStore::random(tree, &mut arena, self.dtype, seed)
+        ParamStore::random_owned(tree, &self.device, self.dtype, seed)
     }
 
     fn load_params(&self, tree: &ParamTree, file: &SafetensorsFile, aliases: &[(&str, &str)]) -> Result<ParamStore> {
-        let mut plan = MemoryPlan::new();
-        ParamStore::plan(tree, &mut plan, self.dtype);
-        let mut arena = Arena::new(&self.device, &plan)?;
-        ParamStore::load(tree, file, &mut arena, self.dtype, aliases)
+        ParamStore::load_owned(tree, file, &self.device, self.dtype, aliases)
     }
 }
 
