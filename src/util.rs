@@ -67,21 +67,51 @@ pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A progress line on stderr for counted work (`reconstruct: 48/200  3.1 images/s  ETA 49s`): redrawn in
-/// place on a terminal at most five times a second; elsewhere (a log file, CI) a plain line every 10
-/// seconds and at the end.
-pub struct ItemProgress {
-    label: String,
-    unit: &'static str,
-    start: std::time::Instant,
+/// When and how a progress line is drawn on stderr: redrawn in place on a terminal at most five times a
+/// second; elsewhere (a log file, CI) a plain line every 10 seconds; always at the end.
+pub struct LineDrawer {
     last: Option<std::time::Instant>,
     tty: bool,
 }
 
+impl LineDrawer {
+    pub fn new() -> LineDrawer {
+        use std::io::IsTerminal;
+        LineDrawer { last: None, tty: io::stderr().is_terminal() }
+    }
+
+    /// Draws `line()` if it is due, or when `finished`.
+    pub fn draw(&mut self, finished: bool, line: impl FnOnce() -> String) {
+        let now = std::time::Instant::now();
+        let every = std::time::Duration::from_millis(if self.tty { 200 } else { 10_000 });
+        if !finished && self.last.is_some_and(|t| now.duration_since(t) < every) {
+            return;
+        }
+        self.last = Some(now);
+        let mut err = io::stderr().lock();
+        let _ = if self.tty { write!(err, "\r\x1b[2K{}{}", line(), if finished { "\n" } else { "" }) } else { writeln!(err, "{}", line()) };
+        let _ = err.flush();
+    }
+}
+
+impl Default for LineDrawer {
+    fn default() -> LineDrawer {
+        LineDrawer::new()
+    }
+}
+
+/// A progress line for counted work (`reconstruct: 48/200  3.1 images/s  ETA 49s`), drawn by a
+/// [`LineDrawer`].
+pub struct ItemProgress {
+    label: String,
+    unit: &'static str,
+    start: std::time::Instant,
+    drawer: LineDrawer,
+}
+
 impl ItemProgress {
     pub fn new(label: &str, unit: &'static str) -> ItemProgress {
-        use std::io::IsTerminal;
-        ItemProgress { label: label.to_string(), unit, start: std::time::Instant::now(), last: None, tty: io::stderr().is_terminal() }
+        ItemProgress { label: label.to_string(), unit, start: std::time::Instant::now(), drawer: LineDrawer::new() }
     }
 
     pub fn line(&self, done: usize, total: usize) -> String {
@@ -92,19 +122,7 @@ impl ItemProgress {
     }
 
     pub fn update(&mut self, done: usize, total: usize) {
-        let now = std::time::Instant::now();
-        let every = std::time::Duration::from_millis(if self.tty { 200 } else { 10_000 });
-        let finished = done >= total;
-        if !finished && self.last.is_some_and(|t| now.duration_since(t) < every) {
-            return;
-        }
-        self.last = Some(now);
-        let mut err = io::stderr().lock();
-        let _ = if self.tty {
-            write!(err, "\r\x1b[2K{}{}", self.line(done, total), if finished { "\n" } else { "" })
-        } else {
-            writeln!(err, "{}", self.line(done, total))
-        };
-        let _ = err.flush();
+        let line = self.line(done, total);
+        self.drawer.draw(done >= total, || line);
     }
 }

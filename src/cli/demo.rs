@@ -55,15 +55,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     } else {
         println!("1/3 dataset: sgdm synth's default set (seed 0) into {}", data.display());
         let cfg = SynthConfig { force: true, ..SynthConfig::default() };
-        let mut bar: Option<(String, ItemProgress)> = None;
-        generate(&cfg, &data, &mut |p| {
-            if bar.as_ref().is_none_or(|(s, _)| s != p.split) {
-                bar = Some((p.split.to_string(), ItemProgress::new(p.split, "figures")));
-            }
-            if let Some((_, b)) = bar.as_mut() {
-                b.update(p.done, p.total);
-            }
-        })?;
+        generate(&cfg, &data, &mut super::synth::split_progress())?;
     }
 
     let weights = args.weights.clone().unwrap_or_else(default_weights);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use sgdm::data::synth::{generate, SplitSize, SynthConfig};
+use sgdm::data::synth::{generate, Progress, SplitSize, SynthConfig};
 use sgdm::util::ItemProgress;
 
 #[derive(clap::Args)]
@@ -51,15 +51,7 @@ pub fn run(args: &Args) -> Result<()> {
         force: args.force,
     };
     let start = Instant::now();
-    let mut progress: Option<(String, ItemProgress)> = None;
-    let manifest = generate(&cfg, &args.out, &mut |p| {
-        if progress.as_ref().is_none_or(|(split, _)| split != p.split) {
-            progress = Some((p.split.to_string(), ItemProgress::new(p.split, "figures")));
-        }
-        if let Some((_, bar)) = progress.as_mut() {
-            bar.update(p.done, p.total);
-        }
-    })?;
+    let manifest = generate(&cfg, &args.out, &mut split_progress())?;
     let trials: usize = manifest.splits.iter().map(|s| s.figures * s.repetitions).sum();
     println!(
         "wrote {} figures, {trials} trials ({} channels x {} samples at {} Hz) to {} in {:.1} s",
@@ -71,4 +63,17 @@ pub fn run(args: &Args) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `generate`'s progress as one progress line per split.
+pub fn split_progress() -> impl FnMut(Progress) {
+    let mut bar: Option<(String, ItemProgress)> = None;
+    move |p| {
+        if bar.as_ref().is_none_or(|(split, _)| split != p.split) {
+            bar = Some((p.split.to_string(), ItemProgress::new(p.split, "figures")));
+        }
+        if let Some((_, b)) = bar.as_mut() {
+            b.update(p.done, p.total);
+        }
+    }
 }

@@ -91,15 +91,13 @@ pub struct Progress {
     total: u64,
     first_step: u64,
     start: Instant,
-    last_draw: Option<Instant>,
-    /// stderr is a terminal: redraw in place; otherwise a plain line every 10 seconds and at the end.
-    tty: bool,
+    drawer: crate::util::LineDrawer,
 }
 
 impl Progress {
     /// A run going from `first_step` (0, or the step resumed from) to `total` optimizer steps.
     pub fn new(first_step: u64, total: u64) -> Progress {
-        Progress { total, first_step, start: Instant::now(), last_draw: None, tty: std::io::IsTerminal::is_terminal(&std::io::stderr()) }
+        Progress { total, first_step, start: Instant::now(), drawer: crate::util::LineDrawer::new() }
     }
 
     /// The line for `step` (steps taken) with `loss`; rates count only this process's steps.
@@ -115,21 +113,10 @@ impl Progress {
         format!("step {step}/{}  loss {loss:.4}  {rate:.2} steps/s  ETA {eta}", self.total)
     }
 
-    /// Redraws the line if 200 ms have passed since the last draw, or at the last step.
+    /// Redraws the line when due (see [`crate::util::LineDrawer`]), and at the last step.
     pub fn update(&mut self, step: u64, loss: f64) {
-        let now = Instant::now();
-        let every = Duration::from_millis(if self.tty { 200 } else { 10_000 });
-        let due = self.last_draw.is_none_or(|t| now.duration_since(t) >= every);
-        if due || step >= self.total {
-            self.last_draw = Some(now);
-            let mut err = std::io::stderr().lock();
-            let _ = if self.tty {
-                write!(err, "\r\x1b[2K{}{}", self.line(step, loss), if step >= self.total { "\n" } else { "" })
-            } else {
-                writeln!(err, "{}", self.line(step, loss))
-            };
-            let _ = err.flush();
-        }
+        let line = self.line(step, loss);
+        self.drawer.draw(step >= self.total, || line);
     }
 }
 
