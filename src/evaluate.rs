@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use image::{imageops, Rgb, RgbImage};
 use serde_json::{json, Value};
 
-use crate::data::image::{load_rgb, load_square, resize_center_crop, save_png_rgb};
+use crate::data::image::{load_rgb, load_square, resize_center_crop, save_png_rgb, to_planes};
 use crate::eval::{derangement, pixcorr, retrieval_top_k, ssim, two_way_identification};
 use crate::pipeline::Pipeline;
 use crate::reconstruct::{finished_items, image_files, EegItems};
@@ -59,11 +59,6 @@ fn unit(rgb: &RgbImage) -> Vec<f32> {
     rgb.as_raw().iter().map(|v| *v as f32 / 255.0).collect()
 }
 
-/// `[3, S, S]` planes in [0, 1] of an RGB image (the models' layout).
-fn planes(rgb: &RgbImage) -> Vec<f32> {
-    (0..3).flat_map(|c| rgb.pixels().map(move |p| p[c] as f32 / 255.0)).collect()
-}
-
 /// Reconstruction metrics of reconstructions `recon[i]` against seen images `seen[pair[i]]`.
 pub fn recon_metrics(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, pair: &[usize]) -> Result<ReconMetrics> {
     let n = recon.len();
@@ -89,7 +84,8 @@ fn summary(per_seed: &[ReconMetrics]) -> Value {
     json!({ "pixcorr": field(|m| m.pixcorr), "ssim": field(|m| m.ssim), "two_way": field(|m| m.two_way) })
 }
 
-fn read_run(dir: &Path) -> Result<Value> {
+/// The `run.json` of a reconstruction folder.
+pub fn read_run(dir: &Path) -> Result<Value> {
     let path = dir.join("run.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
@@ -146,7 +142,7 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
     let latents = |images: &[RgbImage]| -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for chunk in images.chunks(64) {
-            let x: Vec<f32> = chunk.iter().flat_map(|im| planes(&resize_center_crop(im, vs))).collect();
+            let x: Vec<f32> = chunk.iter().flat_map(|im| to_planes(&resize_center_crop(im, vs))).collect();
             out.extend(pipeline.image_embedding(&x)?);
         }
         Ok(out)

@@ -61,8 +61,6 @@ pub struct Reconstruction {
     pub images: Vec<f32>,
     /// The structure maps predicted from the EEG, `[B, E, E]` as the structure head outputs them.
     pub structure: Vec<f32>,
-    /// The EEG embeddings `[B, latent]`.
-    pub embeddings: Vec<f32>,
     /// Seconds spent in the denoising loop (UNet + ControlNet + scheduler) and in the whole batch.
     pub denoise_seconds: f64,
     pub total_seconds: f64,
@@ -335,7 +333,7 @@ impl Pipeline {
         let (decoded, _) = self.vae.decode(&self.vae_params, &self.tensor(&[b, lc, h, h], &z)?, &mut Standalone(self.device.clone()))?;
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
         let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
-        Ok(Reconstruction { images, structure, embeddings: embedding.to_f32_vec()?, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
+        Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
     }
 
     /// One denoising step's noise prediction: ControlNet, then the UNet with its residuals.

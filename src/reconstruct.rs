@@ -29,7 +29,7 @@ use image::{GrayImage, RgbImage};
 use serde_json::{json, Value};
 
 use crate::data::eeg::{EegData, EegRows, Repetitions};
-use crate::data::image::{save_png_gray, save_png_rgb};
+use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
 use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
 use crate::tensor::{memory_stats, reset_memory_peak};
@@ -316,11 +316,7 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
                 let per_item = r.total_seconds / idx.len() as f64;
                 let structure_up = upsample_nearest(&r.structure, edge, s / edge);
                 for (k, &index) in idx.iter().enumerate() {
-                    let px = &r.images[k * 3 * s * s..(k + 1) * 3 * s * s];
-                    let image = RgbImage::from_fn(s as u32, s as u32, |x, y| {
-                        let at = |ch: usize| (px[ch * s * s + y as usize * s + x as usize] * 255.0).round() as u8;
-                        image::Rgb([at(0), at(1), at(2)])
-                    });
+                    let image = from_planes(&r.images[k * 3 * s * s..(k + 1) * 3 * s * s], s);
                     let map = &structure_up[k * s * s..(k + 1) * s * s];
                     let structure = GrayImage::from_fn(s as u32, s as u32, |x, y| image::Luma([(map[y as usize * s + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8]));
                     let mut line = json!({

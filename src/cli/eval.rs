@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use sgdm::evaluate::{evaluate, format_table, EvalConfig};
+use sgdm::evaluate::{evaluate, format_table, read_run, EvalConfig};
 use sgdm::pipeline::Pipeline;
 use sgdm::runtime::select;
 use sgdm::DeviceSpec;
@@ -45,10 +45,8 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let weights = match &args.weights {
         Some(w) => w.clone(),
         None => {
-            let path = args.recon[0].join("run.json");
-            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (give --weights)", path.display()))?;
-            let run: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-            PathBuf::from(run["weights"].as_str().with_context(|| format!("{}: no 'weights'", path.display()))?)
+            let run = read_run(&args.recon[0]).context("give --weights, or a reconstruction folder")?;
+            PathBuf::from(run["weights"].as_str().with_context(|| format!("{}: no 'weights'", args.recon[0].join("run.json").display()))?)
         }
     };
     let pipeline = Pipeline::open(&weights, &selected.device, super::reconstruct::dtype_for(&selected.device))?;

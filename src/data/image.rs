@@ -100,3 +100,16 @@ mod tests {
         assert!(load_rgb(dir.path().join("absent.png")).unwrap_err().to_string().contains("absent.png: cannot open"));
     }
 }
+
+/// An RGB image as `[3, H, W]` planes in [0, 1] (the models' layout).
+pub fn to_planes(img: &RgbImage) -> Vec<f32> {
+    (0..3).flat_map(|c| img.pixels().map(move |p| p[c] as f32 / 255.0)).collect()
+}
+
+/// The inverse of [`to_planes`]: `[3, size, size]` planes in [0, 1] (clamped) -> an RGB image, rounded.
+pub fn from_planes(planes: &[f32], size: usize) -> RgbImage {
+    RgbImage::from_fn(size as u32, size as u32, |x, y| {
+        let at = |c: usize| (planes[c * size * size + y as usize * size + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8;
+        image::Rgb([at(0), at(1), at(2)])
+    })
+}

@@ -256,10 +256,7 @@ fn load_images(data: &Path, split: &SplitManifest, size: usize, structure_dim: u
     );
     let mut images = Vec::with_capacity(split.figures * 3 * size * size);
     for rel in &split.images {
-        let img = load_square(data.join(rel), size as u32)?;
-        for c in 0..3 {
-            images.extend(img.pixels().map(|p| p.0[c] as f32 / 255.0));
-        }
+        images.extend(crate::data::image::to_planes(&load_square(data.join(rel), size as u32)?));
     }
     ensure!(split.images.len() == split.figures, "split '{}': {} images for {} figures", split.name, split.images.len(), split.figures);
     Ok(ImageSplit { len: split.figures, images, edges })
