@@ -158,3 +158,92 @@ pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device:
         .with_context(|| format!("running {class} from {}", model_dir.display()))?;
     Ok(Run { outputs, param_bytes: component.param_bytes.get() })
 }
+
+/// Relative L2 bounds for comparing a run's outputs with a reference (PyTorch's float64 fixtures, or a CPU
+/// f32 run of the same model).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Model outputs.
+    pub output: f64,
+    /// `grad.*` tensors, which pass through every layer twice.
+    pub grad: f64,
+    /// A reference gradient with a norm below [`ZERO_GRAD_NORM`] is zero in exact arithmetic (float64
+    /// round-off): ours must then have a norm below this absolute bound.
+    pub zero_grad: f64,
+}
+
+/// See [`Bounds::zero_grad`].
+pub const ZERO_GRAD_NORM: f64 = 1e-10;
+
+impl Bounds {
+    /// f32 against a float64 reference: f32 rounding over a few hundred operations per value stays far
+    /// below 1e-4 (outputs) and 1e-3 (gradients); a wrong weight mapping or formula lands far above.
+    pub const F32: Bounds = Bounds { output: 1e-4, grad: 1e-3, zero_grad: 1e-4 };
+    /// bf16 keeps 8 significant bits (3.9e-3 relative per stored value) and every layer rounds its output
+    /// again, so errors grow with depth: a few percent for outputs, more for gradients. Mapping or formula
+    /// errors still show as errors of order 1.
+    pub const BF16: Bounds = Bounds { output: 5e-2, grad: 1.5e-1, zero_grad: 1e-2 };
+
+    pub fn for_dtype(dtype: DType) -> Bounds {
+        match dtype {
+            DType::BF16 => Bounds::BF16,
+            _ => Bounds::F32,
+        }
+    }
+}
+
+/// One tensor's comparison with its reference.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub name: String,
+    /// Relative L2 error, or the plain L2 norm where the reference gradient is zero.
+    pub error: f64,
+    pub max_abs: f64,
+    pub bound: f64,
+    /// True where the reference is a zero gradient and `error` is a norm.
+    pub zero_reference: bool,
+    pub pass: bool,
+}
+
+fn l2(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Compares every output with the tensor of the same name in `reference` (a safetensors file): relative L2
+/// error within `bounds`. The names must match exactly both ways and the shapes must agree; a missing,
+/// extra or misshapen tensor is an error naming the file, not a failed row.
+pub fn compare_outputs(outputs: &Outputs, reference: &Path, bounds: Bounds) -> Result<Vec<Comparison>> {
+    let file = SafetensorsFile::open(reference)?;
+    let mut produced: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
+    produced.sort();
+    let mut expected: Vec<&str> = file.names().collect();
+    expected.sort();
+    if produced != expected {
+        let missing: Vec<&str> = expected.iter().filter(|n| !produced.contains(n)).copied().collect();
+        let extra: Vec<&str> = produced.iter().filter(|n| !expected.contains(n)).copied().collect();
+        bail!(
+            "{}: the reference does not hold the tensors this run produced (not produced: {}; not in the reference: {})",
+            reference.display(),
+            if missing.is_empty() { "none".into() } else { missing.join(", ") },
+            if extra.is_empty() { "none".into() } else { extra.join(", ") }
+        );
+    }
+    let mut rows = Vec::new();
+    for (name, t) in outputs {
+        let want = file.tensor(name, &Device::Cpu, DType::F32)?;
+        if t.shape() != want.shape() {
+            bail!("{}: tensor '{name}' has shape {:?}, the run produced {:?}", reference.display(), want.shape(), t.shape());
+        }
+        let (got, want) = (t.to_f32_vec()?, want.to_f32_vec()?);
+        let max_abs = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
+        let is_grad = name.starts_with("grad.");
+        let (error, bound, zero_reference) = if is_grad && l2(&want) < ZERO_GRAD_NORM {
+            (l2(&got), bounds.zero_grad, true)
+        } else {
+            let num: f64 = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+            (num.sqrt() / l2(&want).max(1e-300), if is_grad { bounds.grad } else { bounds.output }, false)
+        };
+        rows.push(Comparison { name: name.clone(), error, max_abs, bound, zero_reference, pass: error <= bound });
+    }
+    Ok(rows)
+}

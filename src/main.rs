@@ -57,7 +57,9 @@ enum Command {
                             sgdm forward tests/fixtures/models/contrastive_alignment \\\n      \
                             --inputs tests/fixtures/models/contrastive_alignment/inputs.safetensors --output out.safetensors\n  \
                             sgdm forward MODEL_DIR --inputs in.safetensors --grad-outputs g.safetensors --output out.safetensors\n  \
-                            sgdm --device cuda forward MODEL_DIR --inputs in.safetensors --output out.safetensors --dtype bf16\n\n\
+                            sgdm --device cuda forward MODEL_DIR --inputs in.safetensors --output out.safetensors --dtype bf16\n  \
+                            sgdm --device cuda forward MODEL_DIR --inputs in.safetensors --grad-outputs g.safetensors \\\n      \
+                            --output out.safetensors --dtype bf16 --compare MODEL_DIR/expected.safetensors\n\n\
                             Tensor names follow the PyTorch call: e.g. UNet2DConditionModel takes sample, timestep,\n\
                             encoder_hidden_states (and down_block_additional_residuals.{i}, mid_block_additional_residual)\n\
                             and returns sample; with --grad-outputs it also writes grad.<input> and grad.<parameter>.")]

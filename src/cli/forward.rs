@@ -32,6 +32,17 @@ pub struct Args {
     /// running full-size configs such as SD 1.5's without their weights.
     #[arg(long, value_name = "SEED")]
     random_weights: Option<u64>,
+    /// Compare every output with the tensor of the same name in this safetensors file (a PyTorch fixture's
+    /// expected.safetensors, or the output of a CPU run) and print max abs and relative L2 error per tensor
+    /// against its bound; exit non-zero if any is out of bounds.
+    #[arg(long, value_name = "REFERENCE")]
+    compare: Option<PathBuf>,
+    /// With --compare: the relative L2 bound for outputs [default: 1e-4 for f32, 5e-2 for bf16].
+    #[arg(long, requires = "compare")]
+    output_bound: Option<f64>,
+    /// With --compare: the relative L2 bound for grad.* tensors [default: 1e-3 for f32, 1.5e-1 for bf16].
+    #[arg(long, requires = "compare")]
+    grad_bound: Option<f64>,
 }
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
@@ -65,5 +76,28 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         human_bytes(run.param_bytes),
         human_bytes(peak)
     );
+    if let Some(reference) = &args.compare {
+        let mut bounds = sgdm::conformance::Bounds::for_dtype(args.dtype);
+        bounds.output = args.output_bound.unwrap_or(bounds.output);
+        bounds.grad = args.grad_bound.unwrap_or(bounds.grad);
+        let rows = sgdm::conformance::compare_outputs(&outputs, reference, bounds)?;
+        println!("compared with {} ({} {}):", reference.display(), selected.device, args.dtype);
+        for r in &rows {
+            let what = if r.zero_reference { "norm (zero reference)" } else { "rel L2" };
+            println!(
+                "  {:<48} max abs {:.3e}  {what} {:.3e}  bound {:.1e}  {}",
+                r.name,
+                r.max_abs,
+                r.error,
+                r.bound,
+                if r.pass { "pass" } else { "FAIL" }
+            );
+        }
+        let failed: Vec<&str> = rows.iter().filter(|r| !r.pass).map(|r| r.name.as_str()).collect();
+        if !failed.is_empty() {
+            anyhow::bail!("{} of {} tensors out of bounds against {}: {}", failed.len(), rows.len(), reference.display(), failed.join(", "));
+        }
+        println!("all {} tensors within bounds", rows.len());
+    }
     Ok(())
 }

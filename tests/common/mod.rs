@@ -55,23 +55,68 @@ pub fn cpu(shape: &[usize], values: &[f32]) -> Tensor {
     Tensor::from_f32(&Device::Cpu, shape, DType::F32, values).unwrap()
 }
 
-/// Checks `|got - want| <= rel * |want| + floor` element by element, and prints the max abs and relative L2
-/// errors with the bound, so every tolerance check leaves a line in the log.
+thread_local! {
+    /// Failures recorded instead of panicking, while [`defer_failures`] is on for this thread.
+    static DEFERRED: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// From now on, on this thread, a failed [`compare`] prints its FAIL row and records the failure instead of
+/// panicking, so one run reports every row (the GPU parity table) rather than stopping at the first; collect
+/// them with [`take_failures`].
+pub fn defer_failures() {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+}
+
+/// The failures recorded since [`defer_failures`] (empty when it was never called).
+pub fn take_failures() -> Vec<String> {
+    DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default())
+}
+
+/// Records a failure when [`defer_failures`] is on, else panics with it.
+pub fn fail(message: String) {
+    let deferred = DEFERRED.with(|d| d.borrow_mut().as_mut().map(|list| list.push(message.clone())).is_some());
+    if !deferred {
+        panic!("{message}");
+    }
+}
+
+/// Checks `|got - want| <= rel * |want| + floor` element by element, and prints one `PARITY` row with the max
+/// abs and relative L2 errors, the bound and pass/FAIL, so every tolerance check leaves a line in the log
+/// (benches/gpu/parity.sh gathers the rows into its table). A failure names the worst element and the count.
 pub fn compare(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     let mut max_abs = 0f32;
     let (mut num, mut den) = (0f64, 0f64);
+    let mut bad = 0usize;
+    // (element, excess over its bound); NaN anywhere counts as out of bounds.
+    let mut worst: Option<(usize, f32)> = None;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
-        assert!(d <= rel * w.abs() + floor, "{what}: element {i}: got {g}, want {w} (bound {rel:e}*|want|+{floor:e})");
-        max_abs = max_abs.max(d);
+        let bound = rel * w.abs() + floor;
+        if !(d <= bound) {
+            bad += 1;
+            let excess = if d.is_nan() { f32::INFINITY } else { d - bound };
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+        max_abs = if d.is_nan() { f32::NAN } else { max_abs.max(d) };
         num += (d as f64).powi(2);
         den += (*w as f64).powi(2);
     }
+    let verdict = if bad == 0 { "pass" } else { "FAIL" };
     println!(
-        "{what:<36} max abs {max_abs:.3e}  rel L2 {:.3e}  bound {rel:.1e}*|x|+{floor:.0e}  pass",
+        "PARITY {what:<36} max abs {max_abs:.3e}  rel L2 {:.3e}  bound {rel:.1e}*|x|+{floor:.0e}  {verdict}",
         (num / den.max(1e-300)).sqrt()
     );
+    if let Some((i, _)) = worst {
+        fail(format!(
+            "{what}: {bad} of {} elements out of bounds; worst element {i}: got {}, want {} (bound {rel:e}*|want|+{floor:e})",
+            got.len(),
+            got[i],
+            want[i]
+        ));
+    }
 }
 
 /// A tensor carved from the arena's activation region holding `values` in `dtype`.

@@ -17,26 +17,59 @@ mod softmax;
 
 use sgdm::runtime::kernels::KERNEL_FILES;
 
+/// Runs every kernel file's checks, each to its end, even after failures: a tolerance failure prints its
+/// FAIL row and is recorded (common::defer_failures), a panic (an exact-equality check, a launch error) ends
+/// only that file's checks. The test fails at the end with the list, so one GPU run reports every row.
 #[test]
 fn every_kernel_file_matches_the_cpu_reference() {
     let Some(gpu) = common::gpu_or_skip("CUDA-vs-CPU parity") else { return };
+    common::defer_failures();
+    let mut failures = Vec::new();
     for file in KERNEL_FILES {
-        match file.name {
-            "conv.cu" => conv::check(&gpu),
-            "elementwise.cu" => elementwise::check(&gpu),
-            "linear.cu" => linear::check(&gpu),
-            "attention.cu" => attention::check(&gpu),
-            "norm.cu" => norm::check(&gpu),
-            "shape.cu" => shape::check(&gpu),
-            "softmax.cu" => softmax::check(&gpu),
-            "loss.cu" => loss::check(&gpu),
-            "optim.cu" => optim::check(&gpu),
-            "lstm.cu" => lstm::check(&gpu),
-            "infonce.cu" => infonce::check(&gpu),
+        let check: fn(&sgdm::Device) = match file.name {
+            "conv.cu" => conv::check,
+            "elementwise.cu" => elementwise::check,
+            "linear.cu" => linear::check,
+            "attention.cu" => attention::check,
+            "norm.cu" => norm::check,
+            "shape.cu" => shape::check,
+            "softmax.cu" => softmax::check,
+            "loss.cu" => loss::check,
+            "optim.cu" => optim::check,
+            "lstm.cu" => lstm::check,
+            "infonce.cu" => infonce::check,
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&gpu)));
+        failures.extend(common::take_failures().into_iter().map(|f| format!("{}: {f}", file.name)));
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic without a message".into());
+            println!("PARITY {:<36} stopped: {message}", file.name);
+            failures.push(format!("{}: stopped: {message}", file.name));
         }
     }
     let loads = gpu.cuda().unwrap().kernel_loads();
     println!("kernel modules: {} compiled now, {} loaded from the cubin cache", loads.compiled, loads.cache_hits);
+    assert!(failures.is_empty(), "{} parity failure(s):\n{}", failures.len(), failures.join("\n"));
     assert_eq!(loads.compiled + loads.cache_hits, KERNEL_FILES.len(), "each kernel file is loaded once");
+}
+
+/// The deferred mode above must not turn failures into passes: out-of-bound values and NaNs are recorded
+/// (with the worst element), in-bound ones are not, and without deferral a failure still panics.
+#[test]
+fn deferred_comparisons_record_every_failure() {
+    common::defer_failures();
+    common::compare("within bounds", &[1.0, 2.0], &[1.0, 2.001], 1e-2, 0.0);
+    common::compare("one out of bounds", &[1.0, 3.0, 2.5], &[1.0, 2.0, 2.0], 1e-2, 0.0);
+    common::compare("nan", &[f32::NAN], &[1.0], 1e-2, 0.0);
+    let failures = common::take_failures();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    assert!(failures[0].starts_with("one out of bounds: 2 of 3 elements out of bounds; worst element 1"), "{failures:?}");
+    assert!(failures[1].starts_with("nan: 1 of 1 elements"), "{failures:?}");
+    let strict = std::thread::spawn(|| common::compare("strict", &[2.0], &[1.0], 1e-2, 0.0)).join();
+    assert!(strict.is_err(), "without defer_failures a failed comparison panics");
 }
