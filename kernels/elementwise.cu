@@ -19,7 +19,7 @@ __device__ void scale(const typename T::raw* x, float alpha, typename T::raw* y,
     GRID_STRIDE_LOOP(i, n) T::store(y, i, alpha * T::load(x, i));
 }
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + __expf(-v)); }
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 template <typename T>
 __device__ void silu_forward(const typename T::raw* x, typename T::raw* y, long long n) {
@@ -207,7 +207,7 @@ FOR_EACH_ACTIVATION(BF16, bf16)
 template <typename T>
 __device__ void reparameterize_forward(const typename T::raw* mu, const typename T::raw* logvar, const typename T::raw* eps,
                                        typename T::raw* z, long long n) {
-    GRID_STRIDE_LOOP(i, n) T::store(z, i, T::load(mu, i) + T::load(eps, i) * __expf(0.5f * T::load(logvar, i)));
+    GRID_STRIDE_LOOP(i, n) T::store(z, i, T::load(mu, i) + T::load(eps, i) * expf(0.5f * T::load(logvar, i)));
 }
 template <typename T>
 __device__ void reparameterize_backward(const typename T::raw* logvar, const typename T::raw* eps, const typename T::raw* dz,
@@ -215,7 +215,7 @@ __device__ void reparameterize_backward(const typename T::raw* logvar, const typ
     GRID_STRIDE_LOOP(i, n) {
         const float g = T::load(dz, i);
         T::store(dmu, i, g);
-        T::store(dlogvar, i, 0.5f * g * T::load(eps, i) * __expf(0.5f * T::load(logvar, i)));
+        T::store(dlogvar, i, 0.5f * g * T::load(eps, i) * expf(0.5f * T::load(logvar, i)));
     }
 }
 #define REPARAMETERIZE(T, suffix)                                                                                 \

@@ -62,7 +62,7 @@ __device__ __forceinline__ void store_w(typename T::raw* p, const float* v) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + __expf(-v)); }
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // d/dh [h * s(h)] = s(h) * (1 + h * (1 - s(h)))
 __device__ __forceinline__ float silu_grad(float h) {

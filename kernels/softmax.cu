@@ -32,8 +32,8 @@ __device__ void softmax_forward(const typename T::raw* x, typename T::raw* y, fl
             if (v > m) {
                 s = s * expf(m - v) + 1.0f;  // m = -inf: expf(-inf) = 0, s restarts at 1
                 m = v;
-            } else if (m != neg_inf()) {
-                s += expf(v - m);
+            } else if (m != neg_inf() || v != v) {
+                s += expf(v - m);  // a NaN makes s, the row sum and so the whole row NaN, as on the CPU
             }
         }
         const float row_max = block_max(m, scratch);

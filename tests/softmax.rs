@@ -120,3 +120,19 @@ fn softmax_refuses_bad_shapes() {
     let mut y = zeros(&[0, 7]);
     softmax_forward(&zeros(&[0, 7]), 1.0, &mut y).unwrap();
 }
+
+/// A NaN anywhere in a row poisons that row and no other, wherever it sits (the CUDA kernel once skipped a
+/// NaN met before any finite value; tests/cuda_parity/softmax.rs checks it there).
+#[test]
+fn a_nan_poisons_its_whole_row_and_only_it() {
+    let n = 300;
+    for at in [0, 1, 150, n - 1] {
+        let mut x = random(2 * n, -1.0, 1.0, 9);
+        x[at] = f32::NAN;
+        let mut y = zeros(&[2, n]);
+        softmax_forward(&cpu(&[2, n], &x), 1.0, &mut y).unwrap();
+        let y = y.f32s().unwrap();
+        assert!(y[..n].iter().all(|v| v.is_nan()), "NaN at {at}: row 0 not all NaN");
+        assert!(y[n..].iter().all(|v| v.is_finite()), "NaN at {at}: row 1 touched");
+    }
+}

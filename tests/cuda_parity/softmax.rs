@@ -47,5 +47,21 @@ pub fn check(gpu: &Device) {
             compare(&format!("softmax_backward {what}"), &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), rel, floor);
             arena.reset_step();
         }
+        // A NaN anywhere in a row makes the whole row NaN, as on the CPU, wherever it sits among the
+        // threads' elements (first in a thread's share, before any finite value, was the case that leaked).
+        let n = 256;
+        for at in [0, 1, 200] {
+            let mut x = random(n, -1.0, 1.0, 303);
+            x[at] = f32::NAN;
+            let gx = upload(&mut arena, &[1, n], dtype, &rounded(dtype, &x));
+            let mut gy = upload(&mut arena, &[1, n], dtype, &vec![0.0; n]);
+            softmax_forward(&gx, 1.0, &mut gy).unwrap();
+            let y = gy.to_f32_vec().unwrap();
+            let finite = y.iter().filter(|v| !v.is_nan()).count();
+            if finite > 0 {
+                crate::common::fail(format!("softmax_forward {dtype}: NaN at {at} left {finite} of {n} outputs finite"));
+            }
+            arena.reset_step();
+        }
     }
 }
