@@ -112,3 +112,20 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
         .unwrap_err();
     assert!(err.to_string().contains("bias must be [4]"), "{err}");
 }
+
+/// An empty batch (zero rows) is legal: forward writes nothing, backward leaves dw and db as they were (on
+/// CUDA these once reached cuBLASLt and the bias-gradient launch with empty shapes; tests/cuda_parity holds
+/// the same case there).
+#[test]
+fn an_empty_batch_runs_forward_and_backward_and_adds_nothing() {
+    let (k, n) = (4, 3);
+    let w = random(n * k, -1.0, 1.0, 1);
+    let (prior_dw, prior_db) = (random(n * k, -1.0, 1.0, 2), random(n, -1.0, 1.0, 3));
+    let x = cpu(&[0, k], &[]);
+    let mut y = cpu(&[0, n], &[]);
+    linear_forward(&x, &cpu(&[n, k], &w), Some(&cpu(&[n], &[0.5; 3])), &mut y).unwrap();
+    let (mut dx, mut dw, mut db) = (cpu(&[0, k], &[]), cpu(&[n, k], &prior_dw), cpu(&[n], &prior_db));
+    linear_backward(&x, &cpu(&[n, k], &w), &cpu(&[0, n], &[]), Some(&mut dx), Some(&mut dw), Some(&mut db)).unwrap();
+    assert_eq!(dw.f32s().unwrap(), prior_dw);
+    assert_eq!(db.f32s().unwrap(), prior_db);
+}

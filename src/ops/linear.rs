@@ -218,6 +218,9 @@ pub fn linear_backward(
 }
 
 fn bias_grad(device: &Device, dy: &Tensor, db: &mut Tensor, rows: usize, cols: usize) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(()); // nothing to add (and an empty grid is an invalid CUDA launch)
+    }
     match device {
         Device::Cpu => {
             ensure!(dy.dtype() == DType::F32 && db.dtype() == DType::F32, "linear_backward: the CPU backend computes in f32");

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::CudaSlice;
@@ -110,6 +110,8 @@ fn check(what: &str, r: Result<(), lt::CublasError>) -> Result<()> {
 impl BlasLt {
     pub fn new(device: &CudaDevice) -> Result<BlasLt> {
         probe::cublaslt().map_err(|e| anyhow!("cuBLASLt is unavailable: {e}"))?;
+        // cuBLASLt works in the calling thread's current context, which cudarc only binds for its own calls.
+        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let handle = lt::create_handle().map_err(|e| anyhow!("cublasLtCreate: {e:?}"))?;
         let workspace = device.stream().alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
         let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, device.stream()).0;
@@ -197,6 +199,15 @@ impl BlasLt {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        if shape.batch == 0 || shape.m == 0 || shape.n == 0 {
+            return Ok(()); // nothing to write (cuBLASLt would still write one m x n product for batch 0)
+        }
+        if shape.k == 0 {
+            // C = beta * C (+ bias): only the no-op case is met (dw += dyᵀ·x over an empty batch).
+            ensure!(beta == 1.0 && bias.is_none(), "GEMM {shape:?}: a zero-length reduction is only supported as C += 0 on CUDA");
+            return Ok(());
+        }
+        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let strides = |elems: usize, dtype: DType| (shape.batch > 1).then_some((elems * dtype.size()) as u64);
         let align = [
             alignment(b, strides(shape.k * shape.n, ab_dtype)),

@@ -65,5 +65,17 @@ pub fn check(gpu: &Device) {
         matmul(&cpu(&[batch, kk, mm], &a), &cpu(&[batch, nn, kk], &bb), &mut cc, spec).unwrap();
         let want = cc.f32s().unwrap();
         compare(&format!("matmul batched aᵀbᵀ {dtype}"), &gc.to_f32_vec().unwrap(), want, rel, floor_frac * max_abs(want));
+
+        // An empty batch: nothing written, parameter grads unchanged (cuBLASLt and the bias-gradient launch
+        // must not see the empty shapes).
+        let x0 = on(gpu, &[0, k], dtype, &[]);
+        let mut y0 = on(gpu, &[0, n], dtype, &[]);
+        linear_forward(&x0, &on(gpu, &[n, k], dtype, &w), Some(&on(gpu, &[n], dtype, &b)), &mut y0).unwrap();
+        let (mut dw0, mut db0) = (on(gpu, &[n, k], DType::F32, &prior), on(gpu, &[n], DType::F32, &prior[..n]));
+        let mut dx0 = on(gpu, &[0, k], dtype, &[]);
+        linear_backward(&x0, &on(gpu, &[n, k], dtype, &w), &on(gpu, &[0, n], dtype, &[]), Some(&mut dx0), Some(&mut dw0), Some(&mut db0))
+            .unwrap();
+        compare(&format!("linear_backward empty batch dw {dtype}"), &dw0.to_f32_vec().unwrap(), &prior, 0.0, 0.0);
+        compare(&format!("linear_backward empty batch db {dtype}"), &db0.to_f32_vec().unwrap(), &prior[..n], 0.0, 0.0);
     }
 }
