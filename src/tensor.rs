@@ -381,6 +381,8 @@ impl Tensor {
         match &self.storage.buffer {
             Buffer::Host(_) => self.host_bytes_mut()?.copy_from_slice(bytes),
             Buffer::Cuda { ptr, device, .. } => {
+                // Raw driver calls use the thread's current context, which cudarc binds only for its own calls.
+                device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the destination range lies inside the allocation; the copy completes before
                 // `bytes` can be dropped because we synchronise the stream.
                 unsafe {
@@ -400,6 +402,8 @@ impl Tensor {
         match &self.storage.buffer {
             Buffer::Host(_) => self.host_bytes_mut()?.fill(0),
             Buffer::Cuda { ptr, device, .. } => {
+                // Raw driver calls use the thread's current context, which cudarc binds only for its own calls.
+                device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the range lies inside the allocation; the memset is ordered on the device's stream.
                 unsafe {
                     cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream())
@@ -434,6 +438,8 @@ impl Tensor {
         match &self.storage.buffer {
             Buffer::Host(_) => Ok(self.host_bytes()?.to_vec()),
             Buffer::Cuda { ptr, device, .. } => {
+                // Raw driver calls use the thread's current context, which cudarc binds only for its own calls.
+                device.context().bind_to_thread().context("binding the CUDA context")?;
                 let mut out = vec![0u8; self.size_bytes()];
                 // SAFETY: the source range lies inside the allocation; we synchronise before reading `out`.
                 unsafe {

@@ -92,3 +92,25 @@ fn every_command_has_help_with_examples() {
         assert!(stdout.contains("Examples:"), "`sgdm {}` has no examples:\n{stdout}", args.join(" "));
     }
 }
+
+/// Tensors made on one thread are written, zeroed, read and used by a GEMM on another, whose first CUDA
+/// call that is (the raw copies and cuBLASLt use the thread's current context, which cudarc only binds for
+/// its own calls).
+#[test]
+fn cuda_tensors_work_from_a_thread_that_made_no_cuda_call() {
+    let Some(gpu) = common::gpu_or_skip("CUDA tensors from another thread") else { return };
+    let a = sgdm::Tensor::from_f32(&gpu, &[2, 3], sgdm::DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let w = sgdm::Tensor::from_f32(&gpu, &[1, 3], sgdm::DType::F32, &[1.0, 1.0, 1.0]).unwrap();
+    let mut y = sgdm::Tensor::zeros(&gpu, &[2, 1], sgdm::DType::F32).unwrap();
+    let (sums, zeros) = std::thread::spawn(move || {
+        sgdm::ops::linear::linear_forward(&a, &w, None, &mut y).unwrap();
+        let sums = y.to_f32_vec().unwrap();
+        y.write_f32(&[7.0, 8.0]).unwrap();
+        y.fill_zero().unwrap();
+        (sums, y.to_f32_vec().unwrap())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(sums, [6.0, 15.0]);
+    assert_eq!(zeros, [0.0, 0.0]);
+}

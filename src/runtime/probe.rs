@@ -141,7 +141,7 @@ pub fn driver() -> Result<DriverInfo, String> {
     type Init = unsafe extern "C" fn(u32) -> c_int;
     type GetCount = unsafe extern "C" fn(*mut c_int) -> c_int;
     // SAFETY: the signatures are those of the CUDA driver API; the symbols were checked above.
-    unsafe {
+    let info = unsafe {
         let get_version = lib.get::<GetVersion>(b"cuDriverGetVersion").map_err(|e| e.to_string())?;
         let mut version = 0;
         let rc = get_version(&mut version);
@@ -161,8 +161,12 @@ pub fn driver() -> Result<DriverInfo, String> {
         if rc != 0 {
             return Err(format!("cuDeviceGetCount failed with CUresult {rc}"));
         }
-        Ok(DriverInfo { library, version, device_count: count.max(0) as usize })
-    }
+        DriverInfo { library, version, device_count: count.max(0) as usize }
+    };
+    // The driver is initialised now: never unload it (unloading an initialised libcuda has crashed other
+    // programs in dlclose; cudarc loads the same library again, so keeping it costs nothing).
+    std::mem::forget(lib);
+    Ok(info)
 }
 
 /// Loads libnvrtc and checks its version. Works without a GPU. Never panics.
