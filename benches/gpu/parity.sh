@@ -36,7 +36,7 @@ for pass in cold warm; do
   "$bundle/tests/cuda_parity" every_kernel_file --test-threads=1 --nocapture > "$out/parity-kernels-$pass.txt" 2>&1
   status=$?
   cat "$out/parity-kernels-$pass.txt" >> "$log"
-  grep -E '^kernel modules:|^SKIPPED' "$out/parity-kernels-$pass.txt" | tee -a "$log"
+  grep -E '^kernel modules:|SKIPPED: ' "$out/parity-kernels-$pass.txt" | tee -a "$log"
   [ $status -eq 0 ] || { echo "kernel parity ($pass): exit $status" | tee -a "$log"; }
 done
 # One table row per PARITY line of the cold run: "PARITY <what> max abs A  rel L2 R  bound B  verdict".
@@ -44,7 +44,8 @@ while IFS= read -r line; do
   row "$(sed -E 's/^PARITY (.*[^ ]) +max abs ([^ ]+) +rel L2 ([^ ]+) +bound ([^ ]+) +(pass|FAIL)$/kernel: \1 | \2 | \3 | \4 | \5/;
                  s/^PARITY ([^ ]+) +stopped: (.*)$/kernel: \1 | - | - | - | stopped: \2/' <<< "$line")"
 done < <(grep '^PARITY ' "$out/parity-kernels-cold.txt")
-grep -q '^SKIPPED' "$out/parity-kernels-cold.txt" && row "kernel parity | - | - | - | FAIL: skipped (no usable GPU?)"
+grep -q 'SKIPPED: ' "$out/parity-kernels-cold.txt" && row "kernel parity | - | - | - | FAIL: skipped (no usable GPU?)"
+row "kernel cache, first run | - | - | - | $(grep '^kernel modules:' "$out/parity-kernels-cold.txt" || echo 'FAIL: no report')"
 cache_line=$(grep '^kernel modules:' "$out/parity-kernels-warm.txt")
 case "$cache_line" in
   *" 0 compiled now"*) row "kernel cache, second run | - | - | - | pass: $cache_line" ;;
@@ -54,8 +55,11 @@ esac
 # 2. The PyTorch fixtures through `sgdm forward --compare` (bounds: conformance::Bounds for the dtype).
 compare_rows() {  # $1 label, $2 output of sgdm forward --compare
   local worst_out worst_grad verdict
-  worst_out=$(awk '/^  / && $1 !~ /^grad\./ && /rel L2/ { for (i = 1; i <= NF; i++) if ($i == "L2") v = $(i + 1); if (v + 0 > m) m = v + 0 } END { printf "%.3e", m }' <<< "$2")
-  worst_grad=$(awk '/^  grad\./ && /rel L2/ { for (i = 1; i <= NF; i++) if ($i == "L2") v = $(i + 1); if (v + 0 > m) m = v + 0 } END { printf "%.3e", m }' <<< "$2")
+  # The largest relative L2 error among outputs and among grad.* rows ("-" when the run printed none).
+  local worst='{ for (i = 1; i <= NF; i++) if ($i == "L2") v = $(i + 1); if (!seen || v + 0 > m) m = v + 0; seen = 1 }
+               END { if (seen) printf "%.3e", m; else printf "-" }'
+  worst_out=$(awk "/^  / && \$1 !~ /^grad\\./ && /rel L2/ $worst" <<< "$2")
+  worst_grad=$(awk "/^  grad\\./ && /rel L2/ $worst" <<< "$2")
   if grep -q 'within bounds' <<< "$2"; then verdict=pass; else verdict="FAIL: $(grep -E 'FAIL|^Error|error' <<< "$2" | head -3 | tr '\n' ' ')"; fi
   row "$1 | - | outputs $worst_out, grads $worst_grad | $3 | $verdict"
 }
