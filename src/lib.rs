@@ -5,6 +5,7 @@
 #[cfg(target_endian = "big")]
 compile_error!("sgdm reads and writes little-endian tensor files and assumes a little-endian host");
 
+pub mod bench;
 pub mod conformance;
 pub mod data;
 pub mod diffusion;

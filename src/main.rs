@@ -138,6 +138,17 @@ enum Command {
                             traffic). The peaks are the best of a few square GEMMs and copies in the same dtype. On CUDA each op\n\
                             is synchronised while profiled, so the plain step time is reported too.")]
     Profile(cli::profile::Args),
+    /// Time our kernels at the shapes of the speed targets (SD 1.5 conv, attention and GroupNorm + SiLU; the
+    /// EEG encoder's LSTM; InfoNCE), forward and backward, against the device's peaks measured in the run.
+    #[command(after_help = "Examples:\n  \
+                            sgdm --device cuda bench                       every family at the target shapes, bf16\n  \
+                            sgdm --device cuda bench --family conv --json conv.json\n  \
+                            sgdm bench --quick                             small shapes, seconds on a CPU\n  \
+                            sgdm bench --list > cases.json                 the cases, for benches/gpu/torch_ops.py\n\n\
+                            Each pass is timed as the median of --runs calls after --warmup (CUDA events on a GPU). FLOPs count\n\
+                            a multiply-add as 2 (attention backward: 2.5x forward); bytes are the op's minimum traffic.\n\
+                            benches/gpu/compare.sh runs this and PyTorch on the same shapes and prints the ratios.")]
+    Bench(cli::bench::Args),
     /// Look inside EEG data files.
     #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
     Data(cli::data::Command),
@@ -156,6 +167,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(cli.device, &args),
         Command::Demo(args) => cli::demo::run(cli.device, &args),
         Command::Profile(args) => cli::profile::run(cli.device, &args),
+        Command::Bench(args) => cli::bench::run(cli.device, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

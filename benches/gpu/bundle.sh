@@ -20,7 +20,7 @@ for line in sys.stdin:
         shutil.copy(m["executable"], os.path.join(sys.argv[1], name))
 ' "$out/tests"
 strip --strip-all "$out/sgdm" "$out"/tests/*
-cp benches/gpu/smoke.sh benches/gpu/pipeline.sh benches/gpu/parity.sh benches/gpu/env.sh "$out/"
+cp benches/gpu/smoke.sh benches/gpu/pipeline.sh benches/gpu/parity.sh benches/gpu/compare.sh benches/gpu/env.sh "$out/"
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/COMMIT"
 tar czf target/gpu-bundle.tar.gz -C target gpu-bundle
 du -sh "$out" target/gpu-bundle.tar.gz

@@ -1,4 +1,5 @@
 //! One module per `sgdm` command.
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod eval;

@@ -7,12 +7,10 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sgdm::models::unet::{ControlNet, UNet, UNetConfig};
 use sgdm::nn::{ParamStore, Standalone};
-use sgdm::ops::elementwise::scale;
-use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::pipeline::{Denoiser, Pipeline};
 use sgdm::profile::{Totals, FAMILIES};
 use sgdm::runtime::select;
-use sgdm::{DType, Device, DeviceSpec, Tensor};
+use sgdm::DeviceSpec;
 
 use super::reconstruct::{default_weights, dtype_for};
 
@@ -48,34 +46,6 @@ pub struct Args {
 const SD15_UNET: &str = include_str!("../../tests/fixtures/sd15/unet.json");
 const SD15_CONTROLNET: &str = include_str!("../../tests/fixtures/sd15/controlnet.json");
 
-
-/// The device's peaks, measured here: the best of a few square GEMMs, and of a few copies (scale by 1:
-/// one read and one write of each element).
-fn measure_peaks(device: &Device, dtype: DType) -> Result<(f64, f64)> {
-    let n = if device.is_cuda() { 8192 } else { 1024 };
-    let a = Tensor::from_f32(device, &[n, n], dtype, &vec![0.5; n * n])?;
-    let mut c = Tensor::zeros(device, &[n, n], dtype)?;
-    let mut best_gemm = f64::INFINITY;
-    for _ in 0..4 {
-        device.synchronize()?;
-        let t = Instant::now();
-        matmul(&a, &a, &mut c, MatmulSpec::default())?;
-        device.synchronize()?;
-        best_gemm = best_gemm.min(t.elapsed().as_secs_f64());
-    }
-    let m = if device.is_cuda() { 1 << 28 } else { 1 << 24 };
-    let x = Tensor::zeros(device, &[m], dtype)?;
-    let mut y = Tensor::zeros(device, &[m], dtype)?;
-    let mut best_copy = f64::INFINITY;
-    for _ in 0..4 {
-        device.synchronize()?;
-        let t = Instant::now();
-        scale(&x, 1.0, &mut y)?;
-        device.synchronize()?;
-        best_copy = best_copy.min(t.elapsed().as_secs_f64());
-    }
-    Ok((2.0 * (n as f64).powi(3) / best_gemm, 2.0 * (m * dtype.size()) as f64 / best_copy))
-}
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     anyhow::ensure!(args.batch >= 1 && args.steps >= 1, "--batch and --steps must be at least 1");
@@ -120,7 +90,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     };
 
     eprintln!("measuring the device's GEMM and copy peaks...");
-    let (peak_flops, peak_bw) = measure_peaks(&device, dtype)?;
+    let (peak_flops, peak_bw) = sgdm::bench::peaks(&device, dtype)?;
     eprintln!("warm-up step...");
     let warm = Instant::now();
     step()?;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Our kernels against PyTorch on the same GPU, in one run (issue #8). Runs on the GPU machine from the
+# repository root with the bundle of benches/gpu/bundle.sh unpacked into target/ (no Rust toolchain needed):
+#   1. the ptxas report of every kernel for this GPU (registers, spills);
+#   2. the CUDA-vs-CPU kernel parity test (nothing is timed unless it passes);
+#   3. `sgdm bench` (ours, bf16, CUDA events, median of 30 after 5 warm-up calls) and benches/gpu/torch_ops.py
+#      (PyTorch on the cases `sgdm bench --list` names, timed the same way), each with the GEMM and copy
+#      peaks measured in its own run;
+#   4. benches/gpu/compare.py: one table, ratio = PyTorch / ours against each family's target.
+# Arguments are passed to `sgdm bench` (e.g. --family conv). Output in $OUT (default ./gpu-out).
+set -uo pipefail
+source "$(dirname "$0")/env.sh"
+sgdm="$bundle/sgdm"
+export SGDM_BIN="$sgdm" SGDM_REPO_ROOT="$PWD"
+log="$out/compare.txt"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  cat "$bundle/COMMIT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)
+  echo "=== ptxas report (sm_${cap:-90})"
+  "$sgdm" kernels --arch "sm_${cap:-90}"
+  echo "=== kernel parity before timing"
+  if ! "$bundle/tests/cuda_parity" every_kernel_file --test-threads=1 > "$out/compare-parity.txt" 2>&1; then
+    grep -E 'FAIL|stopped|panicked' "$out/compare-parity.txt" | head -20
+    echo "kernel parity failed: not timing (see compare-parity.txt)"
+    exit 1
+  fi
+  grep -E '^test result' "$out/compare-parity.txt"
+  echo "=== ours"
+  "$sgdm" --device cuda bench --json "$out/bench-ours.json" "$@" || exit 1
+  echo "=== PyTorch"
+  "$sgdm" bench --list "$@" > "$out/bench-cases.json"
+  python3 benches/gpu/torch_ops.py --cases "$out/bench-cases.json" --json "$out/bench-torch.json" || exit 1
+  echo "=== comparison"
+  python3 benches/gpu/compare.py "$out/bench-ours.json" "$out/bench-torch.json" | tee "$out/compare-table.md"
+} 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
