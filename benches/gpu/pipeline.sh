@@ -8,6 +8,11 @@
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 sgdm="$bundle/sgdm"
+# diffusers for the PyTorch baseline, when its wheels were carried (benches/gpu/wheels.sh).
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 log="$out/pipeline.txt"
 {
   echo "date: $(date -u +%FT%TZ)"
