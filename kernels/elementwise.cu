@@ -15,6 +15,11 @@ __device__ void add(const typename T::raw* a, const typename T::raw* b, typename
 }
 
 template <typename T>
+__device__ void fill(typename T::raw* y, float value, long long n) {
+    GRID_STRIDE_LOOP(i, n) T::store(y, i, value);
+}
+
+template <typename T>
 __device__ void scale(const typename T::raw* x, float alpha, typename T::raw* y, long long n) {
     GRID_STRIDE_LOOP(i, n) T::store(y, i, alpha * T::load(x, i));
 }
@@ -54,6 +59,7 @@ CAST(cast_f16_bf16, F16, BF16)
     extern "C" __global__ void scale_##suffix(const T::raw* x, float alpha, T::raw* y, long long n) {          \
         scale<T>(x, alpha, y, n);                                                                                \
     }                                                                                                            \
+    extern "C" __global__ void fill_##suffix(T::raw* y, float value, long long n) { fill<T>(y, value, n); }    \
     extern "C" __global__ void silu_forward_##suffix(const T::raw* x, T::raw* y, long long n) {                \
         silu_forward<T>(x, y, n);                                                                                \
     }                                                                                                            \

@@ -29,6 +29,7 @@ use crate::models::blocks::linear_layer_forward;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::nn::{Linear, ParamStore, ParamTree, Standalone};
+use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{Component, SafetensorsFile};
@@ -268,9 +269,8 @@ impl Pipeline {
 
     /// The structure maps `[B, E·E]` the structure head predicts from embeddings (rescaled to `structure_norm`).
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
-        let d = self.encoder.config.latent_dim;
-        let scaled = self.tensor(embedding.shape(), &rescale_rows(&embedding.to_f32_vec()?, d, self.structure_norm))?;
-        linear_layer_forward(&self.svae.structure_head, &self.svae_params, &scaled, &mut Standalone(self.device.clone()))
+        let alloc = &mut Standalone(self.device.clone());
+        linear_layer_forward(&self.svae.structure_head, &self.svae_params, &rescaled(embedding, self.structure_norm, alloc)?, alloc)
     }
 
     /// Item `index`'s initial latent noise: depends on the seed and the index only.
@@ -303,43 +303,44 @@ impl Pipeline {
         let cond_all: Vec<f32> = (0..branches).flat_map(|_| cond_one.iter().copied()).collect();
         let cond = self.tensor(&[branches * b, 1, self.condition_size, self.condition_size], &cond_all)?;
 
+        // The loop runs on the device: the state (sample, x0) stays there in f32, each step's model input is
+        // written by the previous step's update, and the timesteps are uploaded before the first step, so a
+        // step makes no host round trip.
         let scheduler = Scheduler::new(opts.scheduler, opts.steps)?;
         let (lc, h) = (self.latent_channels, self.latent_size);
-        let per = lc * h * h;
-        let mut sample: Vec<f32> = indices.iter().flat_map(|&i| self.initial_noise(opts.seed, i)).collect();
+        let shape = [b, lc, h, h];
+        let mut noise: Vec<f32> = indices.iter().flat_map(|&i| self.initial_noise(opts.seed, i)).collect();
         let sigma = scheduler.init_noise_sigma as f32;
-        sample.iter_mut().for_each(|v| *v *= sigma);
-        let mut x0 = vec![0f32; sample.len()];
+        noise.iter_mut().for_each(|v| *v *= sigma);
+        let scale0 = scheduler.input_scale(0) as f32;
+        let first_in: Vec<f32> = (0..branches).flat_map(|_| noise.iter().map(|v| v * scale0)).collect();
+        let mut x = self.tensor(&[branches * b, lc, h, h], &first_in)?;
+        let mut sample = Tensor::from_f32(&self.device, &shape, DType::F32, &noise)?;
+        let mut x0 = Tensor::zeros(&self.device, &shape, DType::F32)?;
+        let mut z = Tensor::zeros(&self.device, &shape, self.dtype)?;
+        let timesteps = (0..scheduler.steps())
+            .map(|step| Tensor::from_f32(&self.device, &[branches * b], DType::F32, &vec![scheduler.timesteps[step] as f32; branches * b]))
+            .collect::<Result<Vec<_>>>()?;
+        let inv = (1.0 / self.vae.config.scaling_factor) as f32;
         let denoise_start = std::time::Instant::now();
+        let model = self.denoiser();
         for step in 0..scheduler.steps() {
-            let scale = scheduler.input_scale(step) as f32;
-            let model_in: Vec<f32> = (0..branches).flat_map(|_| sample.iter().map(|v| v * scale)).collect();
-            let x = self.tensor(&[branches * b, lc, h, h], &model_in)?;
-            let t = Tensor::from_f32(&self.device, &[branches * b], DType::F32, &vec![scheduler.timesteps[step] as f32; branches * b])?;
-            let eps = self.predict_noise(&x, &t, &context, &cond, opts.controlnet_scale)?;
-            let eps = if guided {
-                let (c, u) = eps.split_at(b * per);
-                c.iter().zip(u).map(|(c, u)| u + opts.guidance * (c - u)).collect()
-            } else {
-                eps
+            let eps = model.predict(&x, &timesteps[step], &context, &cond, opts.controlnet_scale, &mut Standalone(self.device.clone()))?;
+            let last = step + 1 == scheduler.steps();
+            let update = GuidedStep {
+                guidance: guided.then_some(opts.guidance),
+                coefficients: scheduler.coefficients(step),
+                out_scale: if last { inv } else { scheduler.input_scale(step + 1) as f32 },
             };
-            scheduler.coefficients(step).apply(&mut sample, &eps, &mut x0);
+            guided_step(&eps, &update, &mut sample, &mut x0, if last { &mut z } else { &mut x })?;
         }
         self.device.synchronize()?;
         let denoise_seconds = denoise_start.elapsed().as_secs_f64();
 
-        let inv = (1.0 / self.vae.config.scaling_factor) as f32;
-        let z: Vec<f32> = sample.iter().map(|v| v * inv).collect();
-        let (decoded, _) = self.vae.decode(&self.vae_params, &self.tensor(&[b, lc, h, h], &z)?, &mut Standalone(self.device.clone()))?;
+        let (decoded, _) = self.vae.decode(&self.vae_params, &z, &mut Standalone(self.device.clone()))?;
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
         let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
-    }
-
-    /// One denoising step's noise prediction: ControlNet, then the UNet with its residuals.
-    pub fn predict_noise(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32) -> Result<Vec<f32>> {
-        let m = self.denoiser();
-        m.predict(x, t, context, cond, controlnet_scale, &mut Standalone(self.device.clone()))?.to_f32_vec()
     }
 
     /// The UNet and ControlNet with their parameters.
@@ -387,15 +388,12 @@ impl Denoiser<'_> {
     }
 }
 
-/// Each row of `[B, d]` scaled to length `norm` (zero rows stay zero).
-pub fn rescale_rows(rows: &[f32], d: usize, norm: f32) -> Vec<f32> {
-    rows.chunks_exact(d)
-        .flat_map(|r| {
-            let len = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let k = if len > 0.0 { norm / len } else { 0.0 };
-            r.iter().map(move |v| v * k)
-        })
-        .collect()
+/// `embedding` `[B, d]` with each row rescaled to length `norm` on its device (zero rows stay zero): the
+/// structure head's input (InfoNCE fixes only an embedding's direction).
+pub fn rescaled(embedding: &Tensor, norm: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
+    let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
+    crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
+    Ok(scaled)
 }
 
 /// `[B, E·E]` maps -> `[B, E·f, E·f]`, nearest-neighbour.

@@ -12,7 +12,7 @@ use crate::models::blocks::layers::{self, GroupNormActivations};
 use crate::models::blocks::{downsampler, upsampler, Attention, DownActivations, DownBlock, MidBlock, ResnetBlock, UpActivations, UpBlock, VaeMidActivations};
 use crate::models::config::ConfigReader;
 use crate::nn::{Allocator, Conv2d, Grads, Norm, ParamStore, ParamTree, Standalone};
-use crate::ops::elementwise::{add, add_scaled, relu_backward, relu_forward};
+use crate::ops::elementwise::{add, add_scaled, fill, relu_backward, relu_forward};
 use crate::ops::shape::{concat_channels, split_channels};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
@@ -180,16 +180,15 @@ struct ClampActivations {
 }
 
 fn clamp_forward(x: &Tensor, (lo, hi): (f32, f32), alloc: &mut dyn Allocator) -> Result<(Tensor, ClampActivations)> {
-    let n = x.numel();
     let mut bound = alloc.alloc(x.shape(), x.dtype())?;
-    bound.write_f32(&vec![hi; n])?;
+    fill(&mut bound, hi)?;
     let mut above = alloc.alloc(x.shape(), x.dtype())?;
     add_scaled(x, &bound, -1.0, &mut above)?;
     let mut excess = alloc.alloc(x.shape(), x.dtype())?;
     relu_forward(&above, &mut excess)?;
     let mut capped = alloc.alloc(x.shape(), x.dtype())?;
     add_scaled(x, &excess, -1.0, &mut capped)?;
-    bound.write_f32(&vec![lo; n])?;
+    fill(&mut bound, lo)?;
     let mut below = alloc.alloc(x.shape(), x.dtype())?;
     add_scaled(&bound, &capped, -1.0, &mut below)?;
     relu_forward(&below, &mut excess)?;

@@ -165,7 +165,7 @@ impl ResnetBlock {
                 silu_forward(temb, &mut silu)?;
                 let projected = layers::linear(p, proj, &silu, alloc)?.reshape(&[n, c, 1])?;
                 let mut ones = alloc.alloc(&[n, 1, hw], conv1.dtype())?;
-                ones.write_f32(&vec![1.0; n * hw])?;
+                crate::ops::elementwise::fill(&mut ones, 1.0)?;
                 let mut h = conv1.reshape(&[n, c, hw])?;
                 matmul(&projected, &ones, &mut h, MatmulSpec { accumulate: true, ..MatmulSpec::default() })?;
                 conv1 = h.reshape(&shape)?;

@@ -24,6 +24,8 @@ pub const KERNELS: &[&str] = &[
     "add_bf16",
     "scale_f32",
     "scale_bf16",
+    "fill_f32",
+    "fill_bf16",
     "silu_forward_f32",
     "silu_forward_bf16",
     "silu_backward_f32",
@@ -135,6 +137,21 @@ pub fn add(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
             &[Ptr(a.cuda_ptr()?), Ptr(b.cuda_ptr()?), Ptr(y.cuda_ptr()?)],
             a.numel(),
         ),
+    }
+}
+
+/// Every element of `y` set to `value` (on the device's stream: no host copy, no synchronisation).
+pub fn fill(y: &mut Tensor, value: f32) -> Result<()> {
+    let device = y.device();
+    let dtype = common_dtype("fill", &device, &[y])?;
+    match device {
+        Device::Cpu => {
+            y.f32s_mut()?.fill(value);
+            Ok(())
+        }
+        Device::Cuda(d) => {
+            d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, "fill_f32", "fill_bf16")?, &[Ptr(y.cuda_ptr()?), F32(value)], y.numel())
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod shape;
+pub mod sampling;
 pub mod softmax;
 
 use anyhow::{ensure, Result};
@@ -38,6 +39,7 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (lstm::KERNEL_FILE, lstm::KERNELS),
     (infonce::KERNEL_FILE, infonce::KERNELS),
     (softmax::KERNEL_FILE, softmax::KERNELS),
+    (sampling::KERNEL_FILE, sampling::KERNELS),
 ];
 
 /// The device all `tensors` share, or an error naming the op.

@@ -168,6 +168,7 @@ impl CudaDevice {
                 KernelArg::F32(v) => b.arg(v),
                 KernelArg::I32(v) => b.arg(v),
                 KernelArg::I64(v) => b.arg(v),
+                KernelArg::F64(v) => b.arg(v),
             };
         }
         if let Some(c) = &count {
@@ -188,4 +189,5 @@ pub enum KernelArg {
     F32(f32),
     I32(i32),
     I64(i64),
+    F64(f64),
 }

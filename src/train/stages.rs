@@ -1048,7 +1048,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
         let alloc = &mut on.alloc();
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
-        let scaled = on.tensor(embedding.shape(), &crate::pipeline::rescale_rows(&embedding.to_f32_vec()?, latent_dim, structure_norm))?;
+        let scaled = crate::pipeline::rescaled(&embedding, structure_norm, alloc)?;
         let structure = linear_layer_forward(&svae.structure_head, &svae_params, &scaled, alloc)?;
         let n = embedding.shape()[0];
         let cond = on.tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;

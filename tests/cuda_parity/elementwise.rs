@@ -29,6 +29,17 @@ pub fn check(gpu: &Device) {
     assert_eq!(before.to_f32_vec().unwrap(), x, "fill_zero wrote outside its tensor");
     arena.reset_step();
 
+    // fill: every element, exactly (1/3 rounds once to bf16 on both sides), nothing outside the tensor.
+    for dtype in [DType::F32, DType::BF16] {
+        let mut t = arena.alloc(Region::Activations, &[n], dtype).unwrap();
+        let mut after = arena.alloc(Region::Activations, &[n], DType::F32).unwrap();
+        after.write_f32(&x).unwrap();
+        elementwise::fill(&mut t, 1.0 / 3.0).unwrap();
+        compare(&format!("fill {dtype}"), &t.to_f32_vec().unwrap(), &rounded(dtype, &vec![1.0 / 3.0; n]), 0.0, 0.0);
+        assert_eq!(after.to_f32_vec().unwrap(), x, "fill wrote outside its tensor");
+        arena.reset_step();
+    }
+
     // Casts: CUDA and `half` both round to nearest even, so the bits agree exactly.
     for (from, to) in [
         (DType::F32, DType::BF16),

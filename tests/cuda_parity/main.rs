@@ -11,6 +11,7 @@ mod linear;
 mod norm;
 mod loss;
 mod optim;
+mod sampling;
 mod shape;
 mod lstm;
 mod softmax;
@@ -38,6 +39,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "optim.cu" => optim::check,
             "lstm.cu" => lstm::check,
             "infonce.cu" => infonce::check,
+            "sampling.cu" => sampling::check,
             other => panic!("kernels/{other} has no CUDA-vs-CPU check: add a module to tests/cuda_parity/"),
         };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&gpu)));
