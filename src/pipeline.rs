@@ -28,7 +28,7 @@ use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_A
 use crate::models::blocks::linear_layer_forward;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
-use crate::nn::{Linear, ParamStore, ParamTree, Standalone};
+use crate::nn::{Inference, Linear, ParamStore, ParamTree};
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
@@ -255,7 +255,7 @@ impl Pipeline {
         let b = eeg.len() / (c * t);
         let scaled: Vec<f32> = eeg.iter().enumerate().map(|(i, v)| (v - self.mean[(i / t) % c]) / self.std[(i / t) % c]).collect();
         let x = self.tensor(&[b, c, t], &scaled)?;
-        Ok(self.encoder.forward(&self.encoder_params, &x, &mut Standalone(self.device.clone()))?.embedding)
+        Ok(self.encoder.forward(&self.encoder_params, &x, &mut Inference(self.device.clone()))?.embedding)
     }
 
     /// The StructuralVAE's mu `[B, latent]` of RGB images `[B, 3, S, S]` in [0, 1] at its input size: the
@@ -264,12 +264,12 @@ impl Pipeline {
         let s = self.svae.config.image_size;
         ensure!(images.len().is_multiple_of(3 * s * s) && !images.is_empty(), "{} image values are not a whole number of [3, {s}, {s}] images", images.len());
         let x = self.tensor(&[images.len() / (3 * s * s), 3, s, s], images)?;
-        self.svae.forward(&self.svae_params, &x, None, &mut Standalone(self.device.clone()))?.mu.to_f32_vec()
+        self.svae.forward(&self.svae_params, &x, None, &mut Inference(self.device.clone()))?.mu.to_f32_vec()
     }
 
     /// The structure maps `[B, E·E]` the structure head predicts from embeddings (rescaled to `structure_norm`).
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
-        let alloc = &mut Standalone(self.device.clone());
+        let alloc = &mut Inference(self.device.clone());
         linear_layer_forward(&self.svae.structure_head, &self.svae_params, &rescaled(embedding, self.structure_norm, alloc)?, alloc)
     }
 
@@ -295,7 +295,7 @@ impl Pipeline {
         let guided = opts.guidance > 1.0;
         let branches = if guided { 2 } else { 1 };
         let d = self.unet.config.cross_attention_dim;
-        let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Standalone(self.device.clone()))?.to_f32_vec()?;
+        let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
         tokens.resize(branches * b * self.tokens * d, 0.0);
         let context = self.tensor(&[branches * b, self.tokens, d], &tokens)?;
         let factor = self.condition_size / self.edge;
@@ -325,7 +325,7 @@ impl Pipeline {
         let denoise_start = std::time::Instant::now();
         let model = self.denoiser();
         for step in 0..scheduler.steps() {
-            let eps = model.predict(&x, &timesteps[step], &context, &cond, opts.controlnet_scale, &mut Standalone(self.device.clone()))?;
+            let eps = model.predict(&x, &timesteps[step], &context, &cond, opts.controlnet_scale, &mut Inference(self.device.clone()))?;
             let last = step + 1 == scheduler.steps();
             let update = GuidedStep {
                 guidance: guided.then_some(opts.guidance),
@@ -337,7 +337,7 @@ impl Pipeline {
         self.device.synchronize()?;
         let denoise_seconds = denoise_start.elapsed().as_secs_f64();
 
-        let (decoded, _) = self.vae.decode(&self.vae_params, &z, &mut Standalone(self.device.clone()))?;
+        let (decoded, _) = self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?;
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
         let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })

@@ -238,6 +238,9 @@ impl fmt::Debug for Storage {
     }
 }
 
+/// The generation of a [`Tensor::discard`]ed tensor (an arena never reaches it).
+const DISCARDED: u64 = u64::MAX;
+
 /// A dense, row-major tensor. Not `Clone`: two tensors never alias the same bytes, so `&mut Tensor` is the
 /// exclusive right to write them.
 pub struct Tensor {
@@ -314,7 +317,21 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Frees this tensor's memory (when it owns its allocation; an arena's stays with the arena) and makes
+    /// every later use an error that says so: what an inference forward does with the activations only a
+    /// backward would read.
+    pub fn discard(&mut self) {
+        static EMPTY: std::sync::OnceLock<Arc<Storage>> = std::sync::OnceLock::new();
+        let empty = EMPTY.get_or_init(|| Storage::zeroed(&Device::Cpu, 0).expect("a zero-byte host allocation"));
+        self.storage = empty.clone();
+        self.offset = 0;
+        self.generation = DISCARDED;
+    }
+
     fn check_live(&self) -> Result<()> {
+        if self.generation == DISCARDED {
+            bail!("tensor {:?} was discarded: an inference forward keeps no activations for a backward", self.shape);
+        }
         if self.storage.generation() != self.generation {
             bail!("tensor {:?} was carved from an arena region that has been reset since", self.shape);
         }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sgdm::models::unet::{ControlNet, UNet, UNetConfig};
-use sgdm::nn::{ParamStore, Standalone};
+use sgdm::nn::{Inference, ParamStore};
 use sgdm::pipeline::{Denoiser, Pipeline};
 use sgdm::profile::{Totals, FAMILIES};
 use sgdm::runtime::select;
@@ -85,7 +85,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     };
     let [x, t, context, cond] = &inputs;
     let step = || -> Result<()> {
-        denoiser.predict(x, t, context, cond, 1.0, &mut Standalone(device.clone()))?;
+        denoiser.predict(x, t, context, cond, 1.0, &mut Inference(device.clone()))?;
         device.synchronize()
     };
 

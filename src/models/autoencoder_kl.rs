@@ -349,7 +349,9 @@ pub fn run_autoencoder_kl(c: &ModelSource, inputs: &Named, grads: Option<&Named>
     inputs.ensure_only(&["sample", "latents"])?;
     let (sample, latents) = (inputs.get_opt("sample"), inputs.get_opt("latents"));
     ensure!(sample.is_some() || latents.is_some(), "{}: AutoencoderKL needs 'sample' and/or 'latents'", inputs.source);
-    let alloc = &mut Standalone(device.clone());
+    // Without upstream gradients nothing will read the activations: discard them block by block.
+    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
+    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
 
     let encoded = sample.map(|x| -> Result<_> {
         let (mean, logvar, enc) = model.encode(&p, x, alloc)?;

@@ -56,6 +56,14 @@ pub mod layers {
         pub rstd: Tensor,
     }
 
+    impl GroupNormActivations {
+        pub fn discard(&mut self) {
+            self.y.discard();
+            self.mean.discard();
+            self.rstd.discard();
+        }
+    }
+
     fn group_norm_spec(norm: &Norm, silu: bool) -> GroupNorm {
         GroupNorm { groups: norm.groups, eps: norm.eps as f32, silu }
     }
@@ -150,6 +158,18 @@ pub struct ResnetActivations {
     norm2: layers::GroupNormActivations,
 }
 
+impl ResnetActivations {
+    fn discard(&mut self) {
+        self.norm1.discard();
+        self.conv1.discard();
+        if let Some(t) = &mut self.time {
+            t.silu.discard();
+            t.ones.discard();
+        }
+        self.norm2.discard();
+    }
+}
+
 impl ResnetBlock {
     /// `x` [N, C_in, H, W] and, when the block has `time_emb_proj`, `temb` [N, temb_channels]; returns
     /// [N, C_out, H, W] = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))).
@@ -182,7 +202,11 @@ impl ResnetBlock {
             Some(sc) => add(&layers::conv(p, sc, x, alloc)?, &conv2, &mut y)?,
             None => add(x, &conv2, &mut y)?,
         }
-        Ok((y, ResnetActivations { norm1, conv1, time, norm2 }))
+        let mut acts = ResnetActivations { norm1, conv1, time, norm2 };
+        if !alloc.keeps_activations() {
+            acts.discard();
+        }
+        Ok((y, acts))
     }
 
     /// Backward of [`ResnetBlock::forward`] from `dy`: returns dx and, with a time embedding, dtemb; adds
@@ -288,7 +312,16 @@ impl Attention {
         transpose_last2(&projected, &mut back)?;
         let mut y = alloc.alloc(&[b, c, l], x.dtype())?;
         add(x, &back, &mut y)?;
-        Ok((y, VaeAttentionActivations { norm, tokens, q, k, v, core }))
+        let mut acts = VaeAttentionActivations { norm, tokens, q, k, v, core };
+        if !alloc.keeps_activations() {
+            acts.norm.discard();
+            [&mut acts.tokens, &mut acts.q, &mut acts.k, &mut acts.v].into_iter().for_each(Tensor::discard);
+            match &mut acts.core {
+                AttentionCore::Fused { out, lse } => [out, lse].into_iter().for_each(Tensor::discard),
+                AttentionCore::Unfused { probs, out } => [probs, out].into_iter().for_each(Tensor::discard),
+            }
+        }
+        Ok((y, acts))
     }
 
     /// Backward of [`Attention::vae_forward`] from `dy` [B, C, L]: returns dx, adds every parameter gradient.
@@ -357,6 +390,9 @@ fn resnet_chain_forward(resnets: &[ResnetBlock], p: &ParamStore, x: &Tensor, tem
         let (y, acts) = r.forward(p, input, temb, alloc).with_context(|| format!("resnets.{i}"))?;
         chain.resnets.push(acts);
         chain.inputs.extend(h.replace(y));
+        if !alloc.keeps_activations() {
+            chain.inputs.iter_mut().for_each(Tensor::discard);
+        }
     }
     let y = h.ok_or_else(|| anyhow!("a block needs at least one resnet"))?;
     Ok((y, chain))
@@ -417,7 +453,12 @@ impl MidBlock {
         let (h1, attention_acts) = attention.vae_forward(p, &attention_input, fused, alloc).context("attentions.0")?;
         let resnet1_input = h1.reshape(&shape)?;
         let (y, resnet1) = r1.forward(p, &resnet1_input, None, alloc).context("resnets.1")?;
-        Ok((y, VaeMidActivations { resnet0, attention_input, attention: attention_acts, resnet1_input, resnet1 }))
+        let mut acts = VaeMidActivations { resnet0, attention_input, attention: attention_acts, resnet1_input, resnet1 };
+        if !alloc.keeps_activations() {
+            acts.attention_input.discard();
+            acts.resnet1_input.discard();
+        }
+        Ok((y, acts))
     }
 
     /// Backward of [`MidBlock::vae_forward`]: returns dx, adds every parameter gradient.
@@ -447,6 +488,10 @@ impl DownBlock {
         match &self.downsampler {
             Some(conv) => {
                 let y = layers::conv(p, conv, &h, alloc).context("downsamplers.0")?;
+                let mut h = h;
+                if !alloc.keeps_activations() {
+                    h.discard();
+                }
                 Ok((y, DownActivations { resnets, downsampler_input: Some(h) }))
             }
             None => Ok((h, DownActivations { resnets, downsampler_input: None })),
@@ -490,6 +535,9 @@ impl UpBlock {
                 let mut upsampled = alloc.alloc(&[s[0], s[1], 2 * s[2], 2 * s[3]], h.dtype())?;
                 upsample_nearest2x(&h, &mut upsampled)?;
                 let y = layers::conv(p, conv, &upsampled, alloc).context("upsamplers.0")?;
+                if !alloc.keeps_activations() {
+                    upsampled.discard();
+                }
                 Ok((y, UpActivations { resnets, upsampled: Some(upsampled) }))
             }
             None => Ok((h, UpActivations { resnets, upsampled: None })),
@@ -904,6 +952,21 @@ pub struct Transformer2dActivations {
 }
 
 impl Transformer2dActivations {
+    /// Everything but the output.
+    fn discard_saved(&mut self) {
+        [&mut self.norm_mean, &mut self.norm_rstd, &mut self.proj_in_input, &mut self.tokens].into_iter().for_each(Tensor::discard);
+        self.proj_out_map.iter_mut().for_each(Tensor::discard);
+        for b in &mut self.blocks {
+            for n in [&mut b.norm1, &mut b.norm2, &mut b.norm3] {
+                [&mut n.output, &mut n.mean, &mut n.rstd].into_iter().for_each(Tensor::discard);
+            }
+            for a in [&mut b.attn1, &mut b.attn2] {
+                [&mut a.q, &mut a.k, &mut a.v, &mut a.attended, &mut a.lse, &mut a.output].into_iter().for_each(Tensor::discard);
+            }
+            [&mut b.after_attn1, &mut b.after_attn2, &mut b.ff_hidden, &mut b.ff_gated, &mut b.output].into_iter().for_each(Tensor::discard);
+        }
+    }
+
     fn block_input(&self, block: usize) -> &Tensor {
         if block == 0 {
             &self.tokens
@@ -966,6 +1029,9 @@ impl Transformer2d {
             }
         };
         ops::elementwise::add(&projected, x, &mut acts.output)?;
+        if !alloc.keeps_activations() {
+            acts.discard_saved();
+        }
         Ok(acts)
     }
 
@@ -1102,6 +1168,13 @@ pub struct UNetLayerActivations {
 }
 
 impl UNetLayerActivations {
+    fn discard_output(&mut self) {
+        match &mut self.output {
+            LayerOutput::Resnet(y) => y.discard(),
+            LayerOutput::Attention { attention, .. } => attention.output.discard(),
+        }
+    }
+
     pub fn output(&self) -> &Tensor {
         match &self.output {
             LayerOutput::Resnet(y) => y,
@@ -1121,7 +1194,14 @@ fn unet_layer_forward(
 ) -> Result<UNetLayerActivations> {
     let (h, resnet_acts) = resnet.forward(p, x, Some(temb), alloc)?;
     let output = match attention {
-        Some(t) => LayerOutput::Attention { attention: Box::new(t.forward(p, &h, context, alloc)?), resnet_output: h },
+        Some(t) => {
+            let attention = Box::new(t.forward(p, &h, context, alloc)?);
+            let mut resnet_output = h;
+            if !alloc.keeps_activations() {
+                resnet_output.discard();
+            }
+            LayerOutput::Attention { attention, resnet_output }
+        }
         None => LayerOutput::Resnet(h),
     };
     Ok(UNetLayerActivations { resnet: resnet_acts, output })
@@ -1280,6 +1360,13 @@ impl UpBlock {
             ops::shape::concat_channels(hidden, skip, &mut input)?;
             let acts = unet_layer_forward(resnet, self.attentions.get(l), p, &input, temb, context, alloc).with_context(|| format!("layer {l}"))?;
             inputs.push(input);
+            if !alloc.keeps_activations() {
+                // The concatenation and the previous layer's output were this layer's inputs only.
+                inputs.iter_mut().for_each(Tensor::discard);
+                if let Some(previous) = layers.last_mut() {
+                    previous.discard_output();
+                }
+            }
             layers.push(acts);
         }
         let upsampled = match &self.upsampler {
@@ -1289,6 +1376,11 @@ impl UpBlock {
                 let mut up = alloc.alloc(&[s[0], s[1], 2 * s[2], 2 * s[3]], h.dtype())?;
                 upsample_nearest2x(h, &mut up)?;
                 let y = layers::conv(p, conv, &up, alloc).context("upsamplers.0")?;
+                let mut up = up;
+                if !alloc.keeps_activations() {
+                    up.discard();
+                    layers.last_mut().expect("checked against the skips").discard_output();
+                }
                 Some((up, y))
             }
             None => None,
@@ -1365,6 +1457,11 @@ impl MidBlock {
         let (hidden, resnet0) = r0.forward(p, x, Some(temb), alloc).context("resnets.0")?;
         let attention = t.forward(p, &hidden, context, alloc).context("attentions.0")?;
         let (output, resnet1) = r1.forward(p, &attention.output, Some(temb), alloc).context("resnets.1")?;
+        let (mut hidden, mut attention) = (hidden, attention);
+        if !alloc.keeps_activations() {
+            hidden.discard();
+            attention.output.discard();
+        }
         Ok(UNetMidActivations { resnet0, hidden, attention, resnet1, output })
     }
 

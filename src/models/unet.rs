@@ -781,7 +781,9 @@ pub fn run_unet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: 
         _ => bail!("{}: the down block residuals and the mid block residual come together (a ControlNet's) or not at all", inputs.source),
     };
     let cond = UNetConditioning { timestep: inputs.get("timestep")?, encoder_hidden_states: inputs.get("encoder_hidden_states")?, residuals };
-    let alloc = &mut Standalone(device.clone());
+    // Without upstream gradients nothing will read the activations: discard them block by block.
+    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
+    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
     let acts = model.forward(&p, sample, &cond, alloc)?;
     let mut out = Vec::new();
     if let Some(gn) = grads {
@@ -817,7 +819,9 @@ pub fn run_controlnet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, de
         },
         None => 1.0,
     };
-    let alloc = &mut Standalone(device.clone());
+    // Without upstream gradients nothing will read the activations: discard them block by block.
+    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
+    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
     let acts = model.forward(&p, sample, inputs.get("timestep")?, context, cond, conditioning_scale, alloc)?;
     let mut out = Vec::new();
     if let Some(gn) = grads {

@@ -360,6 +360,27 @@ impl ParamStore {
 /// inside a step loop, or standalone allocations for one-off runs such as `sgdm forward`.
 pub trait Allocator {
     fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor>;
+
+    /// Whether forwards keep the activations a backward reads. `false` ([`Inference`]): each block discards
+    /// its intermediates as it returns ([`crate::tensor::Tensor::discard`]), so a forward holds one block's
+    /// working set plus what later blocks read (skip connections), not the whole network's activations.
+    fn keeps_activations(&self) -> bool {
+        true
+    }
+}
+
+/// Standalone zeroed tensors on one device, for forwards that will not be differentiated: activations are
+/// discarded block by block (see [`Allocator::keeps_activations`]).
+pub struct Inference(pub crate::runtime::Device);
+
+impl Allocator for Inference {
+    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
+        crate::tensor::Tensor::zeros(&self.0, shape, dtype)
+    }
+
+    fn keeps_activations(&self) -> bool {
+        false
+    }
 }
 
 /// Standalone zeroed tensors on one device.
