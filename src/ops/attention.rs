@@ -382,15 +382,9 @@ fn cpu_forward(dims: &AttentionDims, scale: f32, q: &[f32], k: &[f32], v: &[f32]
             cpu_scores(dims, scale, q, k, (b, h, i0, rows), &mut s);
             let mut row_lse = vec![0f32; rows];
             for (row, lse) in s.chunks_mut(lk).zip(&mut row_lse) {
-                let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
-                for x in row.iter_mut() {
-                    *x /= sum;
-                }
+                let m = super::vmath::max(row);
+                let sum = super::vmath::exp_shifted_sum(row, m);
+                super::vmath::scale(row, 1.0 / sum);
                 *lse = m + sum.ln();
             }
             let mut o = vec![0f32; rows * d];
@@ -450,7 +444,7 @@ fn cpu_backward(dims: &AttentionDims, scale: f32, x: CpuSaved, dq: &mut [f32], d
                 cpu_scores(dims, scale, x.q, x.k, (b, h, i0, rows), p);
                 for (r, row) in p.chunks_mut(lk).enumerate() {
                     let lse = x.lse[bh * lq + i0 + r];
-                    row.iter_mut().for_each(|s| *s = (*s - lse).exp());
+                    super::vmath::exp_shifted(row, lse);
                 }
                 let qh = &x.q[head_offset(dims, lq, b, i0, h)..];
                 let gh = &x.dout[head_offset(dims, lq, b, i0, h)..];

@@ -19,6 +19,7 @@ pub mod optim;
 pub mod shape;
 pub mod sampling;
 pub mod softmax;
+pub mod vmath;
 
 use anyhow::{ensure, Result};
 
