@@ -9,10 +9,10 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Adding and subtracting 1.5 * 2^23 rounds an f32 of magnitude below 2^22 to the nearest integer.
 const ROUND: f32 = 12_582_912.0;
 
-/// e^x within about 1 ulp (relative error 8.2e-8 at worst, measured in tests/vmath.rs) on [-87.33, 88.37]; 0 below (where e^x is subnormal),
-/// +inf above (2^128 is not an f32; the true e^x overflows at 88.72, so (88.37, 88.72] also reads +inf);
-/// NaN for NaN. Range reduction x = n ln 2 + r, |r| <= ln2/2, then a degree-6 polynomial
-/// for e^r (the Cephes `expf` coefficients) and 2^n by building the exponent bits.
+/// e^x within about 1 ulp (8.2e-8 relative at worst, measured in tests/vmath.rs) on [-87.33, 88.37]; 0
+/// below (where e^x is subnormal), +inf above (2^128 is not an f32; the true e^x overflows at 88.72, so
+/// (88.37, 88.72] also reads +inf); NaN for NaN. Range reduction x = n ln 2 + r, |r| <= ln2/2, then a
+/// degree-6 polynomial for e^r (the Cephes `expf` coefficients) and 2^n by building the exponent bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let c = x.clamp(-87.33, 88.37);
