@@ -270,6 +270,128 @@ __device__ void im2col(const typename T::raw* x, typename T::raw* col, const Con
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Forward on tensor cores (bf16 only, sm_80+): the same implicit GEMM as conv2d_forward (rows k < K, columns
+// (n, p, q), reduction (c, r, s)), multiplied with mma.sync.m16n8k16 (bf16 in, f32 accumulate).
+//
+// Block: 128 output channels x 128 output pixels, 32-deep reduction tiles, 256 threads = 8 warps as 2 (rows)
+// x 4 (columns), each warp a 64 x 32 sub-tile = 4 x 4 mma tiles of 16 x 8. Shared tiles, both k-contiguous so
+// every fragment register is one aligned 32-bit load of two consecutive-k bf16 values:
+//   As[row][k]   weights (row = output channel)     -> mma A, "row" layout
+//   Bs[col][k]   gathered input pixels              -> mma B, "col" layout
+// Rows are 32 + 8 bf16 = 80 bytes = 20 banks apart, so the 8 fragment rows x 4 lanes of a load hit 32
+// different banks. Fragment layout (PTX ISA, mma.m16n8k16, lane = 4 * group + tig):
+//   A regs: (row group, k 2tig..+1), (row group+8, same k), (row group, k 2tig+8..+9), (row group+8, same)
+//   B regs: (k 2tig..+1, col group), (k 2tig+8..+9, col group)
+//   C/D:    (row group, col 2tig..+1), (row group+8, col 2tig..+1)
+#define MMA_BM 128
+#define MMA_BN 128
+#define MMA_BK 32
+#define MMA_LD (MMA_BK + 8)
+
+__device__ __forceinline__ void mma_16816_bf16(float d[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ unsigned pair_at(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// Grid: (ceil(N*P*Q / 128), ceil(K / 128)), 256 threads. `bias` may be null. y is written.
+__device__ void conv2d_forward_mma(const bf16_t* x, const bf16_t* w, const bf16_t* bias, bf16_t* y, const ConvShape s) {
+    __shared__ __align__(16) bf16_t As[MMA_BM][MMA_LD];
+    __shared__ __align__(16) bf16_t Bs[MMA_BN][MMA_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int warp_row = (warp >> 2) * 64, warp_col = (warp & 3) * 32;
+    const int group = lane >> 2, tig = lane & 3;
+    const int RS = s.R * s.S, CRS = s.C * RS, PQ = s.P * s.Q;
+    const long long columns = (long long)s.N * PQ;
+    const int m0 = blockIdx.y * MMA_BM;
+    const long long col0 = (long long)blockIdx.x * MMA_BN;
+
+    // Gather: this thread owns pixel column bcol of every B tile, reduction rows bk0 .. bk0 + 15.
+    const int bcol = tid & (MMA_BN - 1), bk0 = (tid >> 7) * 16;
+    const long long gcol = col0 + bcol;
+    const bool col_valid = gcol < columns;
+    const int n = col_valid ? (int)(gcol / PQ) : 0, pq = col_valid ? (int)(gcol % PQ) : 0;
+    const int ih0 = (pq / s.Q) * s.stride - s.pad_h, iw0 = (pq % s.Q) * s.stride - s.pad_w;
+    const bf16_t* xn = x + (long long)n * s.C * s.H * s.W;
+    // Weights: this thread loads row arow of every A tile, reduction columns ak0 .. ak0 + 15.
+    const int arow = tid >> 1, ak0 = (tid & 1) * 16;
+    const int am = m0 + arow;
+    const bf16_t* wrow = w + (long long)(am < s.K ? am : 0) * CRS;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    for (int k0 = 0; k0 < CRS; k0 += MMA_BK) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int k = k0 + ak0 + i;
+            As[arow][ak0 + i] = (am < s.K && k < CRS) ? wrow[k] : (bf16_t)0;
+        }
+#pragma unroll 4
+        for (int i = 0; i < 16; ++i) {
+            const int k = k0 + bk0 + i;
+            bf16_t v = 0;
+            if (col_valid && k < CRS) {
+                const int c = k / RS, rs = k - c * RS, r = rs / s.S;
+                const int ih = ih0 + r, iw = iw0 + (rs - r * s.S);
+                if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) v = xn[((long long)c * s.H + ih) * s.W + iw];
+            }
+            Bs[bcol][bk0 + i] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK; kk += 16) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
+                a[mi][0] = pair_at(&As[r][k]);
+                a[mi][1] = pair_at(&As[r + 8][k]);
+                a[mi][2] = pair_at(&As[r][k + 8]);
+                a[mi][3] = pair_at(&As[r + 8][k + 8]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
+                b[ni][0] = pair_at(&Bs[c][k]);
+                b[ni][1] = pair_at(&Bs[c][k + 8]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + warp_row + mi * 16 + group + 8 * half;
+            if (m >= s.K) continue;
+            const float b = bias ? bf16_to_f32(bias[m]) : 0.0f;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const long long col = col0 + warp_col + ni * 8 + 2 * tig + j;
+                    if (col >= columns) continue;
+                    const long long on = col / PQ, opq = col % PQ;
+                    y[(on * s.K + m) * PQ + opq] = f32_to_bf16(acc[mi][ni][2 * half + j] + b);
+                }
+        }
+}
+
 #define CONV_SHAPE_PARAMS \
     int N, int C, int H, int W, int K, int R, int S, int stride, int pad_h, int pad_w, int P, int Q
 #define CONV_SHAPE {N, C, H, W, K, R, S, stride, pad_h, pad_w, P, Q}
@@ -296,3 +418,8 @@ __device__ void im2col(const typename T::raw* x, typename T::raw* col, const Con
     }
 CONV_KERNELS(F32, f32)
 CONV_KERNELS(BF16, bf16)
+
+extern "C" __global__ void __launch_bounds__(256) conv2d_forward_mma_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* bias,
+                                                                       bf16_t* y, CONV_SHAPE_PARAMS) {
+    conv2d_forward_mma(x, w, bias, y, ConvShape CONV_SHAPE);
+}

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads};
-use crate::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dSpec};
+use crate::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel};
 use crate::ops::elementwise::scale;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
 use crate::ops::linear::{matmul, MatmulSpec};
@@ -193,6 +193,11 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
             let flops = 2.0 * (n * c * c * 9 * s * s) as f64;
             let (act, wt) = ((n * c * s * s) as f64 * size, (c * c * 9) as f64 * size);
             push("forward", time(device, timing, || conv2d_forward(&x, &w, Some(&b), spec, &mut y))?, flops, 2.0 * act + wt);
+            if device.is_cuda() && dtype == DType::BF16 {
+                // The CUDA-core kernel the tensor-core one replaced, for the variant notes.
+                let t = time(device, timing, || conv2d_forward_using(ConvKernel::Simt, &x, &w, Some(&b), spec, &mut y))?;
+                push("forward_simt", t, flops, 2.0 * act + wt);
+            }
             push("backward_input", time(device, timing, || conv2d_backward_input(&dy, &w, spec, &mut dx))?, flops, 2.0 * act + wt);
             push("backward_weight", time(device, timing, || conv2d_backward_weight(&x, &dy, spec, &mut dw))?, flops, 2.0 * act + wt);
         }

@@ -32,7 +32,29 @@ pub const KERNELS: &[&str] = &[
     "conv_bias_backward_bf16",
     "im2col_f32",
     "im2col_bf16",
+    "conv2d_forward_mma_bf16",
 ];
+
+/// Which CUDA kernel runs a convolution forward in bf16 (f32 always takes [`ConvKernel::Simt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// Tensor cores: `mma.sync` m16n8k16, bf16 in, f32 accumulate (sm_80+). The default for bf16.
+    TensorCore,
+    /// f32 FMAs on the CUDA cores: the implicit GEMM every dtype has.
+    Simt,
+}
+
+impl ConvKernel {
+    /// The kernel `SGDM_CONV_KERNEL` names (`tensor-core`, the default, or `simt`), for comparing variants
+    /// in benchmarks and profiles without rebuilding.
+    pub fn from_env() -> Result<ConvKernel> {
+        match std::env::var("SGDM_CONV_KERNEL").as_deref() {
+            Err(_) | Ok("") | Ok("tensor-core") => Ok(ConvKernel::TensorCore),
+            Ok("simt") => Ok(ConvKernel::Simt),
+            Ok(other) => anyhow::bail!("SGDM_CONV_KERNEL={other}: expected tensor-core or simt"),
+        }
+    }
+}
 
 /// Zero padding added on each side of the image before the convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +253,16 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: Conv2
         let e = x.dtype().size();
         (x.device(), 2.0 * y.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
     });
-    forward(op, &g, x, w, bias, y)
+    forward(op, &g, x, w, bias, y, ConvKernel::from_env()?)
+}
+
+/// [`conv2d_forward`] on a chosen CUDA kernel (tests and benchmarks compare the variants; the CPU ignores it).
+pub fn conv2d_forward_using(kernel: ConvKernel, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: Conv2dSpec, y: &mut Tensor) -> Result<()> {
+    let op = "conv2d_forward";
+    let g = conv2d_geometry(op, x.shape(), w.shape(), spec)?;
+    expect_bias(op, bias, g.k)?;
+    expect_shape(op, "output", y, &[g.n, g.k, g.p, g.q])?;
+    forward(op, &g, x, w, bias, y, kernel)
 }
 
 /// Conv2d input gradient: `dx = d(sum(y * dy)) / dx` (written). Shapes as in [`conv2d_forward`].
@@ -304,7 +335,7 @@ pub fn conv_transpose2d_backward_input(dy: &Tensor, w: &Tensor, spec: Conv2dSpec
     let op = "conv_transpose2d_backward_input";
     let g = conv_transpose2d_geometry(op, dx.shape(), w.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.c, g.h, g.w])?;
-    forward(op, &g, dy, w, None, dx)
+    forward(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
 }
 
 /// ConvTranspose2d weight gradient (`+=`). Shapes as in [`conv_transpose2d_forward`].
@@ -332,7 +363,7 @@ pub fn conv1d_forward(
     });
     expect_bias(op, bias, g.k)?;
     expect_shape(op, "output", y, &[g.n, g.k, g.q])?;
-    forward(op, &g, x, w, bias, y)
+    forward(op, &g, x, w, bias, y, ConvKernel::from_env()?)
 }
 
 /// Conv1d input gradient (written). Shapes as in [`conv1d_forward`].
@@ -359,7 +390,7 @@ fn tensors<'a>(list: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
 }
 
 /// `y[n, k, p, q] = bias[k] + sum_{c, r, s} w[k, c, r, s] x[n, c, p*stride - pad_h + r, q*stride - pad_w + s]`.
-fn forward(op: &str, g: &Geometry, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+fn forward(op: &str, g: &Geometry, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor, kernel: ConvKernel) -> Result<()> {
     let all = tensors(&[Some(x), Some(w), bias, Some(&*y)]);
     let device = common_device(op, &all)?;
     let dtype = common_dtype(op, &device, &all)?;
@@ -372,7 +403,12 @@ fn forward(op: &str, g: &Geometry, x: &Tensor, w: &Tensor, bias: Option<&Tensor>
         Device::Cuda(d) => {
             let bias = bias.map(|b| b.cuda_ptr()).transpose()?.unwrap_or(0);
             let args = [Ptr(x.cuda_ptr()?), Ptr(w.cuda_ptr()?), Ptr(bias), Ptr(y.cuda_ptr()?)];
-            launch_gemm(op, &d, by_dtype(dtype, "conv2d_forward")?, g, g.k, g.n * g.p * g.q, &args)
+            let (rows, cols) = (g.k, g.n * g.p * g.q);
+            if dtype == DType::BF16 && kernel == ConvKernel::TensorCore && d.arch.major >= 8 {
+                launch_gemm(op, &d, "conv2d_forward_mma_bf16", g, (rows, cols), MMA_TILE, &args)
+            } else {
+                launch_gemm(op, &d, by_dtype(dtype, "conv2d_forward")?, g, (rows, cols), TILE, &args)
+            }
         }
     }
 }
@@ -398,7 +434,7 @@ fn backward_input(
         Device::Cuda(d) => {
             let bias = bias.map(|b| b.cuda_ptr()).transpose()?.unwrap_or(0);
             let args = [Ptr(dy.cuda_ptr()?), Ptr(w.cuda_ptr()?), Ptr(bias), Ptr(dx.cuda_ptr()?)];
-            launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_input")?, g, g.c, g.n * g.h * g.w, &args)
+            launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_input")?, g, (g.c, g.n * g.h * g.w), TILE, &args)
         }
     }
 }
@@ -414,7 +450,7 @@ fn backward_weight(op: &str, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Ten
         }
         Device::Cuda(d) => {
             let args = [Ptr(x.cuda_ptr()?), Ptr(dy.cuda_ptr()?), Ptr(dw.cuda_ptr()?)];
-            launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_weight")?, g, g.k, g.patch_len(), &args)
+            launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_weight")?, g, (g.k, g.patch_len()), TILE, &args)
         }
     }
 }
@@ -460,17 +496,20 @@ fn by_dtype(dtype: DType, kernel: &str) -> Result<&'static str> {
     KERNELS.iter().copied().find(|k| *k == name).ok_or_else(|| anyhow::anyhow!("no conv kernel {name}"))
 }
 
+/// Output tile of the SIMT kernels, and of the tensor-core forward.
 const TILE: usize = 64;
+const MMA_TILE: usize = 128;
 const THREADS: u32 = 256;
 
-/// Launches one implicit-GEMM kernel over a `rows` x `cols` output, 64x64 tiles, then the twelve sizes.
+/// Launches one implicit-GEMM kernel over a `rows` x `cols` output in `tile` x `tile` blocks of 256
+/// threads, then the twelve sizes.
 fn launch_gemm(
     op: &str,
     d: &CudaDevice,
     kernel: &'static str,
     g: &Geometry,
-    rows: usize,
-    cols: usize,
+    (rows, cols): (usize, usize),
+    tile: usize,
     pointers: &[KernelArg],
 ) -> Result<()> {
     if rows == 0 || cols == 0 {
@@ -483,9 +522,9 @@ fn launch_gemm(
         dims.iter().all(|&v| fits(v)) && fits(g.input_len()) && fits(g.output_len()) && fits(g.k * g.patch_len()),
         "{op}: geometry {g:?} exceeds the kernel's 32-bit per-image indexing"
     );
-    ensure!(rows.div_ceil(TILE) <= 65_535 && fits(cols.div_ceil(TILE)), "{op}: {rows}x{cols} is too large a grid");
+    ensure!(rows.div_ceil(tile) <= 65_535 && fits(cols.div_ceil(tile)), "{op}: {rows}x{cols} is too large a grid");
     let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
+        grid_dim: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };

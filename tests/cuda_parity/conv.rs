@@ -12,7 +12,7 @@ use anyhow::Result;
 use sgdm::ops::conv::{
     conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv_transpose2d_forward, im2col, Conv2dSpec, Padding,
+    conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -180,5 +180,40 @@ pub fn check(gpu: &Device) {
             assert_eq!(gcol.to_f32_vec().unwrap(), ccol.f32s().unwrap(), "im2col {xs:?} {spec:?} {dtype}");
         }
         println!("im2col {dtype}: bit-exact");
+    }
+    check_forward_kernels(gpu);
+}
+
+/// Both bf16 forward kernels, named explicitly (the default dispatch above runs the tensor-core one): edge
+/// tiles on every GEMM axis (K past 128 and not a multiple of it, columns past 128, reductions not a multiple
+/// of 32), stride 2 with the VAE's asymmetric padding, 1x1, and an SD 1.5 level at a small latent.
+fn check_forward_kernels(gpu: &Device) {
+    let dtype = DType::BF16;
+    let shapes: [(usize, usize, usize, usize, usize, Conv2dSpec); 5] = [
+        (1, 3, 9, 5, 3, Conv2dSpec::new(1, 1)),
+        (2, 20, 12, 130, 3, Conv2dSpec::new(1, 1)),
+        (1, 8, 11, 16, 3, Conv2dSpec::VAE_DOWNSAMPLE),
+        (1, 64, 4, 32, 1, Conv2dSpec::new(1, 0)),
+        (2, 320, 16, 320, 3, Conv2dSpec::new(1, 1)),
+    ];
+    for (i, &(n, c, side, k, kernel, spec)) in shapes.iter().enumerate() {
+        let pad = spec.padding;
+        let p = (side + pad.top + pad.bottom - kernel) / spec.stride + 1;
+        let q = (side + pad.left + pad.right - kernel) / spec.stride + 1;
+        let (xs, ws, ys) = ([n, c, side, side], [k, c, kernel, kernel], [n, k, p, q]);
+        let seed = 9500 + 10 * i as u64;
+        let x = rounded(dtype, &random(xs.iter().product(), -1.0, 1.0, seed));
+        let w = rounded(dtype, &random(ws.iter().product(), -1.0, 1.0, seed + 1));
+        let b = rounded(dtype, &random(k, -1.0, 1.0, seed + 2));
+        let mut cy = host(&ys, &vec![0.0; ys.iter().product()]);
+        conv2d_forward(&host(&xs, &x), &host(&ws, &w), Some(&host(&[k], &b)), spec, &mut cy).unwrap();
+        let terms = c * kernel * kernel;
+        for variant in [ConvKernel::TensorCore, ConvKernel::Simt] {
+            let mut gy = upload(gpu, &ys, dtype, &vec![7.0; ys.iter().product()]);
+            let (gx, gw, gb) = (upload(gpu, &xs, dtype, &x), upload(gpu, &ws, dtype, &w), upload(gpu, &[k], dtype, &b));
+            conv2d_forward_using(variant, &gx, &gw, Some(&gb), spec, &mut gy).unwrap();
+            let what = format!("conv2d {n}x{c}x{side}x{side}->{k} k{kernel} s{} {variant:?} bf16 forward", spec.stride);
+            compare(&what, &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), 2f32.powi(-8), 1e-5 * (terms as f32).sqrt());
+        }
     }
 }
