@@ -300,6 +300,9 @@ __device__ __forceinline__ void mma_16816_bf16(float d[4], const unsigned a[4], 
 __device__ __forceinline__ unsigned pair_at(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 
 // Grid: (ceil(N*P*Q / 128), ceil(K / 128)), 256 threads. `bias` may be null. y is written.
+// FLIP: `w` is the weight of the convolution this one is the input gradient of, [C_out = s.C, C_in = s.K, R, S],
+// read as w'[k, c, r, s] = w[c, k, R-1-r, S-1-s] (transposed channels, rotated taps) without a copy.
+template <bool FLIP>
 __device__ void conv2d_forward_mma(const bf16_t* x, const bf16_t* w, const bf16_t* bias, bf16_t* y, const ConvShape s) {
     __shared__ __align__(16) bf16_t As[MMA_BM][MMA_LD];
     __shared__ __align__(16) bf16_t Bs[MMA_BN][MMA_LD];
@@ -335,7 +338,16 @@ __device__ void conv2d_forward_mma(const bf16_t* x, const bf16_t* w, const bf16_
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const int k = k0 + ak0 + i;
-            As[arow][ak0 + i] = (am < s.K && k < CRS) ? wrow[k] : (bf16_t)0;
+            bf16_t v = 0;
+            if (am < s.K && k < CRS) {
+                if (FLIP) {
+                    const int c = k / RS, rs = k - c * RS;  // w[c, am, R-1-r, S-1-s] = w[c, am][RS-1-rs]
+                    v = w[((long long)c * s.K + am) * RS + (RS - 1 - rs)];
+                } else {
+                    v = wrow[k];
+                }
+            }
+            As[arow][ak0 + i] = v;
         }
 #pragma unroll 4
         for (int i = 0; i < 16; ++i) {
@@ -421,5 +433,16 @@ CONV_KERNELS(BF16, bf16)
 
 extern "C" __global__ void __launch_bounds__(256) conv2d_forward_mma_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* bias,
                                                                        bf16_t* y, CONV_SHAPE_PARAMS) {
-    conv2d_forward_mma(x, w, bias, y, ConvShape CONV_SHAPE);
+    conv2d_forward_mma<false>(x, w, bias, y, ConvShape CONV_SHAPE);
+}
+
+// Data gradient at stride 1 on tensor cores: dx is the stride-1 convolution of dy with the rotated, transposed
+// weights, padded by R-1-pad_h on top and S-1-pad_w on the left (requires pad_h <= R-1 and pad_w <= S-1);
+// the shape arguments are those of the forward convolution (as for conv2d_backward_input). Grid:
+// (ceil(N*H*W / 128), ceil(C / 128)), 256 threads. `bias` may be null. dx is written.
+extern "C" __global__ void __launch_bounds__(256) conv2d_backward_input_mma_bf16(const bf16_t* dy, const bf16_t* w,
+                                                                              const bf16_t* bias, bf16_t* dx,
+                                                                              CONV_SHAPE_PARAMS) {
+    const ConvShape t = {N, K, P, Q, C, R, S, 1, R - 1 - pad_h, S - 1 - pad_w, H, W};
+    conv2d_forward_mma<true>(dy, w, bias, dx, t);
 }

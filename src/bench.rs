@@ -13,7 +13,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads};
-use crate::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel};
+use crate::ops::conv::{
+    conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
+};
 use crate::ops::elementwise::scale;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
 use crate::ops::linear::{matmul, MatmulSpec};
@@ -199,6 +201,10 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
                 push("forward_simt", t, flops, 2.0 * act + wt);
             }
             push("backward_input", time(device, timing, || conv2d_backward_input(&dy, &w, spec, &mut dx))?, flops, 2.0 * act + wt);
+            if device.is_cuda() && dtype == DType::BF16 {
+                let t = time(device, timing, || conv2d_backward_input_using(ConvKernel::Simt, &dy, &w, spec, &mut dx))?;
+                push("backward_input_simt", t, flops, 2.0 * act + wt);
+            }
             push("backward_weight", time(device, timing, || conv2d_backward_weight(&x, &dy, spec, &mut dw))?, flops, 2.0 * act + wt);
         }
         "attention" => {

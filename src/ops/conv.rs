@@ -33,6 +33,7 @@ pub const KERNELS: &[&str] = &[
     "im2col_f32",
     "im2col_bf16",
     "conv2d_forward_mma_bf16",
+    "conv2d_backward_input_mma_bf16",
 ];
 
 /// Which CUDA kernel runs a convolution forward in bf16 (f32 always takes [`ConvKernel::Simt`]).
@@ -270,7 +271,16 @@ pub fn conv2d_backward_input(dy: &Tensor, w: &Tensor, spec: Conv2dSpec, dx: &mut
     let op = "conv2d_backward_input";
     let g = conv2d_geometry(op, dx.shape(), w.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.p, g.q])?;
-    backward_input(op, &g, dy, w, None, dx)
+    backward_input(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
+}
+
+/// [`conv2d_backward_input`] on a chosen CUDA kernel (the tensor-core one covers stride 1 only; other strides
+/// take the CUDA-core kernel either way).
+pub fn conv2d_backward_input_using(kernel: ConvKernel, dy: &Tensor, w: &Tensor, spec: Conv2dSpec, dx: &mut Tensor) -> Result<()> {
+    let op = "conv2d_backward_input";
+    let g = conv2d_geometry(op, dx.shape(), w.shape(), spec)?;
+    expect_shape(op, "output gradient", dy, &[g.n, g.k, g.p, g.q])?;
+    backward_input(op, &g, dy, w, None, dx, kernel)
 }
 
 /// Conv2d weight gradient: `dw += d(sum(y * dy)) / dw`. Shapes as in [`conv2d_forward`].
@@ -327,7 +337,7 @@ pub fn conv_transpose2d_forward(
         let e = x.dtype().size();
         (x.device(), 2.0 * x.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
     });
-    backward_input(op, &g, x, w, bias, y)
+    backward_input(op, &g, x, w, bias, y, ConvKernel::from_env()?)
 }
 
 /// ConvTranspose2d input gradient (written). Shapes as in [`conv_transpose2d_forward`].
@@ -371,7 +381,7 @@ pub fn conv1d_backward_input(dy: &Tensor, w: &Tensor, stride: usize, padding: us
     let op = "conv1d_backward_input";
     let g = conv1d_geometry(op, dx.shape(), w.shape(), stride, padding)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.q])?;
-    backward_input(op, &g, dy, w, None, dx)
+    backward_input(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
 }
 
 /// Conv1d weight gradient (`+=`). Shapes as in [`conv1d_forward`].
@@ -421,6 +431,7 @@ fn backward_input(
     w: &Tensor,
     bias: Option<&Tensor>,
     dx: &mut Tensor,
+    kernel: ConvKernel,
 ) -> Result<()> {
     let all = tensors(&[Some(dy), Some(w), bias, Some(&*dx)]);
     let device = common_device(op, &all)?;
@@ -434,7 +445,14 @@ fn backward_input(
         Device::Cuda(d) => {
             let bias = bias.map(|b| b.cuda_ptr()).transpose()?.unwrap_or(0);
             let args = [Ptr(dy.cuda_ptr()?), Ptr(w.cuda_ptr()?), Ptr(bias), Ptr(dx.cuda_ptr()?)];
-            launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_input")?, g, (g.c, g.n * g.h * g.w), TILE, &args)
+            let (rows, cols) = (g.c, g.n * g.h * g.w);
+            // At stride 1 the data gradient is itself a convolution (rotated, transposed weights): tensor cores.
+            let as_conv = g.stride == 1 && g.pad_h < g.r && g.pad_w < g.s;
+            if dtype == DType::BF16 && kernel == ConvKernel::TensorCore && d.arch.major >= 8 && as_conv {
+                launch_gemm(op, &d, "conv2d_backward_input_mma_bf16", g, (rows, cols), MMA_TILE, &args)
+            } else {
+                launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_input")?, g, (rows, cols), TILE, &args)
+            }
         }
     }
 }

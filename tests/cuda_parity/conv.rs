@@ -12,7 +12,7 @@ use anyhow::Result;
 use sgdm::ops::conv::{
     conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
+    conv2d_backward_input_using, conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -184,7 +184,7 @@ pub fn check(gpu: &Device) {
     check_forward_kernels(gpu);
 }
 
-/// Both bf16 forward kernels, named explicitly (the default dispatch above runs the tensor-core one): edge
+/// Both bf16 forward and data-gradient kernels, named explicitly (the default dispatch above runs the tensor-core one): edge
 /// tiles on every GEMM axis (K past 128 and not a multiple of it, columns past 128, reductions not a multiple
 /// of 32), stride 2 with the VAE's asymmetric padding, 1x1, and an SD 1.5 level at a small latent.
 fn check_forward_kernels(gpu: &Device) {
@@ -214,6 +214,18 @@ fn check_forward_kernels(gpu: &Device) {
             conv2d_forward_using(variant, &gx, &gw, Some(&gb), spec, &mut gy).unwrap();
             let what = format!("conv2d {n}x{c}x{side}x{side}->{k} k{kernel} s{} {variant:?} bf16 forward", spec.stride);
             compare(&what, &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), 2f32.powi(-8), 1e-5 * (terms as f32).sqrt());
+        }
+        // The data gradient: tensor cores at stride 1 (rotated, transposed weights), the CUDA-core kernel
+        // otherwise; both against the CPU.
+        let dy = rounded(dtype, &random(ys.iter().product(), -1.0, 1.0, seed + 3));
+        let mut cdx = host(&xs, &vec![0.0; xs.iter().product()]);
+        conv2d_backward_input(&host(&ys, &dy), &host(&ws, &w), spec, &mut cdx).unwrap();
+        let terms = k * kernel * kernel;
+        for variant in [ConvKernel::TensorCore, ConvKernel::Simt] {
+            let mut gdx = upload(gpu, &xs, dtype, &vec![7.0; xs.iter().product()]);
+            conv2d_backward_input_using(variant, &upload(gpu, &ys, dtype, &dy), &upload(gpu, &ws, dtype, &w), spec, &mut gdx).unwrap();
+            let what = format!("conv2d {n}x{c}x{side}x{side}->{k} k{kernel} s{} {variant:?} bf16 dx", spec.stride);
+            compare(&what, &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), 2f32.powi(-8), 1e-5 * (terms as f32).sqrt());
         }
     }
 }
