@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads};
+use crate::ops::attention::{attention_backward, attention_forward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use crate::ops::conv::{
     conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
 };
@@ -226,6 +226,10 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
             let flops = 4.0 * (b * h * lq * lk * d) as f64;
             let io = ((2 * b * lq * h * d) + (2 * b * lk * h * d)) as f64 * size;
             push("forward", time(device, timing, || attention_forward(spec, x, &mut out, &mut lse))?, flops, io);
+            if device.is_cuda() && dtype == DType::BF16 {
+                let t = time(device, timing, || attention_forward_using(AttentionKernel::Simt, spec, x, &mut out, &mut lse))?;
+                push("forward_simt", t, flops, io);
+            }
             attention_forward(spec, x, &mut out, &mut lse)?;
             let t = time(device, timing, || {
                 attention_backward(spec, x, &out, &lse, &dout, &mut delta, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv })

@@ -66,3 +66,22 @@ fn a_quick_cpu_run_times_every_pass_with_exact_counts() {
     assert_eq!(row(gn, "backward")["bytes"], 3.0 * 1024.0 * 4.0);
     assert_eq!(row(gn, "forward")["flops"], 0.0);
 }
+
+/// The kernel-variant environment variables are checked (a typo is an error naming the variable and the
+/// accepted values, even on the CPU, which ignores the choice); `simt` is accepted.
+#[test]
+fn kernel_variant_variables_are_validated() {
+    for (var, family) in [("SGDM_CONV_KERNEL", "conv"), ("SGDM_ATTENTION_KERNEL", "attention")] {
+        let run = |value: &str| {
+            std::process::Command::new(common::sgdm_bin())
+                .args(["--device", "cpu", "bench", "--quick", "--family", family, "--runs", "1", "--warmup", "0"])
+                .env(var, value)
+                .output()
+                .unwrap()
+        };
+        let bad = run("tensorcores");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.contains(&format!("{var}=tensorcores: expected tensor-core or simt")), "{err}");
+        assert!(run("simt").status.success());
+    }
+}

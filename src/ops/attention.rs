@@ -52,7 +52,23 @@ pub const KERNELS: &[&str] = &[
     "attention_backward_dkdv_bf16_d96",
     "attention_backward_dkdv_bf16_d128",
     "attention_backward_dkdv_bf16_d160",
+    "attention_forward_mma_bf16_d16",
+    "attention_forward_mma_bf16_d32",
+    "attention_forward_mma_bf16_d48",
+    "attention_forward_mma_bf16_d64",
+    "attention_forward_mma_bf16_d80",
+    "attention_forward_mma_bf16_d96",
+    "attention_forward_mma_bf16_d112",
+    "attention_forward_mma_bf16_d128",
+    "attention_forward_mma_bf16_d144",
+    "attention_forward_mma_bf16_d160",
 ];
+
+/// The attention forward's kernel choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
+pub type AttentionKernel = super::Variant;
+
+/// Query rows per block of the tensor-core forward (4 warps of 16).
+const MMA_FORWARD_ROWS: usize = 64;
 
 /// The largest head dim the CUDA kernels hold in registers (5 columns per lane); SD 1.5 needs 160.
 pub const MAX_HEAD_DIM: usize = 160;
@@ -165,6 +181,11 @@ fn check_row_stats(op: &str, name: &str, dims: &AttentionDims, t: &Tensor) -> Re
 
 /// `out = softmax(scale * q k^T) v` per head; `lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`.
 pub fn attention_forward(spec: AttentionSpec, x: Qkv, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    attention_forward_using(AttentionKernel::from_env("SGDM_ATTENTION_KERNEL")?, spec, x, out, lse)
+}
+
+/// [`attention_forward`] on a chosen CUDA kernel (tests and benchmarks compare the variants; the CPU ignores it).
+pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x: Qkv, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
     const OP: &str = "attention_forward";
     let dims = AttentionDims::of(OP, spec, x)?;
     let device = common_device(OP, &[x.q, x.k, x.v, out, lse])?;
@@ -188,7 +209,12 @@ pub fn attention_forward(spec: AttentionSpec, x: Qkv, out: &mut Tensor, lse: &mu
                 Ptr(out.cuda_ptr()?),
                 Ptr(lse.cuda_ptr()?),
             ];
-            launch_tiled(&d, "attention_forward", dtype, &dims, scale, CUDA_FORWARD_ROWS, dims.q_len, &args)
+            if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MAX_HEAD_DIM {
+                let name = format!("attention_forward_mma_bf16_d{}", dims.head_dim.div_ceil(16) * 16);
+                launch_rows(&d, kernel(&name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
+            } else {
+                launch_tiled(&d, "attention_forward", dtype, &dims, scale, CUDA_FORWARD_ROWS, dims.q_len, &args)
+            }
         }
     }
 }
@@ -288,6 +314,22 @@ fn launch_tiled(
 ) -> Result<()> {
     let variant = dims.head_dim.div_ceil(32) * 32;
     let name = kernel(&format!("{kind}_{}_d{variant}", dtype_suffix(dtype)))?;
+    launch_rows(d, name, dims, scale, rows_per_block, CUDA_THREADS, len, args)
+}
+
+/// Launches `name` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
+#[allow(clippy::too_many_arguments)]
+fn launch_rows(
+    d: &CudaDevice,
+    name: &'static str,
+    dims: &AttentionDims,
+    scale: f32,
+    rows_per_block: usize,
+    threads: u32,
+    len: usize,
+    args: &[KernelArg],
+) -> Result<()> {
+    let kind = name;
     let heads = dims.batch * dims.heads;
     ensure!(heads <= 65_535, "{kind}: batch * heads = {heads} exceeds the grid's y limit 65535");
     ensure!(
@@ -296,7 +338,7 @@ fn launch_tiled(
     );
     let cfg = LaunchConfig {
         grid_dim: (len.div_ceil(rows_per_block) as u32, heads as u32, 1),
-        block_dim: (CUDA_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut all = args.to_vec();

@@ -36,25 +36,11 @@ pub const KERNELS: &[&str] = &[
     "conv2d_backward_input_mma_bf16",
 ];
 
-/// Which CUDA kernel runs a convolution forward in bf16 (f32 always takes [`ConvKernel::Simt`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvKernel {
-    /// Tensor cores: `mma.sync` m16n8k16, bf16 in, f32 accumulate (sm_80+). The default for bf16.
-    TensorCore,
-    /// f32 FMAs on the CUDA cores: the implicit GEMM every dtype has.
-    Simt,
-}
+/// The conv kernel choice ([`super::Variant`]); `SGDM_CONV_KERNEL` overrides the default.
+pub type ConvKernel = super::Variant;
 
-impl ConvKernel {
-    /// The kernel `SGDM_CONV_KERNEL` names (`tensor-core`, the default, or `simt`), for comparing variants
-    /// in benchmarks and profiles without rebuilding.
-    pub fn from_env() -> Result<ConvKernel> {
-        match std::env::var("SGDM_CONV_KERNEL").as_deref() {
-            Err(_) | Ok("") | Ok("tensor-core") => Ok(ConvKernel::TensorCore),
-            Ok("simt") => Ok(ConvKernel::Simt),
-            Ok(other) => anyhow::bail!("SGDM_CONV_KERNEL={other}: expected tensor-core or simt"),
-        }
-    }
+fn kernel_from_env() -> Result<ConvKernel> {
+    ConvKernel::from_env("SGDM_CONV_KERNEL")
 }
 
 /// Zero padding added on each side of the image before the convolution.
@@ -254,7 +240,7 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: Conv2
         let e = x.dtype().size();
         (x.device(), 2.0 * y.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
     });
-    forward(op, &g, x, w, bias, y, ConvKernel::from_env()?)
+    forward(op, &g, x, w, bias, y, kernel_from_env()?)
 }
 
 /// [`conv2d_forward`] on a chosen CUDA kernel (tests and benchmarks compare the variants; the CPU ignores it).
@@ -271,7 +257,7 @@ pub fn conv2d_backward_input(dy: &Tensor, w: &Tensor, spec: Conv2dSpec, dx: &mut
     let op = "conv2d_backward_input";
     let g = conv2d_geometry(op, dx.shape(), w.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.p, g.q])?;
-    backward_input(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
+    backward_input(op, &g, dy, w, None, dx, kernel_from_env()?)
 }
 
 /// [`conv2d_backward_input`] on a chosen CUDA kernel (the tensor-core one covers stride 1 only; other strides
@@ -337,7 +323,7 @@ pub fn conv_transpose2d_forward(
         let e = x.dtype().size();
         (x.device(), 2.0 * x.numel() as f64 * (w.numel() / w.shape()[0]) as f64, crate::profile::bytes_of(&[x.numel(), w.numel(), y.numel()], e))
     });
-    backward_input(op, &g, x, w, bias, y, ConvKernel::from_env()?)
+    backward_input(op, &g, x, w, bias, y, kernel_from_env()?)
 }
 
 /// ConvTranspose2d input gradient (written). Shapes as in [`conv_transpose2d_forward`].
@@ -345,7 +331,7 @@ pub fn conv_transpose2d_backward_input(dy: &Tensor, w: &Tensor, spec: Conv2dSpec
     let op = "conv_transpose2d_backward_input";
     let g = conv_transpose2d_geometry(op, dx.shape(), w.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.c, g.h, g.w])?;
-    forward(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
+    forward(op, &g, dy, w, None, dx, kernel_from_env()?)
 }
 
 /// ConvTranspose2d weight gradient (`+=`). Shapes as in [`conv_transpose2d_forward`].
@@ -373,7 +359,7 @@ pub fn conv1d_forward(
     });
     expect_bias(op, bias, g.k)?;
     expect_shape(op, "output", y, &[g.n, g.k, g.q])?;
-    forward(op, &g, x, w, bias, y, ConvKernel::from_env()?)
+    forward(op, &g, x, w, bias, y, kernel_from_env()?)
 }
 
 /// Conv1d input gradient (written). Shapes as in [`conv1d_forward`].
@@ -381,7 +367,7 @@ pub fn conv1d_backward_input(dy: &Tensor, w: &Tensor, stride: usize, padding: us
     let op = "conv1d_backward_input";
     let g = conv1d_geometry(op, dx.shape(), w.shape(), stride, padding)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.q])?;
-    backward_input(op, &g, dy, w, None, dx, ConvKernel::from_env()?)
+    backward_input(op, &g, dy, w, None, dx, kernel_from_env()?)
 }
 
 /// Conv1d weight gradient (`+=`). Shapes as in [`conv1d_forward`].

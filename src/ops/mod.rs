@@ -43,6 +43,28 @@ pub const KERNELS_USED: &[(&str, &[&str])] = &[
     (sampling::KERNEL_FILE, sampling::KERNELS),
 ];
 
+/// Which CUDA kernel runs an op that has both a tensor-core and a CUDA-core kernel (the conv forward and data
+/// gradient, the attention forward; bf16 on sm_80+ only: other dtypes and GPUs always take [`Variant::Simt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Tensor cores: `mma.sync` m16n8k16, bf16 in, f32 accumulate. The default.
+    TensorCore,
+    /// f32 FMAs on the CUDA cores.
+    Simt,
+}
+
+impl Variant {
+    /// The variant the environment variable `var` names (`tensor-core`, the default, or `simt`), for comparing
+    /// kernels in benchmarks and profiles without rebuilding.
+    pub fn from_env(var: &str) -> Result<Variant> {
+        match std::env::var(var).as_deref() {
+            Err(_) | Ok("") | Ok("tensor-core") => Ok(Variant::TensorCore),
+            Ok("simt") => Ok(Variant::Simt),
+            Ok(other) => anyhow::bail!("{var}={other}: expected tensor-core or simt"),
+        }
+    }
+}
+
 /// The device all `tensors` share, or an error naming the op.
 pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Device> {
     let device = tensors[0].device();

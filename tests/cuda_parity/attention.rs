@@ -1,7 +1,8 @@
 //! Attention kernels against the CPU reference: every head-dim variant (32, 64, 96, 128, 160), self and
-//! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16.
+//! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16; in bf16
+//! the forward on tensor cores and on the CUDA cores.
 
-use sgdm::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads};
+use sgdm::ops::attention::{attention_backward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
@@ -24,7 +25,7 @@ struct Run {
 }
 
 /// Forward and backward on `device` with tensors of `dtype` carved from one arena.
-fn run(device: &Device, dtype: DType, case: (usize, usize, usize, usize, usize), x: [&[f32]; 4]) -> Run {
+fn run(device: &Device, dtype: DType, variant: AttentionKernel, case: (usize, usize, usize, usize, usize), x: [&[f32]; 4]) -> Run {
     let (b, lq, lk, h, d) = case;
     let (qs, ks, ss) = ([b, lq, h * d], [b, lk, h * d], [b, h, lq]);
     let mut plan = MemoryPlan::new();
@@ -52,7 +53,7 @@ fn run(device: &Device, dtype: DType, case: (usize, usize, usize, usize, usize),
     let mut dv = tensor(&ks, dtype, None);
     let spec = AttentionSpec::new(h);
     let qkv = Qkv { q: &q, k: &k, v: &v };
-    attention_forward(spec, qkv, &mut out, &mut lse).unwrap();
+    attention_forward_using(variant, spec, qkv, &mut out, &mut lse).unwrap();
     let grads = QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
     attention_backward(spec, qkv, &out, &lse, &dout, &mut delta, grads).unwrap();
     device.synchronize().unwrap();
@@ -82,13 +83,19 @@ pub fn check(gpu: &Device) {
         for (dtype, rel, floor) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 1e-2, 1e-2)] {
             let x: Vec<Vec<f32>> = [&q, &k, &v, &g].iter().map(|t| rounded(dtype, t)).collect();
             let xs = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
-            let got = run(gpu, dtype, *case, xs);
-            let want = run(&Device::Cpu, DType::F32, *case, xs);
-            let what = |name: &str| format!("attention {name} {dtype} {case:?}");
-            compare(&what("out"), &got.out, &want.out, rel, floor * max_abs(&want.out));
-            compare(&what("lse"), &got.lse, &want.lse, 1e-5, 1e-5 * max_abs(&want.lse).max(1.0));
-            for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(got.grads.iter().zip(&want.grads)) {
-                compare(&what(name), got, want, rel, floor * max_abs(want));
+            let want = run(&Device::Cpu, DType::F32, AttentionKernel::Simt, *case, xs);
+            // bf16 forwards run on tensor cores by default (P is rounded to bf16 before P.V, within the same
+            // bound); the CUDA-core forward is checked too. The backward always runs on the CUDA cores.
+            let variants: &[AttentionKernel] =
+                if dtype == DType::BF16 { &[AttentionKernel::TensorCore, AttentionKernel::Simt] } else { &[AttentionKernel::Simt] };
+            for &variant in variants {
+                let got = run(gpu, dtype, variant, *case, xs);
+                let what = |name: &str| format!("attention {name} {dtype} {variant:?} {case:?}");
+                compare(&what("out"), &got.out, &want.out, rel, floor * max_abs(&want.out));
+                compare(&what("lse"), &got.lse, &want.lse, 1e-5, 1e-5 * max_abs(&want.lse).max(1.0));
+                for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(got.grads.iter().zip(&want.grads)) {
+                    compare(&what(name), got, want, rel, floor * max_abs(want));
+                }
             }
         }
     }
