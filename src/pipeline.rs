@@ -28,7 +28,9 @@ use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_A
 use crate::models::blocks::linear_layer_forward;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
-use crate::nn::{Inference, Linear, ParamStore, ParamTree};
+use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
+use crate::ops::elementwise::scale;
+use crate::runtime::pool::Pool;
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
@@ -283,6 +285,12 @@ impl Pipeline {
 
     /// Reconstructs one batch: `eeg` `[B, C, T]` raw, `indices` the items' indices (they seed the noise).
     pub fn reconstruct(&self, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
+        self.reconstruct_with(&mut Steps::default(), eeg, indices, opts)
+    }
+
+    /// [`Pipeline::reconstruct`] reusing the denoising steps (memory pools and, on CUDA, captured graphs) that
+    /// `steps` holds from earlier batches of the same size and options.
+    pub fn reconstruct_with(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
         ensure!(opts.guidance.is_finite() && opts.guidance >= 1.0, "guidance {} must be at least 1 (1: no guidance)", opts.guidance);
@@ -314,25 +322,38 @@ impl Pipeline {
         noise.iter_mut().for_each(|v| *v *= sigma);
         let scale0 = scheduler.input_scale(0) as f32;
         let first_in: Vec<f32> = (0..branches).flat_map(|_| noise.iter().map(|v| v * scale0)).collect();
-        let mut x = self.tensor(&[branches * b, lc, h, h], &first_in)?;
+        let rows = branches * b;
+        let key = (rows, opts.controlnet_scale.to_bits());
+        if !steps.0.contains_key(&key) {
+            // Only the last batch of a run differs in size: hold one step's pool (and graph) at a time.
+            steps.0.clear();
+            let step = Step::new(self, rows, opts.controlnet_scale, std::env::var("SGDM_CUDA_GRAPHS").as_deref() != Ok("0"))?;
+            steps.0.insert(key, step);
+        }
+        let step = steps.0.get_mut(&key).expect("inserted above");
+        step.x.write_f32(&first_in)?;
+        scale(&context, 1.0, &mut step.context)?;
+        scale(&cond, 1.0, &mut step.cond)?;
         let mut sample = Tensor::from_f32(&self.device, &shape, DType::F32, &noise)?;
         let mut x0 = Tensor::zeros(&self.device, &shape, DType::F32)?;
         let mut z = Tensor::zeros(&self.device, &shape, self.dtype)?;
         let timesteps = (0..scheduler.steps())
-            .map(|step| Tensor::from_f32(&self.device, &[branches * b], DType::F32, &vec![scheduler.timesteps[step] as f32; branches * b]))
+            .map(|step| Tensor::from_f32(&self.device, &[rows], DType::F32, &vec![scheduler.timesteps[step] as f32; rows]))
             .collect::<Result<Vec<_>>>()?;
         let inv = (1.0 / self.vae.config.scaling_factor) as f32;
         let denoise_start = std::time::Instant::now();
         let model = self.denoiser();
-        for step in 0..scheduler.steps() {
-            let eps = model.predict(&x, &timesteps[step], &context, &cond, opts.controlnet_scale, &mut Inference(self.device.clone()))?;
-            let last = step + 1 == scheduler.steps();
+        for (i, t) in timesteps.iter().enumerate() {
+            scale(t, 1.0, &mut step.t)?;
+            step.run(&model)?;
+            let last = i + 1 == scheduler.steps();
             let update = GuidedStep {
                 guidance: guided.then_some(opts.guidance),
-                coefficients: scheduler.coefficients(step),
-                out_scale: if last { inv } else { scheduler.input_scale(step + 1) as f32 },
+                coefficients: scheduler.coefficients(i),
+                out_scale: if last { inv } else { scheduler.input_scale(i + 1) as f32 },
             };
-            guided_step(&eps, &update, &mut sample, &mut x0, if last { &mut z } else { &mut x })?;
+            let eps = step.eps.as_ref().expect("Step::run leaves the noise prediction");
+            guided_step(eps, &update, &mut sample, &mut x0, if last { &mut z } else { &mut step.x })?;
         }
         self.device.synchronize()?;
         let denoise_seconds = denoise_start.elapsed().as_secs_f64();
@@ -353,6 +374,88 @@ impl Pipeline {
     pub fn step_inputs(&self, rows: usize, seed: u64) -> Result<[Tensor; 4]> {
         let d = self.unet.config.cross_attention_dim;
         self.denoiser().random_inputs(&self.device, self.dtype, rows, self.latent_size, self.tokens, d, seed)
+    }
+}
+
+/// The denoising step a reconstruction has set up, by (rows, ControlNet scale): reused across batches of the
+/// same size, replaced by a batch of another.
+#[derive(Default)]
+pub struct Steps(std::collections::HashMap<(usize, u32), Step>);
+
+/// One denoising step of a fixed size: the model's inputs in tensors the caller fills before each [`Step::run`]
+/// (`x`, `t`, `context`, `cond`), its activations in a memory [`Pool`] sized to the step's working set, and
+/// the noise prediction in `eps`. On CUDA the step is captured once as a CUDA graph (unless
+/// `SGDM_CUDA_GRAPHS=0`) and every run replays it: one launch instead of hundreds, with the activations at
+/// the addresses they were captured at, which the pool's deterministic placement guarantees.
+pub struct Step {
+    pub x: Tensor,
+    pub t: Tensor,
+    pub context: Tensor,
+    pub cond: Tensor,
+    /// The last run's noise prediction (in the pool; fixed while a graph replays).
+    pub eps: Option<Tensor>,
+    controlnet_scale: f32,
+    pool: Pool,
+    graph: Option<cudarc::driver::CudaGraph>,
+}
+
+impl Step {
+    /// Sets up the step for `rows` rows (a guided batch of B items has 2B): sizes the pool with one eager
+    /// run on a planner (which also loads every kernel and plans every GEMM), then, on CUDA with `graph`,
+    /// captures the graph.
+    pub fn new(p: &Pipeline, rows: usize, controlnet_scale: f32, graph: bool) -> Result<Step> {
+        let (lc, h) = (p.latent_channels, p.latent_size);
+        let d = p.unet.config.cross_attention_dim;
+        let cs = p.condition_size;
+        let zeros = |shape: &[usize], dtype| Tensor::zeros(&p.device, shape, dtype);
+        let (x, t) = (zeros(&[rows, lc, h, h], p.dtype)?, zeros(&[rows], DType::F32)?);
+        let (context, cond) = (zeros(&[rows, p.tokens, d], p.dtype)?, zeros(&[rows, 1, cs, cs], p.dtype)?);
+        let model = p.denoiser();
+        // Sizing: one eager step on a planner places every range as the pool will, without holding its memory.
+        let planner = Pool::planner(&p.device);
+        drop(model.predict(&x, &t, &context, &cond, controlnet_scale, &mut Pooled(planner.clone()))?);
+        let pool = Pool::new(&p.device, planner.usage().top)?;
+        let mut step = Step { x, t, context, cond, eps: None, controlnet_scale, pool, graph: None };
+        if let (Device::Cuda(d), true) = (&p.device, graph) {
+            d.synchronize()?;
+            step.graph = Some(step.capture(&model, d)?);
+        }
+        Ok(step)
+    }
+
+    fn capture(&mut self, model: &Denoiser, d: &crate::runtime::cuda::CudaDevice) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = d.stream();
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).context("beginning the step's graph capture")?;
+        let eps = model.predict(&self.x, &self.t, &self.context, &self.cond, self.controlnet_scale, &mut Pooled(self.pool.clone()));
+        // The capture ends whatever happened, so the stream is usable again for the error's report.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).context("ending the step's graph capture")?;
+        self.eps = Some(eps.context("capturing the denoising step as a CUDA graph (SGDM_CUDA_GRAPHS=0 runs it without)")?);
+        let graph = graph.ok_or_else(|| anyhow::anyhow!("the captured denoising step is an empty graph"))?;
+        graph.upload().context("uploading the step's graph")?;
+        Ok(graph)
+    }
+
+    /// Evaluates the step on the current inputs into `eps`: replays the graph, or runs the models eagerly with
+    /// the activations in the pool.
+    pub fn run(&mut self, model: &Denoiser) -> Result<()> {
+        match &self.graph {
+            Some(graph) => graph.launch().context("replaying the denoising step's graph"),
+            None => {
+                self.eps = None; // its range goes back to the pool first
+                self.eps = Some(model.predict(&self.x, &self.t, &self.context, &self.cond, self.controlnet_scale, &mut Pooled(self.pool.clone()))?);
+                Ok(())
+            }
+        }
+    }
+
+    /// The pool's capacity and high-water mark.
+    pub fn pool_usage(&self) -> crate::runtime::pool::PoolUsage {
+        self.pool.usage()
+    }
+
+    pub fn captured(&self) -> bool {
+        self.graph.is_some()
     }
 }
 

@@ -308,10 +308,12 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
         });
 
         let result = (|| -> Result<()> {
+            // Denoising steps (pools, CUDA graphs) set up by the first batch of each size, reused after.
+            let mut steps = crate::pipeline::Steps::default();
             for batch in eeg_rx {
                 let (idx, eeg) = batch?;
                 let indices: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-                let r = pipeline.reconstruct(&eeg, &indices, &cfg.sampling)?;
+                let r = pipeline.reconstruct_with(&mut steps, &eeg, &indices, &cfg.sampling)?;
                 step_seconds.push(r.denoise_seconds / cfg.sampling.steps as f64);
                 let per_item = r.total_seconds / idx.len() as f64;
                 let structure_up = upsample_nearest(&r.structure, edge, s / edge);

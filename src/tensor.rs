@@ -249,6 +249,8 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     generation: u64,
+    /// For a tensor taken from a [`crate::runtime::pool::Pool`]: its range, given back when the tensor drops.
+    _lease: Option<crate::runtime::pool::Lease>,
 }
 
 impl fmt::Debug for Tensor {
@@ -258,12 +260,25 @@ impl fmt::Debug for Tensor {
 }
 
 impl Tensor {
+    /// A tensor over `storage` at `offset` that gives `lease` back when it drops (pooled memory).
+    pub(crate) fn leased(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType, lease: crate::runtime::pool::Lease) -> Tensor {
+        let mut t = Tensor::carve(storage, offset, shape, dtype);
+        t._lease = Some(lease);
+        t
+    }
+
+    /// This tensor, giving `lease` back when it drops (a pool planner's bookkeeping).
+    pub(crate) fn with_lease(mut self, lease: crate::runtime::pool::Lease) -> Tensor {
+        self._lease = Some(lease);
+        self
+    }
+
     /// A view of `shape` x `dtype` at byte `offset` of `storage`. The caller guarantees that no other live
     /// tensor overlaps it.
     pub(crate) fn carve(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType) -> Tensor {
         let generation = storage.generation();
         debug_assert!(offset + shape.iter().product::<usize>() * dtype.size() <= storage.bytes);
-        Tensor { storage, offset, shape: shape.to_vec(), dtype, generation }
+        Tensor { storage, offset, shape: shape.to_vec(), dtype, generation, _lease: None }
     }
 
     /// A standalone zero tensor (its own allocation). Use an arena inside step loops.
@@ -326,6 +341,7 @@ impl Tensor {
         self.storage = empty.clone();
         self.offset = 0;
         self.generation = DISCARDED;
+        self._lease = None;
     }
 
     fn check_live(&self) -> Result<()> {

@@ -392,6 +392,22 @@ impl Allocator for Standalone {
     }
 }
 
+/// Tensors from a [`crate::runtime::pool::Pool`], for forwards that will not be differentiated: ranges come
+/// back to the pool as activations are discarded, so the pool needs the step's peak working set only, and a
+/// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
+/// element they hand on.
+pub struct Pooled(pub crate::runtime::pool::Pool);
+
+impl Allocator for Pooled {
+    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
+        self.0.alloc(shape, dtype)
+    }
+
+    fn keeps_activations(&self) -> bool {
+        false
+    }
+}
+
 /// Tensors carved from one region of an arena (never zeroed after the first use: layers write every element
 /// they hand on).
 pub struct ArenaRegion<'a>(pub &'a mut crate::runtime::Arena, pub crate::runtime::Region);

@@ -1,9 +1,10 @@
-//! The runtime: devices, the CUDA context and kernel pipeline, and the memory arena.
+//! The runtime: devices, the CUDA context and kernel pipeline, the memory arena and the inference pool.
 pub mod arena;
 pub mod blas;
 pub mod cuda;
 pub mod device;
 pub mod kernels;
+pub mod pool;
 pub mod probe;
 
 pub use arena::{Arena, MemoryPlan, Region};

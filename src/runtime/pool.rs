@@ -1,0 +1,154 @@
+//! A memory pool for inference steps: one allocation, handed out in 256-byte-aligned ranges that return to
+//! the pool when their tensor drops (or is discarded). With [`crate::nn::Allocator::keeps_activations`]
+//! false, a forward's working set lives in the pool at its peak size instead of one allocation per tensor,
+//! and because the first-fit search over a free list kept in address order is deterministic, the same
+//! sequence of allocations and frees lands on the same addresses every time: what replaying a captured
+//! CUDA graph of the step requires (the graph's kernels keep the addresses they were captured with).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Result};
+
+use crate::runtime::device::Device;
+use crate::tensor::{DType, Storage, Tensor};
+
+const ALIGN: usize = 256;
+
+struct State {
+    /// Free ranges: start -> length, non-adjacent (neighbours are merged).
+    free: BTreeMap<usize, usize>,
+    live: usize,
+    peak: usize,
+    /// The highest end of a range handed out: the capacity a pool needs to replay the same sequence.
+    top: usize,
+    /// Ranges handed out since the pool was made: a forward's allocation count.
+    handed: usize,
+}
+
+struct Shared {
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+/// A range of a pool, given back when dropped.
+pub struct Lease {
+    shared: Arc<Shared>,
+    start: usize,
+    len: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.live -= self.len;
+        let (mut start, mut len) = (self.start, self.len);
+        // Merge with the free range just before and the one just after.
+        if let Some((&s, &l)) = st.free.range(..start).next_back() {
+            if s + l == start {
+                st.free.remove(&s);
+                start = s;
+                len += l;
+            }
+        }
+        if let Some(&l) = st.free.get(&(self.start + self.len)) {
+            st.free.remove(&(self.start + self.len));
+            len += l;
+        }
+        st.free.insert(start, len);
+    }
+}
+
+/// One device allocation handed out in ranges. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Pool {
+    memory: Memory,
+    shared: Arc<Shared>,
+}
+
+#[derive(Clone)]
+enum Memory {
+    Storage(Arc<Storage>),
+    /// A planner: ranges are placed as in a real pool, tensors are standalone allocations on this device.
+    Planner(Device),
+}
+
+/// What a pool holds now and held at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub capacity: usize,
+    /// Bytes in ranges handed out now, and at most.
+    pub live: usize,
+    pub peak: usize,
+    /// The highest end of a range handed out (>= peak: the free list may fragment). A pool of this capacity
+    /// places the same sequence of allocations and frees at the same addresses.
+    pub top: usize,
+    pub handed: usize,
+}
+
+impl Pool {
+    /// A pool of `bytes` (rounded up to 256) on `device`.
+    pub fn new(device: &Device, bytes: usize) -> Result<Pool> {
+        let capacity = bytes.div_ceil(ALIGN) * ALIGN;
+        Ok(Pool::with_memory(Memory::Storage(Storage::zeroed(device, capacity)?), capacity))
+    }
+
+    /// A pool without memory of its own, for sizing one: it places every range as a pool would (without a
+    /// capacity limit) while the tensors it hands out are ordinary allocations on `device`. After a step ran
+    /// on it, `usage().top` is the capacity a real pool needs for that step, learned without holding the
+    /// memory twice.
+    pub fn planner(device: &Device) -> Pool {
+        Pool::with_memory(Memory::Planner(device.clone()), usize::MAX / 4)
+    }
+
+    fn with_memory(memory: Memory, capacity: usize) -> Pool {
+        let free = if capacity > 0 { BTreeMap::from([(0, capacity)]) } else { BTreeMap::new() };
+        let state = Mutex::new(State { free, live: 0, peak: 0, top: 0, handed: 0 });
+        Pool { memory, shared: Arc::new(Shared { capacity, state }) }
+    }
+
+    /// A tensor in the lowest free range that fits (its contents are whatever the range last held).
+    pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let len = bytes.max(1).div_ceil(ALIGN) * ALIGN;
+        let mut st = self.shared.state.lock().unwrap();
+        let Some((&start, &free)) = st.free.iter().find(|(_, &l)| l >= len) else {
+            bail!(
+                "memory pool of {} bytes is exhausted: {:?} {} needs {} bytes, {} are in use in ranges of at most {} bytes",
+                self.shared.capacity,
+                shape,
+                dtype,
+                len,
+                st.live,
+                st.free.values().max().copied().unwrap_or(0)
+            );
+        };
+        st.free.remove(&start);
+        if free > len {
+            st.free.insert(start + len, free - len);
+        }
+        st.live += len;
+        st.peak = st.peak.max(st.live);
+        st.top = st.top.max(start + len);
+        st.handed += 1;
+        drop(st);
+        let lease = Lease { shared: self.shared.clone(), start, len };
+        match &self.memory {
+            Memory::Storage(storage) => Ok(Tensor::leased(storage.clone(), start, shape, dtype, lease)),
+            Memory::Planner(device) => Ok(Tensor::zeros(device, shape, dtype)?.with_lease(lease)),
+        }
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        let st = self.shared.state.lock().unwrap();
+        PoolUsage { capacity: self.shared.capacity, live: st.live, peak: st.peak, top: st.top, handed: st.handed }
+    }
+
+    /// Forgets the high-water marks (the next peak and top are measured from what is live now).
+    pub fn reset_peak(&self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.peak = st.live;
+        let first_free = st.free.iter().next_back().filter(|(&s, &l)| s + l == self.shared.capacity).map(|(&s, _)| s);
+        st.top = first_free.unwrap_or(self.shared.capacity);
+    }
+}

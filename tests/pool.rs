@@ -1,0 +1,126 @@
+//! The inference memory pool: first-fit placement in address order, merged free ranges, leases given back
+//! on drop and on discard, exhaustion named in the error, and the determinism that CUDA graph replay relies
+//! on: the same sequence of allocations and frees lands on the same addresses. Then a model forward in a
+//! pool whose memory was poisoned with NaN matches the ordinary inference forward bit for bit (no layer reads
+//! memory it did not write), and a pipeline step reused across batches matches fresh ones.
+
+mod common;
+
+use sgdm::models::unet::{UNet, UNetConditioning, UNetConfig};
+use sgdm::nn::{Allocator, Inference, ParamStore, Pooled};
+use sgdm::runtime::pool::Pool;
+use sgdm::{DType, Device, Tensor};
+
+#[test]
+fn ranges_are_placed_first_fit_merged_on_release_and_exhaustion_is_named() {
+    let pool = Pool::new(&Device::Cpu, 4096).unwrap();
+    let a = pool.alloc(&[64], DType::F32).unwrap(); // 256 bytes
+    let mut b = pool.alloc(&[65], DType::F32).unwrap(); // 260 -> 512 bytes
+    let c = pool.alloc(&[10], DType::BF16).unwrap(); // 20 -> 256 bytes
+    assert_eq!((a.offset(), b.offset(), c.offset()), (0, 256, 768));
+    let u = pool.usage();
+    assert_eq!((u.live, u.peak, u.top, u.handed), (1024, 1024, 1024, 3));
+    // Discarding gives the range back at once; dropping `a` merges it with b's, so 768 bytes fit at 0.
+    b.discard();
+    drop(a);
+    let d = pool.alloc(&[192], DType::F32).unwrap();
+    assert_eq!(d.offset(), 0);
+    assert_eq!(pool.usage().live, 768 + 256);
+    // 768..1024 and 1024..4096 are taken by c and free: 3072 bytes (768 f32) fit, 769 f32 do not.
+    let err = pool.alloc(&[769], DType::F32).unwrap_err().to_string();
+    assert!(err.contains("memory pool of 4096 bytes is exhausted") && err.contains("needs 3328 bytes"), "{err}");
+    let e = pool.alloc(&[768], DType::F32).unwrap();
+    assert_eq!(e.offset(), 1024);
+    drop((c, d, e));
+    assert_eq!(pool.usage().live, 0);
+    assert_eq!(pool.alloc(&[1024], DType::F32).unwrap().offset(), 0, "everything merged back into one range");
+}
+
+/// Records the offset of every tensor a pool hands out.
+struct Recording(Pooled, Vec<usize>);
+
+impl Allocator for Recording {
+    fn alloc(&mut self, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        let t = self.0.alloc(shape, dtype)?;
+        self.1.push(t.offset());
+        Ok(t)
+    }
+
+    fn keeps_activations(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_unet_forward_in_a_poisoned_pool_matches_and_repeats_its_addresses() {
+    let path = common::repo_root().join("tests/fixtures/models/unet_tiny/config.json");
+    let value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let unet = UNet::new(UNetConfig::from_json(&path, &value).unwrap()).unwrap();
+    let p = ParamStore::random_owned(&unet.params, &Device::Cpu, DType::F32, 3).unwrap();
+    let sample = common::cpu(&[2, 4, 8, 8], &common::random(2 * 4 * 64, -1.0, 1.0, 1));
+    let context = common::cpu(&[2, 5, 16], &common::random(2 * 5 * 16, -1.0, 1.0, 2));
+    let timestep = common::cpu(&[2], &[10.0, 900.0]);
+    let cond = UNetConditioning { timestep: &timestep, encoder_hidden_states: &context, residuals: None };
+    let want = unet.forward(&p, &sample, &cond, &mut Inference(Device::Cpu)).unwrap().output.to_f32_vec().unwrap();
+
+    // Size a pool with a planner, poison it, then run twice: same output, same address sequence.
+    let planner = Pool::planner(&Device::Cpu);
+    drop(unet.forward(&p, &sample, &cond, &mut Pooled(planner.clone())).unwrap());
+    let top = planner.usage().top;
+    let pool = Pool::new(&Device::Cpu, top).unwrap();
+    let mut poison = pool.alloc(&[top / 4], DType::F32).unwrap();
+    poison.write_f32(&vec![f32::NAN; top / 4]).unwrap();
+    drop(poison);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut alloc = Recording(Pooled(pool.clone()), Vec::new());
+        let out = unet.forward(&p, &sample, &cond, &mut alloc).unwrap().output.to_f32_vec().unwrap();
+        assert_eq!(out, want, "pooled forward differs from the inference forward");
+        runs.push(alloc.1);
+        assert_eq!(pool.usage().live, 0, "every range came back");
+    }
+    assert_eq!(runs[0], runs[1], "the second forward placed its tensors elsewhere");
+    assert!(runs[0].len() > 50 && pool.usage().peak <= top);
+    println!("UNet tiny forward: {} tensors in a {top}-byte pool", runs[0].len());
+}
+
+#[test]
+fn a_reused_denoising_step_matches_fresh_ones() {
+    let (_, weights) = common::tiny_model();
+    let pipeline = sgdm::pipeline::Pipeline::open(weights, &Device::Cpu, DType::F32).unwrap();
+    let opts = sgdm::pipeline::SamplingOptions { steps: 3, ..Default::default() };
+    let eeg = |seed| common::random(2 * 17 * 100, -5.0, 5.0, seed);
+    let mut steps = sgdm::pipeline::Steps::default();
+    for seed in [1, 2] {
+        let reused = pipeline.reconstruct_with(&mut steps, &eeg(seed), &[0, 1], &opts).unwrap();
+        let fresh = pipeline.reconstruct(&eeg(seed), &[0, 1], &opts).unwrap();
+        assert_eq!(reused.images, fresh.images, "batch {seed}: a reused step differs from a fresh one");
+    }
+}
+
+/// On CUDA: the captured graph's replays equal eager runs of the same step.
+#[test]
+fn a_captured_step_replays_what_the_eager_step_computes() {
+    let Some(gpu) = common::gpu_or_skip("CUDA graph replay of the denoising step") else { return };
+    let (_, weights) = common::tiny_model();
+    let pipeline = sgdm::pipeline::Pipeline::open(weights, &gpu, DType::BF16).unwrap();
+    let model = pipeline.denoiser();
+    let [x, t, context, cond] = pipeline.step_inputs(4, 7).unwrap();
+    let mut results = Vec::new();
+    for graph in [false, true] {
+        let mut step = sgdm::pipeline::Step::new(&pipeline, 4, 1.0, graph).unwrap();
+        assert_eq!(step.captured(), graph);
+        for (src, dst) in [(&x, &mut step.x), (&context, &mut step.context), (&cond, &mut step.cond)] {
+            sgdm::ops::elementwise::scale(src, 1.0, dst).unwrap();
+        }
+        sgdm::ops::elementwise::scale(&t, 1.0, &mut step.t).unwrap();
+        let mut outs = Vec::new();
+        for _ in 0..2 {
+            step.run(&model).unwrap();
+            outs.push(step.eps.as_ref().unwrap().to_f32_vec().unwrap());
+        }
+        assert_eq!(outs[0], outs[1], "graph {graph}: two runs of the same inputs differ");
+        results.push(outs.remove(0));
+    }
+    assert_eq!(results[0], results[1], "the graph replay differs from the eager step");
+}
