@@ -410,15 +410,21 @@ impl Step {
         let zeros = |shape: &[usize], dtype| Tensor::zeros(&p.device, shape, dtype);
         let (x, t) = (zeros(&[rows, lc, h, h], p.dtype)?, zeros(&[rows], DType::F32)?);
         let (context, cond) = (zeros(&[rows, p.tokens, d], p.dtype)?, zeros(&[rows, 1, cs, cs], p.dtype)?);
-        let model = p.denoiser();
+        Step::with_inputs(&p.denoiser(), [x, t, context, cond], controlnet_scale, graph)
+    }
+
+    /// The step of `model` on these input tensors (x, t, context, cond), which it keeps as its static inputs.
+    pub fn with_inputs(model: &Denoiser, inputs: [Tensor; 4], controlnet_scale: f32, graph: bool) -> Result<Step> {
+        let [x, t, context, cond] = inputs;
+        let device = x.device();
         // Sizing: one eager step on a planner places every range as the pool will, without holding its memory.
-        let planner = Pool::planner(&p.device);
+        let planner = Pool::planner(&device);
         drop(model.predict(&x, &t, &context, &cond, controlnet_scale, &mut Pooled(planner.clone()))?);
-        let pool = Pool::new(&p.device, planner.usage().top)?;
+        let pool = Pool::new(&device, planner.usage().top)?;
         let mut step = Step { x, t, context, cond, eps: None, controlnet_scale, pool, graph: None };
-        if let (Device::Cuda(d), true) = (&p.device, graph) {
+        if let (Device::Cuda(d), true) = (&device, graph) {
             d.synchronize()?;
-            step.graph = Some(step.capture(&model, d)?);
+            step.graph = Some(step.capture(model, d)?);
         }
         Ok(step)
     }
