@@ -2,7 +2,7 @@
 # Our kernels against PyTorch on the same GPU, in one run (issue #8). Runs on the GPU machine from the
 # repository root with the bundle of benches/gpu/bundle.sh unpacked into target/ (no Rust toolchain needed):
 #   1. the ptxas report of every kernel for this GPU (registers, spills);
-#   2. the CUDA-vs-CPU kernel parity test (nothing is timed unless it passes);
+#   2. the CUDA-vs-CPU kernel parity test (failures are listed under the table: those rows are not valid);
 #   3. `sgdm bench` (ours, bf16, CUDA events, median of 30 after 5 warm-up calls) and benches/gpu/torch_ops.py
 #      (PyTorch on the cases `sgdm bench --list` names, timed the same way), each with the GEMM and copy
 #      peaks measured in its own run;
@@ -21,10 +21,11 @@ log="$out/compare.txt"
   echo "=== ptxas report (sm_${cap:-90})"
   "$sgdm" kernels --arch "sm_${cap:-90}"
   echo "=== kernel parity before timing"
+  # A failing kernel is still timed (one wrong kernel must not hide every other number), but the table
+  # says so: its rows are not valid measurements until parity passes.
   if ! "$bundle/tests/cuda_parity" every_kernel_file --test-threads=1 > "$out/compare-parity.txt" 2>&1; then
-    grep -E 'FAIL|stopped|panicked' "$out/compare-parity.txt" | head -20
-    echo "kernel parity failed: not timing (see compare-parity.txt)"
-    exit 1
+    grep -E 'FAIL|stopped|panicked' "$out/compare-parity.txt" | head -20 | tee "$out/compare-parity-failures.txt"
+    echo "kernel parity FAILED (see compare-parity.txt): rows of the failing kernels are not valid measurements"
   fi
   grep -E '^test result' "$out/compare-parity.txt"
   echo "=== ours"
@@ -34,5 +35,8 @@ log="$out/compare.txt"
   python3 benches/gpu/torch_ops.py --cases "$out/bench-cases.json" --json "$out/bench-torch.json" || exit 1
   echo "=== comparison"
   python3 benches/gpu/compare.py "$out/bench-ours.json" "$out/bench-torch.json" | tee "$out/compare-table.md"
+  if [ -s "$out/compare-parity-failures.txt" ]; then
+    { echo; echo "WARNING: kernel parity failed before this run; see compare-parity-failures.txt:"; cat "$out/compare-parity-failures.txt"; } | tee -a "$out/compare-table.md"
+  fi
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
