@@ -404,6 +404,113 @@ __device__ void conv2d_forward_mma(const bf16_t* x, const bf16_t* w, const bf16_
         }
 }
 
+// Weight gradient on tensor cores (bf16 only, sm_80+): dw[k, (c, r, s)] += sum over j = (n, p, q) of
+// dy[n, k, p, q] * x[n, c, p*stride - pad_h + r, q*stride - pad_w + s]. GEMM rows k < K, columns (c, r, s) <
+// C*R*S, reduction j < N*P*Q, tiled and multiplied exactly as conv2d_forward_mma (As[k][j] from dy, Bs[crs][j]
+// gathered from x). The reduction is split over blockIdx.z in `chunk`-long slices (a multiple of 32): with
+// `split`, each slice writes its f32 partial sums to partial[z][k][crs] and conv_dw_reduce_bf16 adds them
+// into dw; without, the single slice adds its sums into dw directly. Grid: (ceil(CRS / 128), ceil(K / 128),
+// splits), 256 threads.
+__device__ void conv2d_backward_weight_mma(const bf16_t* x, const bf16_t* dy, bf16_t* dw, float* partial, int chunk,
+                                           bool split, const ConvShape s) {
+    __shared__ __align__(16) bf16_t As[MMA_BM][MMA_LD];
+    __shared__ __align__(16) bf16_t Bs[MMA_BN][MMA_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int warp_row = (warp >> 2) * 64, warp_col = (warp & 3) * 32;
+    const int group = lane >> 2, tig = lane & 3;
+    const int RS = s.R * s.S, CRS = s.C * RS, PQ = s.P * s.Q;
+    const long long J = (long long)s.N * PQ;
+    const int m0 = blockIdx.y * MMA_BM, c0 = blockIdx.x * MMA_BN;
+    const long long jbeg = (long long)blockIdx.z * chunk;
+    const long long jend = jbeg + chunk < J ? jbeg + chunk : J;
+
+    // dy rows: this thread loads row arow of every A tile, reduction offsets aj0 .. aj0 + 15.
+    const int arow = tid >> 1, aj0 = (tid & 1) * 16, am = m0 + arow;
+    // x gather: this thread owns column bcol (one (c, r, s)) of every B tile, reduction offsets bj0 .. bj0 + 15.
+    const int bcol = tid & (MMA_BN - 1), bj0 = (tid >> 7) * 16, bcrs = c0 + bcol;
+    const bool bvalid = bcrs < CRS;
+    const int bc = bvalid ? bcrs / RS : 0, brs = bvalid ? bcrs - bc * RS : 0;
+    const int br = brs / s.S, bs = brs - br * s.S;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    for (long long j0 = jbeg; j0 < jend; j0 += MMA_BK) {
+#pragma unroll 4
+        for (int i = 0; i < 16; ++i) {
+            const long long j = j0 + aj0 + i;
+            bf16_t v = 0;
+            if (am < s.K && j < jend) {
+                const long long n = j / PQ;
+                v = dy[(n * s.K + am) * PQ + (j - n * PQ)];
+            }
+            As[arow][aj0 + i] = v;
+        }
+#pragma unroll 4
+        for (int i = 0; i < 16; ++i) {
+            const long long j = j0 + bj0 + i;
+            bf16_t v = 0;
+            if (bvalid && j < jend) {
+                const long long n = j / PQ;
+                const int pq = (int)(j - n * PQ), p = pq / s.Q, q = pq - p * s.Q;
+                const int ih = p * s.stride - s.pad_h + br, iw = q * s.stride - s.pad_w + bs;
+                if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) v = x[((n * s.C + bc) * s.H + ih) * s.W + iw];
+            }
+            Bs[bcol][bj0 + i] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK; kk += 16) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
+                a[mi][0] = pair_at(&As[r][k]);
+                a[mi][1] = pair_at(&As[r + 8][k]);
+                a[mi][2] = pair_at(&As[r][k + 8]);
+                a[mi][3] = pair_at(&As[r + 8][k + 8]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
+                b[ni][0] = pair_at(&Bs[c][k]);
+                b[ni][1] = pair_at(&Bs[c][k + 8]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + warp_row + mi * 16 + group + 8 * half;
+            if (m >= s.K) continue;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int col = c0 + warp_col + ni * 8 + 2 * tig + j;
+                    if (col >= CRS) continue;
+                    const long long idx = (long long)m * CRS + col;
+                    const float v = acc[mi][ni][2 * half + j];
+                    if (split) {
+                        partial[(long long)blockIdx.z * s.K * CRS + idx] = v;
+                    } else {
+                        dw[idx] = f32_to_bf16(bf16_to_f32(dw[idx]) + v);
+                    }
+                }
+        }
+}
+
 #define CONV_SHAPE_PARAMS \
     int N, int C, int H, int W, int K, int R, int S, int stride, int pad_h, int pad_w, int P, int Q
 #define CONV_SHAPE {N, C, H, W, K, R, S, stride, pad_h, pad_w, P, Q}
@@ -445,4 +552,19 @@ extern "C" __global__ void __launch_bounds__(256) conv2d_backward_input_mma_bf16
                                                                               CONV_SHAPE_PARAMS) {
     const ConvShape t = {N, K, P, Q, C, R, S, 1, R - 1 - pad_h, S - 1 - pad_w, H, W};
     conv2d_forward_mma<true>(dy, w, bias, dx, t);
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv2d_backward_weight_mma_bf16(const bf16_t* x, const bf16_t* dy, bf16_t* dw,
+                                                                               float* partial, int chunk, int split,
+                                                                               CONV_SHAPE_PARAMS) {
+    conv2d_backward_weight_mma(x, dy, dw, partial, chunk, split != 0, ConvShape CONV_SHAPE);
+}
+
+// dw[i] += sum over z < splits of partial[z * count + i] (the split weight gradient's partial sums), in f32.
+extern "C" __global__ void conv_dw_reduce_bf16(const float* partial, bf16_t* dw, int splits, long long count) {
+    GRID_STRIDE_LOOP(i, count) {
+        float v = bf16_to_f32(dw[i]);
+        for (int z = 0; z < splits; ++z) v += partial[(long long)z * count + i];
+        dw[i] = f32_to_bf16(v);
+    }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::ops::attention::{attention_backward, attention_forward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use crate::ops::conv::{
-    conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
+    conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_backward_weight_using, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
 };
 use crate::ops::elementwise::scale;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
@@ -206,6 +206,10 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
                 push("backward_input_simt", t, flops, 2.0 * act + wt);
             }
             push("backward_weight", time(device, timing, || conv2d_backward_weight(&x, &dy, spec, &mut dw))?, flops, 2.0 * act + wt);
+            if device.is_cuda() && dtype == DType::BF16 {
+                let t = time(device, timing, || conv2d_backward_weight_using(ConvKernel::Simt, &x, &dy, spec, &mut dw))?;
+                push("backward_weight_simt", t, flops, 2.0 * act + wt);
+            }
         }
         "attention" => {
             let (b, h, lq, lk, d) = (case.get("batch"), case.get("heads"), case.get("q_len"), case.get("kv_len"), case.get("head_dim"));

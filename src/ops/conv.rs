@@ -34,6 +34,8 @@ pub const KERNELS: &[&str] = &[
     "im2col_bf16",
     "conv2d_forward_mma_bf16",
     "conv2d_backward_input_mma_bf16",
+    "conv2d_backward_weight_mma_bf16",
+    "conv_dw_reduce_bf16",
 ];
 
 /// The conv kernel choice ([`super::Variant`]); `SGDM_CONV_KERNEL` overrides the default.
@@ -274,7 +276,15 @@ pub fn conv2d_backward_weight(x: &Tensor, dy: &Tensor, spec: Conv2dSpec, dw: &mu
     let op = "conv2d_backward_weight";
     let g = conv2d_geometry(op, x.shape(), dw.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.p, g.q])?;
-    backward_weight(op, &g, x, dy, dw)
+    backward_weight(op, &g, x, dy, dw, kernel_from_env()?)
+}
+
+/// [`conv2d_backward_weight`] on a chosen CUDA kernel (tests and benchmarks compare the variants).
+pub fn conv2d_backward_weight_using(kernel: ConvKernel, x: &Tensor, dy: &Tensor, spec: Conv2dSpec, dw: &mut Tensor) -> Result<()> {
+    let op = "conv2d_backward_weight";
+    let g = conv2d_geometry(op, x.shape(), dw.shape(), spec)?;
+    expect_shape(op, "output gradient", dy, &[g.n, g.k, g.p, g.q])?;
+    backward_weight(op, &g, x, dy, dw, kernel)
 }
 
 /// Bias gradient of any of these convolutions: `db[c] += sum of dy[n, c, ...]` for dy [N, C, ...] (rank 3 or 4).
@@ -339,7 +349,7 @@ pub fn conv_transpose2d_backward_weight(x: &Tensor, dy: &Tensor, spec: Conv2dSpe
     let op = "conv_transpose2d_backward_weight";
     let g = conv_transpose2d_geometry(op, x.shape(), dw.shape(), spec)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.c, g.h, g.w])?;
-    backward_weight(op, &g, dy, x, dw)
+    backward_weight(op, &g, dy, x, dw, kernel_from_env()?)
 }
 
 /// Conv1d with symmetric `padding`: x [N, C_in, L], w [C_out, C_in, k], bias [C_out], y [N, C_out, L'].
@@ -375,7 +385,7 @@ pub fn conv1d_backward_weight(x: &Tensor, dy: &Tensor, stride: usize, padding: u
     let op = "conv1d_backward_weight";
     let g = conv1d_geometry(op, x.shape(), dw.shape(), stride, padding)?;
     expect_shape(op, "output gradient", dy, &[g.n, g.k, g.q])?;
-    backward_weight(op, &g, x, dy, dw)
+    backward_weight(op, &g, x, dy, dw, kernel_from_env()?)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -444,7 +454,7 @@ fn backward_input(
 }
 
 /// `dw[k, c, r, s] += sum_{n, p, q} dy[n, k, p, q] x[n, c, p*stride - pad_h + r, q*stride - pad_w + s]`.
-fn backward_weight(op: &str, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+fn backward_weight(op: &str, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Tensor, kernel: ConvKernel) -> Result<()> {
     let device = common_device(op, &[x, dy, dw])?;
     let dtype = common_dtype(op, &device, &[x, dy, dw])?;
     match device {
@@ -453,10 +463,53 @@ fn backward_weight(op: &str, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Ten
             Ok(())
         }
         Device::Cuda(d) => {
+            if dtype == DType::BF16 && kernel == ConvKernel::TensorCore && d.arch.major >= 8 {
+                return backward_weight_mma(op, &d, g, x, dy, dw);
+            }
             let args = [Ptr(x.cuda_ptr()?), Ptr(dy.cuda_ptr()?), Ptr(dw.cuda_ptr()?)];
             launch_gemm(op, &d, by_dtype(dtype, "conv2d_backward_weight")?, g, (g.k, g.patch_len()), TILE, &args)
         }
     }
+}
+
+/// Blocks the tensor-core weight gradient aims for: two waves of a 132-SM H100.
+const DW_TARGET_BLOCKS: usize = 264;
+
+/// The weight gradient on tensor cores: the (k, crs) output tiles rarely fill the GPU (SD 1.5's 3x3 convs
+/// have 23 x 3 of them at 320 channels), so the N*P*Q reduction is split over the grid's z axis into slices
+/// of at least 256, whose f32 partial sums a second kernel adds into dw; a single slice adds directly.
+fn backward_weight_mma(op: &str, d: &CudaDevice, g: &Geometry, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+    let (rows, cols, reduction) = (g.k, g.patch_len(), g.n * g.p * g.q);
+    if rows == 0 || cols == 0 || reduction == 0 {
+        return Ok(());
+    }
+    let tiles = rows.div_ceil(MMA_TILE) * cols.div_ceil(MMA_TILE);
+    let splits = DW_TARGET_BLOCKS.div_ceil(tiles).min(reduction.div_ceil(256)).clamp(1, 65_535);
+    let chunk = reduction.div_ceil(splits).div_ceil(32) * 32;
+    let splits = reduction.div_ceil(chunk);
+    ensure!(chunk <= i32::MAX as usize, "{op}: a reduction slice of {chunk} exceeds the kernel's 32-bit argument");
+    let partial = if splits > 1 { Some(Tensor::zeros(&x.device(), &[splits, rows, cols], DType::F32)?) } else { None };
+    let partial_ptr = partial.as_ref().map(Tensor::cuda_ptr).transpose()?.unwrap_or(0);
+    let dims = [g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride, g.pad_h, g.pad_w, g.p, g.q];
+    let fits = |v: usize| v <= i32::MAX as usize;
+    ensure!(
+        dims.iter().all(|&v| fits(v)) && fits(g.input_len()) && fits(g.output_len()) && fits(rows * cols),
+        "{op}: geometry {g:?} exceeds the kernel's 32-bit per-image indexing"
+    );
+    ensure!(rows.div_ceil(MMA_TILE) <= 65_535 && fits(cols.div_ceil(MMA_TILE)), "{op}: {rows}x{cols} is too large a grid");
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(MMA_TILE) as u32, rows.div_ceil(MMA_TILE) as u32, splits as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut args = vec![Ptr(x.cuda_ptr()?), Ptr(dy.cuda_ptr()?), Ptr(dw.cuda_ptr()?), Ptr(partial_ptr), I32(chunk as i32), I32((splits > 1) as i32)];
+    args.extend(dims.iter().map(|&v| I32(v as i32)));
+    d.launch(KERNEL_FILE, "conv2d_backward_weight_mma_bf16", cfg, &args, None)?;
+    if splits > 1 {
+        d.launch_elementwise(KERNEL_FILE, "conv_dw_reduce_bf16", &[Ptr(partial_ptr), Ptr(dw.cuda_ptr()?), I32(splits as i32)], rows * cols)?;
+    }
+    // `partial` is freed on the stream after the reduction that reads it.
+    Ok(())
 }
 
 /// Benchmark baseline only: the convolutions above never build an im2col buffer (CPU: per image, internally;

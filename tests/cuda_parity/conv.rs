@@ -12,7 +12,7 @@ use anyhow::Result;
 use sgdm::ops::conv::{
     conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv2d_backward_input_using, conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
+    conv2d_backward_input_using, conv2d_backward_weight_using, conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -184,7 +184,7 @@ pub fn check(gpu: &Device) {
     check_forward_kernels(gpu);
 }
 
-/// Both bf16 forward and data-gradient kernels, named explicitly (the default dispatch above runs the tensor-core one): edge
+/// Both bf16 forward, data-gradient and weight-gradient kernels, named explicitly (the default dispatch above runs the tensor-core one): edge
 /// tiles on every GEMM axis (K past 128 and not a multiple of it, columns past 128, reductions not a multiple
 /// of 32), stride 2 with the VAE's asymmetric padding, 1x1, and an SD 1.5 level at a small latent.
 fn check_forward_kernels(gpu: &Device) {
@@ -226,6 +226,18 @@ fn check_forward_kernels(gpu: &Device) {
             conv2d_backward_input_using(variant, &upload(gpu, &ys, dtype, &dy), &upload(gpu, &ws, dtype, &w), spec, &mut gdx).unwrap();
             let what = format!("conv2d {n}x{c}x{side}x{side}->{k} k{kernel} s{} {variant:?} bf16 dx", spec.stride);
             compare(&what, &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), 2f32.powi(-8), 1e-5 * (terms as f32).sqrt());
+        }
+        // The weight gradient (+= onto random values): tensor cores with the reduction split when the output
+        // tiles are few (the SD-level shape splits in two, the small ones run one slice), and the CUDA cores.
+        let prior = rounded(dtype, &random(ws.iter().product(), -1.0, 1.0, seed + 4));
+        let mut cdw = host(&ws, &prior);
+        conv2d_backward_weight(&host(&xs, &x), &host(&ys, &dy), spec, &mut cdw).unwrap();
+        let terms = n * p * q;
+        for variant in [ConvKernel::TensorCore, ConvKernel::Simt] {
+            let mut gdw = upload(gpu, &ws, dtype, &prior);
+            conv2d_backward_weight_using(variant, &upload(gpu, &xs, dtype, &x), &upload(gpu, &ys, dtype, &dy), spec, &mut gdw).unwrap();
+            let what = format!("conv2d {n}x{c}x{side}x{side}->{k} k{kernel} s{} {variant:?} bf16 dw +=", spec.stride);
+            compare(&what, &gdw.to_f32_vec().unwrap(), cdw.f32s().unwrap(), 2f32.powi(-8), 1e-5 * (terms as f32).sqrt());
         }
     }
 }
