@@ -327,7 +327,7 @@ impl Pipeline {
         if !steps.0.contains_key(&key) {
             // Only the last batch of a run differs in size: hold one step's pool (and graph) at a time.
             steps.0.clear();
-            let step = Step::new(self, rows, opts.controlnet_scale, std::env::var("SGDM_CUDA_GRAPHS").as_deref() != Ok("0"))?;
+            let step = Step::new(self, rows, b, opts.controlnet_scale, std::env::var("SGDM_CUDA_GRAPHS").as_deref() != Ok("0"))?;
             steps.0.insert(key, step);
         }
         let step = steps.0.get_mut(&key).expect("inserted above");
@@ -358,7 +358,12 @@ impl Pipeline {
         self.device.synchronize()?;
         let denoise_seconds = denoise_start.elapsed().as_secs_f64();
 
-        let (decoded, _) = self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?;
+        // The decode reuses the step's pool (sized for it), or ordinary allocations if it does not fit.
+        let decoded = match self.vae.decode(&self.vae_params, &z, &mut Pooled(step.pool.clone())) {
+            Ok((decoded, _)) => decoded,
+            Err(e) if crate::runtime::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
+            Err(e) => return Err(e),
+        };
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
         let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
@@ -400,27 +405,34 @@ pub struct Step {
 }
 
 impl Step {
-    /// Sets up the step for `rows` rows (a guided batch of B items has 2B): sizes the pool with one eager
-    /// run on a planner (which also loads every kernel and plans every GEMM), then, on CUDA with `graph`,
-    /// captures the graph.
-    pub fn new(p: &Pipeline, rows: usize, controlnet_scale: f32, graph: bool) -> Result<Step> {
+    /// Sets up the step for `rows` rows (a guided batch of `items` items has 2 x items): sizes the pool for
+    /// the step and for the batch's VAE decode with eager runs on a planner (which also load every kernel and
+    /// plan every GEMM), then, on CUDA with `graph`, captures the graph.
+    pub fn new(p: &Pipeline, rows: usize, items: usize, controlnet_scale: f32, graph: bool) -> Result<Step> {
         let (lc, h) = (p.latent_channels, p.latent_size);
         let d = p.unet.config.cross_attention_dim;
         let cs = p.condition_size;
         let zeros = |shape: &[usize], dtype| Tensor::zeros(&p.device, shape, dtype);
         let (x, t) = (zeros(&[rows, lc, h, h], p.dtype)?, zeros(&[rows], DType::F32)?);
         let (context, cond) = (zeros(&[rows, p.tokens, d], p.dtype)?, zeros(&[rows, 1, cs, cs], p.dtype)?);
-        Step::with_inputs(&p.denoiser(), [x, t, context, cond], controlnet_scale, graph)
+        // The VAE decode of the batch runs in the same pool after the last step, so size the pool for it too
+        // (plus the noise prediction, which stays allocated there); the decode falls back to ordinary
+        // allocations if the pool still turns out too small.
+        let planner = Pool::planner(&p.device);
+        drop(p.vae.decode(&p.vae_params, &zeros(&[items, lc, h, h], p.dtype)?, &mut Pooled(planner.clone()))?);
+        let reserve = planner.usage().top + x.size_bytes().div_ceil(256) * 256;
+        Step::with_inputs(&p.denoiser(), [x, t, context, cond], controlnet_scale, graph, reserve)
     }
 
-    /// The step of `model` on these input tensors (x, t, context, cond), which it keeps as its static inputs.
-    pub fn with_inputs(model: &Denoiser, inputs: [Tensor; 4], controlnet_scale: f32, graph: bool) -> Result<Step> {
+    /// The step of `model` on these input tensors (x, t, context, cond), which it keeps as its static inputs;
+    /// the pool holds at least `min_capacity` bytes (for work that shares it after the step).
+    pub fn with_inputs(model: &Denoiser, inputs: [Tensor; 4], controlnet_scale: f32, graph: bool, min_capacity: usize) -> Result<Step> {
         let [x, t, context, cond] = inputs;
         let device = x.device();
         // Sizing: one eager step on a planner places every range as the pool will, without holding its memory.
         let planner = Pool::planner(&device);
         drop(model.predict(&x, &t, &context, &cond, controlnet_scale, &mut Pooled(planner.clone()))?);
-        let pool = Pool::new(&device, planner.usage().top)?;
+        let pool = Pool::new(&device, planner.usage().top.max(min_capacity))?;
         let mut step = Step { x, t, context, cond, eps: None, controlnet_scale, pool, graph: None };
         if let (Device::Cuda(d), true) = (&device, graph) {
             d.synchronize()?;

@@ -27,7 +27,9 @@ fn ranges_are_placed_first_fit_merged_on_release_and_exhaustion_is_named() {
     assert_eq!(d.offset(), 0);
     assert_eq!(pool.usage().live, 768 + 256);
     // 768..1024 and 1024..4096 are taken by c and free: 3072 bytes (768 f32) fit, 769 f32 do not.
-    let err = pool.alloc(&[769], DType::F32).unwrap_err().to_string();
+    let err = pool.alloc(&[769], DType::F32).unwrap_err();
+    assert!(sgdm::runtime::pool::is_exhausted(&err), "exhaustion is a typed error callers can fall back on");
+    let err = err.to_string();
     assert!(err.contains("memory pool of 4096 bytes is exhausted") && err.contains("needs 3328 bytes"), "{err}");
     let e = pool.alloc(&[768], DType::F32).unwrap();
     assert_eq!(e.offset(), 1024);
@@ -108,7 +110,7 @@ fn a_captured_step_replays_what_the_eager_step_computes() {
     let [x, t, context, cond] = pipeline.step_inputs(4, 7).unwrap();
     let mut results = Vec::new();
     for graph in [false, true] {
-        let mut step = sgdm::pipeline::Step::new(&pipeline, 4, 1.0, graph).unwrap();
+        let mut step = sgdm::pipeline::Step::new(&pipeline, 4, 2, 1.0, graph).unwrap();
         assert_eq!(step.captured(), graph);
         for (src, dst) in [(&x, &mut step.x), (&context, &mut step.context), (&cond, &mut step.cond)] {
             sgdm::ops::elementwise::scale(src, 1.0, dst).unwrap();

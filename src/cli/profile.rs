@@ -109,7 +109,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
 
     // The step as reconstruction runs it: activations in a pool, and on CUDA replayed as a captured graph.
     eprintln!("setting up the pooled step{}...", if device.is_cuda() { " and capturing its CUDA graph" } else { "" });
-    let mut pooled = Step::with_inputs(&denoiser, inputs, 1.0, device.is_cuda())?;
+    let mut pooled = Step::with_inputs(&denoiser, inputs, 1.0, device.is_cuda(), 0)?;
     pooled.run(&denoiser)?;
     device.synchronize()?;
     let replay = Instant::now();

@@ -8,12 +8,29 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Storage, Tensor};
 
 const ALIGN: usize = 256;
+
+/// A pool had no free range large enough (a typed error, so callers can fall back to other memory).
+#[derive(Debug)]
+pub struct PoolExhausted(pub String);
+
+impl std::fmt::Display for PoolExhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PoolExhausted {}
+
+/// Whether `err` (or anything in its chain) is a [`PoolExhausted`].
+pub fn is_exhausted(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<PoolExhausted>())
+}
 
 struct State {
     /// Free ranges: start -> length, non-adjacent (neighbours are merged).
@@ -113,15 +130,16 @@ impl Pool {
         let len = bytes.max(1).div_ceil(ALIGN) * ALIGN;
         let mut st = self.shared.state.lock().unwrap();
         let Some((&start, &free)) = st.free.iter().find(|(_, &l)| l >= len) else {
-            bail!(
-                "memory pool of {} bytes is exhausted: {:?} {} needs {} bytes, {} are in use in ranges of at most {} bytes",
+            return Err(PoolExhausted(format!(
+                "memory pool of {} bytes is exhausted: {:?} {} needs {} bytes, {} are in use, the largest free range holds {} bytes",
                 self.shared.capacity,
                 shape,
                 dtype,
                 len,
                 st.live,
                 st.free.values().max().copied().unwrap_or(0)
-            );
+            ))
+            .into());
         };
         st.free.remove(&start);
         if free > len {
