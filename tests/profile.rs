@@ -35,6 +35,9 @@ fn the_profile_command_reports_every_family_of_a_denoising_step() {
     assert!(ok, "{stdout}\n{stderr}");
     let r: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     assert_eq!(r["rows"], 2, "guidance doubles batch 1");
+    // The pooled step as reconstruction runs it (no graph on the CPU), in a pool of a positive size.
+    assert!(r["pooled_step_seconds"].as_f64().unwrap() > 0.0 && r["pool_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["cuda_graph"], false);
     assert!(r["peak"]["gemm_flops_per_s"].as_f64().unwrap() > 0.0 && r["peak"]["copy_bytes_per_s"].as_f64().unwrap() > 0.0);
     let fams = r["families"].as_array().unwrap();
     let get = |name: &str| fams.iter().find(|f| f["family"] == name).unwrap_or_else(|| panic!("no {name} row"));
@@ -48,4 +51,5 @@ fn the_profile_command_reports_every_family_of_a_denoising_step() {
     let (ok, table, stderr) = common::run_sgdm(["--device", "cpu", "profile", "--weights", weights.to_str().unwrap(), "--steps", "1"]);
     assert!(ok, "{stderr}");
     assert!(table.contains("TFLOP/s") && table.contains("conv") && table.contains("ms plain"), "{table}");
+    assert!(table.contains("as reconstruction runs it:") && table.contains("steps/s") && table.contains("MiB pool"), "{table}");
 }
