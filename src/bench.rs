@@ -12,7 +12,9 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::ops::attention::{attention_backward, attention_forward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
+use crate::ops::attention::{
+    attention_backward, attention_backward_using, attention_forward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads,
+};
 use crate::ops::conv::{
     conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_backward_weight_using, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
 };
@@ -239,6 +241,13 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
                 attention_backward(spec, x, &out, &lse, &dout, &mut delta, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv })
             })?;
             push("backward", t, 2.5 * flops, 2.0 * io);
+            if device.is_cuda() && dtype == DType::BF16 {
+                let t = time(device, timing, || {
+                    let grads = QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+                    attention_backward_using(AttentionKernel::Simt, spec, x, &out, &lse, &dout, &mut delta, grads)
+                })?;
+                push("backward_simt", t, 2.5 * flops, 2.0 * io);
+            }
         }
         "groupnorm_silu" => {
             let (n, c, s, g) = (case.get("batch"), case.get("channels"), case.get("side"), case.get("groups"));

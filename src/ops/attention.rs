@@ -62,13 +62,28 @@ pub const KERNELS: &[&str] = &[
     "attention_forward_mma_bf16_d128",
     "attention_forward_mma_bf16_d144",
     "attention_forward_mma_bf16_d160",
+    "attention_backward_dq_mma_bf16_d16",
+    "attention_backward_dkdv_mma_bf16_d16",
+    "attention_backward_dq_mma_bf16_d32",
+    "attention_backward_dkdv_mma_bf16_d32",
+    "attention_backward_dq_mma_bf16_d48",
+    "attention_backward_dkdv_mma_bf16_d48",
+    "attention_backward_dq_mma_bf16_d64",
+    "attention_backward_dkdv_mma_bf16_d64",
+    "attention_backward_dq_mma_bf16_d80",
+    "attention_backward_dkdv_mma_bf16_d80",
+    "attention_backward_dq_mma_bf16_d96",
+    "attention_backward_dkdv_mma_bf16_d96",
 ];
 
-/// The attention forward's kernel choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
+/// The attention kernels' choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
 pub type AttentionKernel = super::Variant;
 
-/// Query rows per block of the tensor-core forward (4 warps of 16).
+/// Query rows per block of the tensor-core forward and dq kernels, key rows of the dk/dv kernel (4 warps of 16).
 const MMA_FORWARD_ROWS: usize = 64;
+/// The tensor-core backward holds dk and dv accumulators for 16 keys of the whole head in registers: up to
+/// 96 columns (SD 1.5's 40 and 80) without spilling; larger heads take the CUDA-core backward.
+const MMA_BACKWARD_MAX_HEAD_DIM: usize = 96;
 
 /// The largest head dim the CUDA kernels hold in registers (5 columns per lane); SD 1.5 needs 160.
 pub const MAX_HEAD_DIM: usize = 160;
@@ -230,6 +245,22 @@ pub fn attention_backward(
     delta: &mut Tensor,
     grads: QkvGrads,
 ) -> Result<()> {
+    let variant = AttentionKernel::from_env("SGDM_ATTENTION_KERNEL")?;
+    attention_backward_using(variant, spec, x, out, lse, dout, delta, grads)
+}
+
+/// [`attention_backward`] on a chosen CUDA kernel (tensor cores for bf16 head dims up to 96).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_using(
+    variant: AttentionKernel,
+    spec: AttentionSpec,
+    x: Qkv,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    delta: &mut Tensor,
+    grads: QkvGrads,
+) -> Result<()> {
     const OP: &str = "attention_backward";
     let dims = AttentionDims::of(OP, spec, x)?;
     let QkvGrads { dq, dk, dv } = grads;
@@ -278,12 +309,19 @@ pub fn attention_backward(
                 Ptr(lse.cuda_ptr()?),
                 Ptr(delta.cuda_ptr()?),
             ];
-            let mut args = inputs.to_vec();
-            args.push(Ptr(dq.cuda_ptr()?));
-            launch_tiled(&d, "attention_backward_dq", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.q_len, &args)?;
-            let mut args = inputs.to_vec();
-            args.extend([Ptr(dk.cuda_ptr()?), Ptr(dv.cuda_ptr()?)]);
-            launch_tiled(&d, "attention_backward_dkdv", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.kv_len, &args)
+            let mut dq_args = inputs.to_vec();
+            dq_args.push(Ptr(dq.cuda_ptr()?));
+            let mut dkdv_args = inputs.to_vec();
+            dkdv_args.extend([Ptr(dk.cuda_ptr()?), Ptr(dv.cuda_ptr()?)]);
+            if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MMA_BACKWARD_MAX_HEAD_DIM {
+                let dp = dims.head_dim.div_ceil(16) * 16;
+                let dq_kernel = kernel(&format!("attention_backward_dq_mma_bf16_d{dp}"))?;
+                launch_rows(&d, dq_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &dq_args)?;
+                let dkdv_kernel = kernel(&format!("attention_backward_dkdv_mma_bf16_d{dp}"))?;
+                return launch_rows(&d, dkdv_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.kv_len, &dkdv_args);
+            }
+            launch_tiled(&d, "attention_backward_dq", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.q_len, &dq_args)?;
+            launch_tiled(&d, "attention_backward_dkdv", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.kv_len, &dkdv_args)
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Attention kernels against the CPU reference: every head-dim variant (32, 64, 96, 128, 160), self and
 //! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16; in bf16
-//! the forward on tensor cores and on the CUDA cores.
+//! on tensor cores and on the CUDA cores.
 
-use sgdm::ops::attention::{attention_backward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
+use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
@@ -55,7 +55,7 @@ fn run(device: &Device, dtype: DType, variant: AttentionKernel, case: (usize, us
     let qkv = Qkv { q: &q, k: &k, v: &v };
     attention_forward_using(variant, spec, qkv, &mut out, &mut lse).unwrap();
     let grads = QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-    attention_backward(spec, qkv, &out, &lse, &dout, &mut delta, grads).unwrap();
+    attention_backward_using(variant, spec, qkv, &out, &lse, &dout, &mut delta, grads).unwrap();
     device.synchronize().unwrap();
     Run {
         out: out.to_f32_vec().unwrap(),
@@ -84,8 +84,8 @@ pub fn check(gpu: &Device) {
             let x: Vec<Vec<f32>> = [&q, &k, &v, &g].iter().map(|t| rounded(dtype, t)).collect();
             let xs = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
             let want = run(&Device::Cpu, DType::F32, AttentionKernel::Simt, *case, xs);
-            // bf16 forwards run on tensor cores by default (P is rounded to bf16 before P.V, within the same
-            // bound); the CUDA-core forward is checked too. The backward always runs on the CUDA cores.
+            // bf16 runs on tensor cores by default (P and dS are rounded to bf16 before their products, within
+            // the same bounds; the backward for head dims up to 96); the CUDA-core kernels are checked too.
             let variants: &[AttentionKernel] =
                 if dtype == DType::BF16 { &[AttentionKernel::TensorCore, AttentionKernel::Simt] } else { &[AttentionKernel::Simt] };
             for &variant in variants {
