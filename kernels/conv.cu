@@ -299,6 +299,34 @@ __device__ __forceinline__ void mma_16816_bf16(float d[4], const unsigned a[4], 
 
 __device__ __forceinline__ unsigned pair_at(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 
+// One MMA_BK-deep step of a 128 x 128 block tile: each warp's 64 x 32 sub-tile (rows warp_row.., columns
+// warp_col..) += As[row][k] . Bs[col][k]^T, as 4 x 4 mma tiles of 16 x 8, fragments per the layout above.
+__device__ __forceinline__ void mma_block_step(const bf16_t (*As)[MMA_LD], const bf16_t (*Bs)[MMA_LD], float acc[4][4][4],
+                                               int warp_row, int warp_col, int group, int tig) {
+#pragma unroll
+    for (int kk = 0; kk < MMA_BK; kk += 16) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+            const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
+            a[mi][0] = pair_at(&As[r][k]);
+            a[mi][1] = pair_at(&As[r + 8][k]);
+            a[mi][2] = pair_at(&As[r][k + 8]);
+            a[mi][3] = pair_at(&As[r + 8][k + 8]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
+            b[ni][0] = pair_at(&Bs[c][k]);
+            b[ni][1] = pair_at(&Bs[c][k + 8]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
 // Grid: (ceil(N*P*Q / 128), ceil(K / 128)), 256 threads. `bias` may be null. y is written.
 // FLIP: `w` is the weight of the convolution this one is the input gradient of, [C_out = s.C, C_in = s.K, R, S],
 // read as w'[k, c, r, s] = w[c, k, R-1-r, S-1-s] (transposed channels, rotated taps) without a copy.
@@ -361,28 +389,7 @@ __device__ void conv2d_forward_mma(const bf16_t* x, const bf16_t* w, const bf16_
             Bs[bcol][bk0 + i] = v;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < MMA_BK; kk += 16) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
-                a[mi][0] = pair_at(&As[r][k]);
-                a[mi][1] = pair_at(&As[r + 8][k]);
-                a[mi][2] = pair_at(&As[r][k + 8]);
-                a[mi][3] = pair_at(&As[r + 8][k + 8]);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
-                b[ni][0] = pair_at(&Bs[c][k]);
-                b[ni][1] = pair_at(&Bs[c][k + 8]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
-        }
+        mma_block_step(As, Bs, acc, warp_row, warp_col, group, tig);
         __syncthreads();
     }
 #pragma unroll
@@ -464,28 +471,7 @@ __device__ void conv2d_backward_weight_mma(const bf16_t* x, const bf16_t* dy, bf
             Bs[bcol][bj0 + i] = v;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < MMA_BK; kk += 16) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
-                a[mi][0] = pair_at(&As[r][k]);
-                a[mi][1] = pair_at(&As[r + 8][k]);
-                a[mi][2] = pair_at(&As[r][k + 8]);
-                a[mi][3] = pair_at(&As[r + 8][k + 8]);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
-                b[ni][0] = pair_at(&Bs[c][k]);
-                b[ni][1] = pair_at(&Bs[c][k + 8]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
-        }
+        mma_block_step(As, Bs, acc, warp_row, warp_col, group, tig);
         __syncthreads();
     }
 #pragma unroll
