@@ -161,12 +161,4 @@ impl Pool {
         let st = self.shared.state.lock().unwrap();
         PoolUsage { capacity: self.shared.capacity, live: st.live, peak: st.peak, top: st.top, handed: st.handed }
     }
-
-    /// Forgets the high-water marks (the next peak and top are measured from what is live now).
-    pub fn reset_peak(&self) {
-        let mut st = self.shared.state.lock().unwrap();
-        st.peak = st.live;
-        let first_free = st.free.iter().next_back().filter(|(&s, &l)| s + l == self.shared.capacity).map(|(&s, _)| s);
-        st.top = first_free.unwrap_or(self.shared.capacity);
-    }
 }
