@@ -6,7 +6,7 @@
 mod common;
 
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
-use sgdm::models::unet::{UNet, UNetConditioning, UNetConfig};
+use sgdm::models::unet::UNetConditioning;
 use sgdm::nn::{Allocator, Grads, Inference, ParamStore, Standalone};
 use sgdm::tensor::{memory_stats, reset_memory_peak};
 use sgdm::{DType, Device};
@@ -27,13 +27,7 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 #[test]
 fn inference_forwards_match_keep_less_and_refuse_a_backward() {
-    // The tiny UNet (a cross-attention down block, a plain one, their up blocks, the mid block) at batch 2.
-    let (path, value) = config("unet_tiny");
-    let unet = UNet::new(UNetConfig::from_json(&path, &value).unwrap()).unwrap();
-    let p = ParamStore::random_owned(&unet.params, &Device::Cpu, DType::F32, 3).unwrap();
-    let sample = common::cpu(&[2, 4, 8, 8], &common::random(2 * 4 * 64, -1.0, 1.0, 1));
-    let context = common::cpu(&[2, 5, 16], &common::random(2 * 5 * 16, -1.0, 1.0, 2));
-    let timestep = common::cpu(&[2], &[10.0, 900.0]);
+    let (unet, p, sample, context, timestep) = common::tiny_unet();
     let cond = UNetConditioning { timestep: &timestep, encoder_hidden_states: &context, residuals: None };
     let ((kept, kept_acts), kept_peak) = peak_of(|| {
         let acts = unet.forward(&p, &sample, &cond, &mut Standalone(Device::Cpu)).unwrap();

@@ -6,8 +6,8 @@
 
 mod common;
 
-use sgdm::models::unet::{UNet, UNetConditioning, UNetConfig};
-use sgdm::nn::{Allocator, Inference, ParamStore, Pooled};
+use sgdm::models::unet::UNetConditioning;
+use sgdm::nn::{Allocator, Inference, Pooled};
 use sgdm::runtime::pool::Pool;
 use sgdm::{DType, Device, Tensor};
 
@@ -55,13 +55,7 @@ impl Allocator for Recording {
 
 #[test]
 fn a_unet_forward_in_a_poisoned_pool_matches_and_repeats_its_addresses() {
-    let path = common::repo_root().join("tests/fixtures/models/unet_tiny/config.json");
-    let value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let unet = UNet::new(UNetConfig::from_json(&path, &value).unwrap()).unwrap();
-    let p = ParamStore::random_owned(&unet.params, &Device::Cpu, DType::F32, 3).unwrap();
-    let sample = common::cpu(&[2, 4, 8, 8], &common::random(2 * 4 * 64, -1.0, 1.0, 1));
-    let context = common::cpu(&[2, 5, 16], &common::random(2 * 5 * 16, -1.0, 1.0, 2));
-    let timestep = common::cpu(&[2], &[10.0, 900.0]);
+    let (unet, p, sample, context, timestep) = common::tiny_unet();
     let cond = UNetConditioning { timestep: &timestep, encoder_hidden_states: &context, residuals: None };
     let want = unet.forward(&p, &sample, &cond, &mut Inference(Device::Cpu)).unwrap().output.to_f32_vec().unwrap();
 

@@ -221,3 +221,18 @@ pub fn tiny_model() -> &'static (std::path::PathBuf, std::path::PathBuf) {
         (data, weights)
     })
 }
+
+/// The tiny UNet of tests/fixtures/models/unet_tiny (a cross-attention down block, a plain one, their up
+/// blocks, the mid block) with seeded random parameters, and inputs for batch 2: (model, parameters,
+/// sample, context, timesteps).
+#[allow(dead_code)]
+pub fn tiny_unet() -> (sgdm::models::unet::UNet, sgdm::nn::ParamStore, Tensor, Tensor, Tensor) {
+    let path = repo_root().join("tests/fixtures/models/unet_tiny/config.json");
+    let value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let unet = sgdm::models::unet::UNet::new(sgdm::models::unet::UNetConfig::from_json(&path, &value).unwrap()).unwrap();
+    let p = sgdm::nn::ParamStore::random_owned(&unet.params, &Device::Cpu, DType::F32, 3).unwrap();
+    let sample = cpu(&[2, 4, 8, 8], &random(2 * 4 * 64, -1.0, 1.0, 1));
+    let context = cpu(&[2, 5, 16], &random(2 * 5 * 16, -1.0, 1.0, 2));
+    let timestep = cpu(&[2], &[10.0, 900.0]);
+    (unet, p, sample, context, timestep)
+}
