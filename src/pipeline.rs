@@ -12,9 +12,11 @@
 //! | `eeg_projector.safetensors` | embedding -> `tokens` cross-attention tokens (stage 3) |
 //! | `base.json` (optional) | the `vae` and `unet` folders to use instead of `vae/` and `unet/` (e.g. Stable Diffusion's) |
 //!
-//! The denoising state (the latents and the scheduler's x0) is kept on the host in f32 and the scheduler
-//! update is applied there; the models run on the pipeline's device in its dtype. Each item's initial noise
-//! depends only on the seed and the item's index, so batching, sharding and resuming never change an image.
+//! The denoising state (the latents and the scheduler's x0) stays on the pipeline's device in f32 and the
+//! guided scheduler update runs there (`ops::sampling::guided_step`); the models run in the pipeline's dtype,
+//! as a [`Step`] whose activations live in a memory pool (replayed as a CUDA graph on CUDA). Each item's
+//! initial noise depends only on the seed and the item's index, so batching, sharding and resuming never
+//! change an image.
 
 use std::path::{Path, PathBuf};
 
@@ -305,11 +307,9 @@ impl Pipeline {
         let d = self.unet.config.cross_attention_dim;
         let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
         tokens.resize(branches * b * self.tokens * d, 0.0);
-        let context = self.tensor(&[branches * b, self.tokens, d], &tokens)?;
         let factor = self.condition_size / self.edge;
         let cond_one = upsample_nearest(&structure, self.edge, factor);
         let cond_all: Vec<f32> = (0..branches).flat_map(|_| cond_one.iter().copied()).collect();
-        let cond = self.tensor(&[branches * b, 1, self.condition_size, self.condition_size], &cond_all)?;
 
         // The loop runs on the device: the state (sample, x0) stays there in f32, each step's model input is
         // written by the previous step's update, and the timesteps are uploaded before the first step, so a
@@ -324,16 +324,16 @@ impl Pipeline {
         let first_in: Vec<f32> = (0..branches).flat_map(|_| noise.iter().map(|v| v * scale0)).collect();
         let rows = branches * b;
         let key = (rows, opts.controlnet_scale.to_bits());
-        if !steps.0.contains_key(&key) {
-            // Only the last batch of a run differs in size: hold one step's pool (and graph) at a time.
-            steps.0.clear();
-            let step = Step::new(self, rows, b, opts.controlnet_scale, std::env::var("SGDM_CUDA_GRAPHS").as_deref() != Ok("0"))?;
-            steps.0.insert(key, step);
+        if steps.0.as_ref().is_none_or(|(k, _)| *k != key) {
+            // Only the last batch of a run differs in size: one step's pool (and graph) is held at a time.
+            steps.0 = None;
+            let graph = std::env::var("SGDM_CUDA_GRAPHS").as_deref() != Ok("0");
+            steps.0 = Some((key, Step::new(self, rows, b, opts.controlnet_scale, graph)?));
         }
-        let step = steps.0.get_mut(&key).expect("inserted above");
+        let step = &mut steps.0.as_mut().expect("set above").1;
         step.x.write_f32(&first_in)?;
-        scale(&context, 1.0, &mut step.context)?;
-        scale(&cond, 1.0, &mut step.cond)?;
+        step.context.write_f32(&tokens)?;
+        step.cond.write_f32(&cond_all)?;
         let mut sample = Tensor::from_f32(&self.device, &shape, DType::F32, &noise)?;
         let mut x0 = Tensor::zeros(&self.device, &shape, DType::F32)?;
         let mut z = Tensor::zeros(&self.device, &shape, self.dtype)?;
@@ -382,10 +382,10 @@ impl Pipeline {
     }
 }
 
-/// The denoising step a reconstruction has set up, by (rows, ControlNet scale): reused across batches of the
-/// same size, replaced by a batch of another.
+/// The denoising step a reconstruction has set up, with its (rows, ControlNet scale bits): reused across
+/// batches of the same size, replaced by a batch of another.
 #[derive(Default)]
-pub struct Steps(std::collections::HashMap<(usize, u32), Step>);
+pub struct Steps(Option<((usize, u32), Step)>);
 
 /// One denoising step of a fixed size: the model's inputs in tensors the caller fills before each [`Step::run`]
 /// (`x`, `t`, `context`, `cond`), its activations in a memory [`Pool`] sized to the step's working set, and
