@@ -11,7 +11,7 @@ use crate::conformance::{ModelSource, Named, Outputs};
 use crate::models::blocks::layers::{self, GroupNormActivations};
 use crate::models::blocks::{downsampler, upsampler, Attention, DownActivations, DownBlock, MidBlock, ResnetBlock, UpActivations, UpBlock, VaeMidActivations};
 use crate::models::config::ConfigReader;
-use crate::nn::{Allocator, Conv2d, Grads, Norm, ParamStore, ParamTree, Standalone};
+use crate::nn::{Allocator, Conv2d, Grads, Norm, ParamStore, ParamTree};
 use crate::ops::elementwise::{add, add_scaled, fill, relu_backward, relu_forward};
 use crate::ops::shape::{concat_channels, split_channels};
 use crate::runtime::Device;
@@ -350,8 +350,7 @@ pub fn run_autoencoder_kl(c: &ModelSource, inputs: &Named, grads: Option<&Named>
     let (sample, latents) = (inputs.get_opt("sample"), inputs.get_opt("latents"));
     ensure!(sample.is_some() || latents.is_some(), "{}: AutoencoderKL needs 'sample' and/or 'latents'", inputs.source);
     // Without upstream gradients nothing will read the activations: discard them block by block.
-    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
-    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
+    let alloc = &mut *crate::nn::standalone(device, grads.is_some());
 
     let encoded = sample.map(|x| -> Result<_> {
         let (mean, logvar, enc) = model.encode(&p, x, alloc)?;

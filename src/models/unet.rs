@@ -15,7 +15,7 @@ use crate::models::blocks::{
 };
 use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_layer_param_backward};
 use crate::models::config::ConfigReader;
-use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree, Standalone};
+use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
 use crate::runtime::Device;
@@ -782,8 +782,7 @@ pub fn run_unet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: 
     };
     let cond = UNetConditioning { timestep: inputs.get("timestep")?, encoder_hidden_states: inputs.get("encoder_hidden_states")?, residuals };
     // Without upstream gradients nothing will read the activations: discard them block by block.
-    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
-    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
+    let alloc = &mut *crate::nn::standalone(device, grads.is_some());
     let acts = model.forward(&p, sample, &cond, alloc)?;
     let mut out = Vec::new();
     if let Some(gn) = grads {
@@ -820,8 +819,7 @@ pub fn run_controlnet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, de
         None => 1.0,
     };
     // Without upstream gradients nothing will read the activations: discard them block by block.
-    let (mut standalone, mut inference) = (Standalone(device.clone()), crate::nn::Inference(device.clone()));
-    let alloc: &mut dyn Allocator = if grads.is_some() { &mut standalone } else { &mut inference };
+    let alloc = &mut *crate::nn::standalone(device, grads.is_some());
     let acts = model.forward(&p, sample, inputs.get("timestep")?, context, cond, conditioning_scale, alloc)?;
     let mut out = Vec::new();
     if let Some(gn) = grads {

@@ -392,6 +392,16 @@ impl Allocator for Standalone {
     }
 }
 
+/// Standalone tensors for a forward that a backward will follow ([`Standalone`]: activations kept) or not
+/// ([`Inference`]: discarded block by block).
+pub fn standalone(device: &crate::runtime::Device, differentiated: bool) -> Box<dyn Allocator> {
+    if differentiated {
+        Box::new(Standalone(device.clone()))
+    } else {
+        Box::new(Inference(device.clone()))
+    }
+}
+
 /// Tensors from a [`crate::runtime::pool::Pool`], for forwards that will not be differentiated: ranges come
 /// back to the pool as activations are discarded, so the pool needs the step's peak working set only, and a
 /// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
