@@ -79,6 +79,11 @@ pub const KERNELS: &[&str] = &[
 /// The attention kernels' choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
 pub type AttentionKernel = super::Variant;
 
+fn kernel_from_env() -> Result<AttentionKernel> {
+    static CHOICE: std::sync::OnceLock<Result<AttentionKernel, String>> = std::sync::OnceLock::new();
+    AttentionKernel::from_env_once(&CHOICE, "SGDM_ATTENTION_KERNEL")
+}
+
 /// Query rows per block of the tensor-core forward and dq kernels, key rows of the dk/dv kernel (4 warps of 16).
 const MMA_FORWARD_ROWS: usize = 64;
 /// The tensor-core backward holds dk and dv accumulators for 16 keys of the whole head in registers: up to
@@ -196,7 +201,7 @@ fn check_row_stats(op: &str, name: &str, dims: &AttentionDims, t: &Tensor) -> Re
 
 /// `out = softmax(scale * q k^T) v` per head; `lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`.
 pub fn attention_forward(spec: AttentionSpec, x: Qkv, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    attention_forward_using(AttentionKernel::from_env("SGDM_ATTENTION_KERNEL")?, spec, x, out, lse)
+    attention_forward_using(kernel_from_env()?, spec, x, out, lse)
 }
 
 /// [`attention_forward`] on a chosen CUDA kernel (tests and benchmarks compare the variants; the CPU ignores it).
@@ -245,7 +250,7 @@ pub fn attention_backward(
     delta: &mut Tensor,
     grads: QkvGrads,
 ) -> Result<()> {
-    let variant = AttentionKernel::from_env("SGDM_ATTENTION_KERNEL")?;
+    let variant = kernel_from_env()?;
     attention_backward_using(variant, spec, x, out, lse, dout, delta, grads)
 }
 

@@ -42,7 +42,8 @@ pub const KERNELS: &[&str] = &[
 pub type ConvKernel = super::Variant;
 
 fn kernel_from_env() -> Result<ConvKernel> {
-    ConvKernel::from_env("SGDM_CONV_KERNEL")
+    static CHOICE: std::sync::OnceLock<Result<ConvKernel, String>> = std::sync::OnceLock::new();
+    ConvKernel::from_env_once(&CHOICE, "SGDM_CONV_KERNEL")
 }
 
 /// Zero padding added on each side of the image before the convolution.

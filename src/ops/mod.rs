@@ -63,6 +63,12 @@ impl Variant {
             Ok(other) => anyhow::bail!("{var}={other}: expected tensor-core or simt"),
         }
     }
+
+    /// [`Variant::from_env`] read once per process into `cell`: the ops ask on every call, the environment
+    /// does not change under them.
+    pub fn from_env_once(cell: &'static std::sync::OnceLock<Result<Variant, String>>, var: &str) -> Result<Variant> {
+        cell.get_or_init(|| Variant::from_env(var).map_err(|e| e.to_string())).clone().map_err(anyhow::Error::msg)
+    }
 }
 
 /// The device all `tensors` share, or an error naming the op.
