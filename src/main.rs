@@ -14,6 +14,7 @@ mod cli;
     after_help = "Examples:\n  sgdm info                    devices, driver and NVRTC versions, kernel cache\n  \
                   sgdm kernels --arch sm_90    compile every kernel for H100 and show registers and spills\n  \
                   sgdm --device cpu info       force the CPU backend\n  \
+                  sgdm --device cuda-sim info  the simulated CUDA device (cudasim/README.md)\n  \
                   sgdm synth --out data/synth  write the simulated default dataset\n  \
                   sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
@@ -21,7 +22,8 @@ mod cli;
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
 )]
 struct Cli {
-    /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, or cuda:N.
+    /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, cuda:N, or cuda-sim (the
+    /// simulated CUDA device: the CUDA path checked on the CPU, for correctness, never speed).
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: sgdm::DeviceSpec,
 

@@ -55,6 +55,12 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = selected.device;
+    if device.is_simulated() {
+        anyhow::bail!(
+            "sgdm bench measures a GPU, and the simulated CUDA device (cuda-sim) runs kernels on the CPU to check \
+             them: its times are not GPU numbers. Use --device cuda on a GPU, or --device cpu for the CPU backend"
+        );
+    }
     let dtype = args.dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
     let timing = Timing { warmup: args.warmup, runs: args.runs };
     let (peak_flops, peak_bw) = peaks(&device, dtype)?;

@@ -4,21 +4,35 @@ use anyhow::Result;
 use sgdm::runtime::arena::human_bytes;
 use sgdm::runtime::cuda::CudaDevice;
 use sgdm::runtime::kernels::{cache_dir, KERNEL_FILES};
-use sgdm::runtime::probe;
+use sgdm::runtime::{cudasim, probe};
 use sgdm::DeviceSpec;
 
 pub fn run(spec: DeviceSpec) -> Result<()> {
     println!("sgdm {}", env!("CARGO_PKG_VERSION"));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("cpu: {threads} threads (f32 reference backend)");
+    // The simulator replaces the driver for the whole process, so it starts before anything probes CUDA.
+    match (spec, cudasim::built_in()) {
+        (DeviceSpec::CudaSim, _) => match cudasim::activate() {
+            Ok(sim) => println!(
+                "cuda-sim: the simulated CUDA device (sm_90 on the host CPU: checks CUDA correctness, never GPU speed); {}; kernels compiled for the host in {}",
+                sim.settings.describe(),
+                sim.twin_dir.display()
+            ),
+            Err(e) => println!("cuda-sim: cannot start: {e:#}"),
+        },
+        (_, Ok(())) => println!("cuda-sim: available (--device cuda-sim; a simulated device, not a GPU)"),
+        (_, Err(e)) => println!("cuda-sim: unavailable: {e}"),
+    }
 
     let driver = probe::driver();
     match &driver {
         Ok(d) => println!(
-            "cuda driver: {} (CUDA {}), {} device(s)",
+            "cuda driver: {} (CUDA {}), {} device(s){}",
             d.library,
             probe::format_driver_version(d.version),
-            d.device_count
+            d.device_count,
+            if d.simulated { " — the simulator's stand-in driver, not NVIDIA's" } else { "" }
         ),
         Err(e) => println!("cuda driver: unavailable: {e}"),
     }
@@ -34,7 +48,8 @@ pub fn run(spec: DeviceSpec) -> Result<()> {
         for ordinal in 0..d.device_count {
             match CudaDevice::open(ordinal) {
                 Ok(dev) => println!(
-                    "cuda:{ordinal}: {}, compute capability {}.{} ({}), {} memory",
+                    "{}: {}, compute capability {}.{} ({}), {} memory",
+                    if dev.simulated { "cuda-sim".to_string() } else { format!("cuda:{ordinal}") },
                     dev.name,
                     dev.arch.major,
                     dev.arch.minor,

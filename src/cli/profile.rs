@@ -54,6 +54,12 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = selected.device;
+    if device.is_simulated() {
+        anyhow::bail!(
+            "sgdm profile measures a GPU, and the simulated CUDA device (cuda-sim) runs kernels on the CPU to check \
+             them: its times are not GPU numbers. Use --device cuda on a GPU, or --device cpu for the CPU backend"
+        );
+    }
     let dtype = dtype_for(&device);
     let rows = if args.guidance { 2 * args.batch } else { args.batch };
 

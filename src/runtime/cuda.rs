@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::runtime::blas::BlasLt;
+use crate::runtime::kernel_table;
 use crate::runtime::kernels::{kernel_file, Arch, CacheOutcome, KernelCache};
 use crate::runtime::probe;
 
@@ -20,6 +21,8 @@ pub struct KernelLoadCounts {
 
 pub struct CudaDevice {
     pub ordinal: usize,
+    /// The simulated device (the process runs cudasim's driver): CUDA semantics, not GPU speed.
+    pub simulated: bool,
     pub name: String,
     pub arch: Arch,
     pub total_memory: usize,
@@ -36,7 +39,8 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cuda:{} ({}, {})", self.ordinal, self.name, self.arch)
+        let kind = if self.simulated { "cuda-sim".to_string() } else { format!("cuda:{}", self.ordinal) };
+        write!(f, "{kind} ({}, {})", self.name, self.arch)
     }
 }
 
@@ -56,6 +60,7 @@ impl CudaDevice {
         let stream = ctx.new_stream().context("creating a stream")?;
         Ok(Arc::new(CudaDevice {
             ordinal,
+            simulated: driver.simulated,
             name: ctx.name()?,
             arch: Arch::new(major as u32, minor as u32),
             total_memory: ctx.total_mem()?,
@@ -109,7 +114,7 @@ impl CudaDevice {
         if let Some(m) = modules.get(file) {
             return Ok(m.clone());
         }
-        let source = kernel_file(file).ok_or_else(|| anyhow!("no kernel file kernels/{file} is embedded"))?;
+        let source = kernel_file(file).map_err(anyhow::Error::msg)?;
         let (cubin, outcome) = self.cache.load_or_compile(source, self.arch)?;
         {
             let mut loads = self.loads.lock().unwrap();
@@ -151,7 +156,8 @@ impl CudaDevice {
         self.launch(file, name, cfg, args, Some(n as i64))
     }
 
-    /// Launches `kernels/<file>::<name>` with `args` (then `count`, if given) on the device's stream.
+    /// Launches `kernels/<file>::<name>` with `args` (then `count`, if given) on the device's stream. The
+    /// argument list is checked against the kernel's signature in the kernel table first.
     pub fn launch(
         &self,
         file: &'static str,
@@ -160,9 +166,13 @@ impl CudaDevice {
         args: &[KernelArg],
         count: Option<i64>,
     ) -> Result<()> {
+        let kernel = kernel_table::find(file, name)?;
+        let mut all = args.to_vec();
+        all.extend(count.map(KernelArg::I64));
+        kernel.check_args(&all)?;
         let f = self.function(file, name)?;
         let mut b = self.stream.launch_builder(&f);
-        for a in args {
+        for a in &all {
             match a {
                 KernelArg::Ptr(p) => b.arg(p),
                 KernelArg::F32(v) => b.arg(v),
@@ -171,12 +181,10 @@ impl CudaDevice {
                 KernelArg::F64(v) => b.arg(v),
             };
         }
-        if let Some(c) = &count {
-            b.arg(c);
-        }
-        // SAFETY: the argument list matches the kernel's signature (each op's launcher is tested against
-        // its CPU reference), and every pointer is a live allocation on this device (Tensor checks).
+        // SAFETY: the argument list matches the kernel's signature (checked above against the kernel table), and
+        // every pointer is a live allocation on this device (Tensor checks).
         unsafe { b.launch(cfg) }.with_context(|| format!("launching {name} from kernels/{file}"))?;
+        kernel.record_launch();
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
@@ -23,9 +24,42 @@ pub struct EmbeddedSource {
 
 include!(concat!(env!("OUT_DIR"), "/embedded_kernels.rs"));
 
-/// Looks up an embedded kernel file by name (`"elementwise.cu"`).
-pub fn kernel_file(name: &str) -> Option<&'static EmbeddedSource> {
-    KERNEL_FILES.iter().find(|f| f.name == name)
+/// The kernel sources the runtime compiles: the embedded ones, or, for kernel development without rebuilding
+/// the binary, those in `$SGDM_KERNELS_DIR` (every file the embedded set has, read once per process). The
+/// cache key covers the text, so edited kernels never load a stale cubin.
+pub fn kernel_sources() -> Result<(&'static [EmbeddedSource], &'static [EmbeddedSource]), String> {
+    static SOURCES: OnceLock<Result<(Vec<EmbeddedSource>, Vec<EmbeddedSource>), String>> = OnceLock::new();
+    let Some(dir) = std::env::var_os("SGDM_KERNELS_DIR").filter(|d| !d.is_empty()) else {
+        return Ok((KERNEL_FILES, KERNEL_HEADERS));
+    };
+    let loaded = SOURCES.get_or_init(|| {
+        let dir = PathBuf::from(dir);
+        let read = |set: &[EmbeddedSource]| -> Result<Vec<EmbeddedSource>, String> {
+            set.iter()
+                .map(|f| {
+                    let path = dir.join(f.name);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("SGDM_KERNELS_DIR: cannot read {}: {e}", path.display()))?;
+                    Ok(EmbeddedSource { name: f.name, source: Box::leak(text.into_boxed_str()) })
+                })
+                .collect()
+        };
+        Ok((read(KERNEL_FILES)?, read(KERNEL_HEADERS)?))
+    });
+    match loaded {
+        Ok((files, headers)) => Ok((files.as_slice(), headers.as_slice())),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// Looks up a kernel file by name (`"elementwise.cu"`) among [`kernel_sources`].
+pub fn kernel_file(name: &str) -> Result<&'static EmbeddedSource, String> {
+    let (files, _) = kernel_sources()?;
+    files.iter().find(|f| f.name == name).ok_or_else(|| format!("no kernel file kernels/{name} is embedded"))
+}
+
+fn kernel_headers() -> &'static [EmbeddedSource] {
+    kernel_sources().map(|(_, h)| h).unwrap_or(KERNEL_HEADERS)
 }
 
 /// A GPU architecture NVRTC can target: `sm_90`, `sm_90a`, `sm_80`, ...
@@ -165,8 +199,8 @@ pub fn compile(file: &'static EmbeddedSource, arch: Arch) -> Result<Compiled, Ke
     let c = |s: &str| CString::new(s).expect("kernel sources and names hold no NUL byte");
     let source = c(file.source);
     let name = c(file.name);
-    let header_sources: Vec<CString> = KERNEL_HEADERS.iter().map(|h| c(h.source)).collect();
-    let header_names: Vec<CString> = KERNEL_HEADERS.iter().map(|h| c(h.name)).collect();
+    let header_sources: Vec<CString> = kernel_headers().iter().map(|h| c(h.source)).collect();
+    let header_names: Vec<CString> = kernel_headers().iter().map(|h| c(h.name)).collect();
     let header_source_ptrs: Vec<*const c_char> = header_sources.iter().map(|s| s.as_ptr()).collect();
     let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
     let options: Vec<CString> = compile_options(arch).iter().map(|o| c(o)).collect();
@@ -212,7 +246,13 @@ pub fn compile(file: &'static EmbeddedSource, arch: Arch) -> Result<Compiled, Ke
 /// Where cubins are cached: `$SGDM_CACHE_DIR`, else `$XDG_CACHE_HOME/sgdm`, else `~/.cache/sgdm`,
 /// with a `kernels/` folder inside.
 pub fn cache_dir() -> PathBuf {
-    let base = if let Some(dir) = std::env::var_os("SGDM_CACHE_DIR").filter(|d| !d.is_empty()) {
+    cache_root().join("kernels")
+}
+
+/// The folder of everything sgdm caches: `kernels/` (cubins) and `cudasim/` (the simulated device's libraries
+/// and host-compiled kernels).
+pub fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SGDM_CACHE_DIR").filter(|d| !d.is_empty()) {
         PathBuf::from(dir)
     } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         PathBuf::from(dir).join("sgdm")
@@ -220,8 +260,7 @@ pub fn cache_dir() -> PathBuf {
         PathBuf::from(home).join(".cache").join("sgdm")
     } else {
         std::env::temp_dir().join("sgdm-cache")
-    };
-    base.join("kernels")
+    }
 }
 
 /// Whether a cubin came from the cache or was compiled now.
@@ -257,7 +296,7 @@ impl KernelCache {
         h.update(file.name.as_bytes());
         h.update([0]);
         h.update(file.source.as_bytes());
-        for header in KERNEL_HEADERS {
+        for header in kernel_headers() {
             h.update([0]);
             h.update(header.name.as_bytes());
             h.update([0]);

@@ -2,7 +2,10 @@
 pub mod arena;
 pub mod blas;
 pub mod cuda;
+pub mod cudasim;
 pub mod device;
+pub mod kernel_signature;
+pub mod kernel_table;
 pub mod kernels;
 pub mod pool;
 pub mod probe;

@@ -70,6 +70,8 @@ pub struct DriverInfo {
     /// As `cuDriverGetVersion` reports it: 13000 for CUDA 13.0.
     pub version: i32,
     pub device_count: usize,
+    /// The library is the CUDA simulator's stand-in driver (cudasim/), not NVIDIA's.
+    pub simulated: bool,
 }
 
 /// What the NVRTC probe found.
@@ -137,6 +139,8 @@ fn check_symbols(lib: &Library, library: &str, symbols: &[&str]) -> Result<(), S
 pub fn driver() -> Result<DriverInfo, String> {
     let (lib, library) = open_library("cuda", "is an NVIDIA driver installed?")?;
     check_symbols(&lib, &library, DRIVER_SYMBOLS)?;
+    // SAFETY: only the symbol's presence is checked.
+    let simulated = unsafe { lib.get::<*const ()>(b"cudasim_identity") }.is_ok();
     type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
     type Init = unsafe extern "C" fn(u32) -> c_int;
     type GetCount = unsafe extern "C" fn(*mut c_int) -> c_int;
@@ -161,7 +165,7 @@ pub fn driver() -> Result<DriverInfo, String> {
         if rc != 0 {
             return Err(format!("cuDeviceGetCount failed with CUresult {rc}"));
         }
-        DriverInfo { library, version, device_count: count.max(0) as usize }
+        DriverInfo { library, version, device_count: count.max(0) as usize, simulated }
     };
     // The driver is initialised now: never unload it (unloading an initialised libcuda has crashed other
     // programs in dlclose; cudarc loads the same library again, so keeping it costs nothing).

@@ -28,12 +28,25 @@ pub fn repo_root() -> std::path::PathBuf {
     std::env::var_os("SGDM_REPO_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
-/// CUDA device 0, or None after printing SKIPPED with the reason.
+/// The CUDA device the CUDA tests run on: `$SGDM_DEVICE` (`cuda` or `cuda-sim`) when set, failing the test if it
+/// cannot be opened; otherwise a real GPU when one is usable, else the simulated device (cudasim/), else None
+/// after printing SKIPPED with the reason.
 pub fn gpu_or_skip(what: &str) -> Option<Device> {
-    match select(DeviceSpec::Cuda(0)) {
+    let requested = match std::env::var("SGDM_DEVICE").as_deref() {
+        Ok("cuda") => Some(DeviceSpec::Cuda(0)),
+        Ok("cuda-sim") => Some(DeviceSpec::CudaSim),
+        Ok("") | Err(_) => None,
+        Ok(other) => panic!("SGDM_DEVICE={other}: the CUDA tests run on cuda or cuda-sim"),
+    };
+    if let Some(spec) = requested {
+        return Some(select(spec).unwrap_or_else(|e| panic!("{what}: SGDM_DEVICE={spec}: {e:#}")).device);
+    }
+    let real = sgdm::runtime::probe::driver().is_ok_and(|d| d.device_count > 0 && !d.simulated);
+    let spec = if real { DeviceSpec::Cuda(0) } else { DeviceSpec::CudaSim };
+    match select(spec) {
         Ok(s) => Some(s.device),
         Err(e) => {
-            skipped(what, format!("no usable CUDA device: {e:#}"));
+            skipped(what, format!("no usable CUDA device, real or simulated: {e:#}"));
             None
         }
     }
