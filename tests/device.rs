@@ -11,7 +11,8 @@ use sgdm::{Device, DeviceSpec};
 fn auto_selects_cuda_only_when_a_gpu_is_usable_and_otherwise_says_why() {
     let selected = select(DeviceSpec::Auto).unwrap();
     match probe::driver() {
-        Ok(d) if d.device_count > 0 && probe::nvrtc().is_ok() => {
+        // A simulated device is never chosen by auto (another test of this binary may have started it).
+        Ok(d) if d.device_count > 0 && !d.simulated && probe::nvrtc().is_ok() => {
             assert!(selected.device.is_cuda(), "a usable GPU was found but auto chose {}", selected.device)
         }
         _ => {
@@ -24,12 +25,56 @@ fn auto_selects_cuda_only_when_a_gpu_is_usable_and_otherwise_says_why() {
 
 #[test]
 fn explicit_cuda_without_a_gpu_is_an_error_not_a_panic() {
-    if probe::driver().is_ok_and(|d| d.device_count > 0) {
+    if probe::driver().is_ok_and(|d| d.device_count > 0 && !d.simulated) {
         common::skipped("explicit cuda without a GPU", "a GPU is present, so --device cuda cannot fail for want of one");
         return;
     }
-    let err = select(DeviceSpec::Cuda(0)).err().expect("no GPU: cuda must not open");
-    assert!(format!("{err:#}").contains("CUDA is unavailable"), "{err:#}");
+    // In a process of its own: a test of this binary may have started the simulator here.
+    let (code, stdout, stderr) = sgdm(&["--device", "cuda", "info"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stdout.contains("selected (--device cuda:0): none: CUDA is unavailable"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// With the simulator running, `cuda` is refused (a real driver cannot be loaded beside it) and `auto` falls
+/// back to the CPU: nothing ever takes the simulated device for a GPU.
+#[test]
+fn a_process_running_the_simulator_never_passes_it_off_as_a_gpu() {
+    let Some(gpu) = common::gpu_or_skip("the simulated device's labels") else { return };
+    if !gpu.is_simulated() {
+        common::skipped("the simulated device's labels", "the CUDA tests run on a real GPU here");
+        return;
+    }
+    assert_eq!(gpu.to_string(), "cuda-sim");
+    let err = select(DeviceSpec::Cuda(0)).err().expect("cuda must not open beside the simulator");
+    assert!(format!("{err:#}").contains("runs the simulated CUDA device"), "{err:#}");
+    let auto = select(DeviceSpec::Auto).unwrap();
+    assert!(matches!(auto.device, Device::Cpu), "auto chose {}", auto.device);
+    let driver = probe::driver().unwrap();
+    assert!(driver.simulated && driver.device_count == 1);
+}
+
+#[test]
+fn the_simulated_device_is_named_as_such_and_measures_nothing() {
+    if let Err(e) = sgdm::runtime::cudasim::built_in() {
+        common::skipped("cuda-sim from the command line", e);
+        return;
+    }
+    let (code, stdout, stderr) = sgdm(&["--device", "cuda-sim", "info"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for line in [
+        "cuda-sim: the simulated CUDA device",
+        "the simulator's stand-in driver, not NVIDIA's",
+        "cuda-sim: cudasim: simulated sm_90 device (host CPU, not a GPU)",
+        "selected (--device cuda-sim): cuda-sim",
+    ] {
+        assert!(stdout.contains(line), "`sgdm --device cuda-sim info` lacks '{line}':\n{stdout}");
+    }
+    for command in [&["profile", "--steps", "1"][..], &["bench", "--quick", "--runs", "1"]] {
+        let (code, _, stderr) = sgdm(&[&["--device", "cuda-sim"][..], command].concat());
+        assert_eq!(code, 1, "sgdm {command:?} on cuda-sim: {stderr}");
+        assert!(stderr.contains("its times are not GPU numbers"), "{stderr}");
+    }
 }
 
 #[test]
@@ -67,12 +112,12 @@ fn info_reports_devices_libraries_and_the_kernel_cache() {
 fn bad_device_names_are_rejected_with_the_accepted_forms() {
     let (code, _, stderr) = sgdm(&["--device", "gpu0", "info"]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("expected auto, cpu, cuda or cuda:N"), "{stderr}");
+    assert!(stderr.contains("expected auto, cpu, cuda, cuda:N or cuda-sim"), "{stderr}");
 }
 
 #[test]
 fn kernels_without_arch_or_gpu_asks_for_arch() {
-    if probe::driver().is_ok_and(|d| d.device_count > 0) {
+    if probe::driver().is_ok_and(|d| d.device_count > 0 && !d.simulated) {
         common::skipped("`sgdm kernels` without --arch", "a GPU is present, so it defaults to its architecture");
         return;
     }

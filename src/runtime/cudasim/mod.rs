@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LAZY, RTLD_NOW};
 use sha2::{Digest, Sha256};
 
-use crate::runtime::kernels::{cache_root, kernel_sources};
+use crate::runtime::kernels::{cache_root, kernel_sources, EmbeddedSource};
 use crate::util::write_atomic;
 
 /// The simulator's libraries as build.rs embedded them.
@@ -301,12 +301,8 @@ fn start() -> Result<Simulator> {
     if rc != 0 {
         bail!("the CUDA simulator refused its configuration (code {rc}): it could not reserve address space for device memory");
     }
-    let twin_dir = build_twins(&settings, &runtime_dir, libs)?;
-    let mut twins: Vec<PathBuf> = std::fs::read_dir(&twin_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "so"))
-        .collect();
-    twins.sort();
+    let twins = build_twins(&settings, &runtime_dir, libs)?;
+    let twin_dir = twins.first().and_then(|t| t.parent()).map(Path::to_path_buf).unwrap_or_default();
     type LoadTwin = unsafe extern "C" fn(*const c_char, *mut c_char, usize) -> c_int;
     // SAFETY: cudasim_load_twin(const char*, char*, size_t) as defined in cudasim/src/driver.cpp.
     let load = unsafe { driver.get::<LoadTwin>(b"cudasim_load_twin")? };
@@ -356,77 +352,84 @@ impl Simulator {
     }
 }
 
-/// The twins of every kernel file for `settings.check`, built into the cache on first use.
-fn build_twins(settings: &Settings, runtime_dir: &Path, libs: Libraries) -> Result<PathBuf> {
+/// The twin of every kernel file for `settings.check`, from the cache or compiled now (in parallel). Each file's
+/// twin is keyed by its own source, every header, the check's flags and the compiler, so editing one kernel
+/// file (or pointing SGDM_KERNELS_DIR at edited copies) recompiles only that file.
+fn build_twins(settings: &Settings, runtime_dir: &Path, libs: Libraries) -> Result<Vec<PathBuf>> {
     let (files, headers) = kernel_sources().map_err(anyhow::Error::msg)?;
     let cxx = compiler();
     let version = Command::new(&cxx)
         .arg("--version")
         .output()
         .with_context(|| format!("the CUDA simulator compiles kernels for the host and could not run `{cxx}` (set CXX to g++ >= 11 or clang >= 14)"))?;
-    let mut h = Sha256::new();
-    h.update(&version.stdout);
-    h.update(libs.kernel_header.as_bytes());
-    h.update(runtime_dir.to_string_lossy().as_bytes());
+    let mut common = Sha256::new();
+    common.update(&version.stdout);
+    common.update(libs.kernel_header.as_bytes());
     for flag in settings.check.flags() {
-        h.update(flag.as_bytes());
+        common.update(flag.as_bytes());
     }
-    for f in files.iter().chain(headers) {
-        h.update(f.name.as_bytes());
-        h.update([0]);
-        h.update(f.source.as_bytes());
-        h.update([0]);
-    }
-    let dir = cache_root().join("cudasim").join(format!("twins-{}-{}", settings.check.name(), hex16(&h.finalize())));
-    if dir.join("complete").exists() {
-        return Ok(dir);
-    }
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(tmp.join("original")).with_context(|| format!("creating {}", tmp.display()))?;
-    eprintln!(
-        "sgdm: compiling {} kernel files for the CUDA simulator (checks {}) into {} ...",
-        files.len(),
-        settings.check.name(),
-        dir.display()
-    );
-    let started = std::time::Instant::now();
-    let header = tmp.join("cudasim_kernel.h");
-    std::fs::write(&header, libs.kernel_header)?;
     for hd in headers {
-        std::fs::write(tmp.join("original").join(hd.name), hd.source)?;
-        std::fs::write(tmp.join(hd.name), twin::rewrite(&format!("kernels/{}", hd.name), hd.source)?)?;
+        common.update(hd.name.as_bytes());
+        common.update([0]);
+        common.update(hd.source.as_bytes());
+        common.update([0]);
     }
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let queue = std::sync::Mutex::new(files.iter().collect::<Vec<_>>());
-    let errors = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..threads.min(files.len()) {
-            s.spawn(|| loop {
-                let Some(file) = queue.lock().unwrap().pop() else { break };
-                if let Err(e) = build_twin(&cxx, &tmp, &header, runtime_dir, settings.check, file.name, file.source) {
-                    errors.lock().unwrap().push(format!("{e:#}"));
-                }
-            });
+    let dir = cache_root().join("cudasim").join(format!("twins-{}", settings.check.name()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let targets: Vec<(PathBuf, &EmbeddedSource)> = files
+        .iter()
+        .map(|f| {
+            let mut h = common.clone();
+            h.update(f.name.as_bytes());
+            h.update([0]);
+            h.update(f.source.as_bytes());
+            (dir.join(format!("{}-{}.so", f.name.trim_end_matches(".cu"), hex16(&h.finalize()))), f)
+        })
+        .collect();
+    let missing: Vec<&(PathBuf, &EmbeddedSource)> = targets.iter().filter(|(path, _)| !path.exists()).collect();
+    if !missing.is_empty() {
+        let work = dir.join(format!("build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(work.join("original")).with_context(|| format!("creating {}", work.display()))?;
+        let names: Vec<&str> = missing.iter().map(|(_, f)| f.name).collect();
+        eprintln!("sgdm: compiling {} for the CUDA simulator (checks {}) ...", names.join(", "), settings.check.name());
+        let started = std::time::Instant::now();
+        let header = work.join("cudasim_kernel.h");
+        std::fs::write(&header, libs.kernel_header)?;
+        for hd in headers {
+            std::fs::write(work.join("original").join(hd.name), hd.source)?;
+            std::fs::write(work.join(hd.name), twin::rewrite(&format!("kernels/{}", hd.name), hd.source)?)?;
         }
-    });
-    let errors = errors.into_inner().unwrap();
-    if !errors.is_empty() {
-        bail!("compiling the kernels for the CUDA simulator failed:\n{}", errors.join("\n"));
-    }
-    std::fs::write(tmp.join("complete"), b"")?;
-    if std::fs::rename(&tmp, &dir).is_err() {
-        // Another process finished the same build first: use its copy.
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !dir.join("complete").exists() {
-            bail!("cannot move the kernel twins into {}", dir.display());
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let queue = std::sync::Mutex::new(missing.clone());
+        let errors = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..threads.min(missing.len()) {
+                s.spawn(|| loop {
+                    let Some((target, file)) = queue.lock().unwrap().pop() else { break };
+                    let built = build_twin(&cxx, &work, &header, runtime_dir, settings.check, file.name, file.source)
+                        .and_then(|lib| {
+                            // Atomic: a concurrent process building the same twin leaves one complete file.
+                            std::fs::rename(&lib, target).with_context(|| format!("moving the twin to {}", target.display()))
+                        });
+                    if let Err(e) = built {
+                        errors.lock().unwrap().push(format!("{e:#}"));
+                    }
+                });
+            }
+        });
+        let _ = std::fs::remove_dir_all(&work);
+        let errors = errors.into_inner().unwrap();
+        if !errors.is_empty() {
+            bail!("compiling the kernels for the CUDA simulator failed:\n{}", errors.join("\n"));
         }
+        eprintln!("sgdm: compiled them in {:.1} s, into {}", started.elapsed().as_secs_f64(), dir.display());
     }
-    eprintln!("sgdm: compiled the CUDA simulator's kernels in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(dir)
+    Ok(targets.into_iter().map(|(path, _)| path).collect())
 }
 
-fn build_twin(cxx: &str, dir: &Path, header: &Path, runtime_dir: &Path, check: Check, name: &str, source: &str) -> Result<()> {
+/// Compiles one kernel file's twin in `dir` (which holds the rewritten headers); returns the library's path.
+fn build_twin(cxx: &str, dir: &Path, header: &Path, runtime_dir: &Path, check: Check, name: &str, source: &str) -> Result<PathBuf> {
     let stem = name.trim_end_matches(".cu");
     let original = dir.join("original").join(name);
     std::fs::write(&original, source)?;
@@ -476,7 +479,7 @@ fn build_twin(cxx: &str, dir: &Path, header: &Path, runtime_dir: &Path, check: C
     if !link.status.success() {
         bail!("linking the host build of kernels/{name}:\n{}", String::from_utf8_lossy(&link.stderr));
     }
-    Ok(())
+    Ok(lib)
 }
 
 #[cfg(test)]
