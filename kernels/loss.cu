@@ -1,5 +1,6 @@
-// Losses, reduced deterministically: a `*_partials` kernel runs on a fixed grid (the launcher's PARTIALS blocks
-// of 256 threads, independent of the device) and writes one f32 block sum per block; `finish_sum` (one block)
+// Losses, reduced deterministically: a `*_partials` kernel runs on a grid fixed by the element count (one
+// 256-thread block per 256 elements, at most the launcher's PARTIALS, independent of the device) and writes one
+// f32 block sum per block; `finish_sum` (one block)
 // adds those partials in a fixed order and writes scale * total into loss[0]. Same inputs, same bits.
 // Gradients are written (=), with the upstream gradient of the loss folded into `coef`.
 #include "common.cuh"

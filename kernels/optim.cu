@@ -1,6 +1,6 @@
 // Optimizer kernels: the AdamW step on f32 master weights and state, and global-norm gradient clipping.
-// Clipping never leaves the device: per tensor, `sumsq_partials` (a fixed grid of PARTIALS blocks of 256
-// threads) writes block sums of g^2 and `accumulate_sum` (one block) adds them, in a fixed order, into
+// Clipping never leaves the device: per tensor, `sumsq_partials` (a grid of 256-thread blocks, one per 256
+// elements and at most PARTIALS) writes block sums of g^2 and `accumulate_sum` (one block) adds them, in a fixed order, into
 // total[0]; after the last tensor `finish_norm` takes the square root, and `clip_scale` reads the norm
 // from device memory. Deterministic: same inputs, same bits.
 #include "common.cuh"

@@ -59,13 +59,23 @@ static constexpr int warpSize = 32;
 
 // ---- the running thread and block ------------------------------------------------------------------------------
 namespace cudasim {
-// What a kernel reads of its launch; set by the executor for the block it runs (one block at a time per OS
-// thread, so plain thread-locals serve every fiber of it).
 struct BlockCoordinates {
     dim3 grid, block, block_idx;
 };
-extern thread_local BlockCoordinates tl_block;
-extern thread_local const uint3* tl_thread_idx;
+// Every fiber's stack is FIBER_STACK_BYTES long and aligned to it; its first page holds this header, so the
+// running CUDA thread finds its indices from its stack pointer, without thread-local storage.
+struct FiberHeader {
+    const uint3* thread_idx;
+    const BlockCoordinates* block;
+    void* fiber;  // the executor's own
+    void* run;
+};
+constexpr unsigned long FIBER_STACK_BYTES = 256 * 1024;
+static inline const FiberHeader& fiber_header() {
+    unsigned long sp;
+    asm("mov %%rsp, %0" : "=r"(sp));
+    return *reinterpret_cast<const FiberHeader*>(sp & ~(FIBER_STACK_BYTES - 1));
+}
 
 void syncthreads(const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
@@ -87,10 +97,10 @@ T* shared(const void* site, const char* name, const char* file, int line, size_t
 }
 }  // namespace cudasim
 
-#define threadIdx (*::cudasim::tl_thread_idx)
-#define blockIdx (::cudasim::tl_block.block_idx)
-#define blockDim (::cudasim::tl_block.block)
-#define gridDim (::cudasim::tl_block.grid)
+#define threadIdx (*::cudasim::fiber_header().thread_idx)
+#define blockIdx (::cudasim::fiber_header().block->block_idx)
+#define blockDim (::cudasim::fiber_header().block->block)
+#define gridDim (::cudasim::fiber_header().block->grid)
 #define __syncthreads() ::cudasim::syncthreads(__FILE__, __LINE__)
 
 // ---- intrinsics ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
@@ -71,6 +72,7 @@ namespace {
 // ---- settings, diagnostics ---------------------------------------------------------------------------------------
 struct Settings {
     bool deferred = true;
+    bool report_times = false;  // print host time per kernel at exit
     size_t memory_bytes = size_t(80) << 30;  // what the device reports, as an H100's 80 GB
 };
 Settings g_settings;
@@ -106,6 +108,29 @@ std::set<std::string> g_called;
             g_called.insert(__func__);                            \
         }                                                         \
     } while (0)
+
+// Host time spent in each kernel and GEMM shape, for finding what makes a simulated test slow (never a GPU time).
+std::mutex g_times_mutex;
+std::map<std::string, std::pair<uint64_t, double>> g_times;
+void record_time(const std::string& what, std::chrono::steady_clock::time_point start) {
+    if (!g_settings.report_times) return;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::lock_guard<std::mutex> lock(g_times_mutex);
+    auto& t = g_times[what];
+    ++t.first;
+    t.second += s;
+}
+void print_times() {
+    std::lock_guard<std::mutex> lock(g_times_mutex);
+    std::vector<std::pair<double, std::string>> rows;
+    double total = 0;
+    for (auto& [name, t] : g_times) rows.push_back({t.second, name}), total += t.second;
+    std::sort(rows.rbegin(), rows.rend());
+    fprintf(stderr, "cudasim: host seconds per kernel (simulation time, not GPU time), total %.2f s:\n", total);
+    for (size_t i = 0; i < rows.size() && i < 25; ++i)
+        fprintf(stderr, "  %8.3f s %6llu x  %s\n", rows[i].first, (unsigned long long)g_times[rows[i].second].first,
+                rows[i].second.c_str());
+}
 
 // ---- device memory -----------------------------------------------------------------------------------------------
 constexpr size_t PAGE = 4096;
@@ -287,7 +312,9 @@ void drain(Stream& s, uint64_t until = UINT64_MAX) {
     while (!s.queue.empty() && s.executed < until) {
         Op op = std::move(s.queue.front());
         s.queue.pop_front();
+        const auto start = std::chrono::steady_clock::now();
         std::string error = op.run();
+        record_time(op.what, start);
         ++s.executed;
         if (!error.empty()) {
             const std::string detail = op.what + ": " + error;
@@ -460,6 +487,7 @@ struct cudasim_config {
     unsigned long long seed;
     int shared_fill_nan;
     unsigned long long memory_bytes;
+    int report_times;
 };
 
 struct cudasim_stats {
@@ -474,6 +502,8 @@ __attribute__((visibility("default"))) const char* cudasim_identity() {
 __attribute__((visibility("default"))) int cudasim_configure(const cudasim_config* c) {
     if (!c || c->struct_size != sizeof(cudasim_config)) return 1;
     g_settings.deferred = c->deferred != 0;
+    if (c->report_times && !g_settings.report_times) atexit(print_times);
+    g_settings.report_times = c->report_times != 0;
     if (c->memory_bytes) g_settings.memory_bytes = c->memory_bytes;
     ExecutorOptions& o = executor_options();
     o.thread_order = Order(c->thread_order);

@@ -67,9 +67,6 @@ cudasim_switch:
 
 namespace cudasim {
 
-thread_local BlockCoordinates tl_block;
-thread_local const uint3* tl_thread_idx = nullptr;
-
 ExecutorOptions& executor_options() {
     static ExecutorOptions options;
     return options;
@@ -90,29 +87,34 @@ std::string format(const char* fmt, ...) {
     return buf;
 }
 
-// ---- fiber stacks: mapped once per OS thread and reused, a guard page below each ----------------------------------
-constexpr size_t STACK_BYTES = 256 * 1024;
+// ---- fiber stacks: mapped once per OS thread and reused -------------------------------------------------------
+// Each is FIBER_STACK_BYTES long and aligned to it: [header page][guard page][stack ... top]. The header lets the
+// running thread find itself from its stack pointer; the guard page makes a stack overflow fault before it
+// reaches the header.
+constexpr size_t STACK_BYTES = FIBER_STACK_BYTES;
 constexpr size_t PAGE = 4096;
-
-struct Stack {
-    char* base = nullptr;  // the guard page; usable memory is [base + PAGE, base + STACK_BYTES)
-};
+constexpr size_t STACK_RESERVED = 2 * PAGE;
 
 struct StackPool {
-    std::vector<Stack> stacks;
+    std::vector<char*> stacks;
     ~StackPool() {
-        for (auto& s : stacks) munmap(s.base, STACK_BYTES);
+        for (char* s : stacks) munmap(s, STACK_BYTES);
     }
     void reserve(size_t n) {
         while (stacks.size() < n) {
-            void* p = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+            // Twice the size, then the aligned part kept.
+            void* p = mmap(nullptr, 2 * STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                            -1, 0);
             if (p == MAP_FAILED) {
                 fprintf(stderr, "cudasim: cannot map a fiber stack\n");
                 abort();
             }
-            mprotect(p, PAGE, PROT_NONE);
-            stacks.push_back({static_cast<char*>(p)});
+            const uintptr_t raw = reinterpret_cast<uintptr_t>(p);
+            const uintptr_t base = (raw + STACK_BYTES - 1) & ~uintptr_t(STACK_BYTES - 1);
+            if (base > raw) munmap(p, base - raw);
+            if (base + STACK_BYTES < raw + 2 * STACK_BYTES) munmap(reinterpret_cast<void*>(base + STACK_BYTES), raw + 2 * STACK_BYTES - base - STACK_BYTES);
+            mprotect(reinterpret_cast<void*>(base + PAGE), PAGE, PROT_NONE);
+            stacks.push_back(reinterpret_cast<char*>(base));
         }
     }
 };
@@ -122,7 +124,7 @@ enum class State { Ready, AtBarrier, AtCollective, Done, Failed };
 
 struct Fiber {
     void* sp = nullptr;
-    char* stack = nullptr;
+    char* stack = nullptr;  // its FIBER_STACK_BYTES region, FiberHeader first
     uint3 idx{0, 0, 0};
     unsigned linear = 0;
     State state = State::Ready;
@@ -162,6 +164,7 @@ struct Run {
     const Kernel* kernel = nullptr;
     void* const* params = nullptr;
     LaunchShape shape;
+    BlockCoordinates coordinates;
     unsigned threads = 0;
     std::vector<Fiber> fibers;
     void* scheduler_sp = nullptr;
@@ -175,16 +178,13 @@ struct Run {
     uint64_t races = 0;
     std::set<std::pair<const void*, const void*>> reported;
     std::vector<std::pair<uintptr_t, uintptr_t>> known_allocations;  // device ranges checked already
+    const SharedSlot* last_slot = nullptr;                             // the array the last access hit
     std::vector<std::pair<uintptr_t, size_t>> param_bytes;
 };
 
-thread_local Run* tl_run = nullptr;
-thread_local Fiber* tl_fiber = nullptr;
 thread_local uint64_t tl_stamp = 0;  // source of intervals, warp-sync stamps and block serials on this OS thread
 thread_local char* tl_arena = nullptr;
 thread_local std::vector<Shadow> tl_shadow;
-bool g_checked = false;  // set by __tsan_init: a checked twin is loaded, so shadows are kept
-
 char* arena() {
     if (!tl_arena) {
         void* p = mmap(nullptr, SHARED_ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -198,13 +198,16 @@ char* arena() {
     return tl_arena;
 }
 
-std::string where() {
-    Run* r = tl_run;
-    std::string s = format("kernel %s, block (%u,%u,%u)", r->kernel->name.c_str(), tl_block.block_idx.x,
-                           tl_block.block_idx.y, tl_block.block_idx.z);
-    if (tl_fiber) s += format(" thread (%u,%u,%u)", tl_fiber->idx.x, tl_fiber->idx.y, tl_fiber->idx.z);
+// "kernel K, block (x,y,z) thread (x,y,z)" for messages.
+std::string where(const Run& r, const Fiber* f) {
+    const dim3& b = r.coordinates.block_idx;
+    std::string s = format("kernel %s, block (%u,%u,%u)", r.kernel->name.c_str(), b.x, b.y, b.z);
+    if (f) s += format(" thread (%u,%u,%u)", f->idx.x, f->idx.y, f->idx.z);
     return s;
 }
+
+Fiber* current_fiber() { return static_cast<Fiber*>(fiber_header().fiber); }
+Run* current_run() { return static_cast<Run*>(fiber_header().run); }
 
 // file:line of a code address in a twin (twins carry line tables), through addr2line.
 std::string source_line(const void* pc) {
@@ -231,34 +234,46 @@ std::string source_line(const void* pc) {
 }
 
 // ---- fibers --------------------------------------------------------------------------------------------------------
-void switch_to_scheduler() {
-    Fiber* f = tl_fiber;
-    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(&f->fake_stack, nullptr, 0);
-    cudasim_switch(&f->sp, tl_run->scheduler_sp);
+// The scheduler's stack bounds, for AddressSanitizer's fiber switches back to it.
+thread_local const void* tl_scheduler_bottom = nullptr;
+thread_local size_t tl_scheduler_size = 0;
+
+void switch_to_scheduler(Fiber* f, Run* r) {
+    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(&f->fake_stack, tl_scheduler_bottom, tl_scheduler_size);
+    cudasim_switch(&f->sp, r->scheduler_sp);
     if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(f->fake_stack, nullptr, nullptr);
 }
 
 // Ends the calling CUDA thread's block with an error; never returns.
 [[noreturn]] void fail(const std::string& message) {
-    Run* r = tl_run;
-    if (r->error.empty()) r->error = where() + ": " + message;
-    tl_fiber->state = State::Failed;
-    switch_to_scheduler();
+    Fiber* f = current_fiber();
+    Run* r = current_run();
+    if (r->error.empty()) r->error = where(*r, f) + ": " + message;
+    f->state = State::Failed;
+    switch_to_scheduler(f, r);
     __builtin_unreachable();
 }
 
 void fiber_main() {
-    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
-    tl_run->kernel->thunk(tl_run->params);
-    tl_fiber->state = State::Done;
-    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(nullptr, nullptr, 0);  // this frame is done
+    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(nullptr, &tl_scheduler_bottom, &tl_scheduler_size);
+    Run* r = current_run();
+    r->kernel->thunk(r->params);
+    Fiber* f = current_fiber();
+    f->state = State::Done;
+    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(nullptr, tl_scheduler_bottom, tl_scheduler_size);
     void* unused;
-    cudasim_switch(&unused, tl_run->scheduler_sp);
+    cudasim_switch(&unused, r->scheduler_sp);
     __builtin_unreachable();
 }
 
-void start_fiber(Fiber& f) {
-    if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(f.stack + PAGE, STACK_BYTES - PAGE);
+void start_fiber(Run& r, Fiber& f) {
+    char* usable = f.stack + STACK_RESERVED;
+    if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(usable, STACK_BYTES - STACK_RESERVED);
+    FiberHeader* h = reinterpret_cast<FiberHeader*>(f.stack);
+    h->thread_idx = &f.idx;
+    h->block = &r.coordinates;
+    h->fiber = &f;
+    h->run = &r;
     uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + STACK_BYTES) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top);
     *--sp = nullptr;                                  // the return address fiber_main never uses
@@ -268,14 +283,22 @@ void start_fiber(Fiber& f) {
     f.state = State::Ready;
 }
 
-void resume(Fiber& f) {
-    tl_fiber = &f;
-    tl_thread_idx = &f.idx;
+// The checked build's hooks need the running fiber from any code; only they pay for keeping it in a
+// thread-local.
+bool g_checked = false;  // set by __tsan_init: a checked twin is loaded
+// Initial-exec: read on every access of a checked twin, so no __tls_get_addr call (the library's thread-locals
+// are a few hundred bytes, well within the static TLS glibc keeps for libraries loaded later).
+__attribute__((tls_model("initial-exec"))) thread_local Run* tl_run = nullptr;
+__attribute__((tls_model("initial-exec"))) thread_local Fiber* tl_fiber = nullptr;
+
+void resume(Run& r, Fiber& f) {
+    if (g_checked) tl_fiber = &f;
     void* fake = nullptr;
-    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(&fake, f.stack + PAGE, STACK_BYTES - PAGE);
-    cudasim_switch(&tl_run->scheduler_sp, f.sp);
+    if (__sanitizer_start_switch_fiber)
+        __sanitizer_start_switch_fiber(&fake, f.stack + STACK_RESERVED, STACK_BYTES - STACK_RESERVED);
+    cudasim_switch(&r.scheduler_sp, f.sp);
     if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-    tl_fiber = nullptr;
+    if (g_checked) tl_fiber = nullptr;
 }
 
 uint64_t next_random(uint64_t& state) {
@@ -295,12 +318,10 @@ unsigned existing_lanes(unsigned w, unsigned threads) {
     return n == 32 ? 0xffffffffu : (1u << n) - 1;
 }
 
-// Releases every warp whose pending collective has all its lanes; reports collectives real hardware would
-// not complete. Returns whether any warp was released.
-bool release_collectives(Run& r) {
-    bool released = false;
-    const unsigned warps = (r.threads + 31) / 32;
-    for (unsigned w = 0; w < warps; ++w) {
+// Completes warp `w`'s pending collective once every lane its mask names has arrived; reports collectives real
+// hardware would not complete. Returns whether it released the warp.
+bool release_warp(Run& r, unsigned w) {
+    {
         Fiber* lanes = &r.fibers[w * 32];
         const unsigned exist = existing_lanes(w, r.threads);
         int first = -1;
@@ -309,35 +330,35 @@ bool release_collectives(Run& r) {
                 first = int(i);
                 break;
             }
-        if (first < 0) continue;
+        if (first < 0) return false;
         const Fiber& f0 = lanes[first];
         bool complete = true;
         for (unsigned i = 0; i < 32; ++i) {
             if (!(f0.mask >> i & 1)) continue;
             if (!(exist >> i & 1)) {
                 tl_fiber = &lanes[first];
-                r.error = where() + format(": %s with mask 0x%08x names lane %u, which does not exist in a block of %u "
+                r.error = where(r, tl_fiber) + format(": %s with mask 0x%08x names lane %u, which does not exist in a block of %u "
                                            "threads", f0.what, f0.mask, i, r.threads);
                 return false;
             }
             const Fiber& f = lanes[i];
             if (f.state == State::Done) {
                 tl_fiber = &lanes[first];
-                r.error = where() + format(": %s with mask 0x%08x names lane %u, which has exited", f0.what, f0.mask, i);
+                r.error = where(r, tl_fiber) + format(": %s with mask 0x%08x names lane %u, which has exited", f0.what, f0.mask, i);
                 return false;
             }
             if (f.state != State::AtCollective) {
                 complete = false;
                 continue;
             }
-            if (strcmp(f.what, f0.what) != 0 || f.mask != f0.mask) {
+            if ((f.what != f0.what && strcmp(f.what, f0.what) != 0) || f.mask != f0.mask) {
                 tl_fiber = &lanes[i];
-                r.error = where() + format(": divergent warp collectives: lane %u is at %s (mask 0x%08x), lane %d at %s "
+                r.error = where(r, tl_fiber) + format(": divergent warp collectives: lane %u is at %s (mask 0x%08x), lane %d at %s "
                                            "(mask 0x%08x)", i, f.what, f.mask, first, f0.what, f0.mask);
                 return false;
             }
         }
-        if (!complete) continue;
+        if (!complete) return false;
         void* in[32] = {};
         void* out[32] = {};
         for (unsigned i = 0; i < 32; ++i)
@@ -352,9 +373,8 @@ bool release_collectives(Run& r) {
         for (unsigned i = 0; i < 32; ++i)
             if (mask >> i & 1) lanes[i].state = State::Ready;
         ++g_collectives;
-        released = true;
+        return true;
     }
-    return released;
 }
 
 std::string describe_waits(const Run& r) {
@@ -389,24 +409,35 @@ void run_block(Run& r) {
         Fiber& f = r.fibers[i];
         f.linear = i;
         f.idx = {i % r.shape.block.x, (i / r.shape.block.x) % r.shape.block.y, i / (r.shape.block.x * r.shape.block.y)};
-        start_fiber(f);
+        start_fiber(r, f);
     }
-    std::vector<unsigned> turn(r.threads);
+    // Warp by warp: a warp runs its lanes until each waits (for a collective, which completes as soon as its
+    // last lane arrives, or at a barrier) or exits; the block barrier opens once every warp is there.
+    const unsigned warps = (r.threads + 31) / 32;
+    std::vector<unsigned> warp_turn(warps), lane_turn(32);
     uint64_t rng = executor_options().seed * 0x9e3779b97f4a7c15ull + r.block_serial;
     unsigned live = r.threads;
     while (live) {
-        order(turn, executor_options().thread_order, rng);
+        order(warp_turn, executor_options().thread_order, rng);
         bool progressed = false;
-        for (unsigned k : turn) {
-            Fiber& f = r.fibers[k];
-            if (f.state != State::Ready) continue;
-            resume(f);
-            progressed = true;
-            if (f.state == State::Done) --live;
-            if (!r.error.empty()) return;
+        for (unsigned w : warp_turn) {
+            const unsigned lanes = std::min(32u, r.threads - w * 32);
+            for (bool again = true; again;) {
+                order(lane_turn, executor_options().thread_order, rng);
+                for (unsigned l : lane_turn) {
+                    if (l >= lanes) continue;
+                    Fiber& f = r.fibers[w * 32 + l];
+                    if (f.state != State::Ready) continue;
+                    resume(r, f);
+                    progressed = true;
+                    if (f.state == State::Done) --live;
+                    if (!r.error.empty()) return;
+                }
+                again = release_warp(r, w);
+                if (!r.error.empty()) return;
+                progressed |= again;
+            }
         }
-        if (release_collectives(r)) progressed = true;
-        if (!r.error.empty()) return;
         unsigned at_barrier = 0, done = 0;
         const Fiber* first = nullptr;
         for (const Fiber& f : r.fibers) {
@@ -420,13 +451,13 @@ void run_block(Run& r) {
             for (const Fiber& f : r.fibers)
                 if (f.state == State::AtBarrier && (f.line != first->line || strcmp(f.file, first->file) != 0)) {
                     tl_fiber = const_cast<Fiber*>(&f);
-                    r.error = where() + format(": divergent barriers: this thread waits at __syncthreads %s:%d, "
+                    r.error = where(r, tl_fiber) + format(": divergent barriers: this thread waits at __syncthreads %s:%d, "
                                                "thread %u at %s:%d", f.file, f.line, first->linear, first->file, first->line);
                     return;
                 }
             if (done) {
                 tl_fiber = const_cast<Fiber*>(first);
-                r.error = where() + format(": __syncthreads at %s:%d reached after %u thread(s) of the block returned "
+                r.error = where(r, tl_fiber) + format(": __syncthreads at %s:%d reached after %u thread(s) of the block returned "
                                            "(undefined behaviour: the barrier counts every thread)", first->file,
                                            first->line, done);
                 return;
@@ -438,7 +469,7 @@ void run_block(Run& r) {
         }
         if (!progressed && live) {
             tl_fiber = nullptr;
-            r.error = where() + format(": deadlock: %u thread(s) at a barrier, %u exited, the rest at warp collectives "
+            r.error = where(r, nullptr) + format(": deadlock: %u thread(s) at a barrier, %u exited, the rest at warp collectives "
                                        "that cannot complete:", at_barrier, done) + describe_waits(r);
             return;
         }
@@ -449,15 +480,15 @@ void run_block(Run& r) {
 
 // ---- the calls twins make --------------------------------------------------------------------------------------
 void syncthreads(const char* file, int line) {
-    Fiber* f = tl_fiber;
+    Fiber* f = current_fiber();
     f->state = State::AtBarrier;
     f->file = file;
     f->line = line;
-    switch_to_scheduler();
+    switch_to_scheduler(f, current_run());
 }
 
 void warp_collective(const char* what, unsigned mask, CollectiveFn compute, void* in, void* out) {
-    Fiber* f = tl_fiber;
+    Fiber* f = current_fiber();
     const unsigned lane = f->linear & 31;
     if (!(mask >> lane & 1)) fail(format("%s with mask 0x%08x is executed by lane %u, which the mask leaves out", what, mask, lane));
     f->what = what;
@@ -466,7 +497,7 @@ void warp_collective(const char* what, unsigned mask, CollectiveFn compute, void
     f->in = in;
     f->out = out;
     f->state = State::AtCollective;
-    switch_to_scheduler();
+    switch_to_scheduler(f, current_run());
 }
 
 void syncwarp(unsigned mask, const char*, int) { warp_collective("__syncwarp", mask, nullptr, nullptr, nullptr); }
@@ -477,7 +508,7 @@ void shuffle_compute(void* const* in, void* const* out, unsigned mask) {
         const ShuffleIn* a = static_cast<const ShuffleIn*>(in[lane]);
         const int w = a->width;
         if (w < 1 || w > 32 || (w & (w - 1))) {
-            tl_run->error = where() + format(": shuffle width %d is not a power of two up to 32", w);
+            tl_run->error = where(*tl_run, tl_fiber) + format(": shuffle width %d is not a power of two up to 32", w);
             return;
         }
         const int base = lane & ~(w - 1);
@@ -489,7 +520,7 @@ void shuffle_compute(void* const* in, void* const* out, unsigned mask) {
             default: src = lane + a->operand; if (src >= base + w) src = lane; break;
         }
         if (src < 0 || src > 31 || !(mask >> src & 1)) {
-            tl_run->error = where() + format(": lane %d shuffles from lane %d, which is not in the mask 0x%08x (undefined "
+            tl_run->error = where(*tl_run, tl_fiber) + format(": lane %d shuffles from lane %d, which is not in the mask 0x%08x (undefined "
                                              "value)", lane, src, mask);
             return;
         }
@@ -523,7 +554,7 @@ float bf16_value(unsigned bits) {
 }
 void mma_compute(void* const* in, void* const* out, unsigned mask) {
     if (mask != 0xffffffffu) {
-        tl_run->error = where() + format(": mma.sync with mask 0x%08x: it needs all 32 lanes", mask);
+        tl_run->error = where(*tl_run, tl_fiber) + format(": mma.sync with mask 0x%08x: it needs all 32 lanes", mask);
         return;
     }
     float A[16][16], B[16][8], C[16][8];
@@ -582,7 +613,7 @@ size_t place(Run& r, size_t bytes, size_t align) {
 }  // namespace
 
 void* shared_array(const void* site, size_t bytes, size_t align, const char* name, const char* file, int line) {
-    Run& r = *tl_run;
+    Run& r = *current_run();
     for (SharedSlot& s : r.slots)
         if (s.site == site) {
             if (s.filled_for != r.block_serial) {
@@ -593,6 +624,7 @@ void* shared_array(const void* site, size_t bytes, size_t align, const char* nam
         }
     const size_t offset = place(r, bytes, align < 16 ? 16 : align);
     r.slots.push_back({site, offset, bytes, name, file, line, r.block_serial});
+    r.last_slot = nullptr;  // the vector may have moved
     memset(r.arena + offset, executor_options().shared_fill_nan ? 0xff : 0, bytes);
     if (g_checked && tl_shadow.size() < r.arena_used) {
         tl_shadow.resize(r.arena_used);  // new entries are zero: interval 0 is never current
@@ -601,7 +633,7 @@ void* shared_array(const void* site, size_t bytes, size_t align, const char* nam
 }
 
 void* dynamic_shared(size_t) {
-    Run& r = *tl_run;
+    Run& r = *current_run();
     for (SharedSlot& s : r.slots)
         if (!s.site) return r.arena + s.offset;
     fail("extern __shared__ is used but the launch asked for 0 bytes of dynamic shared memory");
@@ -620,12 +652,9 @@ std::string run_kernel(const Kernel& kernel, const LaunchShape& shape, void* con
     r.warp_sync.assign((r.threads + 31) / 32, 0);
     tl_stacks.reserve(r.threads);
     r.fibers.resize(r.threads);
-    for (unsigned i = 0; i < r.threads; ++i) r.fibers[i].stack = tl_stacks.stacks[i].base;
+    for (unsigned i = 0; i < r.threads; ++i) r.fibers[i].stack = tl_stacks.stacks[i];
     if (shape.dynamic_shared) {
-        Run* outer = tl_run;
-        tl_run = &r;
         const size_t offset = place(r, shape.dynamic_shared, 16);
-        tl_run = outer;
         r.slots.push_back({nullptr, offset, shape.dynamic_shared, "extern __shared__", "(dynamic)", 0, 0});
         if (g_checked && tl_shadow.size() < r.arena_used) tl_shadow.resize(r.arena_used);
     }
@@ -643,9 +672,9 @@ std::string run_kernel(const Kernel& kernel, const LaunchShape& shape, void* con
         const uint64_t i = opt.block_order == Order::Reverse ? blocks - 1 - b
                            : opt.block_order == Order::Random ? permutation[b]
                                                               : b;
-        tl_block.grid = shape.grid;
-        tl_block.block = shape.block;
-        tl_block.block_idx = dim3(unsigned(i % shape.grid.x), unsigned(i / shape.grid.x % shape.grid.y),
+        r.coordinates.grid = shape.grid;
+        r.coordinates.block = shape.block;
+        r.coordinates.block_idx = dim3(unsigned(i % shape.grid.x), unsigned(i / shape.grid.x % shape.grid.y),
                                   unsigned(i / shape.grid.x / shape.grid.y));
         run_block(r);
         ++g_blocks;
@@ -653,7 +682,6 @@ std::string run_kernel(const Kernel& kernel, const LaunchShape& shape, void* con
     }
     tl_run = outer;
     tl_fiber = nullptr;
-    tl_thread_idx = nullptr;
     ++g_launches;
     if (r.error.empty() && r.races)
         r.error = format("kernel %s: %llu shared-memory hazard(s) (reported above)", kernel.name.c_str(),
@@ -675,7 +703,7 @@ void race_report(const char* kind, const SharedSlot& s, size_t index, int other,
     const std::string who = other == -2 ? std::string("several threads") : format("thread %d", other);
     fprintf(stderr, "cudasim: %s hazard on __shared__ %s byte %zu (%s:%d), %s, barrier interval %llu:\n"
             "    thread %u at %s\n    %s at %s\n",
-            kind, s.name, index, s.file, s.line, where().c_str(), (unsigned long long)r.interval, tl_fiber->linear,
+            kind, s.name, index, s.file, s.line, where(r, tl_fiber).c_str(), (unsigned long long)r.interval, tl_fiber->linear,
             source_line(pc).c_str(), who.c_str(), source_line(other_pc).c_str());
 }
 
@@ -686,9 +714,13 @@ void bad_access(const std::string& what, const void* pc) {
 
 void shared_access(Run& r, uintptr_t address, size_t n, bool write, const void* pc) {
     const size_t offset = address - reinterpret_cast<uintptr_t>(r.arena);
-    const SharedSlot* slot = nullptr;
-    for (const SharedSlot& s : r.slots)
-        if (offset >= s.offset && offset + n <= s.offset + s.bytes) slot = &s;
+    const SharedSlot* slot = r.last_slot;
+    if (!slot || offset < slot->offset || offset + n > slot->offset + slot->bytes) {
+        slot = nullptr;
+        for (const SharedSlot& s : r.slots)
+            if (offset >= s.offset && offset + n <= s.offset + s.bytes) slot = &s;
+        r.last_slot = slot;
+    }
     if (!slot) {
         const SharedSlot* near = nullptr;
         for (const SharedSlot& s : r.slots)

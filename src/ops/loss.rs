@@ -79,7 +79,9 @@ fn cpu_reduce(a: &[f32], b: &[f32], scale: f64, partials: &mut [f32], term: impl
     (scale * sums.iter().sum::<f64>()) as f32
 }
 
-/// Launches `name` on the fixed partial-sum grid, then `finish_sum` writing `scale * total` into `loss`.
+/// Launches `name` on the partial-sum grid (one 256-thread block per 256 elements, at most `PARTIALS`: the
+/// grid depends only on `n`, so the summation order is fixed), then `finish_sum` writing `scale * total` into
+/// `loss`.
 fn cuda_reduce(
     d: &CudaDevice,
     name: &'static str,
@@ -89,14 +91,15 @@ fn cuda_reduce(
     loss: &mut Tensor,
     partials: &mut Tensor,
 ) -> Result<()> {
-    let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, PARTIALS);
+    let grid = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     d.launch(KERNEL_FILE, name, grid, &[inputs[0], inputs[1], Ptr(partials.cuda_ptr()?)], Some(n as i64))?;
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     d.launch(
         KERNEL_FILE,
         "finish_sum",
         one,
-        &[Ptr(partials.cuda_ptr()?), I32(PARTIALS as i32), F32(scale), Ptr(loss.cuda_ptr()?)],
+        &[Ptr(partials.cuda_ptr()?), I32(blocks as i32), F32(scale), Ptr(loss.cuda_ptr()?)],
         None,
     )
 }

@@ -220,35 +220,26 @@ pub fn clip_grad_norm(
             Ok(())
         }
         Device::Cuda(d) => {
-            let grid =
-                LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            let accumulate = |first: bool| {
+            let accumulate = |count: usize, first: bool| {
                 d.launch(
                     KERNEL_FILE,
                     "accumulate_sum",
                     one,
-                    &[
-                        Ptr(partials.cuda_ptr()?),
-                        I32(if first { 0 } else { PARTIALS as i32 }),
-                        I32(first as i32),
-                        Ptr(total_norm.cuda_ptr()?),
-                    ],
+                    &[Ptr(partials.cuda_ptr()?), I32(count as i32), I32(first as i32), Ptr(total_norm.cuda_ptr()?)],
                     None,
                 )
             };
             // An empty list still writes a norm of 0.
-            accumulate(true)?;
+            accumulate(0, true)?;
             for g in grads.iter() {
+                // One block per BLOCK elements, at most PARTIALS: a small tensor (a bias) needs one block, not a
+                // grid of idle ones. The grid depends only on the size, so the sum's order (and bits) is fixed.
+                let blocks = g.numel().div_ceil(BLOCK as usize).clamp(1, PARTIALS);
+                let grid = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
                 let name = kernel(g.dtype(), "sumsq_partials_f32", "sumsq_partials_bf16");
-                d.launch(
-                    KERNEL_FILE,
-                    name,
-                    grid,
-                    &[Ptr(g.cuda_ptr()?), Ptr(partials.cuda_ptr()?)],
-                    Some(g.numel() as i64),
-                )?;
-                accumulate(false)?;
+                d.launch(KERNEL_FILE, name, grid, &[Ptr(g.cuda_ptr()?), Ptr(partials.cuda_ptr()?)], Some(g.numel() as i64))?;
+                accumulate(blocks, false)?;
             }
             d.launch(
                 KERNEL_FILE,

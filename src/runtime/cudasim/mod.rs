@@ -17,6 +17,7 @@
 //! - `SGDM_SIM_SHARED_FILL`: `nan` (default) or `zero`, what shared memory holds at block start.
 //! - `SGDM_SIM_MEMORY`: the device memory the simulator reports and enforces, in bytes or with a unit
 //!   (`8GiB`); default 80 GiB.
+//! - `SGDM_SIM_TIMES=1`: print the host time spent per kernel at exit (to make simulated tests faster).
 
 pub mod twin;
 
@@ -67,7 +68,7 @@ impl Check {
     fn flags(self) -> &'static [&'static str] {
         match self {
             Check::Off => &["-O2"],
-            Check::Memory => &["-O1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"],
+            Check::Memory => &["-O2", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"],
             Check::Asan => &[
                 "-O1",
                 "-fno-omit-frame-pointer",
@@ -93,6 +94,9 @@ pub struct Settings {
     pub order: Order,
     pub shared_fill_nan: bool,
     pub memory_bytes: Option<u64>,
+    /// Print the host time spent in each kernel when the process exits (`SGDM_SIM_TIMES=1`): for making
+    /// simulated tests faster, never a GPU time.
+    pub report_times: bool,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -151,7 +155,12 @@ impl Settings {
                 anyhow!("SGDM_SIM_MEMORY={m}: expected a number of bytes, e.g. 8GiB or 512MiB")
             })?),
         };
-        Ok(Settings { check, deferred, order, shared_fill_nan, memory_bytes })
+        let report_times = match env("SGDM_SIM_TIMES").as_deref() {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(other) => bail!("SGDM_SIM_TIMES={other}: expected 0 or 1"),
+        };
+        Ok(Settings { check, deferred, order, shared_fill_nan, memory_bytes, report_times })
     }
 
     /// One line for `sgdm info` and logs.
@@ -179,6 +188,7 @@ struct Config {
     seed: u64,
     shared_fill_nan: c_int,
     memory_bytes: u64,
+    report_times: c_int,
 }
 
 /// Counters of the simulation so far.
@@ -292,6 +302,7 @@ fn start() -> Result<Simulator> {
         seed,
         shared_fill_nan: settings.shared_fill_nan as c_int,
         memory_bytes: settings.memory_bytes.unwrap_or(0),
+        report_times: settings.report_times as c_int,
     };
     // SAFETY: cudasim_configure(const cudasim_config*) as defined in cudasim/src/driver.cpp, struct mirrored above.
     let rc = unsafe {
