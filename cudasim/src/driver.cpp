@@ -1152,7 +1152,7 @@ API CUresult cuFuncSetAttribute(void* handle, int attribute, int value) {
     Function& f = *static_cast<Function*>(handle);
     if (attribute == 8) {  // MAX_DYNAMIC_SHARED_SIZE_BYTES
         if (value < 0 || unsigned(value) + f.cubin.static_shared > SHARED_OPTIN)
-            return fail(CUDA_ERROR_INVALID_VALUE, format("%s: %d bytes of dynamic shared memory exceed sm_90's %u per block",
+            return fail(CUDA_ERROR_INVALID_VALUE, format("%s: %d bytes of dynamic shared memory exceed the %u per block of sm_90",
                                                          f.kernel->name.c_str(), value, SHARED_OPTIN));
         f.max_dynamic_shared = value;
     }
@@ -1173,7 +1173,7 @@ API CUresult cuLaunchKernel(void* handle, unsigned gx, unsigned gy, unsigned gz,
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, shape + ": arguments through `extra` are not supported");
     if (!params && !k.param_sizes.empty()) return fail(CUDA_ERROR_INVALID_VALUE, shape + ": no arguments given");
     if (!gx || !gy || !gz || !bx || !by || !bz || gy > 65535 || gz > 65535 || gx > 2147483647u || bx > 1024 || by > 1024 || bz > 64)
-        return fail(CUDA_ERROR_INVALID_VALUE, shape + ": grid or block dimensions outside sm_90's limits");
+        return fail(CUDA_ERROR_INVALID_VALUE, shape + ": grid or block dimensions outside the limits of sm_90");
     const unsigned threads = bx * by * bz;
     if (threads > max_threads(f))
         return fail(threads > MAX_THREADS || threads > f.cubin.max_threads ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,

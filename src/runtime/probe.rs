@@ -12,27 +12,47 @@ pub const MIN_DRIVER_VERSION: i32 = 13000;
 /// Oldest NVRTC that knows Hopper (sm_90) and can emit cubins.
 pub const MIN_NVRTC_VERSION: (i32, i32) = (12, 0);
 
-/// Driver symbols the engine calls through cudarc; a library without one of them is too old.
-const DRIVER_SYMBOLS: &[&str] = &[
+/// Every driver function the engine calls, through cudarc or directly: a library without one of them is too old
+/// (cudarc would panic at the call). tests/cudasim.rs holds this list to what the simulated driver records
+/// the engine calling.
+pub const DRIVER_SYMBOLS: &[&str] = &[
     "cuInit",
     "cuDriverGetVersion",
+    "cuGetErrorString",
     "cuDeviceGetCount",
     "cuDeviceGet",
     "cuDeviceGetName",
     "cuDeviceGetAttribute",
     "cuDeviceTotalMem_v2",
     "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
     "cuCtxSetCurrent",
+    "cuMemGetInfo_v2",
     "cuStreamCreate",
+    "cuStreamDestroy_v2",
     "cuStreamSynchronize",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuEventCreate",
+    "cuEventDestroy_v2",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventElapsedTime_v2",
     "cuMemAllocAsync",
     "cuMemFreeAsync",
     "cuMemcpyHtoDAsync_v2",
     "cuMemcpyDtoHAsync_v2",
     "cuMemsetD8Async",
     "cuModuleLoadData",
+    "cuModuleUnload",
     "cuModuleGetFunction",
     "cuLaunchKernel",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphUpload",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
 ];
 
 const NVRTC_SYMBOLS: &[&str] = &[
