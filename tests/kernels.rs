@@ -1,10 +1,11 @@
 //! The kernel pipeline without a GPU: every kernel file compiles with NVRTC for sm_80 and sm_90, every
-//! kernel a launcher names is in the cubin, nothing spills, the cache compiles once then hits, and a
-//! compile error shows NVRTC's log. Under CI=true a missing NVRTC fails these tests instead of skipping.
+//! kernel of the kernel table (the signatures build.rs read from the sources, which every launch is checked
+//! against) is in the cubin, nothing spills, the cache compiles once then hits, and a compile error shows
+//! NVRTC's log. Under CI=true a missing NVRTC fails these tests instead of skipping.
 
 mod common;
 
-use sgdm::ops::KERNELS_USED;
+use sgdm::runtime::kernel_table::KERNELS;
 use sgdm::runtime::kernels::{compile, Arch, CacheOutcome, EmbeddedSource, KernelCache, KERNEL_FILES};
 use sgdm::runtime::probe;
 
@@ -24,24 +25,19 @@ fn nvrtc_available() -> bool {
 const ARCHS: [Arch; 2] = [Arch { major: 8, minor: 0, accelerated: false }, Arch { major: 9, minor: 0, accelerated: false }];
 
 #[test]
-fn every_kernel_file_compiles_for_sm80_and_sm90_with_every_launched_kernel_and_no_spills() {
+fn every_kernel_file_compiles_for_sm80_and_sm90_with_every_table_kernel_and_no_spills() {
     if !nvrtc_available() {
         return;
     }
-    for (file, _) in KERNELS_USED {
-        assert!(KERNEL_FILES.iter().any(|f| f.name == *file), "launchers use kernels/{file}, which is not embedded");
-    }
     for file in KERNEL_FILES {
-        let used = KERNELS_USED
-            .iter()
-            .find(|(f, _)| *f == file.name)
-            .unwrap_or_else(|| panic!("kernels/{} is embedded but no op launches from it (ops::KERNELS_USED)", file.name))
-            .1;
+        let table: Vec<&str> = KERNELS.iter().filter(|k| k.file == file.name).map(|k| k.name).collect();
+        assert!(!table.is_empty(), "kernels/{} has no kernel in the table", file.name);
         for arch in ARCHS {
             let compiled = compile(file, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(compiled.cubin.starts_with(b"\x7fELF"), "{} for {arch} is not a cubin", file.name);
             let resources = compiled.resources();
-            for name in used {
+            assert_eq!(resources.len(), table.len(), "kernels/{} for {arch}: ptxas compiled other kernels than the table's", file.name);
+            for name in &table {
                 let r = resources
                     .iter()
                     .find(|r| r.name == *name)

@@ -13,68 +13,13 @@ use matrixmultiply::sgemm;
 use rayon::prelude::*;
 
 use super::{common_device, common_dtype, same_shape};
+use crate::runtime::kernel_table;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, F32, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "attention.cu";
-pub const KERNELS: &[&str] = &[
-    "attention_backward_delta_f32",
-    "attention_backward_delta_bf16",
-    "attention_forward_f32_d32",
-    "attention_forward_f32_d64",
-    "attention_forward_f32_d96",
-    "attention_forward_f32_d128",
-    "attention_forward_f32_d160",
-    "attention_forward_bf16_d32",
-    "attention_forward_bf16_d64",
-    "attention_forward_bf16_d96",
-    "attention_forward_bf16_d128",
-    "attention_forward_bf16_d160",
-    "attention_backward_dq_f32_d32",
-    "attention_backward_dq_f32_d64",
-    "attention_backward_dq_f32_d96",
-    "attention_backward_dq_f32_d128",
-    "attention_backward_dq_f32_d160",
-    "attention_backward_dq_bf16_d32",
-    "attention_backward_dq_bf16_d64",
-    "attention_backward_dq_bf16_d96",
-    "attention_backward_dq_bf16_d128",
-    "attention_backward_dq_bf16_d160",
-    "attention_backward_dkdv_f32_d32",
-    "attention_backward_dkdv_f32_d64",
-    "attention_backward_dkdv_f32_d96",
-    "attention_backward_dkdv_f32_d128",
-    "attention_backward_dkdv_f32_d160",
-    "attention_backward_dkdv_bf16_d32",
-    "attention_backward_dkdv_bf16_d64",
-    "attention_backward_dkdv_bf16_d96",
-    "attention_backward_dkdv_bf16_d128",
-    "attention_backward_dkdv_bf16_d160",
-    "attention_forward_mma_bf16_d16",
-    "attention_forward_mma_bf16_d32",
-    "attention_forward_mma_bf16_d48",
-    "attention_forward_mma_bf16_d64",
-    "attention_forward_mma_bf16_d80",
-    "attention_forward_mma_bf16_d96",
-    "attention_forward_mma_bf16_d112",
-    "attention_forward_mma_bf16_d128",
-    "attention_forward_mma_bf16_d144",
-    "attention_forward_mma_bf16_d160",
-    "attention_backward_dq_mma_bf16_d16",
-    "attention_backward_dkdv_mma_bf16_d16",
-    "attention_backward_dq_mma_bf16_d32",
-    "attention_backward_dkdv_mma_bf16_d32",
-    "attention_backward_dq_mma_bf16_d48",
-    "attention_backward_dkdv_mma_bf16_d48",
-    "attention_backward_dq_mma_bf16_d64",
-    "attention_backward_dkdv_mma_bf16_d64",
-    "attention_backward_dq_mma_bf16_d80",
-    "attention_backward_dkdv_mma_bf16_d80",
-    "attention_backward_dq_mma_bf16_d96",
-    "attention_backward_dkdv_mma_bf16_d96",
-];
 
 /// The attention kernels' choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
 pub type AttentionKernel = super::Variant;
@@ -339,7 +284,7 @@ fn dtype_suffix(dtype: DType) -> &'static str {
 }
 
 fn kernel(name: &str) -> Result<&'static str> {
-    KERNELS.iter().copied().find(|k| *k == name).ok_or_else(|| anyhow::anyhow!("no attention kernel named {name}"))
+    Ok(kernel_table::find(KERNEL_FILE, name)?.name)
 }
 
 /// Launches one of the tiled kernels: grid (ceil(len / rows_per_block), B*H), the head-dim variant holding

@@ -15,28 +15,13 @@ use rayon::prelude::*;
 use super::linear::cpu_gemm;
 use super::{common_device, common_dtype};
 use crate::runtime::blas::GemmShape;
+use crate::runtime::kernel_table;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "conv.cu";
-pub const KERNELS: &[&str] = &[
-    "conv2d_forward_f32",
-    "conv2d_forward_bf16",
-    "conv2d_backward_input_f32",
-    "conv2d_backward_input_bf16",
-    "conv2d_backward_weight_f32",
-    "conv2d_backward_weight_bf16",
-    "conv_bias_backward_f32",
-    "conv_bias_backward_bf16",
-    "im2col_f32",
-    "im2col_bf16",
-    "conv2d_forward_mma_bf16",
-    "conv2d_backward_input_mma_bf16",
-    "conv2d_backward_weight_mma_bf16",
-    "conv_dw_reduce_bf16",
-];
 
 /// The conv kernel choice ([`super::Variant`]); `SGDM_CONV_KERNEL` overrides the default.
 pub type ConvKernel = super::Variant;
@@ -551,7 +536,7 @@ pub fn im2col(x: &Tensor, kernel: [usize; 2], spec: Conv2dSpec, col: &mut Tensor
 
 fn by_dtype(dtype: DType, kernel: &str) -> Result<&'static str> {
     let name = format!("{kernel}_{}", if dtype == DType::BF16 { "bf16" } else { "f32" });
-    KERNELS.iter().copied().find(|k| *k == name).ok_or_else(|| anyhow::anyhow!("no conv kernel {name}"))
+    Ok(kernel_table::find(KERNEL_FILE, &name)?.name)
 }
 
 /// Output tile of the SIMT kernels, and of the tensor-core forward.

@@ -20,16 +20,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "infonce.cu";
-pub const KERNELS: &[&str] = &[
-    "infonce_normalize_f32",
-    "infonce_normalize_bf16",
-    "infonce_softmax_stats",
-    "infonce_loss",
-    "infonce_logits_grad_f32",
-    "infonce_logits_grad_bf16",
-    "infonce_normalize_backward_f32",
-    "infonce_normalize_backward_bf16",
-];
 
 /// The SGDM ContrastiveAlignment temperature.
 pub const DEFAULT_TEMPERATURE: f32 = 0.07;

@@ -12,7 +12,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "linear.cu";
-pub const KERNELS: &[&str] = &["bias_grad_f32_f32", "bias_grad_bf16_bf16", "bias_grad_bf16_f32"];
 
 /// Options of [`matmul`].
 #[derive(Debug, Clone, Copy, PartialEq)]

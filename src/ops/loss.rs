@@ -20,17 +20,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "loss.cu";
-pub const KERNELS: &[&str] = &[
-    "mse_partials_f32",
-    "mse_partials_bf16",
-    "mse_backward_f32",
-    "mse_backward_bf16",
-    "kl_partials_f32",
-    "kl_partials_bf16",
-    "kl_backward_f32",
-    "kl_backward_bf16",
-    "finish_sum",
-];
 
 /// Length of the `partials` scratch every reduction takes (the CUDA partial-sum grid, in blocks).
 pub const PARTIALS: usize = 256;

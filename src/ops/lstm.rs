@@ -31,8 +31,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "lstm.cu";
-pub const KERNELS: &[&str] =
-    &["lstm_cell_forward_f32", "lstm_cell_forward_bf16", "lstm_cell_backward_f32", "lstm_cell_backward_bf16"];
 
 /// The hyper-parameters of `nn.LSTM` that shape its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

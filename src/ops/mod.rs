@@ -26,23 +26,6 @@ use anyhow::{ensure, Result};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
-/// Every kernel each kernel file must provide, by the names the launchers use. The kernel compile test
-/// checks each against ptxas' report, so a renamed kernel fails without a GPU.
-pub const KERNELS_USED: &[(&str, &[&str])] = &[
-    (elementwise::KERNEL_FILE, elementwise::KERNELS),
-    (linear::KERNEL_FILE, linear::KERNELS),
-    (attention::KERNEL_FILE, attention::KERNELS),
-    (norm::KERNEL_FILE, norm::KERNELS),
-    (shape::KERNEL_FILE, shape::KERNELS),
-    (loss::KERNEL_FILE, loss::KERNELS),
-    (optim::KERNEL_FILE, optim::KERNELS),
-    (conv::KERNEL_FILE, conv::KERNELS),
-    (lstm::KERNEL_FILE, lstm::KERNELS),
-    (infonce::KERNEL_FILE, infonce::KERNELS),
-    (softmax::KERNEL_FILE, softmax::KERNELS),
-    (sampling::KERNEL_FILE, sampling::KERNELS),
-];
-
 /// Which CUDA kernel runs an op that has both a tensor-core and a CUDA-core kernel (the conv forward and data
 /// gradient, the attention forward; bf16 on sm_80+ only: other dtypes and GPUs always take [`Variant::Simt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,23 +18,12 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::{common_device, common_dtype};
+use crate::runtime::kernel_table;
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32, I64};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "norm.cu";
-pub const KERNELS: &[&str] = &[
-    "group_norm_forward_f32",
-    "group_norm_forward_bf16",
-    "group_norm_backward_f32",
-    "group_norm_backward_bf16",
-    "layer_norm_forward_f32",
-    "layer_norm_forward_bf16",
-    "layer_norm_backward_f32",
-    "layer_norm_backward_bf16",
-    "norm_param_grad_reduce_f32",
-    "norm_param_grad_reduce_bf16",
-];
 
 /// Threads per GroupNorm block (one block per (batch, group)); the kernels' `__launch_bounds__`.
 const GROUP_NORM_THREADS: u32 = 512;
@@ -138,7 +127,7 @@ fn kernel(name: &str, dtype: DType) -> Result<&'static str> {
         DType::BF16 => format!("{name}_bf16"),
         DType::F16 => bail!("{name}: no f16 kernel"),
     };
-    Ok(KERNELS.iter().find(|k| **k == wanted).expect("every norm kernel is listed in KERNELS"))
+    Ok(kernel_table::find(KERNEL_FILE, &wanted)?.name)
 }
 
 fn i32_arg(v: usize) -> crate::runtime::cuda::KernelArg {

@@ -13,16 +13,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{f32_to_bytes, DType, Tensor};
 
 pub const KERNEL_FILE: &str = "optim.cu";
-pub const KERNELS: &[&str] = &[
-    "adamw_step_f32",
-    "adamw_step_bf16",
-    "sumsq_partials_f32",
-    "sumsq_partials_bf16",
-    "clip_scale_f32",
-    "clip_scale_bf16",
-    "accumulate_sum",
-    "finish_norm",
-];
 
 /// Length of the `partials` scratch `clip_grad_norm` takes (the CUDA partial-sum grid, in blocks).
 pub const PARTIALS: usize = 256;

@@ -12,7 +12,6 @@ use crate::tensor::{DType, Tensor};
 use cudarc::driver::LaunchConfig;
 
 pub const KERNEL_FILE: &str = "sampling.cu";
-pub const KERNELS: &[&str] = &["guided_step_f32", "guided_step_bf16", "rescale_rows_f32", "rescale_rows_bf16"];
 
 /// One step of the sampling loop after the model's noise prediction.
 #[derive(Debug, Clone, Copy)]

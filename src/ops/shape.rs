@@ -14,22 +14,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "shape.cu";
-pub const KERNELS: &[&str] = &[
-    "concat_channels_f32",
-    "concat_channels_bf16",
-    "split_channels_f32",
-    "split_channels_bf16",
-    "upsample_nearest2x_f32",
-    "upsample_nearest2x_bf16",
-    "upsample_nearest2x_backward_f32",
-    "upsample_nearest2x_backward_bf16",
-    "avg_pool_last_f32",
-    "avg_pool_last_bf16",
-    "avg_pool_last_backward_f32",
-    "avg_pool_last_backward_bf16",
-    "transpose_last2_f32",
-    "transpose_last2_bf16",
-];
 
 fn kernel(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -> &'static str {
     // common_dtype has already refused everything else.

@@ -15,8 +15,6 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "softmax.cu";
-pub const KERNELS: &[&str] =
-    &["softmax_forward_f32", "softmax_forward_bf16", "softmax_backward_f32", "softmax_backward_bf16"];
 
 /// (rows, row length) of `[.., n]` tensors with n >= 1.
 fn row_dims(op: &str, t: &Tensor) -> Result<(usize, usize)> {

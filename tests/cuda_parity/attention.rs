@@ -8,14 +8,21 @@ use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, random, rounded};
 
-/// (batch, q_len, kv_len, heads, head_dim)
-const CASES: [(usize, usize, usize, usize, usize); 6] = [
-    (1, 13, 7, 3, 4),    // d32 variant, fewer keys than one tile
-    (2, 7, 13, 3, 40),   // d64 variant, SD's 40
-    (1, 100, 77, 2, 80), // d96 variant, 77-token cross-attention, several query and key tiles
+/// (batch, q_len, kv_len, heads, head_dim). The CUDA-core kernels come in head-dim variants of 32, 64, 96, 128
+/// and 160 columns, the tensor-core ones in every multiple of 16 up to 160 (backward up to 96): the cases cover
+/// each (the parity test checks every kernel was launched).
+const CASES: [(usize, usize, usize, usize, usize); 11] = [
+    (1, 13, 7, 3, 4),    // d32 variant (tensor cores: d16), fewer keys than one tile
+    (2, 7, 13, 3, 40),   // d64 variant (d48), SD's 40
+    (1, 100, 77, 2, 80), // d96 variant (d80), 77-token cross-attention, several query and key tiles
     (1, 33, 40, 1, 128), // d128 variant, one row past a forward block
     (2, 50, 70, 2, 160), // d160 variant, SD's largest
     (1, 64, 64, 8, 33),  // odd head dim, 8 heads
+    (1, 9, 70, 1, 32),   // tensor cores d32, two key tiles
+    (1, 17, 5, 2, 64),   // d64
+    (1, 5, 19, 1, 96),   // d96
+    (1, 11, 66, 1, 112), // d112 (forward on tensor cores, backward on the CUDA cores)
+    (1, 20, 9, 1, 144),  // d144
 ];
 
 struct Run {

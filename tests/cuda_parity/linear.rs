@@ -54,6 +54,21 @@ pub fn check(gpu: &Device) {
             compare(&format!("linear_backward {name} {dtype}"), &g, want, rel, floor_frac * max_abs(want));
         }
 
+        // Gradients into bf16 tensors (bias_grad_bf16_bf16), accumulating onto bf16 values: one more rounding
+        // of dw and db to bf16 (2^-9 relative) on top of the bound above.
+        if dtype == DType::BF16 {
+            let prior16 = rounded(DType::BF16, &prior);
+            let (mut gdw, mut gdb) = (on(gpu, &[n, k], DType::BF16, &prior16), on(gpu, &[n], DType::BF16, &prior16[..n]));
+            linear_backward(&on(gpu, &[m, k], dtype, &x), &on(gpu, &[n, k], dtype, &w), &on(gpu, &[m, n], dtype, &dy), None, Some(&mut gdw), Some(&mut gdb))
+                .unwrap();
+            let (mut cdw, mut cdb) = (cpu(&[n, k], &prior16), cpu(&[n], &prior16[..n]));
+            linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &dy), None, Some(&mut cdw), Some(&mut cdb)).unwrap();
+            for (name, g, c) in [("dw (+=, bf16)", gdw.to_f32_vec().unwrap(), cdw), ("db (+=, bf16)", gdb.to_f32_vec().unwrap(), cdb)] {
+                let want = c.f32s().unwrap();
+                compare(&format!("linear_backward {name}"), &g, want, rel, floor_frac * max_abs(want));
+            }
+        }
+
         // Batched, both transposes.
         let (batch, mm, kk, nn) = (3, 9, 16, 7);
         let a = rounded(dtype, &random(batch * kk * mm, -1.0, 1.0, 26));

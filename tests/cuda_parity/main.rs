@@ -16,6 +16,7 @@ mod shape;
 mod lstm;
 mod softmax;
 
+use sgdm::runtime::kernel_table::KERNELS;
 use sgdm::runtime::kernels::KERNEL_FILES;
 
 /// Runs every kernel file's checks, each to its end, even after failures: a tolerance failure prints its
@@ -58,6 +59,11 @@ fn every_kernel_file_matches_the_cpu_reference() {
     println!("kernel modules: {} compiled now, {} loaded from the cubin cache", loads.compiled, loads.cache_hits);
     assert!(failures.is_empty(), "{} parity failure(s):\n{}", failures.len(), failures.join("\n"));
     assert_eq!(loads.compiled + loads.cache_hits, KERNEL_FILES.len(), "each kernel file is loaded once");
+    // Every launch is checked against the kernel table; launching every kernel here checks every launcher's
+    // argument list.
+    let never: Vec<&str> = KERNELS.iter().filter(|k| k.launches() == 0).map(|k| k.name).collect();
+    assert!(never.is_empty(), "the parity checks never launched {} kernel(s): {}", never.len(), never.join(", "));
+    println!("all {} kernels launched, each argument list checked against its signature", KERNELS.len());
 }
 
 /// The deferred mode above must not turn failures into passes: out-of-bound values and NaNs are recorded
