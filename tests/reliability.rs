@@ -1,0 +1,465 @@
+//! Reliability of the `sgdm` command line as a new user meets it (issue 17): nothing wrong is ever marked
+//! finished, no input makes it panic, bad input is refused before anything is written, and the binary
+//! works away from the tree it was built in. Each test reproduces one reported failure; the last ones go
+//! further: `sgdm train all` killed (SIGKILL) at random points and resumed ends with the weights of an
+//! uninterrupted run, and every file-reading command run over a corpus of broken files exits with a clear
+//! error (never a panic's 101) and writes nothing that looks finished.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{sgdm_bin, tiny_model};
+use sgdm::data::npy::{write_f32, NpyFile};
+
+/// `sgdm --device cpu ARGS` with `env` added to the environment.
+fn sgdm_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &std::ffi::OsStr)]) -> Output {
+    let mut cmd = Command::new(sgdm_bin());
+    cmd.arg("--device").arg("cpu").args(args).env_remove("SGDM_WEIGHTS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("cannot run sgdm")
+}
+
+fn sgdm<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    sgdm_with_env(args, &[])
+}
+
+fn text(out: &Output) -> String {
+    format!("exit {:?}\n--- stdout\n{}--- stderr\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A refusal: exit status 1 (sgdm's error exit), not a panic (101) or a signal, with no panic message.
+fn assert_refused(out: &Output, what: &str) {
+    assert_eq!(out.status.code(), Some(1), "{what}: expected a refusal with exit status 1\n{}", text(out));
+    assert!(!stderr(out).contains("panicked"), "{what}: panicked\n{}", text(out));
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: failed\n{}", text(out));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `reconstruct` of the tiny model's test split into `out` (1 denoising step, no guidance: only the
+/// folder matters), with `extra` flags.
+fn reconstruct_args(eeg: &Path, weights: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["reconstruct", "--eeg", s(eeg), "--weights", s(weights), "--out", s(out)].iter().map(|a| a.to_string()).collect();
+    for (flag, default) in [("--steps", "1"), ("--guidance", "1")] {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_string(), default.to_string()]);
+        }
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn manifest_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("manifest.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Rewrites one tensor of a safetensors file (f32) with `edit`.
+fn edit_tensor(path: &Path, name: &str, edit: impl Fn(&mut [f32])) {
+    use sgdm::weights::{save_safetensors, SafetensorsFile};
+    use sgdm::{DType, Device};
+    let file = SafetensorsFile::open(path).unwrap();
+    let names: Vec<String> = file.names().map(str::to_string).collect();
+    let mut tensors: Vec<(String, sgdm::Tensor)> = names.iter().map(|n| (n.clone(), file.tensor(n, &Device::Cpu, DType::F32).unwrap())).collect();
+    let metadata = file.metadata().clone();
+    drop(file);
+    let (_, t) = tensors.iter_mut().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{}: no tensor {name}", path.display()));
+    let mut v = t.to_f32_vec().unwrap();
+    edit(&mut v);
+    t.write_f32(&v).unwrap();
+    let refs: Vec<(&str, &sgdm::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    save_safetensors(path, &refs, Some(&metadata)).unwrap();
+}
+
+/// The tiny model's `[encoder]` table as a configuration of its own, with the VAE weights it needs.
+fn encoder_only_config(data: &Path, weights: &Path) -> String {
+    let mut all: toml::Table = toml::from_str(&common::tiny_train_config(data)).unwrap();
+    let mut encoder = all.remove("encoder").unwrap();
+    encoder.as_table_mut().unwrap().insert("vae_weights".into(), toml::Value::String(s(&weights.join("vae.safetensors")).into()));
+    toml::to_string(&toml::Table::from_iter([("encoder".to_string(), encoder)])).unwrap()
+}
+
+// 1. EEG rows that do not pair with the manifest's figures.
+#[test]
+fn training_refuses_an_eeg_file_whose_rows_do_not_match_the_manifest() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("data");
+    copy_dir(data, &copy);
+    let config = dir.path().join("encoder.toml");
+    std::fs::write(&config, encoder_only_config(&copy, weights)).unwrap();
+    let train = NpyFile::open(data.join("eeg/train.npy")).unwrap();
+    let shape = train.header.shape.clone();
+    let values = train.to_f32().unwrap();
+    let per_row = values.len() / shape[0];
+    for rows in [shape[0] + 1, shape[0] - 1] {
+        let resized: Vec<f32> = values.iter().copied().cycle().take(rows * per_row).collect();
+        write_f32(copy.join("eeg/train.npy"), &[rows, shape[1], shape[2], shape[3]], &resized).unwrap();
+        let out = dir.path().join(format!("out{rows}"));
+        let run = sgdm(&["train", "encoder", "--config", s(&config), "--out", s(&out)]);
+        assert_refused(&run, &format!("an EEG file of {rows} rows for {} figures", shape[0]));
+        let err = stderr(&run);
+        assert!(err.contains("train.npy") && err.contains(&format!("{rows} rows")) && err.contains(&format!("{} figures", shape[0])), "{err}");
+        assert!(!out.join("encoder.safetensors").exists());
+    }
+}
+
+// 2. Non-finite weights, and non-finite outputs from finite weights.
+#[test]
+fn a_nan_weight_is_refused_at_load_naming_the_file_and_tensor() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("weights");
+    copy_dir(weights, &broken);
+    let unet = broken.join("unet/diffusion_pytorch_model.safetensors");
+    edit_tensor(&unet, "conv_in.weight", |v| v[5] = f32::NAN);
+    let out = dir.path().join("out");
+    let run = sgdm(&reconstruct_args(&data.join("eeg/test.npy"), &broken, &out, &[]));
+    assert_refused(&run, "a NaN in the UNet's weights");
+    let err = stderr(&run);
+    assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("conv_in.weight") && err.contains("non-finite"), "{err}");
+    assert_eq!(manifest_lines(&out), 0, "items were marked finished");
+}
+
+#[test]
+fn a_batch_whose_images_come_out_non_finite_is_not_written() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("weights");
+    copy_dir(weights, &broken);
+    // Finite weights that overflow: the noise prediction becomes infinite, the images NaN.
+    edit_tensor(&broken.join("unet/diffusion_pytorch_model.safetensors"), "conv_out.weight", |v| v.iter_mut().for_each(|x| *x = 3e38));
+    let out = dir.path().join("out");
+    let run = sgdm(&reconstruct_args(&data.join("eeg/test.npy"), &broken, &out, &["--batch", "2"]));
+    assert_refused(&run, "images that decode to NaN");
+    assert!(stderr(&run).contains("non-finite"), "{}", text(&run));
+    assert_eq!(manifest_lines(&out), 0, "items were marked finished");
+    assert!(std::fs::read_dir(out.join("images")).map_or(0, |d| d.count()) == 0, "images were written");
+}
+
+// 3. Validation before the first write.
+#[test]
+fn bad_sampling_settings_are_refused_before_anything_is_written() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let eeg = data.join("eeg/test.npy");
+    let out = dir.path().join("out");
+    for (flags, needle) in [
+        (&["--steps", "0"][..], "--steps"),
+        (&["--guidance", "nan"][..], "--guidance"),
+        (&["--controlnet-scale", "inf"][..], "--controlnet-scale"),
+        (&["--batch", "0"][..], "--batch"),
+        (&["--steps", "5000"][..], "--steps"),
+    ] {
+        let run = sgdm(&reconstruct_args(&eeg, weights, &out, flags));
+        assert_refused(&run, &format!("{flags:?}"));
+        assert!(stderr(&run).contains(needle), "{flags:?}\n{}", text(&run));
+        assert!(!out.exists(), "{flags:?} was refused only after writing {}", out.display());
+    }
+    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &out, &["--limit", "1"])), "the corrected command");
+
+    // A folder that an earlier sgdm claimed with other settings but never finished an item in is not
+    // locked: the new settings replace the old.
+    let claimed = dir.path().join("claimed");
+    std::fs::create_dir_all(&claimed).unwrap();
+    std::fs::write(claimed.join("run.json"), r#"{"steps": 0, "guidance": null}"#).unwrap();
+    let run = sgdm(&reconstruct_args(&eeg, weights, &claimed, &["--limit", "1"]));
+    assert_ok(&run, "a claimed folder with no finished item");
+    assert_eq!(manifest_lines(&claimed), 1);
+}
+
+#[test]
+fn help_says_what_makes_a_folder_resumable_and_how_to_start_over() {
+    for command in ["reconstruct", "demo"] {
+        let help = String::from_utf8_lossy(&sgdm(&[command, "--help"]).stdout).into_owned();
+        for needle in ["resum", "start over", "Examples"] {
+            assert!(help.contains(needle), "sgdm {command} --help does not mention '{needle}':\n{help}");
+        }
+    }
+}
+
+// 4. The default weights of a binary copied away from its build tree.
+#[test]
+fn a_copied_binary_finds_its_default_weights_and_says_which_it_used() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let copied = bin_dir.join("sgdm");
+    std::fs::copy(sgdm_bin(), &copied).unwrap();
+    let cache = dir.path().join("cache");
+    let run = |out: &Path, env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = Command::new(&copied);
+        cmd.args(["--device", "cpu"]).args(reconstruct_args(&data.join("eeg/test.npy"), Path::new("-"), out, &["--limit", "1"]));
+        // Without --weights: drop the two arguments reconstruct_args put there.
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let at = args.iter().position(|a| a == "--weights").unwrap();
+        let mut cmd = Command::new(&copied);
+        cmd.args(&args[..at]).args(&args[at + 2..]).env_remove("SGDM_WEIGHTS").env("SGDM_CACHE_DIR", &cache).current_dir(dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let run_json = |out: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap() };
+
+    let built_in = dir.path().join("built_in");
+    let r = run(&built_in, &[]);
+    assert_ok(&r, "a copied binary without --weights");
+    assert!(stderr(&r).contains("built into this binary"), "{}", text(&r));
+    let used = PathBuf::from(run_json(&built_in)["weights"].as_str().unwrap());
+    assert!(used.starts_with(std::fs::canonicalize(&cache).unwrap()), "the built-in weights were read from {}", used.display());
+
+    let from_env = dir.path().join("from_env");
+    let r = run(&from_env, &[("SGDM_WEIGHTS", weights.as_os_str())]);
+    assert_ok(&r, "SGDM_WEIGHTS");
+    assert!(stderr(&r).contains("SGDM_WEIGHTS"), "{}", text(&r));
+    assert_eq!(run_json(&from_env)["weights"].as_str().unwrap(), s(&std::fs::canonicalize(weights).unwrap()));
+
+    copy_dir(weights, &bin_dir.join("weights"));
+    let beside = dir.path().join("beside");
+    let r = run(&beside, &[]);
+    assert_ok(&r, "weights beside the executable");
+    assert!(stderr(&r).contains("beside the executable"), "{}", text(&r));
+
+    let r = run(&dir.path().join("missing"), &[("SGDM_WEIGHTS", dir.path().join("absent").as_os_str())]);
+    assert_refused(&r, "SGDM_WEIGHTS naming no folder");
+    assert!(stderr(&r).contains("SGDM_WEIGHTS") && stderr(&r).contains("absent"), "{}", text(&r));
+}
+
+// 5. One stage from a configuration that holds every stage.
+#[test]
+fn a_single_stage_trains_from_the_shipped_configuration_reading_only_its_own_table() {
+    let (data, _) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(common::repo_root().join("weights/train.toml")).unwrap();
+    let mut config: toml::Table = toml::from_str(&shipped).unwrap();
+    let vae = config["vae"].as_table_mut().unwrap();
+    vae.insert("data".into(), toml::Value::String(s(data).into()));
+    let train = vae["train"].as_table_mut().unwrap();
+    for (key, value) in [("steps", 2), ("batch", 4), ("checkpoint_every", 2), ("warmup", 1)] {
+        train.insert(key.into(), toml::Value::Integer(value));
+    }
+    let path = dir.path().join("train.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let out = dir.path().join("vae");
+    assert_ok(&sgdm(&["train", "vae", "--config", s(&path), "--out", s(&out)]), "sgdm train vae with every stage's table present");
+    assert!(out.join("vae.safetensors").is_file());
+
+    // A key that only `train all` fills in is named, with what to do.
+    let run = sgdm(&["train", "encoder", "--config", s(&path), "--out", s(&dir.path().join("enc"))]);
+    assert_refused(&run, "stage encoder without vae_weights");
+    assert!(stderr(&run).contains("vae_weights") && stderr(&run).contains("train all"), "{}", text(&run));
+}
+
+// 6. Resume keyed on the EEG file's content, not its path.
+#[test]
+fn a_rerun_after_the_eeg_file_was_replaced_at_the_same_path_is_refused() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let eeg = dir.path().join("eeg.npy");
+    let original = NpyFile::open(data.join("eeg/test.npy")).unwrap();
+    let (shape, values) = (original.header.shape.clone(), original.to_f32().unwrap());
+    write_f32(&eeg, &shape, &values).unwrap();
+    let out = dir.path().join("out");
+    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &out, &["--limit", "2"])), "the first run");
+    // Another recording of the same shape at the same path.
+    let other: Vec<f32> = values.iter().map(|v| -v).collect();
+    write_f32(&eeg, &shape, &other).unwrap();
+    let run = sgdm(&reconstruct_args(&eeg, weights, &out, &[]));
+    assert_refused(&run, "a replaced EEG file");
+    assert!(stderr(&run).contains("eeg.npy") && stderr(&run).contains("content"), "{}", text(&run));
+    assert_eq!(manifest_lines(&out), 2, "the replaced file's items were added to the folder");
+}
+
+// 7. eval on a folder with items missing.
+#[test]
+fn eval_refuses_an_incomplete_folder_and_names_what_is_missing() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let recon = dir.path().join("recon");
+    let mut args = reconstruct_args(&data.join("eeg/test.npy"), weights, &recon, &[]);
+    args.extend(["--images".into(), s(&data.join("images/test")).into()]);
+    assert_ok(&sgdm(&args), "reconstruct");
+    std::fs::remove_file(recon.join("images/00003.png")).unwrap();
+    let eval = |extra: &[&str]| {
+        let out = dir.path().join("eval");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut args = vec!["eval", "--recon", s(&recon), "--out", s(&out)];
+        args.extend(extra);
+        (sgdm(&args), out)
+    };
+    let (run, out) = eval(&[]);
+    assert_refused(&run, "an incomplete folder");
+    let err = stderr(&run);
+    assert!(err.contains("1 of 6") && err.contains("missing: 3") && err.contains("--allow-incomplete"), "{err}");
+    assert!(!out.join("metrics.json").exists());
+
+    let (run, out) = eval(&["--allow-incomplete"]);
+    assert_ok(&run, "--allow-incomplete");
+    assert!(stderr(&run).contains("missing: 3"), "{}", text(&run));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!((m["items"].as_u64(), m["missing"].as_array().map(Vec::len)), (Some(5), Some(1)), "{m}");
+
+    // The first N items of a run made with --limit N.
+    let (run, _) = eval(&["--items", "3"]);
+    assert_ok(&run, "--items 3");
+    assert!(String::from_utf8_lossy(&run.stdout).contains("3 items"), "{}", text(&run));
+}
+
+// 8. The smaller ones.
+#[test]
+fn a_directory_given_as_a_file_is_named_as_a_directory_once() {
+    let (_, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("folder.npy");
+    std::fs::create_dir_all(&folder).unwrap();
+    let out = dir.path().join("out");
+    for args in [
+        vec!["data".to_string(), "inspect".into(), s(&folder).into()],
+        reconstruct_args(&folder, weights, &out, &[]),
+        vec!["train".into(), "vae".into(), "--config".into(), s(&folder).into(), "--out".into(), s(&out).into()],
+        vec!["forward".into(), s(&common::repo_root().join("tests/fixtures/models/contrastive_alignment")).into(), "--inputs".into(), s(&folder).into(), "--output".into(), s(&dir.path().join("o.safetensors")).into()],
+    ] {
+        let run = sgdm(&args);
+        assert_refused(&run, &format!("{args:?}"));
+        let err = stderr(&run);
+        assert!(err.contains("is a directory") && !err.contains("os error 19"), "{args:?}: {err}");
+        assert_eq!(err.matches("is a directory").count(), 1, "{args:?}: said twice: {err}");
+    }
+}
+
+#[test]
+fn negative_numbers_are_read_as_numbers() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let eeg = data.join("eeg/test.npy");
+    let run = sgdm(&reconstruct_args(&eeg, weights, &dir.path().join("a"), &["--guidance", "-1"]));
+    assert_refused(&run, "--guidance -1");
+    assert!(stderr(&run).contains("--guidance -1 must be"), "{}", text(&run));
+    // A negative ControlNet scale pushes away from the structure map: allowed.
+    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &dir.path().join("b"), &["--controlnet-scale", "-0.5", "--limit", "1"])), "--controlnet-scale -0.5");
+    let run = sgdm(&["synth", "--out", s(&dir.path().join("c")), "--snr", "-1"]);
+    assert_refused(&run, "--snr -1");
+    assert!(stderr(&run).contains("--snr"), "{}", text(&run));
+}
+
+#[test]
+fn a_run_that_would_do_nothing_is_refused() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let run = sgdm(&reconstruct_args(&data.join("eeg/test.npy"), weights, &dir.path().join("a"), &["--limit", "0"]));
+    assert_eq!(run.status.code(), Some(2), "--limit 0\n{}", text(&run));
+    assert!(stderr(&run).contains("--limit"), "{}", text(&run));
+    let empty = dir.path().join("empty.npy");
+    write_f32(&empty, &[0, 1, 17, 100], &[]).unwrap();
+    let out = dir.path().join("b");
+    let run = sgdm(&reconstruct_args(&empty, weights, &out, &[]));
+    assert_refused(&run, "an empty EEG file");
+    assert!(stderr(&run).contains("empty.npy") && stderr(&run).contains("no EEG items"), "{}", text(&run));
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_killed_writers_temporary_files_are_removed_on_resume() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let eeg = data.join("eeg/test.npy");
+    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &out, &["--limit", "1"])), "first run");
+    // What a kill -9 during a write leaves: a temporary of a process that no longer exists.
+    let mut gone = Command::new(sgdm_bin()).arg("--version").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let stale = sgdm::util::temporary_path(&out.join("images/00001.png"), dead_pid, 0);
+    std::fs::write(&stale, b"half a png").unwrap();
+    assert!(stale.file_name().unwrap().to_str().unwrap().contains(".tmp-"));
+    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &out, &["--limit", "2"])), "the resumed run");
+    assert!(!stale.exists(), "{} survived the resume", stale.display());
+}
+
+#[test]
+fn a_cuda_device_is_refused_by_commands_that_run_only_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [vec!["--device", "cuda", "synth", "--out", s(dir.path())], vec!["--device", "cuda", "data", "inspect", "x.npy"]] {
+        let run = Command::new(sgdm_bin()).args(&args).output().unwrap();
+        assert_refused(&run, &format!("{args:?}"));
+        assert!(stderr(&run).contains("runs on the CPU only"), "{args:?}\n{}", text(&run));
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "synth wrote before refusing");
+}
+
+#[test]
+fn unknown_keys_in_our_own_configuration_files_are_refused_by_name() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    for (file, key) in [("encoder_config.json", "lstm_hiden"), ("vae_config.json", "latentdim")] {
+        let broken = dir.path().join(file);
+        copy_dir(weights, &broken);
+        let path = broken.join(file);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v[key] = serde_json::json!(3);
+        std::fs::write(&path, v.to_string()).unwrap();
+        let run = sgdm(&reconstruct_args(&data.join("eeg/test.npy"), &broken, &dir.path().join(format!("out-{file}")), &[]));
+        assert_refused(&run, file);
+        assert!(stderr(&run).contains(file) && stderr(&run).contains(&format!("'{key}'")), "{}", text(&run));
+    }
+    let mut config: toml::Table = toml::from_str(&common::tiny_train_config(data)).unwrap();
+    config["base"]["vae_model"].as_table_mut().unwrap().insert("latent_channel".into(), toml::Value::Integer(4));
+    let path = dir.path().join("train.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let out = dir.path().join("train");
+    let run = sgdm(&["train", "all", "--config", s(&path), "--out", s(&out)]);
+    assert_refused(&run, "an unknown key in [base.vae_model]");
+    assert!(stderr(&run).contains("'latent_channel'") && stderr(&run).contains("base.vae_model"), "{}", text(&run));
+    assert!(!out.exists(), "train all wrote before refusing its configuration");
+}
+
+#[test]
+fn synth_progress_rates_are_measured_from_the_start_of_each_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sgdm(&["synth", "--out", s(dir.path()), "--train-figures", "8", "--val-figures", "4", "--test-figures", "4", "--train-reps", "1", "--val-reps", "1", "--test-reps", "1"]);
+    assert_ok(&run, "synth");
+    let err = stderr(&run);
+    let rates: Vec<f64> = err
+        .lines()
+        .filter_map(|l| l.split("  ").find(|part| part.ends_with("figures/s")).and_then(|p| p.trim_end_matches(" figures/s").trim().parse().ok()))
+        .collect();
+    assert!(!rates.is_empty(), "no progress line:\n{err}");
+    // A figure is rendered, simulated and written as two fsynced PNGs: far slower than 100 000 a second.
+    assert!(rates.iter().all(|r| *r < 1e5), "implausible progress rates {rates:?}:\n{err}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_program_quietly() {
+    let (data, _) = tiny_model();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let run = Command::new(sgdm_bin()).args(["data", "inspect", s(&data.join("eeg/test.npy"))]).stdout(writer).output().unwrap();
+    assert_ne!(run.status.code(), Some(101), "{}", text(&run));
+    assert!(!stderr(&run).contains("panicked") && !stderr(&run).contains("Broken pipe"), "{}", text(&run));
+}
