@@ -87,7 +87,7 @@ fn summary(per_seed: &[ReconMetrics]) -> Value {
 /// The `run.json` of a reconstruction folder.
 pub fn read_run(dir: &Path) -> Result<Value> {
     let path = dir.join("run.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
+    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 

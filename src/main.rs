@@ -21,7 +21,8 @@ mod cli;
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
 )]
 struct Cli {
-    /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, or cuda:N.
+    /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, or cuda:N. synth and data run
+    /// on the CPU only and refuse cuda.
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: sgdm::DeviceSpec,
 
@@ -154,14 +155,28 @@ enum Command {
     Data(cli::data::Command),
 }
 
+/// Refuses a device other than the CPU for a command that only runs there, rather than ignore it.
+fn cpu_only(device: &sgdm::DeviceSpec, command: &str) -> anyhow::Result<()> {
+    match device {
+        sgdm::DeviceSpec::Auto | sgdm::DeviceSpec::Cpu => Ok(()),
+        other => anyhow::bail!("sgdm {command} runs on the CPU only: --device {other} does not apply to it (leave --device out)"),
+    }
+}
+
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so writing to a closed pipe (`sgdm data inspect FILE | head`) would make
+    // println! panic. The default action ends the program quietly, as for any Unix tool.
+    // SAFETY: restoring a signal's default disposition at start-up, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
         Command::Forward(args) => cli::forward::run(cli.device, &args),
-        Command::Synth(args) => cli::synth::run(&args),
-        Command::Data(command) => cli::data::run(&command),
+        Command::Synth(args) => cpu_only(&cli.device, "synth").and_then(|()| cli::synth::run(&args)),
+        Command::Data(command) => cpu_only(&cli.device, "data").and_then(|()| cli::data::run(&command)),
         Command::Train(args) => cli::train::run(cli.device, &args),
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
         Command::Eval(args) => cli::eval::run(cli.device, &args),

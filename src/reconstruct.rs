@@ -173,7 +173,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn finished_items(out: &Path) -> Result<BTreeMap<usize, Value>> {
     let path = out.join("manifest.jsonl");
     let mut done = BTreeMap::new();
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::util::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
         Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
@@ -210,7 +210,7 @@ fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
 /// Writes `run.json`, or checks an existing one holds the same settings.
 fn claim_output(cfg: &ReconstructConfig, settings: &Value) -> Result<()> {
     let path = cfg.out.join("run.json");
-    match std::fs::read_to_string(&path) {
+    match crate::util::read_to_string(&path) {
         Ok(text) => {
             let found: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
             if &found != settings {

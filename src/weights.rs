@@ -3,7 +3,6 @@
 //! Every error names the file, and the tensor where there is one.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,8 +16,9 @@ use crate::util::write_atomic_with;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message, not a chained source: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: truncated safetensors file: {detail}")]
     Truncated { path: PathBuf, detail: String },
     #[error("{path}: corrupt safetensors file: {detail}")]
@@ -77,8 +77,8 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile, WeightError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| WeightError::Io { path: path.clone(), source };
-        let file = File::open(&path).map_err(io)?;
+        let io = |error| WeightError::Io { path: path.clone(), error };
+        let file = crate::util::open_file(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;
         if len < 8 {
             return Err(WeightError::Truncated {
@@ -303,7 +303,7 @@ pub fn save_safetensors_raw(
     }
     let info = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     let buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
-    write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|source| WeightError::Io { path: path.to_path_buf(), source })
+    write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|error| WeightError::Io { path: path.to_path_buf(), error })
 }
 
 /// A tensor as safetensors writes it: any safetensors dtype, shape and little-endian bytes.
@@ -354,8 +354,8 @@ impl Component {
             return Err(WeightError::Component { path: dir, detail: "not a directory".into() });
         }
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| WeightError::Io { path: config_path.clone(), source })?;
+        let text = crate::util::read_to_string(&config_path)
+            .map_err(|error| WeightError::Io { path: config_path.clone(), error })?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| WeightError::Component { path: config_path.clone(), detail: format!("invalid JSON: {e}") })?;
         if !config.is_object() {

@@ -78,7 +78,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = &selected.device;
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("{}: cannot read the configuration", args.config.display()))?;
+    let text = sgdm::util::read_to_string(&args.config).with_context(|| format!("{}: cannot read the configuration", args.config.display()))?;
     install_stop_handler()?;
     if let Stage::All = args.stage {
         ensure!(args.resume.is_none(), "sgdm train all takes no --resume: rerun it with the same --out to continue");

@@ -225,7 +225,7 @@ fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
 
 fn read_manifest(data: &Path) -> Result<Manifest> {
     let path = data.join("manifest.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
+    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not an sgdm dataset manifest", path.display()))
 }
 
@@ -1001,7 +1001,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let b = cfg.train.batch;
     let train_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
     let val_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
-    let stats_text = std::fs::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
+    let stats_text = crate::util::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
     let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
     let column = |key: &str| -> Result<Vec<f32>> {
         serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", cfg.eeg_standardization.display()))
