@@ -237,6 +237,23 @@ fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a Spli
         .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
 }
 
+/// A split's EEG, checked to hold one row per figure of the split: rows pair with figures by position, so
+/// a file with more rows would index past the figures' targets and one with fewer would silently train on
+/// a subset.
+fn split_eeg(data: &Path, split: &SplitManifest, repetitions: Repetitions) -> Result<EegData> {
+    let path = data.join(&split.eeg);
+    let eeg = EegData::open(&path, Repetitions::Keep)?;
+    ensure!(
+        eeg.shape[0] == split.figures,
+        "{}: {} rows, but the manifest's '{}' split has {} figures (row i is the EEG of figure i)",
+        path.display(),
+        eeg.shape[0],
+        split.name,
+        split.figures
+    );
+    Ok(eeg.with_repetitions(repetitions))
+}
+
 /// A split's images as `[N, 3, S, S]` in [0, 1] and its edge maps as `[N, E·E]`.
 struct ImageSplit {
     len: usize,
@@ -574,8 +591,8 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         }
     };
 
-    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
-    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    let mut train = split_eeg(&cfg.data, train_split, Repetitions::Keep)?;
+    let mut val = split_eeg(&cfg.data, val_split, Repetitions::Keep)?;
     train.expect(m.n_channels, m.n_timepoints)?;
     val.expect(m.n_channels, m.n_timepoints)?;
     let (mean, std) = channel_stats(&train);
@@ -1009,8 +1026,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let (mean, std) = (column("mean")?, column("std")?);
     let (c, t) = (cfg.encoder.n_channels, cfg.encoder.n_timepoints);
     ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for {c} channels", cfg.eeg_standardization.display(), mean.len(), std.len());
-    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
-    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    let mut train = split_eeg(&cfg.data, train_split, Repetitions::Keep)?;
+    let mut val = split_eeg(&cfg.data, val_split, Repetitions::Keep)?;
     train.expect(c, t)?;
     val.expect(c, t)?;
     standardize(&mut train, &mean, &std);
