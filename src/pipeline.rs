@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -365,7 +365,23 @@ impl Pipeline {
             Err(e) => return Err(e),
         };
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
-        let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
+        let decoded = decoded.to_f32_vec()?;
+        // Checked before clamping, which would turn +Inf white and leave NaN to become black pixels: an image
+        // made of overflow is an error, never a finished result.
+        for (what, values, per_item) in [("decoded image", &decoded, decoded.len() / b), ("structure map", &structure, structure.len() / b)] {
+            if let Some(bad) = crate::tensor::non_finite_values(DType::F32, bytemuck::cast_slice(values)) {
+                bail!(
+                    "item {}: its {what} holds {} non-finite value(s) (NaN or Inf) in this batch of items {indices:?}; nothing is written \
+                     for them. The model overflows with these weights ({}) and settings (guidance {}, ControlNet scale {})",
+                    indices[bad.first / per_item],
+                    bad.count,
+                    self.dir.display(),
+                    opts.guidance,
+                    opts.controlnet_scale
+                );
+            }
+        }
+        let images = decoded.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
     }
 

@@ -161,6 +161,23 @@ fn a_batch_whose_images_come_out_non_finite_is_not_written() {
     assert!(std::fs::read_dir(out.join("images")).map_or(0, |d| d.count()) == 0, "images were written");
 }
 
+/// Found beside item 2: a diverged training run wrote NaN weights as its final output, exit 0.
+#[test]
+fn a_training_run_that_diverges_stops_and_writes_no_final_weights() {
+    let (data, _) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: toml::Table = toml::from_str(&common::tiny_train_config(data)).unwrap();
+    let mut vae = config.remove("vae").unwrap();
+    vae["train"].as_table_mut().unwrap().insert("lr".into(), toml::Value::Float(1e30));
+    let path = dir.path().join("vae.toml");
+    std::fs::write(&path, toml::to_string(&toml::Table::from_iter([("vae".to_string(), vae)])).unwrap()).unwrap();
+    let out = dir.path().join("out");
+    let run = sgdm(&["train", "vae", "--config", s(&path), "--out", s(&out)]);
+    assert_refused(&run, "a learning rate of 1e30");
+    assert!(stderr(&run).contains("diverged"), "{}", text(&run));
+    assert!(!out.join("vae.safetensors").exists(), "the diverged parameters were written as the stage's result");
+}
+
 // 3. Validation before the first write.
 #[test]
 fn bad_sampling_settings_are_refused_before_anything_is_written() {

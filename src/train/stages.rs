@@ -287,8 +287,20 @@ fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
 
 
 
+/// Refuses parameters holding NaN or Inf as a stage's result, naming the tensor: they would load as a
+/// model that makes only garbage.
+fn ensure_finite(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if let Some(bad) = crate::tensor::non_finite_values(t.dtype(), &t.to_bytes()?) {
+            bail!("{}: not written: parameter '{name}' holds {} non-finite value(s) (NaN or Inf); training diverged", path.display(), bad.count);
+        }
+    }
+    Ok(())
+}
+
 fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()> {
     let refs: Vec<(&str, &Tensor)> = tree.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
+    ensure_finite(path, &refs)?;
     save_safetensors(path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
@@ -346,6 +358,14 @@ fn train_loop(on: &On,
             losses.iter_mut().zip(more).for_each(|(l, m)| l.1 += m.1);
         }
         losses.iter_mut().for_each(|l| l.1 /= cfg.micro_batches as f64);
+        if let Some((name, value)) = losses.iter().find(|l| !l.1.is_finite()) {
+            bail!(
+                "stage {stage}: the {name} loss is {value} at step {}: training diverged, and nothing of this step is kept \
+                 (lower the stage's lr or set its max_grad_norm; the checkpoints before it are in {})",
+                opt.steps() + 1,
+                out.display()
+            );
+        }
         let lr = schedule.lr(opt.steps());
         opt.step(params, &mut grads, lr)?;
         let done = opt.steps();
@@ -660,6 +680,7 @@ fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, par
     let refs: Vec<(&str, &Tensor)> =
         tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
     let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
+    ensure_finite(&path, &refs)?;
     save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
@@ -1131,6 +1152,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string()), ("structure_norm".to_string(), format!("{structure_norm:?}"))]);
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
     let path = out.join("eeg_projector.safetensors");
+    ensure_finite(&path, &refs)?;
     save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
     write_base_pointer(cfg, out)?;
     Ok(report)
