@@ -40,7 +40,11 @@ enum Command {
                             sgdm demo --items 40 --steps 10   a quicker look\n  \
                             sgdm demo --weights runs/all      your own `sgdm train all` output instead of weights/\n\n\
                             Writes OUT/data (the dataset), OUT/recon (images, structure maps, manifest), OUT/metrics.json\n\
-                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).")]
+                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).\n\n\
+                            A rerun resumes: it reuses OUT/data when it holds the default dataset, and the finished images of\n\
+                            OUT/recon made with the same weights, --steps, --scheduler, --guidance, --controlnet-scale and\n\
+                            --seed; with other ones it says what changed and starts the reconstructions over (the dataset is\n\
+                            kept). --items only chooses how many are needed. To start over entirely, delete OUT.")]
     Demo(cli::demo::Args),
     /// Print the devices found, driver and NVRTC versions (or why CUDA is unavailable) and the kernel cache.
     #[command(after_help = "Examples:\n  sgdm info\n  sgdm --device cuda:1 info")]
@@ -113,9 +117,15 @@ enum Command {
                             sgdm reconstruct --eeg eeg.npy --out out/recon --shard 2/8     the third of 8 processes\n  \
                             sbatch --array=0-7 --wrap 'sgdm reconstruct --eeg eeg.npy --out out/recon --shard $SLURM_ARRAY_TASK_ID/8'\n\n\
                             Writes OUT/images/<index>.png, OUT/structure/<index>.png (the structure map predicted from the\n\
-                            EEG), OUT/manifest.jsonl (one line per finished item) and OUT/run.json (the settings). A rerun\n\
-                            skips finished items, so a killed run resumes; a rerun with other settings is refused.\n\
-                            On CUDA the models run in bf16; on the CPU in f32.")]
+                            EEG), OUT/manifest.jsonl (one line per finished item) and OUT/run.json (the settings).\n\n\
+                            Resuming: a rerun into the same OUT skips the finished items, so a killed run resumes where it\n\
+                            stopped, as long as the EEG file's content (a checksum, not just its path), the weights folder\n\
+                            and --steps, --scheduler, --guidance, --controlnet-scale and --seed are those in OUT/run.json;\n\
+                            --batch, --shard, --limit and --images may change. Anything else is refused before a file is\n\
+                            written (a folder where no item was finished takes the new settings). To start over, delete\n\
+                            OUT (rm -r OUT) or give another --out.\n\n\
+                            Every setting is checked before the first write, and a batch whose images come out NaN or Inf\n\
+                            fails the run instead of being written. On CUDA the models run in bf16; on the CPU in f32.")]
     Reconstruct(cli::reconstruct::Args),
     /// Evaluate reconstructions: N-way retrieval top-1/top-5, PixCorr, SSIM and 2-way identification, next
     /// to a control with the items shuffled; writes metrics.json and a contact sheet.

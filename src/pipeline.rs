@@ -54,6 +54,29 @@ pub struct SamplingOptions {
     pub seed: u64,
 }
 
+impl SamplingOptions {
+    /// Checks every setting, naming the command-line flag: callers run it before their first write.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=crate::diffusion::scheduler::TRAIN_TIMESTEPS).contains(&self.steps),
+            "--steps {} must be between 1 and {} (the training timesteps)",
+            self.steps,
+            crate::diffusion::scheduler::TRAIN_TIMESTEPS
+        );
+        ensure!(
+            self.guidance.is_finite() && self.guidance >= 1.0,
+            "--guidance {} must be a finite number of at least 1 (1: no guidance; SD's usual range is 2 to 10)",
+            self.guidance
+        );
+        ensure!(
+            self.controlnet_scale.is_finite(),
+            "--controlnet-scale {} must be a finite number (1: as trained; 0 ignores the structure map; negative pushes away from it)",
+            self.controlnet_scale
+        );
+        Ok(())
+    }
+}
+
 impl Default for SamplingOptions {
     fn default() -> SamplingOptions {
         SamplingOptions { steps: 20, scheduler: SchedulerKind::DpmSolverPp2m, guidance: 3.0, controlnet_scale: 1.0, seed: 0 }
@@ -295,8 +318,7 @@ impl Pipeline {
     pub fn reconstruct_with(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
-        ensure!(opts.guidance.is_finite() && opts.guidance >= 1.0, "guidance {} must be at least 1 (1: no guidance)", opts.guidance);
-        ensure!(opts.controlnet_scale.is_finite(), "controlnet scale {} is not finite", opts.controlnet_scale);
+        opts.validate()?;
         let embedding = self.embed(eeg)?;
         ensure!(embedding.shape()[0] == b, "{} EEG trials for {b} items", embedding.shape()[0]);
         let structure = self.structure(&embedding)?.to_f32_vec()?;

@@ -1,6 +1,7 @@
 //! `sgdm demo`: the whole job on the shipped default model, from nothing: synthesise `sgdm synth`'s default
 //! dataset, reconstruct its test split, evaluate against the shuffled control, and write the sheet and the
-//! metrics. A rerun reuses the dataset and the finished reconstructions.
+//! metrics. A rerun reuses the dataset and the finished reconstructions; reconstructions made with other
+//! sampling settings or weights are started over, not refused (the demo's folder is its own).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,7 +10,7 @@ use anyhow::{Context, Result};
 use sgdm::data::synth::{generate, Manifest, SynthConfig, GENERATOR_VERSION};
 use sgdm::evaluate::{evaluate, format_table, EvalConfig};
 use sgdm::pipeline::Pipeline;
-use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard};
+use sgdm::reconstruct::{clear_output, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
 use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::DeviceSpec;
@@ -24,9 +25,9 @@ pub struct Args {
     /// Weights folder [default: the shipped model in weights/].
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
-    /// Reconstruct only the first N of the 200 test figures.
-    #[arg(long, value_name = "N")]
-    items: Option<usize>,
+    /// Reconstruct only the first N of the 200 test figures (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    items: Option<u64>,
     #[command(flatten)]
     sampling: Sampling,
 }
@@ -45,6 +46,9 @@ fn has_default_dataset(dir: &Path) -> bool {
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let start = Instant::now();
+    // Before anything is written: the dataset, or the restart of reconstructions made with other settings.
+    args.sampling.options().validate()?;
+    anyhow::ensure!(args.sampling.batch >= 1, "--batch must be at least 1");
     let selected = select(spec)?;
     if let Some(n) = &selected.notice {
         eprintln!("{n}");
@@ -70,8 +74,12 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         sampling: args.sampling.options(),
         batch: args.sampling.batch,
         shard: Shard::default(),
-        limit: args.items,
+        limit: args.items.map(|n| n as usize),
     };
+    if let Some(changed) = other_settings(&cfg, &run_settings(&cfg, &pipeline)?)? {
+        println!("  {} was made with other settings ({}): starting the reconstructions over", recon.display(), changed.join("; "));
+        clear_output(&recon)?;
+    }
     let mut bar = ItemProgress::new("reconstruct", "images");
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| bar.update(done, total))?;
     print_summary(&summary, args.sampling.steps);

@@ -25,11 +25,11 @@ pub struct Sampling {
     /// ddim, euler or dpmpp2m (DPM-Solver++ 2M).
     #[arg(long, default_value = "dpmpp2m")]
     pub scheduler: SchedulerKind,
-    /// Classifier-free guidance scale (1: conditional branch only, half the work).
-    #[arg(long, default_value_t = 3.0)]
+    /// Classifier-free guidance scale, at least 1 (1: conditional branch only, half the work).
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     pub guidance: f32,
-    /// Multiplies the ControlNet's residuals (0 ignores the structure map).
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiplies the ControlNet's residuals (0 ignores the structure map; negative pushes away from it).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub controlnet_scale: f32,
     /// Seeds every item's initial noise together with its index.
     #[arg(long, default_value_t = 0)]
@@ -65,9 +65,9 @@ pub struct Args {
     /// Take the items with index % N == K (K from 0), to split a file across processes or nodes.
     #[arg(long, value_name = "K/N", default_value = "0/1")]
     shard: Shard,
-    /// Only the first N items of the file.
-    #[arg(long, value_name = "N")]
-    limit: Option<usize>,
+    /// Only the first N items of the file (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
 }
 
 /// The storage dtype for a device: f32 on the CPU reference, bf16 on CUDA.
@@ -109,7 +109,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         sampling: args.sampling.options(),
         batch: args.sampling.batch,
         shard: args.shard,
-        limit: args.limit,
+        limit: args.limit.map(|n| n as usize),
     };
     let mut progress = ItemProgress::new("reconstruct", "images");
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| progress.update(done, total))?;

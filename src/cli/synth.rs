@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Gain of the stimulus-locked EEG relative to its nominal amplitude; 0 leaves background EEG only.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     snr: f64,
     /// Distinct training figures.
     #[arg(long, default_value_t = 1000, value_name = "N")]
