@@ -132,7 +132,12 @@ enum Command {
     #[command(after_help = "Examples:\n  \
                             sgdm eval --recon out/recon --out out/eval\n  \
                             sgdm eval --recon out/seed0 --recon out/seed1 --recon out/seed2 --out out/eval   averaged over seeds\n  \
-                            sgdm eval --recon out/recon --images data/synth/images/test --out out/eval --sheet-items 48\n\n\
+                            sgdm eval --recon out/recon --images data/synth/images/test --out out/eval --sheet-items 48\n  \
+                            sgdm eval --recon out/recon --out out/eval --items 40        a run made with --limit 40\n  \
+                            sgdm eval --recon out/recon --out out/eval --allow-incomplete   score what is finished so far\n\n\
+                            A folder must be complete: every item of the EEG file (or its first --items) reconstructed, with\n\
+                            the EEG file's content unchanged since. An incomplete one is refused, naming the missing items,\n\
+                            unless --allow-incomplete, which prints them and lists them in metrics.json as \"missing\".\n\n\
                             Retrieval and 2-way identification compare in the StructuralVAE's latent space (its mu);\n\
                             PixCorr uses RGB values, SSIM grayscale (scikit-image's definition), both at the reconstruction's\n\
                             size. The control pairs every item with another item's image (a seeded derangement): chance,\n\

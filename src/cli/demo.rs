@@ -85,7 +85,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     print_summary(&summary, args.sampling.steps);
 
     println!("3/3 evaluate: retrieval, PixCorr, SSIM, 2-way identification, and the shuffled control");
-    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0 };
+    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0, expected_items: cfg.limit, allow_incomplete: false };
     let metrics = evaluate(&pipeline, &eval)?;
     print!("{}", format_table(&metrics));
     println!("sheet (seen | structure from EEG | reconstruction): {}", args.out.join("sheet.png").display());
