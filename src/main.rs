@@ -101,6 +101,14 @@ enum Command {
                             [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
                             lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
                             weights/train.toml is the configuration the shipped model was trained with (all four stages).\n\
+                            A single stage reads only its own table, so one file can hold every stage; the keys `all` fills in\n\
+                            must then be given (e.g. [encoder] vae_weights). A key nothing reads is refused by name, in the\n\
+                            diffusers model tables [base.vae_model] and [base.unet_model] too.\n\n\
+                            Resuming: `all` rerun with the same --config and --out skips the stages whose final output is there\n\
+                            and resumes an interrupted one from its latest checkpoint (a checkpoint resumes only under the\n\
+                            configuration it was written with; a killed run loses at most the steps since it). To start over,\n\
+                            delete --out or give another. A non-finite loss stops a stage with an error (nothing is written\n\
+                            for that step); final parameters are never written with NaN or Inf in them.\n\n\
                             [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500),\n\
                             log_every (10) and select_best (true: the final parameters are the checkpoint with the lowest\n\
                             validation loss). [encoder.image_embeddings] train/val = .npy [figures, latent_dim] aligns the\n\

@@ -34,7 +34,20 @@ pub struct AutoencoderKlConfig {
 
 impl AutoencoderKlConfig {
     pub fn from_json(path: &Path, value: &Value) -> Result<AutoencoderKlConfig> {
+        AutoencoderKlConfig::read(&ConfigReader::new(path, value))
+    }
+
+    /// [`AutoencoderKlConfig::from_json`] for a configuration we write ourselves (a training TOML's table):
+    /// a key it does not read, other than `also_known`, is refused by name.
+    pub fn from_json_strict(path: &Path, value: &Value, also_known: &[&str]) -> Result<AutoencoderKlConfig> {
         let r = ConfigReader::new(path, value);
+        let config = AutoencoderKlConfig::read(&r)?;
+        r.refuse_unread(also_known)?;
+        Ok(config)
+    }
+
+    fn read(r: &ConfigReader) -> Result<AutoencoderKlConfig> {
+        let path = r.path.as_path();
         let boc = r.usizes("block_out_channels", &[64])?;
         ensure!(!boc.is_empty(), "{}: 'block_out_channels' is empty", path.display());
         for (key, kind) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {

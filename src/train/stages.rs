@@ -504,9 +504,10 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         Ok(sum / val.len as f64)
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
-    let report = train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)?;
+    // Before the parameters, which `train all` takes as the sign that the stage finished.
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     save_model_config(&out.join(VAE_CONFIG), "StructuralVAE", m)?;
-    Ok(report)
+    train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)
 }
 
 /// The StructuralVAE's configuration, written by stage `vae` beside `vae.safetensors`.
@@ -622,7 +623,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     let stats_path = out.join("eeg_standardization.json");
     let stats = serde_json::json!({ "split": "train", "ch_names": manifest.ch_names, "mean": mean, "std": std });
-    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?).with_context(|| format!("{}: cannot write", stats_path.display()))?;
+    crate::util::write_atomic(&stats_path, serde_json::to_string_pretty(&stats)?.as_bytes()).with_context(|| format!("{}: cannot write", stats_path.display()))?;
 
     let [n_train, reps, c, t] = train.shape;
     let n_val = val.shape[0];
@@ -663,9 +664,9 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
-    let report = train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)?;
+    // Before the parameters, which `train all` takes as the sign that the stage finished.
     save_model_config(&out.join(ENCODER_CONFIG), "SpatiotemporalEEGEncoder", m)?;
-    Ok(report)
+    train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)
 }
 
 
@@ -676,7 +677,7 @@ fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, par
     let mut config = config.clone();
     config.as_object_mut().with_context(|| format!("{class} config must be a table"))?.insert("_class_name".into(), Value::from(class));
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    crate::util::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes()).with_context(|| format!("{}: cannot write", config_path.display()))?;
     let refs: Vec<(&str, &Tensor)> =
         tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
     let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
@@ -1153,8 +1154,9 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
     let path = out.join("eeg_projector.safetensors");
     ensure_finite(&path, &refs)?;
-    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
+    // The projector last: `train all` takes it as the sign that the stage finished.
     write_base_pointer(cfg, out)?;
+    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
     Ok(report)
 }
 
