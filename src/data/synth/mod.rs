@@ -172,7 +172,8 @@ pub struct SplitManifest {
     pub structure: Vec<String>,
 }
 
-/// Progress of a running `generate`: figures of `split` done out of `total`.
+/// Progress of a running `generate`: figures of `split` done out of `total`, reported at the start of each
+/// split (`done` 0) and after each batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
     pub split: &'a str,
@@ -243,6 +244,8 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
         let mut eeg = Vec::with_capacity(figs.len() * size.repetitions * trial_len);
         let mut edges16 = Vec::with_capacity(figs.len() * EDGE_SIZE * EDGE_SIZE);
         let (mut images, mut structure) = (Vec::new(), Vec::new());
+        // Reported before the first batch too, so a progress line's rate counts from the split's start.
+        progress(Progress { split: name, done: 0, total: figs.len() });
         for start in (0..figs.len()).step_by(BATCH) {
             let end = (start + BATCH).min(figs.len());
             let done: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| {
