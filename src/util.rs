@@ -118,7 +118,10 @@ pub fn remove_stale_temporaries(dir: &Path) -> io::Result<usize> {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
         if is_stale_temporary(dir, name) {
-            match std::fs::remove_file(dir.join(name)) {
+            let path = dir.join(name);
+            // A folder is a killed unpacking of the built-in weights (`default_weights`).
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            match if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) } {
                 Ok(()) => removed += 1,
                 // Another resuming process removed it first.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

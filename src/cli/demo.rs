@@ -15,14 +15,15 @@ use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::DeviceSpec;
 
-use super::reconstruct::{default_weights, dtype_for, print_summary, Sampling};
+use super::reconstruct::{dtype_for, print_summary, weights_folder, Sampling};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Output folder: data/ (the synthetic dataset), recon/, metrics.json, sheet.png.
     #[arg(long, value_name = "DIR", default_value = "out/demo")]
     out: PathBuf,
-    /// Weights folder [default: the shipped model in weights/].
+    /// Weights folder [default: $SGDM_WEIGHTS, else weights/ beside the executable, else the model built
+    /// into this binary].
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
     /// Reconstruct only the first N of the 200 test figures (N >= 1).
@@ -62,9 +63,8 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         generate(&cfg, &data, &mut super::synth::split_progress())?;
     }
 
-    let weights = args.weights.clone().unwrap_or_else(default_weights);
-    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device))
-        .with_context(|| format!("{}: cannot load the model (the shipped default lives in weights/ of the source tree)", weights.display()))?;
+    let weights = weights_folder(args.weights.as_deref())?;
+    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device)).with_context(|| format!("{}: cannot load the model", weights.display()))?;
     let recon = args.out.join("recon");
     println!("2/3 reconstruct: the test split's EEG (averaged over its 80 repetitions) with {}", weights.display());
     let cfg = ReconstructConfig {

@@ -1,8 +1,9 @@
 //! `sgdm reconstruct`: reconstruct the images seen in an EEG file; see [`sgdm::reconstruct`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use sgdm::default_weights::locate;
 use sgdm::diffusion::scheduler::SchedulerKind;
 use sgdm::pipeline::{Pipeline, SamplingOptions};
 use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard, Summary};
@@ -11,9 +12,12 @@ use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::{DType, Device, DeviceSpec};
 
-/// The shipped default model, in the source tree this binary was built from.
-pub fn default_weights() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights")
+/// The weights folder for `--weights` (`None`: the default, found as `sgdm::default_weights` describes),
+/// announced on stderr with where it came from.
+pub fn weights_folder(flag: Option<&Path>) -> Result<PathBuf> {
+    let located = locate(flag)?;
+    eprintln!("sgdm: weights: {located}");
+    Ok(located.dir)
 }
 
 /// The sampling flags shared by `reconstruct` and `demo`.
@@ -54,7 +58,8 @@ pub struct Args {
     /// The seen images, one per EEG item in file-name order: recorded in the manifest for `sgdm eval`.
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
-    /// Weights folder written by `sgdm train all` [default: the shipped model in weights/].
+    /// Weights folder written by `sgdm train all` [default: $SGDM_WEIGHTS, else weights/ beside the
+    /// executable, else the model built into this binary].
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
     /// Output folder: images/, structure/, manifest.jsonl, run.json (a rerun resumes).
@@ -100,7 +105,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = selected.device;
-    let weights = args.weights.clone().unwrap_or_else(default_weights);
+    let weights = weights_folder(args.weights.as_deref())?;
     let pipeline = Pipeline::open(&weights, &device, dtype_for(&device))?;
     let cfg = ReconstructConfig {
         eeg: args.eeg.clone(),
