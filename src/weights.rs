@@ -302,8 +302,26 @@ pub fn save_safetensors_raw(
         }
     }
     let info = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    let buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
+    let mut buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
+    sort_header(&mut buffer);
     write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|error| WeightError::Io { path: path.to_path_buf(), error })
+}
+
+/// Rewrites a serialized safetensors header with its JSON keys sorted. The safetensors crate writes the
+/// `__metadata__` entries in a `HashMap`'s order, which changes from process to process, so the same tensors
+/// gave different bytes (a resumed training run's outputs could not be compared with an uninterrupted
+/// run's, nor files deduplicated by checksum). Readers locate tensors by their offsets, never by the order
+/// of the header's keys; sorting only moves keys, so the header keeps its length (padded with spaces, as
+/// the format allows, should it ever come out shorter).
+fn sort_header(buffer: &mut [u8]) {
+    let Some(len) = buffer.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return };
+    let Some(header) = buffer.get_mut(8..8 + len) else { return };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else { return };
+    let Ok(sorted) = serde_json::to_vec(&value) else { return };
+    if sorted.len() <= header.len() {
+        header[..sorted.len()].copy_from_slice(&sorted);
+        header[sorted.len()..].fill(b' ');
+    }
 }
 
 /// A tensor as safetensors writes it: any safetensors dtype, shape and little-endian bytes.

@@ -480,3 +480,94 @@ fn a_closed_stdout_ends_the_program_quietly() {
     assert_ne!(run.status.code(), Some(101), "{}", text(&run));
     assert!(!stderr(&run).contains("panicked") && !stderr(&run).contains("Broken pipe"), "{}", text(&run));
 }
+
+/// Every file of a folder, recursively, relative to it.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What `train all` leaves as its result: each stage's final parameters and configuration files.
+const TRAIN_ALL_RESULTS: [&str; 15] = [
+    "base_vae.safetensors",
+    "base_unet.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae.safetensors",
+    "vae_config.json",
+    "encoder.safetensors",
+    "encoder_config.json",
+    "eeg_standardization.json",
+    "controlnet.safetensors",
+    "controlnet/config.json",
+    "controlnet/diffusion_pytorch_model.safetensors",
+    "eeg_projector.safetensors",
+];
+
+#[test]
+fn train_all_killed_at_random_points_and_resumed_ends_with_the_weights_of_an_uninterrupted_run() {
+    use rand::{Rng, SeedableRng};
+    let (data, _) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    // Six steps a stage with a checkpoint every two, so kills land between checkpoints, in validation,
+    // while checkpoints and final outputs are written, and between stages.
+    let config = common::tiny_train_config(data).replace("steps = 5", "steps = 6").replace("checkpoint_every = 5", "checkpoint_every = 2");
+    let config_path = dir.path().join("train.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let train_all = |out: &Path| {
+        let mut cmd = Command::new(sgdm_bin());
+        cmd.args(["--device", "cpu", "train", "all", "--config", s(&config_path), "--out", s(out)]);
+        cmd
+    };
+
+    let straight = dir.path().join("straight");
+    let start = std::time::Instant::now();
+    assert_ok(&train_all(&straight).output().unwrap(), "the uninterrupted run");
+    let duration = start.elapsed();
+
+    // SIGKILL (Child::kill) at random times up to half a whole run's length after each start, so most runs
+    // are killed; each resumes the last. SGDM_KILL_SEED chooses other times.
+    let seed: u64 = std::env::var("SGDM_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(17);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let killed = dir.path().join("killed");
+    let mut kills = Vec::new();
+    for _ in 0..8 {
+        let mut child = train_all(&killed).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let at = duration.mul_f64(rng.random_range(0.05..0.5));
+        std::thread::sleep(at);
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "a resumed run failed: {}", String::from_utf8_lossy(&out.stderr));
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills.push(format!("{:.2}s", at.as_secs_f64()));
+    }
+    println!("seed {seed}: an uninterrupted run takes {:.2}s; killed at {}", duration.as_secs_f64(), kills.join(", "));
+    assert!(!kills.is_empty(), "no run was killed: every kill time fell past its run's end");
+    let last = train_all(&killed).output().unwrap();
+    assert_ok(&last, "the final resumed run");
+
+    for file in TRAIN_ALL_RESULTS {
+        let (a, b) = (std::fs::read(straight.join(file)), std::fs::read(killed.join(file)));
+        let (a, b) = (a.unwrap_or_else(|e| panic!("the uninterrupted run has no {file}: {e}")), b.unwrap_or_else(|e| panic!("the killed run has no {file}: {e}")));
+        assert!(a == b, "{file} differs from the uninterrupted run's after kills at {kills:?} (seed {seed})");
+    }
+    let leftovers: Vec<_> = files_under(&killed).into_iter().filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "temporary files of killed writers survived the resumes: {leftovers:?}");
+}
