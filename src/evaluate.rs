@@ -246,19 +246,21 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
             "reconstruction": summary(&control),
         },
     });
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
-    let path = cfg.out.join("metrics.json");
-    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))?;
-
+    // Every file is read before the first write, and metrics.json, the result, is written last: a folder
+    // with metrics.json holds a finished evaluation.
     let shown = cfg.sheet_items.min(n);
+    let structure: Vec<RgbImage> = items[..shown]
+        .iter()
+        .map(|i| load_rgb(cfg.recon[0].join(manifests[0][i]["structure"].as_str().unwrap_or_default())).map(|im| resize_center_crop(&im, s)))
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    crate::util::remove_stale_temporaries(&cfg.out).with_context(|| format!("{}: cannot remove the temporary files of a killed run", cfg.out.display()))?;
     if shown > 0 {
-        let structure: Vec<RgbImage> = items[..shown]
-            .iter()
-            .map(|i| load_rgb(cfg.recon[0].join(manifests[0][i]["structure"].as_str().unwrap_or_default())).map(|im| resize_center_crop(&im, s)))
-            .collect::<Result<_>>()?;
         let triplets: Vec<[&RgbImage; 3]> = (0..shown).map(|k| [&seen[k], &structure[k], &first[k]]).collect();
         save_png_rgb(cfg.out.join("sheet.png"), &contact_sheet(&triplets, s, cfg.sheet_columns.max(1)))?;
     }
+    let path = cfg.out.join("metrics.json");
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(metrics)
 }
 

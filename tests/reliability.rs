@@ -571,3 +571,325 @@ fn train_all_killed_at_random_points_and_resumed_ends_with_the_weights_of_an_uni
     let leftovers: Vec<_> = files_under(&killed).into_iter().filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
     assert!(leftovers.is_empty(), "temporary files of killed writers survived the resumes: {leftovers:?}");
 }
+
+/// A broken stand-in for a file: bytes, or a directory where the file should be.
+enum Broken {
+    Bytes(Vec<u8>),
+    Directory,
+}
+
+/// How a file is broken, and the broken file.
+type Variant = (String, Broken);
+
+/// What every kind of file can suffer: nothing in it, noise, a cut in half, a directory in its place.
+fn generic_variants(valid: &[u8]) -> Vec<Variant> {
+    let noise: Vec<u8> = (0..257u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    vec![
+        ("empty".into(), Broken::Bytes(Vec::new())),
+        ("noise".into(), Broken::Bytes(noise)),
+        ("half".into(), Broken::Bytes(valid[..valid.len() / 2].to_vec())),
+        ("directory".into(), Broken::Directory),
+    ]
+}
+
+/// A `.npy` file with this header dict and data, as numpy writes one (version 1, header padded to 64).
+fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = dict.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// EEG files broken in the ways the format allows, beside the generic ones.
+fn eeg_variants(valid: &[u8]) -> Vec<Variant> {
+    let fixtures = common::repo_root().join("tests/fixtures/data");
+    let four_f32 = [0u8; 16];
+    let mut v = generic_variants(valid);
+    v.extend([
+        ("shape beyond the data".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 17, 100), }", &four_f32))),
+        ("petabyte shape".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000000, 17, 100), }", &four_f32))),
+        ("overflowing shape".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }", &four_f32))),
+        ("rank 1".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", &four_f32))),
+        ("int64".into(), Broken::Bytes(npy("{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }", &four_f32))),
+        ("header cut".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 17, 100), }", &[])[..40].to_vec())),
+        ("no rows".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 17, 100), }", &[]))),
+    ]);
+    for fixture in ["nan.npy", "fortran.npy", "hostile_os_system.npy", "things_np1.npy"] {
+        let bytes = std::fs::read(fixtures.join(fixture)).unwrap();
+        if fixture == "things_np1.npy" {
+            v.push(("THINGS dict cut short".into(), Broken::Bytes(bytes[..bytes.len() - 40].to_vec())));
+        } else {
+            v.push((fixture.into(), Broken::Bytes(bytes)));
+        }
+    }
+    v
+}
+
+/// A safetensors file with this header and data.
+fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+fn safetensors_variants(valid: &[u8]) -> Vec<Variant> {
+    let mut v = generic_variants(valid);
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend(b"{}");
+    let mut nan = valid.to_vec();
+    let header_len = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
+    // The first value of the data section; every tensor here is f32.
+    nan[8 + header_len..8 + header_len + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    v.extend([
+        ("header length past the end".into(), Broken::Bytes(huge)),
+        ("header not JSON".into(), Broken::Bytes(safetensors("{not json", &[]))),
+        ("offsets past the data".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,1000]}}"#, &[0; 16]))),
+        ("shape overflowing".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#, &[0; 16]))),
+        ("int64 tensor".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}}"#, &[0; 16]))),
+        ("a NaN value".into(), Broken::Bytes(nan)),
+    ]);
+    v
+}
+
+fn json_variants(valid: &[u8]) -> Vec<Variant> {
+    let mut v = generic_variants(valid);
+    for (what, text) in [("unclosed", "{"), ("a list", "[]"), ("null", "null"), ("numbers as text", r#"{"latent_dim": "8", "channels": "many", "mean": "x"}"#)] {
+        v.push((what.into(), Broken::Bytes(text.as_bytes().to_vec())));
+    }
+    v
+}
+
+fn png_variants(valid: &[u8]) -> Vec<Variant> {
+    let mut v = generic_variants(valid);
+    // A valid signature and IHDR claiming 100000 x 100000 pixels, then nothing.
+    let mut huge = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
+    huge.extend(100_000u32.to_be_bytes());
+    huge.extend(100_000u32.to_be_bytes());
+    huge.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+    v.push(("claims 10^10 pixels".into(), Broken::Bytes(huge)));
+    v
+}
+
+/// Puts `variant` at `path` (replacing what is there).
+fn plant(path: &Path, variant: &Broken) {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).unwrap();
+    } else if path.exists() {
+        std::fs::remove_file(path).unwrap();
+    }
+    match variant {
+        Broken::Bytes(b) => std::fs::write(path, b).unwrap(),
+        Broken::Directory => std::fs::create_dir_all(path).unwrap(),
+    }
+}
+
+/// A run on broken input: never a panic (exit 101) or a signal; with `must_fail`, exit status 1.
+fn assert_handled(run: &Output, what: &str, must_fail: bool) {
+    let code = run.status.code();
+    assert!(code.is_some(), "{what}: killed by a signal\n{}", text(run));
+    assert_ne!(code, Some(101), "{what}: panicked\n{}", text(run));
+    assert!(!stderr(run).contains("panicked"), "{what}: panicked\n{}", text(run));
+    if must_fail {
+        assert_eq!(code, Some(1), "{what}: accepted\n{}", text(run));
+    }
+}
+
+#[test]
+fn broken_eeg_files_are_refused_by_inspect_and_reconstruct_with_nothing_marked_finished() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let valid = std::fs::read(data.join("eeg/test.npy")).unwrap();
+    for (k, (what, variant)) in eeg_variants(&valid).iter().enumerate() {
+        let file = dir.path().join(format!("eeg{k}.npy"));
+        plant(&file, variant);
+        // inspect shows what a file holds, NaN included: it may succeed, never panic.
+        assert_handled(&sgdm(&["data", "inspect", s(&file)]), &format!("data inspect of an EEG file: {what}"), false);
+        let out = dir.path().join(format!("out{k}"));
+        let run = sgdm(&reconstruct_args(&file, weights, &out, &[]));
+        assert_handled(&run, &format!("reconstruct from an EEG file: {what}"), true);
+        assert_eq!(manifest_lines(&out), 0, "reconstruct from an EEG file ({what}) marked items finished");
+        let (eval_out, recon) = (dir.path().join(format!("eval{k}")), dir.path().join("good"));
+        if k == 0 {
+            assert_ok(&sgdm(&reconstruct_args(&data.join("eeg/test.npy"), weights, &recon, &[])), "the reconstruction eval reads");
+        }
+        let run = sgdm(&["eval", "--recon", s(&recon), "--eeg", s(&file), "--images", s(&data.join("images/test")), "--out", s(&eval_out)]);
+        assert_handled(&run, &format!("eval with an EEG file: {what}"), true);
+        assert!(!eval_out.join("metrics.json").exists(), "eval with a broken EEG file ({what}) wrote metrics");
+    }
+}
+
+#[test]
+fn a_weights_folder_with_any_file_broken_is_refused_before_anything_is_written() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let eeg = data.join("eeg/test.npy");
+    let files = [
+        "vae.safetensors",
+        "vae_config.json",
+        "encoder.safetensors",
+        "encoder_config.json",
+        "eeg_standardization.json",
+        "eeg_projector.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
+    ];
+    let mut runs = 0;
+    for file in files {
+        let valid = std::fs::read(weights.join(file)).unwrap();
+        let variants = if file.ends_with(".json") { json_variants(&valid) } else { safetensors_variants(&valid) };
+        for (k, (what, variant)) in variants.iter().enumerate() {
+            let broken = dir.path().join("weights");
+            let _ = std::fs::remove_dir_all(&broken);
+            copy_dir(weights, &broken);
+            plant(&broken.join(file), variant);
+            let out = dir.path().join(format!("out-{}-{k}", file.replace('/', "_")));
+            let run = sgdm(&reconstruct_args(&eeg, &broken, &out, &[]));
+            assert_handled(&run, &format!("reconstruct with {file}: {what}"), true);
+            assert!(!out.exists(), "reconstruct with {file} ({what}) wrote {} before refusing", out.display());
+            runs += 1;
+        }
+    }
+    // The other commands that load a weights folder, on one broken file each.
+    let broken = dir.path().join("weights");
+    let _ = std::fs::remove_dir_all(&broken);
+    copy_dir(weights, &broken);
+    plant(&broken.join("unet/diffusion_pytorch_model.safetensors"), &Broken::Bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}".to_vec()));
+    let demo = dir.path().join("demo");
+    let run = sgdm(&["demo", "--weights", s(&broken), "--out", s(&demo), "--items", "2", "--steps", "1"]);
+    assert_handled(&run, "demo with broken weights", true);
+    assert!(!demo.exists(), "demo wrote {} before refusing its weights", demo.display());
+    assert_handled(&sgdm(&["profile", "--weights", s(&broken), "--steps", "1"]), "profile with broken weights", true);
+    println!("{runs} broken weights folders refused");
+}
+
+#[test]
+fn a_broken_reconstruction_folder_is_refused_by_eval_with_no_metrics_written() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let mut args = reconstruct_args(&data.join("eeg/test.npy"), weights, &good, &[]);
+    args.extend(["--images".into(), s(&data.join("images/test")).into()]);
+    assert_ok(&sgdm(&args), "reconstruct");
+    let cases: Vec<(&str, Vec<Variant>)> = vec![
+        ("run.json", json_variants(&std::fs::read(good.join("run.json")).unwrap())),
+        ("manifest.jsonl", generic_variants(&std::fs::read(good.join("manifest.jsonl")).unwrap())),
+        ("images/00002.png", png_variants(&std::fs::read(good.join("images/00002.png")).unwrap())),
+        ("structure/00000.png", png_variants(&std::fs::read(good.join("structure/00000.png")).unwrap())),
+    ];
+    for (file, variants) in cases {
+        for (k, (what, variant)) in variants.iter().enumerate() {
+            let recon = dir.path().join("recon");
+            let _ = std::fs::remove_dir_all(&recon);
+            copy_dir(&good, &recon);
+            plant(&recon.join(file), variant);
+            let out = dir.path().join(format!("eval-{}-{k}", file.replace('/', "_")));
+            let run = sgdm(&["eval", "--recon", s(&recon), "--weights", s(weights), "--out", s(&out)]);
+            assert_handled(&run, &format!("eval with {file}: {what}"), true);
+            assert!(!out.join("metrics.json").exists(), "eval with {file} ({what}) wrote metrics.json");
+        }
+    }
+    // A seen image broken in the folder eval reads them from.
+    for (k, (what, variant)) in png_variants(&std::fs::read(data.join("images/test/00001.png")).unwrap()).iter().enumerate() {
+        let images = dir.path().join("images");
+        let _ = std::fs::remove_dir_all(&images);
+        copy_dir(&data.join("images/test"), &images);
+        plant(&images.join("00001.png"), variant);
+        let out = dir.path().join(format!("eval-seen-{k}"));
+        let run = sgdm(&["eval", "--recon", s(&good), "--images", s(&images), "--out", s(&out)]);
+        assert_handled(&run, &format!("eval with a seen image: {what}"), true);
+        assert!(!out.join("metrics.json").exists(), "eval with a broken seen image ({what}) wrote metrics.json");
+    }
+}
+
+#[test]
+fn broken_training_configurations_and_datasets_are_refused_with_no_stage_output() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let full: toml::Table = toml::from_str(&common::tiny_train_config(data)).unwrap();
+    let only = |stage: &str, data: &Path| -> String {
+        let mut table = full[stage].as_table().unwrap().clone();
+        table.insert("data".into(), toml::Value::String(s(data).into()));
+        if stage == "encoder" {
+            table.insert("vae_weights".into(), toml::Value::String(s(&weights.join("vae.safetensors")).into()));
+        }
+        toml::to_string(&toml::Table::from_iter([(stage.to_string(), toml::Value::Table(table))])).unwrap()
+    };
+    // The configuration itself.
+    let valid = only("vae", data);
+    let mut variants = generic_variants(valid.as_bytes());
+    for (what, text) in [
+        ("unclosed table", "[vae\nbeta = 1".to_string()),
+        ("a number as text", valid.replace("beta = 0.001", "beta = \"small\"")),
+        ("negative steps", valid.replace("steps = 5", "steps = -5")),
+        ("zero steps", valid.replace("steps = 5", "steps = 0")),
+        ("a huge batch", valid.replace("batch = 8", "batch = 100000000000")),
+        ("zero image size", valid.replace("image_size = 32", "image_size = 0")),
+    ] {
+        assert!(what == "unclosed table" || text != valid, "{what}: the replacement matched nothing in\n{valid}");
+        variants.push((what.into(), Broken::Bytes(text.into_bytes())));
+    }
+    for (k, (what, variant)) in variants.iter().enumerate() {
+        let config = dir.path().join(format!("config{k}.toml"));
+        plant(&config, variant);
+        let out = dir.path().join(format!("out-config-{k}"));
+        let run = sgdm(&["train", "vae", "--config", s(&config), "--out", s(&out)]);
+        assert_handled(&run, &format!("train vae with a configuration: {what}"), true);
+        assert!(!out.join("vae.safetensors").exists(), "train vae with a configuration ({what}) wrote its parameters");
+    }
+    // The dataset's files, for the stages that read them.
+    let cases: Vec<(&str, &str, Vec<Variant>)> = vec![
+        ("vae", "manifest.json", json_variants(&std::fs::read(data.join("manifest.json")).unwrap())),
+        ("vae", "images/train/00003.png", png_variants(&std::fs::read(data.join("images/train/00003.png")).unwrap())),
+        ("vae", "edges16/val.npy", eeg_variants(&std::fs::read(data.join("edges16/val.npy")).unwrap())),
+        ("encoder", "eeg/train.npy", eeg_variants(&std::fs::read(data.join("eeg/train.npy")).unwrap())),
+    ];
+    for (stage, file, variants) in cases {
+        for (k, (what, variant)) in variants.iter().enumerate() {
+            let copy = dir.path().join("data");
+            let _ = std::fs::remove_dir_all(&copy);
+            copy_dir(data, &copy);
+            plant(&copy.join(file), variant);
+            let config = dir.path().join("stage.toml");
+            std::fs::write(&config, only(stage, &copy)).unwrap();
+            let out = dir.path().join(format!("out-{stage}-{}-{k}", file.replace('/', "_")));
+            let run = sgdm(&["train", stage, "--config", s(&config), "--out", s(&out)]);
+            assert_handled(&run, &format!("train {stage} with {file}: {what}"), true);
+            assert!(!out.join(format!("{stage}.safetensors")).exists(), "train {stage} with {file} ({what}) wrote its parameters");
+        }
+    }
+}
+
+#[test]
+fn sgdm_forward_refuses_broken_inputs_configs_and_weights_with_no_output() {
+    let fixture = common::repo_root().join("tests/fixtures/models/structural_vae_tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = std::fs::read(fixture.join("inputs.safetensors")).unwrap();
+    let cases: Vec<(&str, Vec<Variant>)> = vec![
+        ("inputs.safetensors", safetensors_variants(&inputs).into_iter().filter(|(what, _)| what != "a NaN value").collect()),
+        ("config.json", json_variants(&std::fs::read(fixture.join("config.json")).unwrap())),
+        ("model.safetensors", safetensors_variants(&std::fs::read(fixture.join("model.safetensors")).unwrap())),
+    ];
+    for (file, variants) in cases {
+        for (k, (what, variant)) in variants.iter().enumerate() {
+            let model = dir.path().join("model");
+            let _ = std::fs::remove_dir_all(&model);
+            copy_dir(&fixture, &model);
+            plant(&model.join(file), variant);
+            let output = dir.path().join(format!("out-{file}-{k}.safetensors"));
+            let run = sgdm(&["forward", s(&model), "--inputs", s(&model.join("inputs.safetensors")), "--output", s(&output)]);
+            assert_handled(&run, &format!("forward with {file}: {what}"), true);
+            assert!(!output.exists(), "forward with {file} ({what}) wrote its output");
+        }
+    }
+}

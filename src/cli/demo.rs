@@ -47,13 +47,16 @@ fn has_default_dataset(dir: &Path) -> bool {
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let start = Instant::now();
-    // Before anything is written: the dataset, or the restart of reconstructions made with other settings.
+    // Before anything is written (the dataset, or the restart of reconstructions made with other settings).
     args.sampling.options().validate()?;
     anyhow::ensure!(args.sampling.batch >= 1, "--batch must be at least 1");
     let selected = select(spec)?;
     if let Some(n) = &selected.notice {
         eprintln!("{n}");
     }
+    // The model first: a broken weights folder is refused before minutes of dataset synthesis.
+    let weights = weights_folder(args.weights.as_deref())?;
+    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device)).with_context(|| format!("{}: cannot load the model", weights.display()))?;
     let data = args.out.join("data");
     if has_default_dataset(&data) {
         println!("1/3 dataset: reusing {}", data.display());
@@ -63,8 +66,6 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         generate(&cfg, &data, &mut super::synth::split_progress())?;
     }
 
-    let weights = weights_folder(args.weights.as_deref())?;
-    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device)).with_context(|| format!("{}: cannot load the model", weights.display()))?;
     let recon = args.out.join("recon");
     println!("2/3 reconstruct: the test split's EEG (averaged over its 80 repetitions) with {}", weights.display());
     let cfg = ReconstructConfig {
