@@ -42,6 +42,9 @@ use crate::weights::{Component, SafetensorsFile};
 pub const WEIGHT_FILES: [&str; 6] =
     ["vae.safetensors", "vae_config.json", "encoder.safetensors", "encoder_config.json", "eeg_standardization.json", "eeg_projector.safetensors"];
 
+/// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
+pub const MAX_LATENT_SIZE: usize = 1024;
+
 /// How the denoising loop runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingOptions {
@@ -222,6 +225,12 @@ impl Pipeline {
         );
         let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
             as usize;
+        // Checked before anything is sized by it: 100000 made the first batch abort on a 160 GB allocation.
+        ensure!(
+            (1..=MAX_LATENT_SIZE).contains(&sample_size),
+            "{}: 'sample_size' {sample_size} is not a latent size sgdm runs (1 to {MAX_LATENT_SIZE}; SD 1.5's is 64)",
+            unet_dir.join("config.json").display()
+        );
         let condition_size = sample_size * controlnet.condition_downscale();
         ensure!(
             condition_size.is_multiple_of(edge),

@@ -62,12 +62,29 @@ struct Entry {
     end: usize,
 }
 
+/// A file's bytes: its memory map, or bytes already in memory (the fuzzer's).
+#[derive(Debug)]
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// An open safetensors file. Tensors are read on demand from the memory map; the names read are recorded
 /// so that a model loader can refuse a file holding names it does not know.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     data_start: usize,
     entries: BTreeMap<String, Entry>,
     metadata: BTreeMap<String, String>,
@@ -89,6 +106,20 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file changed underneath by another process is outside our contract,
         // as with every memory-mapped loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        SafetensorsFile::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// A safetensors file's bytes already in memory; `path` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: impl AsRef<Path>) -> Result<SafetensorsFile, WeightError> {
+        let path = path.as_ref().to_path_buf();
+        if bytes.len() < 8 {
+            return Err(WeightError::Truncated { path, detail: format!("{} bytes, shorter than the 8-byte header length", bytes.len()) });
+        }
+        SafetensorsFile::parse(path, Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: Bytes) -> Result<SafetensorsFile, WeightError> {
+        let len = mmap.len();
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
         if header_len.checked_add(8).is_none_or(|end| end > len) {
             return Err(WeightError::Truncated {

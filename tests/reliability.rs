@@ -893,3 +893,39 @@ fn sgdm_forward_refuses_broken_inputs_configs_and_weights_with_no_output() {
         }
     }
 }
+
+/// Found by trying sizes beyond the corpus: values that aborted the process on a failed allocation (exit
+/// 134, no message but the allocator's) or divided by zero are refused up front, by name.
+#[test]
+fn sizes_that_would_abort_on_allocation_are_refused_with_a_message() {
+    let (data, weights) = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    for flag in ["--train-figures", "--train-reps"] {
+        let run = sgdm(&["synth", "--out", s(&dir.path().join("synth")), flag, "100000000000"]);
+        assert_refused(&run, flag);
+        assert!(stderr(&run).contains("over the limits"), "{}", text(&run));
+    }
+    for (file, key, value, needle) in [
+        ("unet/config.json", "sample_size", serde_json::json!(100000), "'sample_size' 100000"),
+        ("vae/config.json", "scaling_factor", serde_json::json!(0.0), "'scaling_factor' must be a positive number"),
+    ] {
+        let broken = dir.path().join(key);
+        copy_dir(weights, &broken);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(broken.join(file)).unwrap()).unwrap();
+        v[key] = value;
+        std::fs::write(broken.join(file), v.to_string()).unwrap();
+        let out = dir.path().join(format!("out-{key}"));
+        let run = sgdm(&reconstruct_args(&data.join("eeg/test.npy"), &broken, &out, &[]));
+        assert_refused(&run, &format!("{file} {key}"));
+        assert!(stderr(&run).contains(needle), "{}", text(&run));
+        assert!(!out.exists());
+    }
+    let mut config: toml::Table = toml::from_str(&common::tiny_train_config(data)).unwrap();
+    let mut vae = config.remove("vae").unwrap();
+    vae["model"].as_table_mut().unwrap().insert("image_size".into(), toml::Value::Integer(64000));
+    let path = dir.path().join("vae.toml");
+    std::fs::write(&path, toml::to_string(&toml::Table::from_iter([("vae".to_string(), vae)])).unwrap()).unwrap();
+    let run = sgdm(&["train", "vae", "--config", s(&path), "--out", s(&dir.path().join("train"))]);
+    assert_refused(&run, "image_size 64000");
+    assert!(stderr(&run).contains("model.image_size 64000"), "{}", text(&run));
+}

@@ -60,6 +60,8 @@ impl AutoencoderKlConfig {
         r.require("mid_block_add_attention", &[Value::Null, json!(true)], "the mid block always has attention")?;
         r.require("use_quant_conv", &[Value::Null, json!(true)], "quant_conv is always present")?;
         r.require("use_post_quant_conv", &[Value::Null, json!(true)], "post_quant_conv is always present")?;
+        let scaling_factor = r.f64("scaling_factor", 0.18215)?;
+        ensure!(scaling_factor.is_finite() && scaling_factor > 0.0, "{}: 'scaling_factor' must be a positive number, got {scaling_factor}", path.display());
         Ok(AutoencoderKlConfig {
             in_channels: r.usize("in_channels", 3)?,
             out_channels: r.usize("out_channels", 3)?,
@@ -67,7 +69,7 @@ impl AutoencoderKlConfig {
             block_out_channels: boc,
             layers_per_block: r.usize("layers_per_block", 1)?,
             norm_num_groups: r.usize("norm_num_groups", 32)?,
-            scaling_factor: r.f64("scaling_factor", 0.18215)?,
+            scaling_factor,
         })
     }
 }

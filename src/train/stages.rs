@@ -237,6 +237,14 @@ fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a Spli
         .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
 }
 
+/// The largest image side a stage trains at (SD's is 512): a typo of 64000 would ask for a terabyte.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
+fn check_image_size(stage: &str, key: &str, size: usize) -> Result<()> {
+    ensure!((1..=MAX_IMAGE_SIZE).contains(&size), "stage {stage}: {key} {size} must be between 1 and {MAX_IMAGE_SIZE}");
+    Ok(())
+}
+
 /// A split's EEG, checked to hold one row per figure of the split: rows pair with figures by position, so
 /// a file with more rows would index past the figures' targets and one with fewer would silently train on
 /// a subset.
@@ -457,6 +465,7 @@ impl VaeStageConfig {
 pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
     let on = &On::new(device);
     let m = &cfg.model;
+    check_image_size("vae", "model.image_size", m.image_size)?;
     let manifest = read_manifest(&cfg.data)?;
     ensure!(
         m.structure_dim == manifest.edge_size * manifest.edge_size,
@@ -595,6 +604,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         cfg.vae.latent_dim
     );
     ensure!(cfg.temperature > 0.0 && cfg.temperature.is_finite(), "stage encoder: temperature must be positive, got {}", cfg.temperature);
+    check_image_size("encoder", "vae.image_size", cfg.vae.image_size)?;
     let manifest = read_manifest(&cfg.data)?;
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
 
@@ -841,6 +851,7 @@ const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
 /// Runs stage `base`; see [`BaseStageConfig`].
 pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<BaseReport> {
     let on = &On::new(device);
+    check_image_size("base", "image_size", cfg.image_size)?;
     let vae_config_path = out.join("vae/config.json");
     let unet_config_path = out.join("unet/config.json");
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
@@ -995,6 +1006,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let on = &On::new(device);
     ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
+    check_image_size("controlnet", "image_size", cfg.image_size)?;
+    check_image_size("controlnet", "structural_vae.image_size", cfg.structural_vae.image_size)?;
     let vae_component = Component::open(&cfg.vae)?;
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
     let vae_params = on.load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
