@@ -129,33 +129,3 @@ pub fn unpack_built_in(root: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_built_in_model_unpacks_once_and_a_damaged_copy_is_replaced() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = unpack_built_in(root.path()).unwrap();
-        for (name, bytes) in BUILT_IN {
-            assert_eq!(std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
-        }
-        let modified = std::fs::metadata(dir.join("vae.safetensors")).unwrap().modified().unwrap();
-        assert_eq!(unpack_built_in(root.path()).unwrap(), dir);
-        assert_eq!(std::fs::metadata(dir.join("vae.safetensors")).unwrap().modified().unwrap(), modified, "a whole copy was unpacked again");
-
-        // Cut short, as a full disk would leave it; and a killed unpacking's staging folder beside it.
-        let vae = std::fs::read(dir.join("vae.safetensors")).unwrap();
-        std::fs::write(dir.join("vae.safetensors"), &vae[..100]).unwrap();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
-        let staging = crate::util::temporary_path(&dir, dead, 0);
-        std::fs::create_dir_all(staging.join("unet")).unwrap();
-        assert_eq!(unpack_built_in(root.path()).unwrap(), dir);
-        assert_eq!(std::fs::read(dir.join("vae.safetensors")).unwrap(), vae);
-        assert!(!staging.exists(), "the killed unpacking's folder was left");
-        let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names.len(), 1, "{names:?}");
-    }
-}

@@ -250,6 +250,17 @@ fn a_copied_binary_finds_its_default_weights_and_says_which_it_used() {
     assert!(stderr(&r).contains("built into this binary"), "{}", text(&r));
     let used = PathBuf::from(run_json(&built_in)["weights"].as_str().unwrap());
     assert!(used.starts_with(std::fs::canonicalize(&cache).unwrap()), "the built-in weights were read from {}", used.display());
+    // An unpacked copy cut short (a full disk) is unpacked again, and a killed unpacking's folder removed.
+    let vae = std::fs::read(used.join("vae.safetensors")).unwrap();
+    std::fs::write(used.join("vae.safetensors"), &vae[..100]).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let staging = sgdm::util::temporary_path(&used, dead_pid, 0);
+    std::fs::create_dir_all(staging.join("unet")).unwrap();
+    assert_ok(&run(&dir.path().join("built_in_again"), &[]), "the built-in weights after damage");
+    assert_eq!(std::fs::read(used.join("vae.safetensors")).unwrap(), vae, "the damaged unpacked weights were not restored");
+    assert!(!staging.exists(), "a killed unpacking's folder was left");
 
     let from_env = dir.path().join("from_env");
     let r = run(&from_env, &[("SGDM_WEIGHTS", weights.as_os_str())]);
