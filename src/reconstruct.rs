@@ -13,10 +13,10 @@
 //! - `manifest.jsonl`: one JSON object per finished item (index, source row, seed, steps, timing, ...).
 //!
 //! An item is finished when its line is in the manifest and its PNG exists; a rerun skips finished items,
-//! so a killed run resumes where it stopped, and removes the temporary files a killed writer left. `--shard K/N` takes the items with `index % N == K`, so N
-//! processes (a Slurm job array, several GPUs) split a file with no coordination; their manifest lines are
-//! appended with one `write` each to a file opened for appending, which keeps lines whole on local
-//! filesystems.
+//! so a killed run resumes where it stopped, and removes the temporary files a killed writer left.
+//! `--shard K/N` takes the items with `index % N == K`, so N processes (a Slurm job array, several GPUs)
+//! split a file with no coordination; their manifest lines are appended with one `write` each to a file
+//! opened for appending, which keeps lines whole on local filesystems.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
