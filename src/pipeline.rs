@@ -145,6 +145,11 @@ pub fn base_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((dir.join("vae"), dir.join("unet")))
 }
 
+/// The context of a model that its configuration file does not describe.
+fn built(config: &Path) -> String {
+    format!("{}: the model this configuration describes cannot be built", config.display())
+}
+
 fn read_json(path: &Path) -> Result<Value> {
     let text = crate::util::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
@@ -161,10 +166,10 @@ impl Pipeline {
         }
         let (vae_dir, unet_dir) = base_components(dir)?;
         let path = dir.join("encoder_config.json");
-        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?)?;
+        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
         let path = dir.join("vae_config.json");
-        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?)?;
+        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
         let latent_dim = encoder.config.latent_dim;
         ensure!(
@@ -185,13 +190,14 @@ impl Pipeline {
         ensure!(std.iter().all(|s| *s > 0.0 && s.is_finite()), "{}: every 'std' must be positive", path.display());
 
         let vae_component = Component::open(&vae_dir)?;
-        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
+        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?).with_context(|| built(&vae_dir.join("config.json")))?;
         let vae_params = ParamStore::load_owned(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
         let unet_component = Component::open(&unet_dir)?;
-        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
+        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?).with_context(|| built(&unet_dir.join("config.json")))?;
         let unet_params = ParamStore::load_owned(&unet.params, &unet_component.weights, device, dtype, &[])?;
         let cn_component = Component::open(dir.join("controlnet"))?;
-        let controlnet = ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?)?;
+        let controlnet =
+            ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?).with_context(|| built(&dir.join("controlnet/config.json")))?;
         let controlnet_params = ParamStore::load_owned(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
 
         let path = dir.join("eeg_projector.safetensors");

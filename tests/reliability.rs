@@ -758,7 +758,11 @@ fn a_weights_folder_with_any_file_broken_is_refused_before_anything_is_written()
     let mut runs = 0;
     for file in files {
         let valid = std::fs::read(weights.join(file)).unwrap();
-        let variants = if file.ends_with(".json") { json_variants(&valid) } else { safetensors_variants(&valid) };
+        let mut variants = if file.ends_with(".json") { json_variants(&valid) } else { safetensors_variants(&valid) };
+        if file.ends_with("config.json") && file != "controlnet/config.json" {
+            // Components' folders mixed up: a ControlNet's config made UNet::new index its missing up blocks.
+            variants.push(("another component's config".into(), Broken::Bytes(std::fs::read(weights.join("controlnet/config.json")).unwrap())));
+        }
         for (k, (what, variant)) in variants.iter().enumerate() {
             let broken = dir.path().join("weights");
             let _ = std::fs::remove_dir_all(&broken);

@@ -240,6 +240,12 @@ impl UNet {
     pub fn new(config: UNetConfig) -> Result<UNet> {
         let mut tree = ParamTree::new();
         let c = &config;
+        ensure!(
+            c.up_cross_attention.len() == c.block_out_channels.len(),
+            "UNet2DConditionModel: {} up block types for {} blocks (a ControlNetModel's config, which has none?)",
+            c.up_cross_attention.len(),
+            c.block_out_channels.len()
+        );
         let encoder = build_encoder(&mut tree, c)?;
         let (groups, eps, spec, temb) = (c.norm_num_groups, c.norm_eps, c.transformer_spec(), c.time_embed_dim());
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
