@@ -16,8 +16,10 @@ mod cli;
                   sgdm --device cpu info       force the CPU backend\n  \
                   sgdm synth --out data/synth  write the simulated default dataset\n  \
                   sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
-                  Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
+                  Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) and the unpacked default weights are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
+                  SGDM_WEIGHTS     the weights folder when --weights is not given (else weights/ beside this\n                   \
+                  executable, else the default model built into it)\n  \
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
 )]
 struct Cli {
