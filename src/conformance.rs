@@ -88,7 +88,7 @@ impl ModelSource {
             }
             Some(seed) => {
                 let path = dir.join("config.json");
-                let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
                 let config: serde_json::Value =
                     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
                 Ok(ModelSource { dir: dir.to_path_buf(), config, weights: None, random_seed: seed, param_bytes: 0.into() })

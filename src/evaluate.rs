@@ -11,6 +11,9 @@
 //!   with another item's image, by a seeded permutation without fixed points), so chance is measured on the
 //!   same data rather than assumed.
 //!
+//! Only complete folders are scored: every item of the EEG file (or its first `--items`), finished in every
+//! folder; with `allow_incomplete` the finished ones, the others listed as `missing`.
+//!
 //! Writes `metrics.json` and `sheet.png`: a contact sheet with, for each of the first items, the seen image,
 //! the structure map predicted from the EEG and the reconstruction, side by side.
 
@@ -24,6 +27,7 @@ use crate::data::image::{load_rgb, load_square, resize_center_crop, save_png_rgb
 use crate::eval::{derangement, pixcorr, retrieval_top_k, ssim, two_way_identification};
 use crate::pipeline::Pipeline;
 use crate::reconstruct::{finished_items, image_files, EegItems};
+use crate::util::content_checksum;
 
 /// What `sgdm eval` reads.
 #[derive(Debug, Clone)]
@@ -40,6 +44,29 @@ pub struct EvalConfig {
     pub sheet_columns: usize,
     /// Seeds the control's permutation.
     pub control_seed: u64,
+    /// The items a complete folder holds: the first `expected_items` of the EEG file (a run made with
+    /// `--limit`), or every item when `None`.
+    pub expected_items: Option<usize>,
+    /// Score the items every folder finished even when some expected ones are missing (they are listed in
+    /// `metrics.json` as `missing`); otherwise a folder missing any is refused.
+    pub allow_incomplete: bool,
+}
+
+/// Item indices as short ranges: `3, 7-9, 12`.
+pub fn format_indices(indices: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &i in indices {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => ranges.push((i, i)),
+        }
+    }
+    const SHOWN: usize = 20;
+    let mut text: Vec<String> = ranges.iter().take(SHOWN).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    if ranges.len() > SHOWN {
+        text.push(format!("... ({} ranges in all)", ranges.len()));
+    }
+    text.join(", ")
 }
 
 /// The reconstruction metrics of one pairing.
@@ -87,7 +114,7 @@ fn summary(per_seed: &[ReconMetrics]) -> Value {
 /// The `run.json` of a reconstruction folder.
 pub fn read_run(dir: &Path) -> Result<Value> {
     let path = dir.join("run.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
+    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -99,6 +126,7 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
         Some(p) => p.clone(),
         None => PathBuf::from(runs[0]["eeg"].as_str().with_context(|| format!("{}: no 'eeg'", cfg.recon[0].join("run.json").display()))?),
     };
+    let checksum = content_checksum(&eeg_path).with_context(|| format!("{}: cannot read", eeg_path.display()))?;
     for (dir, run) in cfg.recon.iter().zip(&runs) {
         let eeg = std::fs::canonicalize(&eeg_path).with_context(|| format!("{}: cannot resolve", eeg_path.display()))?;
         ensure!(
@@ -108,10 +136,36 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
             run["eeg"],
             eeg.display()
         );
+        ensure!(
+            run["eeg_checksum"].as_str().is_none_or(|c| c == checksum),
+            "{}: its content is not what {} was reconstructed from (checksum there {}, now {checksum}): the file was replaced",
+            eeg_path.display(),
+            dir.display(),
+            run["eeg_checksum"]
+        );
     }
-    // The items every folder finished.
+    let eeg = EegItems::open(&eeg_path)?;
+    let rows = eeg.shape()[0];
+    let expected = cfg.expected_items.unwrap_or(rows);
+    ensure!(expected <= rows, "--items {expected}: {} holds {rows} items", eeg_path.display());
+    // The expected items every folder finished; the others are missing.
     let manifests: Vec<_> = cfg.recon.iter().map(|d| finished_items(d)).collect::<Result<_>>()?;
-    let items: Vec<usize> = manifests[0].keys().copied().filter(|i| manifests.iter().all(|m| m.contains_key(i))).collect();
+    let mut missing = Vec::new();
+    for (dir, finished) in cfg.recon.iter().zip(&manifests) {
+        let here: Vec<usize> = (0..expected).filter(|i| !finished.contains_key(i)).collect();
+        ensure!(
+            here.is_empty() || cfg.allow_incomplete,
+            "{}: {} of {expected} items are not reconstructed (missing: {}). Finish the run (rerun the same sgdm reconstruct), \
+             score the first N items with --items N, or score the finished ones with --allow-incomplete",
+            dir.display(),
+            here.len(),
+            format_indices(&here)
+        );
+        missing.extend(here);
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    let items: Vec<usize> = (0..expected).filter(|i| missing.binary_search(i).is_err()).collect();
     ensure!(items.len() >= 2, "{}: {} finished item(s) common to every folder; evaluation needs at least 2", cfg.recon[0].display(), items.len());
     let n = items.len();
 
@@ -149,7 +203,6 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
     };
     let seen_latents = latents(&seen)?;
     let dim = seen_latents.len() / n;
-    let eeg = EegItems::open(&eeg_path)?;
     let mut eeg_embeddings = Vec::with_capacity(n * dim);
     for chunk in items.chunks(64) {
         eeg_embeddings.extend(pipeline.embed(&eeg.read(chunk)?)?.to_f32_vec()?);
@@ -172,6 +225,7 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
     let retrieval_json = |r: &[f64]| json!({ "top1": r[0], "top5": r[1] });
     let metrics = json!({
         "items": n,
+        "missing": missing,
         "eeg": eeg_path.display().to_string(),
         "weights": pipeline.dir.display().to_string(),
         "recon": cfg.recon.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
@@ -192,19 +246,21 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
             "reconstruction": summary(&control),
         },
     });
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
-    let path = cfg.out.join("metrics.json");
-    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))?;
-
+    // Every file is read before the first write, and metrics.json, the result, is written last: a folder
+    // with metrics.json holds a finished evaluation.
     let shown = cfg.sheet_items.min(n);
+    let structure: Vec<RgbImage> = items[..shown]
+        .iter()
+        .map(|i| load_rgb(cfg.recon[0].join(manifests[0][i]["structure"].as_str().unwrap_or_default())).map(|im| resize_center_crop(&im, s)))
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    crate::util::remove_stale_temporaries(&cfg.out).with_context(|| format!("{}: cannot remove the temporary files of a killed run", cfg.out.display()))?;
     if shown > 0 {
-        let structure: Vec<RgbImage> = items[..shown]
-            .iter()
-            .map(|i| load_rgb(cfg.recon[0].join(manifests[0][i]["structure"].as_str().unwrap_or_default())).map(|im| resize_center_crop(&im, s)))
-            .collect::<Result<_>>()?;
         let triplets: Vec<[&RgbImage; 3]> = (0..shown).map(|k| [&seen[k], &structure[k], &first[k]]).collect();
         save_png_rgb(cfg.out.join("sheet.png"), &contact_sheet(&triplets, s, cfg.sheet_columns.max(1)))?;
     }
+    let path = cfg.out.join("metrics.json");
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(metrics)
 }
 

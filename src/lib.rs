@@ -7,6 +7,7 @@ compile_error!("sgdm reads and writes little-endian tensor files and assumes a l
 
 pub mod bench;
 pub mod conformance;
+pub mod default_weights;
 pub mod data;
 pub mod diffusion;
 pub mod eval;

@@ -17,13 +17,16 @@ mod cli;
                   sgdm --device cuda-sim info  the simulated CUDA device (cudasim/README.md)\n  \
                   sgdm synth --out data/synth  write the simulated default dataset\n  \
                   sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
-                  Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins) are cached \
+                  Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins, the simulator's host builds) and the unpacked default weights are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
+                  SGDM_WEIGHTS     the weights folder when --weights is not given (else weights/ beside this\n                   \
+                  executable, else the default model built into it)\n  \
                   LD_LIBRARY_PATH  must reach libnvrtc.so.13 (and libnvrtc-builtins) for CUDA"
 )]
 struct Cli {
     /// Where to run: auto (CUDA if usable, else CPU with a notice), cpu, cuda, cuda:N, or cuda-sim (the
-    /// simulated CUDA device: the CUDA path checked on the CPU, for correctness, never speed).
+    /// simulated CUDA device: the CUDA path checked on the CPU, for correctness, never speed). synth and data
+    /// run on the CPU only and refuse the others.
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: sgdm::DeviceSpec,
 
@@ -41,7 +44,11 @@ enum Command {
                             sgdm demo --items 40 --steps 10   a quicker look\n  \
                             sgdm demo --weights runs/all      your own `sgdm train all` output instead of weights/\n\n\
                             Writes OUT/data (the dataset), OUT/recon (images, structure maps, manifest), OUT/metrics.json\n\
-                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).")]
+                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).\n\n\
+                            A rerun resumes: it reuses OUT/data when it holds the default dataset, and the finished images of\n\
+                            OUT/recon made with the same weights, --steps, --scheduler, --guidance, --controlnet-scale and\n\
+                            --seed; with other ones it says what changed and starts the reconstructions over (the dataset is\n\
+                            kept). --items only chooses how many are needed. To start over entirely, delete OUT.")]
     Demo(cli::demo::Args),
     /// Print the devices found, driver and NVRTC versions (or why CUDA is unavailable) and the kernel cache.
     #[command(after_help = "Examples:\n  sgdm info\n  sgdm --device cuda:1 info")]
@@ -98,6 +105,14 @@ enum Command {
                             [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
                             lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
                             weights/train.toml is the configuration the shipped model was trained with (all four stages).\n\
+                            A single stage reads only its own table, so one file can hold every stage; the keys `all` fills in\n\
+                            must then be given (e.g. [encoder] vae_weights). A key nothing reads is refused by name, in the\n\
+                            diffusers model tables [base.vae_model] and [base.unet_model] too.\n\n\
+                            Resuming: `all` rerun with the same --config and --out skips the stages whose final output is there\n\
+                            and resumes an interrupted one from its latest checkpoint (a checkpoint resumes only under the\n\
+                            configuration it was written with; a killed run loses at most the steps since it). To start over,\n\
+                            delete --out or give another. A non-finite loss stops a stage with an error (nothing is written\n\
+                            for that step); final parameters are never written with NaN or Inf in them.\n\n\
                             [<stage>.train] also takes min_lr, weight_decay, max_grad_norm, checkpoint_every (500),\n\
                             log_every (10) and select_best (true: the final parameters are the checkpoint with the lowest\n\
                             validation loss). [encoder.image_embeddings] train/val = .npy [figures, latent_dim] aligns the\n\
@@ -114,16 +129,27 @@ enum Command {
                             sgdm reconstruct --eeg eeg.npy --out out/recon --shard 2/8     the third of 8 processes\n  \
                             sbatch --array=0-7 --wrap 'sgdm reconstruct --eeg eeg.npy --out out/recon --shard $SLURM_ARRAY_TASK_ID/8'\n\n\
                             Writes OUT/images/<index>.png, OUT/structure/<index>.png (the structure map predicted from the\n\
-                            EEG), OUT/manifest.jsonl (one line per finished item) and OUT/run.json (the settings). A rerun\n\
-                            skips finished items, so a killed run resumes; a rerun with other settings is refused.\n\
-                            On CUDA the models run in bf16; on the CPU in f32.")]
+                            EEG), OUT/manifest.jsonl (one line per finished item) and OUT/run.json (the settings).\n\n\
+                            Resuming: a rerun into the same OUT skips the finished items, so a killed run resumes where it\n\
+                            stopped, as long as the EEG file's content (a checksum, not just its path), the weights folder\n\
+                            and --steps, --scheduler, --guidance, --controlnet-scale and --seed are those in OUT/run.json;\n\
+                            --batch, --shard, --limit and --images may change. Anything else is refused before a file is\n\
+                            written (a folder where no item was finished takes the new settings). To start over, delete\n\
+                            OUT (rm -r OUT) or give another --out.\n\n\
+                            Every setting is checked before the first write, and a batch whose images come out NaN or Inf\n\
+                            fails the run instead of being written. On CUDA the models run in bf16; on the CPU in f32.")]
     Reconstruct(cli::reconstruct::Args),
     /// Evaluate reconstructions: N-way retrieval top-1/top-5, PixCorr, SSIM and 2-way identification, next
     /// to a control with the items shuffled; writes metrics.json and a contact sheet.
     #[command(after_help = "Examples:\n  \
                             sgdm eval --recon out/recon --out out/eval\n  \
                             sgdm eval --recon out/seed0 --recon out/seed1 --recon out/seed2 --out out/eval   averaged over seeds\n  \
-                            sgdm eval --recon out/recon --images data/synth/images/test --out out/eval --sheet-items 48\n\n\
+                            sgdm eval --recon out/recon --images data/synth/images/test --out out/eval --sheet-items 48\n  \
+                            sgdm eval --recon out/recon --out out/eval --items 40        a run made with --limit 40\n  \
+                            sgdm eval --recon out/recon --out out/eval --allow-incomplete   score what is finished so far\n\n\
+                            A folder must be complete: every item of the EEG file (or its first --items) reconstructed, with\n\
+                            the EEG file's content unchanged since. An incomplete one is refused, naming the missing items,\n\
+                            unless --allow-incomplete, which prints them and lists them in metrics.json as \"missing\".\n\n\
                             Retrieval and 2-way identification compare in the StructuralVAE's latent space (its mu);\n\
                             PixCorr uses RGB values, SSIM grayscale (scikit-image's definition), both at the reconstruction's\n\
                             size. The control pairs every item with another item's image (a seeded derangement): chance,\n\
@@ -156,14 +182,28 @@ enum Command {
     Data(cli::data::Command),
 }
 
+/// Refuses a device other than the CPU for a command that only runs there, rather than ignore it.
+fn cpu_only(device: &sgdm::DeviceSpec, command: &str) -> anyhow::Result<()> {
+    match device {
+        sgdm::DeviceSpec::Auto | sgdm::DeviceSpec::Cpu => Ok(()),
+        other => anyhow::bail!("sgdm {command} runs on the CPU only: --device {other} does not apply to it (leave --device out)"),
+    }
+}
+
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so writing to a closed pipe (`sgdm data inspect FILE | head`) would make
+    // println! panic. The default action ends the program quietly, as for any Unix tool.
+    // SAFETY: restoring a signal's default disposition at start-up, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => cli::info::run(cli.device),
         Command::Kernels(args) => cli::kernels::run(cli.device, &args),
         Command::Forward(args) => cli::forward::run(cli.device, &args),
-        Command::Synth(args) => cli::synth::run(&args),
-        Command::Data(command) => cli::data::run(&command),
+        Command::Synth(args) => cpu_only(&cli.device, "synth").and_then(|()| cli::synth::run(&args)),
+        Command::Data(command) => cpu_only(&cli.device, "data").and_then(|()| cli::data::run(&command)),
         Command::Train(args) => cli::train::run(cli.device, &args),
         Command::Reconstruct(args) => cli::reconstruct::run(cli.device, &args),
         Command::Eval(args) => cli::eval::run(cli.device, &args),

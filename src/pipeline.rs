@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -42,6 +42,9 @@ use crate::weights::{Component, SafetensorsFile};
 pub const WEIGHT_FILES: [&str; 6] =
     ["vae.safetensors", "vae_config.json", "encoder.safetensors", "encoder_config.json", "eeg_standardization.json", "eeg_projector.safetensors"];
 
+/// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
+pub const MAX_LATENT_SIZE: usize = 1024;
+
 /// How the denoising loop runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingOptions {
@@ -52,6 +55,29 @@ pub struct SamplingOptions {
     pub guidance: f32,
     pub controlnet_scale: f32,
     pub seed: u64,
+}
+
+impl SamplingOptions {
+    /// Checks every setting, naming the command-line flag: callers run it before their first write.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=crate::diffusion::scheduler::TRAIN_TIMESTEPS).contains(&self.steps),
+            "--steps {} must be between 1 and {} (the training timesteps)",
+            self.steps,
+            crate::diffusion::scheduler::TRAIN_TIMESTEPS
+        );
+        ensure!(
+            self.guidance.is_finite() && self.guidance >= 1.0,
+            "--guidance {} must be a finite number of at least 1 (1: no guidance; SD's usual range is 2 to 10)",
+            self.guidance
+        );
+        ensure!(
+            self.controlnet_scale.is_finite(),
+            "--controlnet-scale {} must be a finite number (1: as trained; 0 ignores the structure map; negative pushes away from it)",
+            self.controlnet_scale
+        );
+        Ok(())
+    }
 }
 
 impl Default for SamplingOptions {
@@ -119,8 +145,13 @@ pub fn base_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((dir.join("vae"), dir.join("unet")))
 }
 
+/// The context of a model that its configuration file does not describe.
+fn built(config: &Path) -> String {
+    format!("{}: the model this configuration describes cannot be built", config.display())
+}
+
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = crate::util::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -135,10 +166,10 @@ impl Pipeline {
         }
         let (vae_dir, unet_dir) = base_components(dir)?;
         let path = dir.join("encoder_config.json");
-        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?)?;
+        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
         let path = dir.join("vae_config.json");
-        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?)?;
+        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
         let latent_dim = encoder.config.latent_dim;
         ensure!(
@@ -159,13 +190,14 @@ impl Pipeline {
         ensure!(std.iter().all(|s| *s > 0.0 && s.is_finite()), "{}: every 'std' must be positive", path.display());
 
         let vae_component = Component::open(&vae_dir)?;
-        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
+        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?).with_context(|| built(&vae_dir.join("config.json")))?;
         let vae_params = ParamStore::load_owned(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
         let unet_component = Component::open(&unet_dir)?;
-        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
+        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?).with_context(|| built(&unet_dir.join("config.json")))?;
         let unet_params = ParamStore::load_owned(&unet.params, &unet_component.weights, device, dtype, &[])?;
         let cn_component = Component::open(dir.join("controlnet"))?;
-        let controlnet = ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?)?;
+        let controlnet =
+            ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?).with_context(|| built(&dir.join("controlnet/config.json")))?;
         let controlnet_params = ParamStore::load_owned(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
 
         let path = dir.join("eeg_projector.safetensors");
@@ -199,6 +231,12 @@ impl Pipeline {
         );
         let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
             as usize;
+        // Checked before anything is sized by it: 100000 made the first batch abort on a 160 GB allocation.
+        ensure!(
+            (1..=MAX_LATENT_SIZE).contains(&sample_size),
+            "{}: 'sample_size' {sample_size} is not a latent size sgdm runs (1 to {MAX_LATENT_SIZE}; SD 1.5's is 64)",
+            unet_dir.join("config.json").display()
+        );
         let condition_size = sample_size * controlnet.condition_downscale();
         ensure!(
             condition_size.is_multiple_of(edge),
@@ -295,8 +333,7 @@ impl Pipeline {
     pub fn reconstruct_with(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
-        ensure!(opts.guidance.is_finite() && opts.guidance >= 1.0, "guidance {} must be at least 1 (1: no guidance)", opts.guidance);
-        ensure!(opts.controlnet_scale.is_finite(), "controlnet scale {} is not finite", opts.controlnet_scale);
+        opts.validate()?;
         let embedding = self.embed(eeg)?;
         ensure!(embedding.shape()[0] == b, "{} EEG trials for {b} items", embedding.shape()[0]);
         let structure = self.structure(&embedding)?.to_f32_vec()?;
@@ -365,7 +402,23 @@ impl Pipeline {
             Err(e) => return Err(e),
         };
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
-        let images = decoded.to_f32_vec()?.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
+        let decoded = decoded.to_f32_vec()?;
+        // Checked before clamping, which would turn +Inf white and leave NaN to become black pixels: an image
+        // made of overflow is an error, never a finished result.
+        for (what, values, per_item) in [("decoded image", &decoded, decoded.len() / b), ("structure map", &structure, structure.len() / b)] {
+            if let Some(bad) = crate::tensor::non_finite_values(DType::F32, bytemuck::cast_slice(values)) {
+                bail!(
+                    "item {}: its {what} holds {} non-finite value(s) (NaN or Inf) in this batch of items {indices:?}; nothing is written \
+                     for them. The model overflows with these weights ({}) and settings (guidance {}, ControlNet scale {})",
+                    indices[bad.first / per_item],
+                    bad.count,
+                    self.dir.display(),
+                    opts.guidance,
+                    opts.controlnet_scale
+                );
+            }
+        }
+        let images = decoded.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         Ok(Reconstruction { images, structure, denoise_seconds, total_seconds: start.elapsed().as_secs_f64() })
     }
 

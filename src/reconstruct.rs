@@ -4,17 +4,19 @@
 //! appended to `manifest.jsonl` as one line.
 //!
 //! Output folder:
-//! - `run.json`: the settings that determine the images (EEG file, weights, steps, scheduler, guidance,
-//!   ControlNet scale, seed). A rerun with other settings is refused rather than mixing two runs.
+//! - `run.json`: the settings that determine the images (EEG file and a checksum of its content, weights,
+//!   steps, scheduler, guidance, ControlNet scale, seed). A rerun with other settings, or with another
+//!   recording saved at the same EEG path, is refused rather than mixing two runs, unless no item was
+//!   finished under the old settings (then the new ones replace them).
 //! - `images/<index>.png`, `structure/<index>.png` (the structure map predicted from the EEG, upsampled to
 //!   the image size), with `<index>` the item's row in the EEG file, zero-padded to 5 digits.
 //! - `manifest.jsonl`: one JSON object per finished item (index, source row, seed, steps, timing, ...).
 //!
 //! An item is finished when its line is in the manifest and its PNG exists; a rerun skips finished items,
-//! so a killed run resumes where it stopped. `--shard K/N` takes the items with `index % N == K`, so N
-//! processes (a Slurm job array, several GPUs) split a file with no coordination; their manifest lines are
-//! appended with one `write` each to a file opened for appending, which keeps lines whole on local
-//! filesystems.
+//! so a killed run resumes where it stopped, and removes the temporary files a killed writer left.
+//! `--shard K/N` takes the items with `index % N == K`, so N processes (a Slurm job array, several GPUs)
+//! split a file with no coordination; their manifest lines are appended with one `write` each to a file
+//! opened for appending, which keeps lines whole on local filesystems.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -33,7 +35,7 @@ use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
 use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
 use crate::tensor::{memory_stats, reset_memory_peak};
-use crate::util::write_atomic;
+use crate::util::{content_checksum, remove_stale_temporaries, write_atomic};
 
 /// `--shard K/N`: the items with `index % N == K` (K counts from 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +175,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn finished_items(out: &Path) -> Result<BTreeMap<usize, Value>> {
     let path = out.join("manifest.jsonl");
     let mut done = BTreeMap::new();
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::util::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
         Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
@@ -192,12 +194,14 @@ pub fn item_name(index: usize) -> String {
     format!("{index:05}.png")
 }
 
-/// The settings recorded in `run.json`.
-fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
+/// The settings recorded in `run.json`: those that determine the images. `eeg_checksum` is the EEG file's
+/// [`content_checksum`], so a different recording saved at the same path is not mistaken for the same.
+pub fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
     let canonical = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
     let s = &cfg.sampling;
     Ok(json!({
         "eeg": canonical(&cfg.eeg)?,
+        "eeg_checksum": content_checksum(&cfg.eeg).with_context(|| format!("{}: cannot read", cfg.eeg.display()))?,
         "weights": canonical(&pipeline.dir)?,
         "steps": s.steps,
         "scheduler": s.scheduler.to_string(),
@@ -207,26 +211,96 @@ fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
     }))
 }
 
-/// Writes `run.json`, or checks an existing one holds the same settings.
-fn claim_output(cfg: &ReconstructConfig, settings: &Value) -> Result<()> {
-    let path = cfg.out.join("run.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let found: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-            if &found != settings {
-                bail!(
-                    "{}: this folder holds reconstructions made with other settings:\n  there: {found}\n  now:   {settings}\n\
-                     use another --out, or delete the folder to start over",
-                    path.display()
-                );
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
-        }
+/// Why the folder's `run.json` (`found`) does not describe a run with `settings`: one line per setting
+/// that differs; empty when they match.
+fn settings_differences(found: &Value, settings: &Value) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> = found.as_object().into_iter().chain(settings.as_object()).flat_map(|m| m.keys()).collect();
+    keys.into_iter()
+        .filter(|k| found.get(k.as_str()) != settings.get(k.as_str()))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
+            format!("{k}: there {}, now {}", show(found.get(k.as_str())), show(settings.get(k.as_str())))
+        })
+        .collect()
+}
+
+/// The folder's `run.json`, if it has one.
+fn read_run_json(out: &Path) -> Result<Option<Value>> {
+    let path = out.join("run.json");
+    match crate::util::read_to_string(&path) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("{}: cannot read", path.display())),
     }
+}
+
+/// What stands between `cfg.out` and a run with `settings`: `None` when the folder is new, or its
+/// `run.json` holds these settings, or it holds others but no item was finished under them (nothing to
+/// mix with); else the settings that differ, one a line.
+pub fn other_settings(cfg: &ReconstructConfig, settings: &Value) -> Result<Option<Vec<String>>> {
+    let Some(found) = read_run_json(&cfg.out)? else { return Ok(None) };
+    let differences = settings_differences(&found, settings);
+    if differences.is_empty() || finished_items(&cfg.out)?.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(differences))
+}
+
+/// Removes what `sgdm reconstruct` writes into an output folder (images/, structure/, manifest.jsonl,
+/// run.json) and nothing else: a run that starts over.
+pub fn clear_output(out: &Path) -> Result<()> {
+    for dir in ["images", "structure"] {
+        let path = out.join(dir);
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot remove", path.display())),
+            _ => {}
+        }
+    }
+    for file in ["manifest.jsonl", "run.json"] {
+        let path = out.join(file);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot remove", path.display())),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output folder holding items finished with other settings, naming what differs; the EEG
+/// file's content changed under the same path gets a message of its own.
+fn check_output(cfg: &ReconstructConfig, settings: &Value) -> Result<()> {
+    let Some(differences) = other_settings(cfg, settings)? else { return Ok(()) };
+    let path = cfg.out.join("run.json");
+    let found = read_run_json(&cfg.out)?.unwrap_or_default();
+    if found["eeg"] == settings["eeg"] && found["eeg_checksum"] != settings["eeg_checksum"] {
+        bail!(
+            "{}: the file's content is not the content {} was reconstructed from (checksum there {}, now {}): the folder would \
+             mix two recordings. Use another --out, or delete {} to start over",
+            cfg.eeg.display(),
+            cfg.out.display(),
+            found["eeg_checksum"],
+            settings["eeg_checksum"],
+            cfg.out.display()
+        );
+    }
+    bail!(
+        "{}: this folder holds reconstructions made with other settings:\n  {}\nuse another --out, or delete the folder to start over",
+        path.display(),
+        differences.join("\n  ")
+    )
+}
+
+/// Creates the output folder and writes `run.json` (replacing one whose run finished no item): the run's
+/// first write, made only after every check.
+fn claim_output(cfg: &ReconstructConfig, settings: &Value) -> Result<()> {
+    for dir in [cfg.out.join("images"), cfg.out.join("structure")] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let path = cfg.out.join("run.json");
+    if read_run_json(&cfg.out)?.as_ref() == Some(settings) {
+        return Ok(());
+    }
+    write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// One finished item on its way to the writer thread.
@@ -238,10 +312,16 @@ struct Finished {
 }
 
 /// Runs a reconstruction; `progress(done, total)` is called after each batch with this run's counts.
+///
+/// Every input and setting is checked before the first write (the output folder, `run.json`), so a refused
+/// run leaves nothing behind, and a folder is never claimed by a command that cannot run.
 pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
+    cfg.sampling.validate()?;
     ensure!(cfg.batch >= 1, "--batch must be at least 1");
+    ensure!(cfg.limit != Some(0), "--limit 0 would reconstruct nothing: give at least 1, or leave --limit out for every item");
     let items = EegItems::open(&cfg.eeg)?;
     let [rows, _, c, t] = items.shape();
+    ensure!(rows > 0, "{}: holds no EEG items (0 rows): nothing to reconstruct", cfg.eeg.display());
     let (ec, et) = pipeline.eeg_shape();
     ensure!(
         (c, t) == (ec, et),
@@ -259,10 +339,12 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
         }
         None => None,
     };
-    std::fs::create_dir_all(cfg.out.join("images")).with_context(|| format!("{}: cannot create", cfg.out.join("images").display()))?;
-    std::fs::create_dir_all(cfg.out.join("structure")).with_context(|| format!("{}: cannot create", cfg.out.join("structure").display()))?;
     let settings = run_settings(cfg, pipeline)?;
+    check_output(cfg, &settings)?;
     claim_output(cfg, &settings)?;
+    for dir in [cfg.out.clone(), cfg.out.join("images"), cfg.out.join("structure")] {
+        remove_stale_temporaries(&dir).with_context(|| format!("{}: cannot remove the temporary files of a killed run", dir.display()))?;
+    }
 
     let owned: Vec<usize> = (0..n).filter(|&i| cfg.shard.takes(i)).collect();
     let done = finished_items(&cfg.out)?;

@@ -103,6 +103,45 @@ pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Where the non-finite values (NaN, ±Inf) of an array are: how many, and the flat index of the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFiniteValues {
+    pub count: usize,
+    pub first: usize,
+}
+
+/// The non-finite values of little-endian `dtype` bytes, found from the exponent bits alone (all ones),
+/// without converting: a weights file is scanned at memory speed, in parallel.
+pub fn non_finite_values(dtype: DType, bytes: &[u8]) -> Option<NonFiniteValues> {
+    use rayon::prelude::*;
+    let size = dtype.size();
+    let exponent_all_ones = |e: &[u8]| -> bool {
+        match dtype {
+            DType::F32 => u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000,
+            DType::F16 => u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00,
+            DType::BF16 => u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80,
+        }
+    };
+    const CHUNK: usize = 1 << 16;
+    let per_chunk: Vec<(usize, Option<usize>)> = bytes
+        .par_chunks(CHUNK * size)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut count = 0;
+            let mut first = None;
+            for (i, e) in chunk.chunks_exact(size).enumerate() {
+                if exponent_all_ones(e) {
+                    count += 1;
+                    first.get_or_insert(c * CHUNK + i);
+                }
+            }
+            (count, first)
+        })
+        .collect();
+    let count = per_chunk.iter().map(|c| c.0).sum();
+    per_chunk.iter().find_map(|c| c.1).map(|first| NonFiniteValues { count, first })
+}
+
 /// 256-byte aligned, zero-initialised host memory.
 struct HostBuffer {
     ptr: NonNull<u8>,

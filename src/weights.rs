@@ -3,7 +3,6 @@
 //! Every error names the file, and the tensor where there is one.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,8 +16,9 @@ use crate::util::write_atomic_with;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message, not a chained source: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: truncated safetensors file: {detail}")]
     Truncated { path: PathBuf, detail: String },
     #[error("{path}: corrupt safetensors file: {detail}")]
@@ -62,12 +62,29 @@ struct Entry {
     end: usize,
 }
 
+/// A file's bytes: its memory map, or bytes already in memory (the fuzzer's).
+#[derive(Debug)]
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// An open safetensors file. Tensors are read on demand from the memory map; the names read are recorded
 /// so that a model loader can refuse a file holding names it does not know.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     data_start: usize,
     entries: BTreeMap<String, Entry>,
     metadata: BTreeMap<String, String>,
@@ -77,8 +94,8 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile, WeightError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| WeightError::Io { path: path.clone(), source };
-        let file = File::open(&path).map_err(io)?;
+        let io = |error| WeightError::Io { path: path.clone(), error };
+        let file = crate::util::open_file(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;
         if len < 8 {
             return Err(WeightError::Truncated {
@@ -89,6 +106,20 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file changed underneath by another process is outside our contract,
         // as with every memory-mapped loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        SafetensorsFile::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// A safetensors file's bytes already in memory; `path` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: impl AsRef<Path>) -> Result<SafetensorsFile, WeightError> {
+        let path = path.as_ref().to_path_buf();
+        if bytes.len() < 8 {
+            return Err(WeightError::Truncated { path, detail: format!("{} bytes, shorter than the 8-byte header length", bytes.len()) });
+        }
+        SafetensorsFile::parse(path, Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: Bytes) -> Result<SafetensorsFile, WeightError> {
+        let len = mmap.len();
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
         if header_len.checked_add(8).is_none_or(|end| end > len) {
             return Err(WeightError::Truncated {
@@ -302,8 +333,26 @@ pub fn save_safetensors_raw(
         }
     }
     let info = metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    let buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
-    write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|source| WeightError::Io { path: path.to_path_buf(), source })
+    let mut buffer = safetensors::tensor::serialize(views, info).map_err(|e| werr(e.to_string()))?;
+    sort_header(&mut buffer);
+    write_atomic_with(path, |w| w.write_all(&buffer)).map_err(|error| WeightError::Io { path: path.to_path_buf(), error })
+}
+
+/// Rewrites a serialized safetensors header with its JSON keys sorted. The safetensors crate writes the
+/// `__metadata__` entries in a `HashMap`'s order, which changes from process to process, so the same tensors
+/// gave different bytes (a resumed training run's outputs could not be compared with an uninterrupted
+/// run's, nor files deduplicated by checksum). Readers locate tensors by their offsets, never by the order
+/// of the header's keys; sorting only moves keys, so the header keeps its length (padded with spaces, as
+/// the format allows, should it ever come out shorter).
+fn sort_header(buffer: &mut [u8]) {
+    let Some(len) = buffer.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return };
+    let Some(header) = buffer.get_mut(8..8 + len) else { return };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else { return };
+    let Ok(sorted) = serde_json::to_vec(&value) else { return };
+    if sorted.len() <= header.len() {
+        header[..sorted.len()].copy_from_slice(&sorted);
+        header[sorted.len()..].fill(b' ');
+    }
 }
 
 /// A tensor as safetensors writes it: any safetensors dtype, shape and little-endian bytes.
@@ -354,8 +403,8 @@ impl Component {
             return Err(WeightError::Component { path: dir, detail: "not a directory".into() });
         }
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| WeightError::Io { path: config_path.clone(), source })?;
+        let text = crate::util::read_to_string(&config_path)
+            .map_err(|error| WeightError::Io { path: config_path.clone(), error })?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| WeightError::Component { path: config_path.clone(), detail: format!("invalid JSON: {e}") })?;
         if !config.is_object() {

@@ -1,6 +1,7 @@
 //! `sgdm demo` end to end on the tiny model trained here (the shipped weights are exercised by the README's
 //! command; this checks the command's plumbing): dataset, reconstructions, metrics and sheet are written
-//! where it says, and a rerun reuses the dataset and the finished reconstructions.
+//! where it says, a rerun reuses the dataset and the finished reconstructions, and a rerun with other
+//! sampling settings starts the reconstructions over.
 
 mod common;
 
@@ -25,4 +26,15 @@ fn demo_writes_the_sheet_and_metrics_and_a_rerun_reuses_its_work() {
     let (ok, stdout, stderr) = run_sgdm(args);
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("dataset: reusing") && stdout.contains("0 image(s) written, 5 already finished"), "{stdout}");
+
+    // Other sampling settings (what `--help` suggests after a quick look): the reconstructions start over
+    // rather than being refused, and the dataset is kept.
+    let mut other = args.to_vec();
+    let last = other.len() - 1;
+    other[last] = "3";
+    let (ok, stdout, stderr) = run_sgdm(other);
+    assert!(ok, "demo with other --steps was refused:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("dataset: reusing") && stdout.contains("starting the reconstructions over") && stdout.contains("5 image(s) written"), "{stdout}");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("recon/run.json")).unwrap()).unwrap();
+    assert_eq!(run["steps"], 3);
 }

@@ -78,7 +78,7 @@ fn eval_refuses_other_eeg_and_too_few_items() {
     let dir = tempfile::tempdir().unwrap();
     let recon = dir.path().join("recon");
     recon_folder(&recon, 1);
-    let (ok, _, stderr) = run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", dir.path().join("e").to_str().unwrap()]);
+    let (ok, _, stderr) = run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", dir.path().join("e").to_str().unwrap(), "--items", "1"]);
     assert!(!ok && stderr.contains("at least 2"), "{stderr}");
 
     let other = dir.path().join("other.npy");

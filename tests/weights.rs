@@ -42,6 +42,26 @@ fn round_trip_keeps_names_shapes_dtypes_and_values() {
 }
 
 #[test]
+fn the_same_tensors_and_metadata_give_the_same_bytes() {
+    // The metadata went through a HashMap whose order changes with every map: a resumed training run's
+    // files differed from an uninterrupted run's in their header alone.
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tensor::from_f32(&Device::Cpu, &[3], DType::F32, &values(3)).unwrap();
+    let meta: BTreeMap<String, String> = (0..12).map(|i| (format!("key{i:02}"), format!("value {i}"))).collect();
+    let written: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let path = dir.path().join(format!("m{i}.safetensors"));
+            save_safetensors(&path, &[("b", &t), ("a", &t)], Some(&meta)).unwrap();
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    assert!(written.iter().all(|w| *w == written[0]), "four saves of the same tensors gave different bytes");
+    let f = SafetensorsFile::open(dir.path().join("m0.safetensors")).unwrap();
+    assert_eq!(f.metadata(), &meta);
+    assert_eq!(f.tensor("a", &Device::Cpu, DType::F32).unwrap().to_f32_vec().unwrap(), values(3));
+}
+
+#[test]
 fn conversion_on_load_rounds_to_nearest_even() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.safetensors");

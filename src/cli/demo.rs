@@ -1,6 +1,7 @@
 //! `sgdm demo`: the whole job on the shipped default model, from nothing: synthesise `sgdm synth`'s default
 //! dataset, reconstruct its test split, evaluate against the shuffled control, and write the sheet and the
-//! metrics. A rerun reuses the dataset and the finished reconstructions.
+//! metrics. A rerun reuses the dataset and the finished reconstructions; reconstructions made with other
+//! sampling settings or weights are started over, not refused (the demo's folder is its own).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,24 +10,25 @@ use anyhow::{Context, Result};
 use sgdm::data::synth::{generate, Manifest, SynthConfig, GENERATOR_VERSION};
 use sgdm::evaluate::{evaluate, format_table, EvalConfig};
 use sgdm::pipeline::Pipeline;
-use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard};
+use sgdm::reconstruct::{clear_output, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
 use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::DeviceSpec;
 
-use super::reconstruct::{default_weights, dtype_for, print_summary, Sampling};
+use super::reconstruct::{dtype_for, print_summary, weights_folder, Sampling};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Output folder: data/ (the synthetic dataset), recon/, metrics.json, sheet.png.
     #[arg(long, value_name = "DIR", default_value = "out/demo")]
     out: PathBuf,
-    /// Weights folder [default: the shipped model in weights/].
+    /// Weights folder [default: $SGDM_WEIGHTS, else weights/ beside the executable, else the model built
+    /// into this binary].
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
-    /// Reconstruct only the first N of the 200 test figures.
-    #[arg(long, value_name = "N")]
-    items: Option<usize>,
+    /// Reconstruct only the first N of the 200 test figures (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    items: Option<u64>,
     #[command(flatten)]
     sampling: Sampling,
 }
@@ -45,10 +47,16 @@ fn has_default_dataset(dir: &Path) -> bool {
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let start = Instant::now();
+    // Before anything is written (the dataset, or the restart of reconstructions made with other settings).
+    args.sampling.options().validate()?;
+    anyhow::ensure!(args.sampling.batch >= 1, "--batch must be at least 1");
     let selected = select(spec)?;
     if let Some(n) = &selected.notice {
         eprintln!("{n}");
     }
+    // The model first: a broken weights folder is refused before minutes of dataset synthesis.
+    let weights = weights_folder(args.weights.as_deref())?;
+    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device)).with_context(|| format!("{}: cannot load the model", weights.display()))?;
     let data = args.out.join("data");
     if has_default_dataset(&data) {
         println!("1/3 dataset: reusing {}", data.display());
@@ -58,9 +66,6 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         generate(&cfg, &data, &mut super::synth::split_progress())?;
     }
 
-    let weights = args.weights.clone().unwrap_or_else(default_weights);
-    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device))
-        .with_context(|| format!("{}: cannot load the model (the shipped default lives in weights/ of the source tree)", weights.display()))?;
     let recon = args.out.join("recon");
     println!("2/3 reconstruct: the test split's EEG (averaged over its 80 repetitions) with {}", weights.display());
     let cfg = ReconstructConfig {
@@ -70,14 +75,18 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         sampling: args.sampling.options(),
         batch: args.sampling.batch,
         shard: Shard::default(),
-        limit: args.items,
+        limit: args.items.map(|n| n as usize),
     };
+    if let Some(changed) = other_settings(&cfg, &run_settings(&cfg, &pipeline)?)? {
+        println!("  {} was made with other settings ({}): starting the reconstructions over", recon.display(), changed.join("; "));
+        clear_output(&recon)?;
+    }
     let mut bar = ItemProgress::new("reconstruct", "images");
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| bar.update(done, total))?;
     print_summary(&summary, args.sampling.steps);
 
     println!("3/3 evaluate: retrieval, PixCorr, SSIM, 2-way identification, and the shuffled control");
-    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0 };
+    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0, expected_items: cfg.limit, allow_incomplete: false };
     let metrics = evaluate(&pipeline, &eval)?;
     print!("{}", format_table(&metrics));
     println!("sheet (seen | structure from EEG | reconstruction): {}", args.out.join("sheet.png").display());

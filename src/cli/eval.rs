@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use sgdm::evaluate::{evaluate, format_table, read_run, EvalConfig};
+use sgdm::evaluate::{evaluate, format_indices, format_table, read_run, EvalConfig};
 use sgdm::pipeline::Pipeline;
 use sgdm::runtime::select;
 use sgdm::DeviceSpec;
@@ -35,6 +35,13 @@ pub struct Args {
     /// Seed of the shuffled control's permutation.
     #[arg(long, default_value_t = 0)]
     control_seed: u64,
+    /// Score the first N items of the EEG file (a run made with --limit N) [default: every item].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    items: Option<u64>,
+    /// Score the items that are finished even when others are missing (they are printed and listed in
+    /// metrics.json as "missing"); without it an incomplete folder is refused.
+    #[arg(long)]
+    allow_incomplete: bool,
 }
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
@@ -58,8 +65,14 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         sheet_items: args.sheet_items,
         sheet_columns: args.sheet_columns,
         control_seed: args.control_seed,
+        expected_items: args.items.map(|n| n as usize),
+        allow_incomplete: args.allow_incomplete,
     };
     let metrics = evaluate(&pipeline, &cfg)?;
+    if let Some(missing) = metrics["missing"].as_array().filter(|m| !m.is_empty()) {
+        let missing: Vec<usize> = missing.iter().filter_map(|v| v.as_u64().map(|i| i as usize)).collect();
+        eprintln!("sgdm: warning: scored {} items; {} not reconstructed (missing: {})", metrics["items"], missing.len(), format_indices(&missing));
+    }
     print!("{}", format_table(&metrics));
     println!("wrote {} and {}", args.out.join("metrics.json").display(), args.out.join("sheet.png").display());
     Ok(())

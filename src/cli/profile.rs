@@ -12,11 +12,11 @@ use sgdm::profile::{Totals, FAMILIES};
 use sgdm::runtime::select;
 use sgdm::DeviceSpec;
 
-use super::reconstruct::{default_weights, dtype_for};
+use super::reconstruct::{dtype_for, weights_folder};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
-    /// The shipped default model (weights/): 64x64 images, 16x16 latents.
+    /// The default model (or the one --weights names): 64x64 images, 16x16 latents.
     Default,
     /// Stable Diffusion 1.5's UNet and ControlNet at 512x512 (64x64 latents), random weights.
     Sd15,
@@ -35,7 +35,8 @@ pub struct Args {
     /// Classifier-free guidance on (the step evaluates 2 x batch rows) or off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     guidance: bool,
-    /// Weights folder for --model default [default: the shipped model in weights/].
+    /// Weights folder for --model default [default: $SGDM_WEIGHTS, else weights/ beside the executable,
+    /// else the model built into this binary].
     #[arg(long, value_name = "DIR")]
     weights: Option<std::path::PathBuf>,
     /// Print JSON instead of the table.
@@ -68,7 +69,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let sd15;
     let (denoiser, inputs, label) = match args.model {
         Model::Default => {
-            let weights = args.weights.clone().unwrap_or_else(default_weights);
+            let weights = weights_folder(args.weights.as_deref())?;
             pipeline = Pipeline::open(&weights, &device, dtype)?;
             let inputs = pipeline.step_inputs(rows, 0)?;
             (pipeline.denoiser(), inputs, format!("default ({}, {}x{} images)", weights.display(), pipeline.image_size(), pipeline.image_size()))

@@ -1,8 +1,9 @@
 //! `sgdm reconstruct`: reconstruct the images seen in an EEG file; see [`sgdm::reconstruct`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use sgdm::default_weights::locate;
 use sgdm::diffusion::scheduler::SchedulerKind;
 use sgdm::pipeline::{Pipeline, SamplingOptions};
 use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard, Summary};
@@ -11,9 +12,12 @@ use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::{DType, Device, DeviceSpec};
 
-/// The shipped default model, in the source tree this binary was built from.
-pub fn default_weights() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights")
+/// The weights folder for `--weights` (`None`: the default, found as `sgdm::default_weights` describes),
+/// announced on stderr with where it came from.
+pub fn weights_folder(flag: Option<&Path>) -> Result<PathBuf> {
+    let located = locate(flag)?;
+    eprintln!("sgdm: weights: {located}");
+    Ok(located.dir)
 }
 
 /// The sampling flags shared by `reconstruct` and `demo`.
@@ -25,11 +29,11 @@ pub struct Sampling {
     /// ddim, euler or dpmpp2m (DPM-Solver++ 2M).
     #[arg(long, default_value = "dpmpp2m")]
     pub scheduler: SchedulerKind,
-    /// Classifier-free guidance scale (1: conditional branch only, half the work).
-    #[arg(long, default_value_t = 3.0)]
+    /// Classifier-free guidance scale, at least 1 (1: conditional branch only, half the work).
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     pub guidance: f32,
-    /// Multiplies the ControlNet's residuals (0 ignores the structure map).
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiplies the ControlNet's residuals (0 ignores the structure map; negative pushes away from it).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub controlnet_scale: f32,
     /// Seeds every item's initial noise together with its index.
     #[arg(long, default_value_t = 0)]
@@ -54,7 +58,8 @@ pub struct Args {
     /// The seen images, one per EEG item in file-name order: recorded in the manifest for `sgdm eval`.
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
-    /// Weights folder written by `sgdm train all` [default: the shipped model in weights/].
+    /// Weights folder written by `sgdm train all` [default: $SGDM_WEIGHTS, else weights/ beside the
+    /// executable, else the model built into this binary].
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
     /// Output folder: images/, structure/, manifest.jsonl, run.json (a rerun resumes).
@@ -65,9 +70,9 @@ pub struct Args {
     /// Take the items with index % N == K (K from 0), to split a file across processes or nodes.
     #[arg(long, value_name = "K/N", default_value = "0/1")]
     shard: Shard,
-    /// Only the first N items of the file.
-    #[arg(long, value_name = "N")]
-    limit: Option<usize>,
+    /// Only the first N items of the file (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
 }
 
 /// The storage dtype for a device: f32 on the CPU reference, bf16 on CUDA.
@@ -100,7 +105,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = selected.device;
-    let weights = args.weights.clone().unwrap_or_else(default_weights);
+    let weights = weights_folder(args.weights.as_deref())?;
     let pipeline = Pipeline::open(&weights, &device, dtype_for(&device))?;
     let cfg = ReconstructConfig {
         eeg: args.eeg.clone(),
@@ -109,7 +114,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         sampling: args.sampling.options(),
         batch: args.sampling.batch,
         shard: args.shard,
-        limit: args.limit,
+        limit: args.limit.map(|n| n as usize),
     };
     let mut progress = ItemProgress::new("reconstruct", "images");
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| progress.update(done, total))?;

@@ -16,9 +16,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Gain of the stimulus-locked EEG relative to its nominal amplitude; 0 leaves background EEG only.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     snr: f64,
-    /// Distinct training figures.
+    /// Distinct training figures (each split: at most 100000 figures and 1000000 trials).
     #[arg(long, default_value_t = 1000, value_name = "N")]
     train_figures: usize,
     /// Repetitions (trials) per training figure.

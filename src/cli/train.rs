@@ -5,11 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
-use sgdm::train::stages::{
-    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, StageReport, Stopped,
-    VaeStageConfig,
-};
+use sgdm::train::config::{Stage as TableStage, TrainingConfig};
+use sgdm::train::stages::{train_base, train_controlnet, train_encoder, train_vae, StageReport, Stopped};
+use sgdm::util::remove_stale_temporaries;
 use sgdm::runtime::select;
 use sgdm::weights::COMPONENT_WEIGHT_FILES;
 use sgdm::{Device, DeviceSpec};
@@ -29,6 +27,19 @@ pub enum Stage {
     All,
 }
 
+impl Stage {
+    /// The configuration table the stage reads; `None` for `all`, which reads every table.
+    fn table(self) -> Option<TableStage> {
+        match self {
+            Stage::Base => Some(TableStage::Base),
+            Stage::Vae => Some(TableStage::Vae),
+            Stage::Encoder => Some(TableStage::Encoder),
+            Stage::Controlnet => Some(TableStage::Controlnet),
+            Stage::All => None,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The stage to run; its table ([base], [vae], [encoder] or [controlnet]) is read from the configuration.
@@ -45,16 +56,6 @@ pub struct Args {
     /// Folder for the step log, checkpoints and final parameters (created if absent).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-}
-
-/// The configuration file: one table per stage, each optional.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    base: Option<BaseStageConfig>,
-    vae: Option<VaeStageConfig>,
-    encoder: Option<EncoderStageConfig>,
-    controlnet: Option<ControlNetStageConfig>,
 }
 
 /// Set by the first Ctrl-C; the running stage's loop reads it after every step.
@@ -78,17 +79,19 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let device = &selected.device;
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("{}: cannot read the configuration", args.config.display()))?;
-    install_stop_handler()?;
-    if let Stage::All = args.stage {
+    let text = sgdm::util::read_to_string(&args.config).with_context(|| format!("{}: cannot read the configuration", args.config.display()))?;
+    let Some(stage) = args.stage.table() else {
         ensure!(args.resume.is_none(), "sgdm train all takes no --resume: rerun it with the same --out to continue");
-        return run_all(args, &text, device).map_err(|e| match e.downcast_ref::<Stopped>() {
+        let config = TrainingConfig::all(&args.config, &text, &args.out)?;
+        install_stop_handler()?;
+        return run_all(args, &config, device).map_err(|e| match e.downcast_ref::<Stopped>() {
             Some(_) => e.context(format!("to continue, rerun: sgdm train all --config {} --out {}", args.config.display(), args.out.display())),
             None => e,
         });
-    }
-    let config = parse_config(&args.config, &text)?;
-    run_stage(args.stage, &config, &args.config, &args.out, args.resume.as_deref(), device).map_err(|e| match e.downcast_ref::<Stopped>() {
+    };
+    let config = TrainingConfig::stage(&args.config, &text, stage)?;
+    install_stop_handler()?;
+    run_stage(stage, &config, &args.config, &args.out, args.resume.as_deref(), device).map_err(|e| match e.downcast_ref::<Stopped>() {
         Some(stopped) => {
             let stage = clap::ValueEnum::to_possible_value(&args.stage).map(|v| v.get_name().to_string()).unwrap_or_default();
             let hint = format!(
@@ -103,22 +106,18 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     })
 }
 
-fn parse_config(path: &Path, text: &str) -> Result<ConfigFile> {
-    toml::from_str(text).with_context(|| format!("{}: invalid training configuration", path.display()))
-}
-
-fn run_stage(stage: Stage, config: &ConfigFile, path: &Path, out: &Path, resume: Option<&Path>, device: &Device) -> Result<()> {
+fn run_stage(stage: TableStage, config: &TrainingConfig, path: &Path, out: &Path, resume: Option<&Path>, device: &Device) -> Result<()> {
     let missing = |table: &str| format!("{}: no [{table}] table for this stage", path.display());
     let stop = &STOP;
+    clean_output(out)?;
     let reports: Vec<(&str, StageReport)> = match stage {
-        Stage::Base => {
+        TableStage::Base => {
             let r = train_base(config.base.as_ref().with_context(|| missing("base"))?, out, resume, stop, device)?;
             r.vae.map(|v| ("base_vae", v)).into_iter().chain([("base_unet", r.unet)]).collect()
         }
-        Stage::Vae => vec![("vae", train_vae(config.vae.as_ref().with_context(|| missing("vae"))?, out, resume, stop, device)?)],
-        Stage::Encoder => vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop, device)?)],
-        Stage::Controlnet => vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop, device)?)],
-        Stage::All => unreachable!("sgdm train all runs the stages one by one"),
+        TableStage::Vae => vec![("vae", train_vae(config.vae.as_ref().with_context(|| missing("vae"))?, out, resume, stop, device)?)],
+        TableStage::Encoder => vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop, device)?)],
+        TableStage::Controlnet => vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop, device)?)],
     };
     for (name, report) in &reports {
         print_report(name, report);
@@ -127,35 +126,18 @@ fn run_stage(stage: Stage, config: &ConfigFile, path: &Path, out: &Path, resume:
     Ok(())
 }
 
-/// The paths `train all` gives the later stages: (table, key, file in --out written by an earlier stage).
-const OUTPUTS_IN_OUT: [(&str, &str, &str); 6] = [
-    ("encoder", "vae_weights", "vae.safetensors"),
-    ("controlnet", "structural_vae_weights", "vae.safetensors"),
-    ("controlnet", "encoder_weights", "encoder.safetensors"),
-    ("controlnet", "eeg_standardization", "eeg_standardization.json"),
-    ("controlnet", "vae", "vae"),
-    ("controlnet", "unet", "unet"),
-];
+/// Removes what killed runs left half-written in the output folder and its component folders.
+fn clean_output(out: &Path) -> Result<()> {
+    for dir in [out.to_path_buf(), out.join("vae"), out.join("unet"), out.join("controlnet")] {
+        remove_stale_temporaries(&dir).with_context(|| format!("{}: cannot remove the temporary files of a killed run", dir.display()))?;
+    }
+    Ok(())
+}
 
-fn run_all(args: &Args, text: &str, device: &Device) -> Result<()> {
-    let path = &args.config;
-    let mut table: toml::Table = toml::from_str(text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-    let has_base = table.contains_key("base");
-    for stage in ["vae", "encoder", "controlnet"] {
-        ensure!(table.contains_key(stage), "{}: sgdm train all needs a [{stage}] table", path.display());
-    }
-    // Without [base] the ControlNet trains on the vae/ and unet/ the user's [controlnet] names (real SD weights).
-    let given = |(_, key, _): &&(&str, &str, &str)| has_base || (*key != "vae" && *key != "unet");
-    for (stage, key, file) in OUTPUTS_IN_OUT.iter().filter(given) {
-        let stage_table = table[*stage].as_table_mut().with_context(|| format!("{}: [{stage}] must be a table", path.display()))?;
-        if stage_table.contains_key(*key) {
-            bail!("{}: [{stage}] {key} is set, but sgdm train all uses {} from an earlier stage; remove it", path.display(), args.out.join(file).display());
-        }
-        stage_table.insert(key.to_string(), toml::Value::String(args.out.join(file).to_string_lossy().into_owned()));
-    }
-    let config = parse_config(path, &toml::to_string(&table)?)?;
-    let stages = [(Stage::Base, "base"), (Stage::Vae, "vae"), (Stage::Encoder, "encoder"), (Stage::Controlnet, "controlnet")];
-    for (stage, name) in stages.into_iter().filter(|(s, _)| has_base || !matches!(s, Stage::Base)) {
+fn run_all(args: &Args, config: &TrainingConfig, device: &Device) -> Result<()> {
+    let has_base = config.base.is_some();
+    for stage in TableStage::ALL.into_iter().filter(|s| has_base || *s != TableStage::Base) {
+        let name = stage.table();
         let done = args.out.join(final_output(stage));
         if done.exists() {
             println!("{name}: {} exists, skipped", done.display());
@@ -169,28 +151,28 @@ fn run_all(args: &Args, text: &str, device: &Device) -> Result<()> {
             Some(ckpt) => println!("{name}: resuming from {}", ckpt.display()),
             None => println!("{name}: training"),
         }
-        run_stage(stage, &config, path, &args.out, resume.as_deref(), device)?;
+        run_stage(stage, config, &args.config, &args.out, resume.as_deref(), device)?;
     }
     Ok(())
 }
 
 /// The file a stage writes last, relative to the output folder.
-fn final_output(stage: Stage) -> PathBuf {
+fn final_output(stage: TableStage) -> PathBuf {
     match stage {
-        Stage::Base => Path::new("unet").join(COMPONENT_WEIGHT_FILES[0]),
-        Stage::Vae => "vae.safetensors".into(),
-        Stage::Encoder => "encoder.safetensors".into(),
-        Stage::Controlnet | Stage::All => "eeg_projector.safetensors".into(),
+        TableStage::Base => Path::new("unet").join(COMPONENT_WEIGHT_FILES[0]),
+        TableStage::Vae => "vae.safetensors".into(),
+        TableStage::Encoder => "encoder.safetensors".into(),
+        TableStage::Controlnet => "eeg_projector.safetensors".into(),
     }
 }
 
 /// The stage's checkpoint with the highest step in `out` (for base, a base_unet one before any base_vae one).
-fn latest_checkpoint(out: &Path, stage: Stage) -> Result<Option<PathBuf>> {
+fn latest_checkpoint(out: &Path, stage: TableStage) -> Result<Option<PathBuf>> {
     let loops: &[&str] = match stage {
-        Stage::Base => &["base_unet", "base_vae"],
-        Stage::Vae => &["vae"],
-        Stage::Encoder => &["encoder"],
-        Stage::Controlnet | Stage::All => &["controlnet"],
+        TableStage::Base => &["base_unet", "base_vae"],
+        TableStage::Vae => &["vae"],
+        TableStage::Encoder => &["encoder"],
+        TableStage::Controlnet => &["controlnet"],
     };
     let names: Vec<String> = match std::fs::read_dir(out) {
         Ok(entries) => entries.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<_>>().with_context(|| format!("{}: cannot list", out.display()))?,

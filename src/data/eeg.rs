@@ -4,7 +4,6 @@
 //! straight from the memory map.
 
 use std::fmt;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -81,7 +80,7 @@ impl EegData {
     /// Loads as stored, without the finiteness check (for inspecting a broken file).
     pub fn open_unchecked(path: impl AsRef<Path>) -> Result<EegData> {
         let path = path.as_ref();
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = crate::util::open_file(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: read-only map; a file modified by another process while we read it is outside our contract.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
         EegData::from_bytes(&mmap, path)

@@ -2,7 +2,6 @@
 //! C order) converted to f32 row by row, and atomic writing of f32 arrays. Object arrays (`|O`, a pickle
 //! after the header) are recognised here and decoded by `data::pickle`.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -139,7 +138,7 @@ impl NpyFile {
     /// bytes the shape needs.
     pub fn open(path: impl AsRef<Path>) -> Result<NpyFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = crate::util::open_file(&path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: read-only map; a file modified by another process while we read it is outside our contract.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
         let header = parse_header(&mmap, &path)?;

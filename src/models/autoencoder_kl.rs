@@ -34,7 +34,20 @@ pub struct AutoencoderKlConfig {
 
 impl AutoencoderKlConfig {
     pub fn from_json(path: &Path, value: &Value) -> Result<AutoencoderKlConfig> {
+        AutoencoderKlConfig::read(&ConfigReader::new(path, value))
+    }
+
+    /// [`AutoencoderKlConfig::from_json`] for a configuration we write ourselves (a training TOML's table):
+    /// a key it does not read, other than `also_known`, is refused by name.
+    pub fn from_json_strict(path: &Path, value: &Value, also_known: &[&str]) -> Result<AutoencoderKlConfig> {
         let r = ConfigReader::new(path, value);
+        let config = AutoencoderKlConfig::read(&r)?;
+        r.refuse_unread(also_known)?;
+        Ok(config)
+    }
+
+    fn read(r: &ConfigReader) -> Result<AutoencoderKlConfig> {
+        let path = r.path.as_path();
         let boc = r.usizes("block_out_channels", &[64])?;
         ensure!(!boc.is_empty(), "{}: 'block_out_channels' is empty", path.display());
         for (key, kind) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
@@ -47,6 +60,8 @@ impl AutoencoderKlConfig {
         r.require("mid_block_add_attention", &[Value::Null, json!(true)], "the mid block always has attention")?;
         r.require("use_quant_conv", &[Value::Null, json!(true)], "quant_conv is always present")?;
         r.require("use_post_quant_conv", &[Value::Null, json!(true)], "post_quant_conv is always present")?;
+        let scaling_factor = r.f64("scaling_factor", 0.18215)?;
+        ensure!(scaling_factor.is_finite() && scaling_factor > 0.0, "{}: 'scaling_factor' must be a positive number, got {scaling_factor}", path.display());
         Ok(AutoencoderKlConfig {
             in_channels: r.usize("in_channels", 3)?,
             out_channels: r.usize("out_channels", 3)?,
@@ -54,7 +69,7 @@ impl AutoencoderKlConfig {
             block_out_channels: boc,
             layers_per_block: r.usize("layers_per_block", 1)?,
             norm_num_groups: r.usize("norm_num_groups", 32)?,
-            scaling_factor: r.f64("scaling_factor", 0.18215)?,
+            scaling_factor,
         })
     }
 }

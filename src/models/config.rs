@@ -1,7 +1,11 @@
 //! Reading diffusers-style `config.json` values: defaults for absent keys, diffusers' "int or per-block
-//! list" convention, and errors naming the file and key. Keys a model does not know are ignored (diffusers
-//! writes many bookkeeping keys); values that select behaviour we do not implement are refused.
+//! list" convention, and errors naming the file and key. Values that select behaviour we do not implement
+//! are refused. Keys a model does not know are ignored in diffusers' files (diffusers writes many
+//! bookkeeping keys and keeps unknown ones), and refused by name in the files we write ourselves
+//! ([`ConfigReader::refuse_unread`]): there a key nothing reads is a typo that would silently change the model.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -10,15 +14,38 @@ use serde_json::Value;
 pub struct ConfigReader<'a> {
     pub path: PathBuf,
     value: &'a Value,
+    /// Every key looked up so far, present or not.
+    read: RefCell<BTreeSet<String>>,
 }
 
 impl<'a> ConfigReader<'a> {
     pub fn new(path: &Path, value: &'a Value) -> ConfigReader<'a> {
-        ConfigReader { path: path.to_path_buf(), value }
+        ConfigReader { path: path.to_path_buf(), value, read: RefCell::new(BTreeSet::new()) }
+    }
+
+    /// A key's value as stored (null included), recording the key as read.
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.read.borrow_mut().insert(key.to_string());
+        self.value.get(key)
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.value.get(key).filter(|v| !v.is_null())
+        self.raw(key).filter(|v| !v.is_null())
+    }
+
+    /// Refuses keys that nothing has read, other than `also_known` (keys a caller reads elsewhere) and
+    /// keys starting with `_` (`_class_name` and diffusers' other bookkeeping): call it after reading a file
+    /// of our own.
+    pub fn refuse_unread(&self, also_known: &[&str]) -> Result<()> {
+        let read = self.read.borrow();
+        let Some(object) = self.value.as_object() else { bail!("{}: expected a JSON object of settings", self.path.display()) };
+        let unknown: Vec<String> =
+            object.keys().filter(|k| !k.starts_with('_') && !read.contains(k.as_str()) && !also_known.contains(&k.as_str())).map(|k| format!("'{k}'")).collect();
+        if !unknown.is_empty() {
+            let known: Vec<&str> = read.iter().map(String::as_str).chain(also_known.iter().copied()).collect();
+            bail!("{}: unknown key(s) {} (the keys read here are: {})", self.path.display(), unknown.join(", "), known.join(", "));
+        }
+        Ok(())
     }
 
     fn bad<T>(&self, key: &str, expected: &str) -> Result<T> {
@@ -107,7 +134,7 @@ impl<'a> ConfigReader<'a> {
 
     /// Refuses a key whose value selects a feature we do not implement.
     pub fn require(&self, key: &str, supported: &[Value], what: &str) -> Result<()> {
-        let v = self.value.get(key).cloned().unwrap_or(Value::Null);
+        let v = self.raw(key).cloned().unwrap_or(Value::Null);
         if !supported.contains(&v) {
             bail!("{}: '{key}' = {v} is not supported ({what})", self.path.display());
         }

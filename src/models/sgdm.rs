@@ -41,11 +41,12 @@ pub struct EegEncoderConfig {
 }
 
 impl EegEncoderConfig {
+    /// Reads `encoder_config.json` (or a model folder's `config.json`); a key it does not know is refused.
     pub fn from_json(path: &Path, value: &Value) -> Result<EegEncoderConfig> {
         let r = ConfigReader::new(path, value);
         let spatial = r.usizes("spatial_channels", &[128, 256])?;
         ensure!(spatial.len() == 2, "{}: 'spatial_channels' must hold 2 sizes, got {spatial:?}", path.display());
-        Ok(EegEncoderConfig {
+        let config = EegEncoderConfig {
             n_channels: r.usize("n_channels", 64)?,
             n_timepoints: r.usize("n_timepoints", 500)?,
             latent_dim: r.usize("latent_dim", 512)?,
@@ -53,7 +54,9 @@ impl EegEncoderConfig {
             lstm_layers: r.usize("lstm_layers", 2)?,
             spatial_channels: [spatial[0], spatial[1]],
             fusion_hidden: r.usize("fusion_hidden", 1024)?,
-        })
+        };
+        r.refuse_unread(&[])?;
+        Ok(config)
     }
 }
 
@@ -266,19 +269,22 @@ pub struct StructuralVaeConfig {
 }
 
 impl StructuralVaeConfig {
+    /// Reads `vae_config.json` (or a model folder's `config.json`); a key it does not know is refused.
     pub fn from_json(path: &Path, value: &Value) -> Result<StructuralVaeConfig> {
         let r = ConfigReader::new(path, value);
         let ch = r.usizes("channels", &[64, 128, 256])?;
         ensure!(ch.len() == 3, "{}: 'channels' must hold 3 sizes, got {ch:?}", path.display());
         let image_size = r.usize("image_size", 128)?;
         ensure!(image_size.is_multiple_of(8) && image_size > 0, "{}: 'image_size' {image_size} is not a multiple of 8", path.display());
-        Ok(StructuralVaeConfig {
+        let config = StructuralVaeConfig {
             latent_dim: r.usize("latent_dim", 512)?,
             structure_dim: r.usize("structure_dim", 256)?,
             image_size,
             channels: [ch[0], ch[1], ch[2]],
             hidden: r.usize("hidden", 1024)?,
-        })
+        };
+        r.refuse_unread(&[])?;
+        Ok(config)
     }
 }
 
@@ -523,7 +529,9 @@ pub struct ContrastiveAlignment {
 
 impl ContrastiveAlignment {
     pub fn from_json(path: &Path, value: &Value) -> Result<ContrastiveAlignment> {
-        let temperature = ConfigReader::new(path, value).f64("temperature", 0.07)?;
+        let r = ConfigReader::new(path, value);
+        let temperature = r.f64("temperature", 0.07)?;
+        r.refuse_unread(&[])?;
         ensure!(temperature > 0.0, "{}: 'temperature' must be positive, got {temperature}", path.display());
         Ok(ContrastiveAlignment { temperature })
     }

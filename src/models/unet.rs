@@ -65,23 +65,36 @@ fn block_kinds(r: &ConfigReader, key: &str, default: &[&str], cross: &str, plain
 impl UNetConfig {
     /// Reads a UNet2DConditionModel or ControlNetModel `config.json` value; `path` names it in errors.
     pub fn from_json(path: &Path, value: &Value) -> Result<UNetConfig> {
+        UNetConfig::read(&ConfigReader::new(path, value))
+    }
+
+    /// [`UNetConfig::from_json`] for a configuration we write ourselves (a training TOML's table): a key it
+    /// does not read, other than `also_known`, is refused by name.
+    pub fn from_json_strict(path: &Path, value: &Value, also_known: &[&str]) -> Result<UNetConfig> {
         let r = ConfigReader::new(path, value);
+        let config = UNetConfig::read(&r)?;
+        r.refuse_unread(also_known)?;
+        Ok(config)
+    }
+
+    fn read(r: &ConfigReader) -> Result<UNetConfig> {
+        let path = r.path.as_path();
         let boc = r.usizes("block_out_channels", &[320, 640, 1280, 1280])?;
         let n = boc.len();
         ensure!(n >= 1, "{}: 'block_out_channels' is empty", path.display());
         let down = block_kinds(
-            &r,
+            r,
             "down_block_types",
             &["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "CrossAttnDownBlock2D",
             "DownBlock2D",
         )?;
-        let is_controlnet = value.get("_class_name").and_then(Value::as_str) == Some("ControlNetModel");
+        let is_controlnet = r.raw("_class_name").and_then(Value::as_str) == Some("ControlNetModel");
         let up = if is_controlnet {
             Vec::new()
         } else {
             block_kinds(
-                &r,
+                r,
                 "up_block_types",
                 &["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                 "CrossAttnUpBlock2D",
@@ -113,11 +126,11 @@ impl UNetConfig {
         r.require("global_pool_conditions", &[Value::Null, json!(false)], "the ControlNet's residuals keep their maps")?;
         r.require("controlnet_conditioning_channel_order", &[Value::Null, json!("rgb")], "RGB condition images only")?;
         ensure!(
-            value.get("reverse_transformer_layers_per_block").is_none_or(Value::is_null),
+            r.raw("reverse_transformer_layers_per_block").is_none_or(Value::is_null),
             "{}: 'reverse_transformer_layers_per_block' is not supported",
             path.display()
         );
-        if value.get("cross_attention_dim").is_some_and(Value::is_array) {
+        if r.raw("cross_attention_dim").is_some_and(Value::is_array) {
             bail!("{}: per-block 'cross_attention_dim' is not supported", path.display());
         }
         let attention_head_dim = r.per_block("attention_head_dim", n)?.unwrap_or(vec![8; n]);
@@ -227,6 +240,12 @@ impl UNet {
     pub fn new(config: UNetConfig) -> Result<UNet> {
         let mut tree = ParamTree::new();
         let c = &config;
+        ensure!(
+            c.up_cross_attention.len() == c.block_out_channels.len(),
+            "UNet2DConditionModel: {} up block types for {} blocks (a ControlNetModel's config, which has none?)",
+            c.up_cross_attention.len(),
+            c.block_out_channels.len()
+        );
         let encoder = build_encoder(&mut tree, c)?;
         let (groups, eps, spec, temb) = (c.norm_num_groups, c.norm_eps, c.transformer_spec(), c.time_embed_dim());
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();

@@ -271,8 +271,8 @@ impl ParamStore {
         ParamStore::random(tree, &mut ParamStore::own_arena(tree, device, dtype)?, dtype, seed)
     }
 
-    /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, or a tensor the
-    /// model does not have is an error naming the file and tensor. `aliases` lists (old, current) name
+    /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, a tensor the
+    /// model does not have, or a NaN or Inf value is an error naming the file and tensor. `aliases` lists (old, current) name
     /// components accepted for older checkpoints (e.g. the VAE's `query` for `to_q`); an aliased weight may
     /// be stored as a 1x1 convolution `[o, i, 1, 1]` where the model has a linear `[o, i]`.
     pub fn load(
@@ -300,6 +300,15 @@ impl ParamStore {
                 file.check_shape(&stored_name, &spec.shape)?;
             }
             let (stored_dtype, _, bytes) = file.raw(&stored_name)?;
+            if let Some(bad) = crate::tensor::non_finite_values(stored_dtype, bytes) {
+                bail!(
+                    "{}: tensor '{stored_name}' holds {} non-finite value(s) (NaN or Inf), the first at flat index {}: the file is damaged \
+                     or its training diverged, and every output made with it would be too",
+                    file.path().display(),
+                    bad.count,
+                    bad.first
+                );
+            }
             let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
             t.write_bytes(&convert_bytes(stored_dtype, dtype, bytes))?;
             tensors.push(t);

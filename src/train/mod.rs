@@ -1,8 +1,9 @@
 //! Training machinery shared by the stages: the AdamW optimizer with clipping and accumulation, the
-//! learning-rate schedule, checkpoints that resume exactly, the step log and progress line, and the stages
-//! that use them.
+//! learning-rate schedule, checkpoints that resume exactly, the step log and progress line, the stages
+//! that use them and their configuration file.
 
 pub mod checkpoint;
+pub mod config;
 pub mod log;
 pub mod optimizer;
 pub mod schedule;

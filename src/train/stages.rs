@@ -225,7 +225,7 @@ fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
 
 fn read_manifest(data: &Path) -> Result<Manifest> {
     let path = data.join("manifest.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
+    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not an sgdm dataset manifest", path.display()))
 }
 
@@ -235,6 +235,31 @@ fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a Spli
         .iter()
         .find(|s| s.name == name)
         .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
+}
+
+/// The largest image side a stage trains at (SD's is 512): a typo of 64000 would ask for a terabyte.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
+fn check_image_size(stage: &str, key: &str, size: usize) -> Result<()> {
+    ensure!((1..=MAX_IMAGE_SIZE).contains(&size), "stage {stage}: {key} {size} must be between 1 and {MAX_IMAGE_SIZE}");
+    Ok(())
+}
+
+/// A split's EEG, checked to hold one row per figure of the split: rows pair with figures by position, so
+/// a file with more rows would index past the figures' targets and one with fewer would silently train on
+/// a subset.
+fn split_eeg(data: &Path, split: &SplitManifest, repetitions: Repetitions) -> Result<EegData> {
+    let path = data.join(&split.eeg);
+    let eeg = EegData::open(&path, Repetitions::Keep)?;
+    ensure!(
+        eeg.shape[0] == split.figures,
+        "{}: {} rows, but the manifest's '{}' split has {} figures (row i is the EEG of figure i)",
+        path.display(),
+        eeg.shape[0],
+        split.name,
+        split.figures
+    );
+    Ok(eeg.with_repetitions(repetitions))
 }
 
 /// A split's images as `[N, 3, S, S]` in [0, 1] and its edge maps as `[N, E·E]`.
@@ -270,8 +295,20 @@ fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
 
 
 
+/// Refuses parameters holding NaN or Inf as a stage's result, naming the tensor: they would load as a
+/// model that makes only garbage.
+fn ensure_finite(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if let Some(bad) = crate::tensor::non_finite_values(t.dtype(), &t.to_bytes()?) {
+            bail!("{}: not written: parameter '{name}' holds {} non-finite value(s) (NaN or Inf); training diverged", path.display(), bad.count);
+        }
+    }
+    Ok(())
+}
+
 fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) -> Result<()> {
     let refs: Vec<(&str, &Tensor)> = tree.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
+    ensure_finite(path, &refs)?;
     save_safetensors(path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
@@ -329,6 +366,14 @@ fn train_loop(on: &On,
             losses.iter_mut().zip(more).for_each(|(l, m)| l.1 += m.1);
         }
         losses.iter_mut().for_each(|l| l.1 /= cfg.micro_batches as f64);
+        if let Some((name, value)) = losses.iter().find(|l| !l.1.is_finite()) {
+            bail!(
+                "stage {stage}: the {name} loss is {value} at step {}: training diverged, and nothing of this step is kept \
+                 (lower the stage's lr or set its max_grad_norm; the checkpoints before it are in {})",
+                opt.steps() + 1,
+                out.display()
+            );
+        }
         let lr = schedule.lr(opt.steps());
         opt.step(params, &mut grads, lr)?;
         let done = opt.steps();
@@ -420,6 +465,7 @@ impl VaeStageConfig {
 pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
     let on = &On::new(device);
     let m = &cfg.model;
+    check_image_size("vae", "model.image_size", m.image_size)?;
     let manifest = read_manifest(&cfg.data)?;
     ensure!(
         m.structure_dim == manifest.edge_size * manifest.edge_size,
@@ -467,9 +513,10 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         Ok(sum / val.len as f64)
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
-    let report = train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)?;
+    // Before the parameters, which `train all` takes as the sign that the stage finished.
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     save_model_config(&out.join(VAE_CONFIG), "StructuralVAE", m)?;
-    Ok(report)
+    train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)
 }
 
 /// The StructuralVAE's configuration, written by stage `vae` beside `vae.safetensors`.
@@ -557,6 +604,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         cfg.vae.latent_dim
     );
     ensure!(cfg.temperature > 0.0 && cfg.temperature.is_finite(), "stage encoder: temperature must be positive, got {}", cfg.temperature);
+    check_image_size("encoder", "vae.image_size", cfg.vae.image_size)?;
     let manifest = read_manifest(&cfg.data)?;
     let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
 
@@ -574,8 +622,8 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         }
     };
 
-    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
-    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    let mut train = split_eeg(&cfg.data, train_split, Repetitions::Keep)?;
+    let mut val = split_eeg(&cfg.data, val_split, Repetitions::Keep)?;
     train.expect(m.n_channels, m.n_timepoints)?;
     val.expect(m.n_channels, m.n_timepoints)?;
     let (mean, std) = channel_stats(&train);
@@ -585,7 +633,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     let stats_path = out.join("eeg_standardization.json");
     let stats = serde_json::json!({ "split": "train", "ch_names": manifest.ch_names, "mean": mean, "std": std });
-    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?).with_context(|| format!("{}: cannot write", stats_path.display()))?;
+    crate::util::write_atomic(&stats_path, serde_json::to_string_pretty(&stats)?.as_bytes()).with_context(|| format!("{}: cannot write", stats_path.display()))?;
 
     let [n_train, reps, c, t] = train.shape;
     let n_val = val.shape[0];
@@ -626,9 +674,9 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         Ok(sum / n_val as f64)
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
-    let report = train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)?;
+    // Before the parameters, which `train all` takes as the sign that the stage finished.
     save_model_config(&out.join(ENCODER_CONFIG), "SpatiotemporalEEGEncoder", m)?;
-    Ok(report)
+    train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)
 }
 
 
@@ -639,10 +687,11 @@ fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, par
     let mut config = config.clone();
     config.as_object_mut().with_context(|| format!("{class} config must be a table"))?.insert("_class_name".into(), Value::from(class));
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    crate::util::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes()).with_context(|| format!("{}: cannot write", config_path.display()))?;
     let refs: Vec<(&str, &Tensor)> =
         tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
     let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
+    ensure_finite(&path, &refs)?;
     save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
@@ -802,6 +851,7 @@ const VAL_NOISE_SEED: u64 = 0x5eed_f7a1;
 /// Runs stage `base`; see [`BaseStageConfig`].
 pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<BaseReport> {
     let on = &On::new(device);
+    check_image_size("base", "image_size", cfg.image_size)?;
     let vae_config_path = out.join("vae/config.json");
     let unet_config_path = out.join("unet/config.json");
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_config_path, &cfg.vae_model)?)?;
@@ -956,6 +1006,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let on = &On::new(device);
     ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
+    check_image_size("controlnet", "image_size", cfg.image_size)?;
+    check_image_size("controlnet", "structural_vae.image_size", cfg.structural_vae.image_size)?;
     let vae_component = Component::open(&cfg.vae)?;
     let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
     let vae_params = on.load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
@@ -1001,7 +1053,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let b = cfg.train.batch;
     let train_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
     let val_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
-    let stats_text = std::fs::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
+    let stats_text = crate::util::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
     let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
     let column = |key: &str| -> Result<Vec<f32>> {
         serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", cfg.eeg_standardization.display()))
@@ -1009,8 +1061,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let (mean, std) = (column("mean")?, column("std")?);
     let (c, t) = (cfg.encoder.n_channels, cfg.encoder.n_timepoints);
     ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for {c} channels", cfg.eeg_standardization.display(), mean.len(), std.len());
-    let mut train = EegData::open(cfg.data.join(&train_split.eeg), Repetitions::Keep)?;
-    let mut val = EegData::open(cfg.data.join(&val_split.eeg), Repetitions::Keep)?;
+    let mut train = split_eeg(&cfg.data, train_split, Repetitions::Keep)?;
+    let mut val = split_eeg(&cfg.data, val_split, Repetitions::Keep)?;
     train.expect(c, t)?;
     val.expect(c, t)?;
     standardize(&mut train, &mean, &std);
@@ -1114,8 +1166,10 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string()), ("structure_norm".to_string(), format!("{structure_norm:?}"))]);
     let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
     let path = out.join("eeg_projector.safetensors");
-    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
+    ensure_finite(&path, &refs)?;
+    // The projector last: `train all` takes it as the sign that the stage finished.
     write_base_pointer(cfg, out)?;
+    save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
     Ok(report)
 }
 

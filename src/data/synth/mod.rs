@@ -172,7 +172,8 @@ pub struct SplitManifest {
     pub structure: Vec<String>,
 }
 
-/// Progress of a running `generate`: figures of `split` done out of `total`.
+/// Progress of a running `generate`: figures of `split` done out of `total`, reported at the start of each
+/// split (`done` 0) and after each batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
     pub split: &'a str,
@@ -184,6 +185,10 @@ pub struct Progress<'a> {
 const OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
 /// Generation threads per core (see `generate` for why more than one).
 const IO_WORKERS_PER_CORE: usize = 4;
+/// The most figures, and trials (figures x repetitions), a split may have. THINGS-EEG2's training set has
+/// 16540 images and 66160 trials.
+pub const MAX_FIGURES: usize = 100_000;
+pub const MAX_TRIALS: usize = 1_000_000;
 /// Figures generated per parallel batch (and per progress report).
 const BATCH: usize = 50;
 
@@ -221,6 +226,15 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
     ensure!(cfg.snr.is_finite() && cfg.snr >= 0.0, "{p}: --snr must be a finite number >= 0 (got {})", cfg.snr);
     for (name, s) in cfg.splits() {
         ensure!(s.figures > 0 && s.repetitions > 0, "{p}: split {name} needs at least one figure and one repetition");
+        // A split's EEG is built in memory: the bounds keep a typo from aborting on a failed allocation.
+        ensure!(
+            s.figures <= MAX_FIGURES && s.figures.saturating_mul(s.repetitions) <= MAX_TRIALS,
+            "{p}: split {name} of {} figures x {} repetitions is over the limits ({MAX_FIGURES} figures, {MAX_TRIALS} trials a split: \
+             {:.1} GB of EEG in memory)",
+            s.figures,
+            s.repetitions,
+            (MAX_TRIALS * CHANNELS.len() * SAMPLES * 4) as f64 / 1e9
+        );
     }
     prepare_output(out, cfg.force)?;
 
@@ -243,6 +257,8 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
         let mut eeg = Vec::with_capacity(figs.len() * size.repetitions * trial_len);
         let mut edges16 = Vec::with_capacity(figs.len() * EDGE_SIZE * EDGE_SIZE);
         let (mut images, mut structure) = (Vec::new(), Vec::new());
+        // Reported before the first batch too, so a progress line's rate counts from the split's start.
+        progress(Progress { split: name, done: 0, total: figs.len() });
         for start in (0..figs.len()).step_by(BATCH) {
             let end = (start + BATCH).min(figs.len());
             let done: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| {
