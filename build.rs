@@ -149,7 +149,7 @@ fn cudasim(root: &Path, out_dir: &Path) {
     let cxx = compiler();
     let dir = out_dir.join("cudasim");
     fs::create_dir_all(&dir).unwrap();
-    let common = ["-std=c++17", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter"];
+    let common = ["-std=c++17", "-O3", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter"];
     // The executor's functions are called by the twins: default visibility. The driver exports exactly its API.
     let objects: Vec<(PathBuf, Vec<&str>)> = vec![
         (sim.join("src/simt.cpp"), vec![]),

@@ -421,3 +421,47 @@ fn the_probe_checks_every_driver_function_the_engine_calls() {
     let unchecked: Vec<&String> = called.iter().filter(|f| !sgdm::runtime::probe::DRIVER_SYMBOLS.contains(&f.as_str())).collect();
     assert!(unchecked.is_empty(), "the engine called driver functions runtime/probe.rs does not check: {unchecked:?}");
 }
+
+// ---- the commands -------------------------------------------------------------------------------------------
+
+/// What a user runs, on the simulated device, each command in a process of its own: `train all` (one step of
+/// every stage, bf16 with f32 master weights: base VAE and UNet, StructuralVAE, encoder, ControlNet) and
+/// `reconstruct` (a few items, few steps) from the model it wrote.
+#[test]
+fn train_and_reconstruct_run_on_the_simulated_device() {
+    if let Err(e) = cudasim::built_in() {
+        common::skipped("train and reconstruct on cuda-sim", e);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, weights, recon) = (dir.path().join("data"), dir.path().join("weights"), dir.path().join("recon"));
+    let (ok, _, err) = common::run_sgdm([
+        "synth", "--out", data.to_str().unwrap(), "--train-figures", "24", "--val-figures", "8", "--test-figures", "6",
+        "--train-reps", "2", "--val-reps", "2", "--test-reps", "4", "--seed", "5",
+    ]);
+    assert!(ok, "sgdm synth: {err}");
+    let config = dir.path().join("train.toml");
+    std::fs::write(&config, common::tiny_train_config_with_steps(&data, 1)).unwrap();
+    let started = std::time::Instant::now();
+    let (ok, out, err) =
+        common::run_sgdm(["--device", "cuda-sim", "train", "all", "--config", config.to_str().unwrap(), "--out", weights.to_str().unwrap()]);
+    assert!(ok, "sgdm --device cuda-sim train all:\n{out}\n{err}");
+    println!("train all on cuda-sim: {:.0} s", started.elapsed().as_secs_f64());
+    for file in ["vae.safetensors", "encoder.safetensors", "eeg_projector.safetensors", "unet/diffusion_pytorch_model.safetensors"] {
+        assert!(weights.join(file).exists(), "train all on cuda-sim wrote no {file}:\n{out}");
+    }
+    let started = std::time::Instant::now();
+    let (ok, out, err) = common::run_sgdm([
+        "--device", "cuda-sim", "reconstruct", "--eeg", data.join("eeg/test.npy").to_str().unwrap(), "--images",
+        data.join("images/test").to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--out", recon.to_str().unwrap(),
+        "--steps", "2", "--limit", "3", "--batch", "2",
+    ]);
+    assert!(ok, "sgdm --device cuda-sim reconstruct:\n{out}\n{err}");
+    println!("reconstruct on cuda-sim: {:.0} s", started.elapsed().as_secs_f64());
+    let manifest = std::fs::read_to_string(recon.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 3, "{manifest}");
+    for i in 0..3 {
+        let image = sgdm::data::image::load_rgb(recon.join(format!("images/{i:05}.png"))).unwrap();
+        assert!(image.width() > 0);
+    }
+}

@@ -326,14 +326,12 @@ void drain(Stream& s, uint64_t until = UINT64_MAX) {
     }
 }
 
+// Runs the queued work of every stream. Holds the stream list throughout, so no stream can be destroyed (by
+// another thread) while it is drained.
 void drain_all() {
-    std::vector<Stream*> all;
-    {
-        std::lock_guard<std::mutex> lock(g_streams_mutex);
-        all.assign(g_streams.begin(), g_streams.end());
-    }
+    std::lock_guard<std::mutex> lock(g_streams_mutex);
     drain(g_legacy_stream);
-    for (Stream* s : all) drain(*s);
+    for (Stream* s : g_streams) drain(*s);
 }
 
 // The error of work that ran on `s`, reported once, as the real driver reports a kernel's fault at the next
@@ -797,13 +795,9 @@ API CUresult cuCtxSynchronize() {
     if (CUresult rc = need_context("cuCtxSynchronize")) return rc;
     if (CUresult rc = refuse_during_capture("cuCtxSynchronize")) return rc;
     drain_all();
-    std::vector<Stream*> all;
-    {
-        std::lock_guard<std::mutex> lock(g_streams_mutex);
-        all.assign(g_streams.begin(), g_streams.end());
-    }
+    std::lock_guard<std::mutex> lock(g_streams_mutex);
     CUresult rc = take_error(g_legacy_stream);
-    for (Stream* s : all)
+    for (Stream* s : g_streams)
         if (CUresult e = take_error(*s); e && !rc) rc = e;
     return rc;
 }
@@ -831,9 +825,9 @@ API CUresult cuStreamDestroy_v2(void* handle) {
     CALLED();
     if (!handle) return CUDA_ERROR_INVALID_HANDLE;
     Stream* s = stream_of(handle);
-    drain(*s);  // as the real driver: work already queued completes
     std::lock_guard<std::mutex> lock(g_streams_mutex);
     g_streams.erase(s);
+    drain(*s);  // as the real driver: work already queued completes
     delete s;
     return CUDA_SUCCESS;
 }

@@ -14,6 +14,7 @@
 // misaligned accesses that would fault on the GPU.
 #include <sys/mman.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -174,6 +175,9 @@ struct Run {
     uint64_t block_serial = 0;
     uint64_t interval = 0;
     std::vector<uint64_t> warp_sync;  // per warp: the stamp of its last full-warp __syncwarp
+    unsigned lane_turn[32];           // the order the lanes of a warp run in, and each lane's place in it
+    unsigned lane_place[32];
+    unsigned live = 0;                // threads of the block that have not returned
     std::string error;
     uint64_t races = 0;
     std::set<std::pair<const void*, const void*>> reported;
@@ -234,14 +238,76 @@ std::string source_line(const void* pc) {
 }
 
 // ---- fibers --------------------------------------------------------------------------------------------------------
-// The scheduler's stack bounds, for AddressSanitizer's fiber switches back to it.
+// A lane that has to wait hands the OS thread straight to the next lane of its warp that can run (the last to
+// arrive at a collective completes it first); only a warp that can go no further returns to the scheduler.
+// Every switch tells AddressSanitizer (when the process runs with it) which stack comes next.
+
+// The checked build's hooks need the running fiber from any code; only they pay for keeping it in a
+// thread-local.
+bool g_checked = false;  // set by __tsan_init: a checked twin is loaded
+// Initial-exec: read on every access of a checked twin, so no __tls_get_addr call (the library's thread-locals
+// are a few hundred bytes, well within the static TLS glibc keeps for libraries loaded later).
+__attribute__((tls_model("initial-exec"))) thread_local Run* tl_run = nullptr;
+__attribute__((tls_model("initial-exec"))) thread_local Fiber* tl_fiber = nullptr;
+
+// The OS thread's own stack, where the scheduler runs.
 thread_local const void* tl_scheduler_bottom = nullptr;
 thread_local size_t tl_scheduler_size = 0;
+void note_scheduler_stack() {
+    if (!__sanitizer_start_switch_fiber || tl_scheduler_bottom) return;
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+        void* bottom;
+        size_t size;
+        if (pthread_attr_getstack(&attr, &bottom, &size) == 0) tl_scheduler_bottom = bottom, tl_scheduler_size = size;
+        pthread_attr_destroy(&attr);
+    }
+}
 
-void switch_to_scheduler(Fiber* f, Run* r) {
-    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(&f->fake_stack, tl_scheduler_bottom, tl_scheduler_size);
-    cudasim_switch(&f->sp, r->scheduler_sp);
-    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(f->fake_stack, nullptr, nullptr);
+// Switches from `from` (a fiber, or null for the scheduler) to `to` (a fiber, or null for the scheduler); returns
+// when `from` runs again.
+void switch_fiber(Fiber* from, Fiber* to, Run* r) {
+    void** save = from ? &from->sp : &r->scheduler_sp;
+    void* target = to ? to->sp : r->scheduler_sp;
+    if (g_checked) tl_fiber = to;
+    void* fake = nullptr;
+    if (__sanitizer_start_switch_fiber) {
+        // A lane that returned never runs on this stack again: its fake stack goes (a null save slot).
+        void** save_fake = !from ? &fake : from->state == State::Done ? nullptr : &from->fake_stack;
+        if (to)
+            __sanitizer_start_switch_fiber(save_fake, to->stack + STACK_RESERVED, STACK_BYTES - STACK_RESERVED);
+        else
+            __sanitizer_start_switch_fiber(save_fake, tl_scheduler_bottom, tl_scheduler_size);
+    }
+    cudasim_switch(save, target);
+    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(from ? from->fake_stack : fake, nullptr, nullptr);
+    if (g_checked) tl_fiber = from;
+}
+
+// The first lane of warp `w`, from place `from` in the run order on, that can run; null if none.
+Fiber* next_ready(Run& r, unsigned w, unsigned from) {
+    const unsigned lanes = std::min(32u, r.threads - w * 32);
+    for (unsigned p = from; p < 32; ++p) {
+        const unsigned l = r.lane_turn[p];
+        if (l < lanes && r.fibers[w * 32 + l].state == State::Ready) return &r.fibers[w * 32 + l];
+    }
+    return nullptr;
+}
+
+bool release_warp(Run& r, unsigned w);
+
+// `f` has just stopped (waiting, or returned): runs the next lane of its warp that can, else the scheduler.
+// Returns when `f` runs again (never, if it returned).
+void pass_on(Fiber* f, Run* r) {
+    const unsigned w = f->linear / 32;
+    Fiber* next = nullptr;
+    if (r->error.empty()) {
+        next = next_ready(*r, w, r->lane_place[f->linear & 31] + 1);
+        if (!next && release_warp(*r, w)) next = next_ready(*r, w, 0);
+        if (!r->error.empty()) next = nullptr;
+    }
+    if (next == f) return;  // the collective it arrived at last is complete: it goes on
+    switch_fiber(f, next, r);
 }
 
 // Ends the calling CUDA thread's block with an error; never returns.
@@ -250,19 +316,18 @@ void switch_to_scheduler(Fiber* f, Run* r) {
     Run* r = current_run();
     if (r->error.empty()) r->error = where(*r, f) + ": " + message;
     f->state = State::Failed;
-    switch_to_scheduler(f, r);
+    switch_fiber(f, nullptr, r);
     __builtin_unreachable();
 }
 
 void fiber_main() {
-    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(nullptr, &tl_scheduler_bottom, &tl_scheduler_size);
+    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
     Run* r = current_run();
     r->kernel->thunk(r->params);
     Fiber* f = current_fiber();
     f->state = State::Done;
-    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(nullptr, tl_scheduler_bottom, tl_scheduler_size);
-    void* unused;
-    cudasim_switch(&unused, r->scheduler_sp);
+    --r->live;
+    pass_on(f, r);
     __builtin_unreachable();
 }
 
@@ -283,30 +348,13 @@ void start_fiber(Run& r, Fiber& f) {
     f.state = State::Ready;
 }
 
-// The checked build's hooks need the running fiber from any code; only they pay for keeping it in a
-// thread-local.
-bool g_checked = false;  // set by __tsan_init: a checked twin is loaded
-// Initial-exec: read on every access of a checked twin, so no __tls_get_addr call (the library's thread-locals
-// are a few hundred bytes, well within the static TLS glibc keeps for libraries loaded later).
-__attribute__((tls_model("initial-exec"))) thread_local Run* tl_run = nullptr;
-__attribute__((tls_model("initial-exec"))) thread_local Fiber* tl_fiber = nullptr;
-
-void resume(Run& r, Fiber& f) {
-    if (g_checked) tl_fiber = &f;
-    void* fake = nullptr;
-    if (__sanitizer_start_switch_fiber)
-        __sanitizer_start_switch_fiber(&fake, f.stack + STACK_RESERVED, STACK_BYTES - STACK_RESERVED);
-    cudasim_switch(&r.scheduler_sp, f.sp);
-    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-    if (g_checked) tl_fiber = nullptr;
-}
-
 uint64_t next_random(uint64_t& state) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
     return state >> 33;
 }
 
 void order(std::vector<unsigned>& v, Order how, uint64_t& rng) {
+    if (how == Order::Forward && (v.empty() || v.back() == v.size() - 1)) return;  // already in order
     for (unsigned i = 0; i < v.size(); ++i) v[i] = how == Order::Reverse ? unsigned(v.size() - 1 - i) : i;
     if (how == Order::Random)
         for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[next_random(rng) % i]);
@@ -336,15 +384,13 @@ bool release_warp(Run& r, unsigned w) {
         for (unsigned i = 0; i < 32; ++i) {
             if (!(f0.mask >> i & 1)) continue;
             if (!(exist >> i & 1)) {
-                tl_fiber = &lanes[first];
-                r.error = where(r, tl_fiber) + format(": %s with mask 0x%08x names lane %u, which does not exist in a block of %u "
+                r.error = where(r, &lanes[first]) + format(": %s with mask 0x%08x names lane %u, which does not exist in a block of %u "
                                            "threads", f0.what, f0.mask, i, r.threads);
                 return false;
             }
             const Fiber& f = lanes[i];
             if (f.state == State::Done) {
-                tl_fiber = &lanes[first];
-                r.error = where(r, tl_fiber) + format(": %s with mask 0x%08x names lane %u, which has exited", f0.what, f0.mask, i);
+                r.error = where(r, &lanes[first]) + format(": %s with mask 0x%08x names lane %u, which has exited", f0.what, f0.mask, i);
                 return false;
             }
             if (f.state != State::AtCollective) {
@@ -352,8 +398,7 @@ bool release_warp(Run& r, unsigned w) {
                 continue;
             }
             if ((f.what != f0.what && strcmp(f.what, f0.what) != 0) || f.mask != f0.mask) {
-                tl_fiber = &lanes[i];
-                r.error = where(r, tl_fiber) + format(": divergent warp collectives: lane %u is at %s (mask 0x%08x), lane %d at %s "
+                r.error = where(r, &lanes[i]) + format(": divergent warp collectives: lane %u is at %s (mask 0x%08x), lane %d at %s "
                                            "(mask 0x%08x)", i, f.what, f.mask, first, f0.what, f0.mask);
                 return false;
             }
@@ -363,11 +408,13 @@ bool release_warp(Run& r, unsigned w) {
         void* out[32] = {};
         for (unsigned i = 0; i < 32; ++i)
             if (f0.mask >> i & 1) in[i] = lanes[i].in, out[i] = lanes[i].out;
+        // The compute functions name the warp's first lane in their messages.
+        Fiber* const running = tl_fiber;
         tl_fiber = &lanes[first];
         const unsigned mask = f0.mask;
         const bool full_sync = f0.compute == nullptr && mask == exist;
         if (f0.compute) f0.compute(in, out, mask);
-        tl_fiber = nullptr;
+        tl_fiber = running;
         if (!r.error.empty()) return false;
         if (full_sync) r.warp_sync[w] = ++tl_stamp;
         for (unsigned i = 0; i < 32; ++i)
@@ -414,29 +461,20 @@ void run_block(Run& r) {
     // Warp by warp: a warp runs its lanes until each waits (for a collective, which completes as soon as its
     // last lane arrives, or at a barrier) or exits; the block barrier opens once every warp is there.
     const unsigned warps = (r.threads + 31) / 32;
-    std::vector<unsigned> warp_turn(warps), lane_turn(32);
+    std::vector<unsigned> warp_turn(warps), lanes(32);
     uint64_t rng = executor_options().seed * 0x9e3779b97f4a7c15ull + r.block_serial;
-    unsigned live = r.threads;
-    while (live) {
+    r.live = r.threads;
+    while (r.live) {
         order(warp_turn, executor_options().thread_order, rng);
         bool progressed = false;
         for (unsigned w : warp_turn) {
-            const unsigned lanes = std::min(32u, r.threads - w * 32);
-            for (bool again = true; again;) {
-                order(lane_turn, executor_options().thread_order, rng);
-                for (unsigned l : lane_turn) {
-                    if (l >= lanes) continue;
-                    Fiber& f = r.fibers[w * 32 + l];
-                    if (f.state != State::Ready) continue;
-                    resume(r, f);
-                    progressed = true;
-                    if (f.state == State::Done) --live;
-                    if (!r.error.empty()) return;
-                }
-                again = release_warp(r, w);
-                if (!r.error.empty()) return;
-                progressed |= again;
-            }
+            order(lanes, executor_options().thread_order, rng);
+            for (unsigned p = 0; p < 32; ++p) r.lane_turn[p] = lanes[p], r.lane_place[lanes[p]] = p;
+            Fiber* first = next_ready(r, w, 0);
+            if (!first) continue;
+            switch_fiber(nullptr, first, &r);
+            progressed = true;
+            if (!r.error.empty()) return;
         }
         unsigned at_barrier = 0, done = 0;
         const Fiber* first = nullptr;
@@ -450,14 +488,12 @@ void run_block(Run& r) {
         if (at_barrier && at_barrier + done == r.threads) {
             for (const Fiber& f : r.fibers)
                 if (f.state == State::AtBarrier && (f.line != first->line || strcmp(f.file, first->file) != 0)) {
-                    tl_fiber = const_cast<Fiber*>(&f);
-                    r.error = where(r, tl_fiber) + format(": divergent barriers: this thread waits at __syncthreads %s:%d, "
+                    r.error = where(r, &f) + format(": divergent barriers: this thread waits at __syncthreads %s:%d, "
                                                "thread %u at %s:%d", f.file, f.line, first->linear, first->file, first->line);
                     return;
                 }
             if (done) {
-                tl_fiber = const_cast<Fiber*>(first);
-                r.error = where(r, tl_fiber) + format(": __syncthreads at %s:%d reached after %u thread(s) of the block returned "
+                r.error = where(r, first) + format(": __syncthreads at %s:%d reached after %u thread(s) of the block returned "
                                            "(undefined behaviour: the barrier counts every thread)", first->file,
                                            first->line, done);
                 return;
@@ -467,8 +503,7 @@ void run_block(Run& r) {
             ++g_barriers;
             progressed = true;
         }
-        if (!progressed && live) {
-            tl_fiber = nullptr;
+        if (!progressed && r.live) {
             r.error = where(r, nullptr) + format(": deadlock: %u thread(s) at a barrier, %u exited, the rest at warp collectives "
                                        "that cannot complete:", at_barrier, done) + describe_waits(r);
             return;
@@ -484,7 +519,7 @@ void syncthreads(const char* file, int line) {
     f->state = State::AtBarrier;
     f->file = file;
     f->line = line;
-    switch_to_scheduler(f, current_run());
+    pass_on(f, current_run());
 }
 
 void warp_collective(const char* what, unsigned mask, CollectiveFn compute, void* in, void* out) {
@@ -497,7 +532,7 @@ void warp_collective(const char* what, unsigned mask, CollectiveFn compute, void
     f->in = in;
     f->out = out;
     f->state = State::AtCollective;
-    switch_to_scheduler(f, current_run());
+    pass_on(f, current_run());
 }
 
 void syncwarp(unsigned mask, const char*, int) { warp_collective("__syncwarp", mask, nullptr, nullptr, nullptr); }
@@ -552,31 +587,35 @@ float bf16_value(unsigned bits) {
     memcpy(&f, &u, 4);
     return f;
 }
-void mma_compute(void* const* in, void* const* out, unsigned mask) {
+// Built for AVX2 as well as the baseline, the better one chosen when the library loads (it is most of the time
+// the tensor-core kernels take here).
+__attribute__((target_clones("avx2", "default"))) void mma_compute(void* const* in, void* const* out, unsigned mask) {
     if (mask != 0xffffffffu) {
         tl_run->error = where(*tl_run, tl_fiber) + format(": mma.sync with mask 0x%08x: it needs all 32 lanes", mask);
         return;
     }
-    float A[16][16], B[16][8], C[16][8];
+    float A[16][16], B[16][8];
+    double D[16][8];
     for (int lane = 0; lane < 32; ++lane) {
         const MmaOperands* o = static_cast<const MmaOperands*>(in[lane]);
         const int g = lane >> 2, t = lane & 3;
         for (int i = 0; i < 8; ++i)
             A[g + 8 * ((i & 3) >= 2)][2 * t + (i & 1) + 8 * (i >= 4)] = bf16_value(o->a[i >> 1] >> (16 * (i & 1)) & 0xffff);
         for (int i = 0; i < 4; ++i) B[2 * t + (i & 1) + 8 * (i >= 2)][g] = bf16_value(o->b[i >> 1] >> (16 * (i & 1)) & 0xffff);
-        for (int i = 0; i < 4; ++i) C[g + 8 * (i >= 2)][2 * t + (i & 1)] = o->c[i];
+        for (int i = 0; i < 4; ++i) D[g + 8 * (i >= 2)][2 * t + (i & 1)] = o->c[i];
     }
+    // Products of bf16 values are exact in double; each sum runs over k in order from C and is rounded to f32
+    // once. The hardware's order and intermediate rounding are unspecified; the tests' bf16 tolerances cover
+    // the difference. (Loop order chosen so the inner loop vectorises.)
+    for (int k = 0; k < 16; ++k)
+        for (int row = 0; row < 16; ++row) {
+            const double a = A[row][k];
+            for (int col = 0; col < 8; ++col) D[row][col] += a * double(B[k][col]);
+        }
     for (int lane = 0; lane < 32; ++lane) {
         const int g = lane >> 2, t = lane & 3;
         float* d = static_cast<float*>(out[lane]);
-        for (int i = 0; i < 4; ++i) {
-            const int row = g + 8 * (i >= 2), col = 2 * t + (i & 1);
-            // Products of bf16 values are exact in double; the sum is rounded to f32 once. The hardware's order and
-            // intermediate rounding are unspecified; the tests' bf16 tolerances cover the difference.
-            double sum = C[row][col];
-            for (int k = 0; k < 16; ++k) sum += double(A[row][k]) * double(B[k][col]);
-            d[i] = float(sum);
-        }
+        for (int i = 0; i < 4; ++i) d[i] = float(D[g + 8 * (i >= 2)][2 * t + (i & 1)]);
     }
 }
 }  // namespace
@@ -642,6 +681,7 @@ void* dynamic_shared(size_t) {
 // ---- a launch ------------------------------------------------------------------------------------------------------
 std::string run_kernel(const Kernel& kernel, const LaunchShape& shape, void* const* params,
                        const std::vector<std::pair<uintptr_t, size_t>>& param_bytes) {
+    note_scheduler_stack();
     Run r;
     r.kernel = &kernel;
     r.params = params;

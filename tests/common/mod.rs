@@ -181,8 +181,15 @@ pub fn check_gradient(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f
 /// five steps a stage: seconds on a CPU.
 #[allow(dead_code)]
 pub fn tiny_train_config(data: &std::path::Path) -> String {
+    tiny_train_config_with_steps(data, 5)
+}
+
+/// [`tiny_train_config`] with `steps` optimizer steps per stage (checkpointed at the last).
+pub fn tiny_train_config_with_steps(data: &std::path::Path, steps: usize) -> String {
     let data = data.display().to_string();
-    let loop_toml = |table: &str, lr: f64| format!("[{table}]\nsteps = 5\nbatch = 8\nlr = {lr}\nwarmup = 2\nseed = 1\ncheckpoint_every = 5\nlog_every = 5\n");
+    let loop_toml = |table: &str, lr: f64| {
+        format!("[{table}]\nsteps = {steps}\nbatch = 8\nlr = {lr}\nwarmup = {}\nseed = 1\ncheckpoint_every = {steps}\nlog_every = {steps}\n", steps.min(2))
+    };
     let vae_model = "latent_dim = 8\nstructure_dim = 256\nimage_size = 32\nchannels = [4, 8, 8]\nhidden = 32\n";
     let encoder_model = "n_channels = 17\nn_timepoints = 100\nlatent_dim = 8\nlstm_hidden = 8\nlstm_layers = 1\nspatial_channels = [8, 8]\nfusion_hidden = 16\n";
     format!(

@@ -66,6 +66,49 @@ fn every_kernel_file_matches_the_cpu_reference() {
     println!("all {} kernels launched, each argument list checked against its signature", KERNELS.len());
 }
 
+/// The parity checks again on the simulator's checked builds, each in a child process (the build is chosen
+/// when the simulator starts): `memory` instruments every access (shared-memory races, out-of-bounds and
+/// misaligned accesses are errors), which finds the missing barriers the plain build can miss (tests/cudasim.rs);
+/// `asan` adds AddressSanitizer and UBSan (local arrays, undefined behaviour) when SGDM_SIM_ASAN=1, as it needs
+/// libasan preloaded and takes longer. On a real GPU these run on the simulator too.
+#[test]
+fn every_kernel_file_passes_the_simulators_memory_checks() {
+    if let Err(e) = sgdm::runtime::cudasim::built_in() {
+        common::skipped("parity under the simulator's memory checks", e);
+        return;
+    }
+    let mut checks = vec![("memory", None)];
+    if std::env::var("SGDM_SIM_ASAN").is_ok_and(|v| v == "1") {
+        let libasan = std::process::Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+            .arg("-print-file-name=libasan.so")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap();
+        checks.push(("asan", Some(libasan)));
+    } else {
+        common::skipped("parity under AddressSanitizer", "set SGDM_SIM_ASAN=1 to run it (benches/gpu/ and cudasim/README.md)");
+    }
+    for (check, preload) in checks {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args(["every_kernel_file_matches_the_cpu_reference", "--exact", "--nocapture", "--test-threads=1"])
+            .env("SGDM_DEVICE", "cuda-sim")
+            .env("SGDM_SIM_CHECK", check);
+        if let Some(lib) = &preload {
+            child.env("LD_PRELOAD", lib).env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1");
+        }
+        let started = std::time::Instant::now();
+        let out = child.output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let rows = text.lines().filter(|l| l.starts_with("PARITY ")).count();
+        println!("parity with SGDM_SIM_CHECK={check}: {rows} rows in {:.0} s", started.elapsed().as_secs_f64());
+        assert!(out.status.success() && rows > 700, "parity under SGDM_SIM_CHECK={check} failed:\n{text}");
+        for marker in ["hazard on __shared__", "outside every __shared__ array", "misaligned", "ERROR: AddressSanitizer", "runtime error:"] {
+            assert!(!text.contains(marker), "parity under SGDM_SIM_CHECK={check} reported '{marker}':\n{text}");
+        }
+    }
+}
+
 /// The deferred mode above must not turn failures into passes: out-of-bound values and NaNs are recorded
 /// (with the worst element), in-bound ones are not, and without deferral a failure still panics.
 #[test]
