@@ -96,8 +96,7 @@ fn every_runnable_model_matches_pytorch_on_cuda_f32() {
 /// expected.safetensors` passes for every fixture, in bf16 and in f32, each in a process of its own.
 #[test]
 fn the_command_passes_every_fixture_on_the_simulated_device() {
-    if let Err(e) = sgdm::runtime::cudasim::built_in() {
-        common::skipped("sgdm --device cuda-sim forward --compare", e);
+    if !common::simulator_or_skip("sgdm --device cuda-sim forward --compare") {
         return;
     }
     let out = tempfile::tempdir().unwrap();

@@ -24,8 +24,7 @@ use common::{compare, random, rounded};
 
 /// The simulated device, or None after SKIPPED when this binary has no simulator or a real driver is in use.
 fn sim(what: &str) -> Option<Device> {
-    if let Err(e) = cudasim::built_in() {
-        common::skipped(what, e);
+    if !common::simulator_or_skip(what) {
         return None;
     }
     match select(DeviceSpec::CudaSim) {
@@ -429,8 +428,7 @@ fn the_probe_checks_every_driver_function_the_engine_calls() {
 /// `reconstruct` (a few items, few steps) from the model it wrote.
 #[test]
 fn train_and_reconstruct_run_on_the_simulated_device() {
-    if let Err(e) = cudasim::built_in() {
-        common::skipped("train and reconstruct on cuda-sim", e);
+    if !common::simulator_or_skip("train and reconstruct on cuda-sim") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

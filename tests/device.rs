@@ -56,8 +56,7 @@ fn a_process_running_the_simulator_never_passes_it_off_as_a_gpu() {
 
 #[test]
 fn the_simulated_device_is_named_as_such_and_measures_nothing() {
-    if let Err(e) = sgdm::runtime::cudasim::built_in() {
-        common::skipped("cuda-sim from the command line", e);
+    if !common::simulator_or_skip("cuda-sim from the command line") {
         return;
     }
     let (code, stdout, stderr) = sgdm(&["--device", "cuda-sim", "info"]);

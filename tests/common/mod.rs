@@ -52,6 +52,25 @@ pub fn gpu_or_skip(what: &str) -> Option<Device> {
     }
 }
 
+/// Whether the simulated CUDA device can run here (built into this binary, and a C++ compiler for the kernels'
+/// host builds); otherwise prints SKIPPED with the reason and returns false, or fails the test when
+/// `SGDM_DEVICE=cuda-sim` asks for the simulator.
+pub fn simulator_or_skip(what: &str) -> bool {
+    let compiler = std::env::var("CXX").ok().filter(|c| !c.is_empty()).unwrap_or_else(|| "c++".into());
+    let why = match sgdm::runtime::cudasim::built_in() {
+        Err(e) => e,
+        Ok(()) => match std::process::Command::new(&compiler).arg("--version").output() {
+            Ok(out) if out.status.success() => return true,
+            _ => format!("the simulator compiles kernels for the host and there is no C++ compiler `{compiler}` here"),
+        },
+    };
+    if std::env::var("SGDM_DEVICE").as_deref() == Ok("cuda-sim") {
+        panic!("{what}: SGDM_DEVICE=cuda-sim, but {why}");
+    }
+    skipped(what, why);
+    false
+}
+
 /// `n` uniform values in `[lo, hi)`, reproducible from `seed`.
 pub fn random(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);

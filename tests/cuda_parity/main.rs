@@ -73,8 +73,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
 /// libasan preloaded and takes longer. On a real GPU these run on the simulator too.
 #[test]
 fn every_kernel_file_passes_the_simulators_memory_checks() {
-    if let Err(e) = sgdm::runtime::cudasim::built_in() {
-        common::skipped("parity under the simulator's memory checks", e);
+    if !common::simulator_or_skip("parity under the simulator's memory checks") {
         return;
     }
     let mut checks = vec![("memory", None)];
