@@ -217,7 +217,8 @@ struct DeviceMemory {
         return "";
     }
 
-    // Whether [p, p + n) is inside one live allocation; else why not.
+    // Whether [p, p + n) is inside one live allocation; else why not. `found` gets that allocation, or, on
+    // failure, the one the access ran off or into (if any).
     bool describe_locked(uintptr_t p, size_t n, std::string* why, Allocation* found = nullptr) {
         auto it = live.upper_bound(p);
         if (it != live.begin()) {
@@ -227,18 +228,21 @@ struct DeviceMemory {
                 return true;
             }
             if (p >= a.begin && p < a.map_end + PAGE) {
+                if (found) *found = a;
                 *why = format("%zu bytes past the end of allocation #%llu (%zu bytes, %s)", size_t(p + n - a.end),
                               (unsigned long long)a.id, size_t(a.end - a.begin), a.how);
                 return false;
             }
         }
         if (it != live.end() && p + n > it->second.begin && p >= it->second.map_begin) {
+            if (found) *found = it->second;
             *why = format("%zu bytes before the start of allocation #%llu (%zu bytes, %s)", size_t(it->second.begin - p),
                           (unsigned long long)it->second.id, size_t(it->second.end - it->second.begin), it->second.how);
             return false;
         }
         for (auto f = freed.rbegin(); f != freed.rend(); ++f)
             if (p >= f->map_begin && p < f->map_end) {
+                if (found) *found = *f;
                 *why = format("inside allocation #%llu (%zu bytes, %s), which has been freed", (unsigned long long)f->id,
                               size_t(f->end - f->begin), f->how);
                 return false;
@@ -464,10 +468,10 @@ bool in_device_range(uintptr_t address) { return address - g_region < g_region_b
 
 bool find_allocation(uintptr_t address, size_t bytes, uintptr_t* begin, uintptr_t* end, std::string* why) {
     Allocation a;
-    if (!g_memory.find(address, bytes, why, &a)) return false;
+    const bool ok = g_memory.find(address, bytes, why, &a);
     *begin = a.begin;
     *end = a.end;
-    return true;
+    return ok;
 }
 
 }  // namespace cudasim

@@ -804,9 +804,19 @@ void device_access(Run& r, uintptr_t address, size_t n, bool write, const void* 
         if (address >= begin && address + n <= end) return;
     uintptr_t begin, end;
     std::string why;
-    if (!find_allocation(address, n, &begin, &end, &why))
+    if (!find_allocation(address, n, &begin, &end, &why)) {
+        // Name the kernel arguments that point into the allocation the access ran off.
+        for (size_t i = 0; i < r.kernel->param_sizes.size() && begin < end; ++i) {
+            if (!r.kernel->param_is_pointer[i]) continue;
+            uintptr_t v;
+            memcpy(&v, r.params[i], sizeof v);
+            if (v >= begin && v <= end)
+                why += format("; argument %zu (%s) points into that allocation", i,
+                              i < r.kernel->param_names.size() ? r.kernel->param_names[i].c_str() : "?");
+        }
         bad_access(format("%s of %zu bytes at device address 0x%lx: %s", write ? "write" : "read", n,
                           (unsigned long)address, why.c_str()), pc);
+    }
     if (r.known_allocations.size() < 64) r.known_allocations.push_back({begin, end});
 }
 

@@ -59,7 +59,8 @@ ExecutorStats executor_stats();
 // device address range.
 bool in_device_range(uintptr_t address);
 // True when [address, address + bytes) lies inside one live allocation, whose range is then [*begin, *end);
-// otherwise `why` says what is wrong with the access (past the end of which allocation, freed, never allocated).
+// otherwise `why` says what is wrong with the access (past the end of which allocation, freed, never allocated)
+// and [*begin, *end) is the allocation it ran off or into (empty if none).
 bool find_allocation(uintptr_t address, size_t bytes, uintptr_t* begin, uintptr_t* end, std::string* why);
 
 }  // namespace cudasim
