@@ -29,7 +29,7 @@ use super::{config_id, load_checkpoint, peek_checkpoint, save_checkpoint, LrSche
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::load_square;
 use crate::data::npy::NpyFile;
-use crate::data::synth::{Manifest, SplitManifest};
+use crate::data::dataset::{Manifest, SplitManifest};
 use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
@@ -221,20 +221,6 @@ impl On {
 /// A loss value and its partial sums: f32 on the device of `like`.
 fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::zeros(&like.device(), &[1], DType::F32)?, Tensor::zeros(&like.device(), &[PARTIALS], DType::F32)?))
-}
-
-fn read_manifest(data: &Path) -> Result<Manifest> {
-    let path = data.join("manifest.json");
-    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not an sgdm dataset manifest", path.display()))
-}
-
-fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a SplitManifest> {
-    manifest
-        .splits
-        .iter()
-        .find(|s| s.name == name)
-        .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
 }
 
 /// The largest image side a stage trains at (SD's is 512): a typo of 64000 would ask for a terabyte.
@@ -466,15 +452,15 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     let on = &On::new(device);
     let m = &cfg.model;
     check_image_size("vae", "model.image_size", m.image_size)?;
-    let manifest = read_manifest(&cfg.data)?;
+    let manifest = Manifest::read(&cfg.data)?;
     ensure!(
         m.structure_dim == manifest.edge_size * manifest.edge_size,
         "stage vae: model.structure_dim is {}, the dataset's edge maps are {0}x{0} = {1}",
         m.structure_dim,
         manifest.edge_size * manifest.edge_size
     );
-    let train = load_images(&cfg.data, split(&manifest, &cfg.data, "train")?, m.image_size, m.structure_dim)?;
-    let val = load_images(&cfg.data, split(&manifest, &cfg.data, "val")?, m.image_size, m.structure_dim)?;
+    let train = load_images(&cfg.data, manifest.split(&cfg.data, "train")?, m.image_size, m.structure_dim)?;
+    let val = load_images(&cfg.data, manifest.split(&cfg.data, "val")?, m.image_size, m.structure_dim)?;
     let b = cfg.train.batch;
     ensure!(b >= 1 && b <= train.len, "stage vae: batch {b} must be between 1 and the {} training figures", train.len);
     let model = StructuralVae::new(m.clone())?;
@@ -605,8 +591,8 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     );
     ensure!(cfg.temperature > 0.0 && cfg.temperature.is_finite(), "stage encoder: temperature must be positive, got {}", cfg.temperature);
     check_image_size("encoder", "vae.image_size", cfg.vae.image_size)?;
-    let manifest = read_manifest(&cfg.data)?;
-    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let manifest = Manifest::read(&cfg.data)?;
+    let (train_split, val_split) = (manifest.split(&cfg.data, "train")?, manifest.split(&cfg.data, "val")?);
 
     let b = cfg.train.batch;
     let (train_mu, val_mu) = match &cfg.image_embeddings {
@@ -867,9 +853,9 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
     let down = 1 << (vae.config.block_out_channels.len() - 1);
     let s = cfg.image_size;
     ensure!(s.is_multiple_of(down), "stage base: image_size {s} must be a multiple of the VAE's downscale {down}");
-    let manifest = read_manifest(&cfg.data)?;
-    let train = signed_images(&cfg.data, split(&manifest, &cfg.data, "train")?, s, manifest.edge_size)?;
-    let val = signed_images(&cfg.data, split(&manifest, &cfg.data, "val")?, s, manifest.edge_size)?;
+    let manifest = Manifest::read(&cfg.data)?;
+    let train = signed_images(&cfg.data, manifest.split(&cfg.data, "train")?, s, manifest.edge_size)?;
+    let val = signed_images(&cfg.data, manifest.split(&cfg.data, "val")?, s, manifest.edge_size)?;
 
     let resume_kind = resume.map(|p| p.file_name().and_then(|f| f.to_str()).unwrap_or_default());
     let (vae_params, vae_report, unet_resume) = match resume_kind {
@@ -1048,8 +1034,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     ensure!(cond_size.is_multiple_of(edge), "stage controlnet: the condition size {cond_size} is not a multiple of the structure map's {edge}");
     let factor = cond_size / edge;
 
-    let manifest = read_manifest(&cfg.data)?;
-    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let manifest = Manifest::read(&cfg.data)?;
+    let (train_split, val_split) = (manifest.split(&cfg.data, "train")?, manifest.split(&cfg.data, "val")?);
     let b = cfg.train.batch;
     let train_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
     let val_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
