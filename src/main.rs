@@ -16,7 +16,8 @@ mod cli;
                   sgdm --device cpu info       force the CPU backend\n  \
                   sgdm --device cuda-sim info  the simulated CUDA device (cudasim/README.md)\n  \
                   sgdm synth --out data/synth  write the simulated default dataset\n  \
-                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
+                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n  \
+                  sgdm data import things-eeg2 --eeg-dir sub-01 --images-dir image_set --out data/things\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins, the simulator's host builds) and the unpacked default weights are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
                   SGDM_WEIGHTS     the weights folder when --weights is not given (else weights/ beside this\n                   \
@@ -177,8 +178,12 @@ enum Command {
                             a multiply-add as 2 (attention backward: 2.5x forward); bytes are the op's minimum traffic.\n\
                             benches/gpu/compare.sh runs this and PyTorch on the same shapes and prints the ratios.")]
     Bench(cli::bench::Args),
-    /// Look inside EEG data files.
-    #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
+    /// Look inside EEG data files; import real datasets (THINGS-EEG2) into the layout `sgdm train` reads.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy\n  \
+                      sgdm data import things-eeg2 --eeg-dir sub-01 --images-dir image_set --out data/things-sub01"
+    )]
     Data(cli::data::Command),
 }
 

@@ -7,3 +7,4 @@ pub mod pickle;
 pub mod structure;
 pub mod synth;
 pub mod things;
+pub mod things_eeg2;
