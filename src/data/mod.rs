@@ -1,4 +1,5 @@
 //! Data: EEG and image readers, validation, and the simulated default dataset.
+pub mod contract;
 pub mod dataset;
 pub mod eeg;
 pub mod image;
