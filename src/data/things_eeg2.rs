@@ -9,10 +9,13 @@
 //!
 //! **THINGS order.** EEG row i is the i-th image when the concept folders are sorted by name and the images
 //! sorted by name within each concept (`00001_aardvark/aardvark_01b.jpg`, `aardvark_02s.jpg`, ...,
-//! `00002_abacus/...`). This is the order of the release's `image_metadata.npy` (`train_img_concepts`,
-//! `train_img_files`) and of its own code, which collects every image of a partition and sorts the paths
-//! (gifale95/eeg_encoding, `02_dnn_feature_maps_extraction/extract_feature_maps_alexnet.py`:
-//! `os.walk(...)`, then `image_list.sort()`); the concept folders' zero-padded numbers make both sorts the same.
+//! `00002_abacus/...`). The release states it on its image set page (https://osf.io/y63gw/wiki, "How to
+//! match the training images with the corresponding training EEG trials": "a nested loop with the outer loop
+//! iterating through the 1,654 sorted object concepts and the inner loop iterating through the 10 sorted
+//! images per object concept", the first dimension of the preprocessed array being that image condition);
+//! its `image_metadata.npy` lists the images in that order, and its own code sorts the paths the same way
+//! (gifale95/eeg_encoding, `02_dnn_feature_maps_extraction/extract_feature_maps_alexnet.py`: `os.walk`, then
+//! `image_list.sort()`; the zero-padded concept numbers make a path sort and a per-level sort agree).
 //!
 //! **Splits.** `test` is the test images with their EEG (THINGS-EEG2's 200 zero-shot concepts). `val` is
 //! carved from the training images by whole concepts: `--val-concepts` concepts (default one in 16, at least

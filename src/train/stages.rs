@@ -2,8 +2,9 @@
 //! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE), `encoder`
 //! (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's mu by the symmetric InfoNCE
 //! loss) and `controlnet` (stage 3, the ControlNet and the EEG-to-token projector, see
-//! [`ControlNetStageConfig`]). Each reads a dataset in `sgdm synth`'s layout (`manifest.json`), trains on its
-//! `train` split, validates on its `val` split and never opens the `test` split.
+//! [`ControlNetStageConfig`]). Each reads a dataset in the layout of [`crate::data::dataset`] (`sgdm synth`'s
+//! or `sgdm data import`'s), trains on its `train` split, validates on its `val` split and never opens the
+//! `test` split.
 //!
 //! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
 //! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
@@ -680,8 +681,8 @@ fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, par
     save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
-/// Stage `base` (TOML table `[base]`), for the embedded default only: a user with Stable Diffusion weights
-/// skips it. First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
+/// Stage `base` (TOML table `[base]`): a small base trained from scratch, as the embedded default's. With
+/// Stable Diffusion weights, `[base] pretrained = "DIR"` replaces it ([`check_pretrained_base`]). First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
 /// sampled with the reparameterisation), then a small UNet2DConditionModel with the epsilon-prediction loss
 /// on the frozen VAE's latents.
 ///
