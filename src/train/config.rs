@@ -265,8 +265,9 @@ fn fill_from_datasets(path: &Path, table: &mut toml::Table, stages: &[Stage], va
             let size = base.get("image_size").and_then(|v| v.as_integer());
             let blocks = base.get("vae_model").and_then(|v| v.get("block_out_channels")).and_then(|v| v.as_array()).map(Vec::len);
             if let (Some(size), Some(blocks), Some(unet)) = (size, blocks, base.get_mut("unet_model").and_then(|t| t.as_table_mut())) {
-                if !unet.contains_key("sample_size") && blocks >= 1 {
-                    unet.insert("sample_size".into(), toml::Value::Integer(size >> (blocks - 1)));
+                let latent = u32::try_from(blocks.saturating_sub(1)).ok().and_then(|shift| size.checked_shr(shift));
+                if let (false, Some(latent)) = (unet.contains_key("sample_size"), latent.filter(|_| blocks >= 1)) {
+                    unet.insert("sample_size".into(), toml::Value::Integer(latent));
                     filled = true;
                 }
             }
