@@ -30,6 +30,7 @@ use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Value};
 
+use crate::data::dataset::Manifest;
 use crate::data::eeg::{EegData, EegRows, EegScan};
 use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
@@ -71,7 +72,8 @@ impl Shard {
 
 /// The EEG items of a file: a plain `.npy` is read by rows from its memory map; THINGS-EEG2 and pickle
 /// files (dicts) are loaded whole. Opening scans the whole file once ([`EegScan`]), so a NaN in its last row
-/// is refused before the first batch, and the scan is what the model's contract is checked against.
+/// is refused before the first batch, and the scan is what the model's contract is checked against. A plain
+/// `.npy` of a dataset (`DATASET/eeg/<split>.npy`) takes its channel names and times from the manifest.
 pub struct EegItems {
     source: ItemSource,
     scan: EegScan,
@@ -88,7 +90,10 @@ impl EegItems {
         let is_plain_npy = NpyFile::open(path).map(|f| f.header.dtype != NpyDtype::Object).unwrap_or(false);
         let (source, scan) = if is_plain_npy {
             let rows = EegRows::open(path)?;
-            let scan = rows.scan()?;
+            let mut scan = rows.scan()?;
+            if let Some((names, times)) = Manifest::axes_of(path).filter(|(n, t)| n.len() == scan.shape[2] && t.len() == scan.shape[3]) {
+                (scan.ch_names, scan.times) = (Some(names), Some(times));
+            }
             (ItemSource::Rows(rows), scan)
         } else {
             let data = EegData::open_unchecked(path)?;

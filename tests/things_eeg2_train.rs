@@ -238,6 +238,11 @@ fn the_eeg_contract_refuses_every_mismatch_before_any_output() {
         std::fs::write(&path, config(data, "").replacen("[controlnet]\n", &paths, 1)).unwrap();
         run_sgdm(["train", "controlnet", "--config", s(&path), "--out", s(out)])
     };
+    // A dataset's own plain .npy is checked with the names and times of its manifest.
+    let (ok, _, err) = reconstruct(&d.data.join("eeg/test.npy"), weights, &d.root.join("recon-dataset"), &["--limit", "1"]);
+    assert!(ok && !err.contains("note:"), "{err}");
+    let (ok, _, err) = reconstruct(&edited.join("eeg/test.npy"), weights, &d.root.join("recon-reordered"), &["--limit", "1"]);
+    assert!(!ok && err.contains("dataset-reordered/eeg/test.npy: holds the model's channels in another order"), "{err}");
     let out = d.root.join("cn-reordered");
     let (ok, _, err) = stage(&edited, &out);
     assert!(!ok && err.contains("dataset-reordered/manifest.json: holds the model's channels in another order"), "{err}");

@@ -90,4 +90,15 @@ impl Manifest {
     pub fn window(&self) -> Option<(f64, f64)> {
         Some((*self.times.first()? as f64, *self.times.last()? as f64))
     }
+
+    /// The channel names and sample times of a split's EEG file `eeg` (`DATASET/eeg/<split>.npy`), from the
+    /// manifest of the dataset it is in; `None` when it is in no readable dataset. A plain `.npy` stores
+    /// neither, so this is how a dataset's own file is checked against a model as fully as a THINGS-EEG2 one.
+    pub fn axes_of(eeg: &Path) -> Option<(Vec<String>, Vec<f64>)> {
+        let file = std::fs::canonicalize(eeg).ok()?;
+        let data = file.parent()?.parent()?;
+        let manifest = Manifest::read(data).ok()?;
+        let listed = manifest.splits.iter().any(|s| std::fs::canonicalize(data.join(&s.eeg)).is_ok_and(|p| p == file));
+        listed.then(|| (manifest.ch_names.clone(), manifest.times.iter().map(|&t| t as f64).collect()))
+    }
 }
