@@ -154,7 +154,7 @@ fn every_bad_input_is_refused_by_name_before_anything_is_written() {
     std::fs::rename(&moved, train.join("00006_c6")).unwrap();
 
     // A concept with another number of images than the others.
-    let lone = train.join("00002_c2").join(&src.train_names[4].split_once('/').unwrap().1);
+    let lone = train.join("00002_c2").join(src.train_names[4].split_once('/').unwrap().1);
     let kept = std::fs::read(&lone).unwrap();
     std::fs::remove_file(&lone).unwrap();
     let e = refused("a short concept", import_args(&src, &out, &one, &[]), &out);
