@@ -36,7 +36,8 @@ pub struct EvalConfig {
     pub recon: Vec<PathBuf>,
     /// The EEG file (default: the one the first folder's `run.json` names).
     pub eeg: Option<PathBuf>,
-    /// The seen images in file-name order (default: the `seen` paths in the manifest).
+    /// The seen images ([`crate::reconstruct::image_files`]: a folder in file-name order, or a THINGS image
+    /// folder in THINGS order); default: the `seen` paths in the manifest.
     pub images: Option<PathBuf>,
     pub out: PathBuf,
     /// Items on the contact sheet, and triplets per sheet row.
@@ -145,6 +146,7 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
         );
     }
     let eeg = EegItems::open(&eeg_path)?;
+    pipeline.check_eeg(eeg.scan())?;
     let rows = eeg.shape()[0];
     let expected = cfg.expected_items.unwrap_or(rows);
     ensure!(expected <= rows, "--items {expected}: {} holds {rows} items", eeg_path.display());

@@ -16,7 +16,8 @@ mod cli;
                   sgdm --device cpu info       force the CPU backend\n  \
                   sgdm --device cuda-sim info  the simulated CUDA device (cudasim/README.md)\n  \
                   sgdm synth --out data/synth  write the simulated default dataset\n  \
-                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n\n\
+                  sgdm data inspect eeg.npy    format, shape, channels and statistics of an EEG file\n  \
+                  sgdm data import things-eeg2 --eeg-dir sub-01 --images-dir image_set --out data/things\n\n\
                   Environment:\n  SGDM_CACHE_DIR   where compiled kernels (cubins, the simulator's host builds) and the unpacked default weights are cached \
                   (default: $XDG_CACHE_HOME/sgdm or ~/.cache/sgdm)\n  \
                   SGDM_WEIGHTS     the weights folder when --weights is not given (else weights/ beside this\n                   \
@@ -83,9 +84,10 @@ enum Command {
                             DIR/images/<split>/<index>.png, DIR/structure/<split>/<index>.png and\n\
                             DIR/edges16/<split>.npy [figures, 16, 16]. See docs/synth.md.")]
     Synth(cli::synth::Args),
-    /// Train the SGDM stages on CPU from a TOML configuration: base, vae, encoder, controlnet, or all of them
-    /// in order. Trains on the train split, validates on val, never reads test. The first Ctrl-C stops at the
-    /// end of the current step with a checkpoint and prints how to continue.
+    /// Train the SGDM stages from a TOML configuration on a dataset (`sgdm synth`'s or `sgdm data import`'s):
+    /// base, vae, encoder, controlnet, or all of them in order. Trains on the train split, validates on val,
+    /// never reads test. The first Ctrl-C stops at the end of the current step with a checkpoint and prints
+    /// how to continue.
     #[command(after_help = "Examples:\n  \
                             sgdm train vae --config train.toml --out runs/vae\n  \
                             sgdm train encoder --config train.toml --out runs/encoder\n  \
@@ -104,7 +106,16 @@ enum Command {
                             [encoder.train]\n  steps = 2000\n  batch = 32\n  lr = 1e-3\n  \
                             [encoder.model]\n  n_channels = 17\n  n_timepoints = 100\n  latent_dim = 64\n  lstm_hidden = 64\n  \
                             lstm_layers = 1\n  spatial_channels = [32, 64]\n  fusion_hidden = 128\n\n\
-                            weights/train.toml is the configuration the shipped model was trained with (all four stages).\n\
+                            weights/train.toml is the configuration the shipped model was trained with (all four stages);\n\
+                            configs/things-eeg2.toml trains the same models on an imported THINGS-EEG2 dataset, and\n\
+                            configs/things-eeg2-sd15.toml starts from Stable Diffusion 1.5 (docs/things-eeg2.md).\n\
+                            Keys the data decides may be left out and are read from the dataset's manifest.json: n_channels\n\
+                            and n_timepoints of [encoder.model] and [controlnet.encoder], image_size of [base], [vae.model],\n\
+                            [encoder.vae] and [controlnet.structural_vae], [base.unet_model] sample_size, and [controlnet]\n\
+                            image_size (the base VAE's sample_size, else [base] image_size, else the dataset's).\n\
+                            [base] pretrained = \"DIR\" (a diffusers Stable Diffusion folder with vae/ and unet/) replaces\n\
+                            the base stage: nothing is trained, the ControlNet starts from DIR's UNet as diffusers'\n\
+                            ControlNetModel.from_unet does, and base.json records DIR for reconstruct.\n\
                             A single stage reads only its own table, so one file can hold every stage; the keys `all` fills in\n\
                             must then be given (e.g. [encoder] vae_weights). A key nothing reads is refused by name, in the\n\
                             diffusers model tables [base.vae_model] and [base.unet_model] too.\n\n\
@@ -177,8 +188,12 @@ enum Command {
                             a multiply-add as 2 (attention backward: 2.5x forward); bytes are the op's minimum traffic.\n\
                             benches/gpu/compare.sh runs this and PyTorch on the same shapes and prints the ratios.")]
     Bench(cli::bench::Args),
-    /// Look inside EEG data files.
-    #[command(subcommand, after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy")]
+    /// Look inside EEG data files; import real datasets (THINGS-EEG2) into the layout `sgdm train` reads.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  sgdm data inspect preprocessed_eeg_training.npy\n  \
+                      sgdm data import things-eeg2 --eeg-dir sub-01 --images-dir image_set --out data/things-sub01"
+    )]
     Data(cli::data::Command),
 }
 

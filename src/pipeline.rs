@@ -25,6 +25,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
+use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
+use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::blocks::linear_layer_forward;
@@ -104,8 +106,8 @@ pub struct Pipeline {
     pub dtype: DType,
     encoder: EegEncoder,
     encoder_params: ParamStore,
-    mean: Vec<f32>,
-    std: Vec<f32>,
+    /// What the encoder expects of its EEG, and the statistics that standardise it.
+    pub contract: EegContract,
     svae: StructuralVae,
     svae_params: ParamStore,
     projector: Linear,
@@ -179,15 +181,7 @@ impl Pipeline {
             svae.config.latent_dim
         );
 
-        let path = dir.join("eeg_standardization.json");
-        let stats = read_json(&path)?;
-        let column = |key: &str| -> Result<Vec<f32>> {
-            serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", path.display()))
-        };
-        let (mean, std) = (column("mean")?, column("std")?);
-        let c = encoder.config.n_channels;
-        ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for the encoder's {c} channels", path.display(), mean.len(), std.len());
-        ensure!(std.iter().all(|s| *s > 0.0 && s.is_finite()), "{}: every 'std' must be positive", path.display());
+        let contract = EegContract::read(&dir.join(STANDARDIZATION_FILE), encoder.config.n_channels)?;
 
         let vae_component = Component::open(&vae_dir)?;
         let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?).with_context(|| built(&vae_dir.join("config.json")))?;
@@ -249,8 +243,7 @@ impl Pipeline {
             dtype,
             encoder,
             encoder_params,
-            mean,
-            std,
+            contract,
             svae,
             svae_params,
             projector,
@@ -275,6 +268,23 @@ impl Pipeline {
         (self.encoder.config.n_channels, self.encoder.config.n_timepoints)
     }
 
+    /// Checks a scanned EEG file against the encoder's contract (channel and time point counts, channel names
+    /// and order, sampling rate, window, finiteness, scale) and prints the notes it gives, one line each.
+    pub fn check_eeg(&self, scan: &EegScan) -> Result<()> {
+        let [_, _, c, t] = scan.shape;
+        let (ec, et) = self.eeg_shape();
+        ensure!(
+            (c, t) == (ec, et),
+            "{}: trials of {c} channels x {t} time points, the encoder in {} takes {ec} x {et}",
+            scan.path.display(),
+            self.dir.display()
+        );
+        for note in self.contract.check(scan, &self.dir.join(STANDARDIZATION_FILE))? {
+            eprintln!("sgdm: note: {note}");
+        }
+        Ok(())
+    }
+
     /// The decoded image's side.
     pub fn image_size(&self) -> usize {
         self.latent_size << (self.vae.config.block_out_channels.len() - 1)
@@ -295,7 +305,8 @@ impl Pipeline {
         let (c, t) = self.eeg_shape();
         ensure!(eeg.len().is_multiple_of(c * t) && !eeg.is_empty(), "EEG batch of {} values is not a whole number of [{c}, {t}] trials", eeg.len());
         let b = eeg.len() / (c * t);
-        let scaled: Vec<f32> = eeg.iter().enumerate().map(|(i, v)| (v - self.mean[(i / t) % c]) / self.std[(i / t) % c]).collect();
+        let (mean, std) = (&self.contract.mean, &self.contract.std);
+        let scaled: Vec<f32> = eeg.iter().enumerate().map(|(i, v)| (v - mean[(i / t) % c]) / std[(i / t) % c]).collect();
         let x = self.tensor(&[b, c, t], &scaled)?;
         Ok(self.encoder.forward(&self.encoder_params, &x, &mut Inference(self.device.clone()))?.embedding)
     }

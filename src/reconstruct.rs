@@ -30,7 +30,8 @@ use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Value};
 
-use crate::data::eeg::{EegData, EegRows, Repetitions};
+use crate::data::dataset::Manifest;
+use crate::data::eeg::{EegData, EegRows, EegScan};
 use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
 use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
@@ -70,42 +71,58 @@ impl Shard {
 }
 
 /// The EEG items of a file: a plain `.npy` is read by rows from its memory map; THINGS-EEG2 and pickle
-/// files (dicts) are loaded whole.
-pub enum EegItems {
+/// files (dicts) are loaded whole. Opening scans the whole file once ([`EegScan`]), so a NaN in its last row
+/// is refused before the first batch, and the scan is what the model's contract is checked against. A plain
+/// `.npy` of a dataset (`DATASET/eeg/<split>.npy`) takes its channel names and times from the manifest.
+pub struct EegItems {
+    source: ItemSource,
+    scan: EegScan,
+}
+
+enum ItemSource {
     Rows(EegRows),
     Whole(EegData),
 }
 
 impl EegItems {
+    /// Opens and scans `path`; a file holding NaN or Inf is refused here, naming the first.
     pub fn open(path: &Path) -> Result<EegItems> {
         let is_plain_npy = NpyFile::open(path).map(|f| f.header.dtype != NpyDtype::Object).unwrap_or(false);
-        if is_plain_npy {
-            Ok(EegItems::Rows(EegRows::open(path)?))
+        let (source, scan) = if is_plain_npy {
+            let rows = EegRows::open(path)?;
+            let mut scan = rows.scan()?;
+            if let Some((names, times)) = Manifest::axes_of(path).filter(|(n, t)| n.len() == scan.shape[2] && t.len() == scan.shape[3]) {
+                (scan.ch_names, scan.times) = (Some(names), Some(times));
+            }
+            (ItemSource::Rows(rows), scan)
         } else {
-            let data = EegData::open(path, Repetitions::Average)?;
-            data.check_finite()?;
-            Ok(EegItems::Whole(data))
-        }
+            let data = EegData::open_unchecked(path)?;
+            let scan = data.scan();
+            (ItemSource::Whole(data), scan)
+        };
+        scan.check_finite()?;
+        Ok(EegItems { source, scan })
     }
 
     /// `[items, repetitions, channels, time]`.
     pub fn shape(&self) -> [usize; 4] {
-        match self {
-            EegItems::Rows(r) => r.shape(),
-            EegItems::Whole(d) => d.shape,
-        }
+        self.scan.shape
     }
 
-    /// Items `indices` averaged over their repetitions, `[k, C, T]`; non-finite values are errors naming the
-    /// file and position.
+    /// What the scan at opening found.
+    pub fn scan(&self) -> &EegScan {
+        &self.scan
+    }
+
+    /// Items `indices` averaged over their repetitions, `[k, C, T]`.
     pub fn read(&self, indices: &[usize]) -> Result<Vec<f32>> {
         let [_, r, c, t] = self.shape();
         let per = c * t;
         let mut out = Vec::with_capacity(indices.len() * per);
         for &i in indices {
-            let rows = match self {
-                EegItems::Rows(rows) => rows.read(i..i + 1)?,
-                EegItems::Whole(d) => d.data[i * r * per..(i + 1) * r * per].to_vec(),
+            let rows = match &self.source {
+                ItemSource::Rows(rows) => rows.read(i..i + 1)?,
+                ItemSource::Whole(d) => d.data[i * r * per..(i + 1) * r * per].to_vec(),
             };
             let mut mean = vec![0f32; per];
             for rep in rows.chunks_exact(per) {
@@ -121,7 +138,8 @@ impl EegItems {
 #[derive(Debug, Clone)]
 pub struct ReconstructConfig {
     pub eeg: PathBuf,
-    /// The seen images, sorted by file name, one per EEG row (recorded in the manifest for `sgdm eval`).
+    /// The seen images, one per EEG row ([`image_files`]: sorted by file name, or a THINGS image folder in
+    /// THINGS order), recorded in the manifest for `sgdm eval`.
     pub images: Option<PathBuf>,
     pub out: PathBuf,
     pub sampling: SamplingOptions,
@@ -156,13 +174,30 @@ impl Summary {
     }
 }
 
-/// The image files of a folder (PNG or JPEG), sorted by name.
+/// The images of a folder, one per EEG row: a flat folder of images (PNG or JPEG) sorted by name, or a
+/// THINGS image folder (one folder per concept, e.g. THINGS-EEG2's `test_images/` or an imported dataset's
+/// `images/test/`) in THINGS order, concept folders sorted and images sorted within each. The image set's
+/// root (holding `training_images/` and `test_images/`) is refused: read as concepts it would pair rows with
+/// the wrong images.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list the images folder", dir.display()))?
         .map(|e| e.map(|e| e.path()))
         .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("{}: cannot list the images folder", dir.display()))?
+        .with_context(|| format!("{}: cannot list the images folder", dir.display()))?;
+    for split in [crate::data::things_eeg2::TRAINING_IMAGES, crate::data::things_eeg2::TEST_IMAGES] {
+        ensure!(
+            !dir.join(split).is_dir(),
+            "{}: holds THINGS-EEG2's image set ({split}/); give the folder of the EEG file's images: test_images/ for \
+             preprocessed_eeg_test.npy, training_images/ for preprocessed_eeg_training.npy",
+            dir.display()
+        );
+    }
+    let hidden = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    if entries.iter().any(|p| p.is_dir() && !hidden(p)) {
+        return Ok(crate::data::things::ImageFolder::open(dir)?.images);
+    }
+    let mut files: Vec<PathBuf> = entries
         .into_iter()
         .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")))
         .collect();
@@ -320,15 +355,9 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
     ensure!(cfg.batch >= 1, "--batch must be at least 1");
     ensure!(cfg.limit != Some(0), "--limit 0 would reconstruct nothing: give at least 1, or leave --limit out for every item");
     let items = EegItems::open(&cfg.eeg)?;
-    let [rows, _, c, t] = items.shape();
+    let rows = items.shape()[0];
     ensure!(rows > 0, "{}: holds no EEG items (0 rows): nothing to reconstruct", cfg.eeg.display());
-    let (ec, et) = pipeline.eeg_shape();
-    ensure!(
-        (c, t) == (ec, et),
-        "{}: trials of {c} channels x {t} time points, the encoder in {} takes {ec} x {et}",
-        cfg.eeg.display(),
-        pipeline.dir.display()
-    );
+    pipeline.check_eeg(items.scan())?;
     let n = cfg.limit.map_or(rows, |l| l.min(rows));
     let seen = match &cfg.images {
         Some(dir) => {

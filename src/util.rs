@@ -80,6 +80,15 @@ pub fn temporary_path(path: &Path, pid: u32, n: u64) -> PathBuf {
     dir.join(format!(".{name}.tmp-{}-{pid}-{n}", host_name()))
 }
 
+/// A fresh [`temporary_path`] of this process for `path`, which must name a file.
+pub fn next_temporary_path(path: &Path) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    if path.file_name().is_none() {
+        return Err(io::Error::other(format!("{} names no file", path.display())));
+    }
+    Ok(temporary_path(path, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
 /// A temporary file whose host is unknown (another machine on a shared folder, or a name from before the
 /// host was recorded) is left alone for this long: no atomic write takes an hour.
 const FOREIGN_TEMPORARY_AGE: Duration = Duration::from_secs(3600);
@@ -136,11 +145,7 @@ pub fn remove_stale_temporaries(dir: &Path) -> io::Result<usize> {
 /// the bytes go to a temporary file in the same folder ([`temporary_path`]), are flushed to disk, then
 /// renamed over `path`.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    if path.file_name().is_none() {
-        return Err(io::Error::other(format!("{} names no file", path.display())));
-    }
-    let tmp = temporary_path(path, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let tmp = next_temporary_path(path)?;
     let result = (|| {
         let mut w = BufWriter::new(File::create(&tmp)?);
         write(&mut w)?;

@@ -737,6 +737,34 @@ fn broken_eeg_files_are_refused_by_inspect_and_reconstruct_with_nothing_marked_f
 }
 
 #[test]
+fn broken_things_eeg2_sources_are_refused_by_the_importer_with_nothing_written() {
+    use common::things::{image_folder, subject_folder, times, Layout, CHANNELS};
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("image_set");
+    let names = image_folder(&images, "training_images", 3, 2, 1);
+    image_folder(&images, "test_images", 2, 1, 4);
+    let subject = dir.path().join("sub-01");
+    subject_folder(&subject, Layout::NpSave, [6, 2, 17, 100], [2, 2, 17, 100], &CHANNELS, &times(-0.2, 100.0, 100), 1);
+    let import = |out: &Path| sgdm(&["data", "import", "things-eeg2", "--eeg-dir", s(&subject), "--images-dir", s(&images), "--out", s(out)]);
+    let training = subject.join("preprocessed_eeg_training.npy");
+    let valid = std::fs::read(&training).unwrap();
+    for (k, (what, variant)) in eeg_variants(&valid).iter().enumerate() {
+        plant(&training, variant);
+        let out = dir.path().join(format!("eeg{k}"));
+        assert_handled(&import(&out), &format!("import with a training EEG file: {what}"), true);
+        assert!(!out.exists(), "import with a broken EEG file ({what}) wrote {}", out.display());
+    }
+    plant(&training, &Broken::Bytes(valid));
+    let image = images.join("training_images").join(&names[3]);
+    for (k, (what, variant)) in png_variants(&std::fs::read(&image).unwrap()).iter().enumerate() {
+        plant(&image, variant);
+        let out = dir.path().join(format!("image{k}"));
+        assert_handled(&import(&out), &format!("import with a training image: {what}"), true);
+        assert!(!out.exists(), "import with a broken image ({what}) wrote {}", out.display());
+    }
+}
+
+#[test]
 fn a_weights_folder_with_any_file_broken_is_refused_before_anything_is_written() {
     let (data, weights) = tiny_model();
     let dir = tempfile::tempdir().unwrap();

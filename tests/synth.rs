@@ -61,7 +61,7 @@ fn layout_and_manifest_match_what_a_real_dataset_provides() {
         (m.sampling_rate_hz, m.times.len(), m.times[0], m.times[20], m.times[99]),
         (100.0, 100, -0.2, 0.0, 0.79)
     );
-    assert_eq!((m.seed, m.snr, m.generator_version, m.image_size, m.edge_size), (3, 1.0, 1, 128, 16));
+    assert_eq!((m.seed, m.snr, m.generator_version, m.image_size, m.edge_size), (3, Some(1.0), 1, 128, 16));
     let names: Vec<&str> = m.splits.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["train", "val", "test"]);
     for (split, (n, reps)) in m.splits.iter().zip([(6, 4), (3, 4), (4, 80)]) {
@@ -166,7 +166,7 @@ fn the_cli_generates_reports_progress_and_refuses_to_overwrite() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("is not empty; pass --force"));
     assert!(run(&["--force", "--snr", "0"]).status.success());
-    assert_eq!(read_manifest(&out).snr, 0.0);
+    assert_eq!(read_manifest(&out).snr, Some(0.0));
 
     let help = Command::new(common::sgdm_bin()).args(["synth", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);

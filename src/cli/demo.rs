@@ -41,7 +41,7 @@ fn has_default_dataset(dir: &Path) -> bool {
     let sizes: Vec<(usize, usize)> = m.splits.iter().map(|s| (s.figures, s.repetitions)).collect();
     m.generator_version == GENERATOR_VERSION
         && m.seed == d.seed
-        && m.snr == d.snr
+        && m.snr == Some(d.snr)
         && sizes == [(d.train.figures, d.train.repetitions), (d.val.figures, d.val.repetitions), (d.test.figures, d.test.repetitions)]
 }
 

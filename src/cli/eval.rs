@@ -20,7 +20,8 @@ pub struct Args {
     /// The EEG file [default: the one the reconstruction's run.json names].
     #[arg(long, value_name = "FILE")]
     eeg: Option<PathBuf>,
-    /// The seen images in file-name order [default: the manifest's `seen` paths].
+    /// The seen images: a folder in file-name order, or a THINGS image folder (one folder per concept) in
+    /// THINGS order [default: the manifest's `seen` paths].
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
     /// Weights folder for the embeddings [default: the one the reconstruction's run.json names].

@@ -55,7 +55,8 @@ pub struct Args {
     /// its memory map), or a THINGS-EEG2 / pickle dict; repetitions are averaged.
     #[arg(long, value_name = "FILE")]
     eeg: PathBuf,
-    /// The seen images, one per EEG item in file-name order: recorded in the manifest for `sgdm eval`.
+    /// The seen images, one per EEG item: a folder of images in file-name order, or a THINGS image folder
+    /// (one folder per concept, e.g. test_images/) in THINGS order; recorded in the manifest for `sgdm eval`.
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
     /// Weights folder written by `sgdm train all` [default: $SGDM_WEIGHTS, else weights/ beside the

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use sgdm::train::config::{Stage as TableStage, TrainingConfig};
-use sgdm::train::stages::{train_base, train_controlnet, train_encoder, train_vae, StageReport, Stopped};
+use sgdm::train::stages::{check_pretrained_base, train_base, train_controlnet, train_encoder, train_vae, StageReport, Stopped};
 use sgdm::util::remove_stale_temporaries;
 use sgdm::runtime::select;
 use sgdm::weights::COMPONENT_WEIGHT_FILES;
@@ -14,7 +14,8 @@ use sgdm::{Device, DeviceSpec};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Stage {
-    /// The embedded default's AutoencoderKL and UNet, from scratch (skip it with real SD 1.5 weights).
+    /// A small AutoencoderKL and UNet from scratch, or with `[base] pretrained = "DIR"` a check that DIR (a
+    /// diffusers Stable Diffusion folder) serves as the base.
     Base,
     /// Stage 1: the StructuralVAE (reconstruction, beta-weighted KL, structure map).
     Vae,
@@ -22,8 +23,9 @@ pub enum Stage {
     Encoder,
     /// Stage 3: the ControlNet and the EEG-to-token projector, epsilon loss through the frozen UNet.
     Controlnet,
-    /// base (when the configuration has a [base] table), vae, encoder and controlnet in order, all in --out;
-    /// a stage whose final output is in --out already is skipped, an interrupted one resumes.
+    /// base (when the configuration has a [base] table; with `[base] pretrained = "DIR"` only checked), vae,
+    /// encoder and controlnet in order, all in --out; a stage whose final output is in --out already is
+    /// skipped, an interrupted one resumes.
     All,
 }
 
@@ -110,6 +112,10 @@ fn run_stage(stage: TableStage, config: &TrainingConfig, path: &Path, out: &Path
     let missing = |table: &str| format!("{}: no [{table}] table for this stage", path.display());
     let stop = &STOP;
     clean_output(out)?;
+    if let (TableStage::Base, Some(dir)) = (stage, &config.pretrained_base) {
+        println!("base: pretrained {}, checked; nothing to train", check_pretrained_base(dir)?);
+        return Ok(());
+    }
     let reports: Vec<(&str, StageReport)> = match stage {
         TableStage::Base => {
             let r = train_base(config.base.as_ref().with_context(|| missing("base"))?, out, resume, stop, device)?;
@@ -135,9 +141,13 @@ fn clean_output(out: &Path) -> Result<()> {
 }
 
 fn run_all(args: &Args, config: &TrainingConfig, device: &Device) -> Result<()> {
-    let has_base = config.base.is_some();
+    let has_base = config.base.is_some() || config.pretrained_base.is_some();
     for stage in TableStage::ALL.into_iter().filter(|s| has_base || *s != TableStage::Base) {
         let name = stage.table();
+        if let (TableStage::Base, Some(dir)) = (stage, &config.pretrained_base) {
+            println!("base: pretrained {}, checked; not trained", check_pretrained_base(dir)?);
+            continue;
+        }
         let done = args.out.join(final_output(stage));
         if done.exists() {
             println!("{name}: {} exists, skipped", done.display());

@@ -61,6 +61,89 @@ pub struct EegData {
     pub times: Option<Vec<f64>>,
 }
 
+/// What one pass over an EEG file found, for checking it against a model before any output: its shape,
+/// the names and times it stores, the standard deviation of each channel over every finite value (all
+/// rows, repetitions and samples), and its non-finite values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EegScan {
+    pub path: PathBuf,
+    /// `[rows, repetitions, channels, time]` as stored.
+    pub shape: [usize; 4],
+    pub ch_names: Option<Vec<String>>,
+    pub times: Option<Vec<f64>>,
+    pub channel_std: Vec<f64>,
+    pub non_finite: Option<NonFinite>,
+}
+
+impl EegScan {
+    /// Sampling rate in Hz, from the spacing of `times`.
+    pub fn sfreq(&self) -> Option<f64> {
+        sfreq(self.times.as_deref()?)
+    }
+
+    /// Refuses a file holding NaN or Inf, naming the first and the count.
+    pub fn check_finite(&self) -> Result<()> {
+        match self.non_finite {
+            None => Ok(()),
+            Some(nf) => Err(non_finite_error(&self.path, nf)),
+        }
+    }
+}
+
+/// Per-channel sums over the finite values of whole `[rows, R, C, T]` blocks, and the first non-finite value.
+struct ChannelMoments {
+    shape: [usize; 4],
+    sum: Vec<f64>,
+    squares: Vec<f64>,
+    count: Vec<u64>,
+    non_finite: Option<NonFinite>,
+}
+
+impl ChannelMoments {
+    fn new(shape: [usize; 4]) -> ChannelMoments {
+        let c = shape[2];
+        ChannelMoments { shape, sum: vec![0.0; c], squares: vec![0.0; c], count: vec![0; c], non_finite: None }
+    }
+
+    /// Adds rows starting at `row_offset`.
+    fn add(&mut self, data: &[f32], row_offset: usize) {
+        let [_, r, c, t] = self.shape;
+        for (k, samples) in data.chunks_exact(t).enumerate() {
+            let ch = k % c;
+            for &v in samples.iter().filter(|v| v.is_finite()) {
+                self.sum[ch] += v as f64;
+                self.squares[ch] += v as f64 * v as f64;
+                self.count[ch] += 1;
+            }
+        }
+        if let Some(found) = non_finite(data, [data.len() / (r * c * t).max(1), r, c, t], row_offset) {
+            match &mut self.non_finite {
+                Some(nf) => nf.count += found.count,
+                None => self.non_finite = Some(found),
+            }
+        }
+    }
+
+    fn finish(self, path: &Path, ch_names: Option<Vec<String>>, times: Option<Vec<f64>>) -> EegScan {
+        let channel_std = (0..self.shape[2])
+            .map(|ch| {
+                let n = self.count[ch].max(1) as f64;
+                let mean = self.sum[ch] / n;
+                (self.squares[ch] / n - mean * mean).max(0.0).sqrt()
+            })
+            .collect();
+        EegScan { path: path.to_path_buf(), shape: self.shape, ch_names, times, channel_std, non_finite: self.non_finite }
+    }
+}
+
+fn sfreq(t: &[f64]) -> Option<f64> {
+    if t.len() < 2 {
+        return None;
+    }
+    let dt = (t[t.len() - 1] - t[0]) / (t.len() - 1) as f64;
+    Some((1e6 / dt).round() / 1e6)
+}
+
 /// Where the first non-finite value is, and how many there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NonFinite {
@@ -133,9 +216,14 @@ impl EegData {
 
     /// Sampling rate in Hz, from the spacing of `times`.
     pub fn sfreq(&self) -> Option<f64> {
-        let t = self.times.as_ref().filter(|t| t.len() >= 2)?;
-        let dt = (t[t.len() - 1] - t[0]) / (t.len() - 1) as f64;
-        Some((1e6 / dt).round() / 1e6)
+        sfreq(self.times.as_deref()?)
+    }
+
+    /// The file's [`EegScan`], from the values as stored.
+    pub fn scan(&self) -> EegScan {
+        let mut moments = ChannelMoments::new(self.shape);
+        moments.add(&self.data, 0);
+        moments.finish(&self.path, self.ch_names.clone(), self.times.clone())
     }
 
     /// First and last sample time in seconds.
@@ -217,11 +305,12 @@ fn non_finite(data: &[f32], shape: [usize; 4], row_offset: usize) -> Option<NonF
 fn check_finite(data: &[f32], shape: [usize; 4], row_offset: usize, path: &Path) -> Result<()> {
     match non_finite(data, shape, row_offset) {
         None => Ok(()),
-        Some(NonFinite { count, first }) => bail!(
-            "{}: {count} non-finite value(s) (NaN or Inf); the first is at [row, repetition, channel, t] = {first:?}",
-            path.display()
-        ),
+        Some(nf) => Err(non_finite_error(path, nf)),
     }
+}
+
+fn non_finite_error(path: &Path, NonFinite { count, first }: NonFinite) -> anyhow::Error {
+    anyhow::anyhow!("{}: {count} non-finite value(s) (NaN or Inf); the first is at [row, repetition, channel, t] = {first:?}", path.display())
 }
 
 /// Reads the dict both preprocessed layouts store.
@@ -301,6 +390,9 @@ fn from_dict(dict: &Value, path: &Path, format: EegFormat) -> Result<EegData> {
     })
 }
 
+/// Values decoded at a time by [`EegRows::scan`] (16 MiB of f32).
+const SCAN_BLOCK_VALUES: usize = 4 << 20;
+
 /// Row-range reads of a plain numeric `.npy` EEG array, from its memory map: a batch costs its own rows only.
 pub struct EegRows {
     file: NpyFile,
@@ -322,6 +414,20 @@ impl EegRows {
     /// `[rows, repetitions, channels, time]`.
     pub fn shape(&self) -> [usize; 4] {
         self.shape
+    }
+
+    /// The file's [`EegScan`]: one pass over the memory map, a block of rows at a time, so a file larger than
+    /// memory is scanned whole before its first batch is read.
+    pub fn scan(&self) -> Result<EegScan> {
+        let [n, r, c, t] = self.shape;
+        let per_row = r * c * t;
+        let rows_per_block = (SCAN_BLOCK_VALUES / per_row.max(1)).max(1);
+        let mut moments = ChannelMoments::new(self.shape);
+        for start in (0..n).step_by(rows_per_block) {
+            let end = (start + rows_per_block).min(n);
+            moments.add(&self.file.read_f32(start * per_row, (end - start) * per_row)?, start);
+        }
+        Ok(moments.finish(&self.file.path, None, None))
     }
 
     /// Rows `rows` as f32 `[rows.len(), R, C, T]`, checked finite (errors give the row index in the file).

@@ -13,10 +13,23 @@ use crate::util::write_atomic;
 /// Decodes a PNG or JPEG file to 8-bit RGB.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut bytes = Vec::new();
+    crate::util::open_file(path)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    decode_rgb(&bytes, path)
+}
+
+/// Decodes the bytes of a PNG or JPEG file to 8-bit RGB; `path` names the file in errors.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().with_context(|| format!("{}: cannot read", path.display()))?;
+    // Content that matches no signature is judged by the name it claims, so a damaged `x.jpg` is reported
+    // as a corrupt JPEG rather than as an unknown format.
+    if reader.format().is_none() {
+        if let Ok(format) = ImageFormat::from_path(path) {
+            reader.set_format(format);
+        }
+    }
     let format = reader.format();
     ensure!(
         matches!(format, Some(ImageFormat::Png | ImageFormat::Jpeg)),

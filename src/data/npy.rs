@@ -6,9 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 
-use crate::util::write_atomic_with;
+use crate::util::{next_temporary_path, write_atomic_with};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -232,6 +232,66 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], values: &[f32]) -> Res
     .with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// An f32 `.npy` file filled in place, in any order, through a writable memory map: it is a temporary
+/// beside its path until [`NpyWriter::finish`] flushes it and renames it over the path, so a reader never
+/// sees it half-written; dropped unfinished, the temporary is removed. For arrays assembled from several
+/// sources that need not all be in memory at once.
+pub struct NpyWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    mmap: MmapMut,
+    data_offset: usize,
+    finished: bool,
+}
+
+impl NpyWriter {
+    /// A zero-filled f32 array of `shape` to be written to `path`.
+    pub fn create(path: impl AsRef<Path>, shape: &[usize]) -> Result<NpyWriter> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.display();
+        let header = header_bytes(NpyDtype::F32, shape);
+        let bytes = shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d)).with_context(|| format!("{p}: shape {shape:?} is too large"))?;
+        let tmp = next_temporary_path(&path).with_context(|| format!("{p}: cannot write"))?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).with_context(|| format!("{p}: cannot create"))?;
+        let total = header.len() + bytes;
+        let mapped = file.set_len(total as u64).and_then(|()| {
+            // SAFETY: the temporary was just created by this process under a name no other writer uses.
+            unsafe { MmapMut::map_mut(&file) }
+        });
+        let mut mmap = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e).with_context(|| format!("{p}: cannot create a file of {total} bytes"));
+            }
+        };
+        mmap[..header.len()].copy_from_slice(&header);
+        Ok(NpyWriter { path, tmp, mmap, data_offset: header.len(), finished: false })
+    }
+
+    /// The array's values, C order (the header pads the data to a multiple of 64 bytes, so it is aligned).
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.mmap[self.data_offset..])
+    }
+
+    /// Flushes the values to disk and puts the file in place.
+    pub fn finish(mut self) -> Result<()> {
+        let p = self.path.display().to_string();
+        self.mmap.flush().with_context(|| format!("{p}: cannot write"))?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| format!("{p}: cannot write"))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for NpyWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +311,21 @@ mod tests {
         assert!(f.read_f32(23, 2).is_err());
         write_f32(dir.path().join("v.npy"), &[5], &values[..5]).unwrap();
         assert_eq!(NpyFile::open(dir.path().join("v.npy")).unwrap().header.shape, [5]);
+    }
+
+    #[test]
+    fn a_writer_fills_in_any_order_and_appears_only_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.npy");
+        let mut w = NpyWriter::create(&path, &[2, 3]).unwrap();
+        w.values_mut()[5] = 7.0;
+        w.values_mut()[0] = -1.0;
+        assert!(!path.exists(), "visible before finish");
+        w.finish().unwrap();
+        assert_eq!(NpyFile::open(&path).unwrap().to_f32().unwrap(), [-1.0, 0.0, 0.0, 0.0, 0.0, 7.0]);
+        drop(NpyWriter::create(dir.path().join("abandoned.npy"), &[4]).unwrap());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from("w.npy")], "an unfinished writer leaves nothing");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! default's AutoencoderKL and UNet, see [`BaseStageConfig`]), `vae` (stage 1, the StructuralVAE), `encoder`
 //! (stage 2, the SpatiotemporalEEGEncoder aligned with the frozen StructuralVAE's mu by the symmetric InfoNCE
 //! loss) and `controlnet` (stage 3, the ControlNet and the EEG-to-token projector, see
-//! [`ControlNetStageConfig`]). Each reads a dataset in `sgdm synth`'s layout (`manifest.json`), trains on its
-//! `train` split, validates on its `val` split and never opens the `test` split.
+//! [`ControlNetStageConfig`]). Each reads a dataset in the layout of [`crate::data::dataset`] (`sgdm synth`'s
+//! or `sgdm data import`'s), trains on its `train` split, validates on its `val` split and never opens the
+//! `test` split.
 //!
 //! A stage writes into its output folder: `<stage>.jsonl` (the step log, validation losses as `val`),
 //! `<stage>-step<NNNNNN>.safetensors` (checkpoints every `checkpoint_every` steps and at the end, kept so
@@ -29,7 +30,8 @@ use super::{config_id, load_checkpoint, peek_checkpoint, save_checkpoint, LrSche
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::load_square;
 use crate::data::npy::NpyFile;
-use crate::data::synth::{Manifest, SplitManifest};
+use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
+use crate::data::dataset::{Manifest, SplitManifest};
 use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
@@ -221,20 +223,6 @@ impl On {
 /// A loss value and its partial sums: f32 on the device of `like`.
 fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::zeros(&like.device(), &[1], DType::F32)?, Tensor::zeros(&like.device(), &[PARTIALS], DType::F32)?))
-}
-
-fn read_manifest(data: &Path) -> Result<Manifest> {
-    let path = data.join("manifest.json");
-    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read the dataset manifest", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not an sgdm dataset manifest", path.display()))
-}
-
-fn split<'a>(manifest: &'a Manifest, data: &Path, name: &str) -> Result<&'a SplitManifest> {
-    manifest
-        .splits
-        .iter()
-        .find(|s| s.name == name)
-        .with_context(|| format!("{}: the manifest has no '{name}' split", data.join("manifest.json").display()))
 }
 
 /// The largest image side a stage trains at (SD's is 512): a typo of 64000 would ask for a terabyte.
@@ -466,15 +454,15 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     let on = &On::new(device);
     let m = &cfg.model;
     check_image_size("vae", "model.image_size", m.image_size)?;
-    let manifest = read_manifest(&cfg.data)?;
+    let manifest = Manifest::read(&cfg.data)?;
     ensure!(
         m.structure_dim == manifest.edge_size * manifest.edge_size,
         "stage vae: model.structure_dim is {}, the dataset's edge maps are {0}x{0} = {1}",
         m.structure_dim,
         manifest.edge_size * manifest.edge_size
     );
-    let train = load_images(&cfg.data, split(&manifest, &cfg.data, "train")?, m.image_size, m.structure_dim)?;
-    let val = load_images(&cfg.data, split(&manifest, &cfg.data, "val")?, m.image_size, m.structure_dim)?;
+    let train = load_images(&cfg.data, manifest.split(&cfg.data, "train")?, m.image_size, m.structure_dim)?;
+    let val = load_images(&cfg.data, manifest.split(&cfg.data, "val")?, m.image_size, m.structure_dim)?;
     let b = cfg.train.batch;
     ensure!(b >= 1 && b <= train.len, "stage vae: batch {b} must be between 1 and the {} training figures", train.len);
     let model = StructuralVae::new(m.clone())?;
@@ -605,8 +593,8 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     );
     ensure!(cfg.temperature > 0.0 && cfg.temperature.is_finite(), "stage encoder: temperature must be positive, got {}", cfg.temperature);
     check_image_size("encoder", "vae.image_size", cfg.vae.image_size)?;
-    let manifest = read_manifest(&cfg.data)?;
-    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let manifest = Manifest::read(&cfg.data)?;
+    let (train_split, val_split) = (manifest.split(&cfg.data, "train")?, manifest.split(&cfg.data, "val")?);
 
     let b = cfg.train.batch;
     let (train_mu, val_mu) = match &cfg.image_embeddings {
@@ -631,9 +619,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     standardize(&mut val, &mean, &std);
     let val = val.with_repetitions(Repetitions::Average);
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
-    let stats_path = out.join("eeg_standardization.json");
-    let stats = serde_json::json!({ "split": "train", "ch_names": manifest.ch_names, "mean": mean, "std": std });
-    crate::util::write_atomic(&stats_path, serde_json::to_string_pretty(&stats)?.as_bytes()).with_context(|| format!("{}: cannot write", stats_path.display()))?;
+    EegContract::from_manifest(&manifest, "train", mean, std).write(&out.join(STANDARDIZATION_FILE))?;
 
     let [n_train, reps, c, t] = train.shape;
     let n_val = val.shape[0];
@@ -695,8 +681,8 @@ fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, par
     save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
-/// Stage `base` (TOML table `[base]`), for the embedded default only: a user with Stable Diffusion weights
-/// skips it. First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
+/// Stage `base` (TOML table `[base]`): a small base trained from scratch, as the embedded default's. With
+/// Stable Diffusion weights, `[base] pretrained = "DIR"` replaces it ([`check_pretrained_base`]). First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
 /// sampled with the reparameterisation), then a small UNet2DConditionModel with the epsilon-prediction loss
 /// on the frozen VAE's latents.
 ///
@@ -867,9 +853,19 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
     let down = 1 << (vae.config.block_out_channels.len() - 1);
     let s = cfg.image_size;
     ensure!(s.is_multiple_of(down), "stage base: image_size {s} must be a multiple of the VAE's downscale {down}");
-    let manifest = read_manifest(&cfg.data)?;
-    let train = signed_images(&cfg.data, split(&manifest, &cfg.data, "train")?, s, manifest.edge_size)?;
-    let val = signed_images(&cfg.data, split(&manifest, &cfg.data, "val")?, s, manifest.edge_size)?;
+    // The reconstruction pipeline samples latents of the UNet's sample_size: another size than training's
+    // would decode images of a size the model never saw.
+    if let Some(sample_size) = cfg.unet_model.get("sample_size").and_then(Value::as_u64) {
+        ensure!(
+            sample_size as usize == s / down,
+            "stage base: [base.unet_model] sample_size {sample_size} must be image_size {s} / the VAE's downscale {down} = {} (the \
+             latent side reconstruction samples); leave it out to have it computed",
+            s / down
+        );
+    }
+    let manifest = Manifest::read(&cfg.data)?;
+    let train = signed_images(&cfg.data, manifest.split(&cfg.data, "train")?, s, manifest.edge_size)?;
+    let val = signed_images(&cfg.data, manifest.split(&cfg.data, "val")?, s, manifest.edge_size)?;
 
     let resume_kind = resume.map(|p| p.file_name().and_then(|f| f.to_str()).unwrap_or_default());
     let (vae_params, vae_report, unet_resume) = match resume_kind {
@@ -1048,25 +1044,26 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     ensure!(cond_size.is_multiple_of(edge), "stage controlnet: the condition size {cond_size} is not a multiple of the structure map's {edge}");
     let factor = cond_size / edge;
 
-    let manifest = read_manifest(&cfg.data)?;
-    let (train_split, val_split) = (split(&manifest, &cfg.data, "train")?, split(&manifest, &cfg.data, "val")?);
+    let manifest = Manifest::read(&cfg.data)?;
+    let (train_split, val_split) = (manifest.split(&cfg.data, "train")?, manifest.split(&cfg.data, "val")?);
     let b = cfg.train.batch;
     let train_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, train_split, s, manifest.edge_size)?, s, b)?;
     let val_latents = scaled_latents(on, &vae, &vae_params, &signed_images(&cfg.data, val_split, s, manifest.edge_size)?, s, b)?;
-    let stats_text = crate::util::read_to_string(&cfg.eeg_standardization).with_context(|| format!("{}: cannot read", cfg.eeg_standardization.display()))?;
-    let stats: Value = serde_json::from_str(&stats_text).with_context(|| format!("{}: invalid JSON", cfg.eeg_standardization.display()))?;
-    let column = |key: &str| -> Result<Vec<f32>> {
-        serde_json::from_value(stats[key].clone()).with_context(|| format!("{}: '{key}' must be a list of numbers", cfg.eeg_standardization.display()))
-    };
-    let (mean, std) = (column("mean")?, column("std")?);
     let (c, t) = (cfg.encoder.n_channels, cfg.encoder.n_timepoints);
-    ensure!(mean.len() == c && std.len() == c, "{}: {} means and {} deviations for {c} channels", cfg.eeg_standardization.display(), mean.len(), std.len());
+    // The dataset's EEG against the encoder's contract: the same channels, rate, window and scale.
+    let contract = EegContract::read(&cfg.eeg_standardization, c)?;
+    contract.check_dataset(&manifest, &cfg.data, &cfg.eeg_standardization)?;
     let mut train = split_eeg(&cfg.data, train_split, Repetitions::Keep)?;
     let mut val = split_eeg(&cfg.data, val_split, Repetitions::Keep)?;
-    train.expect(c, t)?;
-    val.expect(c, t)?;
-    standardize(&mut train, &mean, &std);
-    standardize(&mut val, &mean, &std);
+    for eeg in [&train, &val] {
+        eeg.expect(c, t)?;
+        let mut scan = eeg.scan();
+        scan.ch_names = Some(manifest.ch_names.clone());
+        scan.times = Some(manifest.times.iter().map(|&v| v as f64).collect());
+        contract.check(&scan, &cfg.eeg_standardization)?;
+    }
+    standardize(&mut train, &contract.mean, &contract.std);
+    standardize(&mut val, &contract.mean, &contract.std);
     let val = val.with_repetitions(Repetitions::Average);
     let [n_train, reps, _, _] = train.shape;
     let n_val = val.shape[0];
@@ -1171,6 +1168,34 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     write_base_pointer(cfg, out)?;
     save_safetensors(&path, &refs, Some(&metadata)).with_context(|| format!("{}: cannot write the projector", path.display()))?;
     Ok(report)
+}
+
+/// Checks that a diffusers Stable Diffusion folder (`[base] pretrained`) can serve as the base: its `vae/`
+/// and `unet/` configurations build, every tensor of both loads by name and shape with no NaN or Inf and none
+/// left over, and the UNet takes the VAE's latents. Returns a one-line description.
+pub fn check_pretrained_base(dir: &Path) -> Result<String> {
+    let (vae_dir, unet_dir) = (dir.join("vae"), dir.join("unet"));
+    let vae_component = Component::open(&vae_dir)?;
+    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
+    ParamStore::load_owned(&vae.params, &vae_component.weights, &Device::Cpu, DType::F32, &LEGACY_ATTENTION_NAMES)?;
+    let unet_component = Component::open(&unet_dir)?;
+    let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
+    ParamStore::load_owned(&unet.params, &unet_component.weights, &Device::Cpu, DType::F32, &[])?;
+    ensure!(
+        unet.config.in_channels == vae.config.latent_channels,
+        "{}: the UNet takes {} channels, the VAE ({}) makes latents of {}",
+        unet_dir.display(),
+        unet.config.in_channels,
+        vae_dir.display(),
+        vae.config.latent_channels
+    );
+    Ok(format!(
+        "{} (VAE latents of {} channels, 1/{} of the image side; UNet cross-attention width {})",
+        dir.display(),
+        vae.config.latent_channels,
+        1 << (vae.config.block_out_channels.len() - 1),
+        unet.config.cross_attention_dim
+    ))
 }
 
 /// The file naming the AutoencoderKL and UNet a ControlNet was trained against when they are not the

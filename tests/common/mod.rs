@@ -2,6 +2,8 @@
 //! report their errors, and central finite differences in float64.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod things;
+
 use std::io::Write;
 
 use rand::rngs::StdRng;

@@ -4,7 +4,8 @@
 
 use std::sync::OnceLock;
 
-use super::tangram::{block_mean, Figure, Rendering, EDGE_SIZE, IMAGE_SIZE};
+use super::tangram::{Figure, Rendering, EDGE_SIZE, IMAGE_SIZE};
+use crate::data::structure::block_mean;
 use super::Rng;
 
 /// THINGS-EEG2's channels, in its order.

@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
+pub use crate::data::dataset::{Manifest, SplitManifest};
 use crate::data::image::{save_png_gray, save_png_rgb};
 use crate::data::npy::write_f32;
 use crate::util::write_atomic;
@@ -136,40 +136,6 @@ impl SynthConfig {
     pub fn splits(&self) -> [(&'static str, SplitSize); 3] {
         [("train", self.train), ("val", self.val), ("test", self.test)]
     }
-}
-
-/// `manifest.json`: what a reader needs to use the dataset; paths are relative to the dataset folder.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub generator: String,
-    pub generator_version: u32,
-    pub sgdm_version: String,
-    pub seed: u64,
-    pub snr: f64,
-    pub ch_names: Vec<String>,
-    pub sampling_rate_hz: f64,
-    /// Seconds from stimulus onset, one per sample.
-    pub times: Vec<f32>,
-    pub eeg_units: String,
-    pub image_size: usize,
-    pub edge_size: usize,
-    pub splits: Vec<SplitManifest>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SplitManifest {
-    pub name: String,
-    pub figures: usize,
-    pub repetitions: usize,
-    /// float32 [figures, repetitions, channels, samples].
-    pub eeg: String,
-    pub eeg_shape: Vec<usize>,
-    /// float32 [figures, edge_size, edge_size]: block-averaged structure maps, strongest block 1.
-    pub edges16: String,
-    /// Per figure, the stimulus (RGB PNG, black figure on white).
-    pub images: Vec<String>,
-    /// Per figure, the structure map (grey PNG, white edges on black).
-    pub structure: Vec<String>,
 }
 
 /// Progress of a running `generate`: figures of `split` done out of `total`, reported at the start of each
@@ -299,6 +265,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
             edges16: edges_path,
             images,
             structure,
+            concepts: Vec::new(),
         });
     }
 
@@ -307,7 +274,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
         generator_version: GENERATOR_VERSION,
         sgdm_version: env!("CARGO_PKG_VERSION").into(),
         seed: cfg.seed,
-        snr: cfg.snr,
+        snr: Some(cfg.snr),
         ch_names: CHANNELS.iter().map(|c| c.to_string()).collect(),
         sampling_rate_hz: SAMPLING_RATE_HZ,
         times: eeg_sim::times(),
@@ -315,6 +282,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &mut dyn FnMut(Progress
         image_size: IMAGE_SIZE,
         edge_size: EDGE_SIZE,
         splits,
+        sources: Vec::new(),
     };
     let path = out.join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).context("serialising the manifest")?;

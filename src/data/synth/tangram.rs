@@ -9,15 +9,16 @@
 use std::collections::HashSet;
 
 use super::Rng;
+use crate::data::structure::StructureMaps;
 
 /// Side of the square lattice a figure is built on, in cells; a 32-quarter figure never reaches its border
 /// from the centre.
 const GRID: i32 = 20;
 
 /// Rendered image side in pixels.
-pub const IMAGE_SIZE: usize = 128;
+pub const IMAGE_SIZE: usize = crate::data::structure::STRUCTURE_SIZE;
 /// Side of the downsampled edge map (the StructuralVAE structure head's output).
-pub const EDGE_SIZE: usize = 16;
+pub const EDGE_SIZE: usize = crate::data::structure::EDGE_SIZE;
 /// Blank border around the figure's bounding box, in pixels.
 const MARGIN: f64 = 10.0;
 /// Samples per pixel side for anti-aliasing.
@@ -301,22 +302,7 @@ pub struct Rendering {
 
 impl Rendering {
     fn from_coverage(coverage: Vec<f32>) -> Rendering {
-        let n = IMAGE_SIZE as i64;
-        let at = |x: i64, y: i64| coverage[(y.clamp(0, n - 1) * n + x.clamp(0, n - 1)) as usize];
-        let mut edges = vec![0.0f32; coverage.len()];
-        for (i, e) in edges.iter_mut().enumerate() {
-            let (x, y) = (i as i64 % n, i as i64 / n);
-            let gx = at(x + 1, y - 1) + 2.0 * at(x + 1, y) + at(x + 1, y + 1)
-                - at(x - 1, y - 1)
-                - 2.0 * at(x - 1, y)
-                - at(x - 1, y + 1);
-            let gy = at(x - 1, y + 1) + 2.0 * at(x, y + 1) + at(x + 1, y + 1)
-                - at(x - 1, y - 1)
-                - 2.0 * at(x, y - 1)
-                - at(x + 1, y - 1);
-            *e = ((gx * gx + gy * gy).sqrt() / 4.0).min(1.0);
-        }
-        let edges16 = normalized_max(&block_mean(&edges, IMAGE_SIZE, EDGE_SIZE));
+        let StructureMaps { edges, edges16 } = StructureMaps::from_coverage(&coverage, IMAGE_SIZE, EDGE_SIZE);
         Rendering { coverage, edges, edges16 }
     }
 
@@ -329,22 +315,6 @@ impl Rendering {
     pub fn structure_u8(&self) -> Vec<u8> {
         self.edges.iter().map(|e| (e * 255.0).round() as u8).collect()
     }
-}
-
-/// Averages a `size` x `size` map over square blocks down to `out` x `out`.
-pub fn block_mean(map: &[f32], size: usize, out: usize) -> Vec<f32> {
-    let b = size / out;
-    let mut res = vec![0.0f32; out * out];
-    for (i, v) in map.iter().enumerate() {
-        res[(i / size / b) * out + (i % size) / b] += v;
-    }
-    res.iter_mut().for_each(|v| *v /= (b * b) as f32);
-    res
-}
-
-fn normalized_max(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().copied().fold(0.0f32, f32::max);
-    v.iter().map(|x| if max > 0.0 { x / max } else { 0.0 }).collect()
 }
 
 #[cfg(test)]
