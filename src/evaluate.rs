@@ -335,15 +335,7 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
                     path
                 }
             };
-            let mut bar: Option<(String, crate::util::ItemProgress)> = None;
-            let runs = run_ablation(pipeline, &eeg_path, &sampling, &maps_file, count, ab, &cfg.recon, &out, &mut |label, done, total| {
-                if bar.as_ref().is_none_or(|(l, _)| l != label) {
-                    bar = Some((label.to_string(), crate::util::ItemProgress::new(&format!("ablation {label}"), "images")));
-                }
-                if let Some((_, b)) = bar.as_mut() {
-                    b.update(done, total);
-                }
-            })?;
+            let runs = run_ablation(pipeline, &eeg_path, &sampling, &maps_file, count, ab, &cfg.recon, &out)?;
             let seen_sub = &seen[..count];
             let seen_latents_sub = &seen_latents[..count * dim];
             let mut scored = Vec::new();
@@ -493,10 +485,10 @@ pub fn format_table(m: &Value) -> String {
     if a.is_object() {
         let ms = |v: &Value, key: &str| format!("{} ± {}", f(&v[key]), f(&v[format!("{key}_std")]));
         out += &format!("ablation: the first {} items, seeds {}, mean ± sd over seeds\n", a["items"], a["seeds"]);
-        out += &format!("{:<22}{:>16}{:>16}{:>16}{:>16}\n", "", "PixCorr", "SSIM", "2-way", format!("pixel top-1 ({}-way)", a["ways"]));
+        out += &format!("{:<22}{:>16}{:>16}{:>16}{:>24}\n", "", "PixCorr", "SSIM", "2-way", format!("pixel top-1 ({}-way)", a["ways"]));
         for (key, name) in [("eeg_structure", "structure from EEG"), ("no_structure", "no structure"), ("true_structure", "true structure"), ("eeg_minus_none", "from EEG - none")] {
             let v = &a[key];
-            out += &format!("{:<22}{:>16}{:>16}{:>16}{:>16}\n", name, ms(v, "pixcorr"), ms(v, "ssim"), ms(v, "two_way"), ms(v, "pixel_top1"));
+            out += &format!("{:<22}{:>16}{:>16}{:>16}{:>24}\n", name, ms(v, "pixcorr"), ms(v, "ssim"), ms(v, "two_way"), ms(v, "pixel_top1"));
         }
     }
     out

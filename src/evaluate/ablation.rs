@@ -21,6 +21,7 @@ use crate::data::image::load_rgb;
 use crate::eval::{correlation_top_k, derangement};
 use crate::pipeline::{Pipeline, SamplingOptions};
 use crate::reconstruct::{clear_output, finished_items, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
+use crate::util::ItemProgress;
 
 use super::{read_run, recon_metrics, unit, ReconMetrics};
 
@@ -101,7 +102,7 @@ pub fn reconstruct_config(
 /// Reconstructs (or resumes) every condition with every seed for the first `items` items of `eeg` into
 /// `out`; `given` are the evaluated folders, reused for `eeg_structure` where one has the same settings,
 /// seed and items. A folder in `out` made with other settings is started over (it is the evaluation's own).
-/// `progress(condition, seed, done, total)` reports each run.
+/// Each run's progress is drawn as `reconstruct`'s is.
 #[allow(clippy::too_many_arguments)]
 pub fn run_ablation(
     pipeline: &Pipeline,
@@ -112,7 +113,6 @@ pub fn run_ablation(
     cfg: &AblationConfig,
     given: &[PathBuf],
     out: &Path,
-    progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<AblationRun>> {
     ensure!(cfg.seeds.len() >= 2, "the ablation needs at least 2 seeds to measure a spread, got {:?}", cfg.seeds);
     let mut runs = Vec::new();
@@ -130,8 +130,8 @@ pub fn run_ablation(
             if other_settings(&rc, &settings)?.is_some() {
                 clear_output(&rc.out)?;
             }
-            let label = format!("{} seed {seed}", condition.name());
-            reconstruct(pipeline, &rc, &mut |done, total| progress(&label, done, total))?;
+            let mut bar = ItemProgress::new(&format!("ablation {} seed {seed}", condition.name()), "images");
+            reconstruct(pipeline, &rc, &mut |done, total| bar.update(done, total))?;
             runs.push(AblationRun { condition, seed, dir: rc.out });
         }
     }
