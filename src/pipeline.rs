@@ -216,6 +216,13 @@ impl Pipeline {
 
         let edge = (svae.config.structure_dim as f64).sqrt().round() as usize;
         ensure!(edge * edge == svae.config.structure_dim, "{}: structure_dim {} is not a square", dir.join("vae_config.json").display(), svae.config.structure_dim);
+        ensure!(
+            encoder.config.structure_dim == 0 || encoder.config.structure_dim == svae.config.structure_dim,
+            "{}: the encoder's structure head predicts {} values, the StructuralVAE's structure maps have {}",
+            dir.display(),
+            encoder.config.structure_dim,
+            svae.config.structure_dim
+        );
         ensure!(controlnet.config.conditioning_channels == 1, "{}: the ControlNet must take a 1-channel structure map", dir.join("controlnet/config.json").display());
         ensure!(
             unet.config.in_channels == vae.config.latent_channels && controlnet.config.in_channels == vae.config.latent_channels,
@@ -322,9 +329,13 @@ impl Pipeline {
         self.svae.forward(&self.svae_params, &x, None, &mut Inference(self.device.clone()))?.mu.to_f32_vec()
     }
 
-    /// The structure maps `[B, E·E]` the structure head predicts from embeddings (rescaled to `structure_norm`).
+    /// The structure maps `[B, E·E]` predicted from embeddings: by the encoder's own structure head when it
+    /// has one, else by the StructuralVAE's structure head on the embeddings rescaled to `structure_norm`.
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
         let alloc = &mut Inference(self.device.clone());
+        if let Some(head) = self.encoder.structure(&self.encoder_params, embedding, alloc)? {
+            return Ok(head.structure);
+        }
         linear_layer_forward(&self.svae.structure_head, &self.svae_params, &rescaled(embedding, self.structure_norm, alloc)?, alloc)
     }
 

@@ -93,7 +93,11 @@ fn encoder_config(data: &Path, vae_weights: &Path, steps: u64) -> EncoderStageCo
             lstm_layers: 1,
             spatial_channels: [8, 8],
             fusion_hidden: 16,
+            structure_hidden: 0,
+            structure_dim: 0,
+            linear_path: false,
         },
+        structure_weight: 0.0,
     }
 }
 
@@ -155,6 +159,52 @@ fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     cfg.trial_average = 3;
     let err = format!("{:#}", train_encoder(&cfg, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
     assert!(err.contains("trial_average 3") && err.contains("2 repetitions"), "{err}");
+}
+
+#[test]
+fn encoder_stage_trains_its_structure_head_and_linear_path_from_the_vae_structure_head() {
+    let vae_out = tempfile::tempdir().unwrap();
+    let vae_weights = vae_out.path().join("vae.safetensors");
+    train_vae(&vae_config(dataset(), 20), vae_out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let mut cfg = encoder_config(dataset(), &vae_weights, 40);
+    cfg.model.structure_dim = 256;
+    cfg.model.linear_path = true;
+    cfg.structure_weight = 1.0;
+
+    // At learning rate 0 nothing moves: the linear head is exactly the StructuralVAE's structure head.
+    let frozen = tempfile::tempdir().unwrap();
+    let mut still = cfg.clone();
+    still.train = LoopConfig { lr: 0.0, min_lr: 0.0, ..loop_config(2, 8, 0.0) };
+    train_encoder(&still, frozen.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let (vae, encoder) = (SafetensorsFile::open(&vae_weights).unwrap(), SafetensorsFile::open(frozen.path().join("encoder.safetensors")).unwrap());
+    for name in ["structure_head.weight", "structure_head.bias"] {
+        let read = |f: &SafetensorsFile| f.tensor(name, &Device::Cpu, sgdm::DType::F32).unwrap().to_f32_vec().unwrap();
+        assert_eq!(read(&encoder), read(&vae), "{name} starts as the VAE's");
+    }
+    assert!(encoder.contains("linear_path.weight"));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(frozen.path().join("encoder_config.json")).unwrap()).unwrap();
+    assert_eq!((config["structure_dim"].as_u64(), config["linear_path"].as_bool()), (Some(256), Some(true)));
+
+    // Trained, the total (InfoNCE + the structure term) falls, and both terms are logged.
+    let out = tempfile::tempdir().unwrap();
+    let report = train_encoder(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let (first, last) = first_last("encoder with a structure head", &report, 5);
+    assert!(last < first - 0.2, "InfoNCE + structure fell from {first} to only {last}");
+    let log = std::fs::read_to_string(out.path().join("encoder.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    for key in ["total", "infonce", "structure", "val"] {
+        assert!(line["loss"][key].as_f64().is_some_and(f64::is_finite), "no finite '{key}' in {line}");
+    }
+
+    // A head without a weight, and a weight without a head, are refused before training.
+    let mut no_weight = cfg.clone();
+    no_weight.structure_weight = 0.0;
+    let err = format!("{:#}", train_encoder(&no_weight, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
+    assert!(err.contains("structure_weight is 0"), "{err}");
+    let mut no_head = encoder_config(dataset(), &vae_weights, 40);
+    no_head.structure_weight = 2.0;
+    let err = format!("{:#}", train_encoder(&no_head, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
+    assert!(err.contains("needs a structure head"), "{err}");
 }
 
 /// Rewrites a safetensors file's `__metadata__` entry `key` (the tensors stay byte for byte).

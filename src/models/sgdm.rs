@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::conformance::{ModelSource, Named, Outputs};
@@ -38,6 +38,25 @@ pub struct EegEncoderConfig {
     pub lstm_layers: usize,
     pub spatial_channels: [usize; 2],
     pub fusion_hidden: usize,
+    /// The structure map's size (E·E) predicted by the encoder's own structure head from the embedding,
+    /// trained with the encoder (stage `encoder`'s `structure_weight`). 0 (the default, and the paper's
+    /// encoder): no head, the structure map comes from the StructuralVAE's structure head on the rescaled
+    /// embedding.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub structure_dim: usize,
+    /// The head's hidden width: 0 (the default) makes it one Linear (`structure_head`, which stage `encoder`
+    /// starts from the StructuralVAE's structure head), more an MLP (`structure_head.0`, ReLU,
+    /// `structure_head.2`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub structure_hidden: usize,
+    /// A linear read-out beside the two branches: the embedding gains `linear_path · flatten(eeg)` (no bias;
+    /// the EEG flattened electrode by electrode). false (the default, and the paper's encoder): none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linear_path: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl EegEncoderConfig {
@@ -54,6 +73,9 @@ impl EegEncoderConfig {
             lstm_layers: r.usize("lstm_layers", 2)?,
             spatial_channels: [spatial[0], spatial[1]],
             fusion_hidden: r.usize("fusion_hidden", 1024)?,
+            structure_hidden: r.usize("structure_hidden", 0)?,
+            structure_dim: r.usize("structure_dim", 0)?,
+            linear_path: r.bool("linear_path", false)?,
         };
         r.refuse_unread(&[])?;
         Ok(config)
@@ -61,7 +83,9 @@ impl EegEncoderConfig {
 }
 
 /// `SpatiotemporalEEGEncoder`: output = fusion(concat(LSTM output at the last time step, pooled spatial
-/// features)). The spatial branch convolves across electrodes with time as channels.
+/// features)). The spatial branch convolves across electrodes with time as channels. With
+/// `structure_hidden` and `structure_dim` set it also carries a structure head (`structure_head.0`, ReLU,
+/// `structure_head.2`) from the embedding to a structure map ([`EegEncoder::structure`]).
 #[derive(Debug, Clone)]
 pub struct EegEncoder {
     pub config: EegEncoderConfig,
@@ -69,12 +93,26 @@ pub struct EegEncoder {
     pub temporal: Lstm,
     pub spatial: [Conv1d; 2],
     pub fusion: [Linear; 2],
+    pub structure_head: Option<StructureHead>,
+    pub linear_path: Option<Linear>,
+}
+
+/// The encoder's structure head (see [`EegEncoderConfig::structure_hidden`]).
+#[derive(Debug, Clone)]
+pub enum StructureHead {
+    Linear(Linear),
+    Mlp([Linear; 2]),
 }
 
 impl EegEncoder {
     pub fn new(config: EegEncoderConfig) -> Result<EegEncoder> {
         let c = &config;
         ensure!(c.lstm_layers >= 1, "SpatiotemporalEEGEncoder: lstm_layers must be at least 1");
+        ensure!(
+            c.structure_dim > 0 || c.structure_hidden == 0,
+            "SpatiotemporalEEGEncoder: structure_hidden {} needs a structure head: set structure_dim",
+            c.structure_hidden
+        );
         let mut t = ParamTree::new();
         let temporal = Lstm::new(&mut t, "temporal_encoder", c.n_channels, c.lstm_hidden, c.lstm_layers, true);
         let [c0, c1] = c.spatial_channels;
@@ -86,7 +124,16 @@ impl EegEncoder {
             Linear::new(&mut t, "fusion.0", 2 * c.lstm_hidden + c1, c.fusion_hidden, true),
             Linear::new(&mut t, "fusion.2", c.fusion_hidden, c.latent_dim, true),
         ];
-        Ok(EegEncoder { config, params: t, temporal, spatial, fusion })
+        let structure_head = match (c.structure_dim, c.structure_hidden) {
+            (0, _) => None,
+            (dim, 0) => Some(StructureHead::Linear(Linear::new(&mut t, "structure_head", c.latent_dim, dim, true))),
+            (dim, hidden) => Some(StructureHead::Mlp([
+                Linear::new(&mut t, "structure_head.0", c.latent_dim, hidden, true),
+                Linear::new(&mut t, "structure_head.2", hidden, dim, true),
+            ])),
+        };
+        let linear_path = c.linear_path.then(|| Linear::new(&mut t, "linear_path", c.n_channels * c.n_timepoints, c.latent_dim, false));
+        Ok(EegEncoder { config, params: t, temporal, spatial, fusion, structure_head, linear_path })
     }
 }
 
@@ -107,6 +154,8 @@ pub struct EegEncoderActivations {
     fused: Tensor,
     /// After `fusion.0` and its ReLU, [B, fusion_hidden].
     hidden: Tensor,
+    /// With the linear path: the EEG flattened to [B, C·T], its input.
+    flat: Option<Tensor>,
     /// [B, latent_dim].
     pub embedding: Tensor,
 }
@@ -160,8 +209,17 @@ impl EegEncoder {
             .with_context(|| format!("{EEG_ENCODER}: concatenating the temporal and spatial features"))?;
         let fused = fused.reshape(&[b, out + c1])?;
         let hidden = relu(&linear(&self.fusion[0], p, &fused, alloc, EEG_ENCODER, "fusion.0")?, alloc)?;
-        let embedding = linear(&self.fusion[1], p, &hidden, alloc, EEG_ENCODER, "fusion.2")?;
-        Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, embedding })
+        let mut embedding = linear(&self.fusion[1], p, &hidden, alloc, EEG_ENCODER, "fusion.2")?;
+        let mut flat = None;
+        if let Some(l) = &self.linear_path {
+            let x = copy(eeg, alloc)?.reshape(&[b, ch * t])?;
+            let read_out = linear(l, p, &x, alloc, EEG_ENCODER, "linear_path")?;
+            let mut sum = alloc.alloc(embedding.shape(), dtype)?;
+            add(&embedding, &read_out, &mut sum)?;
+            embedding = sum;
+            flat = Some(x);
+        }
+        Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, flat, embedding })
     }
 
     /// Backward from `dembedding` (the gradient of `acts.embedding`): accumulates every parameter gradient
@@ -218,12 +276,83 @@ impl EegEncoder {
         let mut dx_spatial = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
         conv1d_grad(&self.spatial[0], p, &acts.eeg_t, &ds0, grads, dx_spatial.as_mut(), "spatial_encoder.0")?;
 
+        let mut dx_linear = None;
+        if let (Some(l), Some(flat)) = (&self.linear_path, &acts.flat) {
+            let mut d = input_grad.then(|| alloc.alloc(flat.shape(), dtype)).transpose()?;
+            linear_grad(l, p, flat, dembedding, grads, d.as_mut(), EEG_ENCODER, "linear_path")?;
+            dx_linear = d;
+        }
+
         let (Some(dx_temporal), Some(dx_spatial)) = (dx_temporal, dx_spatial) else { return Ok(None) };
         let mut dx = alloc.alloc(&[b, t, ch], dtype)?;
         add(&dx_temporal, &dx_spatial, &mut dx)?;
         let mut deeg = alloc.alloc(&[b, ch, t], dtype)?;
         transpose_last2_backward(&dx, &mut deeg)?;
+        if let Some(d) = dx_linear {
+            let mut sum = alloc.alloc(&[b, ch, t], dtype)?;
+            add(&deeg, &d.reshape(&[b, ch, t])?, &mut sum)?;
+            deeg = sum;
+        }
         Ok(Some(deeg))
+    }
+}
+
+/// What [`EegEncoder::structure`] computed: the MLP head's hidden layer (after its ReLU) and the map.
+pub struct EegStructureActivations {
+    hidden: Option<Tensor>,
+    /// `[B, structure_dim]`.
+    pub structure: Tensor,
+}
+
+impl EegEncoder {
+    /// The structure head on `embedding` `[B, latent_dim]`: `[B, structure_dim]`, or `None` when the encoder
+    /// has no head.
+    pub fn structure(&self, p: &ParamStore, embedding: &Tensor, alloc: &mut dyn Allocator) -> Result<Option<EegStructureActivations>> {
+        match &self.structure_head {
+            None => Ok(None),
+            Some(StructureHead::Linear(l)) => {
+                Ok(Some(EegStructureActivations { hidden: None, structure: linear(l, p, embedding, alloc, EEG_ENCODER, "structure_head")? }))
+            }
+            Some(StructureHead::Mlp([first, second])) => {
+                let hidden = relu(&linear(first, p, embedding, alloc, EEG_ENCODER, "structure_head.0")?, alloc)?;
+                let structure = linear(second, p, &hidden, alloc, EEG_ENCODER, "structure_head.2")?;
+                Ok(Some(EegStructureActivations { hidden: Some(hidden), structure }))
+            }
+        }
+    }
+
+    /// Backward of [`EegEncoder::structure`] from `dstructure`: accumulates the head's parameter gradients
+    /// and returns the gradient of `embedding`.
+    pub fn structure_backward(
+        &self,
+        p: &ParamStore,
+        embedding: &Tensor,
+        acts: &EegStructureActivations,
+        dstructure: &Tensor,
+        grads: &mut Grads,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
+        ensure!(
+            dstructure.shape() == acts.structure.shape(),
+            "{EEG_ENCODER}: the gradient of structure has shape {:?}, the structure {:?}",
+            dstructure.shape(),
+            acts.structure.shape()
+        );
+        let dtype = embedding.dtype();
+        let mut dembedding = alloc.alloc(embedding.shape(), dtype)?;
+        match (&self.structure_head, &acts.hidden) {
+            (Some(StructureHead::Linear(l)), None) => {
+                linear_grad(l, p, embedding, dstructure, grads, Some(&mut dembedding), EEG_ENCODER, "structure_head")?;
+            }
+            (Some(StructureHead::Mlp([first, second])), Some(hidden)) => {
+                let mut dhidden = alloc.alloc(hidden.shape(), dtype)?;
+                linear_grad(second, p, hidden, dstructure, grads, Some(&mut dhidden), EEG_ENCODER, "structure_head.2")?;
+                let dhidden = relu_grad(hidden, &dhidden, alloc)?;
+                linear_grad(first, p, embedding, &dhidden, grads, Some(&mut dembedding), EEG_ENCODER, "structure_head.0")?;
+            }
+            _ => bail!("{EEG_ENCODER}: structure_backward needs the activations of this encoder's structure head"),
+        }
+        Ok(dembedding)
     }
 }
 

@@ -36,7 +36,7 @@ use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
-use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
+use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructureHead, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Grads, Linear, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
@@ -145,6 +145,12 @@ pub struct EncoderStageConfig {
     /// single trial).
     #[serde(default = "default_trial_average")]
     pub trial_average: usize,
+    /// The weight of the structure term when `model` has a structure head (`structure_hidden`,
+    /// `structure_dim`): loss = InfoNCE + structure_weight · MSE(head(embedding), structure target) / the
+    /// train split's mean per-value variance of the targets (so 1 is the loss of predicting the mean map).
+    /// Required positive with a head, and 0 (the default) without one.
+    #[serde(default)]
+    pub structure_weight: f64,
 }
 
 /// `[encoder.image_embeddings]`: `.npy` files `[figures, latent_dim]` (f16/f32/f64), one row per figure
@@ -581,6 +587,50 @@ fn vae_mu(on: &On, model: &StructuralVae, p: &ParamStore, images: &ImageSplit, c
     Ok(mu)
 }
 
+/// The structure targets of stage `encoder`'s structure term: the train and val splits' `[figures, E·E]`
+/// maps and the train split's mean per-value variance, which the term is divided by.
+struct StructureTargets {
+    train: Vec<f32>,
+    val: Vec<f32>,
+    dim: usize,
+    variance: f64,
+}
+
+/// `None` when the encoder has no structure head; refuses a head without a positive `structure_weight`, a
+/// weight without a head, and targets of another size than the head's.
+fn encoder_structure_targets(cfg: &EncoderStageConfig, train: &SplitManifest, val: &SplitManifest) -> Result<Option<StructureTargets>> {
+    let (w, dim) = (cfg.structure_weight, cfg.model.structure_dim);
+    ensure!(w.is_finite() && w >= 0.0, "stage encoder: structure_weight must be finite and at least 0, got {w}");
+    if dim == 0 {
+        ensure!(w == 0.0, "stage encoder: structure_weight {w} needs a structure head: set [encoder.model] structure_hidden and structure_dim");
+        return Ok(None);
+    }
+    ensure!(w > 0.0, "stage encoder: the model has a structure head (structure_dim {dim}) but structure_weight is 0: nothing would train it");
+    let read = |split: &SplitManifest| -> Result<Vec<f32>> {
+        let path = cfg.data.join(&split.edges16);
+        let values = NpyFile::open(&path)?.to_f32()?;
+        ensure!(
+            values.len() == split.figures * dim,
+            "{}: {} values, expected {} figures x the structure head's structure_dim {dim}",
+            path.display(),
+            values.len(),
+            split.figures
+        );
+        ensure!(values.iter().all(|v| v.is_finite()), "{}: the structure targets hold NaN or Inf", path.display());
+        Ok(values)
+    };
+    let (train_maps, val_maps) = (read(train)?, read(val)?);
+    let n = train.figures as f64;
+    let mut variance = 0.0;
+    for j in 0..dim {
+        let column = train_maps.iter().skip(j).step_by(dim).map(|v| *v as f64);
+        let (sum, sq) = column.fold((0.0, 0.0), |(s, q), v| (s + v, q + v * v));
+        variance += (sq / n - (sum / n).powi(2)).max(0.0) / dim as f64;
+    }
+    ensure!(variance > 0.0, "{}: every training structure target is the same map: nothing to learn", cfg.data.join(&train.edges16).display());
+    Ok(Some(StructureTargets { train: train_maps, val: val_maps, dim, variance }))
+}
+
 /// Runs stage `encoder`; see [`EncoderStageConfig`] and the module docs for what it writes into `out`.
 pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
     let on = &On::new(device);
@@ -597,16 +647,19 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     let (train_split, val_split) = (manifest.split(&cfg.data, "train")?, manifest.split(&cfg.data, "val")?);
 
     let b = cfg.train.batch;
+    let mut vae = None;
     let (train_mu, val_mu) = match &cfg.image_embeddings {
         Some(t) => (embedding_rows(&t.train, train_split.figures, m.latent_dim)?, embedding_rows(&t.val, val_split.figures, m.latent_dim)?),
         None => {
-            let vae = StructuralVae::new(cfg.vae.clone())?;
-            let vae_params = on.load_params(&vae.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
+            let model = StructuralVae::new(cfg.vae.clone())?;
+            let vae_params = on.load_params(&model.params, &SafetensorsFile::open(&cfg.vae_weights)?, &[])?;
             let sd = cfg.vae.structure_dim;
-            (
-                vae_mu(on, &vae, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?,
-                vae_mu(on, &vae, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?,
-            )
+            let mu = (
+                vae_mu(on, &model, &vae_params, &load_images(&cfg.data, train_split, cfg.vae.image_size, sd)?, b)?,
+                vae_mu(on, &model, &vae_params, &load_images(&cfg.data, val_split, cfg.vae.image_size, sd)?, b)?,
+            );
+            vae = Some((model, vae_params));
+            mu
         }
     };
 
@@ -628,8 +681,25 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     ensure!(n_val >= 2, "stage encoder: the val split needs at least 2 figures for InfoNCE, it has {n_val}");
     let (latent, trial) = (m.latent_dim, c * t);
     let encoder = EegEncoder::new(m.clone())?;
+    let structure = encoder_structure_targets(cfg, train_split, val_split)?;
     let mut params = on.random_params(&encoder.params, cfg.train.seed)?;
+    if let (Some(StructureHead::Linear(head)), Some((svae, svae_params))) = (&encoder.structure_head, &vae) {
+        // A linear structure head starts as the StructuralVAE's, which maps mu (what InfoNCE aligns the
+        // embedding to) to the structure map; training then fits it to the EEG's embeddings.
+        ensure!(
+            cfg.vae.structure_dim == m.structure_dim,
+            "stage encoder: model.structure_dim {} differs from the VAE's structure_dim {}",
+            m.structure_dim,
+            cfg.vae.structure_dim
+        );
+        let from = &svae.structure_head;
+        params.get_mut(head.weight).write_f32(&svae_params.get(from.weight).to_f32_vec()?)?;
+        if let (Some(to), Some(b)) = (head.bias, from.bias) {
+            params.get_mut(to).write_f32(&svae_params.get(b).to_f32_vec()?)?;
+        }
+    }
     let mut nce = InfoNceActivations::zeros(&on.device, b, latent, on.dtype)?;
+    let (mut loss_value, mut partials) = loss_buffers(&on.zeros(&[1])?)?;
 
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
@@ -641,8 +711,22 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         let loss = nce.loss()? as f64;
         let (mut dembedding, mut dtarget) = (on.zeros(&[b, latent])?, on.zeros(&[b, latent])?);
         infonce_backward(&mut nce, dloss, &mut dembedding, &mut dtarget)?;
+        let mut losses = vec![("total", loss)];
+        if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
+            let edges = on.tensor(&[b, targets.dim], &gather(&targets.train, targets.dim, &figures))?;
+            mse_loss(&head.structure, &edges, &mut loss_value, &mut partials)?;
+            let normalized = loss_value.to_f32_vec()?[0] as f64 / targets.variance;
+            let weight = cfg.structure_weight / targets.variance;
+            let mut dstructure = on.zeros(head.structure.shape())?;
+            mse_loss_backward(&head.structure, &edges, weight as f32 * dloss, &mut dstructure)?;
+            let from_head = encoder.structure_backward(p, &acts.embedding, &head, &dstructure, grads, alloc)?;
+            let mut sum = on.zeros(dembedding.shape())?;
+            add(&dembedding, &from_head, &mut sum)?;
+            dembedding = sum;
+            losses = vec![("total", loss + cfg.structure_weight * normalized), ("infonce", loss), ("structure", normalized)];
+        }
         encoder.backward(p, &acts, &dembedding, grads, false, alloc)?;
-        Ok(vec![("total", loss)])
+        Ok(losses)
     };
     // InfoNCE depends on the batch: the val figures in order, in chunks of `batch` (the last may be
     // smaller), each chunk's loss weighted by its size.
@@ -652,10 +736,18 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
             let eeg = on.tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
             let target = on.tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
-            let acts = encoder.forward(p, &eeg, &mut on.alloc())?;
+            let alloc = &mut on.alloc();
+            let acts = encoder.forward(p, &eeg, alloc)?;
             let mut chunk = InfoNceActivations::zeros(&on.device, idx.len(), latent, on.dtype)?;
             infonce_forward(&acts.embedding, &target, cfg.temperature, &mut chunk)?;
-            sum += chunk.loss()? as f64 * idx.len() as f64;
+            let mut loss = chunk.loss()? as f64;
+            if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
+                let edges = on.tensor(&[idx.len(), targets.dim], &gather(&targets.val, targets.dim, &idx))?;
+                let (mut value, mut partials) = loss_buffers(&edges)?;
+                mse_loss(&head.structure, &edges, &mut value, &mut partials)?;
+                loss += cfg.structure_weight * value.to_f32_vec()?[0] as f64 / targets.variance;
+            }
+            sum += loss * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };
@@ -1097,8 +1189,11 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
         let alloc = &mut on.alloc();
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
-        let scaled = crate::pipeline::rescaled(&embedding, structure_norm, alloc)?;
-        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &scaled, alloc)?;
+        // The encoder's own structure head when it has one, as the pipeline's.
+        let structure = match encoder.structure(&encoder_params, &embedding, alloc)? {
+            Some(head) => head.structure,
+            None => linear_layer_forward(&svae.structure_head, &svae_params, &crate::pipeline::rescaled(&embedding, structure_norm, alloc)?, alloc)?,
+        };
         let n = embedding.shape()[0];
         let cond = on.tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
