@@ -45,7 +45,9 @@ enum Command {
                             sgdm demo --items 40 --steps 10   a quicker look\n  \
                             sgdm demo --weights runs/all      your own `sgdm train all` output instead of weights/\n\n\
                             Writes OUT/data (the dataset), OUT/recon (images, structure maps, manifest), OUT/metrics.json\n\
-                            and OUT/sheet.png (seen | structure map from EEG | reconstruction, for the first 24 test items).\n\n\
+                            and OUT/sheet.png (seen | true structure | structure map from EEG | reconstruction | reconstruction\n\
+                            without structure, for the first 24 test items); metrics.json holds the structure metrics, the ridge\n\
+                            floor and the ablation (the first --ablation-items figures, seeds 0, 1, 2).\n\n\
                             A rerun resumes: it reuses OUT/data when it holds the default dataset, and the finished images of\n\
                             OUT/recon made with the same weights, --steps, --scheduler, --guidance, --controlnet-scale and\n\
                             --seed; with other ones it says what changed and starts the reconstructions over (the dataset is\n\
@@ -164,7 +166,8 @@ enum Command {
                             Retrieval and 2-way identification compare in the StructuralVAE's latent space (its mu);\n\
                             PixCorr uses RGB values, SSIM grayscale (scikit-image's definition), both at the reconstruction's\n\
                             size. The control pairs every item with another item's image (a seeded derangement): chance,\n\
-                            measured on the same data. sheet.png shows seen | structure map from EEG | reconstruction.")]
+                            measured on the same data. sheet.png shows seen | true structure | structure map from EEG | reconstruction (and with\n\
+                            --ablation | reconstruction without structure).")]
     Eval(cli::eval::Args),
     /// Profile a denoising step (ControlNet + UNet): time per op family, share of the step, FLOPs and bytes,
     /// achieved TFLOP/s and GB/s against the device's peaks measured here.
