@@ -252,6 +252,18 @@ impl Default for LineDrawer {
     }
 }
 
+/// `4m35s`, `2h03m`, `12s`.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// A progress line for counted work (`reconstruct: 48/200  3.1 images/s  ETA 49s`), drawn by a
 /// [`LineDrawer`].
 pub struct ItemProgress {
@@ -269,7 +281,7 @@ impl ItemProgress {
     pub fn line(&self, done: usize, total: usize) -> String {
         let elapsed = self.start.elapsed().as_secs_f64();
         let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
-        let eta = if rate > 0.0 { crate::train::log::format_duration(std::time::Duration::from_secs_f64((total - done.min(total)) as f64 / rate)) } else { "?".into() };
+        let eta = if rate > 0.0 { format_duration(Duration::from_secs_f64((total - done.min(total)) as f64 / rate)) } else { "?".into() };
         format!("{}: {done}/{total}  {rate:.2} {}/s  ETA {eta}", self.label, self.unit)
     }
 

@@ -14,7 +14,7 @@ use sgdm::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutput
 use sgdm::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use sgdm::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use sgdm::ops::optim::AdamW;
-use sgdm::train::log::format_duration;
+use sgdm::util::format_duration;
 use sgdm::train::{
     config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog,
 };

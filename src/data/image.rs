@@ -10,6 +10,10 @@ use image::{GrayImage, ImageFormat, RgbImage};
 
 use crate::util::write_atomic;
 
+/// The largest image side sgdm trains at or imports to (SD's is 512): a typo of 64000 would ask for a
+/// terabyte.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 /// Decodes a PNG or JPEG file to 8-bit RGB.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();

@@ -167,10 +167,10 @@ fn check(cfg: &ImportConfig, progress: &mut dyn FnMut(ImportProgress)) -> Result
     let out = cfg.out.display();
     ensure!(!cfg.eeg_dirs.is_empty(), "give at least one --eeg-dir (a subject's folder holding {TRAINING_EEG} and {TEST_EEG})");
     ensure!(
-        (1..=crate::train::stages::MAX_IMAGE_SIZE).contains(&cfg.image_size),
+        (1..=crate::data::image::MAX_IMAGE_SIZE).contains(&cfg.image_size),
         "--image-size {} must be between 1 and {}",
         cfg.image_size,
-        crate::train::stages::MAX_IMAGE_SIZE
+        crate::data::image::MAX_IMAGE_SIZE
     );
     if cfg.out.exists() {
         ensure!(cfg.out.is_dir(), "{out}: exists and is not a folder");

@@ -106,7 +106,7 @@ impl Progress {
         let done = step.saturating_sub(self.first_step);
         let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
         let eta = if rate > 0.0 {
-            format_duration(Duration::from_secs_f64(self.total.saturating_sub(step) as f64 / rate))
+            crate::util::format_duration(Duration::from_secs_f64(self.total.saturating_sub(step) as f64 / rate))
         } else {
             "?".to_string()
         };
@@ -117,17 +117,5 @@ impl Progress {
     pub fn update(&mut self, step: u64, loss: f64) {
         let line = self.line(step, loss);
         self.drawer.draw(step >= self.total, || line);
-    }
-}
-
-/// `4m35s`, `2h03m`, `12s`.
-pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
     }
 }

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use super::{config_id, load_checkpoint, peek_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
 use crate::data::eeg::{EegData, Repetitions};
-use crate::data::image::load_square;
+use crate::data::image::{load_square, MAX_IMAGE_SIZE};
 use crate::data::npy::NpyFile;
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::dataset::{Manifest, SplitManifest};
@@ -224,9 +224,6 @@ impl On {
 fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::zeros(&like.device(), &[1], DType::F32)?, Tensor::zeros(&like.device(), &[PARTIALS], DType::F32)?))
 }
-
-/// The largest image side a stage trains at (SD's is 512): a typo of 64000 would ask for a terabyte.
-pub const MAX_IMAGE_SIZE: usize = 4096;
 
 fn check_image_size(stage: &str, key: &str, size: usize) -> Result<()> {
     ensure!((1..=MAX_IMAGE_SIZE).contains(&size), "stage {stage}: {key} {size} must be between 1 and {MAX_IMAGE_SIZE}");
