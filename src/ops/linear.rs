@@ -101,7 +101,7 @@ fn run_gemm(device: &Device, s: GemmShape, a: &Tensor, b: &Tensor, c: &mut Tenso
             Ok(())
         }
         Device::Cuda(d) => d.blas()?.gemm(
-            d,
+            d.stream(),
             s,
             a.dtype(),
             c.dtype(),

@@ -468,7 +468,7 @@ fn gemm_at(
         Device::Cuda(d) => {
             let at = |t: &Tensor, off: usize| Ok::<u64, anyhow::Error>(t.cuda_ptr()? + (off * t.dtype().size()) as u64);
             let ptrs = (at(a, ao)?, at(b, bo)?, at(c, co)?);
-            d.blas()?.gemm(&d, s, a.dtype(), c.dtype(), ptrs, None, 1.0, beta)
+            d.blas()?.gemm(d.stream(), s, a.dtype(), c.dtype(), ptrs, None, 1.0, beta)
         }
     }
 }

@@ -5,14 +5,13 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
-use crate::runtime::cuda::CudaDevice;
 use crate::runtime::probe;
 use crate::tensor::DType;
 
@@ -108,13 +107,14 @@ fn check(what: &str, r: Result<(), lt::CublasError>) -> Result<()> {
 }
 
 impl BlasLt {
-    pub fn new(device: &CudaDevice) -> Result<BlasLt> {
+    /// The handle and workspace for `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<BlasLt> {
         probe::cublaslt().map_err(|e| anyhow!("cuBLASLt is unavailable: {e}"))?;
         // cuBLASLt works in the calling thread's current context, which cudarc only binds for its own calls.
-        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
+        stream.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let handle = lt::create_handle().map_err(|e| anyhow!("cublasLtCreate: {e:?}"))?;
-        let workspace = device.stream().alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
-        let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, device.stream()).0;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
+        let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, stream).0;
         Ok(BlasLt { handle, _workspace: workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
 
@@ -185,12 +185,12 @@ impl BlasLt {
         }
     }
 
-    /// Runs the GEMM on `device`'s stream. `a`, `b`, `c` and `bias` are device addresses of tensors the caller
+    /// Runs the GEMM on `stream`. `a`, `b`, `c` and `bias` are device addresses of tensors the caller
     /// has checked against `shape` and the dtypes; `bias` has `n` elements of `c_dtype`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
-        device: &CudaDevice,
+        stream: &CudaStream,
         shape: GemmShape,
         ab_dtype: DType,
         c_dtype: DType,
@@ -207,7 +207,7 @@ impl BlasLt {
             ensure!(beta == 1.0 && bias.is_none(), "GEMM {shape:?}: a zero-length reduction is only supported as C += 0 on CUDA");
             return Ok(());
         }
-        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
+        stream.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let strides = |elems: usize, dtype: DType| (shape.batch > 1).then_some((elems * dtype.size()) as u64);
         let align = [
             alignment(b, strides(shape.k * shape.n, ab_dtype)),
@@ -252,7 +252,7 @@ impl BlasLt {
                     &plan.algo,
                     self.workspace_ptr as *mut c_void,
                     WORKSPACE_BYTES,
-                    device.stream().cu_stream() as sys::cudaStream_t,
+                    stream.cu_stream() as sys::cudaStream_t,
                 ),
             )
         }

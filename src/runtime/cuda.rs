@@ -9,6 +9,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchCo
 
 use crate::runtime::blas::BlasLt;
 use crate::runtime::kernel_table;
+pub use crate::runtime::kernel_table::KernelArg;
 use crate::runtime::kernels::{kernel_file, Arch, CacheOutcome, KernelCache};
 use crate::runtime::probe;
 
@@ -104,7 +105,7 @@ impl CudaDevice {
         }
         let _guard = self.blas_init.lock().unwrap();
         if self.blas.get().is_none() {
-            let _ = self.blas.set(BlasLt::new(self)?);
+            let _ = self.blas.set(BlasLt::new(&self.stream)?);
         }
         Ok(self.blas.get().expect("initialised above"))
     }
@@ -187,15 +188,4 @@ impl CudaDevice {
         kernel.record_launch();
         Ok(())
     }
-}
-
-/// One kernel argument, by value.
-#[derive(Debug, Clone, Copy)]
-pub enum KernelArg {
-    /// A device pointer (`CUdeviceptr`).
-    Ptr(u64),
-    F32(f32),
-    I32(i32),
-    I64(i64),
-    F64(f64),
 }
