@@ -24,7 +24,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::attention::{attention_backward, attention_forward, AttentionDims, AttentionSpec, Qkv, QkvGrads};
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 const BATCH: usize = 2;

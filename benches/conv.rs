@@ -19,7 +19,7 @@ mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col, Conv2dSpec};
 use sgdm::ops::linear::{matmul, MatmulSpec};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Tensor};
 
 const BATCH: usize = 2;

@@ -9,7 +9,7 @@ mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::elementwise::{add, geglu_forward, silu_forward};
 use sgdm::ops::optim::{adamw_step, AdamW};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 const N: usize = 1 << 22;

@@ -10,8 +10,10 @@ pub mod conformance;
 pub mod default_weights;
 pub mod data;
 pub mod diffusion;
+pub mod dtype;
 pub mod eval;
 pub mod evaluate;
+pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod ops;
@@ -24,5 +26,6 @@ pub mod train;
 pub mod util;
 pub mod weights;
 
-pub use runtime::{Arena, Device, DeviceSpec, MemoryPlan, Region};
+pub use memory::{Arena, MemoryPlan, Region};
+pub use runtime::{Device, DeviceSpec};
 pub use tensor::{DType, Tensor};

@@ -34,7 +34,7 @@ use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, Structura
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
 use crate::ops::elementwise::scale;
-use crate::runtime::pool::Pool;
+use crate::memory::pool::Pool;
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
@@ -409,7 +409,7 @@ impl Pipeline {
         // The decode reuses the step's pool (sized for it), or ordinary allocations if it does not fit.
         let decoded = match self.vae.decode(&self.vae_params, &z, &mut Pooled(step.pool.clone())) {
             Ok((decoded, _)) => decoded,
-            Err(e) if crate::runtime::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
+            Err(e) if crate::memory::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
             Err(e) => return Err(e),
         };
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
@@ -532,7 +532,7 @@ impl Step {
     }
 
     /// The pool's capacity and high-water mark.
-    pub fn pool_usage(&self) -> crate::runtime::pool::PoolUsage {
+    pub fn pool_usage(&self) -> crate::memory::pool::PoolUsage {
         self.pool.usage()
     }
 

@@ -1,7 +1,7 @@
 //! Arena planning, alignment, capacity, reset and peak reporting, on the CPU (the API is the same on CUDA;
 //! tests/cuda_parity.rs carves CUDA tensors from an arena when a GPU is present).
 
-use sgdm::runtime::arena::{aligned, human_bytes};
+use sgdm::memory::arena::{aligned, human_bytes};
 use sgdm::tensor::ALIGN;
 use sgdm::{Arena, DType, Device, MemoryPlan, Region};
 

@@ -90,7 +90,7 @@ mod loading {
     use super::*;
     use sgdm::models::autoencoder_kl::LEGACY_ATTENTION_NAMES;
     use sgdm::nn::ParamStore;
-    use sgdm::runtime::{Arena, MemoryPlan};
+    use sgdm::memory::{Arena, MemoryPlan};
     use sgdm::weights::{save_safetensors, SafetensorsFile};
     use sgdm::{DType, Device, Tensor};
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use sgdm::runtime::arena::human_bytes;
+use sgdm::memory::arena::human_bytes;
 use sgdm::runtime::select;
 use sgdm::tensor::memory_stats;
 use sgdm::weights::save_safetensors;

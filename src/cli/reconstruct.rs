@@ -7,7 +7,7 @@ use sgdm::default_weights::locate;
 use sgdm::diffusion::scheduler::SchedulerKind;
 use sgdm::pipeline::{Pipeline, SamplingOptions};
 use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard, Summary};
-use sgdm::runtime::arena::human_bytes;
+use sgdm::memory::arena::human_bytes;
 use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::{DType, Device, DeviceSpec};

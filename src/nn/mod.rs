@@ -242,17 +242,17 @@ pub struct ParamStore {
 
 impl ParamStore {
     /// Reserves room for every parameter of `tree` in `dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
+    pub fn plan(tree: &ParamTree, plan: &mut crate::memory::MemoryPlan, dtype: crate::tensor::DType) {
         for s in tree.specs() {
-            plan.reserve(crate::runtime::Region::Params, &s.shape, dtype);
+            plan.reserve(crate::memory::Region::Params, &s.shape, dtype);
         }
     }
 
     /// An arena on `device` sized for exactly `tree`'s parameters in `dtype`.
-    fn own_arena(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<crate::runtime::Arena> {
-        let mut plan = crate::runtime::MemoryPlan::new();
+    fn own_arena(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<crate::memory::Arena> {
+        let mut plan = crate::memory::MemoryPlan::new();
         ParamStore::plan(tree, &mut plan, dtype);
-        crate::runtime::Arena::new(device, &plan)
+        crate::memory::Arena::new(device, &plan)
     }
 
     /// [`ParamStore::load`] into an arena of the parameters' own on `device`.
@@ -278,7 +278,7 @@ impl ParamStore {
     pub fn load(
         tree: &ParamTree,
         file: &crate::weights::SafetensorsFile,
-        arena: &mut crate::runtime::Arena,
+        arena: &mut crate::memory::Arena,
         dtype: crate::tensor::DType,
         aliases: &[(&str, &str)],
     ) -> Result<ParamStore> {
@@ -309,7 +309,7 @@ impl ParamStore {
                     bad.first
                 );
             }
-            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            let mut t = arena.alloc(crate::memory::Region::Params, &spec.shape, dtype)?;
             t.write_bytes(&convert_bytes(stored_dtype, dtype, bytes))?;
             tensors.push(t);
         }
@@ -320,7 +320,7 @@ impl ParamStore {
     /// Parameters from a seeded generator: N(0, std²) with `std = 1/√fan_in` for weights (fan_in = the
     /// product of all but the first dimension), zero biases, unit norm weights: the starting point of
     /// training from scratch, and the weights of benchmarks and profiles of full-size configs.
-    pub fn random(tree: &ParamTree, arena: &mut crate::runtime::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
+    pub fn random(tree: &ParamTree, arena: &mut crate::memory::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = Vec::with_capacity(tree.len());
@@ -340,7 +340,7 @@ impl ParamStore {
                     })
                     .collect()
             };
-            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            let mut t = arena.alloc(crate::memory::Region::Params, &spec.shape, dtype)?;
             t.write_f32(&values)?;
             tensors.push(t);
         }
@@ -411,11 +411,11 @@ pub fn standalone(device: &crate::runtime::Device, differentiated: bool) -> Box<
     }
 }
 
-/// Tensors from a [`crate::runtime::pool::Pool`], for forwards that will not be differentiated: ranges come
+/// Tensors from a [`crate::memory::pool::Pool`], for forwards that will not be differentiated: ranges come
 /// back to the pool as activations are discarded, so the pool needs the step's peak working set only, and a
 /// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
 /// element they hand on.
-pub struct Pooled(pub crate::runtime::pool::Pool);
+pub struct Pooled(pub crate::memory::pool::Pool);
 
 impl Allocator for Pooled {
     fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
@@ -429,7 +429,7 @@ impl Allocator for Pooled {
 
 /// Tensors carved from one region of an arena (never zeroed after the first use: layers write every element
 /// they hand on).
-pub struct ArenaRegion<'a>(pub &'a mut crate::runtime::Arena, pub crate::runtime::Region);
+pub struct ArenaRegion<'a>(pub &'a mut crate::memory::Arena, pub crate::memory::Region);
 
 impl Allocator for ArenaRegion<'_> {
     fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
@@ -450,9 +450,9 @@ const LENT: &str = "a lent gradient is back before `with_lent` returns";
 
 impl Grads {
     /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
+    pub fn plan(tree: &ParamTree, plan: &mut crate::memory::MemoryPlan, dtype: crate::tensor::DType) {
         for s in tree.specs() {
-            plan.reserve(crate::runtime::Region::Grads, &s.shape, dtype);
+            plan.reserve(crate::memory::Region::Grads, &s.shape, dtype);
         }
     }
 

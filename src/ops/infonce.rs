@@ -14,7 +14,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{matmul, MatmulSpec};
-use crate::runtime::arena::{MemoryPlan, Region};
+use crate::memory::arena::{MemoryPlan, Region};
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};

@@ -24,7 +24,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{cpu_gemm, linear_backward, linear_forward};
-use crate::runtime::arena::{MemoryPlan, Region};
+use crate::memory::arena::{MemoryPlan, Region};
 use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::KernelArg::{Ptr, I32};
 use crate::runtime::device::Device;

@@ -13,7 +13,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream};
 
 use crate::runtime::probe;
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// Workspace cuBLASLt may use; 32 MiB is what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;

@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree};
 use crate::ops::elementwise::cast;
 use crate::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
-use crate::runtime::{MemoryPlan, Region};
+use crate::memory::{MemoryPlan, Region};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -3,7 +3,7 @@
 //! on tensor cores and on the CUDA cores.
 
 use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, random, rounded};

@@ -1,7 +1,7 @@
 //! Elementwise kernels: casts bit-exact, arithmetic within one bf16 rounding.
 
 use sgdm::ops::elementwise;
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded, upload};

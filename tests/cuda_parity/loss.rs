@@ -3,7 +3,7 @@
 //! check the bits repeat; gradients f32 1e-5, bf16 one rounding (2^-8).
 
 use sgdm::ops::loss::{self, PARTIALS};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};

@@ -3,7 +3,7 @@
 //! clipping over a list of tensors of both dtypes (norm 1e-5; clipped values within one rounding).
 
 use sgdm::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded};

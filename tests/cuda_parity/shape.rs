@@ -2,7 +2,7 @@
 //! block sum and the pooled mean add in a different order than the CPU (f32 1e-5; bf16 rounds once, 2^-8).
 
 use sgdm::ops::shape;
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};

@@ -4,7 +4,7 @@
 //! relative (plus the CPU's own n * 2^-24 sum error); bf16 rounds once on the store: 2^-8 relative.
 
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};
