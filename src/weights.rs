@@ -432,3 +432,47 @@ impl Component {
         self.config.get("_class_name").and_then(|v| v.as_str())
     }
 }
+
+/// Where a model's parameter values come from.
+pub enum ParamSource {
+    /// A weights file, every tensor checked against the model by name and shape when loaded.
+    File(SafetensorsFile),
+    /// A seeded generator (profiling and benchmarking full-size configurations that come without weights).
+    Random { seed: u64 },
+}
+
+/// Where a model's configuration and parameters come from: a component directory with its weights, or
+/// its `config.json` alone with seeded random parameters.
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub config: serde_json::Value,
+    pub parameters: ParamSource,
+}
+
+impl ModelSource {
+    /// The component in `dir`; with `random_seed`, only its config.json is read.
+    pub fn open(dir: &Path, random_seed: Option<u64>) -> anyhow::Result<ModelSource> {
+        use anyhow::Context;
+        match random_seed {
+            None => {
+                let c = Component::open(dir)?;
+                Ok(ModelSource { dir: c.dir, config: c.config, parameters: ParamSource::File(c.weights) })
+            }
+            Some(seed) => {
+                let path = dir.join("config.json");
+                let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                let config: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+                Ok(ModelSource { dir: dir.to_path_buf(), config, parameters: ParamSource::Random { seed } })
+            }
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    pub fn class_name(&self) -> Option<&str> {
+        self.config.get("_class_name").and_then(|v| v.as_str())
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
 use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
+use sgdm::nn::ParamStore;
 use sgdm::train::stages::{
     train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport, Stopped,
     VaeStageConfig,
@@ -315,15 +316,15 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
         assert!(c.weights.contains(tensor), "{component} lacks {tensor}");
     }
     // They load as real Stable Diffusion components do: every parameter present, by name and shape.
-    let source = |c: &str| sgdm::conformance::ModelSource::open(&out.path().join(c), None).unwrap();
+    let source = |c: &str| sgdm::weights::ModelSource::open(&out.path().join(c), None).unwrap();
     let (vae, unet) = (source("vae"), source("unet"));
     let vae_model = sgdm::models::autoencoder_kl::AutoencoderKl::new(
         sgdm::models::autoencoder_kl::AutoencoderKlConfig::from_json(&vae.config_path(), &vae.config).unwrap(),
     )
     .unwrap();
-    vae.params(&vae_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    ParamStore::from_source(&vae_model.params, &vae.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
     let unet_model = sgdm::models::unet::UNet::new(sgdm::models::unet::UNetConfig::from_json(&unet.config_path(), &unet.config).unwrap()).unwrap();
-    unet.params(&unet_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    ParamStore::from_source(&unet_model.params, &unet.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
 }
 
 #[test]
@@ -355,9 +356,9 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
     assert_eq!(c.config["_class_name"], "ControlNetModel");
     assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
-    let source = sgdm::conformance::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
+    let source = sgdm::weights::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
     let model = sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
-    let p = source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    let p = ParamStore::from_source(&model.params, &source.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
     // The zero convs start at zero: training moved them, so gradients reached the ControlNet's outputs.
     let mid = p.get(model.mid_zero_conv.weight).to_f32_vec().unwrap();
     assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");

@@ -271,6 +271,20 @@ impl ParamStore {
         ParamStore::random(tree, &mut ParamStore::own_arena(tree, device, dtype)?, dtype, seed)
     }
 
+    /// Every parameter of `tree` from `source` ([`ParamStore::load_owned`] or [`ParamStore::random_owned`]).
+    pub fn from_source(
+        tree: &ParamTree,
+        source: &crate::weights::ParamSource,
+        device: &crate::runtime::Device,
+        dtype: crate::tensor::DType,
+        aliases: &[(&str, &str)],
+    ) -> Result<ParamStore> {
+        match source {
+            crate::weights::ParamSource::File(file) => ParamStore::load_owned(tree, file, device, dtype, aliases),
+            crate::weights::ParamSource::Random { seed } => ParamStore::random_owned(tree, device, dtype, *seed),
+        }
+    }
+
     /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, a tensor the
     /// model does not have, or a NaN or Inf value is an error naming the file and tensor. `aliases` lists (old, current) name
     /// components accepted for older checkpoints (e.g. the VAE's `query` for `to_q`); an aliased weight may
