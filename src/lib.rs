@@ -25,6 +25,7 @@ pub mod tensor;
 pub mod train;
 pub mod util;
 pub mod weights;
+pub mod weights_folder;
 
 pub use memory::{Arena, MemoryPlan, Region};
 pub use runtime::{Device, DeviceSpec};

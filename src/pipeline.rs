@@ -2,15 +2,7 @@
 //! ControlNet condition; embedding -> cross-attention tokens (the EEG projector); guided denoising of
 //! Gaussian latents by the UNet with the ControlNet's residuals; AutoencoderKL decode.
 //!
-//! A weights folder is what `sgdm train all` writes (the shipped default in `weights/` is one):
-//!
-//! | file | what |
-//! | --- | --- |
-//! | `vae/`, `unet/`, `controlnet/` | diffusers components (`config.json` + `diffusion_pytorch_model.safetensors`) |
-//! | `vae.safetensors`, `vae_config.json` | the StructuralVAE (stage 1) |
-//! | `encoder.safetensors`, `encoder_config.json`, `eeg_standardization.json` | the EEG encoder (stage 2) and its input scaling |
-//! | `eeg_projector.safetensors` | embedding -> `tokens` cross-attention tokens (stage 3) |
-//! | `base.json` (optional) | the `vae` and `unet` folders to use instead of `vae/` and `unet/` (e.g. Stable Diffusion's) |
+//! A weights folder is what `sgdm train all` writes; [`crate::weights_folder`] lists its files.
 //!
 //! The denoising state (the latents and the scheduler's x0) stays on the pipeline's device in f32 and the
 //! guided scheduler update runs there (`ops::sampling::guided_step`); the models run in the pipeline's dtype,
@@ -28,21 +20,18 @@ use serde_json::Value;
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
-use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
+use crate::models::autoencoder_kl::AutoencoderKl;
 use crate::models::blocks::linear_layer_forward;
-use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
-use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
+use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
+use crate::models::unet::{ControlNet, UNet, UNetConditioning};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
 use crate::ops::elementwise::scale;
 use crate::memory::pool::Pool;
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
-use crate::weights::{Component, SafetensorsFile};
-
-/// The files a weights folder must hold besides the three diffusers components.
-pub const WEIGHT_FILES: [&str; 6] =
-    ["vae.safetensors", "vae_config.json", "encoder.safetensors", "encoder_config.json", "eeg_standardization.json", "eeg_projector.safetensors"];
+use crate::weights::SafetensorsFile;
+use crate::weights_folder::{base_components, built, load_autoencoder_kl, load_controlnet, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG, WEIGHT_FILES};
 
 /// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
 pub const MAX_LATENT_SIZE: usize = 1024;
@@ -128,36 +117,6 @@ pub struct Pipeline {
     pub condition_size: usize,
 }
 
-/// The AutoencoderKL and UNet folders of a weights folder: its `vae/` and `unet/`, or those `base.json`
-/// names (written by stage `controlnet` when it trained against, say, a Stable Diffusion folder).
-pub fn base_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let pointer = dir.join(crate::train::stages::BASE_POINTER);
-    if pointer.is_file() {
-        let v = read_json(&pointer)?;
-        let get = |key: &str| -> Result<PathBuf> {
-            let p = PathBuf::from(v[key].as_str().with_context(|| format!("{}: no '{key}' path", pointer.display()))?);
-            ensure!(p.join("config.json").is_file(), "{}: '{key}' names {}, which has no config.json", pointer.display(), p.display());
-            Ok(p)
-        };
-        return Ok((get("vae")?, get("unet")?));
-    }
-    for f in ["vae/config.json", "unet/config.json"] {
-        ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} and no base.json naming the VAE and UNet", dir.display());
-    }
-    Ok((dir.join("vae"), dir.join("unet")))
-}
-
-/// The context of a model that its configuration file does not describe.
-fn built(config: &Path) -> String {
-    format!("{}: the model this configuration describes cannot be built", config.display())
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = crate::util::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
-}
-
-
 impl Pipeline {
     /// Loads the weights folder `dir` (see the module docs) onto `device` as `dtype`. Every file is checked:
     /// missing files, unknown or misshapen tensors and inconsistent sizes are errors naming the file.
@@ -167,10 +126,10 @@ impl Pipeline {
             ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} (expected the output of `sgdm train all`)", dir.display());
         }
         let (vae_dir, unet_dir) = base_components(dir)?;
-        let path = dir.join("encoder_config.json");
+        let path = dir.join(ENCODER_CONFIG);
         let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
-        let path = dir.join("vae_config.json");
+        let path = dir.join(VAE_CONFIG);
         let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
         let latent_dim = encoder.config.latent_dim;
@@ -183,16 +142,9 @@ impl Pipeline {
 
         let contract = EegContract::read(&dir.join(STANDARDIZATION_FILE), encoder.config.n_channels)?;
 
-        let vae_component = Component::open(&vae_dir)?;
-        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?).with_context(|| built(&vae_dir.join("config.json")))?;
-        let vae_params = ParamStore::load_owned(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
-        let unet_component = Component::open(&unet_dir)?;
-        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?).with_context(|| built(&unet_dir.join("config.json")))?;
-        let unet_params = ParamStore::load_owned(&unet.params, &unet_component.weights, device, dtype, &[])?;
-        let cn_component = Component::open(dir.join("controlnet"))?;
-        let controlnet =
-            ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?).with_context(|| built(&dir.join("controlnet/config.json")))?;
-        let controlnet_params = ParamStore::load_owned(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
+        let (vae, vae_params) = load_autoencoder_kl(&vae_dir, device, dtype)?;
+        let (unet, unet_params, unet_config) = load_unet(&unet_dir, device, dtype)?;
+        let (controlnet, controlnet_params) = load_controlnet(&dir.join("controlnet"), device, dtype)?;
 
         let path = dir.join("eeg_projector.safetensors");
         let file = SafetensorsFile::open(&path)?;
@@ -223,7 +175,7 @@ impl Pipeline {
             controlnet.config.in_channels,
             vae.config.latent_channels
         );
-        let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
+        let sample_size = unet_config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
             as usize;
         // Checked before anything is sized by it: 100000 made the first batch abort on a 160 GB allocation.
         ensure!(
@@ -323,7 +275,7 @@ impl Pipeline {
     /// The structure maps `[B, E·E]` the structure head predicts from embeddings (rescaled to `structure_norm`).
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
         let alloc = &mut Inference(self.device.clone());
-        linear_layer_forward(&self.svae.structure_head, &self.svae_params, &rescaled(embedding, self.structure_norm, alloc)?, alloc)
+        self.svae.structure_from_embedding(&self.svae_params, embedding, self.structure_norm, alloc)
     }
 
     /// Item `index`'s initial latent noise: depends on the seed and the index only.
@@ -573,16 +525,3 @@ impl Denoiser<'_> {
     }
 }
 
-/// `embedding` `[B, d]` with each row rescaled to length `norm` on its device (zero rows stay zero): the
-/// structure head's input (InfoNCE fixes only an embedding's direction).
-pub fn rescaled(embedding: &Tensor, norm: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
-    let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
-    crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
-    Ok(scaled)
-}
-
-/// `[B, E·E]` maps -> `[B, E·f, E·f]`, nearest-neighbour.
-pub fn upsample_nearest(maps: &[f32], edge: usize, factor: usize) -> Vec<f32> {
-    let out = edge * factor;
-    maps.chunks_exact(edge * edge).flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor])).collect()
-}

@@ -34,7 +34,8 @@ use crate::data::dataset::Manifest;
 use crate::data::eeg::{EegData, EegRows, EegScan};
 use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
-use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
+use crate::models::sgdm::upsample_nearest;
+use crate::pipeline::{Pipeline, SamplingOptions};
 use crate::tensor::{memory_stats, reset_memory_peak};
 use crate::util::{content_checksum, remove_stale_temporaries, write_atomic};
 

@@ -243,6 +243,25 @@ fn lstm_tensors(p: LstmParams) -> Vec<Tensor> {
     p.layers.into_iter().flatten().flat_map(|w| [w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh]).collect()
 }
 
+impl StructuralVae {
+    /// The structure maps `[B, E·E]` the structure head predicts from EEG embeddings `[B, latent]`, each row
+    /// rescaled to length `norm` first (zero rows stay zero): InfoNCE fixes only an embedding's direction,
+    /// and `norm` is the length the head saw in training (the mean length of the VAE's mu). The ControlNet's
+    /// condition at reconstruction and in stage `controlnet`.
+    pub fn structure_from_embedding(&self, p: &ParamStore, embedding: &Tensor, norm: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
+        crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
+        crate::models::blocks::linear_layer_forward(&self.structure_head, p, &scaled, alloc)
+    }
+}
+
+/// `[B, E·E]` structure maps -> `[B, E·f, E·f]`, nearest-neighbour: the ControlNet's condition images (and
+/// the structure maps reconstruct writes) at `f` times the map's side.
+pub fn upsample_nearest(maps: &[f32], edge: usize, factor: usize) -> Vec<f32> {
+    let out = edge * factor;
+    maps.chunks_exact(edge * edge).flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor])).collect()
+}
+
 /// The [1, T, 1] Conv1d filter that picks step T - 1 of a [B, T, F] sequence read as T channels of length
 /// F. The ops have no strided slice; this one is exact (one product by 1, the others by 0, summed) and its
 /// input gradient is the scatter back into a dense [B, T, F] that the LSTM's backward reads.

@@ -36,7 +36,7 @@ use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
-use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
+use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Grads, Linear, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
@@ -45,6 +45,7 @@ use crate::ops::optim::AdamW;
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{save_safetensors, Component, SafetensorsFile, COMPONENT_WEIGHT_FILES};
+use crate::weights_folder::{load_autoencoder_kl, load_unet, BASE_POINTER, ENCODER_CONFIG, VAE_CONFIG};
 
 /// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -277,9 +278,6 @@ fn gather(values: &[f32], per: usize, idx: &[usize]) -> Vec<f32> {
     idx.iter().flat_map(|&i| &values[i * per..(i + 1) * per]).copied().collect()
 }
 
-
-
-
 /// Refuses parameters holding NaN or Inf as a stage's result, naming the tensor: they would load as a
 /// model that makes only garbage.
 fn ensure_finite(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
@@ -504,11 +502,6 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     train_loop(on, "vae", &cfg.train, &id, out, resume, &model.params, &mut params, &mut step, &mut validate, stop)
 }
 
-/// The StructuralVAE's configuration, written by stage `vae` beside `vae.safetensors`.
-pub const VAE_CONFIG: &str = "vae_config.json";
-/// The EEG encoder's configuration, written by stage `encoder` beside `encoder.safetensors`.
-pub const ENCODER_CONFIG: &str = "encoder_config.json";
-
 /// Writes a model's configuration as JSON with diffusers' `_class_name` key (what `from_json` reads back).
 fn save_model_config(path: &Path, class: &str, config: &impl serde::Serialize) -> Result<()> {
     let mut value = serde_json::to_value(config)?;
@@ -661,7 +654,6 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     save_model_config(&out.join(ENCODER_CONFIG), "SpatiotemporalEEGEncoder", m)?;
     train_loop(on, "encoder", &cfg.train, &id, out, resume, &encoder.params, &mut params, &mut step, &mut validate, stop)
 }
-
 
 /// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
 /// `diffusion_pytorch_model.safetensors` holding the parameters of `tree` whose names `keep` accepts.
@@ -993,7 +985,6 @@ const CONTROLNET_UNET_KEYS: [&str; 17] = [
     "upcast_attention",
 ];
 
-
 /// Runs stage `controlnet`; see [`ControlNetStageConfig`].
 pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
     let on = &On::new(device);
@@ -1001,13 +992,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
     check_image_size("controlnet", "image_size", cfg.image_size)?;
     check_image_size("controlnet", "structural_vae.image_size", cfg.structural_vae.image_size)?;
-    let vae_component = Component::open(&cfg.vae)?;
-    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&cfg.vae.join("config.json"), &vae_component.config)?)?;
-    let vae_params = on.load_params(&vae.params, &vae_component.weights, &LEGACY_ATTENTION_NAMES)?;
-    let unet_component = Component::open(&cfg.unet)?;
-    let unet_config = unet_component.config;
-    let unet = UNet::new(UNetConfig::from_json(&cfg.unet.join("config.json"), &unet_config)?)?;
-    let unet_params = on.load_params(&unet.params, &unet_component.weights, &[])?;
+    let (vae, vae_params) = load_autoencoder_kl(&cfg.vae, &on.device, on.dtype)?;
+    let (unet, unet_params, unet_config) = load_unet(&cfg.unet, &on.device, on.dtype)?;
 
     let mut cn_config = serde_json::Map::new();
     cn_config.insert("_class_name".into(), Value::from("ControlNetModel"));
@@ -1094,10 +1080,9 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
         let alloc = &mut on.alloc();
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
-        let scaled = crate::pipeline::rescaled(&embedding, structure_norm, alloc)?;
-        let structure = linear_layer_forward(&svae.structure_head, &svae_params, &scaled, alloc)?;
+        let structure = svae.structure_from_embedding(&svae_params, &embedding, structure_norm, alloc)?;
         let n = embedding.shape()[0];
-        let cond = on.tensor(&[n, 1, cond_size, cond_size], &crate::pipeline::upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
+        let cond = on.tensor(&[n, 1, cond_size, cond_size], &upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
     };
     let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
@@ -1172,12 +1157,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
 /// left over, and the UNet takes the VAE's latents. Returns a one-line description.
 pub fn check_pretrained_base(dir: &Path) -> Result<String> {
     let (vae_dir, unet_dir) = (dir.join("vae"), dir.join("unet"));
-    let vae_component = Component::open(&vae_dir)?;
-    let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?)?;
-    ParamStore::load_owned(&vae.params, &vae_component.weights, &Device::Cpu, DType::F32, &LEGACY_ATTENTION_NAMES)?;
-    let unet_component = Component::open(&unet_dir)?;
-    let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?)?;
-    ParamStore::load_owned(&unet.params, &unet_component.weights, &Device::Cpu, DType::F32, &[])?;
+    let (vae, _) = load_autoencoder_kl(&vae_dir, &Device::Cpu, DType::F32)?;
+    let (unet, _, _) = load_unet(&unet_dir, &Device::Cpu, DType::F32)?;
     ensure!(
         unet.config.in_channels == vae.config.latent_channels,
         "{}: the UNet takes {} channels, the VAE ({}) makes latents of {}",
@@ -1194,10 +1175,6 @@ pub fn check_pretrained_base(dir: &Path) -> Result<String> {
         unet.config.cross_attention_dim
     ))
 }
-
-/// The file naming the AutoencoderKL and UNet a ControlNet was trained against when they are not the
-/// `vae/` and `unet/` beside it (e.g. a Stable Diffusion folder): the reconstruction pipeline reads it.
-pub const BASE_POINTER: &str = "base.json";
 
 fn write_base_pointer(cfg: &ControlNetStageConfig, out: &Path) -> Result<()> {
     let path = out.join(BASE_POINTER);
