@@ -164,8 +164,8 @@ const MUTANTS: &[Mutant] = &[
         name: "conv mma fragment registers a1 and a2 swapped",
         file: "conv.cu",
         scope: "__device__ __forceinline__ void mma_block_step(",
-        find: "            a[mi][1] = pair_at(&As[r + 8][k]);\n            a[mi][2] = pair_at(&As[r][k + 8]);",
-        replace: "            a[mi][2] = pair_at(&As[r + 8][k]);\n            a[mi][1] = pair_at(&As[r][k + 8]);",
+        find: "            a[mi][1] = bf16_pair(&As[r + 8][k]);\n            a[mi][2] = bf16_pair(&As[r][k + 8]);",
+        replace: "            a[mi][2] = bf16_pair(&As[r + 8][k]);\n            a[mi][1] = bf16_pair(&As[r][k + 8]);",
         victim: "victim_conv_forward_on_tensor_cores",
     },
     Mutant {
@@ -178,7 +178,7 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "attention mma forward without the barrier after the K/V tile",
-        file: "attention.cu",
+        file: "attention_mma.cu",
         scope: "            Vt[dim * VLD + key] = vv;",
         find: "        __syncthreads();\n",
         replace: "",

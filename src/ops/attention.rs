@@ -5,7 +5,8 @@
 //! per-row log-sum-exp `lse` [B, H, Lq] (f32 on every backend); the backward recomputes the probabilities
 //! from it and needs a scratch `delta` [B, H, Lq] (f32) for the row sums of dout * out.
 //! CPU: f32, rayon over (batch, head, query block) with `matrixmultiply::sgemm` for the products.
-//! CUDA: `kernels/attention.cu`, flash-style kernels that never store the score matrix, f32 or bf16 storage.
+//! CUDA: flash-style kernels that never store the score matrix: `kernels/attention.cu` on the CUDA cores (f32
+//! or bf16 storage), `kernels/attention_mma.cu` on tensor cores (bf16).
 
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
@@ -20,6 +21,8 @@ use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "attention.cu";
+/// The tensor-core kernels (bf16, sm_80+).
+pub const MMA_KERNEL_FILE: &str = "attention_mma.cu";
 
 /// The attention kernels' choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
 pub type AttentionKernel = super::Variant;
@@ -176,7 +179,7 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
             ];
             if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MAX_HEAD_DIM {
                 let name = format!("attention_forward_mma_bf16_d{}", dims.head_dim.div_ceil(16) * 16);
-                launch_rows(&d, kernel(&name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
+                launch_rows(&d, kernel(MMA_KERNEL_FILE, &name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
             } else {
                 launch_tiled(&d, "attention_forward", dtype, &dims, scale, CUDA_FORWARD_ROWS, dims.q_len, &args)
             }
@@ -238,7 +241,7 @@ pub fn attention_backward_using(
         }
         Device::Cuda(d) => {
             let rows = dims.batch * dims.q_len * dims.heads;
-            let name = kernel(&format!("attention_backward_delta_{}", dtype_suffix(dtype)))?;
+            let name = kernel(KERNEL_FILE, &format!("attention_backward_delta_{}", dtype_suffix(dtype)))?.name;
             let blocks = (rows * 32).div_ceil(256);
             ensure!(blocks <= i32::MAX as usize, "{OP}: {rows} rows exceed one launch");
             let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -265,9 +268,9 @@ pub fn attention_backward_using(
             dkdv_args.extend([Ptr(dk.cuda_ptr()?), Ptr(dv.cuda_ptr()?)]);
             if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MMA_BACKWARD_MAX_HEAD_DIM {
                 let dp = dims.head_dim.div_ceil(16) * 16;
-                let dq_kernel = kernel(&format!("attention_backward_dq_mma_bf16_d{dp}"))?;
+                let dq_kernel = kernel(MMA_KERNEL_FILE, &format!("attention_backward_dq_mma_bf16_d{dp}"))?;
                 launch_rows(&d, dq_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &dq_args)?;
-                let dkdv_kernel = kernel(&format!("attention_backward_dkdv_mma_bf16_d{dp}"))?;
+                let dkdv_kernel = kernel(MMA_KERNEL_FILE, &format!("attention_backward_dkdv_mma_bf16_d{dp}"))?;
                 return launch_rows(&d, dkdv_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.kv_len, &dkdv_args);
             }
             launch_tiled(&d, "attention_backward_dq", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.q_len, &dq_args)?;
@@ -283,8 +286,8 @@ fn dtype_suffix(dtype: DType) -> &'static str {
     }
 }
 
-fn kernel(name: &str) -> Result<&'static str> {
-    Ok(kernel_table::find(KERNEL_FILE, name)?.name)
+fn kernel(file: &str, name: &str) -> Result<&'static kernel_table::Kernel> {
+    kernel_table::find(file, name)
 }
 
 /// Launches one of the tiled kernels: grid (ceil(len / rows_per_block), B*H), the head-dim variant holding
@@ -301,15 +304,15 @@ fn launch_tiled(
     args: &[KernelArg],
 ) -> Result<()> {
     let variant = dims.head_dim.div_ceil(32) * 32;
-    let name = kernel(&format!("{kind}_{}_d{variant}", dtype_suffix(dtype)))?;
-    launch_rows(d, name, dims, scale, rows_per_block, CUDA_THREADS, len, args)
+    let kernel = kernel(KERNEL_FILE, &format!("{kind}_{}_d{variant}", dtype_suffix(dtype)))?;
+    launch_rows(d, kernel, dims, scale, rows_per_block, CUDA_THREADS, len, args)
 }
 
-/// Launches `name` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
+/// Launches `kernel` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
 #[allow(clippy::too_many_arguments)]
 fn launch_rows(
     d: &CudaDevice,
-    name: &'static str,
+    kernel: &'static kernel_table::Kernel,
     dims: &AttentionDims,
     scale: f32,
     rows_per_block: usize,
@@ -317,7 +320,7 @@ fn launch_rows(
     len: usize,
     args: &[KernelArg],
 ) -> Result<()> {
-    let kind = name;
+    let kind = kernel.name;
     let heads = dims.batch * dims.heads;
     ensure!(heads <= 65_535, "{kind}: batch * heads = {heads} exceeds the grid's y limit 65535");
     ensure!(
@@ -337,7 +340,7 @@ fn launch_rows(
         I32(dims.head_dim as i32),
         F32(scale),
     ]);
-    d.launch(KERNEL_FILE, name, cfg, &all, None)
+    d.launch(kernel.file, kernel.name, cfg, &all, None)
 }
 
 /// The row of head `h` of token `i` in batch `b` of a [B, L, H*d] tensor starts at this element.

@@ -33,6 +33,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "elementwise.cu" => elementwise::check,
             "linear.cu" => linear::check,
             "attention.cu" => attention::check,
+            "attention_mma.cu" => attention::check_tensor_cores,
             "norm.cu" => norm::check,
             "shape.cu" => shape::check,
             "softmax.cu" => softmax::check,
