@@ -1,5 +1,6 @@
 //! Evaluation metrics with their usual definitions: N-way zero-shot retrieval top-k by cosine similarity,
-//! PixCorr, SSIM (grayscale, Gaussian window, as scikit-image computes it), 2-way identification, and the
+//! N-way matching and mean correlation of maps (structure maps, pixels) by Pearson correlation, PixCorr,
+//! SSIM (grayscale, Gaussian window, as scikit-image computes it), 2-way identification, and the
 //! derangements that build shuffled controls, so chance is measured rather than assumed.
 
 use anyhow::{ensure, Result};
@@ -21,11 +22,64 @@ fn normalized(v: &[f32]) -> Vec<f64> {
 /// cosine-similar to it. `queries` and `keys` are `[n, dim]`, row i of each describing item i. Ties count
 /// against the query (a key scoring equal to the true one ranks ahead of it).
 pub fn retrieval_top_k(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) -> Result<Vec<f64>> {
-    let n = rows("retrieval queries", queries, dim)?;
-    ensure!(rows("retrieval keys", keys, dim)? == n, "retrieval: {n} queries but {} keys", keys.len() / dim);
-    ensure!(n > 0, "retrieval: no items");
-    let q: Vec<Vec<f64>> = queries.chunks_exact(dim).map(normalized).collect();
-    let k: Vec<Vec<f64>> = keys.chunks_exact(dim).map(normalized).collect();
+    let n = paired_rows("retrieval", queries, keys, dim)?;
+    Ok(top_k_hits(&queries.chunks_exact(dim).map(normalized).collect::<Vec<_>>(), &keys.chunks_exact(dim).map(normalized).collect::<Vec<_>>(), ks, n))
+}
+
+/// N-way matching by Pearson correlation: for each k in `ks`, the fraction of predicted rows whose own true
+/// row (same index) is among the k true rows most correlated with it (ties count against the prediction).
+/// `predicted` and `truth` are `[n, dim]`; a constant row correlates 0 with everything.
+pub fn correlation_top_k(predicted: &[f32], truth: &[f32], dim: usize, ks: &[usize]) -> Result<Vec<f64>> {
+    let n = paired_rows("correlation matching", predicted, truth, dim)?;
+    let standardized = |v: &[f32]| normalized_f64(&centred(v));
+    Ok(top_k_hits(&predicted.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), &truth.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), ks, n))
+}
+
+/// The mean over rows of the Pearson correlation of `predicted` row i with `truth` row i (`[n, dim]` each).
+pub fn mean_row_correlation(predicted: &[f32], truth: &[f32], dim: usize) -> Result<f64> {
+    let n = paired_rows("correlation", predicted, truth, dim)?;
+    Ok(predicted.chunks_exact(dim).zip(truth.chunks_exact(dim)).map(|(p, t)| pearson(p, t)).sum::<f64>() / n as f64)
+}
+
+/// The mean Pearson correlation between distinct rows of `maps` `[n, dim]` (n >= 2): how alike a set of
+/// maps is, whatever they are compared with.
+pub fn mean_pairwise_correlation(maps: &[f32], dim: usize) -> Result<f64> {
+    let n = rows("pairwise correlation", maps, dim)?;
+    ensure!(n >= 2, "pairwise correlation needs at least 2 rows, got {n}");
+    let z: Vec<Vec<f64>> = maps.chunks_exact(dim).map(|v| normalized_f64(&centred(v))).collect();
+    let mut sum = 0.0;
+    for i in 0..n {
+        for j in i + 1..n {
+            sum += z[i].iter().zip(&z[j]).map(|(a, b)| a * b).sum::<f64>();
+        }
+    }
+    Ok(sum / (n * (n - 1) / 2) as f64)
+}
+
+fn paired_rows(what: &str, queries: &[f32], keys: &[f32], dim: usize) -> Result<usize> {
+    let n = rows(&format!("{what} queries"), queries, dim)?;
+    ensure!(rows(&format!("{what} keys"), keys, dim)? == n, "{what}: {n} queries but {} keys", keys.len() / dim);
+    ensure!(n > 0, "{what}: no items");
+    Ok(n)
+}
+
+fn centred(v: &[f32]) -> Vec<f64> {
+    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+    v.iter().map(|x| *x as f64 - mean).collect()
+}
+
+fn normalized_f64(v: &[f64]) -> Vec<f64> {
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm > 1e-12 {
+        v.iter().map(|x| x / norm).collect()
+    } else {
+        vec![0.0; v.len()]
+    }
+}
+
+/// For each k: the fraction of queries `q[i]` whose key `k[i]` ranks in the top k by dot product (ties
+/// against the query).
+fn top_k_hits(q: &[Vec<f64>], k: &[Vec<f64>], ks: &[usize], n: usize) -> Vec<f64> {
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut hits = vec![0usize; ks.len()];
     for (i, qi) in q.iter().enumerate() {
@@ -35,7 +89,7 @@ pub fn retrieval_top_k(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) 
             *h += (rank < top) as usize;
         }
     }
-    Ok(hits.iter().map(|&h| h as f64 / n as f64).collect())
+    hits.iter().map(|&h| h as f64 / n as f64).collect()
 }
 
 /// Pearson correlation of two equally long vectors (0 when either is constant).

@@ -20,6 +20,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod profile;
 pub mod reconstruct;
+pub mod ridge;
 pub mod runtime;
 pub mod tensor;
 pub mod train;

@@ -44,6 +44,7 @@ pub struct SamplingOptions {
     /// Classifier-free guidance scale: 1 evaluates the conditional branch only; above 1 also the
     /// unconditional one (zero tokens, the same structure map) and extrapolates away from it.
     pub guidance: f32,
+    /// The ControlNet residuals' scale; at 0 the ControlNet is switched off (not evaluated).
     pub controlnet_scale: f32,
     pub seed: u64,
 }
@@ -81,7 +82,8 @@ impl Default for SamplingOptions {
 pub struct Reconstruction {
     /// RGB images `[B, 3, S, S]` in [0, 1].
     pub images: Vec<f32>,
-    /// The structure maps predicted from the EEG, `[B, E, E]` as the structure head outputs them.
+    /// The structure maps the ControlNet was conditioned on, `[B, E, E]`: those predicted from the EEG (as the
+    /// structure head outputs them), or the ones given to [`Pipeline::reconstruct_conditioned`].
     pub structure: Vec<f32>,
     /// Seconds spent in the denoising loop (UNet + ControlNet + scheduler) and in the whole batch.
     pub denoise_seconds: f64,
@@ -294,12 +296,26 @@ impl Pipeline {
     /// [`Pipeline::reconstruct`] reusing the denoising steps (memory pools and, on CUDA, captured graphs) that
     /// `steps` holds from earlier batches of the same size and options.
     pub fn reconstruct_with(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions) -> Result<Reconstruction> {
+        self.reconstruct_conditioned(steps, eeg, indices, opts, None)
+    }
+
+    /// [`Pipeline::reconstruct_with`] conditioned on `structure` `[B, E·E]` instead of the structure maps the
+    /// EEG predicts when it is given (the EEG still gives the cross-attention tokens): the ablation's
+    /// oracle, which feeds the true structure targets.
+    pub fn reconstruct_conditioned(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions, structure: Option<&[f32]>) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
         opts.validate()?;
         let embedding = self.embed(eeg)?;
         ensure!(embedding.shape()[0] == b, "{} EEG trials for {b} items", embedding.shape()[0]);
-        let structure = self.structure(&embedding)?.to_f32_vec()?;
+        let structure = match structure {
+            Some(given) => {
+                let e2 = self.edge * self.edge;
+                ensure!(given.len() == b * e2, "{} structure values for {b} items of {}x{} maps", given.len(), self.edge, self.edge);
+                given.to_vec()
+            }
+            None => self.structure(&embedding)?.to_f32_vec()?,
+        };
 
         // Conditional tokens, then (with guidance) the unconditional branch's zero tokens after them.
         let guided = opts.guidance > 1.0;
@@ -502,9 +518,14 @@ pub struct Denoiser<'a> {
 }
 
 impl Denoiser<'_> {
-    /// The predicted noise `[rows, C, H, W]`.
+    /// The predicted noise `[rows, C, H, W]`. At `controlnet_scale` 0 the ControlNet is not evaluated: its
+    /// residuals would all be zero, so the UNet alone gives the same prediction.
     #[allow(clippy::too_many_arguments)]
     pub fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
+        if controlnet_scale == 0.0 {
+            let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: None };
+            return Ok(self.unet.forward(self.unet_params, x, &unet_cond, alloc)?.output);
+        }
         let cn = self.controlnet.forward(self.controlnet_params, x, t, context, cond, controlnet_scale, alloc)?;
         let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         Ok(self.unet.forward(self.unet_params, x, &unet_cond, alloc)?.output)

@@ -5,11 +5,12 @@
 //!
 //! Output folder:
 //! - `run.json`: the settings that determine the images (EEG file and a checksum of its content, weights,
-//!   steps, scheduler, guidance, ControlNet scale, seed). A rerun with other settings, or with another
+//!   steps, scheduler, guidance, ControlNet scale, seed, and the given structure maps' file and checksum). A rerun with other settings, or with another
 //!   recording saved at the same EEG path, is refused rather than mixing two runs, unless no item was
 //!   finished under the old settings (then the new ones replace them).
-//! - `images/<index>.png`, `structure/<index>.png` (the structure map predicted from the EEG, upsampled to
-//!   the image size), with `<index>` the item's row in the EEG file, zero-padded to 5 digits.
+//! - `images/<index>.png`, `structure/<index>.png` (the structure map the ControlNet was conditioned on,
+//!   upsampled to the image size: the one predicted from the EEG, or the given one of `structure_maps`),
+//!   with `<index>` the item's row in the EEG file, zero-padded to 5 digits.
 //! - `manifest.jsonl`: one JSON object per finished item (index, source row, seed, steps, timing, ...).
 //!
 //! An item is finished when its line is in the manifest and its PNG exists; a rerun skips finished items,
@@ -148,6 +149,30 @@ pub struct ReconstructConfig {
     pub shard: Shard,
     /// Only the first `limit` items of the file.
     pub limit: Option<usize>,
+    /// Structure maps to condition the ControlNet on instead of those predicted from the EEG: a `.npy` of
+    /// `[rows, E, E]` or `[rows, E·E]` float maps, row i for EEG item i (e.g. a dataset's true structure
+    /// targets, `edges16/<split>.npy`: the ablation's oracle).
+    pub structure_maps: Option<PathBuf>,
+}
+
+/// The structure maps of [`ReconstructConfig::structure_maps`] for the first `items` rows, `[items, E·E]`,
+/// checked for shape and finiteness.
+pub fn read_structure_maps(path: &Path, edge: usize, items: usize) -> Result<Vec<f32>> {
+    let file = NpyFile::open(path)?;
+    let shape = file.header.shape.clone();
+    let e2 = edge * edge;
+    ensure!(
+        shape.len() >= 2 && shape[1..].iter().product::<usize>() == e2,
+        "{}: shape {shape:?}; structure maps for this model are [rows, {edge}, {edge}] or [rows, {e2}]",
+        path.display()
+    );
+    ensure!(shape[0] >= items, "{}: {} structure maps for {items} EEG items", path.display(), shape[0]);
+    let values = file.to_f32().with_context(|| format!("{}: cannot read the structure maps", path.display()))?;
+    let values = values[..items * e2].to_vec();
+    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        bail!("{}: structure map {} holds a non-finite value ({}) at position {}", path.display(), bad / e2, values[bad], bad % e2);
+    }
+    Ok(values)
 }
 
 /// What a run did.
@@ -235,7 +260,7 @@ pub fn item_name(index: usize) -> String {
 pub fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
     let canonical = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
     let s = &cfg.sampling;
-    Ok(json!({
+    let mut settings = json!({
         "eeg": canonical(&cfg.eeg)?,
         "eeg_checksum": content_checksum(&cfg.eeg).with_context(|| format!("{}: cannot read", cfg.eeg.display()))?,
         "weights": canonical(&pipeline.dir)?,
@@ -244,7 +269,13 @@ pub fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Valu
         "guidance": s.guidance,
         "controlnet_scale": s.controlnet_scale,
         "seed": s.seed,
-    }))
+    });
+    // Only when given, so folders made before the option existed still match the default.
+    if let Some(maps) = &cfg.structure_maps {
+        settings["structure_maps"] = Value::from(canonical(maps)?);
+        settings["structure_maps_checksum"] = Value::from(content_checksum(maps).with_context(|| format!("{}: cannot read", maps.display()))?);
+    }
+    Ok(settings)
 }
 
 /// Why the folder's `run.json` (`found`) does not describe a run with `settings`: one line per setting
@@ -369,6 +400,10 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
         }
         None => None,
     };
+    let given_structure = match &cfg.structure_maps {
+        Some(path) => Some(read_structure_maps(path, pipeline.edge, n)?),
+        None => None,
+    };
     let settings = run_settings(cfg, pipeline)?;
     check_output(cfg, &settings)?;
     claim_output(cfg, &settings)?;
@@ -425,7 +460,9 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
             for batch in eeg_rx {
                 let (idx, eeg) = batch?;
                 let indices: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-                let r = pipeline.reconstruct_with(&mut steps, &eeg, &indices, &cfg.sampling)?;
+                let e2 = edge * edge;
+                let given: Option<Vec<f32>> = given_structure.as_ref().map(|maps| idx.iter().flat_map(|&i| maps[i * e2..(i + 1) * e2].iter().copied()).collect());
+                let r = pipeline.reconstruct_conditioned(&mut steps, &eeg, &indices, &cfg.sampling, given.as_deref())?;
                 step_seconds.push(r.denoise_seconds / cfg.sampling.steps as f64);
                 let per_item = r.total_seconds / idx.len() as f64;
                 let structure_up = upsample_nearest(&r.structure, edge, s / edge);

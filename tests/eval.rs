@@ -3,7 +3,7 @@
 
 mod common;
 
-use sgdm::eval::{derangement, pixcorr, retrieval_top_k, ssim, two_way_identification};
+use sgdm::eval::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pearson, pixcorr, retrieval_top_k, ssim, two_way_identification};
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
@@ -64,4 +64,42 @@ fn derangements_move_every_item_and_are_reproducible() {
         assert_eq!(sorted, (0..n).collect::<Vec<_>>());
         assert_eq!(p, derangement(n, 42));
     }
+}
+
+#[test]
+fn structure_matching_ranks_by_correlation_so_gain_and_offset_do_not_matter() {
+    let (n, dim) = (12, 16);
+    let truth = common::random(n * dim, 0.0, 1.0, 4);
+    // Each prediction is its true map times a gain plus an offset: correlation 1, retrieved first, although
+    // cosine similarity (retrieval_top_k's measure) would be fooled by the offsets.
+    let predicted: Vec<f32> = truth.chunks_exact(dim).enumerate().flat_map(|(i, row)| row.iter().map(move |v| v * (0.5 + i as f32) + 3.0 * i as f32)).collect();
+    assert_eq!(correlation_top_k(&predicted, &truth, dim, &[1, 5]).unwrap(), [1.0, 1.0]);
+    assert!((mean_row_correlation(&predicted, &truth, dim).unwrap() - 1.0).abs() < 1e-6);
+    // Against the maps deranged, the mean correlation is the mean of the mismatched pairs' correlations.
+    let perm = derangement(n, 5);
+    let shuffled: Vec<f32> = perm.iter().flat_map(|&j| truth[j * dim..(j + 1) * dim].to_vec()).collect();
+    let want = (0..n).map(|i| pearson(&predicted[i * dim..(i + 1) * dim], &shuffled[i * dim..(i + 1) * dim])).sum::<f64>() / n as f64;
+    assert!((mean_row_correlation(&predicted, &shuffled, dim).unwrap() - want).abs() < 1e-12);
+    assert!(correlation_top_k(&predicted, &shuffled, dim, &[1]).unwrap()[0] < 1.0);
+    // Constant predictions correlate 0 with every map: they tie with every true map, and ties count against.
+    assert_eq!(correlation_top_k(&vec![0.7; n * dim], &truth, dim, &[1, 5]).unwrap(), [0.0, 0.0]);
+    assert_eq!(mean_row_correlation(&vec![0.7; n * dim], &truth, dim).unwrap(), 0.0);
+    assert!(correlation_top_k(&predicted, &truth[..dim * 3], dim, &[1]).is_err());
+}
+
+#[test]
+fn pairwise_correlation_says_how_alike_a_set_of_maps_is() {
+    let dim = 10;
+    let one = common::random(dim, 0.0, 1.0, 6);
+    // Copies of one map with gains and offsets: all alike.
+    let copies: Vec<f32> = (0..5).flat_map(|k| one.iter().map(move |v| v * (1.0 + k as f32) - k as f32)).collect();
+    assert!((mean_pairwise_correlation(&copies, dim).unwrap() - 1.0).abs() < 1e-6);
+    // A map and its negation: -1. Three maps: the mean of the three pairs.
+    let negated: Vec<f32> = one.iter().chain(one.iter().map(|v| -v).collect::<Vec<_>>().iter()).copied().collect();
+    assert!((mean_pairwise_correlation(&negated, dim).unwrap() + 1.0).abs() < 1e-6);
+    let three = common::random(3 * dim, 0.0, 1.0, 7);
+    let row = |i: usize| &three[i * dim..(i + 1) * dim];
+    let want = (pearson(row(0), row(1)) + pearson(row(0), row(2)) + pearson(row(1), row(2))) / 3.0;
+    assert!((mean_pairwise_correlation(&three, dim).unwrap() - want).abs() < 1e-12);
+    assert!(mean_pairwise_correlation(&one, dim).is_err(), "one map has no pairs");
 }

@@ -185,4 +185,22 @@ fn bad_inputs_are_refused_with_the_file_and_the_problem() {
 
     let (ok, _, stderr) = reconstruct(&dir.path().join("o4"), &["--shard", "4/4"]);
     assert!(!ok && stderr.contains("K/N"), "{stderr}");
+
+    // Structure maps to condition on: of the model's 16x16, one per item, finite; refused before any write.
+    let maps = |name: &str, shape: &[usize], values: Vec<f32>| {
+        let path = dir.path().join(name);
+        sgdm::data::npy::write_f32(&path, shape, &values).unwrap();
+        path
+    };
+    let small = maps("small.npy", &[6, 8, 8], vec![0.5; 6 * 64]);
+    let few = maps("few.npy", &[2, 16, 16], vec![0.5; 2 * 256]);
+    let mut holed = vec![0.5; 6 * 256];
+    holed[4 * 256 + 3] = f32::INFINITY;
+    let holed = maps("holed.npy", &[6, 256], holed);
+    for (file, says) in [(&small, "[rows, 16, 16]"), (&few, "2 structure maps for 6 EEG items"), (&holed, "structure map 4")] {
+        let out = dir.path().join("o5");
+        let (ok, _, stderr) = reconstruct(&out, &["--structure-maps", file.to_str().unwrap()]);
+        assert!(!ok && stderr.contains(file.file_name().unwrap().to_str().unwrap()) && stderr.contains(says), "{stderr}");
+        assert!(!out.exists(), "a refused run wrote {}", out.display());
+    }
 }

@@ -23,7 +23,7 @@ log="$out/compare.txt"
   echo "=== kernel parity before timing"
   # A failing kernel is still timed (one wrong kernel must not hide every other number), but the table
   # says so: its rows are not valid measurements until parity passes.
-  if ! "$bundle/tests/cuda_parity" every_kernel_file --test-threads=1 > "$out/compare-parity.txt" 2>&1; then
+  if ! "$bundle/tests/cuda_parity" --exact every_kernel_file_matches_the_cpu_reference --test-threads=1 > "$out/compare-parity.txt" 2>&1; then
     grep -E 'FAIL|stopped|panicked' "$out/compare-parity.txt" | head -20 | tee "$out/compare-parity-failures.txt"
     echo "kernel parity FAILED (see compare-parity.txt): rows of the failing kernels are not valid measurements"
   fi

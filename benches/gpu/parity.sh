@@ -33,7 +33,7 @@ row() { rows+=("$1"); case "$1" in *FAIL*|*stopped*|*error*) failed=$((failed + 
 rm -rf "$SGDM_CACHE_DIR"
 for pass in cold warm; do
   echo "=== kernel parity, $pass kernel cache" | tee -a "$log"
-  "$bundle/tests/cuda_parity" every_kernel_file --test-threads=1 --nocapture > "$out/parity-kernels-$pass.txt" 2>&1
+  "$bundle/tests/cuda_parity" --exact every_kernel_file_matches_the_cpu_reference --test-threads=1 --nocapture > "$out/parity-kernels-$pass.txt" 2>&1
   status=$?
   cat "$out/parity-kernels-$pass.txt" >> "$log"
   grep -E '^kernel modules:|SKIPPED: ' "$out/parity-kernels-$pass.txt" | tee -a "$log"
@@ -107,7 +107,7 @@ fi
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck; do
-    "$sanitizer" --tool "$tool" --error-exitcode 99 "$bundle/tests/cuda_parity" --test-threads=1 every_kernel_file \
+    "$sanitizer" --tool "$tool" --error-exitcode 99 "$bundle/tests/cuda_parity" --test-threads=1 --exact every_kernel_file_matches_the_cpu_reference \
       > "$out/sanitizer-$tool.txt" 2>&1
     status=$?
     summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.txt" | tail -1)

@@ -77,16 +77,6 @@ struct Settings {
 };
 Settings g_settings;
 
-std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    char buf[4096];
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
-
 // The detail of the last failure on this thread: printed, and part of cuGetErrorString's text, so the engine's
 // error message carries it.
 thread_local std::string tl_detail;
@@ -351,6 +341,15 @@ CUresult take_error(Stream& s) {
 bool capturing_here(const Stream& s) {
     return s.capture && (s.capture_mode == CAPTURE_GLOBAL ||
                          (s.capture_mode == CAPTURE_THREAD_LOCAL && s.capture_thread == std::this_thread::get_id()));
+}
+
+// A copy between device and pageable host memory on a capturing stream: refused, and the capture invalidated
+// (a graph cannot replay a read or write of pageable host memory).
+CUresult refuse_host_copy(Stream& s, const char* call, const char* what) {
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    if (s.invalidated.empty()) s.invalidated = std::string(call) + " was captured";
+    return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                format("%s %s pageable host memory during a stream capture (the capture is now invalid)", call, what));
 }
 
 // A call that a capture in GLOBAL or THREAD_LOCAL mode forbids (it may synchronise): fails and invalidates
@@ -995,12 +994,7 @@ API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, vo
     if (CUresult rc = need_context("cuMemcpyHtoDAsync")) return rc;
     if (CUresult rc = check_range("cuMemcpyHtoDAsync destination", dst, n)) return rc;
     Stream* s = stream_of(stream);
-    if (s->capture) {
-        std::lock_guard<std::recursive_mutex> lock(s->mu);
-        if (s->invalidated.empty()) s->invalidated = "a host-to-device copy from pageable memory was captured";
-        return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
-                    "cuMemcpyHtoDAsync from pageable host memory during a stream capture (the capture is now invalid)");
-    }
+    if (s->capture) return refuse_host_copy(*s, "cuMemcpyHtoDAsync", "from");
     const uint64_t print = g_settings.deferred ? fingerprint(src, n) : 0;
     const bool deferred = g_settings.deferred;
     return submit(*s, Op{"cuMemcpyHtoDAsync", [=]() {
@@ -1018,12 +1012,7 @@ API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* st
     if (CUresult rc = need_context("cuMemcpyDtoHAsync")) return rc;
     if (CUresult rc = check_range("cuMemcpyDtoHAsync source", src, n)) return rc;
     Stream* s = stream_of(stream);
-    if (s->capture) {
-        std::lock_guard<std::recursive_mutex> lock(s->mu);
-        if (s->invalidated.empty()) s->invalidated = "a device-to-host copy to pageable memory was captured";
-        return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
-                    "cuMemcpyDtoHAsync to pageable host memory during a stream capture (the capture is now invalid)");
-    }
+    if (s->capture) return refuse_host_copy(*s, "cuMemcpyDtoHAsync", "to");
     if (g_settings.deferred) memset(dst, 0xff, n);  // in flight: nothing valid to read until synchronised
     return submit(*s, Op{"cuMemcpyDtoHAsync", [=]() {
                               std::string e = recheck("source", src, n);

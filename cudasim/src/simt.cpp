@@ -68,6 +68,15 @@ cudasim_switch:
 
 namespace cudasim {
 
+std::string format(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    char buf[4096];
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
 ExecutorOptions& executor_options() {
     static ExecutorOptions options;
     return options;
@@ -77,16 +86,6 @@ namespace {
 
 std::atomic<uint64_t> g_launches{0}, g_blocks{0}, g_threads{0}, g_barriers{0}, g_collectives{0}, g_races{0},
     g_bad_accesses{0};
-
-std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    char buf[2048];
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
 
 // ---- fiber stacks: mapped once per OS thread and reused -------------------------------------------------------
 // Each is FIBER_STACK_BYTES long and aligned to it: [header page][guard page][stack ... top]. The header lets the

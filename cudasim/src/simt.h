@@ -9,6 +9,9 @@
 
 namespace cudasim {
 
+// printf into a std::string (messages of the executor and the driver).
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
 // One kernel of a loaded twin library, with what the cubin says about it (filled in at module load).
 struct Kernel {
     std::string name;

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use sgdm::data::synth::{generate, Manifest, SynthConfig, GENERATOR_VERSION};
+use sgdm::evaluate::ablation::AblationConfig;
 use sgdm::evaluate::{evaluate, format_table, EvalConfig};
 use sgdm::pipeline::Pipeline;
 use sgdm::reconstruct::{clear_output, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
@@ -31,7 +32,14 @@ pub struct Args {
     items: Option<u64>,
     #[command(flatten)]
     sampling: Sampling,
+    /// The ablation's items (the first N test figures: each is reconstructed 8 more times, so the demo stays
+    /// within minutes on 2 cores; `sgdm eval --ablation` runs all of them).
+    #[arg(long, value_name = "N", default_value_t = DEMO_ABLATION_ITEMS, value_parser = clap::value_parser!(u64).range(2..))]
+    ablation_items: u64,
 }
+
+/// The demo's ablation subset: the 24 figures its contact sheet shows.
+pub const DEMO_ABLATION_ITEMS: u64 = 24;
 
 /// Whether `dir` holds `sgdm synth`'s default dataset from this generator version.
 fn has_default_dataset(dir: &Path) -> bool {
@@ -76,6 +84,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         batch: args.sampling.batch,
         shard: Shard::default(),
         limit: args.items.map(|n| n as usize),
+        structure_maps: None,
     };
     if let Some(changed) = other_settings(&cfg, &run_settings(&cfg, &pipeline)?)? {
         println!("  {} was made with other settings ({}): starting the reconstructions over", recon.display(), changed.join("; "));
@@ -85,11 +94,31 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| bar.update(done, total))?;
     print_summary(&summary, args.sampling.steps);
 
-    println!("3/3 evaluate: retrieval, PixCorr, SSIM, 2-way identification, and the shuffled control");
-    let eval = EvalConfig { recon: vec![recon], eeg: None, images: None, out: args.out.clone(), sheet_items: 24, sheet_columns: 4, control_seed: 0, expected_items: cfg.limit, allow_incomplete: false };
+    // The reconstruction's seed is the ablation's first, so its images serve the ablation too.
+    let seed = args.sampling.seed;
+    let seeds = vec![seed, seed.wrapping_add(1), seed.wrapping_add(2)];
+    let ablation = AblationConfig { items: Some((args.ablation_items as usize).min(cfg.limit.unwrap_or(usize::MAX))), seeds, batch: args.sampling.batch };
+    println!(
+        "3/3 evaluate: retrieval, structure maps, the ridge floor, PixCorr, SSIM, 2-way identification, the shuffled control, and the ablation \
+         (the first {} figures, seeds {:?}: structure from EEG, no structure, true structure)",
+        ablation.items.unwrap_or_default(),
+        ablation.seeds
+    );
+    let eval = EvalConfig {
+        recon: vec![recon],
+        eeg: None,
+        images: None,
+        out: args.out.clone(),
+        sheet_items: 24,
+        sheet_columns: 4,
+        control_seed: 0,
+        expected_items: cfg.limit,
+        allow_incomplete: false,
+        ablation: Some(ablation),
+    };
     let metrics = evaluate(&pipeline, &eval)?;
     print!("{}", format_table(&metrics));
-    println!("sheet (seen | structure from EEG | reconstruction): {}", args.out.join("sheet.png").display());
+    println!("sheet (seen | true structure | structure from EEG | reconstruction | without structure): {}", args.out.join("sheet.png").display());
     println!("metrics: {}", args.out.join("metrics.json").display());
     println!("demo finished in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())

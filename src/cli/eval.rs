@@ -1,8 +1,10 @@
-//! `sgdm eval`: retrieval and reconstruction metrics with a shuffled control; see [`sgdm::evaluate`].
+//! `sgdm eval`: retrieval, structure and reconstruction metrics with a shuffled control, the linear floor,
+//! and the structure ablation; see [`sgdm::evaluate`].
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use sgdm::evaluate::ablation::AblationConfig;
 use sgdm::evaluate::{evaluate, format_indices, format_table, read_run, EvalConfig};
 use sgdm::pipeline::Pipeline;
 use sgdm::runtime::select;
@@ -30,7 +32,8 @@ pub struct Args {
     /// Items on the contact sheet (the first ones, in index order).
     #[arg(long, default_value_t = 24, value_name = "N")]
     sheet_items: usize,
-    /// Items per sheet row (each: seen | structure from EEG | reconstruction).
+    /// Items per sheet row (each: seen | true structure | structure from EEG | reconstruction, and with
+    /// --ablation | reconstruction without structure).
     #[arg(long, default_value_t = 4, value_name = "N")]
     sheet_columns: usize,
     /// Seed of the shuffled control's permutation.
@@ -43,6 +46,39 @@ pub struct Args {
     /// metrics.json as "missing"); without it an incomplete folder is refused.
     #[arg(long)]
     allow_incomplete: bool,
+    #[command(flatten)]
+    ablation: AblationArgs,
+}
+
+/// The ablation flags shared by `eval` and `demo`.
+#[derive(clap::Args, Clone)]
+pub struct AblationArgs {
+    /// Also run the ablation: the same EEG and seeds reconstructed with the structure map from EEG, without
+    /// structure (ControlNet off) and with the true structure maps, into OUT/ablation/, scored by PixCorr,
+    /// SSIM, 2-way identification and N-way pixel matching (mean and spread over the seeds).
+    #[arg(long)]
+    pub ablation: bool,
+    /// The ablation's items: the first N evaluated items [default: all].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub ablation_items: Option<u64>,
+    /// The ablation's seeds, comma-separated (at least 2: the spread is over them).
+    #[arg(long, value_name = "S,S,...", value_delimiter = ',', default_value = "0,1,2")]
+    pub ablation_seeds: Vec<u64>,
+    /// Items the ablation denoises together.
+    #[arg(long, value_name = "B", default_value_t = 16)]
+    pub ablation_batch: usize,
+}
+
+impl AblationArgs {
+    pub fn config(&self, items_default: Option<u64>) -> Result<AblationConfig> {
+        anyhow::ensure!(self.ablation_seeds.len() >= 2, "--ablation-seeds {:?}: give at least 2 seeds (the spread is over them)", self.ablation_seeds);
+        anyhow::ensure!(self.ablation_batch >= 1, "--ablation-batch must be at least 1");
+        let mut unique = self.ablation_seeds.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        anyhow::ensure!(unique.len() == self.ablation_seeds.len(), "--ablation-seeds {:?}: a seed is repeated", self.ablation_seeds);
+        Ok(AblationConfig { items: self.ablation_items.or(items_default).map(|n| n as usize), seeds: self.ablation_seeds.clone(), batch: self.ablation_batch })
+    }
 }
 
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
@@ -68,6 +104,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         control_seed: args.control_seed,
         expected_items: args.items.map(|n| n as usize),
         allow_incomplete: args.allow_incomplete,
+        ablation: if args.ablation.ablation { Some(args.ablation.config(None)?) } else { None },
     };
     let metrics = evaluate(&pipeline, &cfg)?;
     if let Some(missing) = metrics["missing"].as_array().filter(|m| !m.is_empty()) {

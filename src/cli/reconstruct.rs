@@ -32,7 +32,8 @@ pub struct Sampling {
     /// Classifier-free guidance scale, at least 1 (1: conditional branch only, half the work).
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     pub guidance: f32,
-    /// Multiplies the ControlNet's residuals (0 ignores the structure map; negative pushes away from it).
+    /// Multiplies the ControlNet's residuals (0 switches the ControlNet off: the structure map is ignored and
+    /// the ControlNet not evaluated; negative pushes away from the map).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub controlnet_scale: f32,
     /// Seeds every item's initial noise together with its index.
@@ -74,6 +75,10 @@ pub struct Args {
     /// Only the first N items of the file (N >= 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
+    /// Condition the ControlNet on these structure maps instead of those predicted from the EEG: a .npy of
+    /// float maps [items, 16, 16], row i for EEG item i (e.g. a dataset's true targets, edges16/test.npy).
+    #[arg(long, value_name = "FILE")]
+    structure_maps: Option<PathBuf>,
 }
 
 /// The storage dtype for a device: f32 on the CPU reference, bf16 on CUDA.
@@ -116,6 +121,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         batch: args.sampling.batch,
         shard: args.shard,
         limit: args.limit.map(|n| n as usize),
+        structure_maps: args.structure_maps.clone(),
     };
     let mut progress = ItemProgress::new("reconstruct", "images");
     let summary = reconstruct(&pipeline, &cfg, &mut |done, total| progress.update(done, total))?;

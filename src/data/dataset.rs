@@ -4,7 +4,7 @@
 //! folder. The importer's additions (`concepts`, `sources`) are optional, so a manifest written before them
 //! still reads, and `snr` is absent where there is no simulation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -95,10 +95,58 @@ impl Manifest {
     /// manifest of the dataset it is in; `None` when it is in no readable dataset. A plain `.npy` stores
     /// neither, so this is how a dataset's own file is checked against a model as fully as a THINGS-EEG2 one.
     pub fn axes_of(eeg: &Path) -> Option<(Vec<String>, Vec<f64>)> {
+        let found = DatasetSplit::of(eeg)?;
+        Some((found.manifest.ch_names.clone(), found.manifest.times.iter().map(|&t| t as f64).collect()))
+    }
+}
+
+/// The dataset and split an EEG file belongs to: `DATASET/eeg/<split>.npy` listed in `DATASET/manifest.json`.
+#[derive(Debug, Clone)]
+pub struct DatasetSplit {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub split: SplitManifest,
+}
+
+impl DatasetSplit {
+    /// The split whose EEG file is `eeg`; `None` when `eeg` is in no readable dataset.
+    pub fn of(eeg: &Path) -> Option<DatasetSplit> {
         let file = std::fs::canonicalize(eeg).ok()?;
-        let data = file.parent()?.parent()?;
-        let manifest = Manifest::read(data).ok()?;
-        let listed = manifest.splits.iter().any(|s| std::fs::canonicalize(data.join(&s.eeg)).is_ok_and(|p| p == file));
-        listed.then(|| (manifest.ch_names.clone(), manifest.times.iter().map(|&t| t as f64).collect()))
+        let dir = file.parent()?.parent()?.to_path_buf();
+        let manifest = Manifest::read(&dir).ok()?;
+        let split = manifest.splits.iter().find(|s| std::fs::canonicalize(dir.join(&s.eeg)).is_ok_and(|p| p == file))?.clone();
+        Some(DatasetSplit { dir, manifest, split })
+    }
+
+    /// Another split of the same dataset.
+    pub fn sibling(&self, name: &str) -> Result<DatasetSplit> {
+        Ok(DatasetSplit { dir: self.dir.clone(), manifest: self.manifest.clone(), split: self.manifest.split(&self.dir, name)?.clone() })
+    }
+
+    /// The split's structure targets `[figures, edge_size²]` (`edges16/<split>.npy`), checked for shape and
+    /// finiteness.
+    pub fn structure_targets(&self) -> Result<Vec<f32>> {
+        let path = self.dir.join(&self.split.edges16);
+        let file = crate::data::npy::NpyFile::open(&path)?;
+        let e = self.manifest.edge_size;
+        let shape = &file.header.shape;
+        anyhow::ensure!(
+            shape.first() == Some(&self.split.figures) && shape[1..].iter().product::<usize>() == e * e,
+            "{}: shape {shape:?}, the manifest describes {} figures of {e}x{e} structure targets",
+            path.display(),
+            self.split.figures
+        );
+        let values = file.to_f32().with_context(|| format!("{}: cannot read", path.display()))?;
+        anyhow::ensure!(values.iter().all(|v| v.is_finite()), "{}: holds NaN or Inf", path.display());
+        Ok(values)
+    }
+
+    /// The split's images, one per figure.
+    pub fn image_paths(&self) -> Vec<PathBuf> {
+        self.split.images.iter().map(|p| self.dir.join(p)).collect()
+    }
+
+    pub fn eeg_path(&self) -> PathBuf {
+        self.dir.join(&self.split.eeg)
     }
 }

@@ -45,12 +45,7 @@ fn code_mask(s: &str) -> Vec<bool> {
     while i < b.len() {
         let start = i;
         if b[i] == b'"' || b[i] == b'\'' {
-            let q = b[i];
-            i += 1;
-            while i < b.len() && b[i] != q {
-                i += if b[i] == b'\\' { 2 } else { 1 };
-            }
-            i = (i + 1).min(b.len());
+            i = skip_literal(b, i);
         } else if b[i..].starts_with(b"//") {
             while i < b.len() && b[i] != b'\n' {
                 i += 1;
@@ -79,6 +74,16 @@ fn find_word(s: &str, mask: &[bool], word: &str) -> Vec<usize> {
         .collect()
 }
 
+/// The index just past the string or character literal that starts at `b[i]`.
+fn skip_literal(b: &[u8], mut i: usize) -> usize {
+    let quote = b[i];
+    i += 1;
+    while i < b.len() && b[i] != quote {
+        i += if b[i] == b'\\' { 2 } else { 1 };
+    }
+    (i + 1).min(b.len())
+}
+
 /// The index just past the bracket that closes the one at `open`, skipping string literals.
 fn matching(s: &str, open: usize) -> Option<usize> {
     let b = s.as_bytes();
@@ -93,11 +98,8 @@ fn matching(s: &str, open: usize) -> Option<usize> {
     while i < b.len() {
         match b[i] {
             b'"' | b'\'' => {
-                let q = b[i];
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
+                i = skip_literal(b, i);
+                continue;
             }
             x if x == o => depth += 1,
             x if x == c => {
@@ -120,11 +122,8 @@ fn split_top(s: &str, sep: u8) -> Vec<&str> {
     while i < b.len() {
         match b[i] {
             b'"' | b'\'' => {
-                let q = b[i];
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
+                i = skip_literal(b, i);
+                continue;
             }
             b'(' | b'[' | b'{' => depth += 1,
             b')' | b']' | b'}' => depth -= 1,
