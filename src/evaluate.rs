@@ -43,10 +43,10 @@ use crate::data::dataset::DatasetSplit;
 use crate::data::image::{load_rgb, load_square, resize_center_crop, save_png_rgb, to_planes};
 use crate::data::structure::StructureMaps;
 use crate::diffusion::scheduler::SchedulerKind;
-use crate::eval::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pixcorr, retrieval_top_k, ssim, two_way_identification};
+use crate::metrics::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, retrieval_top_k, ReconMetrics};
 use crate::models::sgdm::upsample_nearest;
 use crate::pipeline::{Pipeline, SamplingOptions};
-use crate::reconstruct::{finished_items, image_files, EegItems};
+use crate::reconstruct::{finished_items, image_files, read_run, EegItems};
 use crate::util::content_checksum;
 use ablation::{load_reconstructions, run_ablation, score_run, AblationConfig, Condition};
 
@@ -93,36 +93,6 @@ pub fn format_indices(indices: &[usize]) -> String {
     text.join(", ")
 }
 
-/// The reconstruction metrics of one pairing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReconMetrics {
-    pub pixcorr: f64,
-    pub ssim: f64,
-    pub two_way: f64,
-}
-
-/// skimage.color.rgb2gray: 0.2125 R + 0.7154 G + 0.0721 B.
-fn gray(rgb: &RgbImage) -> Vec<f32> {
-    rgb.pixels().map(|p| (0.2125 * p[0] as f32 + 0.7154 * p[1] as f32 + 0.0721 * p[2] as f32) / 255.0).collect()
-}
-
-pub(crate) fn unit(rgb: &RgbImage) -> Vec<f32> {
-    rgb.as_raw().iter().map(|v| *v as f32 / 255.0).collect()
-}
-
-/// Reconstruction metrics of reconstructions `recon[i]` against seen images `seen[pair[i]]`.
-pub fn recon_metrics(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, pair: &[usize]) -> Result<ReconMetrics> {
-    let n = recon.len();
-    let (mut pc, mut ss) = (0.0, 0.0);
-    for (i, r) in recon.iter().enumerate() {
-        let s = &seen[pair[i]];
-        pc += pixcorr(&unit(r), &unit(s))?;
-        ss += ssim(&gray(r), &gray(s), r.width() as usize, r.height() as usize, 1.0)?;
-    }
-    let paired: Vec<f32> = pair.iter().flat_map(|&j| seen_latents[j * dim..(j + 1) * dim].iter().copied()).collect();
-    Ok(ReconMetrics { pixcorr: pc / n as f64, ssim: ss / n as f64, two_way: two_way_identification(recon_latents, &paired, dim)? })
-}
-
 fn mean_of(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len() as f64
 }
@@ -133,13 +103,6 @@ fn summary(per_seed: &[ReconMetrics]) -> Value {
         json!({ "mean": mean_of(&v), "per_seed": v })
     };
     json!({ "pixcorr": field(|m| m.pixcorr), "ssim": field(|m| m.ssim), "two_way": field(|m| m.two_way) })
-}
-
-/// The `run.json` of a reconstruction folder.
-pub fn read_run(dir: &Path) -> Result<Value> {
-    let path = dir.join("run.json");
-    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
 /// The evaluation; returns `metrics.json`'s contents (also written, with the sheet, into `cfg.out`).

@@ -11,7 +11,7 @@ pub mod default_weights;
 pub mod data;
 pub mod diffusion;
 pub mod dtype;
-pub mod eval;
+pub mod metrics;
 pub mod evaluate;
 pub mod memory;
 pub mod models;

@@ -291,6 +291,13 @@ fn settings_differences(found: &Value, settings: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The `run.json` of a reconstruction folder.
+pub fn read_run(dir: &Path) -> Result<Value> {
+    let path = dir.join("run.json");
+    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
 /// The folder's `run.json`, if it has one.
 fn read_run_json(out: &Path) -> Result<Option<Value>> {
     let path = out.join("run.json");

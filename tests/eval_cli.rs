@@ -70,10 +70,10 @@ fn recon_metrics_pair_each_reconstruction_with_the_given_image() {
     let b = RgbImage::from_fn(16, 16, |x, y| image::Rgb([(y * 16) as u8, 255 - (x * 16) as u8, 90]));
     let (recon, seen) = (vec![a.clone(), b.clone()], vec![a, b]);
     let latents = [1.0, 0.0, 2.0, 0.0, 1.0, 0.5];
-    let same = sgdm::evaluate::recon_metrics(&recon, &seen, &latents, &latents, 3, &[0, 1]).unwrap();
+    let same = sgdm::metrics::recon_metrics(&recon, &seen, &latents, &latents, 3, &[0, 1]).unwrap();
     assert_eq!((same.pixcorr, same.two_way), (1.0, 1.0));
     assert!((same.ssim - 1.0).abs() < 1e-12);
-    let swapped = sgdm::evaluate::recon_metrics(&recon, &seen, &latents, &latents, 3, &[1, 0]).unwrap();
+    let swapped = sgdm::metrics::recon_metrics(&recon, &seen, &latents, &latents, 3, &[1, 0]).unwrap();
     assert!(swapped.pixcorr < 0.5 && swapped.ssim < 0.5 && swapped.two_way == 0.0, "{swapped:?}");
 }
 

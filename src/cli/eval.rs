@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use sgdm::evaluate::ablation::AblationConfig;
-use sgdm::evaluate::{evaluate, format_indices, format_table, read_run, EvalConfig};
+use sgdm::evaluate::{evaluate, format_indices, format_table, EvalConfig};
+use sgdm::reconstruct::read_run;
 use sgdm::pipeline::Pipeline;
 use sgdm::runtime::select;
 use sgdm::DeviceSpec;

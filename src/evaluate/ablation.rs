@@ -18,12 +18,10 @@ use image::RgbImage;
 use serde_json::{json, Value};
 
 use crate::data::image::load_rgb;
-use crate::eval::{correlation_top_k, derangement};
+use crate::metrics::{correlation_top_k, derangement, recon_metrics, unit, ReconMetrics};
 use crate::pipeline::{Pipeline, SamplingOptions};
-use crate::reconstruct::{clear_output, finished_items, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
+use crate::reconstruct::{clear_output, finished_items, other_settings, read_run, reconstruct, run_settings, ReconstructConfig, Shard};
 use crate::util::ItemProgress;
-
-use super::{read_run, recon_metrics, unit, ReconMetrics};
 
 /// What `--ablation` runs.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::data::dataset::DatasetSplit;
 use crate::data::image::{load_square, to_planes};
-use crate::eval::mean_row_correlation;
+use crate::metrics::mean_row_correlation;
 use crate::pipeline::Pipeline;
 use crate::reconstruct::EegItems;
 use crate::ridge::{default_penalty_grid, fit_selected, RidgeProblem, Selected, Targets};

@@ -3,7 +3,7 @@
 
 mod common;
 
-use sgdm::eval::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pearson, pixcorr, retrieval_top_k, ssim, two_way_identification};
+use sgdm::metrics::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pearson, pixcorr, retrieval_top_k, ssim, two_way_identification};
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
