@@ -1,6 +1,6 @@
 //! sgdm: the Structure-Guided Diffusion Model engine (EEG-to-image reconstruction), with a CPU f32
-//! reference backend and a CUDA backend of hand-written NVRTC-compiled kernels. See DESIGN.md in the
-//! project's shared folder for the architecture.
+//! reference backend and a CUDA backend of hand-written NVRTC-compiled kernels. docs/architecture.md draws
+//! the data flow and the layer map.
 
 #[cfg(target_endian = "big")]
 compile_error!("sgdm reads and writes little-endian tensor files and assumes a little-endian host");
