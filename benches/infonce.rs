@@ -3,7 +3,7 @@
 //! iteration) and, with a GPU, CUDA in bf16 and f32. Throughput counts the similarity GEMM FLOPs
 //! (2·B²·D forward, twice that backward).
 //!
-//! The forward is also timed against the library composition it replaces (issue #3), in the same run:
+//! The forward is also timed against the library composition it replaces, in the same run:
 //! `<dev>/fused` is `infonce_forward`; `<dev>/composition` is, per side, the row normalisation from separate
 //! ops (x·x, the row sums of squares as a GEMV against ones, rsqrt, the per-row factor broadcast by a K = 1
 //! GEMM, the product; no eps clamp), the logits GEMM a_n·b_nᵀ/τ into f32, softmax over rows

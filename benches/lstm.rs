@@ -4,7 +4,7 @@
 //! FLOPs (forward 2·B·T·4H·(in + H) per layer and direction; backward twice that), so the groups compare
 //! directly with the cuBLASLt and matrixmultiply peaks of the linear bench.
 //!
-//! Then, in the same run, the fused cell against the library composition it replaces (issue #3), on one
+//! Then, in the same run, the fused cell against the library composition it replaces, on one
 //! layer and direction of the first layer's shape (17 -> 256, 100 steps; the same batches):
 //! `<dev>/fused-cell` is `lstm_forward` (one input-projection GEMM, then per step one cuBLASLt/sgemm GEMM
 //! h·W_hhᵀ and one fused cell kernel); `<dev>/gemm+unfused-cell` is, per step and per gate (i, f, g, o, each

@@ -1,4 +1,4 @@
-//! `sgdm bench`: our kernels at the shapes issue #8 sets targets for (SD 1.5's convolutions, attention and
+//! `sgdm bench`: our kernels at the shapes the performance targets are set for (SD 1.5's convolutions, attention and
 //! GroupNorm + SiLU; the EEG encoder's LSTM; InfoNCE), forward and backward, on random data, timed after
 //! warm-up as the median of many runs (CUDA events on a GPU, the wall clock on the CPU), with achieved
 //! TFLOP/s or GB/s against the device's GEMM and copy peaks measured in the same run.
@@ -55,7 +55,7 @@ impl Case {
     }
 }
 
-/// The cases: the issue's shapes, or (`quick`) small ones of the same kinds, for the CPU and CI.
+/// The cases: the target shapes, or (`quick`) small ones of the same kinds, for the CPU and CI.
 pub fn cases(quick: bool) -> Vec<Case> {
     let mut out = Vec::new();
     let conv_passes = &["forward", "backward_input", "backward_weight"][..];

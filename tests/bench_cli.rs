@@ -10,7 +10,7 @@ fn json(text: &str) -> serde_json::Value {
 }
 
 #[test]
-fn the_case_list_covers_every_family_at_the_issue_shapes() {
+fn the_case_list_covers_every_family_at_the_target_shapes() {
     let (ok, out, err) = run_sgdm(["bench", "--list"]);
     assert!(ok, "{err}");
     let cases = json(&out);

@@ -113,7 +113,7 @@ fn eval_with_the_ablation_writes_the_keys_scripts_read_and_feeds_the_true_struct
     assert!(ok, "{stdout}\n{stderr}");
     println!("{stdout}");
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    // The names issue 18 gives scripts, each a number.
+    // The keys scripts read, each a number.
     for key in [
         "structure.eeg.corr", "structure.eeg.top1", "structure.eeg.top5", "structure.control.corr", "structure.control.top1", "ridge.structure.corr",
         "ridge.structure.top1", "ridge.retrieval.top1", "ablation.eeg_structure.pixcorr", "ablation.no_structure.pixcorr", "ablation.true_structure.pixcorr",

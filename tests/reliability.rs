@@ -1,4 +1,4 @@
-//! Reliability of the `sgdm` command line as a new user meets it (issue 17): nothing wrong is ever marked
+//! Reliability of the `sgdm` command line as a new user meets it: nothing wrong is ever marked
 //! finished, no input makes it panic, bad input is refused before anything is written, and the binary
 //! works away from the tree it was built in. Each test reproduces one reported failure; the last ones go
 //! further: `sgdm train all` killed (SIGKILL) at random points and resumed ends with the weights of an

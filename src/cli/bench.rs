@@ -1,4 +1,4 @@
-//! `sgdm bench`: time our kernels at the issue-#8 shapes and print ms, TFLOP/s and GB/s against the peaks
+//! `sgdm bench`: time our kernels at the shapes of the performance targets (src/bench.rs) and print ms, TFLOP/s and GB/s against the peaks
 //! measured in the same run (src/bench.rs); `--list` prints the cases for the PyTorch side.
 
 use std::path::PathBuf;
