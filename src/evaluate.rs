@@ -435,13 +435,13 @@ pub fn format_table(m: &Value) -> String {
     out += &row(format!("retrieval top-1 ({}-way)", r["ways"]), [&r["top1"], &c["retrieval"]["top1"], &r["chance_top1"], &ridge["retrieval"]["top1"]]);
     out += &row("retrieval top-5".into(), [&r["top5"], &c["retrieval"]["top5"], &r["chance_top5"], &ridge["retrieval"]["top5"]]);
     out += &row("structure correlation".into(), [&st["eeg"]["corr"], &st["control"]["corr"], &Value::Null, &ridge["structure"]["corr"]]);
-    out += &row(format!("structure matching top-1"), [&st["eeg"]["top1"], &st["control"]["top1"], &chance(1.0 / n), &ridge["structure"]["top1"]]);
+    out += &row("structure matching top-1".to_string(), [&st["eeg"]["top1"], &st["control"]["top1"], &chance(1.0 / n), &ridge["structure"]["top1"]]);
     out += &row("structure matching top-5".into(), [&st["eeg"]["top5"], &st["control"]["top5"], &chance((5.0 / n).min(1.0)), &ridge["structure"]["top5"]]);
     for (key, name) in [("pixcorr", "PixCorr"), ("ssim", "SSIM"), ("two_way", "2-way identification")] {
         let chance = if key == "two_way" { json!(0.5) } else { Value::Null };
         out += &row(name.into(), [&m["reconstruction"][key]["mean"], &c["reconstruction"][key]["mean"], &chance, &Value::Null]);
     }
-    out += &row(format!("pixel matching top-1"), [&m["reconstruction"]["pixel_top1"], &c["reconstruction"]["pixel_top1"], &chance(1.0 / n), &Value::Null]);
+    out += &row("pixel matching top-1".to_string(), [&m["reconstruction"]["pixel_top1"], &c["reconstruction"]["pixel_top1"], &chance(1.0 / n), &Value::Null]);
     if let Some(mean) = st["mean_map"]["corr"].as_f64() {
         out += &format!("structure correlation of the train split's mean map (no EEG): {mean:.3}\n");
     }

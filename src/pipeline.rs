@@ -520,7 +520,6 @@ pub struct Denoiser<'a> {
 impl Denoiser<'_> {
     /// The predicted noise `[rows, C, H, W]`. At `controlnet_scale` 0 the ControlNet is not evaluated: its
     /// residuals would all be zero, so the UNet alone gives the same prediction.
-    #[allow(clippy::too_many_arguments)]
     pub fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
         if controlnet_scale == 0.0 {
             let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: None };
@@ -532,7 +531,6 @@ impl Denoiser<'_> {
     }
 
     /// Random step inputs for latents of side `size` and `tokens` context tokens of width `d`.
-    #[allow(clippy::too_many_arguments)]
     pub fn random_inputs(&self, device: &Device, dtype: DType, rows: usize, size: usize, tokens: usize, d: usize, seed: u64) -> Result<[Tensor; 4]> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let c = self.unet.config.in_channels;

@@ -204,8 +204,11 @@ pub struct Targets<'a> {
     pub val: &'a [f32],
     pub outputs: usize,
     /// `score(predicted, true)` over the validation rows, both `[val rows, outputs]`.
-    pub score: &'a dyn Fn(&[f32], &[f32]) -> Result<f64>,
+    pub score: &'a Score<'a>,
 }
+
+/// A score of predictions against true values, higher is better.
+pub type Score<'a> = dyn Fn(&[f32], &[f32]) -> Result<f64> + 'a;
 
 /// What [`fit_selected`] chose for one set of targets.
 #[derive(Debug, Clone)]

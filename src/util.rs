@@ -164,51 +164,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atomic_write_replaces_whole_file_and_leaves_no_temporary() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.bin");
-        write_atomic(&path, b"first").unwrap();
-        write_atomic(&path, b"second").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"second");
-        let failed = write_atomic_with(&path, |w| {
-            w.write_all(b"partial")?;
-            Err(io::Error::other("interrupted"))
-        });
-        assert!(failed.is_err());
-        assert_eq!(std::fs::read(&path).unwrap(), b"second", "a failed write must leave the old file");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
-    }
-
-    #[test]
-    fn stale_temporaries_are_those_of_dead_writers_here_or_old_ones_from_elsewhere() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("a.png");
-        let mine = temporary_path(&target, std::process::id(), 0);
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
-        let orphan = temporary_path(&target, dead, 1);
-        let elsewhere = dir.path().join(".a.png.tmp-other.host-1-0");
-        let unrelated = dir.path().join(".a.png.tmp-notes");
-        for p in [&mine, &orphan, &elsewhere, &unrelated] {
-            std::fs::write(p, b"x").unwrap();
-        }
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
-        assert!(mine.exists() && !orphan.exists() && elsewhere.exists() && unrelated.exists());
-        let old = std::time::SystemTime::now() - FOREIGN_TEMPORARY_AGE - Duration::from_secs(60);
-        std::fs::File::options().write(true).open(&elsewhere).unwrap().set_modified(old).unwrap();
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
-        assert!(!elsewhere.exists() && mine.exists());
-        assert_eq!(remove_stale_temporaries(&dir.path().join("absent")).unwrap(), 0);
-    }
-}
-
 /// `n` standard normal values (Box–Muller, the cosine branch), drawn from `rng`.
 pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
     (0..n)
@@ -288,5 +243,50 @@ impl ItemProgress {
     pub fn update(&mut self, done: usize, total: usize) {
         let line = self.line(done, total);
         self.drawer.draw(done >= total, || line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let failed = write_atomic_with(&path, |w| {
+            w.write_all(b"partial")?;
+            Err(io::Error::other("interrupted"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"second", "a failed write must leave the old file");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
+    }
+
+    #[test]
+    fn stale_temporaries_are_those_of_dead_writers_here_or_old_ones_from_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.png");
+        let mine = temporary_path(&target, std::process::id(), 0);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let orphan = temporary_path(&target, dead, 1);
+        let elsewhere = dir.path().join(".a.png.tmp-other.host-1-0");
+        let unrelated = dir.path().join(".a.png.tmp-notes");
+        for p in [&mine, &orphan, &elsewhere, &unrelated] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
+        assert!(mine.exists() && !orphan.exists() && elsewhere.exists() && unrelated.exists());
+        let old = std::time::SystemTime::now() - FOREIGN_TEMPORARY_AGE - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&elsewhere).unwrap().set_modified(old).unwrap();
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
+        assert!(!elsewhere.exists() && mine.exists());
+        assert_eq!(remove_stale_temporaries(&dir.path().join("absent")).unwrap(), 0);
     }
 }

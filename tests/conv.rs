@@ -134,7 +134,6 @@ fn conv2d_f64(t: &Case, x: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
 
 /// ConvTranspose2d (PyTorch's definition, output_padding 0): every input pixel scatters w[ci, co] into the
 /// output at (ih*stride - pad + r, iw*stride - pad + s). Returns y and its (H', W').
-#[allow(clippy::too_many_arguments)]
 fn conv_transpose2d_f64(
     (n, ci, h, w): (usize, usize, usize, usize),
     (co, kh, kw): (usize, usize, usize),
@@ -174,7 +173,6 @@ fn conv_transpose2d_f64(
 }
 
 /// Conv1d: y[n, k, l] = b[k] + sum_{c, j} w[k, c, j] x[n, c, l*stride - pad + j].
-#[allow(clippy::too_many_arguments)]
 fn conv1d_f64(
     (n, c, l): (usize, usize, usize),
     (k, kw): (usize, usize),

@@ -332,7 +332,7 @@ fn pointer_arguments_must_point_into_live_allocations() {
     let Some(gpu) = sim("pointer arguments, simulated") else { return };
     let d = gpu.cuda().unwrap();
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-    let host = vec![0f32; 32];
+    let host = [0f32; 32];
     let err = d.launch("elementwise.cu", "fill_f32", cfg, &[Ptr(host.as_ptr() as u64), F32(1.0)], Some(32)).unwrap_err();
     assert!(format!("{err:#}").contains("is not a device address"), "{err:#}");
     let freed = Tensor::zeros(&gpu, &[32], DType::F32).unwrap();

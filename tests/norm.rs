@@ -125,7 +125,6 @@ fn group_norm_statistics_are_stable_for_a_large_mean() {
 }
 
 /// Runs the GroupNorm backward on `dy` into the given grads (dweight/dbias accumulate).
-#[allow(clippy::too_many_arguments)]
 fn run_group_norm_backward(
     gn: GroupNorm,
     shape: &[usize],

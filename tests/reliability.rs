@@ -606,7 +606,7 @@ fn generic_variants(valid: &[u8]) -> Vec<Variant> {
 /// A `.npy` file with this header dict and data, as numpy writes one (version 1, header padded to 64).
 fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

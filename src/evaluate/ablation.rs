@@ -101,7 +101,6 @@ pub fn reconstruct_config(
 /// `out`; `given` are the evaluated folders, reused for `eeg_structure` where one has the same settings,
 /// seed and items. A folder in `out` made with other settings is started over (it is the evaluation's own).
 /// Each run's progress is drawn as `reconstruct`'s is.
-#[allow(clippy::too_many_arguments)]
 pub fn run_ablation(
     pipeline: &Pipeline,
     eeg: &Path,
@@ -185,8 +184,11 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// How a metric is read from a run's scores.
+type RunMetric = fn(&RunScores) -> f64;
+
 /// The metrics a condition is summarised by, with how each is read from a run.
-const SUMMARISED: [(&str, fn(&RunScores) -> f64); 5] = [
+const SUMMARISED: [(&str, RunMetric); 5] = [
     ("pixcorr", |s| s.metrics.pixcorr),
     ("ssim", |s| s.metrics.ssim),
     ("two_way", |s| s.metrics.two_way),
@@ -223,7 +225,7 @@ pub fn summary(runs: &[(AblationRun, RunScores)], items: usize, sampling: &Sampl
             entry.insert(format!("{name}_std"), json!(std));
             entry.insert(format!("{name}_per_seed"), json!(values));
         }
-        for (name, get) in [("pixcorr", (|s: &RunScores| s.control.pixcorr) as fn(&RunScores) -> f64), ("ssim", |s| s.control.ssim), ("two_way", |s| s.control.two_way), ("pixel_top1", |s| s.control_pixel_top1)] {
+        for (name, get) in [("pixcorr", (|s: &RunScores| s.control.pixcorr) as RunMetric), ("ssim", |s| s.control.ssim), ("two_way", |s| s.control.two_way), ("pixel_top1", |s| s.control_pixel_top1)] {
             entry.insert(format!("{name}_control"), json!(mean_std(&scores.iter().map(get).collect::<Vec<_>>()).0));
         }
         out[c.name()] = Value::Object(entry);

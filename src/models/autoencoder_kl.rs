@@ -283,7 +283,6 @@ impl AutoencoderKl {
 
     /// Backward of [`AutoencoderKl::encode`] from the mean's and the clamped logvar's gradients: returns
     /// dsample, adds every encoder and quant_conv gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn encode_backward(
         &self,
         p: &ParamStore,

@@ -80,7 +80,6 @@ pub mod layers {
     }
 
     /// Backward of [`group_norm`]: returns dx, adds the weight and bias gradients.
-    #[allow(clippy::too_many_arguments)]
     pub fn group_norm_back(
         p: &ParamStore,
         g: &mut Grads,
@@ -211,7 +210,6 @@ impl ResnetBlock {
 
     /// Backward of [`ResnetBlock::forward`] from `dy`: returns dx and, with a time embedding, dtemb; adds
     /// every parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -399,7 +397,6 @@ fn resnet_chain_forward(resnets: &[ResnetBlock], p: &ParamStore, x: &Tensor, tem
 }
 
 /// Backward of [`resnet_chain_forward`]: returns dx and the summed dtemb.
-#[allow(clippy::too_many_arguments)]
 fn resnet_chain_backward(
     resnets: &[ResnetBlock],
     p: &ParamStore,
@@ -499,7 +496,6 @@ impl DownBlock {
     }
 
     /// Backward of [`DownBlock::forward`]: returns dx and, with a time embedding, dtemb.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -799,7 +795,6 @@ impl Attention {
     /// Backward of [`Attention::sequence_forward`] with the same `x` and `context`: adds to the parameter
     /// gradients and returns (dx, dcontext). For self-attention dx includes the key and value paths and
     /// dcontext is `None`.
-    #[allow(clippy::too_many_arguments)]
     pub fn sequence_backward(
         &self,
         params: &ParamStore,
@@ -875,7 +870,6 @@ impl TransformerBlock {
 
     /// Backward of [`TransformerBlock::forward`] with the same `x` and `context`: adds to the parameter
     /// gradients and returns (dx, dcontext).
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         params: &ParamStore,
@@ -1037,7 +1031,6 @@ impl Transformer2d {
 
     /// Backward of [`Transformer2d::forward`] with the same `x` and `context`: adds to the parameter
     /// gradients and returns the input gradients.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         params: &ParamStore,
@@ -1207,7 +1200,6 @@ fn unet_layer_forward(
     Ok(UNetLayerActivations { resnet: resnet_acts, output })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn unet_layer_backward(
     resnet: &ResnetBlock,
     attention: Option<&Transformer2d>,
@@ -1277,7 +1269,6 @@ impl DownBlock {
     /// Backward of [`DownBlock::unet_forward`] from `dskips`, the gradient reaching each skip connection from
     /// outside the block (for the last one, the skip's and the next block's together): returns dx, adds
     /// every parameter gradient and the time embedding's and context's gradients to `shared`.
-    #[allow(clippy::too_many_arguments)]
     pub fn unet_backward(
         &self,
         p: &ParamStore,
@@ -1390,7 +1381,6 @@ impl UpBlock {
 
     /// Backward of [`UpBlock::unet_forward`] with the same `x`: returns dx and the skips' gradients (in the
     /// order consumed), adds every parameter gradient and the time embedding's and context's to `shared`.
-    #[allow(clippy::too_many_arguments)]
     pub fn unet_backward(
         &self,
         p: &ParamStore,
@@ -1467,7 +1457,6 @@ impl MidBlock {
 
     /// Backward of [`MidBlock::unet_forward`]: returns dx, adds every parameter gradient and the time
     /// embedding's and context's gradients to `shared`.
-    #[allow(clippy::too_many_arguments)]
     pub fn unet_backward(
         &self,
         p: &ParamStore,

@@ -431,7 +431,6 @@ impl StructuralVae {
     /// Backward from the outputs' gradients `d`: accumulates every parameter gradient into `grads` (`+=`)
     /// and, when `input_grads`, returns the gradients of `image` and `eps` (written). `image` and `eps` are
     /// the forward's inputs.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -582,7 +581,6 @@ fn linear(l: &Linear, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, mod
 }
 
 /// Backward of [`linear`]: accumulates the weight and bias gradients; writes `dx` when given.
-#[allow(clippy::too_many_arguments)]
 fn linear_grad(
     l: &Linear,
     p: &ParamStore,

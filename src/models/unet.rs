@@ -453,7 +453,6 @@ impl Encoder {
     /// orders them) and the mid output's, with `shared` holding what the layers after the encoder (the UNet's
     /// up blocks) sent to the time embedding and the context: returns the gradients of `first` and of the
     /// context, adds every parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         p: &ParamStore,
@@ -608,7 +607,6 @@ impl UNet {
 
     /// Backward of [`UNet::forward`] from the output's gradient: returns the input gradients, adds every
     /// parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -691,7 +689,6 @@ impl ControlNet {
     /// `ControlNetModel.forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`
     /// (no guess mode): `controlnet_cond` [B, conditioning_channels, H·f, W·f] with f =
     /// [`ControlNet::condition_downscale`].
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         p: &ParamStore,
@@ -734,7 +731,6 @@ impl ControlNet {
 
     /// Backward of [`ControlNet::forward`] from the residuals' gradients: returns the input gradients, adds
     /// every parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,

@@ -203,7 +203,6 @@ pub fn attention_backward(
 }
 
 /// [`attention_backward`] on a chosen CUDA kernel (tensor cores for bf16 head dims up to 96).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_using(
     variant: AttentionKernel,
     spec: AttentionSpec,
@@ -292,7 +291,6 @@ fn kernel(file: &str, name: &str) -> Result<&'static kernel_table::Kernel> {
 
 /// Launches one of the tiled kernels: grid (ceil(len / rows_per_block), B*H), the head-dim variant holding
 /// `d` in ceil(d / 32) columns per lane; `args` are followed by Lq, Lk, H, d and the scale.
-#[allow(clippy::too_many_arguments)]
 fn launch_tiled(
     d: &CudaDevice,
     kind: &str,
@@ -309,7 +307,6 @@ fn launch_tiled(
 }
 
 /// Launches `kernel` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
-#[allow(clippy::too_many_arguments)]
 fn launch_rows(
     d: &CudaDevice,
     kernel: &'static kernel_table::Kernel,
@@ -350,7 +347,6 @@ fn head_offset(dims: &AttentionDims, len: usize, b: usize, i: usize, h: usize) -
 
 /// `c[m x n] = alpha * a[m x k] b[k x n] + beta * c`, with element strides (row, column) for each matrix.
 /// Safety: every (row, column) the strides address lies inside the slices.
-#[allow(clippy::too_many_arguments)]
 fn gemm(
     (m, k, n): (usize, usize, usize),
     alpha: f32,

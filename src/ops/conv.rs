@@ -628,7 +628,6 @@ fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
 
 /// Row-major `c[m, n] = a · b + beta · c[m, n]` where `a` is [m, k] (or [k, m] if `a_t`) and `b` is [k, n]
 /// (or [n, k] if `b_t`).
-#[allow(clippy::too_many_arguments)]
 fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
     cpu_gemm(GemmShape { m, n, k, trans_a: a_t, trans_b: b_t, batch: 1 }, a, b, c, 1.0, beta);
 }

@@ -85,7 +85,6 @@ pub(crate) fn cpu_gemm(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], alpha:
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the GEMM's operands and scalars, as cuBLAS takes them
 fn run_gemm(device: &Device, s: GemmShape, a: &Tensor, b: &Tensor, c: &mut Tensor, bias: Option<&Tensor>, alpha: f32, beta: f32) -> Result<()> {
     match device {
         Device::Cpu => {

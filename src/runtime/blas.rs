@@ -187,7 +187,6 @@ impl BlasLt {
 
     /// Runs the GEMM on `stream`. `a`, `b`, `c` and `bias` are device addresses of tensors the caller
     /// has checked against `shape` and the dtypes; `bias` has `n` elements of `c_dtype`.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
         stream: &CudaStream,

@@ -28,7 +28,8 @@ include!(concat!(env!("OUT_DIR"), "/embedded_kernels.rs"));
 /// the binary, those in `$SGDM_KERNELS_DIR` (every file the embedded set has, read once per process). The
 /// cache key covers the text, so edited kernels never load a stale cubin.
 pub fn kernel_sources() -> Result<(&'static [EmbeddedSource], &'static [EmbeddedSource]), String> {
-    static SOURCES: OnceLock<Result<(Vec<EmbeddedSource>, Vec<EmbeddedSource>), String>> = OnceLock::new();
+    type Loaded = Result<(Vec<EmbeddedSource>, Vec<EmbeddedSource>), String>;
+    static SOURCES: OnceLock<Loaded> = OnceLock::new();
     let Some(dir) = std::env::var_os("SGDM_KERNELS_DIR").filter(|d| !d.is_empty()) else {
         return Ok((KERNEL_FILES, KERNEL_HEADERS));
     };

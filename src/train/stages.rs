@@ -314,7 +314,6 @@ pub struct Stopped {
 /// gradient `dloss` it is given) into the gradients and returns its named losses, the total first; with
 /// `micro_batches` k it runs k times per optimizer step with dloss 1/k (gradient accumulation); `validate` returns the validation loss. When
 /// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
-#[allow(clippy::too_many_arguments)]
 fn train_loop(on: &On, 
     stage: &str,
     cfg: &LoopConfig,
@@ -722,7 +721,6 @@ fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor)
     Ok((mse, loss.to_f32_vec()?[0] as f64))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<(ParamStore, StageReport)> {
     let s = cfg.image_size;
     let per_image = 3 * s * s;

@@ -127,7 +127,7 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
         let bound = rel * w.abs() + floor;
-        if !(d <= bound) {
+        if d.partial_cmp(&bound).is_none_or(|o| o.is_gt()) {
             bad += 1;
             let excess = if d.is_nan() { f32::INFINITY } else { d - bound };
             if worst.is_none_or(|(_, e)| excess > e) {

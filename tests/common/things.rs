@@ -129,7 +129,6 @@ pub fn eeg_values(shape: [usize; 4], seed: u64) -> Vec<f32> {
 
 /// A subject folder with both files in `layout`: `train_rows` and `test_rows` images, the given
 /// repetitions, channels and time axis.
-#[allow(clippy::too_many_arguments)]
 pub fn subject_folder(dir: &Path, layout: Layout, train: [usize; 4], test: [usize; 4], ch_names: &[&str], times: &[f64], seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, shape, s) in [("preprocessed_eeg_training.npy", train, seed), ("preprocessed_eeg_test.npy", test, seed + 1)] {

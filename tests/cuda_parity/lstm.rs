@@ -12,7 +12,6 @@ struct Run {
     grads: Vec<(String, Vec<f32>)>,
 }
 
-#[allow(clippy::too_many_arguments)] // the inputs of one forward + backward
 fn run(
     device: &Device,
     dtype: DType,
