@@ -21,7 +21,7 @@ use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
 use crate::models::autoencoder_kl::AutoencoderKl;
-use crate::models::blocks::linear_layer_forward;
+use crate::models::layers::linear_layer_forward;
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};

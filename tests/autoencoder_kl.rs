@@ -7,7 +7,8 @@ mod common;
 
 
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
-use sgdm::models::blocks::{Attention, ResnetBlock};
+use sgdm::models::autoencoder_kl::VaeAttention;
+use sgdm::models::resnet::ResnetBlock;
 use sgdm::nn::{Grads, ParamStore, ParamTree, Standalone};
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
 
@@ -76,14 +77,14 @@ fn resnet_time_embedding_gradients_match_central_differences() {
 /// Runs the VAE attention forward and backward on one path; returns y, dx and every parameter gradient.
 fn vae_attention(channels: usize, len: usize, fused: bool) -> Vec<(String, Vec<f32>)> {
     let mut tree = ParamTree::new();
-    let attention = Attention::vae(&mut tree, "a", channels, 8, 1e-6).unwrap();
+    let attention = VaeAttention::new(&mut tree, "a", channels, 8, 1e-6).unwrap();
     let p = random_params(&tree, 11);
     let alloc = &mut Standalone(Device::Cpu);
     let x = common::cpu(&[2, channels, len], &common::random(2 * channels * len, -1.0, 1.0, 4));
-    let (y, acts) = attention.vae_forward(&p, &x, fused, alloc).unwrap();
+    let (y, acts) = attention.forward(&p, &x, fused, alloc).unwrap();
     let dy = common::cpu(y.shape(), &common::random(y.numel(), -1.0, 1.0, 5));
     let mut g = Grads::zeros(&tree, alloc, DType::F32).unwrap();
-    let dx = attention.vae_backward(&p, &mut g, &x, &acts, &dy, alloc).unwrap();
+    let dx = attention.backward(&p, &mut g, &x, &acts, &dy, alloc).unwrap();
     let mut out = vec![("y".to_string(), y.to_f32_vec().unwrap()), ("dx".to_string(), dx.to_f32_vec().unwrap())];
     for (i, spec) in tree.specs().iter().enumerate() {
         out.push((format!("grad.{}", spec.name), g.get(sgdm::nn::ParamId(i)).to_f32_vec().unwrap()));
@@ -104,13 +105,13 @@ fn vae_attention_unfused_path_matches_the_fused_op() {
 #[test]
 fn vae_attention_beyond_the_fused_head_dim_runs_unfused_only() {
     let mut tree = ParamTree::new();
-    let attention = Attention::vae(&mut tree, "a", 192, 32, 1e-6).unwrap();
+    let attention = VaeAttention::new(&mut tree, "a", 192, 32, 1e-6).unwrap();
     let p = random_params(&tree, 3);
     let alloc = &mut Standalone(Device::Cpu);
     let x = common::cpu(&[1, 192, 6], &common::random(192 * 6, -1.0, 1.0, 6));
-    let refused = attention.vae_forward(&p, &x, true, alloc).err().expect("head dim 192 exceeds the fused op");
+    let refused = attention.forward(&p, &x, true, alloc).err().expect("head dim 192 exceeds the fused op");
     assert!(refused.to_string().contains("up to 160"), "{refused}");
-    let (y, _) = attention.vae_forward(&p, &x, false, alloc).unwrap();
+    let (y, _) = attention.forward(&p, &x, false, alloc).unwrap();
     assert_eq!(y.shape(), [1, 192, 6]);
     assert!(y.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
 }

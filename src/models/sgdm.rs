@@ -251,7 +251,7 @@ impl StructuralVae {
     pub fn structure_from_embedding(&self, p: &ParamStore, embedding: &Tensor, norm: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
         let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
         crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
-        crate::models::blocks::linear_layer_forward(&self.structure_head, p, &scaled, alloc)
+        crate::models::layers::linear_layer_forward(&self.structure_head, p, &scaled, alloc)
     }
 }
 

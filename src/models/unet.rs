@@ -7,12 +7,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::models::blocks::layers::{self, GroupNormActivations};
-use crate::models::blocks::{
-    downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, SharedGrads, Transformer2d, TransformerSpec, UNetDownActivations, UNetMidActivations,
-    UNetUpActivations, UpBlock,
-};
-use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_layer_param_backward};
+use crate::models::layers::{self, linear_layer_backward, linear_layer_forward, linear_layer_param_backward, GroupNormActivations};
+use crate::models::resnet::{downsampler, upsampler, ResnetBlock};
+use crate::models::transformer_2d::{Transformer2d, TransformerSpec};
+use crate::models::unet_2d_blocks::{DownBlock, MidBlock, SharedGrads, UNetDownActivations, UNetMidActivations, UNetUpActivations, UpBlock};
 use crate::models::config::ConfigReader;
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
@@ -218,7 +216,6 @@ fn build_encoder(tree: &mut ParamTree, c: &UNetConfig) -> Result<Encoder> {
             ResnetBlock::new(tree, "mid_block.resnets.1", last, last, Some(temb), groups, eps)?,
         ],
         attentions: vec![Transformer2d::new(tree, "mid_block.attentions.0", last, c.heads[n], c.transformer_layers_per_block[n], spec)?],
-        vae_attention: None,
     };
     Ok(Encoder { conv_in, time_embedding, down, mid })
 }
@@ -442,10 +439,10 @@ impl Encoder {
         let mut down: Vec<UNetDownActivations> = Vec::new();
         for (i, block) in self.down.iter().enumerate() {
             let x = down.last().map_or(&first, UNetDownActivations::output);
-            down.push(block.unet_forward(p, x, &time.output, context, alloc).with_context(|| format!("down_blocks.{i}"))?);
+            down.push(block.forward(p, x, &time.output, context, alloc).with_context(|| format!("down_blocks.{i}"))?);
         }
         let mid_input = down.last().map_or(&first, UNetDownActivations::output);
-        let mid = self.mid.unet_forward(p, mid_input, &time.output, context, alloc).context("mid_block")?;
+        let mid = self.mid.forward(p, mid_input, &time.output, context, alloc).context("mid_block")?;
         Ok(EncoderActivations { time, first, down, mid })
     }
 
@@ -466,7 +463,7 @@ impl Encoder {
     ) -> Result<(Tensor, Tensor)> {
         let temb = acts.temb();
         let last = self.down.len() - 1;
-        let mut carried = self.mid.unet_backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
+        let mut carried = self.mid.backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
         let mut end = dskips.len();
         for (i, block) in self.down.iter().enumerate().rev() {
             let count = acts.down[i].skips().len();
@@ -476,7 +473,7 @@ impl Encoder {
             let mut block_dskips: Vec<&Tensor> = dskips[start..end - 1].iter().collect();
             block_dskips.push(&output_total);
             carried = block
-                .unet_backward(p, g, acts.down_input(i), temb, context, &acts.down[i], &block_dskips, &mut shared, alloc)
+                .backward(p, g, acts.down_input(i), temb, context, &acts.down[i], &block_dskips, &mut shared, alloc)
                 .with_context(|| format!("down_blocks.{i} backward"))?;
             end = start;
         }
@@ -595,7 +592,7 @@ impl UNet {
             ensure!(count <= remaining, "UNet2DConditionModel: up_blocks.{i} needs {count} skips, {remaining} are left");
             let block_skips: Vec<&Tensor> = skips[remaining - count..remaining].iter().rev().copied().collect();
             let x = up.last().map_or(mid_output, UNetUpActivations::output);
-            up.push(block.unet_forward(p, x, &block_skips, encoder.temb(), context, alloc).with_context(|| format!("UNet up_blocks.{i}"))?);
+            up.push(block.forward(p, x, &block_skips, encoder.temb(), context, alloc).with_context(|| format!("UNet up_blocks.{i}"))?);
             remaining -= count;
         }
         ensure!(remaining == 0, "UNet2DConditionModel: {remaining} skip connections left unused");
@@ -626,7 +623,7 @@ impl UNet {
         let mut start = 0;
         for (i, block) in self.up.iter().enumerate().rev() {
             let (dx, block_dskips) = block
-                .unet_backward(p, g, acts.up_input(i), acts.encoder.temb(), context, &acts.up[i], &d, &mut shared, alloc)
+                .backward(p, g, acts.up_input(i), acts.encoder.temb(), context, &acts.up[i], &d, &mut shared, alloc)
                 .with_context(|| format!("UNet up_blocks.{i} backward"))?;
             // The last up block consumed the first skips; each consumed its range most recent first.
             let end = start + block_dskips.len();

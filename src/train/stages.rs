@@ -34,7 +34,7 @@ use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::dataset::{Manifest, SplitManifest};
 use crate::diffusion::scheduler::{alphas_cumprod, TRAIN_TIMESTEPS};
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
-use crate::models::blocks::{linear_layer_forward, linear_layer_param_backward};
+use crate::models::layers::{linear_layer_forward, linear_layer_param_backward};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Grads, Linear, ParamId, ParamStore, ParamTree, Standalone};
