@@ -21,7 +21,7 @@ use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
 use crate::models::autoencoder_kl::AutoencoderKl;
-use crate::models::layers::linear_layer_forward;
+use crate::models::layers;
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
@@ -321,7 +321,7 @@ impl Pipeline {
         let guided = opts.guidance > 1.0;
         let branches = if guided { 2 } else { 1 };
         let d = self.unet.config.cross_attention_dim;
-        let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
+        let mut tokens = layers::linear(&self.projector_params, &self.projector, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
         tokens.resize(branches * b * self.tokens * d, 0.0);
         let factor = self.condition_size / self.edge;
         let cond_one = upsample_nearest(&structure, self.edge, factor);

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::models::layers::{layer_norm_backward, layer_norm_forward, linear_layer_backward, linear_layer_forward, sum, LayerNormActivations};
+use crate::models::layers::{self, sum, LayerNormActivations};
 use crate::nn::{join, Allocator, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::tensor::{DType, Tensor};
@@ -69,13 +69,13 @@ impl Attention {
     /// `context` [B, Lk, kv_dim] (cross-attention) or from `x` itself (`None`: self-attention).
     pub fn sequence_forward(&self, params: &ParamStore, x: &Tensor, context: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<AttentionActivations> {
         let kv_input = context.unwrap_or(x);
-        let q = linear_layer_forward(&self.to_q, params, x, alloc)?;
-        let k = linear_layer_forward(&self.to_k, params, kv_input, alloc)?;
-        let v = linear_layer_forward(&self.to_v, params, kv_input, alloc)?;
+        let q = layers::linear(params, &self.to_q, x, alloc)?;
+        let k = layers::linear(params, &self.to_k, kv_input, alloc)?;
+        let v = layers::linear(params, &self.to_v, kv_input, alloc)?;
         let mut attended = alloc.alloc(q.shape(), q.dtype())?;
         let mut lse = alloc.alloc(&[q.shape()[0], self.heads, q.shape()[1]], DType::F32)?;
         ops::attention::attention_forward(self.spec(), ops::attention::Qkv { q: &q, k: &k, v: &v }, &mut attended, &mut lse)?;
-        let output = linear_layer_forward(&self.to_out, params, &attended, alloc)?;
+        let output = layers::linear(params, &self.to_out, &attended, alloc)?;
         Ok(AttentionActivations { q, k, v, attended, lse, output })
     }
 
@@ -93,7 +93,7 @@ impl Attention {
         alloc: &mut dyn Allocator,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let kv_input = context.unwrap_or(x);
-        let dattended = linear_layer_backward(&self.to_out, params, grads, &acts.attended, dy, alloc)?;
+        let dattended = layers::linear_back_input(params, grads, &self.to_out, &acts.attended, dy, alloc)?;
         let mut dq = alloc.alloc(acts.q.shape(), acts.q.dtype())?;
         let mut dk = alloc.alloc(acts.k.shape(), acts.k.dtype())?;
         let mut dv = alloc.alloc(acts.v.shape(), acts.v.dtype())?;
@@ -107,9 +107,9 @@ impl Attention {
             &mut delta,
             ops::attention::QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
         )?;
-        let dx = linear_layer_backward(&self.to_q, params, grads, x, &dq, alloc)?;
-        let dkv_k = linear_layer_backward(&self.to_k, params, grads, kv_input, &dk, alloc)?;
-        let dkv_v = linear_layer_backward(&self.to_v, params, grads, kv_input, &dv, alloc)?;
+        let dx = layers::linear_back_input(params, grads, &self.to_q, x, &dq, alloc)?;
+        let dkv_k = layers::linear_back_input(params, grads, &self.to_k, kv_input, &dk, alloc)?;
+        let dkv_v = layers::linear_back_input(params, grads, &self.to_v, kv_input, &dv, alloc)?;
         let dkv = sum(&dkv_k, &dkv_v, alloc)?;
         match context {
             Some(_) => Ok((dx, Some(dkv))),
@@ -138,19 +138,19 @@ pub struct TransformerBlockActivations {
 impl TransformerBlock {
     /// `x` [B, L, C] tokens, `context` [B, Lc, cross_attention_dim].
     pub fn forward(&self, params: &ParamStore, x: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<TransformerBlockActivations> {
-        let norm1 = layer_norm_forward(&self.norm1, params, x, alloc)?;
+        let norm1 = layers::layer_norm(params, &self.norm1, x, alloc)?;
         let attn1 = self.attn1.sequence_forward(params, &norm1.output, None, alloc)?;
         let after_attn1 = sum(&attn1.output, x, alloc)?;
-        let norm2 = layer_norm_forward(&self.norm2, params, &after_attn1, alloc)?;
+        let norm2 = layers::layer_norm(params, &self.norm2, &after_attn1, alloc)?;
         let attn2 = self.attn2.sequence_forward(params, &norm2.output, Some(context), alloc)?;
         let after_attn2 = sum(&attn2.output, &after_attn1, alloc)?;
-        let norm3 = layer_norm_forward(&self.norm3, params, &after_attn2, alloc)?;
-        let ff_hidden = linear_layer_forward(&self.ff_proj, params, &norm3.output, alloc)?;
+        let norm3 = layers::layer_norm(params, &self.norm3, &after_attn2, alloc)?;
+        let ff_hidden = layers::linear(params, &self.ff_proj, &norm3.output, alloc)?;
         let mut gated_shape = ff_hidden.shape().to_vec();
         *gated_shape.last_mut().unwrap() /= 2;
         let mut ff_gated = alloc.alloc(&gated_shape, ff_hidden.dtype())?;
         ops::elementwise::geglu_forward(&ff_hidden, &mut ff_gated)?;
-        let ff_out = linear_layer_forward(&self.ff_out, params, &ff_gated, alloc)?;
+        let ff_out = layers::linear(params, &self.ff_out, &ff_gated, alloc)?;
         let output = sum(&ff_out, &after_attn2, alloc)?;
         Ok(TransformerBlockActivations { norm1, attn1, after_attn1, norm2, attn2, after_attn2, norm3, ff_hidden, ff_gated, output })
     }
@@ -167,19 +167,19 @@ impl TransformerBlock {
         dy: &Tensor,
         alloc: &mut dyn Allocator,
     ) -> Result<(Tensor, Tensor)> {
-        let dgated = linear_layer_backward(&self.ff_out, params, grads, &acts.ff_gated, dy, alloc)?;
+        let dgated = layers::linear_back_input(params, grads, &self.ff_out, &acts.ff_gated, dy, alloc)?;
         let mut dhidden = alloc.alloc(acts.ff_hidden.shape(), acts.ff_hidden.dtype())?;
         ops::elementwise::geglu_backward(&acts.ff_hidden, &dgated, &mut dhidden)?;
-        let dnorm3 = linear_layer_backward(&self.ff_proj, params, grads, &acts.norm3.output, &dhidden, alloc)?;
-        let dnorm3_in = layer_norm_backward(&self.norm3, params, grads, &acts.norm3, &acts.after_attn2, &dnorm3, alloc)?;
+        let dnorm3 = layers::linear_back_input(params, grads, &self.ff_proj, &acts.norm3.output, &dhidden, alloc)?;
+        let dnorm3_in = layers::layer_norm_back(params, grads, &self.norm3, &acts.after_attn2, &acts.norm3, &dnorm3, alloc)?;
         let dafter_attn2 = sum(dy, &dnorm3_in, alloc)?;
 
         let (dnorm2, dcontext) = self.attn2.sequence_backward(params, grads, &acts.attn2, &acts.norm2.output, Some(context), &dafter_attn2, alloc)?;
-        let dnorm2_in = layer_norm_backward(&self.norm2, params, grads, &acts.norm2, &acts.after_attn1, &dnorm2, alloc)?;
+        let dnorm2_in = layers::layer_norm_back(params, grads, &self.norm2, &acts.after_attn1, &acts.norm2, &dnorm2, alloc)?;
         let dafter_attn1 = sum(&dafter_attn2, &dnorm2_in, alloc)?;
 
         let (dnorm1, _) = self.attn1.sequence_backward(params, grads, &acts.attn1, &acts.norm1.output, None, &dafter_attn1, alloc)?;
-        let dnorm1_in = layer_norm_backward(&self.norm1, params, grads, &acts.norm1, x, &dnorm1, alloc)?;
+        let dnorm1_in = layers::layer_norm_back(params, grads, &self.norm1, x, &acts.norm1, &dnorm1, alloc)?;
         let dx = sum(&dafter_attn1, &dnorm1_in, alloc)?;
         Ok((dx, dcontext.expect("cross-attention returns a context gradient")))
     }

@@ -9,15 +9,12 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use crate::models::config::ConfigReader;
+use crate::models::layers;
 use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Lstm, ParamStore, ParamTree};
-use crate::ops::conv::{
-    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
-    conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, Conv2dSpec,
-};
+use crate::ops::conv::{conv1d_backward_input, conv1d_forward, Conv2dSpec};
 use crate::ops::elementwise::{
     add, relu_backward, relu_forward, reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward,
 };
-use crate::ops::linear::{linear_backward, linear_forward};
 use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams, LstmWeights};
 use crate::ops::shape::{
     avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
@@ -146,8 +143,8 @@ impl EegEncoder {
         conv1d_forward(lstm.output(), &last_step, None, 1, 0, &mut temporal)
             .with_context(|| format!("{EEG_ENCODER}: temporal_encoder output at the last step"))?;
 
-        let s0 = relu(&conv1d(&self.spatial[0], p, &eeg_t, alloc, "spatial_encoder.0")?, alloc)?;
-        let s1 = relu(&conv1d(&self.spatial[1], p, &s0, alloc, "spatial_encoder.2")?, alloc)?;
+        let s0 = relu(&layers::conv1d(p, &self.spatial[0], &eeg_t, alloc).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0"))?, alloc)?;
+        let s1 = relu(&layers::conv1d(p, &self.spatial[1], &s0, alloc).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2"))?, alloc)?;
         let c1 = self.spatial[1].output;
         let mut pooled = alloc.alloc(&[b, c1, 1], dtype)?;
         avg_pool_last(&s1, &mut pooled).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.4"))?;
@@ -156,8 +153,8 @@ impl EegEncoder {
         concat_channels(&temporal.reshape(&[b, out, 1, 1])?, &pooled.reshape(&[b, c1, 1, 1])?, &mut fused)
             .with_context(|| format!("{EEG_ENCODER}: concatenating the temporal and spatial features"))?;
         let fused = fused.reshape(&[b, out + c1])?;
-        let hidden = relu(&linear(&self.fusion[0], p, &fused, alloc, EEG_ENCODER, "fusion.0")?, alloc)?;
-        let embedding = linear(&self.fusion[1], p, &hidden, alloc, EEG_ENCODER, "fusion.2")?;
+        let hidden = relu(&layers::linear(p, &self.fusion[0], &fused, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.0"))?, alloc)?;
+        let embedding = layers::linear(p, &self.fusion[1], &hidden, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.2"))?;
         Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, embedding })
     }
 
@@ -184,10 +181,10 @@ impl EegEncoder {
         let (out, c1) = (config.output_size(), self.spatial[1].output);
 
         let mut dhidden = alloc.alloc(acts.hidden.shape(), dtype)?;
-        linear_grad(&self.fusion[1], p, &acts.hidden, dembedding, grads, Some(&mut dhidden), EEG_ENCODER, "fusion.2")?;
+        layers::linear_back(p, grads, &self.fusion[1], &acts.hidden, dembedding, Some(&mut dhidden)).with_context(|| format!("{EEG_ENCODER}: fusion.2 backward"))?;
         let dhidden = relu_grad(&acts.hidden, &dhidden, alloc)?;
         let mut dfused = alloc.alloc(acts.fused.shape(), dtype)?;
-        linear_grad(&self.fusion[0], p, &acts.fused, &dhidden, grads, Some(&mut dfused), EEG_ENCODER, "fusion.0")?;
+        layers::linear_back(p, grads, &self.fusion[0], &acts.fused, &dhidden, Some(&mut dfused)).with_context(|| format!("{EEG_ENCODER}: fusion.0 backward"))?;
         let mut dtemporal = alloc.alloc(&[b, out, 1, 1], dtype)?;
         let mut dpooled = alloc.alloc(&[b, c1, 1, 1], dtype)?;
         split_channels(&dfused.reshape(&[b, out + c1, 1, 1])?, &mut dtemporal, &mut dpooled)?;
@@ -210,10 +207,10 @@ impl EegEncoder {
         avg_pool_last_backward(&dpooled.reshape(&[b, c1, 1])?, &mut ds1)?;
         let ds1 = relu_grad(&acts.spatial[1], &ds1, alloc)?;
         let mut ds0 = alloc.alloc(acts.spatial[0].shape(), dtype)?;
-        conv1d_grad(&self.spatial[1], p, &acts.spatial[0], &ds1, grads, Some(&mut ds0), "spatial_encoder.2")?;
+        layers::conv1d_back(p, grads, &self.spatial[1], &acts.spatial[0], &ds1, Some(&mut ds0)).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2 backward"))?;
         let ds0 = relu_grad(&acts.spatial[0], &ds0, alloc)?;
         let mut dx_spatial = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
-        conv1d_grad(&self.spatial[0], p, &acts.eeg_t, &ds0, grads, dx_spatial.as_mut(), "spatial_encoder.0")?;
+        layers::conv1d_back(p, grads, &self.spatial[0], &acts.eeg_t, &ds0, dx_spatial.as_mut()).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0 backward"))?;
 
         let (Some(dx_temporal), Some(dx_spatial)) = (dx_temporal, dx_spatial) else { return Ok(None) };
         let mut dx = alloc.alloc(&[b, t, ch], dtype)?;
@@ -251,7 +248,7 @@ impl StructuralVae {
     pub fn structure_from_embedding(&self, p: &ParamStore, embedding: &Tensor, norm: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
         let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
         crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
-        crate::models::layers::linear_layer_forward(&self.structure_head, p, &scaled, alloc)
+        layers::linear(p, &self.structure_head, &scaled, alloc)
     }
 }
 
@@ -400,13 +397,13 @@ impl StructuralVae {
         if let Some(e) = eps {
             ensure!(e.shape() == [b, latent], "{STRUCTURAL_VAE}: eps must be [{b}, {latent}], got {:?}", e.shape());
         }
-        let e0 = relu(&conv2d(&self.encoder_convs[0], p, image, alloc, "encoder.0")?, alloc)?;
-        let e1 = relu(&conv2d(&self.encoder_convs[1], p, &e0, alloc, "encoder.2")?, alloc)?;
-        let e2 = relu(&conv2d(&self.encoder_convs[2], p, &e1, alloc, "encoder.4")?, alloc)?;
+        let e0 = relu(&layers::conv(p, &self.encoder_convs[0], image, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.0"))?, alloc)?;
+        let e1 = relu(&layers::conv(p, &self.encoder_convs[1], &e0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.2"))?, alloc)?;
+        let e2 = relu(&layers::conv(p, &self.encoder_convs[2], &e1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.4"))?, alloc)?;
         let e2 = e2.reshape(&[b, self.encoder_fc.input])?;
-        let hidden = relu(&linear(&self.encoder_fc, p, &e2, alloc, STRUCTURAL_VAE, "encoder.7")?, alloc)?;
-        let mu = linear(&self.fc_mu, p, &hidden, alloc, STRUCTURAL_VAE, "fc_mu")?;
-        let logvar = linear(&self.fc_logvar, p, &hidden, alloc, STRUCTURAL_VAE, "fc_logvar")?;
+        let hidden = relu(&layers::linear(p, &self.encoder_fc, &e2, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.7"))?, alloc)?;
+        let mu = layers::linear(p, &self.fc_mu, &hidden, alloc).with_context(|| format!("{STRUCTURAL_VAE}: fc_mu"))?;
+        let logvar = layers::linear(p, &self.fc_logvar, &hidden, alloc).with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar"))?;
         let z = match eps {
             Some(e) => {
                 let mut z = alloc.alloc(&[b, latent], mu.dtype())?;
@@ -417,12 +414,12 @@ impl StructuralVae {
             None => None,
         };
         let zr = z.as_ref().unwrap_or(&mu);
-        let structure = linear(&self.structure_head, p, zr, alloc, STRUCTURAL_VAE, "structure_head")?;
+        let structure = layers::linear(p, &self.structure_head, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: structure_head"))?;
         let c2 = c.channels[2];
-        let d0 = linear(&self.decoder_fc, p, zr, alloc, STRUCTURAL_VAE, "decoder.0")?.reshape(&[b, c2, size / 8, size / 8])?;
-        let d1 = relu(&conv_transpose2d(&self.decoder_deconvs[0], p, &d0, alloc, "decoder.2")?, alloc)?;
-        let d2 = relu(&conv_transpose2d(&self.decoder_deconvs[1], p, &d1, alloc, "decoder.4")?, alloc)?;
-        let logits = conv_transpose2d(&self.decoder_deconvs[2], p, &d2, alloc, "decoder.6")?;
+        let d0 = layers::linear(p, &self.decoder_fc, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0"))?.reshape(&[b, c2, size / 8, size / 8])?;
+        let d1 = relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[0], &d0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2"))?, alloc)?;
+        let d2 = relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[1], &d1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4"))?, alloc)?;
+        let logits = layers::conv_transpose2d(p, &self.decoder_deconvs[2], &d2, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.6"))?;
         let mut recon = alloc.alloc(logits.shape(), logits.dtype())?;
         sigmoid_forward(&logits, &mut recon).with_context(|| format!("{STRUCTURAL_VAE}: decoder.7"))?;
         Ok(StructuralVaeActivations { encoder: [e0, e1, e2], hidden, mu, logvar, z, structure, decoder: [d0, d1, d2], recon })
@@ -463,20 +460,20 @@ impl StructuralVae {
         sigmoid_backward(&acts.recon, d.recon, &mut dlogits)?;
         let [d0, d1, d2] = &acts.decoder;
         let mut dd2 = new(alloc, d2)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[2], p, d2, &dlogits, grads, Some(&mut dd2), "decoder.6")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[2], d2, &dlogits, Some(&mut dd2)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.6 backward"))?;
         let dd2 = relu_grad(d2, &dd2, alloc)?;
         let mut dd1 = new(alloc, d1)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[1], p, d1, &dd2, grads, Some(&mut dd1), "decoder.4")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[1], d1, &dd2, Some(&mut dd1)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4 backward"))?;
         let dd1 = relu_grad(d1, &dd1, alloc)?;
         let mut dd0 = new(alloc, d0)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[0], p, d0, &dd1, grads, Some(&mut dd0), "decoder.2")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[0], d0, &dd1, Some(&mut dd0)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2 backward"))?;
         let dd0 = dd0.reshape(&[d0.shape()[0], self.decoder_fc.output])?;
 
         let z = acts.z.as_ref().unwrap_or(&acts.mu);
         let mut dz_decoder = new(alloc, z)?;
-        linear_grad(&self.decoder_fc, p, z, &dd0, grads, Some(&mut dz_decoder), STRUCTURAL_VAE, "decoder.0")?;
+        layers::linear_back(p, grads, &self.decoder_fc, z, &dd0, Some(&mut dz_decoder)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0 backward"))?;
         let mut dz_structure = new(alloc, z)?;
-        linear_grad(&self.structure_head, p, z, d.structure, grads, Some(&mut dz_structure), STRUCTURAL_VAE, "structure_head")?;
+        layers::linear_back(p, grads, &self.structure_head, z, d.structure, Some(&mut dz_structure)).with_context(|| format!("{STRUCTURAL_VAE}: structure_head backward"))?;
         let mut dz = new(alloc, z)?;
         add(&dz_decoder, &dz_structure, &mut dz)?;
 
@@ -509,15 +506,15 @@ impl StructuralVae {
 
         let dlogvar = dlogvar_sum.as_ref().unwrap_or(d.logvar);
         let mut dh_mu = new(alloc, &acts.hidden)?;
-        linear_grad(&self.fc_mu, p, &acts.hidden, &dmu, grads, Some(&mut dh_mu), STRUCTURAL_VAE, "fc_mu")?;
+        layers::linear_back(p, grads, &self.fc_mu, &acts.hidden, &dmu, Some(&mut dh_mu)).with_context(|| format!("{STRUCTURAL_VAE}: fc_mu backward"))?;
         let mut dh_logvar = new(alloc, &acts.hidden)?;
-        linear_grad(&self.fc_logvar, p, &acts.hidden, dlogvar, grads, Some(&mut dh_logvar), STRUCTURAL_VAE, "fc_logvar")?;
+        layers::linear_back(p, grads, &self.fc_logvar, &acts.hidden, dlogvar, Some(&mut dh_logvar)).with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar backward"))?;
         let mut dh = new(alloc, &acts.hidden)?;
         add(&dh_mu, &dh_logvar, &mut dh)?;
         let dh = relu_grad(&acts.hidden, &dh, alloc)?;
         let [e0, e1, e2] = &acts.encoder;
         let mut de2 = new(alloc, e2)?;
-        linear_grad(&self.encoder_fc, p, e2, &dh, grads, Some(&mut de2), STRUCTURAL_VAE, "encoder.7")?;
+        layers::linear_back(p, grads, &self.encoder_fc, e2, &dh, Some(&mut de2)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.7 backward"))?;
         let de2 = relu_grad(e2, &de2, alloc)?.reshape(&[
             e1.shape()[0],
             self.encoder_convs[2].output,
@@ -525,13 +522,13 @@ impl StructuralVae {
             self.config.image_size / 8,
         ])?;
         let mut de1 = new(alloc, e1)?;
-        conv2d_grad(&self.encoder_convs[2], p, e1, &de2, grads, Some(&mut de1), "encoder.4")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[2], e1, &de2, Some(&mut de1)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.4 backward"))?;
         let de1 = relu_grad(e1, &de1, alloc)?;
         let mut de0 = new(alloc, e0)?;
-        conv2d_grad(&self.encoder_convs[1], p, e0, &de1, grads, Some(&mut de0), "encoder.2")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[1], e0, &de1, Some(&mut de0)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.2 backward"))?;
         let de0 = relu_grad(e0, &de0, alloc)?;
         let mut dimage = input_grads.then(|| new(alloc, image)).transpose()?;
-        conv2d_grad(&self.encoder_convs[0], p, image, &de0, grads, dimage.as_mut(), "encoder.0")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[0], image, &de0, dimage.as_mut()).with_context(|| format!("{STRUCTURAL_VAE}: encoder.0 backward"))?;
         Ok(dimage.map(|image| StructuralVaeInputGrads { image, eps: deps }))
     }
 }
@@ -573,96 +570,3 @@ fn relu_grad(y: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tenso
     Ok(dx)
 }
 
-/// `nn.Linear` on `x` [B, input] -> [B, output].
-fn linear(l: &Linear, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, model: &str, name: &str) -> Result<Tensor> {
-    let mut y = alloc.alloc(&[x.shape()[0], l.output], x.dtype())?;
-    linear_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), &mut y).with_context(|| format!("{model}: {name}"))?;
-    Ok(y)
-}
-
-/// Backward of [`linear`]: accumulates the weight and bias gradients; writes `dx` when given.
-fn linear_grad(
-    l: &Linear,
-    p: &ParamStore,
-    x: &Tensor,
-    dy: &Tensor,
-    grads: &mut Grads,
-    dx: Option<&mut Tensor>,
-    model: &str,
-    name: &str,
-) -> Result<()> {
-    let w = p.get(l.weight);
-    let context = || format!("{model}: {name} backward");
-    linear_backward(x, w, dy, dx, Some(grads.get_mut(l.weight)), None).with_context(context)?;
-    if let Some(b) = l.bias {
-        linear_backward(x, w, dy, None, None, Some(grads.get_mut(b))).with_context(context)?;
-    }
-    Ok(())
-}
-
-/// The EEG encoder's `nn.Conv1d` (stride 1) on `x` [B, input, L].
-fn conv1d(l: &Conv1d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let s = x.shape();
-    let len = (s[2] + 2 * l.padding + 1).saturating_sub(l.kernel);
-    let mut y = alloc.alloc(&[s[0], l.output, len], x.dtype())?;
-    conv1d_forward(x, p.get(l.weight), Some(p.get(l.bias)), 1, l.padding, &mut y).with_context(|| format!("{EEG_ENCODER}: {name}"))?;
-    Ok(y)
-}
-
-fn conv1d_grad(l: &Conv1d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
-    let context = || format!("{EEG_ENCODER}: {name} backward");
-    if let Some(dx) = dx {
-        conv1d_backward_input(dy, p.get(l.weight), 1, l.padding, dx).with_context(context)?;
-    }
-    conv1d_backward_weight(x, dy, 1, l.padding, grads.get_mut(l.weight)).with_context(context)?;
-    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
-}
-
-/// The VAE encoder's `nn.Conv2d` on `x` [B, input, H, W].
-fn conv2d(l: &Conv2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let (s, pad) = (x.shape(), l.spec.padding);
-    let out = |len: usize, before: usize, after: usize| (len + before + after).saturating_sub(l.kernel) / l.spec.stride + 1;
-    let mut y = alloc.alloc(&[s[0], l.output, out(s[2], pad.top, pad.bottom), out(s[3], pad.left, pad.right)], x.dtype())?;
-    conv2d_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), l.spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
-    Ok(y)
-}
-
-fn conv2d_grad(l: &Conv2d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
-    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
-    if let Some(dx) = dx {
-        conv2d_backward_input(dy, p.get(l.weight), l.spec, dx).with_context(context)?;
-    }
-    conv2d_backward_weight(x, dy, l.spec, grads.get_mut(l.weight)).with_context(context)?;
-    if let Some(b) = l.bias {
-        conv_backward_bias(dy, grads.get_mut(b)).with_context(context)?;
-    }
-    Ok(())
-}
-
-/// The VAE decoder's `nn.ConvTranspose2d` on `x` [B, input, H, W].
-fn conv_transpose2d(l: &ConvTranspose2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let s = x.shape();
-    let out = |len: usize| ((len.max(1) - 1) * l.stride + l.kernel).saturating_sub(2 * l.padding);
-    let mut y = alloc.alloc(&[s[0], l.output, out(s[2]), out(s[3])], x.dtype())?;
-    let spec = Conv2dSpec::new(l.stride, l.padding);
-    conv_transpose2d_forward(x, p.get(l.weight), Some(p.get(l.bias)), spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
-    Ok(y)
-}
-
-fn conv_transpose2d_grad(
-    l: &ConvTranspose2d,
-    p: &ParamStore,
-    x: &Tensor,
-    dy: &Tensor,
-    grads: &mut Grads,
-    dx: Option<&mut Tensor>,
-    name: &str,
-) -> Result<()> {
-    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
-    let spec = Conv2dSpec::new(l.stride, l.padding);
-    if let Some(dx) = dx {
-        conv_transpose2d_backward_input(dy, p.get(l.weight), spec, dx).with_context(context)?;
-    }
-    conv_transpose2d_backward_weight(x, dy, spec, grads.get_mut(l.weight)).with_context(context)?;
-    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
-}

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::models::layers::{linear_layer_backward, linear_layer_forward, sum};
+use crate::models::layers::{self, sum};
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::tensor::{DType, Tensor};
@@ -89,7 +89,7 @@ impl Projection {
     /// A 1x1 conv over `x` [B, C, H, W], or a Linear over tokens `x` [B, HW, C].
     pub fn forward(&self, params: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
         match self {
-            Projection::Linear(l) => linear_layer_forward(l, params, x, alloc),
+            Projection::Linear(l) => layers::linear(params, l, x, alloc),
             Projection::Conv(c) => {
                 let &[b, channels, h, w] = x.shape() else { bail!("Transformer2DModel projection: input {:?} is not [B, C, H, W]", x.shape()) };
                 ensure!(c.kernel == 1 && channels == c.input, "Transformer2DModel projection: a 1x1 conv from {} channels cannot take {:?}", c.input, x.shape());
@@ -103,7 +103,7 @@ impl Projection {
     /// Backward of [`Projection::forward`] with the same `x`: adds to the parameter gradients, returns dx.
     pub fn backward(&self, params: &ParamStore, grads: &mut Grads, x: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
         match self {
-            Projection::Linear(l) => Ok(linear_layer_backward(l, params, grads, x, dy, alloc)?),
+            Projection::Linear(l) => Ok(layers::linear_back_input(params, grads, l, x, dy, alloc)?),
             Projection::Conv(c) => {
                 let mut dx = alloc.alloc(x.shape(), x.dtype())?;
                 ops::conv::conv2d_backward_input(dy, params.get(c.weight), c.spec, &mut dx)?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::models::layers::{self, linear_layer_backward, linear_layer_forward, linear_layer_param_backward, GroupNormActivations};
+use crate::models::layers::{self, GroupNormActivations};
 use crate::models::resnet::{downsampler, upsampler, ResnetBlock};
 use crate::models::transformer_2d::{Transformer2d, TransformerSpec};
 use crate::models::unet_2d_blocks::{DownBlock, MidBlock, SharedGrads, UNetDownActivations, UNetMidActivations, UNetUpActivations, UpBlock};
@@ -360,20 +360,20 @@ impl TimeEmbedding {
         let dtype = params.get(self.linear_1.weight).dtype();
         let mut sinusoid = alloc.alloc(&[timesteps.shape()[0], self.channels], dtype)?;
         ops::elementwise::timestep_embedding(timesteps, flip_sin_to_cos, freq_shift as f32, &mut sinusoid)?;
-        let hidden = linear_layer_forward(&self.linear_1, params, &sinusoid, alloc).context("time_embedding.linear_1")?;
+        let hidden = layers::linear(params, &self.linear_1, &sinusoid, alloc).context("time_embedding.linear_1")?;
         let mut activated = alloc.alloc(hidden.shape(), dtype)?;
         ops::elementwise::silu_forward(&hidden, &mut activated)?;
-        let output = linear_layer_forward(&self.linear_2, params, &activated, alloc).context("time_embedding.linear_2")?;
+        let output = layers::linear(params, &self.linear_2, &activated, alloc).context("time_embedding.linear_2")?;
         Ok(TimeEmbeddingActivations { sinusoid, hidden, activated, output })
     }
 
     /// Backward of [`TimeEmbedding::forward`] from `dy` [B, time_embed_dim]: adds to the gradients of
     /// `linear_1` and `linear_2` (timesteps take no gradient).
     pub fn backward(&self, params: &ParamStore, grads: &mut Grads, acts: &TimeEmbeddingActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<()> {
-        let dactivated = linear_layer_backward(&self.linear_2, params, grads, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
+        let dactivated = layers::linear_back_input(params, grads, &self.linear_2, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
         let mut dhidden = alloc.alloc(acts.hidden.shape(), acts.hidden.dtype())?;
         ops::elementwise::silu_backward(&acts.hidden, &dactivated, &mut dhidden)?;
-        linear_layer_param_backward(&self.linear_1, params, grads, &acts.sinusoid, &dhidden).context("time_embedding.linear_1 backward")
+        layers::linear_back(params, grads, &self.linear_1, &acts.sinusoid, &dhidden, None).context("time_embedding.linear_1 backward")
     }
 }
 

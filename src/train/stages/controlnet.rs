@@ -14,7 +14,7 @@ use crate::data::eeg::Repetitions;
 use crate::data::contract::EegContract;
 use crate::data::dataset::Manifest;
 use crate::diffusion::scheduler::alphas_cumprod;
-use crate::models::layers::{linear_layer_forward, linear_layer_param_backward};
+use crate::models::layers;
 use crate::models::unet::{ControlNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::nn::{Grads, Linear, ParamId, ParamStore, Standalone};
@@ -194,7 +194,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         Ok((embedding, cond))
     };
     let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
-        let flat = linear_layer_forward(&projector, p, embedding, &mut on.alloc())?.to_f32_vec()?;
+        let flat = layers::linear(p, &projector, embedding, &mut on.alloc())?.to_f32_vec()?;
         let masked: Vec<f32> = flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
         on.tensor(&[keep.len(), cfg.tokens, d], &masked)
     };
@@ -232,7 +232,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
             .zip(&keep)
             .flat_map(|((u, c), &k)| u.iter().zip(c).map(move |(u, c)| if k { u + c } else { 0.0 }))
             .collect();
-        linear_layer_param_backward(&projector, p, grads, &embedding, &on.tensor(&[b, cfg.tokens * d], &dtokens)?)?;
+        layers::linear_back(p, grads, &projector, &embedding, &on.tensor(&[b, cfg.tokens * d], &dtokens)?, None)?;
         Ok(vec![("total", loss)])
     };
     let mut validate = |p: &ParamStore| -> Result<f64> {
