@@ -15,7 +15,7 @@ use crate::ops::conv::{conv1d_backward_input, conv1d_forward, Conv2dSpec};
 use crate::ops::elementwise::{
     add, relu_backward, relu_forward, reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward,
 };
-use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams, LstmWeights};
+use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
 use crate::ops::shape::{
     avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
 };
@@ -89,9 +89,6 @@ pub struct EegEncoderActivations {
     /// `eeg` transposed to [B, T, C]: the LSTM's batch-first sequence, and the spatial branch's input with
     /// the time steps as channels and the electrodes as the length.
     eeg_t: Tensor,
-    /// A device copy of the LSTM's parameters: `ops::lstm` takes a struct that owns its tensors, and tensors
-    /// never alias, so the ParamStore's cannot be lent (about 9 MB at the default sizes).
-    lstm_params: LstmParams,
     lstm: LstmActivations,
     /// [1, T, 1], one at the last step: a 1x1 Conv1d with it as its only filter picks `temporal[:, -1]`.
     last_step: Tensor,
@@ -118,6 +115,11 @@ impl EegEncoder {
         self.temporal.layers.iter().flatten().flat_map(|d| [d.weight_ih, d.weight_hh, d.bias_ih, d.bias_hh]).collect()
     }
 
+    /// The LSTM's parameters as `ops::lstm` takes them: views of the tensors in `p`, nothing copied.
+    fn lstm_params<'p>(&self, p: &'p ParamStore) -> Result<LstmParams<&'p Tensor>> {
+        LstmParams::from_tensors(self.lstm_config(), self.lstm_ids().into_iter().map(|id| p.get(id)))
+    }
+
     /// `eeg` [B, n_channels, n_timepoints] -> `embedding` [B, latent_dim], keeping what backward needs.
     pub fn forward(&self, p: &ParamStore, eeg: &Tensor, alloc: &mut dyn Allocator) -> Result<EegEncoderActivations> {
         let c = &self.config;
@@ -133,8 +135,7 @@ impl EegEncoder {
         transpose_last2(eeg, &mut eeg_t).with_context(|| format!("{EEG_ENCODER}: eeg.transpose(1, 2)"))?;
 
         let config = self.lstm_config();
-        let copies = self.lstm_ids().iter().map(|&id| copy(p.get(id), alloc)).collect::<Result<Vec<_>>>()?;
-        let lstm_params = lstm_struct(config, copies);
+        let lstm_params = self.lstm_params(p)?;
         let mut lstm = LstmActivations::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
         lstm_forward(&lstm_params, &eeg_t, &mut lstm).with_context(|| format!("{EEG_ENCODER}: temporal_encoder"))?;
         let last_step = last_step_filter(t, dtype, alloc)?;
@@ -155,7 +156,7 @@ impl EegEncoder {
         let fused = fused.reshape(&[b, out + c1])?;
         let hidden = relu(&layers::linear(p, &self.fusion[0], &fused, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.0"))?, alloc)?;
         let embedding = layers::linear(p, &self.fusion[1], &hidden, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.2"))?;
-        Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, embedding })
+        Ok(EegEncoderActivations { eeg_t, lstm, last_step, spatial: [s0, s1], fused, hidden, embedding })
     }
 
     /// Backward from `dembedding` (the gradient of `acts.embedding`): accumulates every parameter gradient
@@ -195,12 +196,8 @@ impl EegEncoder {
         conv1d_backward_input(&dtemporal.reshape(&[b, 1, out])?, &acts.last_step, 1, 0, &mut dsequence)?;
         let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
         let mut dx_temporal = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
-        grads
-            .with_lent(&self.lstm_ids(), |lent| {
-                let mut g = lstm_struct(config, lent);
-                let r = lstm_backward(&acts.lstm_params, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut g, &mut scratch);
-                (lstm_tensors(g), r)
-            })
+        let mut lstm_grads = LstmParams::from_tensors(config, grads.many_mut(&self.lstm_ids()))?;
+        lstm_backward(&self.lstm_params(p)?, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut lstm_grads, &mut scratch)
             .with_context(|| format!("{EEG_ENCODER}: temporal_encoder backward"))?;
 
         let mut ds1 = alloc.alloc(acts.spatial[1].shape(), dtype)?;
@@ -219,25 +216,6 @@ impl EegEncoder {
         transpose_last2_backward(&dx, &mut deeg)?;
         Ok(Some(deeg))
     }
-}
-
-/// `LstmParams` from tensors in `EegEncoder::lstm_ids` order.
-fn lstm_struct(config: LstmConfig, tensors: Vec<Tensor>) -> LstmParams {
-    let mut it = tensors.into_iter();
-    let mut next = || it.next().expect("four tensors per layer and direction");
-    let layers = (0..config.num_layers)
-        .map(|_| {
-            (0..config.directions())
-                .map(|_| LstmWeights { weight_ih: next(), weight_hh: next(), bias_ih: next(), bias_hh: next() })
-                .collect()
-        })
-        .collect();
-    LstmParams { config, layers }
-}
-
-/// The tensors of `lstm_struct`'s result, in the order it took them.
-fn lstm_tensors(p: LstmParams) -> Vec<Tensor> {
-    p.layers.into_iter().flatten().flat_map(|w| [w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh]).collect()
 }
 
 impl StructuralVae {
@@ -547,13 +525,6 @@ impl ContrastiveAlignment {
         ensure!(temperature > 0.0, "{}: 'temperature' must be positive, got {temperature}", path.display());
         Ok(ContrastiveAlignment { temperature })
     }
-}
-
-/// `y = x`, a device copy.
-fn copy(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
-    let mut y = alloc.alloc(x.shape(), x.dtype())?;
-    scale(x, 1.0, &mut y)?;
-    Ok(y)
 }
 
 fn relu(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {

@@ -456,11 +456,8 @@ impl Allocator for ArenaRegion<'_> {
 /// The dtype must be one every op accepts for its parameter gradients: f32 on the CPU, the parameters'
 /// storage dtype on CUDA (the convolutions' weight gradients have no mixed-dtype form).
 pub struct Grads {
-    /// `None` only while [`Grads::with_lent`] has lent the tensor out.
-    tensors: Vec<Option<crate::tensor::Tensor>>,
+    tensors: Vec<crate::tensor::Tensor>,
 }
-
-const LENT: &str = "a lent gradient is back before `with_lent` returns";
 
 impl Grads {
     /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
@@ -472,7 +469,7 @@ impl Grads {
 
     /// Zeroed gradients for every parameter of `tree`, from `alloc`.
     pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
-        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype).map(Some)).collect::<Result<Vec<_>>>()?;
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
         let mut grads = Grads { tensors };
         grads.zero()?;
         Ok(grads)
@@ -481,30 +478,29 @@ impl Grads {
     /// Sets every gradient to zero on the device (an arena hands out its memory zeroed only the first time).
     pub fn zero(&mut self) -> Result<()> {
         for t in &mut self.tensors {
-            t.as_mut().expect(LENT).fill_zero()?;
+            t.fill_zero()?;
         }
         Ok(())
     }
 
     pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
-        self.tensors[id.0].as_ref().expect(LENT)
+        &self.tensors[id.0]
     }
 
     pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
-        self.tensors[id.0].as_mut().expect(LENT)
+        &mut self.tensors[id.0]
     }
 
     /// Two distinct gradients at once (a norm's weight and bias are written by one backward call).
     pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut crate::tensor::Tensor, &mut crate::tensor::Tensor) {
         assert_ne!(a, b, "Grads::pair_mut: the same parameter twice");
-        let (first, second) = if a.0 < b.0 {
+        if a.0 < b.0 {
             let (low, high) = self.tensors.split_at_mut(b.0);
             (&mut low[a.0], &mut high[0])
         } else {
             let (low, high) = self.tensors.split_at_mut(a.0);
             (&mut high[0], &mut low[b.0])
-        };
-        (first.as_mut().expect(LENT), second.as_mut().expect(LENT))
+        }
     }
 
     /// The gradients of a layer's weight and (distinct) optional bias, both writable at once.
@@ -518,26 +514,21 @@ impl Grads {
         }
     }
 
-    /// Moves the gradients of `ids` (distinct) out, in order, for ops whose gradient structs own their
-    /// tensors (`ops::lstm::LstmParams`); `f` hands them back in the same order with its result, which is
-    /// returned after every tensor is back in place, whether `f` succeeded or not.
-    pub fn with_lent<R>(
-        &mut self,
-        ids: &[ParamId],
-        f: impl FnOnce(Vec<crate::tensor::Tensor>) -> (Vec<crate::tensor::Tensor>, R),
-    ) -> R {
-        let lent = ids.iter().map(|id| self.tensors[id.0].take().expect("each gradient is lent once at a time")).collect();
-        let (back, result) = f(lent);
-        assert_eq!(back.len(), ids.len(), "every lent gradient comes back");
-        for (id, t) in ids.iter().zip(back) {
-            self.tensors[id.0] = Some(t);
-        }
-        result
+    /// The gradients of `ids` (distinct), writable at once, in the order of `ids`: views an op's gradient
+    /// struct can hold (`ops::lstm::LstmParams<&mut Tensor>`).
+    pub fn many_mut(&mut self, ids: &[ParamId]) -> Vec<&mut crate::tensor::Tensor> {
+        let mut slots: Vec<Option<&mut crate::tensor::Tensor>> = self.tensors.iter_mut().map(Some).collect();
+        ids.iter().map(|id| slots[id.0].take().expect("Grads::many_mut: the same parameter twice")).collect()
+    }
+
+    /// Every gradient, writable at once, in [`ParamId`] order.
+    pub fn all_mut(&mut self) -> Vec<&mut crate::tensor::Tensor> {
+        self.tensors.iter_mut().collect()
     }
 
     /// The gradients in [`ParamId`] order (the tree's registration order).
     pub fn into_tensors(self) -> Vec<crate::tensor::Tensor> {
-        self.tensors.into_iter().map(|t| t.expect(LENT)).collect()
+        self.tensors
     }
 
     pub fn len(&self) -> usize {

@@ -19,6 +19,8 @@
 //! tells its heuristic the real alignment, so unaligned steps would be correct, only slower).
 //! Parameter gradients accumulate (`+=`) into f32 or the storage dtype; the input gradient is written (`=`).
 
+use std::borrow::{Borrow, BorrowMut};
+
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
@@ -86,64 +88,79 @@ pub fn param_name(kind: &str, layer: usize, direction: usize) -> String {
     format!("{kind}_l{layer}{}", if direction == 1 { "_reverse" } else { "" })
 }
 
-/// The parameters of one layer and direction (or their gradients).
-pub struct LstmWeights {
+/// The parameters of one layer and direction (or their gradients), as owned tensors (`T = Tensor`) or
+/// borrowed ones (`&Tensor`, `&mut Tensor`: views over a model's parameter store and gradients).
+pub struct LstmWeights<T = Tensor> {
     /// `[4H, input]`, rows in gate order i, f, g, o.
-    pub weight_ih: Tensor,
+    pub weight_ih: T,
     /// `[4H, H]`.
-    pub weight_hh: Tensor,
+    pub weight_hh: T,
     /// `[4H]`.
-    pub bias_ih: Tensor,
+    pub bias_ih: T,
     /// `[4H]`.
-    pub bias_hh: Tensor,
+    pub bias_hh: T,
 }
 
 /// Every parameter of an LSTM (or its gradients), `layers[layer][direction]` with direction 1 the `_reverse`
 /// one.
-pub struct LstmParams {
+pub struct LstmParams<T = Tensor> {
     pub config: LstmConfig,
-    pub layers: Vec<Vec<LstmWeights>>,
+    pub layers: Vec<Vec<LstmWeights<T>>>,
 }
 
 impl LstmParams {
     /// Makes every tensor with `alloc(shape)` (a standalone zero tensor, or a carve from an arena region).
     pub fn new(config: LstmConfig, mut alloc: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<LstmParams> {
-        let mut shapes = config.parameter_shapes().into_iter();
-        let mut next = || alloc(&shapes.next().expect("four shapes per layer and direction").1);
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            let mut dirs = Vec::with_capacity(config.directions());
-            for _ in 0..config.directions() {
-                dirs.push(LstmWeights { weight_ih: next()?, weight_hh: next()?, bias_ih: next()?, bias_hh: next()? });
-            }
-            layers.push(dirs);
-        }
-        Ok(LstmParams { config, layers })
+        let tensors = config.parameter_shapes().into_iter().map(|(_, shape)| alloc(&shape)).collect::<Result<Vec<_>>>()?;
+        LstmParams::from_tensors(config, tensors)
     }
 
     /// Standalone zero tensors on `device`.
     pub fn zeros(device: &Device, config: LstmConfig, dtype: DType) -> Result<LstmParams> {
         LstmParams::new(config, |shape| Tensor::zeros(device, shape, dtype))
     }
+}
+
+impl<T> LstmParams<T> {
+    /// The parameters from `tensors` in [`LstmConfig::parameter_shapes`] order (per layer and direction:
+    /// W_ih, W_hh, b_ih, b_hh); their shapes are checked where they are used.
+    pub fn from_tensors(config: LstmConfig, tensors: impl IntoIterator<Item = T>) -> Result<LstmParams<T>> {
+        let mut it = tensors.into_iter();
+        let count = 4 * config.num_layers * config.directions();
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            let mut dirs = Vec::with_capacity(config.directions());
+            for _ in 0..config.directions() {
+                let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("LSTM parameters: fewer than the {count} tensors of {config:?}"));
+                dirs.push(LstmWeights { weight_ih: next()?, weight_hh: next()?, bias_ih: next()?, bias_hh: next()? });
+            }
+            layers.push(dirs);
+        }
+        ensure!(it.next().is_none(), "LSTM parameters: more than the {count} tensors of {config:?}");
+        Ok(LstmParams { config, layers })
+    }
+}
+
+impl<T: Borrow<Tensor>> LstmParams<T> {
+    /// The same tensors, borrowed.
+    pub fn view(&self) -> LstmParams<&Tensor> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|dirs| {
+                dirs.iter()
+                    .map(|w| LstmWeights { weight_ih: w.weight_ih.borrow(), weight_hh: w.weight_hh.borrow(), bias_ih: w.bias_ih.borrow(), bias_hh: w.bias_hh.borrow() })
+                    .collect()
+            })
+            .collect();
+        LstmParams { config: self.config, layers }
+    }
 
     /// `(PyTorch name, tensor)` for every parameter.
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
         names
-            .zip(self.layers.iter().flatten().flat_map(|w| [&w.weight_ih, &w.weight_hh, &w.bias_ih, &w.bias_hh]))
-            .collect()
-    }
-
-    /// `(PyTorch name, tensor)` for every parameter, writable (for loading weights).
-    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
-        names
-            .zip(
-                self.layers
-                    .iter_mut()
-                    .flatten()
-                    .flat_map(|w| [&mut w.weight_ih, &mut w.weight_hh, &mut w.bias_ih, &mut w.bias_hh]),
-            )
+            .zip(self.layers.iter().flatten().flat_map(|w| [w.weight_ih.borrow(), w.weight_hh.borrow(), w.bias_ih.borrow(), w.bias_hh.borrow()]))
             .collect()
     }
 
@@ -164,6 +181,35 @@ impl LstmParams {
             ensure!(t.dtype() == dtype, "{op}: {what} {name} is {}, the others {dtype}", t.dtype());
         }
         Ok(dtype)
+    }
+}
+
+impl<T: BorrowMut<Tensor>> LstmParams<T> {
+    /// The same tensors, borrowed writable.
+    pub fn view_mut(&mut self) -> LstmParams<&mut Tensor> {
+        let layers = self
+            .layers
+            .iter_mut()
+            .map(|dirs| {
+                dirs.iter_mut()
+                    .map(|w| LstmWeights {
+                        weight_ih: w.weight_ih.borrow_mut(),
+                        weight_hh: w.weight_hh.borrow_mut(),
+                        bias_ih: w.bias_ih.borrow_mut(),
+                        bias_hh: w.bias_hh.borrow_mut(),
+                    })
+                    .collect()
+            })
+            .collect();
+        LstmParams { config: self.config, layers }
+    }
+
+    /// `(PyTorch name, tensor)` for every parameter, writable (for loading weights).
+    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
+        names
+            .zip(self.layers.iter_mut().flatten().flat_map(|w| [w.weight_ih.borrow_mut(), w.weight_hh.borrow_mut(), w.bias_ih.borrow_mut(), w.bias_hh.borrow_mut()]))
+            .collect()
     }
 }
 
@@ -526,7 +572,7 @@ fn cell_rows_per_task(hidden: usize) -> usize {
 /// Cell step forward: gates (pre-activations, then activated) of step `t`, its c and h, and h into the output.
 fn cell_forward(
     s: &Step,
-    w: &LstmWeights,
+    w: &LstmWeights<&Tensor>,
     acts: &mut DirectionActivations,
     recurrent: &Tensor,
     y: &mut Tensor,
@@ -676,8 +722,9 @@ fn check_sizes(op: &str, config: &LstmConfig, batch: usize, seq_len: usize) -> R
 
 /// Forward: writes every layer's output (the last is `acts.output()`, `[B, T, D·H]`) and what backward needs.
 /// `x` is `[B, T, input_size]` with (B, T) those `acts` was made for.
-pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations) -> Result<()> {
+pub fn lstm_forward(params: &LstmParams<impl Borrow<Tensor>>, x: &Tensor, acts: &mut LstmActivations) -> Result<()> {
     const OP: &str = "lstm_forward";
+    let params = &params.view();
     let config = params.config;
     let device = x.device();
     let dtype = params.check(OP, "parameters", &config, &device)?;
@@ -699,12 +746,12 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
         let y = &mut rest[0];
         for (dir, a) in directions[layer].iter_mut().enumerate() {
             let w = &params.layers[layer][dir];
-            linear_forward(input, &w.weight_ih, None, &mut a.gates)?;
+            linear_forward(input, w.weight_ih, None, &mut a.gates)?;
             for t in steps(seq_len, dir) {
                 let prev = previous_step(seq_len, dir, t);
                 if let Some(p) = prev {
                     let s = GemmShape { m: rows, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
-                    gemm_at(OP, s, (&a.hidden, p * rows * hidden), (&w.weight_hh, 0), (recurrent, 0), 0.0)?;
+                    gemm_at(OP, s, (&a.hidden, p * rows * hidden), (w.weight_hh, 0), (recurrent, 0), 0.0)?;
                 }
                 let step = Step {
                     batch,
@@ -727,15 +774,17 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
 /// shape as `x`; pass `None` when the input needs no gradient) and accumulates every parameter gradient into
 /// `grads` (`+=`, f32 or the parameters' dtype). `acts` must hold the forward of `params` on `x`.
 pub fn lstm_backward(
-    params: &LstmParams,
+    params: &LstmParams<impl Borrow<Tensor>>,
     x: &Tensor,
     acts: &LstmActivations,
     dy: &Tensor,
     mut dx: Option<&mut Tensor>,
-    grads: &mut LstmParams,
+    grads: &mut LstmParams<impl BorrowMut<Tensor>>,
     scratch: &mut LstmBackwardScratch,
 ) -> Result<()> {
     const OP: &str = "lstm_backward";
+    let params = &params.view();
+    let grads = &mut grads.view_mut();
     let config = params.config;
     let device = x.device();
     let dtype = params.check(OP, "parameters", &config, &device)?;
@@ -814,7 +863,7 @@ pub fn lstm_backward(
                             OP,
                             s,
                             (&scratch.dgates_by_step, n * rows * 4 * hidden),
-                            (&w.weight_hh, 0),
+                            (w.weight_hh, 0),
                             (&mut scratch.dh, 0),
                             0.0,
                         )?;
@@ -850,13 +899,13 @@ pub fn lstm_backward(
                 }
                 linear_backward(
                     input,
-                    &w.weight_ih,
+                    w.weight_ih,
                     &scratch.dgates,
                     None,
                     Some(&mut g.weight_ih),
                     Some(&mut g.bias_ih),
                 )?;
-                linear_backward(input, &w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
+                linear_backward(input, w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
                 if let Some(di) = dinput.as_deref_mut() {
                     let k_in = config.layer_input_size(layer);
                     let s = GemmShape {
@@ -868,7 +917,7 @@ pub fn lstm_backward(
                         batch: 1,
                     };
                     let beta = if dir == 0 { 0.0 } else { 1.0 };
-                    gemm_at(OP, s, (&scratch.dgates, 0), (&w.weight_ih, 0), (di, 0), beta)?;
+                    gemm_at(OP, s, (&scratch.dgates, 0), (w.weight_ih, 0), (di, 0), beta)?;
                 }
             }
         }

@@ -114,11 +114,7 @@ impl Optimizer {
         );
         let max_norm = self.config.max_grad_norm.unwrap_or(f32::INFINITY);
         let ids: Vec<ParamId> = (0..grads.len()).map(ParamId).collect();
-        grads.with_lent(&ids, |mut lent| {
-            let mut refs: Vec<&mut Tensor> = lent.iter_mut().collect();
-            let r = clip_grad_norm(&mut refs, max_norm, &mut self.total_norm, &mut self.partials);
-            (lent, r)
-        })?;
+        clip_grad_norm(&mut grads.all_mut(), max_norm, &mut self.total_norm, &mut self.partials)?;
         self.step += 1;
         let opt = AdamW { lr, ..self.config.adamw };
         for (i, id) in ids.iter().enumerate() {
