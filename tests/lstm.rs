@@ -3,11 +3,12 @@
 
 mod common;
 
-use common::{check_gradient, compare, cpu, f64s, random};
+use common::{check_gradient, compare, cpu, f64s, random, NanFilled};
 use sgdm::ops::lstm::{
     lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams,
 };
-use sgdm::{Arena, DType, Device, MemoryPlan, Region, Tensor};
+use sgdm::nn::Standalone;
+use sgdm::{DType, Device, Tensor};
 
 const TWO_LAYERS_BIDI: LstmConfig = LstmConfig { input_size: 7, hidden_size: 4, num_layers: 2, bidirectional: true };
 
@@ -297,15 +298,12 @@ fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
     let dy = random(b * t * 8, -1.0, 1.0, 82);
     let clean = run_cpu(cfg, &params, &x, &dy, b, t);
 
-    let nan = |shape: &[usize], dtype: DType| {
-        Tensor::from_f32(&Device::Cpu, shape, dtype, &vec![f32::NAN; shape.iter().product()])
-    };
     let p = params_on(&Device::Cpu, cfg, &params, DType::F32);
     let xt = cpu(&[b, t, 7], &x);
-    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, nan).unwrap();
+    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, &mut NanFilled(Device::Cpu)).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
     let mut grads = LstmParams::zeros(&Device::Cpu, cfg, DType::F32).unwrap();
-    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, nan).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, &mut NanFilled(Device::Cpu)).unwrap();
     let mut dx = cpu(&[b, t, 7], &vec![f32::NAN; b * t * 7]);
     lstm_backward(&p, &xt, &acts, &cpu(&[b, t, 8], &dy), Some(&mut dx), &mut grads, &mut scratch).unwrap();
     compare("lstm y from NaN-filled buffers", &acts.output().to_f32_vec().unwrap(), &clean.y, 0.0, 0.0);
@@ -316,19 +314,12 @@ fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
 }
 
 #[test]
-fn activations_and_scratch_carve_exactly_their_reserved_arena_plan() {
+fn three_bidirectional_layers_from_an_allocator_match_the_reference() {
+    // Three layers: the backward's layer-gradient buffers alternate between its two.
     let (cfg, b, t) = (LstmConfig { input_size: 5, hidden_size: 3, num_layers: 3, bidirectional: true }, 2, 4);
-    let mut plan = MemoryPlan::new();
-    LstmActivations::reserve(&mut plan, Region::Activations, &cfg, b, t, DType::F32);
-    LstmBackwardScratch::reserve(&mut plan, Region::Scratch, &cfg, b, t, DType::F32);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Activations, s, d)).unwrap();
-    let mut scratch =
-        LstmBackwardScratch::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Scratch, s, d)).unwrap();
-    for region in [Region::Activations, Region::Scratch] {
-        let u = arena.usage(region);
-        assert_eq!(u.used, u.capacity, "{region:?}: the plan reserves exactly what is carved");
-    }
+    let alloc = &mut Standalone(Device::Cpu);
+    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, alloc).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, alloc).unwrap();
     let params = random_params(&cfg, 90);
     let x = random(b * t * 5, -1.0, 1.0, 91);
     let dy = random(b * t * 6, -1.0, 1.0, 92);
@@ -339,6 +330,6 @@ fn activations_and_scratch_carve_exactly_their_reserved_arena_plan() {
     let mut grads = LstmParams::zeros(&Device::Cpu, cfg, DType::F32).unwrap();
     let mut dx = cpu(&[b, t, 5], &vec![0.0; b * t * 5]);
     lstm_backward(&p, &xt, &acts, &cpu(&[b, t, 6], &dy), Some(&mut dx), &mut grads, &mut scratch).unwrap();
-    compare("lstm y from arena buffers", &acts.output().to_f32_vec().unwrap(), &want.y, 0.0, 0.0);
-    compare("lstm dx from arena buffers", dx.f32s().unwrap(), &want.dx, 0.0, 0.0);
+    compare("lstm y, three layers", &acts.output().to_f32_vec().unwrap(), &want.y, 0.0, 0.0);
+    compare("lstm dx, three layers", dx.f32s().unwrap(), &want.dx, 0.0, 0.0);
 }

@@ -136,7 +136,7 @@ impl EegEncoder {
 
         let config = self.lstm_config();
         let lstm_params = self.lstm_params(p)?;
-        let mut lstm = LstmActivations::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        let mut lstm = LstmActivations::new(config, b, t, dtype, alloc)?;
         lstm_forward(&lstm_params, &eeg_t, &mut lstm).with_context(|| format!("{EEG_ENCODER}: temporal_encoder"))?;
         let last_step = last_step_filter(t, dtype, alloc)?;
         let out = config.output_size();
@@ -194,7 +194,7 @@ impl EegEncoder {
         // (exact zeros: each is the last-step filter's 0 times a finite gradient).
         let mut dsequence = alloc.alloc(&[b, t, out], dtype)?;
         conv1d_backward_input(&dtemporal.reshape(&[b, 1, out])?, &acts.last_step, 1, 0, &mut dsequence)?;
-        let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, alloc)?;
         let mut dx_temporal = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
         let mut lstm_grads = LstmParams::from_tensors(config, grads.many_mut(&self.lstm_ids()))?;
         lstm_backward(&self.lstm_params(p)?, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut lstm_grads, &mut scratch)

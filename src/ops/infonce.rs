@@ -14,7 +14,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{matmul, MatmulSpec};
-use crate::memory::arena::{MemoryPlan, Region};
+use crate::memory::allocator::{Allocator, Standalone};
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
@@ -68,23 +68,15 @@ impl InfoNceActivations {
         ]
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(plan: &mut MemoryPlan, region: Region, batch: usize, dim: usize, dtype: DType) {
-        for (shape, dtype) in InfoNceActivations::layout(batch, dim, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
-    /// planned with `reserve`); `dtype` is the embeddings' storage dtype.
+    /// Makes every tensor with `alloc`; `dtype` is the embeddings' storage dtype.
     pub fn new(
         batch: usize,
         dim: usize,
         dtype: DType,
-        mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+        alloc: &mut dyn Allocator,
     ) -> Result<InfoNceActivations> {
         let mut t =
-            InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc(&shape, dtype));
+            InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc.alloc(&shape, dtype));
         let mut next = || t.next().expect("the layout lists every tensor");
         Ok(InfoNceActivations {
             batch,
@@ -105,7 +97,7 @@ impl InfoNceActivations {
 
     /// Standalone zero tensors on `device`.
     pub fn zeros(device: &Device, batch: usize, dim: usize, dtype: DType) -> Result<InfoNceActivations> {
-        InfoNceActivations::new(batch, dim, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+        InfoNceActivations::new(batch, dim, dtype, &mut Standalone(device.clone()))
     }
 
     /// The loss as a device tensor `[1]` f32 (no host synchronisation).

@@ -26,7 +26,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{cpu_gemm, linear_backward, linear_forward};
-use crate::memory::arena::{MemoryPlan, Region};
+use crate::memory::allocator::{Allocator, Standalone};
 use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::KernelArg::{Ptr, I32};
 use crate::runtime::device::Device;
@@ -109,15 +109,15 @@ pub struct LstmParams<T = Tensor> {
 }
 
 impl LstmParams {
-    /// Makes every tensor with `alloc(shape)` (a standalone zero tensor, or a carve from an arena region).
-    pub fn new(config: LstmConfig, mut alloc: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<LstmParams> {
-        let tensors = config.parameter_shapes().into_iter().map(|(_, shape)| alloc(&shape)).collect::<Result<Vec<_>>>()?;
+    /// Every tensor in `dtype` from `alloc`.
+    pub fn new(config: LstmConfig, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmParams> {
+        let tensors = config.parameter_shapes().into_iter().map(|(_, shape)| alloc.alloc(&shape, dtype)).collect::<Result<Vec<_>>>()?;
         LstmParams::from_tensors(config, tensors)
     }
 
     /// Standalone zero tensors on `device`.
     pub fn zeros(device: &Device, config: LstmConfig, dtype: DType) -> Result<LstmParams> {
-        LstmParams::new(config, |shape| Tensor::zeros(device, shape, dtype))
+        LstmParams::new(config, dtype, &mut Standalone(device.clone()))
     }
 }
 
@@ -267,15 +267,15 @@ pub struct LstmActivations {
 }
 
 /// The tensors of a layout, made in order by `alloc` as `next` is called.
-struct Allocations<F> {
+struct Allocations<'a> {
     layout: std::vec::IntoIter<(Vec<usize>, DType)>,
-    alloc: F,
+    alloc: &'a mut dyn Allocator,
 }
 
-impl<F: FnMut(&[usize], DType) -> Result<Tensor>> Allocations<F> {
+impl Allocations<'_> {
     fn next(&mut self) -> Result<Tensor> {
         let (shape, dtype) = self.layout.next().expect("the layout lists every tensor");
-        (self.alloc)(&shape, dtype)
+        self.alloc.alloc(&shape, dtype)
     }
 }
 
@@ -295,28 +295,13 @@ impl LstmActivations {
         out
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(
-        plan: &mut MemoryPlan,
-        region: Region,
-        config: &LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) {
-        for (shape, dtype) in LstmActivations::layout(config, batch, seq_len, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
-    /// planned with `reserve`); `dtype` is the storage dtype of the parameters.
+    /// Makes every tensor with `alloc`; `dtype` is the storage dtype of the parameters.
     pub fn new(
         config: LstmConfig,
         batch: usize,
         seq_len: usize,
         dtype: DType,
-        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+        alloc: &mut dyn Allocator,
     ) -> Result<LstmActivations> {
         let mut a = Allocations { layout: LstmActivations::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let mut outputs = Vec::new();
@@ -343,7 +328,7 @@ impl LstmActivations {
         seq_len: usize,
         dtype: DType,
     ) -> Result<LstmActivations> {
-        LstmActivations::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+        LstmActivations::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 
     /// The LSTM's output `[B, T, D·H]`: per step, the forward direction's h then the reverse one's.
@@ -405,27 +390,13 @@ impl LstmBackwardScratch {
         config.num_layers.saturating_sub(1).min(2)
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(
-        plan: &mut MemoryPlan,
-        region: Region,
-        config: &LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) {
-        for (shape, dtype) in LstmBackwardScratch::layout(config, batch, seq_len, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (see `LstmActivations::new`).
+    /// Makes every tensor with `alloc` (see `LstmActivations::new`).
     pub fn new(
         config: LstmConfig,
         batch: usize,
         seq_len: usize,
         dtype: DType,
-        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
+        alloc: &mut dyn Allocator,
     ) -> Result<LstmBackwardScratch> {
         let mut a =
             Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
@@ -441,7 +412,7 @@ impl LstmBackwardScratch {
         seq_len: usize,
         dtype: DType,
     ) -> Result<LstmBackwardScratch> {
-        LstmBackwardScratch::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+        LstmBackwardScratch::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 }
 

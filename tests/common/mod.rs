@@ -277,3 +277,13 @@ pub fn tiny_unet() -> (sgdm::models::unet::UNet, sgdm::nn::ParamStore, Tensor, T
     let timestep = cpu(&[2], &[10.0, 900.0]);
     (unet, p, sample, context, timestep)
 }
+
+/// Tensors filled with NaN, as reused arena or pool memory may hold anything: an op that reads an element
+/// before writing it shows it in its results.
+pub struct NanFilled(pub Device);
+
+impl sgdm::nn::Allocator for NanFilled {
+    fn alloc(&mut self, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        Tensor::from_f32(&self.0, shape, dtype, &vec![f32::NAN; shape.iter().product()])
+    }
+}

@@ -4,7 +4,7 @@
 use sgdm::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, random, rounded};
+use crate::common::{compare, random, rounded, NanFilled};
 
 fn run(
     device: &Device,
@@ -16,9 +16,7 @@ fn run(
 ) -> (f32, Vec<f32>, Vec<f32>) {
     let on = |v: &[f32]| Tensor::from_f32(device, &[n, d], dtype, v).unwrap();
     // NaN-filled like reused arena memory: every buffer must be written before it is read.
-    let nan =
-        |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
-    let mut acts = InfoNceActivations::new(n, d, dtype, nan).unwrap();
+    let mut acts = InfoNceActivations::new(n, d, dtype, &mut NanFilled(device.clone())).unwrap();
     infonce_forward(&on(a), &on(b), tau, &mut acts).unwrap();
     let (mut da, mut db) = (on(&vec![f32::NAN; n * d]), on(&vec![f32::NAN; n * d]));
     infonce_backward(&mut acts, 1.5, &mut da, &mut db).unwrap();

@@ -4,7 +4,7 @@
 use sgdm::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, random, rounded};
+use crate::common::{compare, random, rounded, NanFilled};
 
 struct Run {
     y: Vec<f32>,
@@ -33,13 +33,11 @@ fn run(
     let xt = Tensor::from_f32(device, &[b, t, cfg.input_size], dtype, x).unwrap();
     // NaN-filled buffers, as reused arena memory may hold anything: every buffer, padding rows included,
     // must be written before it is read.
-    let nan =
-        |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
-    let mut acts = LstmActivations::new(cfg, b, t, dtype, nan).unwrap();
+    let mut acts = LstmActivations::new(cfg, b, t, dtype, &mut NanFilled(device.clone())).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
     let dyt = Tensor::from_f32(device, acts.output().shape(), dtype, dy).unwrap();
     let mut dx = Tensor::from_f32(device, xt.shape(), dtype, &vec![f32::NAN; x.len()]).unwrap();
-    let mut scratch = LstmBackwardScratch::new(cfg, b, t, dtype, nan).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, dtype, &mut NanFilled(device.clone())).unwrap();
     lstm_backward(&p, &xt, &acts, &dyt, Some(&mut dx), &mut grads, &mut scratch).unwrap();
     Run {
         y: acts.output().to_f32_vec().unwrap(),
