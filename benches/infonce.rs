@@ -40,8 +40,7 @@ fn bench(c: &mut Criterion) {
     }
     for (name, device, dtype) in runs {
         let (a, b) = (filled(&device, dtype, 1), filled(&device, dtype, 2));
-        let (mut da, mut db) =
-            (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
+        let (mut da, mut db) = (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
         let mut acts = InfoNceActivations::zeros(&device, B, D, dtype).unwrap();
         let mut g = c.benchmark_group(format!("infonce/b{B}-d{D}"));
         g.sample_size(20);
@@ -113,9 +112,7 @@ struct Composition {
 
 fn composition(device: &Device, dtype: DType) -> Composition {
     let z = |shape: &[usize], dtype: DType| Tensor::zeros(device, shape, dtype).unwrap();
-    let ones = |shape: &[usize], dtype: DType| {
-        Tensor::from_f32(device, shape, dtype, &vec![1.0; shape.iter().product()]).unwrap()
-    };
+    let ones = |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![1.0; shape.iter().product()]).unwrap();
     let eye: Vec<f32> = (0..B * B).map(|i| if i % (B + 1) == 0 { 1.0 } else { 0.0 }).collect();
     let f = DType::F32;
     Composition {

@@ -7,13 +7,13 @@ compile_error!("sgdm reads and writes little-endian tensor files and assumes a l
 
 pub mod bench;
 pub mod conformance;
-pub mod default_weights;
 pub mod data;
+pub mod default_weights;
 pub mod diffusion;
 pub mod dtype;
-pub mod metrics;
 pub mod evaluate;
 pub mod memory;
+pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod ops;

@@ -35,7 +35,12 @@ pub fn retrieval_top_k(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) 
 pub fn correlation_top_k(predicted: &[f32], truth: &[f32], dim: usize, ks: &[usize]) -> Result<Vec<f64>> {
     let n = paired_rows("correlation matching", predicted, truth, dim)?;
     let standardized = |v: &[f32]| normalized_f64(&centred(v));
-    Ok(top_k_hits(&predicted.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), &truth.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), ks, n))
+    Ok(top_k_hits(
+        &predicted.chunks_exact(dim).map(standardized).collect::<Vec<_>>(),
+        &truth.chunks_exact(dim).map(standardized).collect::<Vec<_>>(),
+        ks,
+        n,
+    ))
 }
 
 /// The mean over rows of the Pearson correlation of `predicted` row i with `truth` row i (`[n, dim]` each).
@@ -221,7 +226,14 @@ pub fn unit(rgb: &RgbImage) -> Vec<f32> {
 }
 
 /// Reconstruction metrics of reconstructions `recon[i]` against seen images `seen[pair[i]]`.
-pub fn recon_metrics(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, pair: &[usize]) -> Result<ReconMetrics> {
+pub fn recon_metrics(
+    recon: &[RgbImage],
+    seen: &[RgbImage],
+    recon_latents: &[f32],
+    seen_latents: &[f32],
+    dim: usize,
+    pair: &[usize],
+) -> Result<ReconMetrics> {
     let n = recon.len();
     let (mut pc, mut ss) = (0.0, 0.0);
     for (i, r) in recon.iter().enumerate() {

@@ -20,18 +20,20 @@ use serde_json::Value;
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
+use crate::memory::pool::Pool;
 use crate::models::autoencoder_kl::AutoencoderKl;
 use crate::models::layers;
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConditioning};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
 use crate::ops::elementwise::scale;
-use crate::memory::pool::Pool;
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::SafetensorsFile;
-use crate::weights_folder::{base_components, built, load_autoencoder_kl, load_controlnet, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG, WEIGHT_FILES};
+use crate::weights_folder::{
+    base_components, built, load_autoencoder_kl, load_controlnet, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG, WEIGHT_FILES,
+};
 
 /// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
 pub const MAX_LATENT_SIZE: usize = 1024;
@@ -155,20 +157,27 @@ impl Pipeline {
             .get("tokens")
             .and_then(|t| t.parse().ok())
             .with_context(|| format!("{}: no 'tokens' metadata (the number of cross-attention tokens)", path.display()))?;
-        let structure_norm: f32 = file
-            .metadata()
-            .get("structure_norm")
-            .and_then(|t| t.parse().ok())
-            .filter(|v: &f32| v.is_finite() && *v > 0.0)
-            .with_context(|| format!("{}: no positive 'structure_norm' metadata (the embedding length the structure head takes)", path.display()))?;
+        let structure_norm: f32 =
+            file.metadata().get("structure_norm").and_then(|t| t.parse().ok()).filter(|v: &f32| v.is_finite() && *v > 0.0).with_context(|| {
+                format!("{}: no positive 'structure_norm' metadata (the embedding length the structure head takes)", path.display())
+            })?;
         let d = unet.config.cross_attention_dim;
         let mut tree = ParamTree::new();
         let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, tokens * d, true);
         let projector_params = ParamStore::load_owned(&tree, &file, device, dtype, &[])?;
 
         let edge = (svae.config.structure_dim as f64).sqrt().round() as usize;
-        ensure!(edge * edge == svae.config.structure_dim, "{}: structure_dim {} is not a square", dir.join("vae_config.json").display(), svae.config.structure_dim);
-        ensure!(controlnet.config.conditioning_channels == 1, "{}: the ControlNet must take a 1-channel structure map", dir.join("controlnet/config.json").display());
+        ensure!(
+            edge * edge == svae.config.structure_dim,
+            "{}: structure_dim {} is not a square",
+            dir.join("vae_config.json").display(),
+            svae.config.structure_dim
+        );
+        ensure!(
+            controlnet.config.conditioning_channels == 1,
+            "{}: the ControlNet must take a 1-channel structure map",
+            dir.join("controlnet/config.json").display()
+        );
         ensure!(
             unet.config.in_channels == vae.config.latent_channels && controlnet.config.in_channels == vae.config.latent_channels,
             "{}: the UNet and ControlNet take {} and {} channels, the VAE's latents have {}",
@@ -177,8 +186,10 @@ impl Pipeline {
             controlnet.config.in_channels,
             vae.config.latent_channels
         );
-        let sample_size = unet_config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
-            as usize;
+        let sample_size = unet_config
+            .get("sample_size")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))? as usize;
         // Checked before anything is sized by it: 100000 made the first batch abort on a 160 GB allocation.
         ensure!(
             (1..=MAX_LATENT_SIZE).contains(&sample_size),
@@ -269,7 +280,11 @@ impl Pipeline {
     /// space the encoder's embeddings are aligned to, where retrieval and 2-way identification compare.
     pub fn image_embedding(&self, images: &[f32]) -> Result<Vec<f32>> {
         let s = self.svae.config.image_size;
-        ensure!(images.len().is_multiple_of(3 * s * s) && !images.is_empty(), "{} image values are not a whole number of [3, {s}, {s}] images", images.len());
+        ensure!(
+            images.len().is_multiple_of(3 * s * s) && !images.is_empty(),
+            "{} image values are not a whole number of [3, {s}, {s}] images",
+            images.len()
+        );
         let x = self.tensor(&[images.len() / (3 * s * s), 3, s, s], images)?;
         self.svae.forward(&self.svae_params, &x, None, &mut Inference(self.device.clone()))?.mu.to_f32_vec()
     }
@@ -302,7 +317,14 @@ impl Pipeline {
     /// [`Pipeline::reconstruct_with`] conditioned on `structure` `[B, E·E]` instead of the structure maps the
     /// EEG predicts when it is given (the EEG still gives the cross-attention tokens): the ablation's
     /// oracle, which feeds the true structure targets.
-    pub fn reconstruct_conditioned(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions, structure: Option<&[f32]>) -> Result<Reconstruction> {
+    pub fn reconstruct_conditioned(
+        &self,
+        steps: &mut Steps,
+        eeg: &[f32],
+        indices: &[u64],
+        opts: &SamplingOptions,
+        structure: Option<&[f32]>,
+    ) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
         opts.validate()?;
@@ -520,7 +542,15 @@ pub struct Denoiser<'a> {
 impl Denoiser<'_> {
     /// The predicted noise `[rows, C, H, W]`. At `controlnet_scale` 0 the ControlNet is not evaluated: its
     /// residuals would all be zero, so the UNet alone gives the same prediction.
-    pub fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
+    pub fn predict(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        cond: &Tensor,
+        controlnet_scale: f32,
+        alloc: &mut dyn crate::nn::Allocator,
+    ) -> Result<Tensor> {
         if controlnet_scale == 0.0 {
             let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: None };
             return Ok(self.unet.forward(self.unet_params, x, &unet_cond, alloc)?.output);
@@ -543,4 +573,3 @@ impl Denoiser<'_> {
         Ok([x, t, context, cond])
     }
 }
-

@@ -50,7 +50,11 @@ impl Drop for HostBuffer {
 enum Buffer {
     Host(HostBuffer),
     /// `_allocation` owns the device memory `ptr` points into; it is freed when the storage drops.
-    Cuda { _allocation: CudaSlice<u8>, ptr: u64, device: Arc<CudaDevice> },
+    Cuda {
+        _allocation: CudaSlice<u8>,
+        ptr: u64,
+        device: Arc<CudaDevice>,
+    },
 }
 
 /// Bytes allocated through [`Storage`] (arenas and standalone tensors), now and at the high-water mark,
@@ -107,10 +111,7 @@ impl Storage {
         let buffer = match device {
             Device::Cpu => Buffer::Host(HostBuffer::zeroed(bytes)?),
             Device::Cuda(d) => {
-                let allocation = d
-                    .stream()
-                    .alloc_zeros::<u8>(bytes.max(1))
-                    .with_context(|| format!("allocating {bytes} bytes on {}", device))?;
+                let allocation = d.stream().alloc_zeros::<u8>(bytes.max(1)).with_context(|| format!("allocating {bytes} bytes on {}", device))?;
                 let ptr = allocation.device_ptr(d.stream()).0;
                 Buffer::Cuda { ptr, _allocation: allocation, device: d.clone() }
             }
@@ -237,13 +238,7 @@ impl Tensor {
 
     /// The same bytes under another shape with as many elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        ensure!(
-            shape.iter().product::<usize>() == self.numel(),
-            "cannot reshape {:?} ({} elements) to {:?}",
-            self.shape,
-            self.numel(),
-            shape
-        );
+        ensure!(shape.iter().product::<usize>() == self.numel(), "cannot reshape {:?} ({} elements) to {:?}", self.shape, self.numel(), shape);
         self.shape = shape.to_vec();
         Ok(self)
     }
@@ -276,9 +271,7 @@ impl Tensor {
         match &self.storage.buffer {
             // SAFETY: the range lies inside the allocation (checked at carve time) and no live tensor overlaps
             // it mutably: writers need `&mut` to this very tensor.
-            Buffer::Host(h) => Ok(unsafe {
-                std::slice::from_raw_parts(h.ptr.as_ptr().add(self.offset), self.size_bytes())
-            }),
+            Buffer::Host(h) => Ok(unsafe { std::slice::from_raw_parts(h.ptr.as_ptr().add(self.offset), self.size_bytes()) }),
             Buffer::Cuda { .. } => bail!("tensor {:?} lives on {}, not the host", self.shape, self.device()),
         }
     }
@@ -334,10 +327,8 @@ impl Tensor {
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the destination range lies inside the allocation; the copy completes before
                 // `bytes` can be dropped because we synchronise the stream.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(ptr + dst as u64, bytes, device.stream().cu_stream())
-                }
-                .context("copying host to device")?;
+                unsafe { cudarc::driver::result::memcpy_htod_async(ptr + dst as u64, bytes, device.stream().cu_stream()) }
+                    .context("copying host to device")?;
                 device.synchronize()?;
             }
         }
@@ -354,10 +345,8 @@ impl Tensor {
                 // Raw driver calls use the thread's current context, which cudarc binds only for its own calls.
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the range lies inside the allocation; the memset is ordered on the device's stream.
-                unsafe {
-                    cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream())
-                }
-                .context("zeroing device memory")?;
+                unsafe { cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream()) }
+                    .context("zeroing device memory")?;
             }
         }
         Ok(())
@@ -365,13 +354,7 @@ impl Tensor {
 
     /// Overwrites the tensor with `values`, converted to its dtype.
     pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
-        ensure!(
-            values.len() == self.numel(),
-            "writing {} values into a tensor {:?} of {} elements",
-            values.len(),
-            self.shape,
-            self.numel()
-        );
+        ensure!(values.len() == self.numel(), "writing {} values into a tensor {:?} of {} elements", values.len(), self.shape, self.numel());
         match self.dtype {
             DType::F32 if !self.device().is_cuda() => {
                 self.f32s_mut()?.copy_from_slice(values);
@@ -391,14 +374,8 @@ impl Tensor {
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 let mut out = vec![0u8; self.size_bytes()];
                 // SAFETY: the source range lies inside the allocation; we synchronise before reading `out`.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut out,
-                        ptr + self.offset as u64,
-                        device.stream().cu_stream(),
-                    )
-                }
-                .context("copying device to host")?;
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, ptr + self.offset as u64, device.stream().cu_stream()) }
+                    .context("copying device to host")?;
                 device.synchronize()?;
                 Ok(out)
             }

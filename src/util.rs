@@ -62,7 +62,8 @@ fn host_name() -> &'static str {
         // SAFETY: the buffer outlives the call and its length is passed.
         let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
         let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        let name: String = String::from_utf8_lossy(&buf[..len]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+        let name: String =
+            String::from_utf8_lossy(&buf[..len]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
         if ok && !name.is_empty() {
             name
         } else {

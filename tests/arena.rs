@@ -96,11 +96,8 @@ fn reset_reuses_memory_and_invalidates_old_tensors() {
 
 #[test]
 fn peak_is_reported_per_region_across_resets() {
-    let plan = plan_for(&[
-        (Region::Params, &[100], DType::F32),
-        (Region::Activations, &[100], DType::F32),
-        (Region::Activations, &[100], DType::F32),
-    ]);
+    let plan =
+        plan_for(&[(Region::Params, &[100], DType::F32), (Region::Activations, &[100], DType::F32), (Region::Activations, &[100], DType::F32)]);
     let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
     let _p = arena.alloc(Region::Params, &[100], DType::F32).unwrap();
     for step in 0..3 {

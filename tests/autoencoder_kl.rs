@@ -5,9 +5,8 @@
 
 mod common;
 
-
-use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
 use sgdm::models::autoencoder_kl::VaeAttention;
+use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
 use sgdm::models::resnet::ResnetBlock;
 use sgdm::nn::{Grads, ParamStore, ParamTree, Standalone};
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
@@ -53,7 +52,8 @@ fn resnet_time_embedding_gradients_match_central_differences() {
     let gout = common::random(n * cout * hw[0] * hw[1], -1.0, 1.0, 3);
     let alloc = &mut Standalone(Device::Cpu);
     let forward = |x: &[f32], t: &[f32]| {
-        let (y, _) = block.forward(&p, &common::cpu(&[n, cin, hw[0], hw[1]], x), Some(&common::cpu(&[n, temb_ch], t)), &mut Standalone(Device::Cpu)).unwrap();
+        let (y, _) =
+            block.forward(&p, &common::cpu(&[n, cin, hw[0], hw[1]], x), Some(&common::cpu(&[n, temb_ch], t)), &mut Standalone(Device::Cpu)).unwrap();
         dot(&y, &gout)
     };
 
@@ -94,7 +94,8 @@ fn vae_attention(channels: usize, len: usize, fused: bool) -> Vec<(String, Vec<f
 
 #[test]
 fn vae_attention_unfused_path_matches_the_fused_op() {
-    for (name, (fused, unfused)) in vae_attention(32, 20, true).into_iter().zip(vae_attention(32, 20, false)).map(|(f, u)| (f.0.clone(), (f.1, u.1))) {
+    for (name, (fused, unfused)) in vae_attention(32, 20, true).into_iter().zip(vae_attention(32, 20, false)).map(|(f, u)| (f.0.clone(), (f.1, u.1)))
+    {
         // The key bias gradient is zero in exact arithmetic (softmax ignores a shift shared by a row's scores):
         // both paths leave only rounding there.
         let floor = if name.ends_with("to_k.bias") { 1e-5 } else { 1e-5 * fused.iter().fold(0f32, |m, v| m.max(v.abs())) };

@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use sgdm::conformance::{compare_outputs, run, Bounds, CLASSES};
 use sgdm::weights::{Component, SafetensorsFile};
 use sgdm::{DType, Device};
@@ -163,7 +162,11 @@ fn the_command_writes_its_results_and_refuses_bad_inputs() {
     assert!(!bad.status.success() && stdout.contains("FAIL") && stderr.contains("out of bounds") && stderr.contains("loss"), "{stdout}\n{stderr}");
     let other = fixture("structural_vae_tiny").join("expected.safetensors");
     let wrong = run(&["--device", "cpu", "forward", &d, "--inputs", &i, "--output", &o, "--compare", other.to_str().unwrap()]);
-    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("does not hold the tensors"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(
+        !wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("does not hold the tensors"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
     let missing = run(&["--device", "cpu", "forward", &d, "--inputs", "/nonexistent.safetensors", "--output", &o]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.safetensors"));
 

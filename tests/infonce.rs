@@ -75,24 +75,8 @@ fn backward_matches_central_differences() {
         let (a64, b64) = (f64s(&a), f64s(&b));
         let tau64 = tau as f64;
         let abs = 1e-5 / tau64;
-        check_gradient(
-            &format!("infonce da B{n} D{d} tau {tau}"),
-            &a,
-            da.f32s().unwrap(),
-            |x| 0.75 * reference(x, &b64, n, d, tau64),
-            60,
-            1e-4,
-            abs,
-        );
-        check_gradient(
-            &format!("infonce db B{n} D{d} tau {tau}"),
-            &b,
-            db.f32s().unwrap(),
-            |x| 0.75 * reference(&a64, x, n, d, tau64),
-            60,
-            1e-4,
-            abs,
-        );
+        check_gradient(&format!("infonce da B{n} D{d} tau {tau}"), &a, da.f32s().unwrap(), |x| 0.75 * reference(x, &b64, n, d, tau64), 60, 1e-4, abs);
+        check_gradient(&format!("infonce db B{n} D{d} tau {tau}"), &b, db.f32s().unwrap(), |x| 0.75 * reference(&a64, x, n, d, tau64), 60, 1e-4, abs);
     }
 }
 
@@ -113,18 +97,10 @@ fn aligned_batches_give_a_loss_near_zero_and_unrelated_ones_about_ln_b() {
         v
     };
     let (orthogonal, _) = forward(&basis(0), &basis(n), n, d, DEFAULT_TEMPERATURE);
-    assert!(
-        (orthogonal - (n as f32).ln()).abs() < 1e-6,
-        "orthogonal batches: loss {orthogonal}, ln B {}",
-        (n as f32).ln()
-    );
+    assert!((orthogonal - (n as f32).ln()).abs() < 1e-6, "orthogonal batches: loss {orthogonal}, ln B {}", (n as f32).ln());
     // Independent random batches at τ = 1: logits are within ±0.2 of 0, so the loss is within 0.2 of ln B.
     let (random_pair, _) = forward(&a, &random(n * d, -1.0, 1.0, 21), n, d, 1.0);
-    assert!(
-        (random_pair - (n as f32).ln()).abs() < 0.2,
-        "random batches: loss {random_pair}, ln B {}",
-        (n as f32).ln()
-    );
+    assert!((random_pair - (n as f32).ln()).abs() < 0.2, "random batches: loss {random_pair}, ln B {}", (n as f32).ln());
     println!("aligned {aligned:.2e}, orthogonal {orthogonal} (ln {n} = {}), random {random_pair}", (n as f32).ln());
 }
 

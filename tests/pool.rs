@@ -6,9 +6,9 @@
 
 mod common;
 
+use sgdm::memory::pool::Pool;
 use sgdm::models::unet::UNetConditioning;
 use sgdm::nn::{Allocator, Inference, Pooled};
-use sgdm::memory::pool::Pool;
 use sgdm::{DType, Device, Tensor};
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use common::{compare, cpu, random};
 use sgdm::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use sgdm::nn::{Grads, ParamStore, ParamTree, Standalone};

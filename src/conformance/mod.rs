@@ -60,7 +60,8 @@ impl Named {
 
     /// Fails on names no model input uses, so a typo is not silently ignored.
     pub fn ensure_only(&self, known: &[&str]) -> Result<()> {
-        let unknown: Vec<&str> = self.tensors.keys().map(String::as_str).filter(|n| !known.iter().any(|k| k == n || n.starts_with(&format!("{k}.")))).collect();
+        let unknown: Vec<&str> =
+            self.tensors.keys().map(String::as_str).filter(|n| !known.iter().any(|k| k == n || n.starts_with(&format!("{k}.")))).collect();
         if !unknown.is_empty() {
             bail!("{}: unknown tensor name(s) {} (expected {})", self.source, unknown.join(", "), known.join(", "));
         }
@@ -117,7 +118,8 @@ fn runner(class: &str) -> Option<Runner> {
 }
 
 /// The classes `sgdm forward` runs.
-pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
+pub const CLASSES: &[&str] =
+    &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
 
 /// What one run produced.
 pub struct Run {
@@ -140,8 +142,7 @@ pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device:
     };
     let inputs = Named::load(inputs, device, dtype, &["timestep", "conditioning_scale"])?;
     let grads = grad_outputs.map(|p| Named::load(p, device, dtype, &[])).transpose()?;
-    let outputs = run(&component, &inputs, grads.as_ref(), device, dtype)
-        .with_context(|| format!("running {class} from {}", model_dir.display()))?;
+    let outputs = run(&component, &inputs, grads.as_ref(), device, dtype).with_context(|| format!("running {class} from {}", model_dir.display()))?;
     Ok(Run { outputs, param_bytes: component.param_bytes.get() })
 }
 
@@ -184,8 +185,7 @@ impl Bounds {
     /// bf16 keeps 8 significant bits (3.9e-3 relative per stored value) and every layer rounds its output
     /// again, so errors grow with depth: a few percent for outputs, more for gradients. Mapping or formula
     /// errors still show as errors of order 1.
-    pub const BF16: Bounds =
-        Bounds { output: 5e-2, grad: 1.5e-1, zero_grad: ZeroGradient::VersusF32Residual { factor: 65536.0 } };
+    pub const BF16: Bounds = Bounds { output: 5e-2, grad: 1.5e-1, zero_grad: ZeroGradient::VersusF32Residual { factor: 65536.0 } };
 
     pub fn for_dtype(dtype: DType) -> Bounds {
         match dtype {
@@ -254,19 +254,16 @@ pub fn compare_outputs(outputs: &Outputs, reference: &Path, bounds: Bounds, f32_
             bail!("{}: tensor '{name}' has shape {:?}, the run produced {:?}", reference.display(), want.shape(), t.shape());
         }
         let (got, want) = (t.to_f32_vec()?, want.to_f32_vec()?);
-        let max_abs = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
+        let max_abs =
+            got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
         let is_grad = name.starts_with("grad.");
         let (error, bound, zero_reference) = if is_grad && l2(&want) < ZERO_GRAD_NORM {
             let bound = match bounds.zero_grad {
                 ZeroGradient::Absolute(b) => b,
                 ZeroGradient::VersusF32Residual { factor } => {
-                    let f32_run = f32_run.ok_or_else(|| {
-                        anyhow!("{name} is zero in the reference: bounding it needs the CPU f32 run of the same model")
-                    })?;
-                    let (_, residual) = f32_run
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .ok_or_else(|| anyhow!("the CPU f32 run produced no {name}"))?;
+                    let f32_run =
+                        f32_run.ok_or_else(|| anyhow!("{name} is zero in the reference: bounding it needs the CPU f32 run of the same model"))?;
+                    let (_, residual) = f32_run.iter().find(|(n, _)| n == name).ok_or_else(|| anyhow!("the CPU f32 run produced no {name}"))?;
                     factor * l2(&residual.to_f32_vec()?)
                 }
             };

@@ -41,7 +41,6 @@ pub fn run_contrastive_alignment(c: &Source, inputs: &Named, grads: Option<&Name
     Ok(out)
 }
 
-
 /// `sgdm forward` for SpatiotemporalEEGEncoder: input `eeg` [B, C, T]; output `embedding` [B, latent]; with
 /// its upstream gradient, `grad.eeg` and `grad.<parameter>`.
 pub fn run_eeg_encoder(c: &Source, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
@@ -62,7 +61,6 @@ pub fn run_eeg_encoder(c: &Source, inputs: &Named, grads: Option<&Named>, device
     out.push(("embedding".to_string(), acts.embedding));
     Ok(out)
 }
-
 
 /// `sgdm forward` for StructuralVAE: inputs `image` [B, 3, S, S] and optionally `eps` [B, latent]; outputs
 /// `recon`, `mu`, `logvar`, `structure`; with their upstream gradients, `grad.image`, `grad.eps` (when
@@ -93,4 +91,3 @@ pub fn run_structural_vae(c: &Source, inputs: &Named, grads: Option<&Named>, dev
     out.extend([("recon", recon), ("mu", mu), ("logvar", logvar), ("structure", structure)].map(|(n, t)| (n.to_string(), t)));
     Ok(out)
 }
-

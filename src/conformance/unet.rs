@@ -13,7 +13,6 @@ fn numbered<'a>(inputs: &'a Named, name: &str) -> Vec<&'a Tensor> {
     (0..).map_while(|i| inputs.get_opt(&format!("{name}.{i}"))).collect()
 }
 
-
 /// `sgdm forward` for UNet2DConditionModel, as tests/fixtures/models/make_fixtures.py calls it: inputs
 /// `sample`, `timestep` [B] (or [1]), `encoder_hidden_states` and optionally a ControlNet's
 /// `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; output `sample`. With its
@@ -50,7 +49,6 @@ pub fn run_unet(c: &Source, inputs: &Named, grads: Option<&Named>, device: &Devi
     out.push(("sample".to_string(), acts.output));
     Ok(out)
 }
-
 
 /// `sgdm forward` for ControlNetModel, as tests/fixtures/models/make_fixtures.py calls it: inputs `sample`,
 /// `timestep`, `encoder_hidden_states`, `controlnet_cond` and `conditioning_scale` [1] (1 when absent);

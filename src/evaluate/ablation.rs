@@ -157,7 +157,14 @@ pub struct RunScores {
 }
 
 /// Scores reconstructions against `seen` (same order; latents in the StructuralVAE's space, `dim` wide).
-pub fn score_run(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, control_seed: u64) -> Result<RunScores> {
+pub fn score_run(
+    recon: &[RgbImage],
+    seen: &[RgbImage],
+    recon_latents: &[f32],
+    seen_latents: &[f32],
+    dim: usize,
+    control_seed: u64,
+) -> Result<RunScores> {
     let n = recon.len();
     let identity: Vec<usize> = (0..n).collect();
     let shuffle = derangement(n, control_seed);
@@ -201,7 +208,9 @@ const SUMMARISED: [(&str, RunMetric); 5] = [
 /// values (`pixcorr_per_seed`) and the control's mean (`pixcorr_control`); and the per-seed differences
 /// between conditions (`eeg_minus_none`, `true_minus_eeg`), which share each seed's noise.
 pub fn summary(runs: &[(AblationRun, RunScores)], items: usize, sampling: &SamplingOptions, seeds: &[u64]) -> Value {
-    let scores_of = |c: Condition| -> Vec<RunScores> { seeds.iter().filter_map(|s| runs.iter().find(|(r, _)| r.condition == c && r.seed == *s).map(|(_, x)| *x)).collect() };
+    let scores_of = |c: Condition| -> Vec<RunScores> {
+        seeds.iter().filter_map(|s| runs.iter().find(|(r, _)| r.condition == c && r.seed == *s).map(|(_, x)| *x)).collect()
+    };
     let mut out = json!({
         "what": "the same EEG and seeds reconstructed with the structure map from EEG (eeg_structure), with the ControlNet off \
                  (no_structure) and with the true structure targets (true_structure); *_std is the standard deviation over seeds \
@@ -225,12 +234,19 @@ pub fn summary(runs: &[(AblationRun, RunScores)], items: usize, sampling: &Sampl
             entry.insert(format!("{name}_std"), json!(std));
             entry.insert(format!("{name}_per_seed"), json!(values));
         }
-        for (name, get) in [("pixcorr", (|s: &RunScores| s.control.pixcorr) as RunMetric), ("ssim", |s| s.control.ssim), ("two_way", |s| s.control.two_way), ("pixel_top1", |s| s.control_pixel_top1)] {
+        for (name, get) in [
+            ("pixcorr", (|s: &RunScores| s.control.pixcorr) as RunMetric),
+            ("ssim", |s| s.control.ssim),
+            ("two_way", |s| s.control.two_way),
+            ("pixel_top1", |s| s.control_pixel_top1),
+        ] {
             entry.insert(format!("{name}_control"), json!(mean_std(&scores.iter().map(get).collect::<Vec<_>>()).0));
         }
         out[c.name()] = Value::Object(entry);
     }
-    for (name, a, b) in [("eeg_minus_none", Condition::EegStructure, Condition::NoStructure), ("true_minus_eeg", Condition::TrueStructure, Condition::EegStructure)] {
+    for (name, a, b) in
+        [("eeg_minus_none", Condition::EegStructure, Condition::NoStructure), ("true_minus_eeg", Condition::TrueStructure, Condition::EegStructure)]
+    {
         let (sa, sb) = (scores_of(a), scores_of(b));
         let mut entry = serde_json::Map::new();
         for (metric, get) in SUMMARISED {

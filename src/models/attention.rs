@@ -67,7 +67,13 @@ impl Attention {
 
     /// Multi-head attention over token sequences: queries from `x` [B, Lq, query_dim], keys and values from
     /// `context` [B, Lk, kv_dim] (cross-attention) or from `x` itself (`None`: self-attention).
-    pub fn sequence_forward(&self, params: &ParamStore, x: &Tensor, context: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<AttentionActivations> {
+    pub fn sequence_forward(
+        &self,
+        params: &ParamStore,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        alloc: &mut dyn Allocator,
+    ) -> Result<AttentionActivations> {
         let kv_input = context.unwrap_or(x);
         let q = layers::linear(params, &self.to_q, x, alloc)?;
         let k = layers::linear(params, &self.to_k, kv_input, alloc)?;

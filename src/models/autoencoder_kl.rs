@@ -8,16 +8,16 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::models::attention::Attention;
+use crate::models::config::ConfigReader;
 use crate::models::layers::{self, GroupNormActivations};
 use crate::models::resnet::{downsampler, upsampler, ResnetActivations, ResnetBlock};
-use crate::models::config::ConfigReader;
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionSpec, Qkv, QkvGrads, MAX_HEAD_DIM};
+use crate::ops::elementwise::{add, add_scaled, fill, relu_backward, relu_forward};
 use crate::ops::linear::{matmul, MatmulSpec};
+use crate::ops::shape::{concat_channels, split_channels};
 use crate::ops::shape::{transpose_last2, upsample_nearest2x, upsample_nearest2x_backward};
 use crate::ops::softmax::{softmax_backward, softmax_forward};
-use crate::ops::elementwise::{add, add_scaled, fill, relu_backward, relu_forward};
-use crate::ops::shape::{concat_channels, split_channels};
 use crate::tensor::{DType, Tensor};
 
 /// The AutoencoderKL's GroupNorms use eps 1e-6 throughout.
@@ -64,7 +64,11 @@ impl AutoencoderKlConfig {
         r.require("use_quant_conv", &[Value::Null, json!(true)], "quant_conv is always present")?;
         r.require("use_post_quant_conv", &[Value::Null, json!(true)], "post_quant_conv is always present")?;
         let scaling_factor = r.f64("scaling_factor", 0.18215)?;
-        ensure!(scaling_factor.is_finite() && scaling_factor > 0.0, "{}: 'scaling_factor' must be a positive number, got {scaling_factor}", path.display());
+        ensure!(
+            scaling_factor.is_finite() && scaling_factor > 0.0,
+            "{}: 'scaling_factor' must be a positive number, got {scaling_factor}",
+            path.display()
+        );
         Ok(AutoencoderKlConfig {
             in_channels: r.usize("in_channels", 3)?,
             out_channels: r.usize("out_channels", 3)?,
@@ -182,8 +186,7 @@ impl AutoencoderKl {
 
 /// The pre-0.14 diffusers names of the VAE attention's projections, for loading old checkpoints:
 /// (old suffix, current suffix).
-pub const LEGACY_ATTENTION_NAMES: [(&str, &str); 4] =
-    [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
+pub const LEGACY_ATTENTION_NAMES: [(&str, &str); 4] = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
 
 /// diffusers' `DiagonalGaussianDistribution` clamps the log-variance to this range.
 const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
@@ -255,11 +258,7 @@ impl AutoencoderKl {
     /// [B, latent_channels, H / 2^(blocks-1), W / 2^(blocks-1)], logvar clamped to [-30, 20].
     pub fn encode(&self, p: &ParamStore, sample: &Tensor, alloc: &mut dyn Allocator) -> Result<(Tensor, Tensor, EncoderActivations)> {
         let s = sample.shape();
-        ensure!(
-            s.len() == 4 && s[1] == self.config.in_channels,
-            "AutoencoderKL encode: sample {s:?} must be [B, {}, H, W]",
-            self.config.in_channels
-        );
+        ensure!(s.len() == 4 && s[1] == self.config.in_channels, "AutoencoderKL encode: sample {s:?} must be [B, {}, H, W]", self.config.in_channels);
         let e = &self.encoder;
         let conv_in = layers::conv(p, &e.conv_in, sample, alloc).context("AutoencoderKL encoder.conv_in")?;
         let mut down = Vec::new();
@@ -340,7 +339,15 @@ impl AutoencoderKl {
     }
 
     /// Backward of [`AutoencoderKl::decode`]: returns dz, adds every decoder and post_quant_conv gradient.
-    pub fn decode_backward(&self, p: &ParamStore, g: &mut Grads, z: &Tensor, acts: &DecoderActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    pub fn decode_backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        z: &Tensor,
+        acts: &DecoderActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let dd = &self.decoder;
         let last = acts.up_outputs.last().expect("at least one block");
         let dnorm_out = layers::conv_back(p, g, &dd.conv_out, &acts.norm_out.y, dy, alloc)?;
@@ -470,7 +477,15 @@ impl VaeAttention {
     }
 
     /// Backward of [`VaeAttention::forward`] from `dy` [B, C, L]: returns dx, adds every parameter gradient.
-    pub fn backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &VaeAttentionActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        x: &Tensor,
+        acts: &VaeAttentionActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let norm_params = &self.group_norm;
         let s = x.shape();
         let (b, c, l) = (s[0], s[1], s[2]);
@@ -595,7 +610,15 @@ impl VaeMidBlock {
     }
 
     /// Backward of [`VaeMidBlock::forward`]: returns dx, adds every parameter gradient.
-    pub fn backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &VaeMidActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        x: &Tensor,
+        acts: &VaeMidActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let attention = &self.attention;
         let (d1, _) = self.resnets[1].backward(p, g, &acts.resnet1_input, None, &acts.resnet1, dy, alloc).context("resnets.1 backward")?;
         let shape = d1.shape().to_vec();
@@ -673,7 +696,15 @@ impl UpDecoderBlock {
     }
 
     /// Backward of [`UpDecoderBlock::forward`]: returns dx, adds every parameter gradient.
-    pub fn backward(&self, p: &ParamStore, g: &mut Grads, x: &Tensor, acts: &UpDecoderActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        g: &mut Grads,
+        x: &Tensor,
+        acts: &UpDecoderActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let dh = match (&self.upsampler, &acts.upsampled) {
             (Some(conv), Some(up)) => {
                 let dup = layers::conv_back(p, g, conv, up, dy, alloc).context("upsamplers.0 backward")?;

@@ -6,8 +6,8 @@ use anyhow::{ensure, Result};
 
 use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Norm, ParamStore};
 use crate::ops::conv::{
-    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
-    conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, Conv2dSpec,
+    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv_backward_bias,
+    conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, Conv2dSpec,
 };
 use crate::ops::elementwise::add;
 use crate::ops::linear::{linear_backward, linear_forward};
@@ -182,7 +182,15 @@ pub fn layer_norm(p: &ParamStore, norm: &Norm, x: &Tensor, alloc: &mut dyn Alloc
 }
 
 /// Backward of [`layer_norm`]: returns dx, adds the weight and bias gradients.
-pub fn layer_norm_back(p: &ParamStore, g: &mut Grads, norm: &Norm, x: &Tensor, acts: &LayerNormActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+pub fn layer_norm_back(
+    p: &ParamStore,
+    g: &mut Grads,
+    norm: &Norm,
+    x: &Tensor,
+    acts: &LayerNormActivations,
+    dy: &Tensor,
+    alloc: &mut dyn Allocator,
+) -> Result<Tensor> {
     let mut dx = alloc.alloc(x.shape(), x.dtype())?;
     let mut scratch = alloc.alloc(&layer_norm_scratch_shape(x.shape()), DType::F32)?;
     let (dweight, dbias) = g.pair_mut(norm.weight, norm.bias);

@@ -16,9 +16,7 @@ use crate::ops::elementwise::{
     add, relu_backward, relu_forward, reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward,
 };
 use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
-use crate::ops::shape::{
-    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
-};
+use crate::ops::shape::{avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward};
 use crate::tensor::{DType, Tensor};
 
 /// Also read from a training configuration's TOML (every field required there).
@@ -72,10 +70,7 @@ impl EegEncoder {
         let mut t = ParamTree::new();
         let temporal = Lstm::new(&mut t, "temporal_encoder", c.n_channels, c.lstm_hidden, c.lstm_layers, true);
         let [c0, c1] = c.spatial_channels;
-        let spatial = [
-            Conv1d::new(&mut t, "spatial_encoder.0", c.n_timepoints, c0, 3, 1),
-            Conv1d::new(&mut t, "spatial_encoder.2", c0, c1, 3, 1),
-        ];
+        let spatial = [Conv1d::new(&mut t, "spatial_encoder.0", c.n_timepoints, c0, 3, 1), Conv1d::new(&mut t, "spatial_encoder.2", c0, c1, 3, 1)];
         let fusion = [
             Linear::new(&mut t, "fusion.0", 2 * c.lstm_hidden + c1, c.fusion_hidden, true),
             Linear::new(&mut t, "fusion.2", c.fusion_hidden, c.latent_dim, true),
@@ -182,10 +177,12 @@ impl EegEncoder {
         let (out, c1) = (config.output_size(), self.spatial[1].output);
 
         let mut dhidden = alloc.alloc(acts.hidden.shape(), dtype)?;
-        layers::linear_back(p, grads, &self.fusion[1], &acts.hidden, dembedding, Some(&mut dhidden)).with_context(|| format!("{EEG_ENCODER}: fusion.2 backward"))?;
+        layers::linear_back(p, grads, &self.fusion[1], &acts.hidden, dembedding, Some(&mut dhidden))
+            .with_context(|| format!("{EEG_ENCODER}: fusion.2 backward"))?;
         let dhidden = relu_grad(&acts.hidden, &dhidden, alloc)?;
         let mut dfused = alloc.alloc(acts.fused.shape(), dtype)?;
-        layers::linear_back(p, grads, &self.fusion[0], &acts.fused, &dhidden, Some(&mut dfused)).with_context(|| format!("{EEG_ENCODER}: fusion.0 backward"))?;
+        layers::linear_back(p, grads, &self.fusion[0], &acts.fused, &dhidden, Some(&mut dfused))
+            .with_context(|| format!("{EEG_ENCODER}: fusion.0 backward"))?;
         let mut dtemporal = alloc.alloc(&[b, out, 1, 1], dtype)?;
         let mut dpooled = alloc.alloc(&[b, c1, 1, 1], dtype)?;
         split_channels(&dfused.reshape(&[b, out + c1, 1, 1])?, &mut dtemporal, &mut dpooled)?;
@@ -204,10 +201,12 @@ impl EegEncoder {
         avg_pool_last_backward(&dpooled.reshape(&[b, c1, 1])?, &mut ds1)?;
         let ds1 = relu_grad(&acts.spatial[1], &ds1, alloc)?;
         let mut ds0 = alloc.alloc(acts.spatial[0].shape(), dtype)?;
-        layers::conv1d_back(p, grads, &self.spatial[1], &acts.spatial[0], &ds1, Some(&mut ds0)).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2 backward"))?;
+        layers::conv1d_back(p, grads, &self.spatial[1], &acts.spatial[0], &ds1, Some(&mut ds0))
+            .with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2 backward"))?;
         let ds0 = relu_grad(&acts.spatial[0], &ds0, alloc)?;
         let mut dx_spatial = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
-        layers::conv1d_back(p, grads, &self.spatial[0], &acts.eeg_t, &ds0, dx_spatial.as_mut()).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0 backward"))?;
+        layers::conv1d_back(p, grads, &self.spatial[0], &acts.eeg_t, &ds0, dx_spatial.as_mut())
+            .with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0 backward"))?;
 
         let (Some(dx_temporal), Some(dx_spatial)) = (dx_temporal, dx_spatial) else { return Ok(None) };
         let mut dx = alloc.alloc(&[b, t, ch], dtype)?;
@@ -357,13 +356,7 @@ const STRUCTURAL_VAE: &str = "StructuralVAE";
 impl StructuralVae {
     /// `image` [B, 3, S, S] and an optional standard-normal `eps` [B, latent_dim] -> `recon`, `mu`, `logvar`,
     /// `structure`, keeping what backward needs. Without `eps`, z = mu (deterministic).
-    pub fn forward(
-        &self,
-        p: &ParamStore,
-        image: &Tensor,
-        eps: Option<&Tensor>,
-        alloc: &mut dyn Allocator,
-    ) -> Result<StructuralVaeActivations> {
+    pub fn forward(&self, p: &ParamStore, image: &Tensor, eps: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<StructuralVaeActivations> {
         let c = &self.config;
         let (size, latent) = (c.image_size, c.latent_dim);
         let s = image.shape();
@@ -385,8 +378,7 @@ impl StructuralVae {
         let z = match eps {
             Some(e) => {
                 let mut z = alloc.alloc(&[b, latent], mu.dtype())?;
-                reparameterize_forward(&mu, &logvar, e, &mut z)
-                    .with_context(|| format!("{STRUCTURAL_VAE}: z = mu + eps·exp(logvar / 2)"))?;
+                reparameterize_forward(&mu, &logvar, e, &mut z).with_context(|| format!("{STRUCTURAL_VAE}: z = mu + eps·exp(logvar / 2)"))?;
                 Some(z)
             }
             None => None,
@@ -394,9 +386,16 @@ impl StructuralVae {
         let zr = z.as_ref().unwrap_or(&mu);
         let structure = layers::linear(p, &self.structure_head, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: structure_head"))?;
         let c2 = c.channels[2];
-        let d0 = layers::linear(p, &self.decoder_fc, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0"))?.reshape(&[b, c2, size / 8, size / 8])?;
-        let d1 = relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[0], &d0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2"))?, alloc)?;
-        let d2 = relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[1], &d1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4"))?, alloc)?;
+        let d0 = layers::linear(p, &self.decoder_fc, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0"))?.reshape(&[
+            b,
+            c2,
+            size / 8,
+            size / 8,
+        ])?;
+        let d1 =
+            relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[0], &d0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2"))?, alloc)?;
+        let d2 =
+            relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[1], &d1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4"))?, alloc)?;
         let logits = layers::conv_transpose2d(p, &self.decoder_deconvs[2], &d2, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.6"))?;
         let mut recon = alloc.alloc(logits.shape(), logits.dtype())?;
         sigmoid_forward(&logits, &mut recon).with_context(|| format!("{STRUCTURAL_VAE}: decoder.7"))?;
@@ -417,18 +416,10 @@ impl StructuralVae {
         input_grads: bool,
         alloc: &mut dyn Allocator,
     ) -> Result<Option<StructuralVaeInputGrads>> {
-        for (name, g, out) in [
-            ("recon", d.recon, &acts.recon),
-            ("mu", d.mu, &acts.mu),
-            ("logvar", d.logvar, &acts.logvar),
-            ("structure", d.structure, &acts.structure),
-        ] {
-            ensure!(
-                g.shape() == out.shape(),
-                "{STRUCTURAL_VAE}: the gradient of {name} has shape {:?}, the output {:?}",
-                g.shape(),
-                out.shape()
-            );
+        for (name, g, out) in
+            [("recon", d.recon, &acts.recon), ("mu", d.mu, &acts.mu), ("logvar", d.logvar, &acts.logvar), ("structure", d.structure, &acts.structure)]
+        {
+            ensure!(g.shape() == out.shape(), "{STRUCTURAL_VAE}: the gradient of {name} has shape {:?}, the output {:?}", g.shape(), out.shape());
         }
         ensure!(eps.is_some() == acts.z.is_some(), "{STRUCTURAL_VAE}: backward must get the eps the forward got");
         let dtype = acts.mu.dtype();
@@ -438,20 +429,25 @@ impl StructuralVae {
         sigmoid_backward(&acts.recon, d.recon, &mut dlogits)?;
         let [d0, d1, d2] = &acts.decoder;
         let mut dd2 = new(alloc, d2)?;
-        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[2], d2, &dlogits, Some(&mut dd2)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.6 backward"))?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[2], d2, &dlogits, Some(&mut dd2))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.6 backward"))?;
         let dd2 = relu_grad(d2, &dd2, alloc)?;
         let mut dd1 = new(alloc, d1)?;
-        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[1], d1, &dd2, Some(&mut dd1)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4 backward"))?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[1], d1, &dd2, Some(&mut dd1))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.4 backward"))?;
         let dd1 = relu_grad(d1, &dd1, alloc)?;
         let mut dd0 = new(alloc, d0)?;
-        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[0], d0, &dd1, Some(&mut dd0)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2 backward"))?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[0], d0, &dd1, Some(&mut dd0))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.2 backward"))?;
         let dd0 = dd0.reshape(&[d0.shape()[0], self.decoder_fc.output])?;
 
         let z = acts.z.as_ref().unwrap_or(&acts.mu);
         let mut dz_decoder = new(alloc, z)?;
-        layers::linear_back(p, grads, &self.decoder_fc, z, &dd0, Some(&mut dz_decoder)).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0 backward"))?;
+        layers::linear_back(p, grads, &self.decoder_fc, z, &dd0, Some(&mut dz_decoder))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.0 backward"))?;
         let mut dz_structure = new(alloc, z)?;
-        layers::linear_back(p, grads, &self.structure_head, z, d.structure, Some(&mut dz_structure)).with_context(|| format!("{STRUCTURAL_VAE}: structure_head backward"))?;
+        layers::linear_back(p, grads, &self.structure_head, z, d.structure, Some(&mut dz_structure))
+            .with_context(|| format!("{STRUCTURAL_VAE}: structure_head backward"))?;
         let mut dz = new(alloc, z)?;
         add(&dz_decoder, &dz_structure, &mut dz)?;
 
@@ -484,9 +480,11 @@ impl StructuralVae {
 
         let dlogvar = dlogvar_sum.as_ref().unwrap_or(d.logvar);
         let mut dh_mu = new(alloc, &acts.hidden)?;
-        layers::linear_back(p, grads, &self.fc_mu, &acts.hidden, &dmu, Some(&mut dh_mu)).with_context(|| format!("{STRUCTURAL_VAE}: fc_mu backward"))?;
+        layers::linear_back(p, grads, &self.fc_mu, &acts.hidden, &dmu, Some(&mut dh_mu))
+            .with_context(|| format!("{STRUCTURAL_VAE}: fc_mu backward"))?;
         let mut dh_logvar = new(alloc, &acts.hidden)?;
-        layers::linear_back(p, grads, &self.fc_logvar, &acts.hidden, dlogvar, Some(&mut dh_logvar)).with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar backward"))?;
+        layers::linear_back(p, grads, &self.fc_logvar, &acts.hidden, dlogvar, Some(&mut dh_logvar))
+            .with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar backward"))?;
         let mut dh = new(alloc, &acts.hidden)?;
         add(&dh_mu, &dh_logvar, &mut dh)?;
         let dh = relu_grad(&acts.hidden, &dh, alloc)?;
@@ -500,13 +498,16 @@ impl StructuralVae {
             self.config.image_size / 8,
         ])?;
         let mut de1 = new(alloc, e1)?;
-        layers::conv_back_into(p, grads, &self.encoder_convs[2], e1, &de2, Some(&mut de1)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.4 backward"))?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[2], e1, &de2, Some(&mut de1))
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.4 backward"))?;
         let de1 = relu_grad(e1, &de1, alloc)?;
         let mut de0 = new(alloc, e0)?;
-        layers::conv_back_into(p, grads, &self.encoder_convs[1], e0, &de1, Some(&mut de0)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.2 backward"))?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[1], e0, &de1, Some(&mut de0))
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.2 backward"))?;
         let de0 = relu_grad(e0, &de0, alloc)?;
         let mut dimage = input_grads.then(|| new(alloc, image)).transpose()?;
-        layers::conv_back_into(p, grads, &self.encoder_convs[0], image, &de0, dimage.as_mut()).with_context(|| format!("{STRUCTURAL_VAE}: encoder.0 backward"))?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[0], image, &de0, dimage.as_mut())
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.0 backward"))?;
         Ok(dimage.map(|image| StructuralVaeInputGrads { image, eps: deps }))
     }
 }
@@ -540,4 +541,3 @@ fn relu_grad(y: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tenso
     relu_backward(y, dy, &mut dx)?;
     Ok(dx)
 }
-

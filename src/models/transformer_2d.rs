@@ -2,11 +2,11 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::models::attention::{Attention, TransformerBlock, TransformerBlockActivations};
 use crate::models::layers::{self, sum};
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::tensor::{DType, Tensor};
-use crate::models::attention::{Attention, TransformerBlock, TransformerBlockActivations};
 
 /// `proj_in` / `proj_out` of a Transformer2DModel: 1x1 convolutions (SD 1.x) or linear layers (SD 2.x).
 #[derive(Debug, Clone)]
@@ -92,7 +92,12 @@ impl Projection {
             Projection::Linear(l) => layers::linear(params, l, x, alloc),
             Projection::Conv(c) => {
                 let &[b, channels, h, w] = x.shape() else { bail!("Transformer2DModel projection: input {:?} is not [B, C, H, W]", x.shape()) };
-                ensure!(c.kernel == 1 && channels == c.input, "Transformer2DModel projection: a 1x1 conv from {} channels cannot take {:?}", c.input, x.shape());
+                ensure!(
+                    c.kernel == 1 && channels == c.input,
+                    "Transformer2DModel projection: a 1x1 conv from {} channels cannot take {:?}",
+                    c.input,
+                    x.shape()
+                );
                 let mut y = alloc.alloc(&[b, c.output, h, w], x.dtype())?;
                 ops::conv::conv2d_forward(x, params.get(c.weight), c.bias.map(|id| params.get(id)), c.spec, &mut y)?;
                 Ok(y)
@@ -171,7 +176,12 @@ impl Transformer2d {
     /// `x` [B, C, H, W], `context` [B, L, cross_attention_dim] (encoder_hidden_states).
     pub fn forward(&self, params: &ParamStore, x: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<Transformer2dActivations> {
         let &[batch, channels, height, width] = x.shape() else { bail!("Transformer2DModel: input {:?} is not [B, C, H, W]", x.shape()) };
-        ensure!(channels == self.norm.channels, "Transformer2DModel: input {:?} has {channels} channels, the model {}", x.shape(), self.norm.channels);
+        ensure!(
+            channels == self.norm.channels,
+            "Transformer2DModel: input {:?} has {channels} channels, the model {}",
+            x.shape(),
+            self.norm.channels
+        );
         let mut normed = alloc.alloc(x.shape(), x.dtype())?;
         let mut norm_mean = alloc.alloc(&[batch, self.norm.groups], DType::F32)?;
         let mut norm_rstd = alloc.alloc(&[batch, self.norm.groups], DType::F32)?;
@@ -193,7 +203,8 @@ impl Transformer2d {
         let output = alloc.alloc(x.shape(), x.dtype())?;
         let mut acts = Transformer2dActivations { norm_mean, norm_rstd, proj_in_input, tokens, blocks: Vec::new(), proj_out_map: None, output };
         for (l, block) in self.blocks.iter().enumerate() {
-            let b = block.forward(params, acts.block_input(l), context, alloc).with_context(|| format!("Transformer2DModel transformer_blocks.{l}"))?;
+            let b =
+                block.forward(params, acts.block_input(l), context, alloc).with_context(|| format!("Transformer2DModel transformer_blocks.{l}"))?;
             acts.blocks.push(b);
         }
         let last = acts.block_input(self.blocks.len());
@@ -263,7 +274,8 @@ impl Transformer2d {
                 self.proj_in.backward(params, grads, &acts.proj_in_input, &dprojected, alloc).context("Transformer2DModel proj_in")?
             }
             Projection::Linear(_) => {
-                let dnormed_tokens = self.proj_in.backward(params, grads, &acts.proj_in_input, &dtokens, alloc).context("Transformer2DModel proj_in")?;
+                let dnormed_tokens =
+                    self.proj_in.backward(params, grads, &acts.proj_in_input, &dtokens, alloc).context("Transformer2DModel proj_in")?;
                 tokens_to_map(&dnormed_tokens, height, width, alloc)?
             }
         };

@@ -7,11 +7,11 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
+use crate::models::config::ConfigReader;
 use crate::models::layers::{self, GroupNormActivations};
 use crate::models::resnet::{downsampler, upsampler, ResnetBlock};
 use crate::models::transformer_2d::{Transformer2d, TransformerSpec};
 use crate::models::unet_2d_blocks::{DownBlock, MidBlock, SharedGrads, UNetDownActivations, UNetMidActivations, UNetUpActivations, UpBlock};
-use crate::models::config::ConfigReader;
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
@@ -369,8 +369,16 @@ impl TimeEmbedding {
 
     /// Backward of [`TimeEmbedding::forward`] from `dy` [B, time_embed_dim]: adds to the gradients of
     /// `linear_1` and `linear_2` (timesteps take no gradient).
-    pub fn backward(&self, params: &ParamStore, grads: &mut Grads, acts: &TimeEmbeddingActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<()> {
-        let dactivated = layers::linear_back_input(params, grads, &self.linear_2, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
+    pub fn backward(
+        &self,
+        params: &ParamStore,
+        grads: &mut Grads,
+        acts: &TimeEmbeddingActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<()> {
+        let dactivated =
+            layers::linear_back_input(params, grads, &self.linear_2, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
         let mut dhidden = alloc.alloc(acts.hidden.shape(), acts.hidden.dtype())?;
         ops::elementwise::silu_backward(&acts.hidden, &dactivated, &mut dhidden)?;
         layers::linear_back(params, grads, &self.linear_1, &acts.sinusoid, &dhidden, None).context("time_embedding.linear_1 backward")
@@ -426,7 +434,15 @@ impl EncoderActivations {
 impl Encoder {
     /// The time embedding of `timestep`, then the down blocks and the mid block from `first` (conv_in's
     /// output, which the caller computes: the ControlNet adds its condition to it).
-    fn forward(&self, c: &UNetConfig, p: &ParamStore, first: Tensor, timestep: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<EncoderActivations> {
+    fn forward(
+        &self,
+        c: &UNetConfig,
+        p: &ParamStore,
+        first: Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<EncoderActivations> {
         let batch = first.shape()[0];
         ensure!(
             context.shape().len() == 3 && context.shape()[0] == batch && context.shape()[2] == c.cross_attention_dim,
@@ -463,7 +479,8 @@ impl Encoder {
     ) -> Result<(Tensor, Tensor)> {
         let temb = acts.temb();
         let last = self.down.len() - 1;
-        let mut carried = self.mid.backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
+        let mut carried =
+            self.mid.backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
         let mut end = dskips.len();
         for (i, block) in self.down.iter().enumerate().rev() {
             let count = acts.down[i].skips().len();
@@ -572,11 +589,21 @@ impl UNet {
                 ensure!(down.len() == skips.len(), "UNet2DConditionModel: {} down residuals for {} skip connections", down.len(), skips.len());
                 let mut summed = Vec::new();
                 for (i, (skip, r)) in skips.iter().zip(down).enumerate() {
-                    ensure!(r.shape() == skip.shape(), "UNet2DConditionModel: down residual {i} {:?} does not match its skip {:?}", r.shape(), skip.shape());
+                    ensure!(
+                        r.shape() == skip.shape(),
+                        "UNet2DConditionModel: down residual {i} {:?} does not match its skip {:?}",
+                        r.shape(),
+                        skip.shape()
+                    );
                     summed.push(sum(skip, r, alloc)?);
                 }
                 let m = encoder.mid_output();
-                ensure!(mid.shape() == m.shape(), "UNet2DConditionModel: mid residual {:?} does not match the mid block's output {:?}", mid.shape(), m.shape());
+                ensure!(
+                    mid.shape() == m.shape(),
+                    "UNet2DConditionModel: mid residual {:?} does not match the mid block's output {:?}",
+                    mid.shape(),
+                    m.shape()
+                );
                 Some((summed, sum(m, mid, alloc)?))
             }
             None => None,
@@ -617,7 +644,8 @@ impl UNet {
         let context = cond.encoder_hidden_states;
         let last = acts.up.last().expect("at least one up block").output();
         let dnorm = layers::conv_back(p, g, &self.conv_out, &acts.norm_out.y, dy, alloc).context("UNet conv_out backward")?;
-        let mut d = layers::group_norm_back(p, g, &self.conv_norm_out, true, last, &acts.norm_out, &dnorm, alloc).context("UNet conv_norm_out backward")?;
+        let mut d =
+            layers::group_norm_back(p, g, &self.conv_norm_out, true, last, &acts.norm_out, &dnorm, alloc).context("UNet conv_norm_out backward")?;
         let mut dskips: Vec<Option<Tensor>> = (0..acts.skips().len()).map(|_| None).collect();
         let mut shared = SharedGrads::default();
         let mut start = 0;
@@ -672,7 +700,15 @@ impl ControlNet {
         Ok(y)
     }
 
-    fn zero_conv_backward(p: &ParamStore, g: &mut Grads, conv: &Conv2d, x: &Tensor, s: f32, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    fn zero_conv_backward(
+        p: &ParamStore,
+        g: &mut Grads,
+        conv: &Conv2d,
+        x: &Tensor,
+        s: f32,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let mut dz = alloc.alloc(dy.shape(), dy.dtype())?;
         scale(dy, s, &mut dz)?;
         layers::conv_back(p, g, conv, x, &dz, alloc)
@@ -700,7 +736,11 @@ impl ControlNet {
         check_sample("ControlNetModel", c, sample)?;
         let (s, f) = (sample.shape(), self.condition_downscale());
         let expected = [s[0], c.conditioning_channels, s[2] * f, s[3] * f];
-        ensure!(controlnet_cond.shape() == expected, "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}", controlnet_cond.shape());
+        ensure!(
+            controlnet_cond.shape() == expected,
+            "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}",
+            controlnet_cond.shape()
+        );
         let mut cond_hidden: Vec<(Tensor, Tensor)> = Vec::new();
         for (j, conv) in self.cond_convs().into_iter().enumerate() {
             let x = cond_hidden.last().map_or(controlnet_cond, |(_, a)| a);
@@ -720,9 +760,12 @@ impl ControlNet {
             .iter()
             .zip(&self.zero_convs)
             .enumerate()
-            .map(|(i, (x, conv))| Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}")))
+            .map(|(i, (x, conv))| {
+                Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}"))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc).context("ControlNetModel controlnet_mid_block")?;
+        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc)
+            .context("ControlNetModel controlnet_mid_block")?;
         Ok(ControlNetActivations { cond_hidden, encoder, conditioning_scale, down, mid })
     }
 
@@ -754,15 +797,16 @@ impl ControlNet {
             self.encoder.backward(p, g, &acts.encoder, context, &dskips, &dmid, SharedGrads::default(), alloc).context("ControlNetModel backward")?;
         let dsample = layers::conv_back(p, g, &self.encoder.conv_in, sample, &dfirst, alloc).context("ControlNetModel conv_in backward")?;
         let last = &acts.cond_hidden.last().expect("conv_in at least").1;
-        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
+        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc)
+            .context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
         for (j, conv) in self.cond_convs().into_iter().enumerate().rev() {
             let (h, _) = &acts.cond_hidden[j];
             let mut dh = alloc.alloc(h.shape(), h.dtype())?;
             silu_backward(h, &d, &mut dh)?;
             let x = if j == 0 { controlnet_cond } else { &acts.cond_hidden[j - 1].1 };
-            d = layers::conv_back(p, g, conv, x, &dh, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
+            d = layers::conv_back(p, g, conv, x, &dh, alloc)
+                .with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
         }
         Ok(ControlNetInputGrads { sample: dsample, encoder_hidden_states, controlnet_cond: d })
     }
 }
-

@@ -4,12 +4,12 @@
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::models::layers::{self, sum};
+use crate::models::resnet::{ResnetActivations, ResnetBlock};
+use crate::models::transformer_2d::{Transformer2d, Transformer2dActivations};
 use crate::nn::{Allocator, Conv2d, Grads, ParamStore};
 use crate::ops;
 use crate::ops::shape::{upsample_nearest2x, upsample_nearest2x_backward};
 use crate::tensor::Tensor;
-use crate::models::resnet::{ResnetActivations, ResnetBlock};
-use crate::models::transformer_2d::{Transformer2d, Transformer2dActivations};
 
 /// A down block: resnets, optional transformers after each, and an optional stride-2 downsampler.
 #[derive(Debug, Clone)]
@@ -57,7 +57,10 @@ fn accumulate(slot: &mut Option<Tensor>, d: Option<Tensor>, alloc: &mut dyn Allo
 enum LayerOutput {
     Resnet(Tensor),
     /// The resnet's output is the transformer's input; the transformer's activations hold the layer's output.
-    Attention { resnet_output: Tensor, attention: Box<Transformer2dActivations> },
+    Attention {
+        resnet_output: Tensor,
+        attention: Box<Transformer2dActivations>,
+    },
 }
 
 /// What one UNet layer (a resnet and its transformer, if any) keeps for the backward.
@@ -235,7 +238,15 @@ impl UpBlock {
     /// `UpBlock2D` / `CrossAttnUpBlock2D`: each resnet takes `cat([hidden, skip], dim=1)` with the next of
     /// `skips` (in the order consumed: the most recent skip first), then its transformer in cross-attention
     /// blocks; then nearest 2x and the upsampler conv.
-    pub fn forward(&self, p: &ParamStore, x: &Tensor, skips: &[&Tensor], temb: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<UNetUpActivations> {
+    pub fn forward(
+        &self,
+        p: &ParamStore,
+        x: &Tensor,
+        skips: &[&Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<UNetUpActivations> {
         ensure!(skips.len() == self.resnets.len(), "up block: {} skips for {} resnets", skips.len(), self.resnets.len());
         ensure!(
             self.attentions.is_empty() || self.attentions.len() == self.resnets.len(),

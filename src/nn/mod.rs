@@ -310,7 +310,8 @@ impl ParamStore {
                     .unwrap_or_else(|| spec.name.clone())
             };
             let stored_shape = file.shape(&stored_name)?.to_vec();
-            let conv_as_linear = stored_name != spec.name && stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == spec.shape[..];
+            let conv_as_linear =
+                stored_name != spec.name && stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == spec.shape[..];
             if !conv_as_linear {
                 file.check_shape(&stored_name, &spec.shape)?;
             }

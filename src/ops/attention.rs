@@ -14,10 +14,10 @@ use matrixmultiply::sgemm;
 use rayon::prelude::*;
 
 use super::{common_device, common_dtype, same_shape};
-use crate::runtime::kernel_table;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, F32, I32};
 use crate::runtime::device::Device;
+use crate::runtime::kernel_table;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "attention.cu";
@@ -100,18 +100,9 @@ impl AttentionDims {
         ensure!(q[0] == k[0], "{op}: batch {} of q {q:?} differs from batch {} of k {k:?}", q[0], k[0]);
         ensure!(q[2] == k[2], "{op}: hidden size {} of q {q:?} differs from {} of k {k:?}", q[2], k[2]);
         ensure!(spec.heads > 0, "{op}: zero heads");
-        ensure!(
-            q[2] % spec.heads == 0,
-            "{op}: hidden size {} of q {q:?} is not divisible by {} heads",
-            q[2],
-            spec.heads
-        );
-        let dims =
-            AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
-        ensure!(
-            dims.batch > 0 && dims.q_len > 0 && dims.kv_len > 0 && dims.head_dim > 0,
-            "{op}: empty dimension in q {q:?} or k {k:?}"
-        );
+        ensure!(q[2] % spec.heads == 0, "{op}: hidden size {} of q {q:?} is not divisible by {} heads", q[2], spec.heads);
+        let dims = AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
+        ensure!(dims.batch > 0 && dims.q_len > 0 && dims.kv_len > 0 && dims.head_dim > 0, "{op}: empty dimension in q {q:?} or k {k:?}");
         ensure!(
             dims.head_dim <= MAX_HEAD_DIM,
             "{op}: head dim {} (q {q:?}, {} heads) exceeds the supported {MAX_HEAD_DIM}",
@@ -162,7 +153,11 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
     check_row_stats(OP, "lse", &dims, lse)?;
     let scale = dims.scale(spec);
     let _profile = crate::profile::scope(crate::profile::Family::Attention, || {
-        (device.clone(), dims.forward_flops() as f64, crate::profile::bytes_of(&[x.q.numel(), x.k.numel(), x.v.numel(), out.numel()], x.q.dtype().size()))
+        (
+            device.clone(),
+            dims.forward_flops() as f64,
+            crate::profile::bytes_of(&[x.q.numel(), x.k.numel(), x.v.numel(), out.numel()], x.q.dtype().size()),
+        )
     });
     match device {
         Device::Cpu => {
@@ -170,13 +165,7 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
             Ok(())
         }
         Device::Cuda(d) => {
-            let args = [
-                Ptr(x.q.cuda_ptr()?),
-                Ptr(x.k.cuda_ptr()?),
-                Ptr(x.v.cuda_ptr()?),
-                Ptr(out.cuda_ptr()?),
-                Ptr(lse.cuda_ptr()?),
-            ];
+            let args = [Ptr(x.q.cuda_ptr()?), Ptr(x.k.cuda_ptr()?), Ptr(x.v.cuda_ptr()?), Ptr(out.cuda_ptr()?), Ptr(lse.cuda_ptr()?)];
             if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MAX_HEAD_DIM {
                 let name = format!("attention_forward_mma_bf16_d{}", dims.head_dim.div_ceil(16) * 16);
                 launch_rows(&d, kernel(MMA_KERNEL_FILE, &name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
@@ -189,15 +178,7 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
 
 /// Gradients of `attention_forward`: `dq`, `dk`, `dv` written (=) from `dout`, using the saved `out` and `lse`.
 /// `delta` [B, H, Lq] f32 is scratch (it ends up holding the row sums of dout * out).
-pub fn attention_backward(
-    spec: AttentionSpec,
-    x: Qkv,
-    out: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    delta: &mut Tensor,
-    grads: QkvGrads,
-) -> Result<()> {
+pub fn attention_backward(spec: AttentionSpec, x: Qkv, out: &Tensor, lse: &Tensor, dout: &Tensor, delta: &mut Tensor, grads: QkvGrads) -> Result<()> {
     let variant = kernel_from_env()?;
     attention_backward_using(variant, spec, x, out, lse, dout, delta, grads)
 }
@@ -227,14 +208,7 @@ pub fn attention_backward_using(
         Device::Cpu => {
             let delta = delta.f32s_mut()?;
             cpu_row_dots(&dims, dout.f32s()?, out.f32s()?, delta);
-            let saved = CpuSaved {
-                q: x.q.f32s()?,
-                k: x.k.f32s()?,
-                v: x.v.f32s()?,
-                dout: dout.f32s()?,
-                lse: lse.f32s()?,
-                delta,
-            };
+            let saved = CpuSaved { q: x.q.f32s()?, k: x.k.f32s()?, v: x.v.f32s()?, dout: dout.f32s()?, lse: lse.f32s()?, delta };
             cpu_backward(&dims, scale, saved, dq.f32s_mut()?, dk.f32s_mut()?, dv.f32s_mut()?);
             Ok(())
         }
@@ -324,19 +298,9 @@ fn launch_rows(
         dims.batch * dims.q_len.max(dims.kv_len) * dims.hidden() < i32::MAX as usize,
         "{kind}: sizes {dims:?} overflow the kernels' 32-bit row indices"
     );
-    let cfg = LaunchConfig {
-        grid_dim: (len.div_ceil(rows_per_block) as u32, heads as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (len.div_ceil(rows_per_block) as u32, heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let mut all = args.to_vec();
-    all.extend([
-        I32(dims.q_len as i32),
-        I32(dims.kv_len as i32),
-        I32(dims.heads as i32),
-        I32(dims.head_dim as i32),
-        F32(scale),
-    ]);
+    all.extend([I32(dims.q_len as i32), I32(dims.kv_len as i32), I32(dims.heads as i32), I32(dims.head_dim as i32), F32(scale)]);
     d.launch(kernel.file, kernel.name, cfg, &all, None)
 }
 
@@ -383,14 +347,7 @@ fn gemm(
 }
 
 /// Scores `s[rows x Lk] = scale * q[i0..i0+rows] k^T` of head (b, h).
-fn cpu_scores(
-    dims: &AttentionDims,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    (b, h, i0, rows): (usize, usize, usize, usize),
-    s: &mut [f32],
-) {
+fn cpu_scores(dims: &AttentionDims, scale: f32, q: &[f32], k: &[f32], (b, h, i0, rows): (usize, usize, usize, usize), s: &mut [f32]) {
     let hd = dims.hidden();
     let qh = &q[head_offset(dims, dims.q_len, b, i0, h)..];
     let kh = &k[head_offset(dims, dims.kv_len, b, 0, h)..];

@@ -149,7 +149,12 @@ impl<T: Borrow<Tensor>> LstmParams<T> {
             .iter()
             .map(|dirs| {
                 dirs.iter()
-                    .map(|w| LstmWeights { weight_ih: w.weight_ih.borrow(), weight_hh: w.weight_hh.borrow(), bias_ih: w.bias_ih.borrow(), bias_hh: w.bias_hh.borrow() })
+                    .map(|w| LstmWeights {
+                        weight_ih: w.weight_ih.borrow(),
+                        weight_hh: w.weight_hh.borrow(),
+                        bias_ih: w.bias_ih.borrow(),
+                        bias_hh: w.bias_hh.borrow(),
+                    })
                     .collect()
             })
             .collect();
@@ -208,7 +213,12 @@ impl<T: BorrowMut<Tensor>> LstmParams<T> {
     pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
         names
-            .zip(self.layers.iter_mut().flatten().flat_map(|w| [w.weight_ih.borrow_mut(), w.weight_hh.borrow_mut(), w.bias_ih.borrow_mut(), w.bias_hh.borrow_mut()]))
+            .zip(
+                self.layers
+                    .iter_mut()
+                    .flatten()
+                    .flat_map(|w| [w.weight_ih.borrow_mut(), w.weight_hh.borrow_mut(), w.bias_ih.borrow_mut(), w.bias_hh.borrow_mut()]),
+            )
             .collect()
     }
 }
@@ -217,10 +227,7 @@ impl<T: BorrowMut<Tensor>> LstmParams<T> {
 fn check_dtype(op: &str, device: &Device, dtype: DType) -> Result<()> {
     match device {
         Device::Cpu => ensure!(dtype == DType::F32, "{op}: the CPU backend computes in f32, got {dtype}"),
-        Device::Cuda(_) => ensure!(
-            matches!(dtype, DType::F32 | DType::BF16),
-            "{op}: CUDA stores LSTM tensors in f32 or bf16, got {dtype}"
-        ),
+        Device::Cuda(_) => ensure!(matches!(dtype, DType::F32 | DType::BF16), "{op}: CUDA stores LSTM tensors in f32 or bf16, got {dtype}"),
     }
     Ok(())
 }
@@ -296,13 +303,7 @@ impl LstmActivations {
     }
 
     /// Makes every tensor with `alloc`; `dtype` is the storage dtype of the parameters.
-    pub fn new(
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-        alloc: &mut dyn Allocator,
-    ) -> Result<LstmActivations> {
+    pub fn new(config: LstmConfig, batch: usize, seq_len: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmActivations> {
         let mut a = Allocations { layout: LstmActivations::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let mut outputs = Vec::new();
         let mut directions = Vec::new();
@@ -321,13 +322,7 @@ impl LstmActivations {
     }
 
     /// Standalone zero tensors on `device`.
-    pub fn zeros(
-        device: &Device,
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) -> Result<LstmActivations> {
+    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmActivations> {
         LstmActivations::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 
@@ -339,11 +334,7 @@ impl LstmActivations {
     fn check(&self, op: &str, config: &LstmConfig, device: &Device, dtype: DType) -> Result<()> {
         ensure!(self.config == *config, "{op}: activations are for {:?}, the parameters for {config:?}", self.config);
         ensure!(self.dtype == dtype, "{op}: activations are {}, the parameters {dtype}", self.dtype);
-        ensure!(
-            self.recurrent.device().same(device),
-            "{op}: activations are on {}, the input on {device}",
-            self.recurrent.device()
-        );
+        ensure!(self.recurrent.device().same(device), "{op}: activations are on {}, the input on {device}", self.recurrent.device());
         Ok(())
     }
 }
@@ -374,12 +365,7 @@ impl LstmBackwardScratch {
     fn layout(config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Vec<(Vec<usize>, DType)> {
         let (b, t, h) = (batch, seq_len, config.hidden_size);
         let rows = step_rows(batch, h, dtype);
-        let mut out = vec![
-            (vec![b, t, 4 * h], dtype),
-            (vec![t, rows, 4 * h], dtype),
-            (vec![rows, h], DType::F32),
-            (vec![b, h], DType::F32),
-        ];
+        let mut out = vec![(vec![b, t, 4 * h], dtype), (vec![t, rows, 4 * h], dtype), (vec![rows, h], DType::F32), (vec![b, h], DType::F32)];
         for _ in 0..Self::dlayer_count(config) {
             out.push((vec![b, t, config.output_size()], dtype));
         }
@@ -391,27 +377,14 @@ impl LstmBackwardScratch {
     }
 
     /// Makes every tensor with `alloc` (see `LstmActivations::new`).
-    pub fn new(
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-        alloc: &mut dyn Allocator,
-    ) -> Result<LstmBackwardScratch> {
-        let mut a =
-            Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
+    pub fn new(config: LstmConfig, batch: usize, seq_len: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmBackwardScratch> {
+        let mut a = Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let (dgates, dgates_by_step, dh, dc) = (a.next()?, a.next()?, a.next()?, a.next()?);
         let dlayers = (0..Self::dlayer_count(&config)).map(|_| a.next()).collect::<Result<Vec<_>>>()?;
         Ok(LstmBackwardScratch { config, batch, seq_len, dtype, dgates, dgates_by_step, dh, dc, dlayers })
     }
 
-    pub fn zeros(
-        device: &Device,
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) -> Result<LstmBackwardScratch> {
+    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmBackwardScratch> {
         LstmBackwardScratch::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 }
@@ -451,14 +424,7 @@ struct Step {
 
 /// One GEMM whose matrices start `offset` elements into their tensors: `c = op(a)·op(b) + beta·c`. The
 /// per-step slices of the time-major buffers need it (`matmul` takes whole tensors only).
-fn gemm_at(
-    op: &str,
-    s: GemmShape,
-    (a, ao): (&Tensor, usize),
-    (b, bo): (&Tensor, usize),
-    (c, co): (&mut Tensor, usize),
-    beta: f32,
-) -> Result<()> {
+fn gemm_at(op: &str, s: GemmShape, (a, ao): (&Tensor, usize), (b, bo): (&Tensor, usize), (c, co): (&mut Tensor, usize), beta: f32) -> Result<()> {
     ensure!(
         ao + s.m * s.k <= a.numel() && bo + s.k * s.n <= b.numel() && co + s.m * s.n <= c.numel(),
         "{op}: GEMM {s:?} reaches past its operands {:?}, {:?}, {:?}",
@@ -541,13 +507,7 @@ fn cell_rows_per_task(hidden: usize) -> usize {
 }
 
 /// Cell step forward: gates (pre-activations, then activated) of step `t`, its c and h, and h into the output.
-fn cell_forward(
-    s: &Step,
-    w: &LstmWeights<&Tensor>,
-    acts: &mut DirectionActivations,
-    recurrent: &Tensor,
-    y: &mut Tensor,
-) -> Result<()> {
+fn cell_forward(s: &Step, w: &LstmWeights<&Tensor>, acts: &mut DirectionActivations, recurrent: &Tensor, y: &mut Tensor) -> Result<()> {
     match y.device() {
         Device::Cpu => {
             let (h, g4) = (s.hidden, 4 * s.hidden);
@@ -611,13 +571,7 @@ fn cell_forward(
 /// Cell step backward: from dh (output gradient of step `t` plus, unless `t` is the direction's last step,
 /// `scratch.dh`) and the carried dc, the pre-activation gate gradients of step `t` (both layouts) and the dc
 /// carried to the previous step.
-fn cell_backward(
-    s: &Step,
-    has_next: bool,
-    acts: &DirectionActivations,
-    dy: &Tensor,
-    scratch: &mut LstmBackwardScratch,
-) -> Result<()> {
+fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Tensor, scratch: &mut LstmBackwardScratch) -> Result<()> {
     match dy.device() {
         Device::Cpu => {
             let (h, g4, bh) = (s.hidden, 4 * s.hidden, s.batch * s.hidden);
@@ -650,12 +604,7 @@ fn cell_backward(
                             dct = dc[j];
                         }
                         dct += dh * og * (1.0 - tc * tc);
-                        let d = [
-                            dct * gg * ig * (1.0 - ig),
-                            dct * cp * fg * (1.0 - fg),
-                            dct * ig * (1.0 - gg * gg),
-                            dh * tc * og * (1.0 - og),
-                        ];
+                        let d = [dct * gg * ig * (1.0 - ig), dct * cp * fg * (1.0 - fg), dct * ig * (1.0 - gg * gg), dh * tc * og * (1.0 - og)];
                         dc[j] = dct * fg;
                         for (k, d) in d.into_iter().enumerate() {
                             dgb[k * h + j] = d;
@@ -724,16 +673,7 @@ pub fn lstm_forward(params: &LstmParams<impl Borrow<Tensor>>, x: &Tensor, acts: 
                     let s = GemmShape { m: rows, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
                     gemm_at(OP, s, (&a.hidden, p * rows * hidden), (w.weight_hh, 0), (recurrent, 0), 0.0)?;
                 }
-                let step = Step {
-                    batch,
-                    rows,
-                    seq_len,
-                    hidden,
-                    t,
-                    prev,
-                    y_cols: config.output_size(),
-                    y_offset: dir * hidden,
-                };
+                let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                 cell_forward(&step, w, a, recurrent, y)?;
             }
         }
@@ -761,10 +701,7 @@ pub fn lstm_backward(
     let dtype = params.check(OP, "parameters", &config, &device)?;
     check_dtype(OP, &device, dtype)?;
     let grad_dtype = grads.check(OP, "gradients", &config, &device)?;
-    ensure!(
-        grad_dtype == dtype || grad_dtype == DType::F32,
-        "{OP}: gradients must be f32 or the parameters' {dtype}, got {grad_dtype}"
-    );
+    ensure!(grad_dtype == dtype || grad_dtype == DType::F32, "{OP}: gradients must be f32 or the parameters' {dtype}, got {grad_dtype}");
     acts.check(OP, &config, &device, dtype)?;
     let (batch, seq_len, hidden, rows) = (acts.batch, acts.seq_len, config.hidden_size, acts.rows);
     ensure!(
@@ -828,28 +765,11 @@ pub fn lstm_backward(
                 let mut next = None;
                 for t in steps(seq_len, dir).rev() {
                     if let Some(n) = next {
-                        let s =
-                            GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
-                        gemm_at(
-                            OP,
-                            s,
-                            (&scratch.dgates_by_step, n * rows * 4 * hidden),
-                            (w.weight_hh, 0),
-                            (&mut scratch.dh, 0),
-                            0.0,
-                        )?;
+                        let s = GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
+                        gemm_at(OP, s, (&scratch.dgates_by_step, n * rows * 4 * hidden), (w.weight_hh, 0), (&mut scratch.dh, 0), 0.0)?;
                     }
                     let prev = previous_step(seq_len, dir, t);
-                    let step = Step {
-                        batch,
-                        rows,
-                        seq_len,
-                        hidden,
-                        t,
-                        prev,
-                        y_cols: config.output_size(),
-                        y_offset: dir * hidden,
-                    };
+                    let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                     cell_backward(&step, next.is_some(), a, dout, scratch)?;
                     next = Some(t);
                 }
@@ -858,35 +778,14 @@ pub fn lstm_backward(
                 // both).
                 if seq_len > 1 {
                     let (dg_off, h_off) = if dir == 0 { (rows * 4 * hidden, 0) } else { (0, rows * hidden) };
-                    let s = GemmShape {
-                        m: 4 * hidden,
-                        n: hidden,
-                        k: (seq_len - 1) * rows,
-                        trans_a: true,
-                        trans_b: false,
-                        batch: 1,
-                    };
+                    let s = GemmShape { m: 4 * hidden, n: hidden, k: (seq_len - 1) * rows, trans_a: true, trans_b: false, batch: 1 };
                     gemm_at(OP, s, (&scratch.dgates_by_step, dg_off), (&a.hidden, h_off), (&mut g.weight_hh, 0), 1.0)?;
                 }
-                linear_backward(
-                    input,
-                    w.weight_ih,
-                    &scratch.dgates,
-                    None,
-                    Some(&mut g.weight_ih),
-                    Some(&mut g.bias_ih),
-                )?;
+                linear_backward(input, w.weight_ih, &scratch.dgates, None, Some(&mut g.weight_ih), Some(&mut g.bias_ih))?;
                 linear_backward(input, w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
                 if let Some(di) = dinput.as_deref_mut() {
                     let k_in = config.layer_input_size(layer);
-                    let s = GemmShape {
-                        m: batch * seq_len,
-                        n: k_in,
-                        k: 4 * hidden,
-                        trans_a: false,
-                        trans_b: false,
-                        batch: 1,
-                    };
+                    let s = GemmShape { m: batch * seq_len, n: k_in, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
                     let beta = if dir == 0 { 0.0 } else { 1.0 };
                     gemm_at(OP, s, (&scratch.dgates, 0), (w.weight_ih, 0), (di, 0), beta)?;
                 }

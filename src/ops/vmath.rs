@@ -32,7 +32,11 @@ pub fn exp(x: f32) -> f32 {
     // Branch-free selects: the clamp above keeps NaN out of the integer conversion, these put it back.
     let scaled = if x < -87.33 { 0.0 } else { scaled };
     let scaled = if x > 88.37 { f32::INFINITY } else { scaled };
-    if x.is_nan() { x } else { scaled }
+    if x.is_nan() {
+        x
+    } else {
+        scaled
+    }
 }
 
 /// The largest element (NaN if any is NaN, as a sequential fold with `f32::max` would not report).

@@ -12,8 +12,8 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use crate::runtime::probe;
 use crate::dtype::DType;
+use crate::runtime::probe;
 
 /// Workspace cuBLASLt may use; 32 MiB is what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -144,9 +144,7 @@ impl BlasLt {
             };
             let mut plan = Plan { desc, layouts, algo: std::mem::zeroed() };
             let op = |t: bool| if t { 1i32 } else { 0i32 };
-            let set_desc = |attr, v: &i32| {
-                lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4)
-            };
+            let set_desc = |attr, v: &i32| lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4);
             use sys::cublasLtMatmulDescAttributes_t as D;
             check("TRANSA", set_desc(D::CUBLASLT_MATMUL_DESC_TRANSA, &op(s.trans_b)))?;
             check("TRANSB", set_desc(D::CUBLASLT_MATMUL_DESC_TRANSB, &op(s.trans_a)))?;
@@ -159,8 +157,19 @@ impl BlasLt {
                 for (layout, stride) in plan.layouts.iter().zip(strides) {
                     let count = s.batch as i32;
                     use sys::cublasLtMatrixLayoutAttribute_t as L;
-                    check("BATCH_COUNT", lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4))?;
-                    check("BATCH_STRIDE", lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const i64 as *const c_void, 8))?;
+                    check(
+                        "BATCH_COUNT",
+                        lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4),
+                    )?;
+                    check(
+                        "BATCH_STRIDE",
+                        lt::set_matrix_layout_attribute(
+                            *layout,
+                            L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            &stride as *const i64 as *const c_void,
+                            8,
+                        ),
+                    )?;
                 }
             }
             let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;

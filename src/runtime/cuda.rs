@@ -137,10 +137,7 @@ impl CudaDevice {
         if let Some(f) = self.functions.lock().unwrap().get(&(file, name)) {
             return Ok(f.clone());
         }
-        let f = self
-            .module(file)?
-            .load_function(name)
-            .with_context(|| format!("kernels/{file} has no kernel named {name}"))?;
+        let f = self.module(file)?.load_function(name).with_context(|| format!("kernels/{file} has no kernel named {name}"))?;
         self.functions.lock().unwrap().insert((file, name), f.clone());
         Ok(f)
     }
@@ -159,14 +156,7 @@ impl CudaDevice {
 
     /// Launches `kernels/<file>::<name>` with `args` (then `count`, if given) on the device's stream. The
     /// argument list is checked against the kernel's signature in the kernel table first.
-    pub fn launch(
-        &self,
-        file: &'static str,
-        name: &'static str,
-        cfg: LaunchConfig,
-        args: &[KernelArg],
-        count: Option<i64>,
-    ) -> Result<()> {
+    pub fn launch(&self, file: &'static str, name: &'static str, cfg: LaunchConfig, args: &[KernelArg], count: Option<i64>) -> Result<()> {
         let kernel = kernel_table::find(file, name)?;
         let mut all = args.to_vec();
         all.extend(count.map(KernelArg::I64));

@@ -68,24 +68,11 @@ impl Kernel {
             format!("{}({})", self.name, params.join(", "))
         };
         if args.len() != self.params.len() {
-            bail!(
-                "kernels/{} {} takes {} argument(s), the launcher passed {}",
-                self.file,
-                signature(),
-                self.params.len(),
-                args.len()
-            );
+            bail!("kernels/{} {} takes {} argument(s), the launcher passed {}", self.file, signature(), self.params.len(), args.len());
         }
         for (i, (p, a)) in self.params.iter().zip(args).enumerate() {
             if arg_kind(a) != p.kind {
-                bail!(
-                    "kernels/{} {}: argument {i} ({}: {}) needs {:?}, the launcher passed {a:?}",
-                    self.file,
-                    signature(),
-                    p.name,
-                    p.ty,
-                    p.kind
-                );
+                bail!("kernels/{} {}: argument {i} ({}: {}) needs {:?}, the launcher passed {a:?}", self.file, signature(), p.name, p.ty, p.kind);
             }
         }
         Ok(())

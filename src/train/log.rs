@@ -23,8 +23,7 @@ pub struct StepRecord {
 
 impl StepRecord {
     fn to_json(&self) -> serde_json::Value {
-        let losses: serde_json::Map<String, serde_json::Value> =
-            self.losses.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        let losses: serde_json::Map<String, serde_json::Value> = self.losses.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
         serde_json::json!({
             "step": self.step,
             "loss": losses,
@@ -50,11 +49,8 @@ impl StepLog {
     /// it resumes from).
     pub fn open(path: impl AsRef<Path>, first_step: u64) -> Result<StepLog> {
         let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open the training log", path.display()))?;
+        let file =
+            OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("{}: cannot open the training log", path.display()))?;
         let start = Instant::now();
         Ok(StepLog { path, out: BufWriter::new(file), start, last: (first_step, start) })
     }

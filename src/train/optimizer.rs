@@ -9,10 +9,10 @@
 
 use anyhow::{ensure, Context, Result};
 
+use crate::memory::{MemoryPlan, Region};
 use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree};
 use crate::ops::elementwise::cast;
 use crate::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
-use crate::memory::{MemoryPlan, Region};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,10 +61,7 @@ impl Optimizer {
         }
         ensure!(tree.len() == params.len(), "optimizer: the tree has {} parameters, the store {}", tree.len(), params.len());
         let dtype = if params.is_empty() { DType::F32 } else { params.get(ParamId(0)).dtype() };
-        ensure!(
-            dtype == DType::F32 || dtype == DType::BF16,
-            "optimizer: parameters must be f32 or bf16 (with f32 master weights), got {dtype}"
-        );
+        ensure!(dtype == DType::F32 || dtype == DType::BF16, "optimizer: parameters must be f32 or bf16 (with f32 master weights), got {dtype}");
         let zeros = |alloc: &mut dyn Allocator| -> Result<Vec<Tensor>> {
             tree.specs()
                 .iter()

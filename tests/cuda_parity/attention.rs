@@ -2,8 +2,8 @@
 //! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16; in bf16
 //! on tensor cores and on the CUDA cores.
 
-use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use sgdm::memory::{Arena, MemoryPlan, Region};
+use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, random, rounded};

@@ -71,12 +71,8 @@ pub fn check(gpu: &Device) {
                 .enumerate()
                 .map(|(k, (_, s))| rounded(dtype, &random(s.iter().product(), -0.4, 0.4, seed + k as u64)))
                 .collect();
-            let prior: Vec<Vec<f32>> = cfg
-                .parameter_shapes()
-                .iter()
-                .enumerate()
-                .map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64))
-                .collect();
+            let prior: Vec<Vec<f32>> =
+                cfg.parameter_shapes().iter().enumerate().map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64)).collect();
             let x = rounded(dtype, &random(b * t * cfg.input_size, -1.0, 1.0, seed + 90));
             let dy = rounded(dtype, &random(b * t * cfg.output_size(), -1.0, 1.0, seed + 91));
             let g = run(gpu, dtype, cfg, &params, &prior, &x, &dy, (b, t));

@@ -8,12 +8,12 @@ mod conv;
 mod elementwise;
 mod infonce;
 mod linear;
-mod norm;
 mod loss;
+mod lstm;
+mod norm;
 mod optim;
 mod sampling;
 mod shape;
-mod lstm;
 mod softmax;
 
 use sgdm::runtime::kernel_table::KERNELS;

@@ -9,18 +9,18 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::train::config_id;
+use super::common::*;
 use crate::data::dataset::Manifest;
 use crate::diffusion::scheduler::alphas_cumprod;
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::unet::{UNet, UNetConditioning, UNetConfig};
 use crate::nn::{Grads, ParamStore};
-use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward};
 use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
+use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward};
 use crate::runtime::Device;
 use crate::tensor::Tensor;
+use crate::train::config_id;
 use crate::weights::Component;
-use super::common::*;
 
 /// Stage `base` (TOML table `[base]`): a small base trained from scratch, as the embedded default's. With
 /// Stable Diffusion weights, `[base] pretrained = "DIR"` replaces it ([`check_pretrained_base`]). First a small AutoencoderKL (loss = MSE(decode(z), image in [-1, 1]) + `kl_weight` · KL, z
@@ -69,7 +69,16 @@ fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor)
     Ok((mse, loss.to_f32_vec()?[0] as f64))
 }
 
-fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[f32], val: &[f32], out: &Path, resume: Option<&Path>, stop: &AtomicBool) -> Result<(ParamStore, StageReport)> {
+fn train_base_vae(
+    on: &On,
+    cfg: &BaseStageConfig,
+    vae: &AutoencoderKl,
+    train: &[f32],
+    val: &[f32],
+    out: &Path,
+    resume: Option<&Path>,
+    stop: &AtomicBool,
+) -> Result<(ParamStore, StageReport)> {
     let s = cfg.image_size;
     let per_image = 3 * s * s;
     let n_train = train.len() / per_image;
@@ -115,7 +124,8 @@ fn train_base_vae(on: &On, cfg: &BaseStageConfig, vae: &AutoencoderKl, train: &[
         }
         Ok(sum / n_val as f64)
     };
-    let id = config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
+    let id =
+        config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
     let report = train_loop(on, "base_vae", &cfg.vae_train, &id, out, resume, &vae.params, &mut params, &mut step, &mut validate, stop)?;
     Ok((params, report))
 }

@@ -1,11 +1,11 @@
 //! What the stages share: the optimisation loop and its configuration, where a stage runs, the data and
 //! output helpers.
 
-use rand::Rng;
 use crate::diffusion::scheduler::TRAIN_TIMESTEPS;
-use crate::ops::loss::mse_loss;
 use crate::models::autoencoder_kl::AutoencoderKl;
 use crate::models::sgdm::StructuralVae;
+use crate::ops::loss::mse_loss;
+use rand::Rng;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,16 +15,16 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::train::{load_checkpoint, peek_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
+use crate::data::dataset::SplitManifest;
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::{load_square, MAX_IMAGE_SIZE};
 use crate::data::npy::NpyFile;
-use crate::data::dataset::SplitManifest;
 use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::loss::PARTIALS;
 use crate::ops::optim::AdamW;
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
+use crate::train::{load_checkpoint, peek_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
 use crate::weights::{save_safetensors, SafetensorsFile, COMPONENT_WEIGHT_FILES};
 
 /// The optimisation loop shared by the stages (TOML table `[<stage>.train]`).
@@ -225,7 +225,8 @@ pub struct Stopped {
 /// gradient `dloss` it is given) into the gradients and returns its named losses, the total first; with
 /// `micro_batches` k it runs k times per optimizer step with dloss 1/k (gradient accumulation); `validate` returns the validation loss. When
 /// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
-pub(super) fn train_loop(on: &On, 
+pub(super) fn train_loop(
+    on: &On,
     stage: &str,
     cfg: &LoopConfig,
     id: &str,
@@ -337,12 +338,20 @@ pub(super) fn save_model_config(path: &Path, class: &str, config: &impl serde::S
 
 /// Writes `dir` as a diffusers component: `config.json` (`config` with `_class_name`) and
 /// `diffusion_pytorch_model.safetensors` holding the parameters of `tree` whose names `keep` accepts.
-pub(super) fn save_component(dir: &Path, class: &str, config: &Value, tree: &ParamTree, params: &ParamStore, keep: &dyn Fn(&str) -> bool) -> Result<()> {
+pub(super) fn save_component(
+    dir: &Path,
+    class: &str,
+    config: &Value,
+    tree: &ParamTree,
+    params: &ParamStore,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the component folder", dir.display()))?;
     let mut config = config.clone();
     config.as_object_mut().with_context(|| format!("{class} config must be a table"))?.insert("_class_name".into(), Value::from(class));
     let config_path = dir.join("config.json");
-    crate::util::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes()).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    crate::util::write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes())
+        .with_context(|| format!("{}: cannot write", config_path.display()))?;
     let refs: Vec<(&str, &Tensor)> =
         tree.specs().iter().enumerate().filter(|(_, s)| keep(&s.name)).map(|(i, s)| (s.name.as_str(), params.get(ParamId(i)))).collect();
     let path = dir.join(COMPONENT_WEIGHT_FILES[0]);
@@ -364,7 +373,11 @@ pub(super) fn noise_batch(on: &On, latents: &[f32], shape: &[usize], alphas: &[f
         })
         .collect();
     let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    Ok(NoisedBatch { timesteps: Tensor::from_f32(&on.device, &[shape[0]], DType::F32, &steps)?, noise: on.tensor(shape, &eps)?, noisy: on.tensor(shape, &noisy)? })
+    Ok(NoisedBatch {
+        timesteps: Tensor::from_f32(&on.device, &[shape[0]], DType::F32, &steps)?,
+        noise: on.tensor(shape, &eps)?,
+        noisy: on.tensor(shape, &noisy)?,
+    })
 }
 
 pub(super) fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {

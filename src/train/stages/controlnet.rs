@@ -9,21 +9,21 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::train::config_id;
-use crate::data::eeg::Repetitions;
+use super::common::*;
 use crate::data::contract::EegContract;
 use crate::data::dataset::Manifest;
+use crate::data::eeg::Repetitions;
 use crate::diffusion::scheduler::alphas_cumprod;
 use crate::models::layers;
-use crate::models::unet::{ControlNet, UNetConditioning, UNetConfig};
 use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
+use crate::models::unet::{ControlNet, UNetConditioning, UNetConfig};
 use crate::nn::{Grads, Linear, ParamId, ParamStore, Standalone};
 use crate::ops::loss::mse_loss_backward;
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
+use crate::train::config_id;
 use crate::weights::{save_safetensors, SafetensorsFile};
 use crate::weights_folder::{load_autoencoder_kl, load_unet, BASE_POINTER};
-use super::common::*;
 
 /// Stage `controlnet` (TOML table `[controlnet]`, stage 3): the ControlNet and the EEG-to-token projector
 /// `eeg_projector` (Linear, the EEG encoder's embedding -> `tokens` · `cross_attention_dim`, read as
@@ -116,7 +116,11 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let controlnet = ControlNet::new(UNetConfig::from_json(&out.join("controlnet/config.json"), &cn_config)?)?;
     let d = unet.config.cross_attention_dim;
     let latent_dim = cfg.encoder.latent_dim;
-    ensure!(latent_dim == cfg.structural_vae.latent_dim, "stage controlnet: the encoder's latent_dim {latent_dim} differs from the StructuralVAE's {}", cfg.structural_vae.latent_dim);
+    ensure!(
+        latent_dim == cfg.structural_vae.latent_dim,
+        "stage controlnet: the encoder's latent_dim {latent_dim} differs from the StructuralVAE's {}",
+        cfg.structural_vae.latent_dim
+    );
     let mut tree = controlnet.params.clone();
     let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, cfg.tokens * d, true);
 
@@ -158,7 +162,11 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let val = val.with_repetitions(Repetitions::Average);
     let [n_train, reps, _, _] = train.shape;
     let n_val = val.shape[0];
-    ensure!((1..=reps).contains(&cfg.trial_average), "stage controlnet: trial_average {} must be between 1 and the {reps} repetitions", cfg.trial_average);
+    ensure!(
+        (1..=reps).contains(&cfg.trial_average),
+        "stage controlnet: trial_average {} must be between 1 and the {reps} repetitions",
+        cfg.trial_average
+    );
     ensure!(b >= 1 && b <= n_train, "stage controlnet: batch {b} must be between 1 and the {n_train} training figures");
     let per = lc * h * h;
 
@@ -195,14 +203,16 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     };
     let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
         let flat = layers::linear(p, &projector, embedding, &mut on.alloc())?.to_f32_vec()?;
-        let masked: Vec<f32> = flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
+        let masked: Vec<f32> =
+            flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
         on.tensor(&[keep.len(), cfg.tokens, d], &masked)
     };
     // The frozen UNet's backward adds its parameter gradients here; nothing reads them.
     let mut unet_grads = Grads::zeros(&unet.params, &mut on.alloc(), on.dtype)?;
     let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut Standalone| -> Result<_> {
         let cn = controlnet.forward(p, &batch.noisy, &batch.timesteps, context, cond, 1.0, alloc)?;
-        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let unet_cond =
+            UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         let acts = unet.forward(&unet_params, &batch.noisy, &unet_cond, alloc)?;
         let loss = mse(&acts.output, &batch.noise)?;
         Ok((cn, acts, loss))
@@ -219,7 +229,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
         let mut dy = on.zeros(acts.output.shape())?;
         mse_loss_backward(&acts.output, &batch.noise, dloss, &mut dy)?;
-        let unet_cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
+        let unet_cond =
+            UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         let du = unet.backward(&unet_params, &mut unet_grads, &batch.noisy, &unet_cond, &acts, &dy, alloc)?;
         let (ddown, dmid) = du.residuals.context("stage controlnet: the UNet returned no residual gradients")?;
         let ddown: Vec<&Tensor> = ddown.iter().collect();
@@ -250,8 +261,14 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let id = config_id(format!("controlnet {cfg:?}").as_bytes());
     let report = train_loop(on, "controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;
     save_component(&out.join("controlnet"), "ControlNetModel", &cn_config, &tree, &params, &|name| !name.starts_with("eeg_projector."))?;
-    let metadata = std::collections::BTreeMap::from([("tokens".to_string(), cfg.tokens.to_string()), ("structure_norm".to_string(), format!("{structure_norm:?}"))]);
-    let refs = [("eeg_projector.weight", params.get(projector.weight)), ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias")))];
+    let metadata = std::collections::BTreeMap::from([
+        ("tokens".to_string(), cfg.tokens.to_string()),
+        ("structure_norm".to_string(), format!("{structure_norm:?}")),
+    ]);
+    let refs = [
+        ("eeg_projector.weight", params.get(projector.weight)),
+        ("eeg_projector.bias", params.get(projector.bias.expect("the projector has a bias"))),
+    ];
     let path = out.join("eeg_projector.safetensors");
     ensure_finite(&path, &refs)?;
     // The projector last: `train all` takes it as the sign that the stage finished.
@@ -295,7 +312,9 @@ fn write_base_pointer(cfg: &ControlNetStageConfig, out: &Path) -> Result<()> {
     if same(&cfg.vae, "vae") && same(&cfg.unet, "unet") {
         return Ok(());
     }
-    let abs = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
+    let abs = |p: &Path| -> Result<String> {
+        Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string())
+    };
     let value = serde_json::json!({ "vae": abs(&cfg.vae)?, "unet": abs(&cfg.unet)? });
     crate::util::write_atomic(&path, serde_json::to_string_pretty(&value)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }

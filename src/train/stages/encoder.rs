@@ -7,18 +7,18 @@ use anyhow::{bail, ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use crate::train::config_id;
-use crate::data::eeg::{EegData, Repetitions};
-use crate::data::npy::NpyFile;
+use super::common::*;
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::dataset::Manifest;
+use crate::data::eeg::{EegData, Repetitions};
+use crate::data::npy::NpyFile;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::nn::{Grads, ParamStore};
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::runtime::Device;
+use crate::train::config_id;
 use crate::weights::SafetensorsFile;
 use crate::weights_folder::ENCODER_CONFIG;
-use super::common::*;
 
 /// Stage `encoder` (TOML table `[encoder]`): the EEG encoder's embedding of a trial against the frozen
 /// StructuralVAE's mu (z = mu, no noise) of the figure shown, by the symmetric InfoNCE loss.
@@ -134,7 +134,11 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
 
     let [n_train, reps, c, t] = train.shape;
     let n_val = val.shape[0];
-    ensure!((1..=reps).contains(&cfg.trial_average), "stage encoder: trial_average {} must be between 1 and the {reps} repetitions", cfg.trial_average);
+    ensure!(
+        (1..=reps).contains(&cfg.trial_average),
+        "stage encoder: trial_average {} must be between 1 and the {reps} repetitions",
+        cfg.trial_average
+    );
     ensure!(b >= 2 && b <= n_train, "stage encoder: batch {b} must be between 2 and the {n_train} training figures");
     ensure!(n_val >= 2, "stage encoder: the val split needs at least 2 figures for InfoNCE, it has {n_val}");
     let (latent, trial) = (m.latent_dim, c * t);

@@ -7,15 +7,15 @@ use anyhow::{ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use crate::train::config_id;
+use super::common::*;
 use crate::data::dataset::Manifest;
 use crate::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Grads, ParamStore};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward};
 use crate::runtime::Device;
 use crate::tensor::Tensor;
+use crate::train::config_id;
 use crate::weights_folder::VAE_CONFIG;
-use super::common::*;
 
 /// Stage `vae` (TOML table `[vae]`): loss = MSE(recon, image in [0, 1]) + beta * KL + lambda *
 /// MSE(structure, the 16x16 edge map flattened), z sampled with the reparameterisation.
@@ -88,7 +88,8 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
         let acts = model.forward(p, &image, Some(&eps), alloc)?;
         let l = vae_losses(&acts, &image, &edges)?;
         let zeros = |t: &Tensor| on.zeros(t.shape());
-        let (mut drecon, mut dmu, mut dlogvar, mut dstructure) = (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
+        let (mut drecon, mut dmu, mut dlogvar, mut dstructure) =
+            (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
         mse_loss_backward(&acts.recon, &image, dloss, &mut drecon)?;
         kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta * dloss, &mut dmu, &mut dlogvar)?;
         mse_loss_backward(&acts.structure, &edges, cfg.lambda * dloss, &mut dstructure)?;
