@@ -67,13 +67,3 @@ impl Allocator for Pooled {
         false
     }
 }
-
-/// Tensors carved from one region of an arena (never zeroed after the first use: layers write every element
-/// they hand on).
-pub struct ArenaRegion<'a>(pub &'a mut super::Arena, pub super::Region);
-
-impl Allocator for ArenaRegion<'_> {
-    fn alloc(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        self.0.alloc(self.1, shape, dtype)
-    }
-}

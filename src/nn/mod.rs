@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-pub use crate::memory::allocator::{standalone, Allocator, ArenaRegion, Inference, Pooled, Standalone};
+pub use crate::memory::allocator::{standalone, Allocator, Inference, Pooled, Standalone};
 use crate::ops::conv::Conv2dSpec;
 
 /// The index of a parameter in its [`ParamTree`].
@@ -390,13 +390,6 @@ pub struct Grads {
 }
 
 impl Grads {
-    /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut crate::memory::MemoryPlan, dtype: crate::tensor::DType) {
-        for s in tree.specs() {
-            plan.reserve(crate::memory::Region::Grads, &s.shape, dtype);
-        }
-    }
-
     /// Zeroed gradients for every parameter of `tree`, from `alloc`.
     pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
         let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;

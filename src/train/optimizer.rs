@@ -9,7 +9,6 @@
 
 use anyhow::{ensure, Context, Result};
 
-use crate::memory::{MemoryPlan, Region};
 use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree};
 use crate::ops::elementwise::cast;
 use crate::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
@@ -40,18 +39,6 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// Reserves the optimizer's memory in `Region::Optimizer` for a model whose parameters are `param_dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut MemoryPlan, param_dtype: DType) {
-        let copies = if param_dtype == DType::F32 { 2 } else { 3 };
-        for s in tree.specs() {
-            for _ in 0..copies {
-                plan.reserve(Region::Optimizer, &s.shape, DType::F32);
-            }
-        }
-        plan.reserve(Region::Optimizer, &[1], DType::F32);
-        plan.reserve(Region::Optimizer, &[PARTIALS], DType::F32);
-    }
-
     /// Zero moments at step 0, and master weights copied from `params` when they are bf16. Parameters must
     /// be f32 or bf16.
     pub fn new(tree: &ParamTree, params: &ParamStore, alloc: &mut dyn Allocator, config: OptimizerConfig) -> Result<Optimizer> {
