@@ -70,10 +70,7 @@ fn embed_kernels(files: &[PathBuf], out_dir: &Path) {
     for path in files {
         println!("cargo:rerun-if-changed={}", path.display());
         let name = path.file_name().unwrap().to_str().expect("kernel file names are UTF-8");
-        let entry = format!(
-            "    EmbeddedSource {{ name: {name:?}, source: include_str!({:?}) }},\n",
-            path.display().to_string()
-        );
+        let entry = format!("    EmbeddedSource {{ name: {name:?}, source: include_str!({:?}) }},\n", path.display().to_string());
         if name.ends_with(".cuh") {
             headers.push_str(&entry);
         } else {
@@ -101,27 +98,20 @@ pub fn preprocess(cxx: &str, file: &Path, include: &Path) -> String {
 
 fn kernel_table(files: &[PathBuf], include: &Path, out_dir: &Path) {
     let cxx = compiler();
-    let mut table = String::from("/// Every kernel of every `kernels/*.cu` file, with its parameters, in file order.\npub static KERNELS: &[Kernel] = &[\n");
+    let mut table =
+        String::from("/// Every kernel of every `kernels/*.cu` file, with its parameters, in file order.\npub static KERNELS: &[Kernel] = &[\n");
     let mut index = 0;
     let mut seen = std::collections::HashMap::new();
     for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
         let file = path.file_name().unwrap().to_str().unwrap();
-        let parsed = kernel_signature::parse_kernels(&preprocess(&cxx, path, include))
-            .unwrap_or_else(|e| panic!("kernels/{file}: {e}"));
+        let parsed = kernel_signature::parse_kernels(&preprocess(&cxx, path, include)).unwrap_or_else(|e| panic!("kernels/{file}: {e}"));
         for k in parsed {
             if let Some(other) = seen.insert(k.name.clone(), file.to_string()) {
                 panic!("kernel {} is defined in both kernels/{other} and kernels/{file}: names must be unique", k.name);
             }
-            let params: Vec<String> = k
-                .params
-                .iter()
-                .map(|p| format!("Param {{ name: {:?}, ty: {:?}, kind: ParamKind::{} }}", p.name, p.ty, p.kind.rust_name()))
-                .collect();
-            table.push_str(&format!(
-                "    Kernel {{ index: {index}, file: {file:?}, name: {:?}, params: &[{}] }},\n",
-                k.name,
-                params.join(", ")
-            ));
+            let params: Vec<String> =
+                k.params.iter().map(|p| format!("Param {{ name: {:?}, ty: {:?}, kind: ParamKind::{} }}", p.name, p.ty, p.kind.rust_name())).collect();
+            table.push_str(&format!("    Kernel {{ index: {index}, file: {file:?}, name: {:?}, params: &[{}] }},\n", k.name, params.join(", ")));
             index += 1;
         }
     }
@@ -137,8 +127,7 @@ fn cudasim(root: &Path, out_dir: &Path) {
     for f in ["include/cudasim_kernel.h", "src/simt.h", "src/simt.cpp", "src/driver.cpp", "src/cubin.h", "src/cubin.cpp", "src/cublaslt.cpp"] {
         println!("cargo:rerun-if-changed={}", sim.join(f).display());
     }
-    let target_ok = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64");
+    let target_ok = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64");
     let disabled = env::var("SGDM_NO_CUDASIM").is_ok_and(|v| !v.is_empty() && v != "0");
     let generated = out_dir.join("cudasim_embedded.rs");
     if !target_ok || disabled {

@@ -21,10 +21,10 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::attention::{attention_backward, attention_forward, AttentionDims, AttentionSpec, Qkv, QkvGrads};
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 const BATCH: usize = 2;
@@ -33,7 +33,6 @@ const HEAD_DIM: usize = 40;
 const TOKENS: usize = 4096;
 const CPU_TOKENS: usize = 1024;
 const TEXT_TOKENS: usize = 77;
-
 
 struct Buffers {
     q: Tensor,
@@ -50,18 +49,8 @@ struct Buffers {
 
 fn buffers(device: &Device, dtype: DType, q_len: usize, kv_len: usize) -> (Arena, Buffers) {
     let (qs, ks, ss) = ([BATCH, q_len, HEADS * HEAD_DIM], [BATCH, kv_len, HEADS * HEAD_DIM], [BATCH, HEADS, q_len]);
-    let layout = [
-        (qs, dtype),
-        (ks, dtype),
-        (ks, dtype),
-        (qs, dtype),
-        (ss, DType::F32),
-        (qs, dtype),
-        (ss, DType::F32),
-        (qs, dtype),
-        (ks, dtype),
-        (ks, dtype),
-    ];
+    let layout =
+        [(qs, dtype), (ks, dtype), (ks, dtype), (qs, dtype), (ss, DType::F32), (qs, dtype), (ss, DType::F32), (qs, dtype), (ks, dtype), (ks, dtype)];
     let mut plan = MemoryPlan::new();
     for (shape, dtype) in layout {
         plan.reserve(Region::Activations, &shape, dtype);
@@ -74,24 +63,12 @@ fn buffers(device: &Device, dtype: DType, q_len: usize, kv_len: usize) -> (Arena
             let mut t = arena.alloc(Region::Activations, shape, *dtype).unwrap();
             let n: usize = shape.iter().product();
             // Deterministic values in [-1, 1): realistic score spreads, no denormals.
-            t.write_f32(&(0..n).map(|j| ((j * 7919 + i * 104_729) % 2000) as f32 / 1000.0 - 1.0).collect::<Vec<_>>())
-                .unwrap();
+            t.write_f32(&(0..n).map(|j| ((j * 7919 + i * 104_729) % 2000) as f32 / 1000.0 - 1.0).collect::<Vec<_>>()).unwrap();
             t
         })
         .collect();
     let mut next = || t.remove(0);
-    let b = Buffers {
-        q: next(),
-        k: next(),
-        v: next(),
-        out: next(),
-        lse: next(),
-        dout: next(),
-        delta: next(),
-        dq: next(),
-        dk: next(),
-        dv: next(),
-    };
+    let b = Buffers { q: next(), k: next(), v: next(), out: next(), lse: next(), dout: next(), delta: next(), dq: next(), dk: next(), dv: next() };
     (arena, b)
 }
 

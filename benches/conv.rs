@@ -17,15 +17,14 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col, Conv2dSpec};
 use sgdm::ops::linear::{matmul, MatmulSpec};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Tensor};
 
 const BATCH: usize = 2;
 const CHANNELS: usize = 320;
 const SIDE: usize = 64;
-
 
 fn bench(c: &mut Criterion) {
     let spec = Conv2dSpec::new(1, 1);
@@ -52,9 +51,8 @@ fn bench(c: &mut Criterion) {
         let b = alloc(&[CHANNELS], 0.1);
 
         let flops = (2 * BATCH * CHANNELS * SIDE * SIDE * CHANNELS * 9) as u64;
-        let mut g = c.benchmark_group(format!(
-            "conv2d_3x3_{CHANNELS}to{CHANNELS}_b{BATCH}_{SIDE}x{SIDE}: implicit GEMM vs im2col+gemm (CUDA forward)"
-        ));
+        let mut g =
+            c.benchmark_group(format!("conv2d_3x3_{CHANNELS}to{CHANNELS}_b{BATCH}_{SIDE}x{SIDE}: implicit GEMM vs im2col+gemm (CUDA forward)"));
         g.throughput(Throughput::Elements(flops));
         g.sample_size(10);
         g.bench_function(format!("{name}/forward"), |bench| {

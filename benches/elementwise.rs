@@ -7,9 +7,9 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::elementwise::{add, geglu_forward, silu_forward};
 use sgdm::ops::optim::{adamw_step, AdamW};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 const N: usize = 1 << 22;
@@ -18,7 +18,6 @@ const GEGLU_ROWS: usize = 2 * 4096;
 const GEGLU_HALF: usize = 1280;
 /// Parameters in the AdamW bench (the SGDM encoders and VAE are of this order).
 const ADAMW_PARAMS: usize = 10_000_000;
-
 
 fn bench(c: &mut Criterion) {
     for (name, device, dtype) in common::devices("elementwise", &[DType::F32, DType::BF16]) {

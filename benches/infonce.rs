@@ -3,7 +3,7 @@
 //! iteration) and, with a GPU, CUDA in bf16 and f32. Throughput counts the similarity GEMM FLOPs
 //! (2·B²·D forward, twice that backward).
 //!
-//! The forward is also timed against the library composition it replaces (issue #3), in the same run:
+//! The forward is also timed against the library composition it replaces, in the same run:
 //! `<dev>/fused` is `infonce_forward`; `<dev>/composition` is, per side, the row normalisation from separate
 //! ops (x·x, the row sums of squares as a GEMV against ones, rsqrt, the per-row factor broadcast by a K = 1
 //! GEMM, the product; no eps clamp), the logits GEMM a_n·b_nᵀ/τ into f32, softmax over rows
@@ -40,8 +40,7 @@ fn bench(c: &mut Criterion) {
     }
     for (name, device, dtype) in runs {
         let (a, b) = (filled(&device, dtype, 1), filled(&device, dtype, 2));
-        let (mut da, mut db) =
-            (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
+        let (mut da, mut db) = (Tensor::zeros(&device, &[B, D], dtype).unwrap(), Tensor::zeros(&device, &[B, D], dtype).unwrap());
         let mut acts = InfoNceActivations::zeros(&device, B, D, dtype).unwrap();
         let mut g = c.benchmark_group(format!("infonce/b{B}-d{D}"));
         g.sample_size(20);
@@ -113,9 +112,7 @@ struct Composition {
 
 fn composition(device: &Device, dtype: DType) -> Composition {
     let z = |shape: &[usize], dtype: DType| Tensor::zeros(device, shape, dtype).unwrap();
-    let ones = |shape: &[usize], dtype: DType| {
-        Tensor::from_f32(device, shape, dtype, &vec![1.0; shape.iter().product()]).unwrap()
-    };
+    let ones = |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![1.0; shape.iter().product()]).unwrap();
     let eye: Vec<f32> = (0..B * B).map(|i| if i % (B + 1) == 0 { 1.0 } else { 0.0 }).collect();
     let f = DType::F32;
     Composition {

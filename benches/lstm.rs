@@ -4,7 +4,7 @@
 //! FLOPs (forward 2·B·T·4H·(in + H) per layer and direction; backward twice that), so the groups compare
 //! directly with the cuBLASLt and matrixmultiply peaks of the linear bench.
 //!
-//! Then, in the same run, the fused cell against the library composition it replaces (issue #3), on one
+//! Then, in the same run, the fused cell against the library composition it replaces, on one
 //! layer and direction of the first layer's shape (17 -> 256, 100 steps; the same batches):
 //! `<dev>/fused-cell` is `lstm_forward` (one input-projection GEMM, then per step one cuBLASLt/sgemm GEMM
 //! h·W_hhᵀ and one fused cell kernel); `<dev>/gemm+unfused-cell` is, per step and per gate (i, f, g, o, each
@@ -34,8 +34,7 @@ fn filled(device: &Device, shape: &[usize], dtype: DType, seed: usize) -> Tensor
 
 fn forward_flops(batch: usize) -> u64 {
     let h4 = 4 * CONFIG.hidden_size;
-    let per_layer =
-        |layer| 2 * batch * STEPS * h4 * (CONFIG.layer_input_size(layer) + CONFIG.hidden_size) * CONFIG.directions();
+    let per_layer = |layer| 2 * batch * STEPS * h4 * (CONFIG.layer_input_size(layer) + CONFIG.hidden_size) * CONFIG.directions();
     (0..CONFIG.num_layers).map(per_layer).sum::<usize>() as u64
 }
 
@@ -161,9 +160,7 @@ fn bench_cell(c: &mut Criterion) {
         let mut acts = LstmActivations::zeros(&device, cfg, batch, STEPS, dtype).unwrap();
         let mut u = unfused(&device, dtype, batch);
         let flops = 2 * batch * STEPS * 4 * cfg.hidden_size * (cfg.input_size + cfg.hidden_size);
-        let mut g = c.benchmark_group(format!(
-            "lstm_cell_forward/17->256 x{STEPS} steps b{batch}: fused-cell vs gemm+unfused-cell"
-        ));
+        let mut g = c.benchmark_group(format!("lstm_cell_forward/17->256 x{STEPS} steps b{batch}: fused-cell vs gemm+unfused-cell"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(flops as u64));
         g.bench_function(format!("{name}/fused-cell"), |bench| {

@@ -11,15 +11,14 @@ mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgdm::ops::elementwise::{silu_backward, silu_forward};
 use sgdm::ops::norm::{
-    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward,
-    layer_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut,
+    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward, layer_norm_scratch_shape, Affine,
+    GroupNorm, NormGrads, Stats, StatsMut,
 };
 use sgdm::{DType, Device, Tensor};
 
 const GN_SHAPE: [usize; 4] = [2, 320, 64, 64];
 const GN: GroupNorm = GroupNorm { groups: 32, eps: 1e-5, silu: true };
 const LN_SHAPE: [usize; 2] = [2 * 4096, 320];
-
 
 fn filled(device: &Device, shape: &[usize], dtype: DType, seed: usize) -> Tensor {
     let n: usize = shape.iter().product();

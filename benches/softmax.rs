@@ -15,7 +15,6 @@ use sgdm::{DType, Device, Tensor};
 const ROWS: usize = 4096;
 const KEYS: usize = 4096;
 
-
 fn filled(device: &Device, dtype: DType, seed: usize) -> Tensor {
     let v: Vec<f32> = (0..ROWS * KEYS).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32) * 0.02 - 10.0).collect();
     Tensor::from_f32(device, &[ROWS, KEYS], dtype, &v).unwrap()

@@ -43,6 +43,12 @@ struct F16 {
     static __device__ __forceinline__ void store(f16_t* p, long long i, float v) { p[i] = f32_to_f16(v); }
 };
 
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// exp(x) = exp2(x * LOG2E): the softmaxes work in base 2 (one ex2 per element) and convert back with LN2.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -11,7 +11,7 @@
 // Tiling (all three GEMM kernels): a 64x64 output tile per block of 256 threads, 16 reduction steps per
 // shared-memory tile; thread (tx = tid % 16, ty = tid / 16) owns rows ty + 16i and columns tx + 16j,
 // i, j < 4, so shared-memory reads are broadcasts or consecutive words.
-#include "common.cuh"
+#include "mma.cuh"
 
 #define TILE_M 64
 #define TILE_N 64
@@ -280,24 +280,11 @@ __device__ void im2col(const typename T::raw* x, typename T::raw* col, const Con
 //   As[row][k]   weights (row = output channel)     -> mma A, "row" layout
 //   Bs[col][k]   gathered input pixels              -> mma B, "col" layout
 // Rows are 32 + 8 bf16 = 80 bytes = 20 banks apart, so the 8 fragment rows x 4 lanes of a load hit 32
-// different banks. Fragment layout (PTX ISA, mma.m16n8k16, lane = 4 * group + tig):
-//   A regs: (row group, k 2tig..+1), (row group+8, same k), (row group, k 2tig+8..+9), (row group+8, same)
-//   B regs: (k 2tig..+1, col group), (k 2tig+8..+9, col group)
-//   C/D:    (row group, col 2tig..+1), (row group+8, col 2tig..+1)
+// different banks. Fragment layout: mma.cuh.
 #define MMA_BM 128
 #define MMA_BN 128
 #define MMA_BK 32
 #define MMA_LD (MMA_BK + 8)
-
-__device__ __forceinline__ void mma_16816_bf16(float d[4], const unsigned a[4], const unsigned b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ unsigned pair_at(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 
 // One MMA_BK-deep step of a 128 x 128 block tile: each warp's 64 x 32 sub-tile (rows warp_row.., columns
 // warp_col..) += As[row][k] . Bs[col][k]^T, as 4 x 4 mma tiles of 16 x 8, fragments per the layout above.
@@ -309,21 +296,21 @@ __device__ __forceinline__ void mma_block_step(const bf16_t (*As)[MMA_LD], const
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
             const int r = warp_row + mi * 16 + group, k = kk + 2 * tig;
-            a[mi][0] = pair_at(&As[r][k]);
-            a[mi][1] = pair_at(&As[r + 8][k]);
-            a[mi][2] = pair_at(&As[r][k + 8]);
-            a[mi][3] = pair_at(&As[r + 8][k + 8]);
+            a[mi][0] = bf16_pair(&As[r][k]);
+            a[mi][1] = bf16_pair(&As[r + 8][k]);
+            a[mi][2] = bf16_pair(&As[r][k + 8]);
+            a[mi][3] = bf16_pair(&As[r + 8][k + 8]);
         }
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
             const int c = warp_col + ni * 8 + group, k = kk + 2 * tig;
-            b[ni][0] = pair_at(&Bs[c][k]);
-            b[ni][1] = pair_at(&Bs[c][k + 8]);
+            b[ni][0] = bf16_pair(&Bs[c][k]);
+            b[ni][1] = bf16_pair(&Bs[c][k + 8]);
         }
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) mma_16816_bf16(acc[mi][ni], a[mi], b[ni]);
+            for (int ni = 0; ni < 4; ++ni) mma_m16n8k16_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
     }
 }
 

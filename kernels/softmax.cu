@@ -4,8 +4,6 @@
 // rounded once on the final store. Outputs are written (=).
 #include "common.cuh"
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
 // Max over the whole block; every thread gets the result. `scratch` holds at least 32 floats.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

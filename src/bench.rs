@@ -1,4 +1,4 @@
-//! `sgdm bench`: our kernels at the shapes issue #8 sets targets for (SD 1.5's convolutions, attention and
+//! `sgdm bench`: our kernels at the shapes the performance targets are set for (SD 1.5's convolutions, attention and
 //! GroupNorm + SiLU; the EEG encoder's LSTM; InfoNCE), forward and backward, on random data, timed after
 //! warm-up as the median of many runs (CUDA events on a GPU, the wall clock on the CPU), with achieved
 //! TFLOP/s or GB/s against the device's GEMM and copy peaks measured in the same run.
@@ -16,7 +16,8 @@ use crate::ops::attention::{
     attention_backward, attention_backward_using, attention_forward, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads,
 };
 use crate::ops::conv::{
-    conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_backward_weight_using, conv2d_forward, conv2d_forward_using, Conv2dSpec, ConvKernel,
+    conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight, conv2d_backward_weight_using, conv2d_forward, conv2d_forward_using,
+    Conv2dSpec, ConvKernel,
 };
 use crate::ops::elementwise::scale;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
@@ -55,7 +56,7 @@ impl Case {
     }
 }
 
-/// The cases: the issue's shapes, or (`quick`) small ones of the same kinds, for the CPU and CI.
+/// The cases: the target shapes, or (`quick`) small ones of the same kinds, for the CPU and CI.
 pub fn cases(quick: bool) -> Vec<Case> {
     let mut out = Vec::new();
     let conv_passes = &["forward", "backward_input", "backward_weight"][..];
@@ -74,12 +75,20 @@ pub fn cases(quick: bool) -> Vec<Case> {
         let (heads, tokens) = if quick { (2, side * side) } else { (8, side * side) };
         let d = channels / heads;
         for kv in [tokens, if quick { 7 } else { 77 }] {
-            out.push(Case::new("attention", &[("batch", if quick { 1 } else { 2 }), ("heads", heads), ("q_len", tokens), ("kv_len", kv), ("head_dim", d)], fb));
+            out.push(Case::new(
+                "attention",
+                &[("batch", if quick { 1 } else { 2 }), ("heads", heads), ("q_len", tokens), ("kv_len", kv), ("head_dim", d)],
+                fb,
+            ));
         }
     }
     for &batch in batches {
         for &(channels, side) in levels {
-            out.push(Case::new("groupnorm_silu", &[("batch", batch), ("channels", channels), ("side", side), ("groups", if quick { 4 } else { 32 })], fb));
+            out.push(Case::new(
+                "groupnorm_silu",
+                &[("batch", batch), ("channels", channels), ("side", side), ("groups", if quick { 4 } else { 32 })],
+                fb,
+            ));
         }
     }
     // The EEG encoder's LSTM: 17 channels x 100 steps in, 2 bidirectional layers of 256.
@@ -275,7 +284,8 @@ pub fn run_case(device: &Device, dtype: DType, case: &Case, timing: Timing) -> R
         }
         "lstm" => {
             let (batch, steps) = (case.get("batch"), case.get("steps"));
-            let config = LstmConfig { input_size: case.get("input"), hidden_size: case.get("hidden"), num_layers: case.get("layers"), bidirectional: true };
+            let config =
+                LstmConfig { input_size: case.get("input"), hidden_size: case.get("hidden"), num_layers: case.get("layers"), bidirectional: true };
             let mut params = LstmParams::zeros(device, config, dtype)?;
             for (i, (_, t)) in params.named_mut().into_iter().enumerate() {
                 // PyTorch's init range, U(-1/sqrt(H), 1/sqrt(H)).

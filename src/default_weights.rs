@@ -128,4 +128,3 @@ pub fn unpack_built_in(root: &Path) -> Result<PathBuf> {
     }
     Ok(dir)
 }
-

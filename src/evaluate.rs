@@ -43,9 +43,10 @@ use crate::data::dataset::DatasetSplit;
 use crate::data::image::{load_rgb, load_square, resize_center_crop, save_png_rgb, to_planes};
 use crate::data::structure::StructureMaps;
 use crate::diffusion::scheduler::SchedulerKind;
-use crate::eval::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pixcorr, retrieval_top_k, ssim, two_way_identification};
-use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
-use crate::reconstruct::{finished_items, image_files, EegItems};
+use crate::metrics::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, retrieval_top_k, ReconMetrics};
+use crate::models::sgdm::upsample_nearest;
+use crate::pipeline::{Pipeline, SamplingOptions};
+use crate::reconstruct::{finished_items, image_files, read_run, EegItems};
 use crate::util::content_checksum;
 use ablation::{load_reconstructions, run_ablation, score_run, AblationConfig, Condition};
 
@@ -92,36 +93,6 @@ pub fn format_indices(indices: &[usize]) -> String {
     text.join(", ")
 }
 
-/// The reconstruction metrics of one pairing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReconMetrics {
-    pub pixcorr: f64,
-    pub ssim: f64,
-    pub two_way: f64,
-}
-
-/// skimage.color.rgb2gray: 0.2125 R + 0.7154 G + 0.0721 B.
-fn gray(rgb: &RgbImage) -> Vec<f32> {
-    rgb.pixels().map(|p| (0.2125 * p[0] as f32 + 0.7154 * p[1] as f32 + 0.0721 * p[2] as f32) / 255.0).collect()
-}
-
-pub(crate) fn unit(rgb: &RgbImage) -> Vec<f32> {
-    rgb.as_raw().iter().map(|v| *v as f32 / 255.0).collect()
-}
-
-/// Reconstruction metrics of reconstructions `recon[i]` against seen images `seen[pair[i]]`.
-pub fn recon_metrics(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, pair: &[usize]) -> Result<ReconMetrics> {
-    let n = recon.len();
-    let (mut pc, mut ss) = (0.0, 0.0);
-    for (i, r) in recon.iter().enumerate() {
-        let s = &seen[pair[i]];
-        pc += pixcorr(&unit(r), &unit(s))?;
-        ss += ssim(&gray(r), &gray(s), r.width() as usize, r.height() as usize, 1.0)?;
-    }
-    let paired: Vec<f32> = pair.iter().flat_map(|&j| seen_latents[j * dim..(j + 1) * dim].iter().copied()).collect();
-    Ok(ReconMetrics { pixcorr: pc / n as f64, ssim: ss / n as f64, two_way: two_way_identification(recon_latents, &paired, dim)? })
-}
-
 fn mean_of(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len() as f64
 }
@@ -132,13 +103,6 @@ fn summary(per_seed: &[ReconMetrics]) -> Value {
         json!({ "mean": mean_of(&v), "per_seed": v })
     };
     json!({ "pixcorr": field(|m| m.pixcorr), "ssim": field(|m| m.ssim), "two_way": field(|m| m.two_way) })
-}
-
-/// The `run.json` of a reconstruction folder.
-pub fn read_run(dir: &Path) -> Result<Value> {
-    let path = dir.join("run.json");
-    let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
 /// The evaluation; returns `metrics.json`'s contents (also written, with the sheet, into `cfg.out`).
@@ -204,7 +168,10 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
             .iter()
             .map(|i| {
                 manifests[0][i]["seen"].as_str().map(PathBuf::from).with_context(|| {
-                    format!("{}: item {i} has no 'seen' image (reconstruct with --images, or give eval --images)", cfg.recon[0].join("manifest.jsonl").display())
+                    format!(
+                        "{}: item {i} has no 'seen' image (reconstruct with --images, or give eval --images)",
+                        cfg.recon[0].join("manifest.jsonl").display()
+                    )
                 })
             })
             .collect::<Result<_>>()?,
@@ -236,7 +203,8 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
     let ks = [1, 5];
     let retrieval = retrieval_top_k(&eeg_embeddings, &seen_latents, dim, &ks)?;
     let shuffle = derangement(n, cfg.control_seed);
-    let deranged = |rows: &[f32], width: usize| -> Vec<f32> { shuffle.iter().flat_map(|&j| rows[j * width..(j + 1) * width].iter().copied()).collect() };
+    let deranged =
+        |rows: &[f32], width: usize| -> Vec<f32> { shuffle.iter().flat_map(|&j| rows[j * width..(j + 1) * width].iter().copied()).collect() };
     let control_retrieval = retrieval_top_k(&eeg_embeddings, &deranged(&seen_latents, dim), dim, &ks)?;
 
     // Structure: the maps from EEG against the true targets of the same items.
@@ -245,7 +213,10 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
     let (true_maps, targets_source) = match &dataset {
         Some(d) => {
             let all = d.structure_targets()?;
-            (items.iter().flat_map(|&i| all[i * e2..(i + 1) * e2].iter().copied()).collect::<Vec<f32>>(), d.dir.join(&d.split.edges16).display().to_string())
+            (
+                items.iter().flat_map(|&i| all[i * e2..(i + 1) * e2].iter().copied()).collect::<Vec<f32>>(),
+                d.dir.join(&d.split.edges16).display().to_string(),
+            )
         }
         None => {
             ensure!(
@@ -397,7 +368,8 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
         resize_center_crop(&grey, s)
     };
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
-    crate::util::remove_stale_temporaries(&cfg.out).with_context(|| format!("{}: cannot remove the temporary files of a killed run", cfg.out.display()))?;
+    crate::util::remove_stale_temporaries(&cfg.out)
+        .with_context(|| format!("{}: cannot remove the temporary files of a killed run", cfg.out.display()))?;
     if shown > 0 {
         let blank = RgbImage::from_pixel(s, s, Rgb([128, 128, 128]));
         let cells: Vec<Vec<RgbImage>> = (0..shown)
@@ -412,7 +384,8 @@ pub fn evaluate(pipeline: &Pipeline, cfg: &EvalConfig) -> Result<Value> {
         save_png_rgb(cfg.out.join("sheet.png"), &contact_sheet(&cells, s, cfg.sheet_columns.max(1)))?;
     }
     let path = cfg.out.join("metrics.json");
-    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))?;
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(metrics)
 }
 
@@ -464,20 +437,28 @@ pub fn format_table(m: &Value) -> String {
     let ridge = &m["ridge"];
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
     let mut out = format!("{} items, {} seed(s)\n", m["items"], m["seeds"].as_array().map_or(0, Vec::len));
-    let row = |name: String, cells: [&Value; 4]| format!("{:<30}{:>10}{:>10}{:>10}{:>10}\n", name, f(cells[0]), f(cells[1]), f(cells[2]), f(cells[3]));
+    let row =
+        |name: String, cells: [&Value; 4]| format!("{:<30}{:>10}{:>10}{:>10}{:>10}\n", name, f(cells[0]), f(cells[1]), f(cells[2]), f(cells[3]));
     let chance = |v: f64| json!(v);
     let n = m["items"].as_f64().unwrap_or(0.0);
     out += &format!("{:<30}{:>10}{:>10}{:>10}{:>10}\n", "", "EEG", "control", "chance", "ridge");
-    out += &row(format!("retrieval top-1 ({}-way)", r["ways"]), [&r["top1"], &c["retrieval"]["top1"], &r["chance_top1"], &ridge["retrieval"]["top1"]]);
+    out +=
+        &row(format!("retrieval top-1 ({}-way)", r["ways"]), [&r["top1"], &c["retrieval"]["top1"], &r["chance_top1"], &ridge["retrieval"]["top1"]]);
     out += &row("retrieval top-5".into(), [&r["top5"], &c["retrieval"]["top5"], &r["chance_top5"], &ridge["retrieval"]["top5"]]);
     out += &row("structure correlation".into(), [&st["eeg"]["corr"], &st["control"]["corr"], &Value::Null, &ridge["structure"]["corr"]]);
-    out += &row(format!("structure matching top-1"), [&st["eeg"]["top1"], &st["control"]["top1"], &chance(1.0 / n), &ridge["structure"]["top1"]]);
-    out += &row("structure matching top-5".into(), [&st["eeg"]["top5"], &st["control"]["top5"], &chance((5.0 / n).min(1.0)), &ridge["structure"]["top5"]]);
+    out += &row("structure matching top-1".to_string(), [&st["eeg"]["top1"], &st["control"]["top1"], &chance(1.0 / n), &ridge["structure"]["top1"]]);
+    out += &row(
+        "structure matching top-5".into(),
+        [&st["eeg"]["top5"], &st["control"]["top5"], &chance((5.0 / n).min(1.0)), &ridge["structure"]["top5"]],
+    );
     for (key, name) in [("pixcorr", "PixCorr"), ("ssim", "SSIM"), ("two_way", "2-way identification")] {
         let chance = if key == "two_way" { json!(0.5) } else { Value::Null };
         out += &row(name.into(), [&m["reconstruction"][key]["mean"], &c["reconstruction"][key]["mean"], &chance, &Value::Null]);
     }
-    out += &row(format!("pixel matching top-1"), [&m["reconstruction"]["pixel_top1"], &c["reconstruction"]["pixel_top1"], &chance(1.0 / n), &Value::Null]);
+    out += &row(
+        "pixel matching top-1".to_string(),
+        [&m["reconstruction"]["pixel_top1"], &c["reconstruction"]["pixel_top1"], &chance(1.0 / n), &Value::Null],
+    );
     if let Some(mean) = st["mean_map"]["corr"].as_f64() {
         out += &format!("structure correlation of the train split's mean map (no EEG): {mean:.3}\n");
     }
@@ -486,7 +467,12 @@ pub fn format_table(m: &Value) -> String {
         let ms = |v: &Value, key: &str| format!("{} ± {}", f(&v[key]), f(&v[format!("{key}_std")]));
         out += &format!("ablation: the first {} items, seeds {}, mean ± sd over seeds\n", a["items"], a["seeds"]);
         out += &format!("{:<22}{:>16}{:>16}{:>16}{:>24}\n", "", "PixCorr", "SSIM", "2-way", format!("pixel top-1 ({}-way)", a["ways"]));
-        for (key, name) in [("eeg_structure", "structure from EEG"), ("no_structure", "no structure"), ("true_structure", "true structure"), ("eeg_minus_none", "from EEG - none")] {
+        for (key, name) in [
+            ("eeg_structure", "structure from EEG"),
+            ("no_structure", "no structure"),
+            ("true_structure", "true structure"),
+            ("eeg_minus_none", "from EEG - none"),
+        ] {
             let v = &a[key];
             out += &format!("{:<22}{:>16}{:>16}{:>16}{:>24}\n", name, ms(v, "pixcorr"), ms(v, "ssim"), ms(v, "two_way"), ms(v, "pixel_top1"));
         }

@@ -2,15 +2,7 @@
 //! ControlNet condition; embedding -> cross-attention tokens (the EEG projector); guided denoising of
 //! Gaussian latents by the UNet with the ControlNet's residuals; AutoencoderKL decode.
 //!
-//! A weights folder is what `sgdm train all` writes (the shipped default in `weights/` is one):
-//!
-//! | file | what |
-//! | --- | --- |
-//! | `vae/`, `unet/`, `controlnet/` | diffusers components (`config.json` + `diffusion_pytorch_model.safetensors`) |
-//! | `vae.safetensors`, `vae_config.json` | the StructuralVAE (stage 1) |
-//! | `encoder.safetensors`, `encoder_config.json`, `eeg_standardization.json` | the EEG encoder (stage 2) and its input scaling |
-//! | `eeg_projector.safetensors` | embedding -> `tokens` cross-attention tokens (stage 3) |
-//! | `base.json` (optional) | the `vae` and `unet` folders to use instead of `vae/` and `unet/` (e.g. Stable Diffusion's) |
+//! A weights folder is what `sgdm train all` writes; [`crate::weights_folder`] lists its files.
 //!
 //! The denoising state (the latents and the scheduler's x0) stays on the pipeline's device in f32 and the
 //! guided scheduler update runs there (`ops::sampling::guided_step`); the models run in the pipeline's dtype,
@@ -28,21 +20,20 @@ use serde_json::Value;
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::eeg::EegScan;
 use crate::diffusion::scheduler::{Scheduler, SchedulerKind};
-use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
-use crate::models::blocks::linear_layer_forward;
-use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
-use crate::models::unet::{ControlNet, UNet, UNetConditioning, UNetConfig};
+use crate::memory::pool::Pool;
+use crate::models::autoencoder_kl::AutoencoderKl;
+use crate::models::layers;
+use crate::models::sgdm::{upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
+use crate::models::unet::{ControlNet, UNet, UNetConditioning};
 use crate::nn::{Inference, Linear, ParamStore, ParamTree, Pooled};
 use crate::ops::elementwise::scale;
-use crate::runtime::pool::Pool;
 use crate::ops::sampling::{guided_step, GuidedStep};
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
-use crate::weights::{Component, SafetensorsFile};
-
-/// The files a weights folder must hold besides the three diffusers components.
-pub const WEIGHT_FILES: [&str; 6] =
-    ["vae.safetensors", "vae_config.json", "encoder.safetensors", "encoder_config.json", "eeg_standardization.json", "eeg_projector.safetensors"];
+use crate::weights::SafetensorsFile;
+use crate::weights_folder::{
+    base_components, built, load_autoencoder_kl, load_controlnet, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG, WEIGHT_FILES,
+};
 
 /// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
 pub const MAX_LATENT_SIZE: usize = 1024;
@@ -130,36 +121,6 @@ pub struct Pipeline {
     pub condition_size: usize,
 }
 
-/// The AutoencoderKL and UNet folders of a weights folder: its `vae/` and `unet/`, or those `base.json`
-/// names (written by stage `controlnet` when it trained against, say, a Stable Diffusion folder).
-pub fn base_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let pointer = dir.join(crate::train::stages::BASE_POINTER);
-    if pointer.is_file() {
-        let v = read_json(&pointer)?;
-        let get = |key: &str| -> Result<PathBuf> {
-            let p = PathBuf::from(v[key].as_str().with_context(|| format!("{}: no '{key}' path", pointer.display()))?);
-            ensure!(p.join("config.json").is_file(), "{}: '{key}' names {}, which has no config.json", pointer.display(), p.display());
-            Ok(p)
-        };
-        return Ok((get("vae")?, get("unet")?));
-    }
-    for f in ["vae/config.json", "unet/config.json"] {
-        ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} and no base.json naming the VAE and UNet", dir.display());
-    }
-    Ok((dir.join("vae"), dir.join("unet")))
-}
-
-/// The context of a model that its configuration file does not describe.
-fn built(config: &Path) -> String {
-    format!("{}: the model this configuration describes cannot be built", config.display())
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = crate::util::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
-}
-
-
 impl Pipeline {
     /// Loads the weights folder `dir` (see the module docs) onto `device` as `dtype`. Every file is checked:
     /// missing files, unknown or misshapen tensors and inconsistent sizes are errors naming the file.
@@ -169,10 +130,10 @@ impl Pipeline {
             ensure!(dir.join(f).is_file(), "{}: the weights folder has no {f} (expected the output of `sgdm train all`)", dir.display());
         }
         let (vae_dir, unet_dir) = base_components(dir)?;
-        let path = dir.join("encoder_config.json");
+        let path = dir.join(ENCODER_CONFIG);
         let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
-        let path = dir.join("vae_config.json");
+        let path = dir.join(VAE_CONFIG);
         let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
         let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
         let latent_dim = encoder.config.latent_dim;
@@ -185,16 +146,9 @@ impl Pipeline {
 
         let contract = EegContract::read(&dir.join(STANDARDIZATION_FILE), encoder.config.n_channels)?;
 
-        let vae_component = Component::open(&vae_dir)?;
-        let vae = AutoencoderKl::new(AutoencoderKlConfig::from_json(&vae_dir.join("config.json"), &vae_component.config)?).with_context(|| built(&vae_dir.join("config.json")))?;
-        let vae_params = ParamStore::load_owned(&vae.params, &vae_component.weights, device, dtype, &LEGACY_ATTENTION_NAMES)?;
-        let unet_component = Component::open(&unet_dir)?;
-        let unet = UNet::new(UNetConfig::from_json(&unet_dir.join("config.json"), &unet_component.config)?).with_context(|| built(&unet_dir.join("config.json")))?;
-        let unet_params = ParamStore::load_owned(&unet.params, &unet_component.weights, device, dtype, &[])?;
-        let cn_component = Component::open(dir.join("controlnet"))?;
-        let controlnet =
-            ControlNet::new(UNetConfig::from_json(&dir.join("controlnet/config.json"), &cn_component.config)?).with_context(|| built(&dir.join("controlnet/config.json")))?;
-        let controlnet_params = ParamStore::load_owned(&controlnet.params, &cn_component.weights, device, dtype, &[])?;
+        let (vae, vae_params) = load_autoencoder_kl(&vae_dir, device, dtype)?;
+        let (unet, unet_params, unet_config) = load_unet(&unet_dir, device, dtype)?;
+        let (controlnet, controlnet_params) = load_controlnet(&dir.join("controlnet"), device, dtype)?;
 
         let path = dir.join("eeg_projector.safetensors");
         let file = SafetensorsFile::open(&path)?;
@@ -203,19 +157,22 @@ impl Pipeline {
             .get("tokens")
             .and_then(|t| t.parse().ok())
             .with_context(|| format!("{}: no 'tokens' metadata (the number of cross-attention tokens)", path.display()))?;
-        let structure_norm: f32 = file
-            .metadata()
-            .get("structure_norm")
-            .and_then(|t| t.parse().ok())
-            .filter(|v: &f32| v.is_finite() && *v > 0.0)
-            .with_context(|| format!("{}: no positive 'structure_norm' metadata (the embedding length the structure head takes)", path.display()))?;
+        let structure_norm: f32 =
+            file.metadata().get("structure_norm").and_then(|t| t.parse().ok()).filter(|v: &f32| v.is_finite() && *v > 0.0).with_context(|| {
+                format!("{}: no positive 'structure_norm' metadata (the embedding length the structure head takes)", path.display())
+            })?;
         let d = unet.config.cross_attention_dim;
         let mut tree = ParamTree::new();
         let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, tokens * d, true);
         let projector_params = ParamStore::load_owned(&tree, &file, device, dtype, &[])?;
 
         let edge = (svae.config.structure_dim as f64).sqrt().round() as usize;
-        ensure!(edge * edge == svae.config.structure_dim, "{}: structure_dim {} is not a square", dir.join("vae_config.json").display(), svae.config.structure_dim);
+        ensure!(
+            edge * edge == svae.config.structure_dim,
+            "{}: structure_dim {} is not a square",
+            dir.join("vae_config.json").display(),
+            svae.config.structure_dim
+        );
         ensure!(
             encoder.config.structure_dim == 0 || encoder.config.structure_dim == svae.config.structure_dim,
             "{}: the encoder's structure head predicts {} values, the StructuralVAE's structure maps have {}",
@@ -223,7 +180,11 @@ impl Pipeline {
             encoder.config.structure_dim,
             svae.config.structure_dim
         );
-        ensure!(controlnet.config.conditioning_channels == 1, "{}: the ControlNet must take a 1-channel structure map", dir.join("controlnet/config.json").display());
+        ensure!(
+            controlnet.config.conditioning_channels == 1,
+            "{}: the ControlNet must take a 1-channel structure map",
+            dir.join("controlnet/config.json").display()
+        );
         ensure!(
             unet.config.in_channels == vae.config.latent_channels && controlnet.config.in_channels == vae.config.latent_channels,
             "{}: the UNet and ControlNet take {} and {} channels, the VAE's latents have {}",
@@ -232,8 +193,10 @@ impl Pipeline {
             controlnet.config.in_channels,
             vae.config.latent_channels
         );
-        let sample_size = unet_component.config.get("sample_size").and_then(Value::as_u64).with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))?
-            as usize;
+        let sample_size = unet_config
+            .get("sample_size")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("{}: no 'sample_size'", unet_dir.join("config.json").display()))? as usize;
         // Checked before anything is sized by it: 100000 made the first batch abort on a 160 GB allocation.
         ensure!(
             (1..=MAX_LATENT_SIZE).contains(&sample_size),
@@ -324,19 +287,25 @@ impl Pipeline {
     /// space the encoder's embeddings are aligned to, where retrieval and 2-way identification compare.
     pub fn image_embedding(&self, images: &[f32]) -> Result<Vec<f32>> {
         let s = self.svae.config.image_size;
-        ensure!(images.len().is_multiple_of(3 * s * s) && !images.is_empty(), "{} image values are not a whole number of [3, {s}, {s}] images", images.len());
+        ensure!(
+            images.len().is_multiple_of(3 * s * s) && !images.is_empty(),
+            "{} image values are not a whole number of [3, {s}, {s}] images",
+            images.len()
+        );
         let x = self.tensor(&[images.len() / (3 * s * s), 3, s, s], images)?;
         self.svae.forward(&self.svae_params, &x, None, &mut Inference(self.device.clone()))?.mu.to_f32_vec()
     }
 
-    /// The structure maps `[B, E·E]` predicted from embeddings: by the encoder's own structure head when it
-    /// has one, else by the StructuralVAE's structure head on the embeddings rescaled to `structure_norm`.
+    /// The structure maps `[B, E·E]` predicted from embeddings ([`crate::models::sgdm::structure_maps`]).
     pub fn structure(&self, embedding: &Tensor) -> Result<Tensor> {
         let alloc = &mut Inference(self.device.clone());
-        if let Some(head) = self.encoder.structure(&self.encoder_params, embedding, alloc)? {
-            return Ok(head.structure);
-        }
-        linear_layer_forward(&self.svae.structure_head, &self.svae_params, &rescaled(embedding, self.structure_norm, alloc)?, alloc)
+        crate::models::sgdm::structure_maps(
+            (&self.encoder, &self.encoder_params),
+            (&self.svae, &self.svae_params),
+            embedding,
+            self.structure_norm,
+            alloc,
+        )
     }
 
     /// Item `index`'s initial latent noise: depends on the seed and the index only.
@@ -361,7 +330,14 @@ impl Pipeline {
     /// [`Pipeline::reconstruct_with`] conditioned on `structure` `[B, E·E]` instead of the structure maps the
     /// EEG predicts when it is given (the EEG still gives the cross-attention tokens): the ablation's
     /// oracle, which feeds the true structure targets.
-    pub fn reconstruct_conditioned(&self, steps: &mut Steps, eeg: &[f32], indices: &[u64], opts: &SamplingOptions, structure: Option<&[f32]>) -> Result<Reconstruction> {
+    pub fn reconstruct_conditioned(
+        &self,
+        steps: &mut Steps,
+        eeg: &[f32],
+        indices: &[u64],
+        opts: &SamplingOptions,
+        structure: Option<&[f32]>,
+    ) -> Result<Reconstruction> {
         let start = std::time::Instant::now();
         let b = indices.len();
         opts.validate()?;
@@ -380,7 +356,7 @@ impl Pipeline {
         let guided = opts.guidance > 1.0;
         let branches = if guided { 2 } else { 1 };
         let d = self.unet.config.cross_attention_dim;
-        let mut tokens = linear_layer_forward(&self.projector, &self.projector_params, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
+        let mut tokens = layers::linear(&self.projector_params, &self.projector, &embedding, &mut Inference(self.device.clone()))?.to_f32_vec()?;
         tokens.resize(branches * b * self.tokens * d, 0.0);
         let factor = self.condition_size / self.edge;
         let cond_one = upsample_nearest(&structure, self.edge, factor);
@@ -436,7 +412,7 @@ impl Pipeline {
         // The decode reuses the step's pool (sized for it), or ordinary allocations if it does not fit.
         let decoded = match self.vae.decode(&self.vae_params, &z, &mut Pooled(step.pool.clone())) {
             Ok((decoded, _)) => decoded,
-            Err(e) if crate::runtime::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
+            Err(e) if crate::memory::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
             Err(e) => return Err(e),
         };
         ensure!(decoded.shape()[1] == 3, "the VAE decodes {} channels; a PNG needs 3", decoded.shape()[1]);
@@ -559,7 +535,7 @@ impl Step {
     }
 
     /// The pool's capacity and high-water mark.
-    pub fn pool_usage(&self) -> crate::runtime::pool::PoolUsage {
+    pub fn pool_usage(&self) -> crate::memory::pool::PoolUsage {
         self.pool.usage()
     }
 
@@ -579,8 +555,15 @@ pub struct Denoiser<'a> {
 impl Denoiser<'_> {
     /// The predicted noise `[rows, C, H, W]`. At `controlnet_scale` 0 the ControlNet is not evaluated: its
     /// residuals would all be zero, so the UNet alone gives the same prediction.
-    #[allow(clippy::too_many_arguments)]
-    pub fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor, cond: &Tensor, controlnet_scale: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
+    pub fn predict(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        cond: &Tensor,
+        controlnet_scale: f32,
+        alloc: &mut dyn crate::nn::Allocator,
+    ) -> Result<Tensor> {
         if controlnet_scale == 0.0 {
             let unet_cond = UNetConditioning { timestep: t, encoder_hidden_states: context, residuals: None };
             return Ok(self.unet.forward(self.unet_params, x, &unet_cond, alloc)?.output);
@@ -591,7 +574,6 @@ impl Denoiser<'_> {
     }
 
     /// Random step inputs for latents of side `size` and `tokens` context tokens of width `d`.
-    #[allow(clippy::too_many_arguments)]
     pub fn random_inputs(&self, device: &Device, dtype: DType, rows: usize, size: usize, tokens: usize, d: usize, seed: u64) -> Result<[Tensor; 4]> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let c = self.unet.config.in_channels;
@@ -603,18 +585,4 @@ impl Denoiser<'_> {
         let cond = Tensor::from_f32(device, &[rows, cc, cs, cs], dtype, &crate::util::standard_normal(&mut rng, rows * cc * cs * cs))?;
         Ok([x, t, context, cond])
     }
-}
-
-/// `embedding` `[B, d]` with each row rescaled to length `norm` on its device (zero rows stay zero): the
-/// structure head's input (InfoNCE fixes only an embedding's direction).
-pub fn rescaled(embedding: &Tensor, norm: f32, alloc: &mut dyn crate::nn::Allocator) -> Result<Tensor> {
-    let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
-    crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
-    Ok(scaled)
-}
-
-/// `[B, E·E]` maps -> `[B, E·f, E·f]`, nearest-neighbour.
-pub fn upsample_nearest(maps: &[f32], edge: usize, factor: usize) -> Vec<f32> {
-    let out = edge * factor;
-    maps.chunks_exact(edge * edge).flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor])).collect()
 }

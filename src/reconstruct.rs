@@ -35,7 +35,8 @@ use crate::data::dataset::Manifest;
 use crate::data::eeg::{EegData, EegRows, EegScan};
 use crate::data::image::{from_planes, save_png_gray, save_png_rgb};
 use crate::data::npy::{NpyDtype, NpyFile};
-use crate::pipeline::{upsample_nearest, Pipeline, SamplingOptions};
+use crate::models::sgdm::upsample_nearest;
+use crate::pipeline::{Pipeline, SamplingOptions};
 use crate::tensor::{memory_stats, reset_memory_peak};
 use crate::util::{content_checksum, remove_stale_temporaries, write_atomic};
 
@@ -257,7 +258,9 @@ pub fn item_name(index: usize) -> String {
 /// The settings recorded in `run.json`: those that determine the images. `eeg_checksum` is the EEG file's
 /// [`content_checksum`], so a different recording saved at the same path is not mistaken for the same.
 pub fn run_settings(cfg: &ReconstructConfig, pipeline: &Pipeline) -> Result<Value> {
-    let canonical = |p: &Path| -> Result<String> { Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string()) };
+    let canonical = |p: &Path| -> Result<String> {
+        Ok(std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?.display().to_string())
+    };
     let s = &cfg.sampling;
     let mut settings = json!({
         "eeg": canonical(&cfg.eeg)?,
@@ -288,6 +291,14 @@ fn settings_differences(found: &Value, settings: &Value) -> Vec<String> {
             format!("{k}: there {}, now {}", show(found.get(k.as_str())), show(settings.get(k.as_str())))
         })
         .collect()
+}
+
+/// The `run.json` of a reconstruction folder.
+pub fn read_run(dir: &Path) -> Result<Value> {
+    let path = dir.join("run.json");
+    let text = crate::util::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read (is this an `sgdm reconstruct` output folder?)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
 /// The folder's `run.json`, if it has one.
@@ -460,7 +471,8 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
                 let (idx, eeg) = batch?;
                 let indices: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
                 let e2 = edge * edge;
-                let given: Option<Vec<f32>> = given_structure.as_ref().map(|maps| idx.iter().flat_map(|&i| maps[i * e2..(i + 1) * e2].iter().copied()).collect());
+                let given: Option<Vec<f32>> =
+                    given_structure.as_ref().map(|maps| idx.iter().flat_map(|&i| maps[i * e2..(i + 1) * e2].iter().copied()).collect());
                 let r = pipeline.reconstruct_conditioned(&mut steps, &eeg, &indices, &cfg.sampling, given.as_deref())?;
                 step_seconds.push(r.denoise_seconds / cfg.sampling.steps as f64);
                 let per_item = r.total_seconds / idx.len() as f64;
@@ -468,7 +480,9 @@ pub fn reconstruct(pipeline: &Pipeline, cfg: &ReconstructConfig, progress: &mut 
                 for (k, &index) in idx.iter().enumerate() {
                     let image = from_planes(&r.images[k * 3 * s * s..(k + 1) * 3 * s * s], s);
                     let map = &structure_up[k * s * s..(k + 1) * s * s];
-                    let structure = GrayImage::from_fn(s as u32, s as u32, |x, y| image::Luma([(map[y as usize * s + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8]));
+                    let structure = GrayImage::from_fn(s as u32, s as u32, |x, y| {
+                        image::Luma([(map[y as usize * s + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8])
+                    });
                     let mut line = json!({
                         "index": index,
                         "row": index,

@@ -89,7 +89,11 @@ impl RidgeProblem {
 
     /// [`RidgeProblem::new`] in the form chosen by `dual` (the tests solve one problem both ways).
     fn in_form(train: &[f32], features: usize, dual: bool) -> Result<RidgeProblem> {
-        ensure!(features > 0 && train.len().is_multiple_of(features), "ridge: {} training values do not form rows of {features} features", train.len());
+        ensure!(
+            features > 0 && train.len().is_multiple_of(features),
+            "ridge: {} training values do not form rows of {features} features",
+            train.len()
+        );
         let rows = train.len() / features;
         ensure!(rows >= 2, "ridge: {rows} training row(s); at least 2 are needed");
         ensure!(train.iter().all(|v| v.is_finite()), "ridge: the training features hold NaN or Inf");
@@ -204,8 +208,11 @@ pub struct Targets<'a> {
     pub val: &'a [f32],
     pub outputs: usize,
     /// `score(predicted, true)` over the validation rows, both `[val rows, outputs]`.
-    pub score: &'a dyn Fn(&[f32], &[f32]) -> Result<f64>,
+    pub score: &'a Score<'a>,
 }
+
+/// A score of predictions against true values, higher is better.
+pub type Score<'a> = dyn Fn(&[f32], &[f32]) -> Result<f64> + 'a;
 
 /// What [`fit_selected`] chose for one set of targets.
 #[derive(Debug, Clone)]
@@ -331,18 +338,24 @@ mod tests {
         let (rows, features) = (60, 40);
         let w: Vec<f64> = (0..features).map(|i| if i < 4 { 1.0 } else { 0.0 }).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let mut noisy = |x: &[f32]| -> Vec<f32> { linear_targets(x, features, &w, &[0.0]).into_iter().map(|v| v + rng.random_range(-4.0f32..4.0)).collect() };
+        let mut noisy =
+            |x: &[f32]| -> Vec<f32> { linear_targets(x, features, &w, &[0.0]).into_iter().map(|v| v + rng.random_range(-4.0f32..4.0)).collect() };
         let (x, val_x) = (design(rows, features, 6), design(200, features, 7));
         let (y, val_y) = (noisy(&x), noisy(&val_x));
         let problem = RidgeProblem::new(&x, features).unwrap();
-        let neg_mse = |p: &[f32], t: &[f32]| -> Result<f64> { Ok(-p.iter().zip(t).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / t.len() as f64) };
+        let neg_mse =
+            |p: &[f32], t: &[f32]| -> Result<f64> { Ok(-p.iter().zip(t).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / t.len() as f64) };
         let grid = default_penalty_grid();
         let [chosen]: [Selected; 1] =
             fit_selected(&problem, &val_x, &[Targets { train: &y, val: &val_y, outputs: 1, score: &neg_mse }], &grid).unwrap().try_into().unwrap();
         assert_eq!(chosen.scores.len(), grid.len());
         let best = chosen.scores.iter().map(|(_, s)| *s).fold(f64::NEG_INFINITY, f64::max);
         assert_eq!(chosen.val_score, best, "the chosen penalty is the best on val: {:?}", chosen.scores);
-        assert!(chosen.relative_penalty > grid[0] && chosen.relative_penalty < grid[grid.len() - 1], "noisy targets choose a middle penalty: {:?}", chosen.scores);
+        assert!(
+            chosen.relative_penalty > grid[0] && chosen.relative_penalty < grid[grid.len() - 1],
+            "noisy targets choose a middle penalty: {:?}",
+            chosen.scores
+        );
         assert_eq!(chosen.model.penalty, chosen.relative_penalty * problem.penalty_unit());
     }
 

@@ -12,135 +12,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use half::{bf16, f16};
 
+pub use crate::dtype::{bytes_to_f32, convert_bytes, f32_to_bytes, non_finite_values, DType, NonFiniteValues};
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::Device;
 
 /// Byte alignment of every allocation and every arena slice.
 pub const ALIGN: usize = 256;
-
-/// Element types a tensor can store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    BF16,
-    F16,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<DType, String> {
-        match s {
-            "f32" | "float32" => Ok(DType::F32),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            "f16" | "float16" => Ok(DType::F16),
-            _ => Err(format!("unknown dtype '{s}': expected f32, bf16 or f16")),
-        }
-    }
-}
-
-/// Converts f32 values to the little-endian bytes of `dtype` (round to nearest even).
-pub fn f32_to_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
-    use half::slice::HalfFloatSliceExt;
-    match dtype {
-        DType::F32 => bytemuck::cast_slice(values).to_vec(),
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; values.len()];
-            out.convert_from_f32_slice(values);
-            bytemuck::cast_slice(&out).to_vec()
-        }
-        DType::F16 => {
-            let mut out = vec![f16::ZERO; values.len()];
-            out.convert_from_f32_slice(values);
-            bytemuck::cast_slice(&out).to_vec()
-        }
-    }
-}
-
-/// Reads little-endian `dtype` bytes (any alignment) as f32 values.
-pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    debug_assert_eq!(bytes.len() % dtype.size(), 0);
-    match dtype {
-        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            Ok(v) => v.to_vec(),
-            Err(_) => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        },
-        DType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-    }
-}
-
-/// Converts little-endian bytes from one dtype to another.
-pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
-    if from == to {
-        bytes.to_vec()
-    } else {
-        f32_to_bytes(to, &bytes_to_f32(from, bytes))
-    }
-}
-
-/// Where the non-finite values (NaN, ±Inf) of an array are: how many, and the flat index of the first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NonFiniteValues {
-    pub count: usize,
-    pub first: usize,
-}
-
-/// The non-finite values of little-endian `dtype` bytes, found from the exponent bits alone (all ones),
-/// without converting: a weights file is scanned at memory speed, in parallel.
-pub fn non_finite_values(dtype: DType, bytes: &[u8]) -> Option<NonFiniteValues> {
-    use rayon::prelude::*;
-    let size = dtype.size();
-    let exponent_all_ones = |e: &[u8]| -> bool {
-        match dtype {
-            DType::F32 => u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000,
-            DType::F16 => u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00,
-            DType::BF16 => u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80,
-        }
-    };
-    const CHUNK: usize = 1 << 16;
-    let per_chunk: Vec<(usize, Option<usize>)> = bytes
-        .par_chunks(CHUNK * size)
-        .enumerate()
-        .map(|(c, chunk)| {
-            let mut count = 0;
-            let mut first = None;
-            for (i, e) in chunk.chunks_exact(size).enumerate() {
-                if exponent_all_ones(e) {
-                    count += 1;
-                    first.get_or_insert(c * CHUNK + i);
-                }
-            }
-            (count, first)
-        })
-        .collect();
-    let count = per_chunk.iter().map(|c| c.0).sum();
-    per_chunk.iter().find_map(|c| c.1).map(|first| NonFiniteValues { count, first })
-}
 
 /// 256-byte aligned, zero-initialised host memory.
 struct HostBuffer {
@@ -172,7 +50,11 @@ impl Drop for HostBuffer {
 enum Buffer {
     Host(HostBuffer),
     /// `_allocation` owns the device memory `ptr` points into; it is freed when the storage drops.
-    Cuda { _allocation: CudaSlice<u8>, ptr: u64, device: Arc<CudaDevice> },
+    Cuda {
+        _allocation: CudaSlice<u8>,
+        ptr: u64,
+        device: Arc<CudaDevice>,
+    },
 }
 
 /// Bytes allocated through [`Storage`] (arenas and standalone tensors), now and at the high-water mark,
@@ -229,10 +111,7 @@ impl Storage {
         let buffer = match device {
             Device::Cpu => Buffer::Host(HostBuffer::zeroed(bytes)?),
             Device::Cuda(d) => {
-                let allocation = d
-                    .stream()
-                    .alloc_zeros::<u8>(bytes.max(1))
-                    .with_context(|| format!("allocating {bytes} bytes on {}", device))?;
+                let allocation = d.stream().alloc_zeros::<u8>(bytes.max(1)).with_context(|| format!("allocating {bytes} bytes on {}", device))?;
                 let ptr = allocation.device_ptr(d.stream()).0;
                 Buffer::Cuda { ptr, _allocation: allocation, device: d.clone() }
             }
@@ -288,8 +167,9 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     generation: u64,
-    /// For a tensor taken from a [`crate::runtime::pool::Pool`]: its range, given back when the tensor drops.
-    _lease: Option<crate::runtime::pool::Lease>,
+    /// For a tensor taken from a [`crate::memory::Pool`]: its range of the pool, given back when the tensor
+    /// drops. Held as an opaque value so that tensors need not know the pool (which sits above them).
+    _lease: Option<Box<dyn Send + Sync>>,
 }
 
 impl fmt::Debug for Tensor {
@@ -300,15 +180,13 @@ impl fmt::Debug for Tensor {
 
 impl Tensor {
     /// A tensor over `storage` at `offset` that gives `lease` back when it drops (pooled memory).
-    pub(crate) fn leased(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType, lease: crate::runtime::pool::Lease) -> Tensor {
-        let mut t = Tensor::carve(storage, offset, shape, dtype);
-        t._lease = Some(lease);
-        t
+    pub(crate) fn leased(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType, lease: impl Send + Sync + 'static) -> Tensor {
+        Tensor::carve(storage, offset, shape, dtype).with_lease(lease)
     }
 
     /// This tensor, giving `lease` back when it drops (a pool planner's bookkeeping).
-    pub(crate) fn with_lease(mut self, lease: crate::runtime::pool::Lease) -> Tensor {
-        self._lease = Some(lease);
+    pub(crate) fn with_lease(mut self, lease: impl Send + Sync + 'static) -> Tensor {
+        self._lease = Some(Box::new(lease));
         self
     }
 
@@ -360,13 +238,7 @@ impl Tensor {
 
     /// The same bytes under another shape with as many elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        ensure!(
-            shape.iter().product::<usize>() == self.numel(),
-            "cannot reshape {:?} ({} elements) to {:?}",
-            self.shape,
-            self.numel(),
-            shape
-        );
+        ensure!(shape.iter().product::<usize>() == self.numel(), "cannot reshape {:?} ({} elements) to {:?}", self.shape, self.numel(), shape);
         self.shape = shape.to_vec();
         Ok(self)
     }
@@ -399,9 +271,7 @@ impl Tensor {
         match &self.storage.buffer {
             // SAFETY: the range lies inside the allocation (checked at carve time) and no live tensor overlaps
             // it mutably: writers need `&mut` to this very tensor.
-            Buffer::Host(h) => Ok(unsafe {
-                std::slice::from_raw_parts(h.ptr.as_ptr().add(self.offset), self.size_bytes())
-            }),
+            Buffer::Host(h) => Ok(unsafe { std::slice::from_raw_parts(h.ptr.as_ptr().add(self.offset), self.size_bytes()) }),
             Buffer::Cuda { .. } => bail!("tensor {:?} lives on {}, not the host", self.shape, self.device()),
         }
     }
@@ -457,10 +327,8 @@ impl Tensor {
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the destination range lies inside the allocation; the copy completes before
                 // `bytes` can be dropped because we synchronise the stream.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(ptr + dst as u64, bytes, device.stream().cu_stream())
-                }
-                .context("copying host to device")?;
+                unsafe { cudarc::driver::result::memcpy_htod_async(ptr + dst as u64, bytes, device.stream().cu_stream()) }
+                    .context("copying host to device")?;
                 device.synchronize()?;
             }
         }
@@ -477,10 +345,8 @@ impl Tensor {
                 // Raw driver calls use the thread's current context, which cudarc binds only for its own calls.
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 // SAFETY: the range lies inside the allocation; the memset is ordered on the device's stream.
-                unsafe {
-                    cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream())
-                }
-                .context("zeroing device memory")?;
+                unsafe { cudarc::driver::result::memset_d8_async(ptr + self.offset as u64, 0, len, device.stream().cu_stream()) }
+                    .context("zeroing device memory")?;
             }
         }
         Ok(())
@@ -488,13 +354,7 @@ impl Tensor {
 
     /// Overwrites the tensor with `values`, converted to its dtype.
     pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
-        ensure!(
-            values.len() == self.numel(),
-            "writing {} values into a tensor {:?} of {} elements",
-            values.len(),
-            self.shape,
-            self.numel()
-        );
+        ensure!(values.len() == self.numel(), "writing {} values into a tensor {:?} of {} elements", values.len(), self.shape, self.numel());
         match self.dtype {
             DType::F32 if !self.device().is_cuda() => {
                 self.f32s_mut()?.copy_from_slice(values);
@@ -514,14 +374,8 @@ impl Tensor {
                 device.context().bind_to_thread().context("binding the CUDA context")?;
                 let mut out = vec![0u8; self.size_bytes()];
                 // SAFETY: the source range lies inside the allocation; we synchronise before reading `out`.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut out,
-                        ptr + self.offset as u64,
-                        device.stream().cu_stream(),
-                    )
-                }
-                .context("copying device to host")?;
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, ptr + self.offset as u64, device.stream().cu_stream()) }
+                    .context("copying device to host")?;
                 device.synchronize()?;
                 Ok(out)
             }

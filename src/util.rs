@@ -62,7 +62,8 @@ fn host_name() -> &'static str {
         // SAFETY: the buffer outlives the call and its length is passed.
         let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
         let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        let name: String = String::from_utf8_lossy(&buf[..len]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+        let name: String =
+            String::from_utf8_lossy(&buf[..len]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
         if ok && !name.is_empty() {
             name
         } else {
@@ -164,51 +165,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atomic_write_replaces_whole_file_and_leaves_no_temporary() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.bin");
-        write_atomic(&path, b"first").unwrap();
-        write_atomic(&path, b"second").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"second");
-        let failed = write_atomic_with(&path, |w| {
-            w.write_all(b"partial")?;
-            Err(io::Error::other("interrupted"))
-        });
-        assert!(failed.is_err());
-        assert_eq!(std::fs::read(&path).unwrap(), b"second", "a failed write must leave the old file");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
-    }
-
-    #[test]
-    fn stale_temporaries_are_those_of_dead_writers_here_or_old_ones_from_elsewhere() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("a.png");
-        let mine = temporary_path(&target, std::process::id(), 0);
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
-        let orphan = temporary_path(&target, dead, 1);
-        let elsewhere = dir.path().join(".a.png.tmp-other.host-1-0");
-        let unrelated = dir.path().join(".a.png.tmp-notes");
-        for p in [&mine, &orphan, &elsewhere, &unrelated] {
-            std::fs::write(p, b"x").unwrap();
-        }
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
-        assert!(mine.exists() && !orphan.exists() && elsewhere.exists() && unrelated.exists());
-        let old = std::time::SystemTime::now() - FOREIGN_TEMPORARY_AGE - Duration::from_secs(60);
-        std::fs::File::options().write(true).open(&elsewhere).unwrap().set_modified(old).unwrap();
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
-        assert!(!elsewhere.exists() && mine.exists());
-        assert_eq!(remove_stale_temporaries(&dir.path().join("absent")).unwrap(), 0);
-    }
-}
-
 /// `n` standard normal values (Box–Muller, the cosine branch), drawn from `rng`.
 pub fn standard_normal(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
     (0..n)
@@ -252,6 +208,18 @@ impl Default for LineDrawer {
     }
 }
 
+/// `4m35s`, `2h03m`, `12s`.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// A progress line for counted work (`reconstruct: 48/200  3.1 images/s  ETA 49s`), drawn by a
 /// [`LineDrawer`].
 pub struct ItemProgress {
@@ -269,12 +237,57 @@ impl ItemProgress {
     pub fn line(&self, done: usize, total: usize) -> String {
         let elapsed = self.start.elapsed().as_secs_f64();
         let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
-        let eta = if rate > 0.0 { crate::train::log::format_duration(std::time::Duration::from_secs_f64((total - done.min(total)) as f64 / rate)) } else { "?".into() };
+        let eta = if rate > 0.0 { format_duration(Duration::from_secs_f64((total - done.min(total)) as f64 / rate)) } else { "?".into() };
         format!("{}: {done}/{total}  {rate:.2} {}/s  ETA {eta}", self.label, self.unit)
     }
 
     pub fn update(&mut self, done: usize, total: usize) {
         let line = self.line(done, total);
         self.drawer.draw(done >= total, || line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let failed = write_atomic_with(&path, |w| {
+            w.write_all(b"partial")?;
+            Err(io::Error::other("interrupted"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"second", "a failed write must leave the old file");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
+    }
+
+    #[test]
+    fn stale_temporaries_are_those_of_dead_writers_here_or_old_ones_from_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.png");
+        let mine = temporary_path(&target, std::process::id(), 0);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let orphan = temporary_path(&target, dead, 1);
+        let elsewhere = dir.path().join(".a.png.tmp-other.host-1-0");
+        let unrelated = dir.path().join(".a.png.tmp-notes");
+        for p in [&mine, &orphan, &elsewhere, &unrelated] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
+        assert!(mine.exists() && !orphan.exists() && elsewhere.exists() && unrelated.exists());
+        let old = std::time::SystemTime::now() - FOREIGN_TEMPORARY_AGE - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&elsewhere).unwrap().set_modified(old).unwrap();
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
+        assert!(!elsewhere.exists() && mine.exists());
+        assert_eq!(remove_stale_temporaries(&dir.path().join("absent")).unwrap(), 0);
     }
 }

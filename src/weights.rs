@@ -98,10 +98,7 @@ impl SafetensorsFile {
         let file = crate::util::open_file(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;
         if len < 8 {
-            return Err(WeightError::Truncated {
-                path,
-                detail: format!("{len} bytes, shorter than the 8-byte header length"),
-            });
+            return Err(WeightError::Truncated { path, detail: format!("{len} bytes, shorter than the 8-byte header length") });
         }
         // SAFETY: the map is read-only; a file changed underneath by another process is outside our contract,
         // as with every memory-mapped loader.
@@ -122,25 +119,20 @@ impl SafetensorsFile {
         let len = mmap.len();
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
         if header_len.checked_add(8).is_none_or(|end| end > len) {
-            return Err(WeightError::Truncated {
-                path,
-                detail: format!("the header claims {header_len} bytes but the file holds {len}"),
-            });
+            return Err(WeightError::Truncated { path, detail: format!("the header claims {header_len} bytes but the file holds {len}") });
         }
         let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| match e {
             SafeTensorError::MetadataIncompleteBuffer => {
-                let described: usize = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(
-                    &mmap[8..8 + header_len],
-                )
-                .ok()
-                .and_then(|m| {
-                    m.iter()
-                        .filter(|(k, _)| *k != "__metadata__")
-                        .map(|(_, v)| v["data_offsets"][1].as_u64().map(|x| x as usize))
-                        .collect::<Option<Vec<_>>>()
-                })
-                .and_then(|ends| ends.into_iter().max())
-                .unwrap_or(0);
+                let described: usize = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&mmap[8..8 + header_len])
+                    .ok()
+                    .and_then(|m| {
+                        m.iter()
+                            .filter(|(k, _)| *k != "__metadata__")
+                            .map(|(_, v)| v["data_offsets"][1].as_u64().map(|x| x as usize))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .and_then(|ends| ends.into_iter().max())
+                    .unwrap_or(0);
                 let held = len - 8 - header_len;
                 if held < described {
                     WeightError::Truncated {
@@ -150,9 +142,7 @@ impl SafetensorsFile {
                 } else {
                     WeightError::Corrupt {
                         path: path.clone(),
-                        detail: format!(
-                            "the header describes {described} bytes of tensor data, the file holds {held}"
-                        ),
+                        detail: format!("the header describes {described} bytes of tensor data, the file holds {held}"),
                     }
                 }
             }
@@ -167,14 +157,7 @@ impl SafetensorsFile {
                 (name, Entry { dtype: info.dtype, shape: info.shape.clone(), start, end })
             })
             .collect();
-        Ok(SafetensorsFile {
-            path,
-            mmap,
-            data_start: 8 + n,
-            entries,
-            metadata: header_metadata,
-            used: Mutex::new(HashSet::new()),
-        })
+        Ok(SafetensorsFile { path, mmap, data_start: 8 + n, entries, metadata: header_metadata, used: Mutex::new(HashSet::new()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -229,13 +212,7 @@ impl SafetensorsFile {
     }
 
     /// Loads a tensor and checks its shape.
-    pub fn tensor_with_shape(
-        &self,
-        name: &str,
-        expected: &[usize],
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Tensor, anyhow::Error> {
+    pub fn tensor_with_shape(&self, name: &str, expected: &[usize], device: &Device, dtype: DType) -> Result<Tensor, anyhow::Error> {
         self.check_shape(name, expected)?;
         self.tensor(name, device, dtype)
     }
@@ -244,12 +221,7 @@ impl SafetensorsFile {
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), WeightError> {
         let found = &self.entry(name)?.shape;
         if found != expected {
-            return Err(WeightError::Shape {
-                path: self.path.clone(),
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found: found.clone(),
-            });
+            return Err(WeightError::Shape { path: self.path.clone(), tensor: name.to_string(), expected: expected.to_vec(), found: found.clone() });
         }
         Ok(())
     }
@@ -293,19 +265,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// in one path component.
 fn similar_names<'a>(name: &str, names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let limit = (name.len() / 4).max(3);
-    let mut scored: Vec<(usize, &str)> =
-        names.map(|n| (edit_distance(name, n), n)).filter(|(d, _)| *d <= limit).collect();
+    let mut scored: Vec<(usize, &str)> = names.map(|n| (edit_distance(name, n), n)).filter(|(d, _)| *d <= limit).collect();
     scored.sort();
     scored.into_iter().take(3).map(|(_, n)| n).collect()
 }
 
 /// Writes tensors to a safetensors file, atomically. Each keeps its dtype; CUDA tensors are copied to the
 /// host first. `metadata` goes to the `__metadata__` header entry.
-pub fn save_safetensors(
-    path: impl AsRef<Path>,
-    tensors: &[(&str, &Tensor)],
-    metadata: Option<&BTreeMap<String, String>>,
-) -> Result<(), WeightError> {
+pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: Option<&BTreeMap<String, String>>) -> Result<(), WeightError> {
     let path = path.as_ref();
     let werr = |detail: String| WeightError::Write { path: path.to_path_buf(), detail };
     let views = tensors
@@ -403,10 +370,9 @@ impl Component {
             return Err(WeightError::Component { path: dir, detail: "not a directory".into() });
         }
         let config_path = dir.join("config.json");
-        let text = crate::util::read_to_string(&config_path)
-            .map_err(|error| WeightError::Io { path: config_path.clone(), error })?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| WeightError::Component { path: config_path.clone(), detail: format!("invalid JSON: {e}") })?;
+        let text = crate::util::read_to_string(&config_path).map_err(|error| WeightError::Io { path: config_path.clone(), error })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| WeightError::Component { path: config_path.clone(), detail: format!("invalid JSON: {e}") })?;
         if !config.is_object() {
             return Err(WeightError::Component { path: config_path, detail: "expected a JSON object".into() });
         }
@@ -428,6 +394,49 @@ impl Component {
     }
 
     /// The `_class_name` diffusers writes into a component's config, if any.
+    pub fn class_name(&self) -> Option<&str> {
+        self.config.get("_class_name").and_then(|v| v.as_str())
+    }
+}
+
+/// Where a model's parameter values come from.
+pub enum ParamSource {
+    /// A weights file, every tensor checked against the model by name and shape when loaded.
+    File(SafetensorsFile),
+    /// A seeded generator (profiling and benchmarking full-size configurations that come without weights).
+    Random { seed: u64 },
+}
+
+/// Where a model's configuration and parameters come from: a component directory with its weights, or
+/// its `config.json` alone with seeded random parameters.
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub config: serde_json::Value,
+    pub parameters: ParamSource,
+}
+
+impl ModelSource {
+    /// The component in `dir`; with `random_seed`, only its config.json is read.
+    pub fn open(dir: &Path, random_seed: Option<u64>) -> anyhow::Result<ModelSource> {
+        use anyhow::Context;
+        match random_seed {
+            None => {
+                let c = Component::open(dir)?;
+                Ok(ModelSource { dir: c.dir, config: c.config, parameters: ParamSource::File(c.weights) })
+            }
+            Some(seed) => {
+                let path = dir.join("config.json");
+                let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+                Ok(ModelSource { dir: dir.to_path_buf(), config, parameters: ParamSource::Random { seed } })
+            }
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
     pub fn class_name(&self) -> Option<&str> {
         self.config.get("_class_name").and_then(|v| v.as_str())
     }

@@ -1,7 +1,7 @@
 //! Arena planning, alignment, capacity, reset and peak reporting, on the CPU (the API is the same on CUDA;
 //! tests/cuda_parity.rs carves CUDA tensors from an arena when a GPU is present).
 
-use sgdm::runtime::arena::{aligned, human_bytes};
+use sgdm::memory::arena::{aligned, human_bytes};
 use sgdm::tensor::ALIGN;
 use sgdm::{Arena, DType, Device, MemoryPlan, Region};
 
@@ -96,11 +96,8 @@ fn reset_reuses_memory_and_invalidates_old_tensors() {
 
 #[test]
 fn peak_is_reported_per_region_across_resets() {
-    let plan = plan_for(&[
-        (Region::Params, &[100], DType::F32),
-        (Region::Activations, &[100], DType::F32),
-        (Region::Activations, &[100], DType::F32),
-    ]);
+    let plan =
+        plan_for(&[(Region::Params, &[100], DType::F32), (Region::Activations, &[100], DType::F32), (Region::Activations, &[100], DType::F32)]);
     let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
     let _p = arena.alloc(Region::Params, &[100], DType::F32).unwrap();
     for step in 0..3 {

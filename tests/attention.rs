@@ -48,10 +48,7 @@ fn reference(c: Case, scale: f64, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>,
             for i in 0..c.q_len {
                 let qi = &q[(b * c.q_len + i) * hd + h * d..][..d];
                 let s: Vec<f64> = (0..c.kv_len)
-                    .map(|j| {
-                        scale
-                            * qi.iter().zip(&k[(b * c.kv_len + j) * hd + h * d..][..d]).map(|(a, b)| a * b).sum::<f64>()
-                    })
+                    .map(|j| scale * qi.iter().zip(&k[(b * c.kv_len + j) * hd + h * d..][..d]).map(|(a, b)| a * b).sum::<f64>())
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -76,11 +73,7 @@ struct Inputs {
 }
 
 fn inputs(c: Case, seed: u64) -> Inputs {
-    Inputs {
-        q: random(c.q_numel(), -1.0, 1.0, seed),
-        k: random(c.kv_numel(), -1.0, 1.0, seed + 1),
-        v: random(c.kv_numel(), -1.0, 1.0, seed + 2),
-    }
+    Inputs { q: random(c.q_numel(), -1.0, 1.0, seed), k: random(c.kv_numel(), -1.0, 1.0, seed + 1), v: random(c.kv_numel(), -1.0, 1.0, seed + 2) }
 }
 
 /// Runs the CPU forward; returns (out, lse).
@@ -205,45 +198,19 @@ fn forward_error([q, k, v, out, lse]: Shapes, heads: usize) -> String {
     let z = |s: &[usize]| Tensor::zeros(&Device::Cpu, s, DType::F32).unwrap();
     let (q, k, v) = (z(q), z(k), z(v));
     let (mut out, mut lse) = (z(out), z(lse));
-    attention_forward(AttentionSpec::new(heads), Qkv { q: &q, k: &k, v: &v }, &mut out, &mut lse)
-        .unwrap_err()
-        .to_string()
+    attention_forward(AttentionSpec::new(heads), Qkv { q: &q, k: &k, v: &v }, &mut out, &mut lse).unwrap_err().to_string()
 }
 
 #[test]
 fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     let cases: [(Shapes, usize, &str); 8] = [
-        (
-            [&[2, 7, 30], &[2, 13, 30], &[2, 13, 30], &[2, 7, 30], &[2, 4, 7]],
-            4,
-            "hidden size 30 of q [2, 7, 30] is not divisible by 4 heads",
-        ),
-        (
-            [&[2, 7, 32], &[1, 13, 32], &[1, 13, 32], &[2, 7, 32], &[2, 4, 7]],
-            4,
-            "batch 2 of q [2, 7, 32] differs from batch 1 of k [1, 13, 32]",
-        ),
+        ([&[2, 7, 30], &[2, 13, 30], &[2, 13, 30], &[2, 7, 30], &[2, 4, 7]], 4, "hidden size 30 of q [2, 7, 30] is not divisible by 4 heads"),
+        ([&[2, 7, 32], &[1, 13, 32], &[1, 13, 32], &[2, 7, 32], &[2, 4, 7]], 4, "batch 2 of q [2, 7, 32] differs from batch 1 of k [1, 13, 32]"),
         ([&[1, 7, 161], &[1, 13, 161], &[1, 13, 161], &[1, 7, 161], &[1, 1, 7]], 1, "head dim 161"),
-        (
-            [&[1, 7, 32], &[1, 13, 32], &[1, 12, 32], &[1, 7, 32], &[1, 4, 7]],
-            4,
-            "v [1, 12, 32] does not match k [1, 13, 32]",
-        ),
-        (
-            [&[1, 7, 32], &[1, 13, 16], &[1, 13, 16], &[1, 7, 32], &[1, 4, 7]],
-            4,
-            "hidden size 32 of q [1, 7, 32] differs from 16",
-        ),
-        (
-            [&[1, 7, 32], &[1, 13, 32], &[1, 13, 32], &[1, 7, 32], &[1, 7, 4]],
-            4,
-            "lse [1, 7, 4] must be [batch, heads, q_len] = [1, 4, 7]",
-        ),
-        (
-            [&[1, 7, 32], &[1, 13, 32], &[1, 13, 32], &[1, 13, 32], &[1, 4, 7]],
-            4,
-            "shape [1, 13, 32] does not match [1, 7, 32]",
-        ),
+        ([&[1, 7, 32], &[1, 13, 32], &[1, 12, 32], &[1, 7, 32], &[1, 4, 7]], 4, "v [1, 12, 32] does not match k [1, 13, 32]"),
+        ([&[1, 7, 32], &[1, 13, 16], &[1, 13, 16], &[1, 7, 32], &[1, 4, 7]], 4, "hidden size 32 of q [1, 7, 32] differs from 16"),
+        ([&[1, 7, 32], &[1, 13, 32], &[1, 13, 32], &[1, 7, 32], &[1, 7, 4]], 4, "lse [1, 7, 4] must be [batch, heads, q_len] = [1, 4, 7]"),
+        ([&[1, 7, 32], &[1, 13, 32], &[1, 13, 32], &[1, 13, 32], &[1, 4, 7]], 4, "shape [1, 13, 32] does not match [1, 7, 32]"),
         ([&[7, 32], &[13, 32], &[13, 32], &[7, 32], &[4, 7]], 4, "must be [batch, length, heads*head_dim]"),
     ];
     for (shapes, heads, want) in cases {
@@ -257,8 +224,7 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     // The backward checks its own extra tensors.
     let c = Case { batch: 1, q_len: 7, kv_len: 13, heads: 4, head_dim: 8 };
     let z = |s: &[usize]| Tensor::zeros(&Device::Cpu, s, DType::F32).unwrap();
-    let (q, k, v, out, lse, dout) =
-        (z(&c.q_shape()), z(&c.kv_shape()), z(&c.kv_shape()), z(&c.q_shape()), z(&c.stats_shape()), z(&c.q_shape()));
+    let (q, k, v, out, lse, dout) = (z(&c.q_shape()), z(&c.kv_shape()), z(&c.kv_shape()), z(&c.q_shape()), z(&c.stats_shape()), z(&c.q_shape()));
     let (mut delta, mut dq, mut dk, mut dv) = (z(&c.stats_shape()), z(&c.q_shape()), z(&c.q_shape()), z(&c.kv_shape()));
     let err = attention_backward(
         AttentionSpec::new(c.heads),
@@ -271,10 +237,7 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        err.starts_with("attention_backward: ") && err.contains("shape [1, 7, 32] does not match [1, 13, 32]"),
-        "{err}"
-    );
+    assert!(err.starts_with("attention_backward: ") && err.contains("shape [1, 7, 32] does not match [1, 13, 32]"), "{err}");
     println!("rejected: {err}");
     let mut bf16_delta = Tensor::zeros(&Device::Cpu, &c.stats_shape(), DType::BF16).unwrap();
     let mut dk = z(&c.kv_shape());

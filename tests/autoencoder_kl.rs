@@ -5,9 +5,9 @@
 
 mod common;
 
-
+use sgdm::models::autoencoder_kl::VaeAttention;
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
-use sgdm::models::blocks::{Attention, ResnetBlock};
+use sgdm::models::resnet::ResnetBlock;
 use sgdm::nn::{Grads, ParamStore, ParamTree, Standalone};
 use sgdm::{Arena, DType, Device, MemoryPlan, Tensor};
 
@@ -52,7 +52,8 @@ fn resnet_time_embedding_gradients_match_central_differences() {
     let gout = common::random(n * cout * hw[0] * hw[1], -1.0, 1.0, 3);
     let alloc = &mut Standalone(Device::Cpu);
     let forward = |x: &[f32], t: &[f32]| {
-        let (y, _) = block.forward(&p, &common::cpu(&[n, cin, hw[0], hw[1]], x), Some(&common::cpu(&[n, temb_ch], t)), &mut Standalone(Device::Cpu)).unwrap();
+        let (y, _) =
+            block.forward(&p, &common::cpu(&[n, cin, hw[0], hw[1]], x), Some(&common::cpu(&[n, temb_ch], t)), &mut Standalone(Device::Cpu)).unwrap();
         dot(&y, &gout)
     };
 
@@ -76,14 +77,14 @@ fn resnet_time_embedding_gradients_match_central_differences() {
 /// Runs the VAE attention forward and backward on one path; returns y, dx and every parameter gradient.
 fn vae_attention(channels: usize, len: usize, fused: bool) -> Vec<(String, Vec<f32>)> {
     let mut tree = ParamTree::new();
-    let attention = Attention::vae(&mut tree, "a", channels, 8, 1e-6).unwrap();
+    let attention = VaeAttention::new(&mut tree, "a", channels, 8, 1e-6).unwrap();
     let p = random_params(&tree, 11);
     let alloc = &mut Standalone(Device::Cpu);
     let x = common::cpu(&[2, channels, len], &common::random(2 * channels * len, -1.0, 1.0, 4));
-    let (y, acts) = attention.vae_forward(&p, &x, fused, alloc).unwrap();
+    let (y, acts) = attention.forward(&p, &x, fused, alloc).unwrap();
     let dy = common::cpu(y.shape(), &common::random(y.numel(), -1.0, 1.0, 5));
     let mut g = Grads::zeros(&tree, alloc, DType::F32).unwrap();
-    let dx = attention.vae_backward(&p, &mut g, &x, &acts, &dy, alloc).unwrap();
+    let dx = attention.backward(&p, &mut g, &x, &acts, &dy, alloc).unwrap();
     let mut out = vec![("y".to_string(), y.to_f32_vec().unwrap()), ("dx".to_string(), dx.to_f32_vec().unwrap())];
     for (i, spec) in tree.specs().iter().enumerate() {
         out.push((format!("grad.{}", spec.name), g.get(sgdm::nn::ParamId(i)).to_f32_vec().unwrap()));
@@ -93,7 +94,8 @@ fn vae_attention(channels: usize, len: usize, fused: bool) -> Vec<(String, Vec<f
 
 #[test]
 fn vae_attention_unfused_path_matches_the_fused_op() {
-    for (name, (fused, unfused)) in vae_attention(32, 20, true).into_iter().zip(vae_attention(32, 20, false)).map(|(f, u)| (f.0.clone(), (f.1, u.1))) {
+    for (name, (fused, unfused)) in vae_attention(32, 20, true).into_iter().zip(vae_attention(32, 20, false)).map(|(f, u)| (f.0.clone(), (f.1, u.1)))
+    {
         // The key bias gradient is zero in exact arithmetic (softmax ignores a shift shared by a row's scores):
         // both paths leave only rounding there.
         let floor = if name.ends_with("to_k.bias") { 1e-5 } else { 1e-5 * fused.iter().fold(0f32, |m, v| m.max(v.abs())) };
@@ -104,13 +106,13 @@ fn vae_attention_unfused_path_matches_the_fused_op() {
 #[test]
 fn vae_attention_beyond_the_fused_head_dim_runs_unfused_only() {
     let mut tree = ParamTree::new();
-    let attention = Attention::vae(&mut tree, "a", 192, 32, 1e-6).unwrap();
+    let attention = VaeAttention::new(&mut tree, "a", 192, 32, 1e-6).unwrap();
     let p = random_params(&tree, 3);
     let alloc = &mut Standalone(Device::Cpu);
     let x = common::cpu(&[1, 192, 6], &common::random(192 * 6, -1.0, 1.0, 6));
-    let refused = attention.vae_forward(&p, &x, true, alloc).err().expect("head dim 192 exceeds the fused op");
+    let refused = attention.forward(&p, &x, true, alloc).err().expect("head dim 192 exceeds the fused op");
     assert!(refused.to_string().contains("up to 160"), "{refused}");
-    let (y, _) = attention.vae_forward(&p, &x, false, alloc).unwrap();
+    let (y, _) = attention.forward(&p, &x, false, alloc).unwrap();
     assert_eq!(y.shape(), [1, 192, 6]);
     assert!(y.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
 }

@@ -10,7 +10,7 @@ fn json(text: &str) -> serde_json::Value {
 }
 
 #[test]
-fn the_case_list_covers_every_family_at_the_issue_shapes() {
+fn the_case_list_covers_every_family_at_the_target_shapes() {
     let (ok, out, err) = run_sgdm(["bench", "--list"]);
     assert!(ok, "{err}");
     let cases = json(&out);
@@ -42,8 +42,20 @@ fn a_quick_cpu_run_times_every_pass_with_exact_counts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ours.json");
     let (ok, out, err) = run_sgdm([
-        "--device", "cpu", "bench", "--quick", "--family", "conv", "--family", "groupnorm_silu", "--runs", "3", "--warmup", "1",
-        "--json", path.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "bench",
+        "--quick",
+        "--family",
+        "conv",
+        "--family",
+        "groupnorm_silu",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        path.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("peaks measured now: GEMM") && out.contains("backward_weight"), "{out}");

@@ -1,10 +1,9 @@
 //! Every model `sgdm forward` runs, on the fixtures PyTorch made (tests/fixtures/models/make_fixtures.py),
 //! through the same code path as the command: outputs within a relative L2 error of 1e-4 and gradients
-//! within 1e-3 of the float64 reference on CPU f32 (the issue's bounds: f32 rounding over a few hundred
+//! within 1e-3 of the float64 reference on CPU f32 (the conformance bounds: f32 rounding over a few hundred
 //! operations per value sits far below them, a wrong weight mapping or formula far above).
 
 mod common;
-
 
 use sgdm::conformance::{compare_outputs, run, Bounds, CLASSES};
 use sgdm::weights::{Component, SafetensorsFile};
@@ -15,7 +14,7 @@ fn fixture(case: &str) -> std::path::PathBuf {
 }
 
 /// Runs a fixture forward and backward and checks every expected tensor, and nothing else, came out, within
-/// `Bounds::F32` (the issue's bounds; their reasons are on `Bounds`).
+/// `Bounds::F32` (the conformance bounds; their reasons are on `Bounds`).
 fn check_case(case: &str) {
     check_case_on(case, &Device::Cpu, DType::F32, Bounds::F32);
 }
@@ -92,7 +91,7 @@ fn every_runnable_model_matches_pytorch_on_cuda_f32() {
     }
 }
 
-/// What the issue asks of the command itself: `sgdm --device cuda-sim forward MODEL --dtype D --compare
+/// What the command itself must do: `sgdm --device cuda-sim forward MODEL --dtype D --compare
 /// expected.safetensors` passes for every fixture, in bf16 and in f32, each in a process of its own.
 #[test]
 fn the_command_passes_every_fixture_on_the_simulated_device() {
@@ -163,7 +162,11 @@ fn the_command_writes_its_results_and_refuses_bad_inputs() {
     assert!(!bad.status.success() && stdout.contains("FAIL") && stderr.contains("out of bounds") && stderr.contains("loss"), "{stdout}\n{stderr}");
     let other = fixture("structural_vae_tiny").join("expected.safetensors");
     let wrong = run(&["--device", "cpu", "forward", &d, "--inputs", &i, "--output", &o, "--compare", other.to_str().unwrap()]);
-    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("does not hold the tensors"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(
+        !wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("does not hold the tensors"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
     let missing = run(&["--device", "cpu", "forward", &d, "--inputs", "/nonexistent.safetensors", "--output", &o]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.safetensors"));
 

@@ -15,9 +15,8 @@ mod common;
 
 use common::{check_gradient, compare, cpu, f64s, random};
 use sgdm::ops::conv::{
-    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
-    conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv_transpose2d_forward, im2col, Conv2dSpec, Padding,
+    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv_backward_bias,
+    conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, im2col, Conv2dSpec, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -42,10 +41,7 @@ struct Case {
 impl Case {
     fn out(&self) -> (usize, usize) {
         let p = self.spec.padding;
-        (
-            (self.h + p.top + p.bottom - self.kh) / self.spec.stride + 1,
-            (self.w + p.left + p.right - self.kw) / self.spec.stride + 1,
-        )
+        ((self.h + p.top + p.bottom - self.kh) / self.spec.stride + 1, (self.w + p.left + p.right - self.kw) / self.spec.stride + 1)
     }
     fn x_shape(&self) -> [usize; 4] {
         [self.n, self.c, self.h, self.w]
@@ -59,10 +55,7 @@ impl Case {
     }
     fn name(&self) -> String {
         let p = self.spec.padding;
-        format!(
-            "{}x{} s{} pad(t{} b{} l{} r{}) n{}",
-            self.kh, self.kw, self.spec.stride, p.top, p.bottom, p.left, p.right, self.n
-        )
+        format!("{}x{} s{} pad(t{} b{} l{} r{}) n{}", self.kh, self.kw, self.spec.stride, p.top, p.bottom, p.left, p.right, self.n)
     }
 }
 
@@ -84,17 +77,9 @@ fn cases() -> Vec<Case> {
         }
     }
     out.push(Case { spec: Conv2dSpec::VAE_DOWNSAMPLE, ..base });
-    out.push(Case {
-        spec: Conv2dSpec { stride: 1, padding: Padding { top: 2, bottom: 0, left: 1, right: 3 } },
-        ..base
-    });
+    out.push(Case { spec: Conv2dSpec { stride: 1, padding: Padding { top: 2, bottom: 0, left: 1, right: 3 } }, ..base });
     out.push(Case { n: 2, c: 4, h: 6, w: 5, k: 3, spec: Conv2dSpec::new(2, 1), ..base });
-    out.push(Case {
-        kh: 1,
-        kw: 3,
-        spec: Conv2dSpec { stride: 1, padding: Padding { top: 0, bottom: 0, left: 1, right: 1 } },
-        ..base
-    });
+    out.push(Case { kh: 1, kw: 3, spec: Conv2dSpec { stride: 1, padding: Padding { top: 0, bottom: 0, left: 1, right: 1 } }, ..base });
     out.push(Case { n: 2, c: 16, h: 11, w: 13, k: 24, ..base });
     out
 }
@@ -118,8 +103,7 @@ fn conv2d_f64(t: &Case, x: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
                                 let ih = p as isize * st - pad.top as isize + r as isize;
                                 let iw = q as isize * st - pad.left as isize + s as isize;
                                 if ih >= 0 && ih < t.h as isize && iw >= 0 && iw < t.w as isize {
-                                    acc += w[((k * t.c + c) * t.kh + r) * t.kw + s]
-                                        * x[((n * t.c + c) * t.h + ih as usize) * t.w + iw as usize];
+                                    acc += w[((k * t.c + c) * t.kh + r) * t.kw + s] * x[((n * t.c + c) * t.h + ih as usize) * t.w + iw as usize];
                                 }
                             }
                         }
@@ -134,7 +118,6 @@ fn conv2d_f64(t: &Case, x: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
 
 /// ConvTranspose2d (PyTorch's definition, output_padding 0): every input pixel scatters w[ci, co] into the
 /// output at (ih*stride - pad + r, iw*stride - pad + s). Returns y and its (H', W').
-#[allow(clippy::too_many_arguments)]
 fn conv_transpose2d_f64(
     (n, ci, h, w): (usize, usize, usize, usize),
     (co, kh, kw): (usize, usize, usize),
@@ -160,8 +143,7 @@ fn conv_transpose2d_f64(
                                 let oh = (ih * stride + r) as isize - pad as isize;
                                 let ow = (iw * stride + s) as isize - pad as isize;
                                 if oh >= 0 && oh < ho as isize && ow >= 0 && ow < wo as isize {
-                                    y[((b_ * co + o) * ho + oh as usize) * wo + ow as usize] +=
-                                        xv * wt[((c * co + o) * kh + r) * kw + s];
+                                    y[((b_ * co + o) * ho + oh as usize) * wo + ow as usize] += xv * wt[((c * co + o) * kh + r) * kw + s];
                                 }
                             }
                         }
@@ -174,7 +156,6 @@ fn conv_transpose2d_f64(
 }
 
 /// Conv1d: y[n, k, l] = b[k] + sum_{c, j} w[k, c, j] x[n, c, l*stride - pad + j].
-#[allow(clippy::too_many_arguments)]
 fn conv1d_f64(
     (n, c, l): (usize, usize, usize),
     (k, kw): (usize, usize),
@@ -229,8 +210,7 @@ fn conv2d_forward_matches_float64_for_every_kernel_stride_and_padding() {
         for with_bias in [false, true] {
             let mut y = zeros(&t.y_shape());
             let bias = cpu(&[t.k], &b);
-            conv2d_forward(&cpu(&t.x_shape(), &x), &cpu(&t.w_shape(), &w), with_bias.then_some(&bias), t.spec, &mut y)
-                .unwrap();
+            conv2d_forward(&cpu(&t.x_shape(), &x), &cpu(&t.w_shape(), &w), with_bias.then_some(&bias), t.spec, &mut y).unwrap();
             let want = conv2d_f64(&t, &f64s(&x), &f64s(&w), with_bias.then(|| f64s(&b)).as_deref());
             let what = format!("conv2d {}{}", t.name(), if with_bias { " +bias" } else { "" });
             compare(&what, y.f32s().unwrap(), &to_f32(&want), REL, FLOOR);
@@ -253,17 +233,9 @@ fn vae_downsample_spec_equals_explicit_right_bottom_pad_then_unpadded_conv() {
     }
     let (ho, wo) = ((h + 1 - 3) / 2 + 1, (w + 1 - 3) / 2 + 1);
     let mut want = zeros(&[n, k, ho, wo]);
-    conv2d_forward(
-        &cpu(&[n, c, h + 1, w + 1], &padded),
-        &cpu(&[k, c, 3, 3], &wt),
-        None,
-        Conv2dSpec::new(2, 0),
-        &mut want,
-    )
-    .unwrap();
+    conv2d_forward(&cpu(&[n, c, h + 1, w + 1], &padded), &cpu(&[k, c, 3, 3], &wt), None, Conv2dSpec::new(2, 0), &mut want).unwrap();
     let mut got = zeros(&[n, k, ho, wo]);
-    conv2d_forward(&cpu(&[n, c, h, w], &x), &cpu(&[k, c, 3, 3], &wt), None, Conv2dSpec::VAE_DOWNSAMPLE, &mut got)
-        .unwrap();
+    conv2d_forward(&cpu(&[n, c, h, w], &x), &cpu(&[k, c, 3, 3], &wt), None, Conv2dSpec::VAE_DOWNSAMPLE, &mut got).unwrap();
     // The same products in the same order: equal up to the GEMM's blocking, i.e. to a few ulp.
     compare("VAE downsample vs explicit pad", got.f32s().unwrap(), want.f32s().unwrap(), 1e-6, 1e-6);
 }
@@ -316,8 +288,7 @@ fn conv_transpose2d_k4_s2_p1_forward_and_gradients_match_float64() {
         let x = random(n * ci * h * w, -1.0, 1.0, seed);
         let wt = random(ci * co * kh * kw, -1.0, 1.0, seed + 1);
         let b = random(co, -1.0, 1.0, seed + 2);
-        let (want, ho, wo) =
-            conv_transpose2d_f64((n, ci, h, w), (co, kh, kw), stride, pad, &f64s(&x), &f64s(&wt), Some(&f64s(&b)));
+        let (want, ho, wo) = conv_transpose2d_f64((n, ci, h, w), (co, kh, kw), stride, pad, &f64s(&x), &f64s(&wt), Some(&f64s(&b)));
         assert_eq!((ho, wo), (2 * h, 2 * w), "k4 s2 p1 doubles the image");
         let (xs, ws, ys) = ([n, ci, h, w], [ci, co, kh, kw], [n, co, ho, wo]);
         let mut y = zeros(&ys);
@@ -328,20 +299,10 @@ fn conv_transpose2d_k4_s2_p1_forward_and_gradients_match_float64() {
         let g = random(len(&ys), -1.0, 1.0, seed + 3);
         let dy = cpu(&ys, &g);
         let (x64, w64, b64) = (f64s(&x), f64s(&wt), f64s(&b));
-        let fwd = |x: &[f64], wt: &[f64], b: &[f64]| {
-            conv_transpose2d_f64((n, ci, h, w), (co, kh, kw), stride, pad, x, wt, Some(b)).0
-        };
+        let fwd = |x: &[f64], wt: &[f64], b: &[f64]| conv_transpose2d_f64((n, ci, h, w), (co, kh, kw), stride, pad, x, wt, Some(b)).0;
         let mut dx = zeros(&xs);
         conv_transpose2d_backward_input(&dy, &cpu(&ws, &wt), spec, &mut dx).unwrap();
-        check_gradient(
-            &format!("{name} dx"),
-            &x,
-            dx.f32s().unwrap(),
-            |x| dot(&fwd(x, &w64, &b64), &g),
-            60,
-            GRAD_REL,
-            GRAD_ABS,
-        );
+        check_gradient(&format!("{name} dx"), &x, dx.f32s().unwrap(), |x| dot(&fwd(x, &w64, &b64), &g), 60, GRAD_REL, GRAD_ABS);
 
         let dw0 = random(len(&ws), -1.0, 1.0, seed + 4);
         let mut dw = cpu(&ws, &dw0);
@@ -378,15 +339,7 @@ fn conv1d_k3_p1_forward_and_gradients_match_float64() {
         let fwd = |x: &[f64], w: &[f64], b: &[f64]| conv1d_f64((n, c, l), (k, kw), stride, pad, x, w, Some(b)).0;
         let mut dx = zeros(&xs);
         conv1d_backward_input(&dy, &cpu(&ws, &w), stride, pad, &mut dx).unwrap();
-        check_gradient(
-            &format!("{name} dx"),
-            &x,
-            dx.f32s().unwrap(),
-            |x| dot(&fwd(x, &w64, &b64), &g),
-            60,
-            GRAD_REL,
-            GRAD_ABS,
-        );
+        check_gradient(&format!("{name} dx"), &x, dx.f32s().unwrap(), |x| dot(&fwd(x, &w64, &b64), &g), 60, GRAD_REL, GRAD_ABS);
 
         let dw0 = random(len(&ws), -1.0, 1.0, seed + 4);
         let mut dw = cpu(&ws, &dw0);
@@ -396,15 +349,7 @@ fn conv1d_k3_p1_forward_and_gradients_match_float64() {
 
         let mut db = zeros(&[k]);
         conv_backward_bias(&dy, &mut db).unwrap();
-        check_gradient(
-            &format!("{name} db"),
-            &b,
-            db.f32s().unwrap(),
-            |b| dot(&fwd(&x64, &w64, b), &g),
-            k,
-            GRAD_REL,
-            GRAD_ABS,
-        );
+        check_gradient(&format!("{name} db"), &b, db.f32s().unwrap(), |b| dot(&fwd(&x64, &w64, b), &g), k, GRAD_REL, GRAD_ABS);
     }
 }
 
@@ -429,62 +374,27 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     let mut y = zeros(&[1, 5, 7, 9]);
 
     let w_bad_c = zeros(&[5, 4, 3, 3]);
-    expect_error(
-        "channel mismatch",
-        conv2d_forward(&x, &w_bad_c, None, spec, &mut y),
-        "conv2d_forward",
-        &["[1, 3, 7, 9]", "[5, 4, 3, 3]"],
-    );
+    expect_error("channel mismatch", conv2d_forward(&x, &w_bad_c, None, spec, &mut y), "conv2d_forward", &["[1, 3, 7, 9]", "[5, 4, 3, 3]"]);
     let w_rank3 = zeros(&[5, 3, 9]);
     expect_error("weight rank", conv2d_forward(&x, &w_rank3, None, spec, &mut y), "conv2d_forward", &["[5, 3, 9]"]);
     let x_rank3 = zeros(&[3, 7, 9]);
     expect_error("input rank", conv2d_forward(&x_rank3, &w, None, spec, &mut y), "conv2d_forward", &["[3, 7, 9]"]);
     let mut y_bad = zeros(&[1, 5, 5, 7]);
-    expect_error(
-        "output shape",
-        conv2d_forward(&x, &w, None, spec, &mut y_bad),
-        "conv2d_forward",
-        &["[1, 5, 5, 7]", "[1, 5, 7, 9]"],
-    );
+    expect_error("output shape", conv2d_forward(&x, &w, None, spec, &mut y_bad), "conv2d_forward", &["[1, 5, 5, 7]", "[1, 5, 7, 9]"]);
     let b_bad = zeros(&[4]);
     expect_error("bias shape", conv2d_forward(&x, &w, Some(&b_bad), spec, &mut y), "conv2d_forward", &["bias", "[4]"]);
     let big = zeros(&[5, 3, 11, 3]);
-    expect_error(
-        "kernel taller than the padded input",
-        conv2d_forward(&x, &big, None, spec, &mut y),
-        "conv2d_forward",
-        &["11"],
-    );
-    expect_error(
-        "stride 0",
-        conv2d_forward(&x, &w, None, Conv2dSpec::new(0, 1), &mut y),
-        "conv2d_forward",
-        &["stride"],
-    );
+    expect_error("kernel taller than the padded input", conv2d_forward(&x, &big, None, spec, &mut y), "conv2d_forward", &["11"]);
+    expect_error("stride 0", conv2d_forward(&x, &w, None, Conv2dSpec::new(0, 1), &mut y), "conv2d_forward", &["stride"]);
     let (x_empty, w_empty) = (zeros(&[1, 0, 7, 9]), zeros(&[5, 0, 3, 3]));
-    expect_error(
-        "no channels",
-        conv2d_forward(&x_empty, &w_empty, None, spec, &mut y),
-        "conv2d_forward",
-        &["[1, 0, 7, 9]"],
-    );
+    expect_error("no channels", conv2d_forward(&x_empty, &w_empty, None, spec, &mut y), "conv2d_forward", &["[1, 0, 7, 9]"]);
     let half = Tensor::zeros(&Device::Cpu, &[1, 3, 7, 9], DType::BF16).unwrap();
     expect_error("bf16 on the CPU", conv2d_forward(&half, &w, None, spec, &mut y), "conv2d_forward", &["f32"]);
 
     let mut dx = zeros(&[1, 3, 7, 9]);
-    expect_error(
-        "dy shape",
-        conv2d_backward_input(&y_bad, &w, spec, &mut dx),
-        "conv2d_backward_input",
-        &["[1, 5, 5, 7]"],
-    );
+    expect_error("dy shape", conv2d_backward_input(&y_bad, &w, spec, &mut dx), "conv2d_backward_input", &["[1, 5, 5, 7]"]);
     let mut dw = zeros(&[5, 4, 3, 3]);
-    expect_error(
-        "dw channels",
-        conv2d_backward_weight(&x, &y, spec, &mut dw),
-        "conv2d_backward_weight",
-        &["[5, 4, 3, 3]"],
-    );
+    expect_error("dw channels", conv2d_backward_weight(&x, &y, spec, &mut dw), "conv2d_backward_weight", &["[5, 4, 3, 3]"]);
     let mut db = zeros(&[6]);
     expect_error("db shape", conv_backward_bias(&y, &mut db), "conv_backward_bias", &["[6]"]);
 
@@ -509,20 +419,10 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     let x1 = zeros(&[2, 4, 17]);
     let w1 = zeros(&[6, 5, 3]);
     let mut y1 = zeros(&[2, 6, 17]);
-    expect_error(
-        "conv1d channels",
-        conv1d_forward(&x1, &w1, None, 1, 1, &mut y1),
-        "conv1d_forward",
-        &["[2, 4, 17]", "[6, 5, 3]"],
-    );
+    expect_error("conv1d channels", conv1d_forward(&x1, &w1, None, 1, 1, &mut y1), "conv1d_forward", &["[2, 4, 17]", "[6, 5, 3]"]);
     let mut y0 = zeros(&[0, 6, 17]);
     conv1d_forward(&zeros(&[0, 5, 17]), &w1, None, 1, 1, &mut y0).expect("an empty batch is a no-op");
-    expect_error(
-        "conv1d weight rank",
-        conv1d_forward(&x1, &w, None, 1, 1, &mut y1),
-        "conv1d_forward",
-        &["[5, 3, 3, 3]"],
-    );
+    expect_error("conv1d weight rank", conv1d_forward(&x1, &w, None, 1, 1, &mut y1), "conv1d_forward", &["[5, 3, 3, 3]"]);
 }
 
 /// col [N, C*R*S, P*Q] of `x` [N, C, H, W], written as the definition reads.

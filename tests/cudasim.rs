@@ -54,7 +54,15 @@ fn victim_conv_forward_on_tensor_cores() {
     let spec = Conv2dSpec::new(1, 1);
     let run = |device: &Device, dtype: DType| {
         let mut y = Tensor::zeros(device, &[n, k, h, w], dtype).unwrap();
-        conv2d_forward_using(ConvKernel::TensorCore, &tensor(device, &[n, c, h, w], dtype, &x), &tensor(device, &[k, c, 3, 3], dtype, &wt), None, spec, &mut y).unwrap();
+        conv2d_forward_using(
+            ConvKernel::TensorCore,
+            &tensor(device, &[n, c, h, w], dtype, &x),
+            &tensor(device, &[k, c, 3, 3], dtype, &wt),
+            None,
+            spec,
+            &mut y,
+        )
+        .unwrap();
         y.to_f32_vec().unwrap()
     };
     let want = run(&Device::Cpu, DType::F32);
@@ -98,7 +106,8 @@ fn victim_group_norm_parameter_gradients() {
         let (x, dy) = (tensor(device, &shape, DType::F32, &x), tensor(device, &shape, DType::F32, &dy));
         let (w, b) = (tensor(device, &[c], DType::F32, &weight), tensor(device, &[c], DType::F32, &bias));
         let mut y = Tensor::zeros(device, &shape, DType::F32).unwrap();
-        let (mut mean, mut rstd) = (Tensor::zeros(device, &[n, groups], DType::F32).unwrap(), Tensor::zeros(device, &[n, groups], DType::F32).unwrap());
+        let (mut mean, mut rstd) =
+            (Tensor::zeros(device, &[n, groups], DType::F32).unwrap(), Tensor::zeros(device, &[n, groups], DType::F32).unwrap());
         group_norm_forward(gn, &x, Affine { weight: &w, bias: &b }, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd }).unwrap();
         let mut dx = Tensor::zeros(device, &shape, DType::F32).unwrap();
         let (mut dw, mut db) = (Tensor::zeros(device, &[c], DType::F32).unwrap(), Tensor::zeros(device, &[c], DType::F32).unwrap());
@@ -164,8 +173,8 @@ const MUTANTS: &[Mutant] = &[
         name: "conv mma fragment registers a1 and a2 swapped",
         file: "conv.cu",
         scope: "__device__ __forceinline__ void mma_block_step(",
-        find: "            a[mi][1] = pair_at(&As[r + 8][k]);\n            a[mi][2] = pair_at(&As[r][k + 8]);",
-        replace: "            a[mi][2] = pair_at(&As[r + 8][k]);\n            a[mi][1] = pair_at(&As[r][k + 8]);",
+        find: "            a[mi][1] = bf16_pair(&As[r + 8][k]);\n            a[mi][2] = bf16_pair(&As[r][k + 8]);",
+        replace: "            a[mi][2] = bf16_pair(&As[r + 8][k]);\n            a[mi][1] = bf16_pair(&As[r][k + 8]);",
         victim: "victim_conv_forward_on_tensor_cores",
     },
     Mutant {
@@ -178,7 +187,7 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "attention mma forward without the barrier after the K/V tile",
-        file: "attention.cu",
+        file: "attention_mma.cu",
         scope: "            Vt[dim * VLD + key] = vv;",
         find: "        __syncthreads();\n",
         replace: "",
@@ -197,7 +206,8 @@ const MUTANTS: &[Mutant] = &[
 fn mutated(m: &Mutant) -> String {
     let source = KERNEL_FILES.iter().find(|f| f.name == m.file).unwrap().source;
     let scope = source.find(m.scope).unwrap_or_else(|| panic!("{}: kernels/{} no longer has `{}`", m.name, m.file, m.scope));
-    let at = scope + source[scope..].find(m.find).unwrap_or_else(|| panic!("{}: kernels/{} no longer has `{}` after `{}`", m.name, m.file, m.find, m.scope));
+    let at = scope
+        + source[scope..].find(m.find).unwrap_or_else(|| panic!("{}: kernels/{} no longer has `{}` after `{}`", m.name, m.file, m.find, m.scope));
     format!("{}{}{}", &source[..at], m.replace, &source[at + m.find.len()..])
 }
 
@@ -332,7 +342,7 @@ fn pointer_arguments_must_point_into_live_allocations() {
     let Some(gpu) = sim("pointer arguments, simulated") else { return };
     let d = gpu.cuda().unwrap();
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-    let host = vec![0f32; 32];
+    let host = [0f32; 32];
     let err = d.launch("elementwise.cu", "fill_f32", cfg, &[Ptr(host.as_ptr() as u64), F32(1.0)], Some(32)).unwrap_err();
     assert!(format!("{err:#}").contains("is not a device address"), "{err:#}");
     let freed = Tensor::zeros(&gpu, &[32], DType::F32).unwrap();
@@ -435,8 +445,23 @@ fn train_and_reconstruct_run_on_the_simulated_device() {
     let dir = tempfile::tempdir().unwrap();
     let (data, weights, recon) = (dir.path().join("data"), dir.path().join("weights"), dir.path().join("recon"));
     let (ok, _, err) = common::run_sgdm([
-        "synth", "--out", data.to_str().unwrap(), "--train-figures", "24", "--val-figures", "8", "--test-figures", "6",
-        "--train-reps", "2", "--val-reps", "2", "--test-reps", "4", "--seed", "5",
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--train-figures",
+        "24",
+        "--val-figures",
+        "8",
+        "--test-figures",
+        "6",
+        "--train-reps",
+        "2",
+        "--val-reps",
+        "2",
+        "--test-reps",
+        "4",
+        "--seed",
+        "5",
     ]);
     assert!(ok, "sgdm synth: {err}");
     let config = dir.path().join("train.toml");
@@ -451,9 +476,23 @@ fn train_and_reconstruct_run_on_the_simulated_device() {
     }
     let started = std::time::Instant::now();
     let (ok, out, err) = common::run_sgdm([
-        "--device", "cuda-sim", "reconstruct", "--eeg", data.join("eeg/test.npy").to_str().unwrap(), "--images",
-        data.join("images/test").to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--out", recon.to_str().unwrap(),
-        "--steps", "2", "--limit", "3", "--batch", "2",
+        "--device",
+        "cuda-sim",
+        "reconstruct",
+        "--eeg",
+        data.join("eeg/test.npy").to_str().unwrap(),
+        "--images",
+        data.join("images/test").to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        recon.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--limit",
+        "3",
+        "--batch",
+        "2",
     ]);
     assert!(ok, "sgdm --device cuda-sim reconstruct:\n{out}\n{err}");
     println!("reconstruct on cuda-sim: {:.0} s", started.elapsed().as_secs_f64());

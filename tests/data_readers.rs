@@ -10,8 +10,7 @@ use sgdm::data::eeg::{EegData, EegFormat, EegRows, Repetitions};
 use sgdm::data::npy::{header_bytes, write_f32, NpyDtype};
 use sgdm::data::pickle::{self, Dtype, Value};
 
-const THINGS_CHANNELS: [&str; 17] =
-    ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
+const THINGS_CHANNELS: [&str; 17] = ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
 
 fn fixture(name: &str) -> PathBuf {
     common::repo_root().join("tests/fixtures/data").join(name)

@@ -11,7 +11,8 @@ use common::{run_sgdm, tiny_model};
 fn demo_writes_the_sheet_and_metrics_and_a_rerun_reuses_its_work() {
     let (_, weights) = tiny_model();
     let out = tempfile::tempdir().unwrap();
-    let args = ["--device", "cpu", "demo", "--out", out.path().to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--items", "5", "--steps", "2"];
+    let args =
+        ["--device", "cpu", "demo", "--out", out.path().to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--items", "5", "--steps", "2"];
     let (ok, stdout, stderr) = run_sgdm(args);
     assert!(ok, "{stdout}\n{stderr}");
     for f in ["sheet.png", "metrics.json", "recon/manifest.jsonl", "data/manifest.json", "recon/images/00004.png"] {
@@ -34,7 +35,10 @@ fn demo_writes_the_sheet_and_metrics_and_a_rerun_reuses_its_work() {
     other[last] = "3";
     let (ok, stdout, stderr) = run_sgdm(other);
     assert!(ok, "demo with other --steps was refused:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("dataset: reusing") && stdout.contains("starting the reconstructions over") && stdout.contains("5 image(s) written"), "{stdout}");
+    assert!(
+        stdout.contains("dataset: reusing") && stdout.contains("starting the reconstructions over") && stdout.contains("5 image(s) written"),
+        "{stdout}"
+    );
     let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("recon/run.json")).unwrap()).unwrap();
     assert_eq!(run["steps"], 3);
 }

@@ -84,21 +84,13 @@ fn cpu_is_always_available() {
 
 fn sgdm(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(common::sgdm_bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
 fn info_reports_devices_libraries_and_the_kernel_cache() {
     let cache = tempfile::tempdir().unwrap();
-    let out = Command::new(common::sgdm_bin())
-        .arg("info")
-        .env("SGDM_CACHE_DIR", cache.path())
-        .output()
-        .unwrap();
+    let out = Command::new(common::sgdm_bin()).arg("info").env("SGDM_CACHE_DIR", cache.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for line in ["cpu:", "cuda driver:", "nvrtc:", "selected (--device auto):", "kernel cache:", "kernel files:"] {

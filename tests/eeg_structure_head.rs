@@ -103,7 +103,13 @@ fn the_linear_path_adds_w_times_the_flattened_eeg_and_its_gradients() {
     for (i, spec) in plain.params.specs().iter().enumerate() {
         let id = with.params.id(&spec.name).unwrap();
         let got = grads.get(id).to_f32_vec().unwrap();
-        compare(&format!("{} gradient unchanged by the linear path", spec.name), &got, &plain_grads.get(sgdm::nn::ParamId(i)).to_f32_vec().unwrap(), 1e-5, 1e-7);
+        compare(
+            &format!("{} gradient unchanged by the linear path", spec.name),
+            &got,
+            &plain_grads.get(sgdm::nn::ParamId(i)).to_f32_vec().unwrap(),
+            1e-5,
+            1e-7,
+        );
     }
 }
 
@@ -142,6 +148,6 @@ fn the_structure_heads_match_their_definition_and_pass_the_gradient_back() {
     let plain = EegEncoder::new(config(false, 0, 0)).unwrap();
     let params = ParamStore::random_owned(&plain.params, &Device::Cpu, DType::F32, 7).unwrap();
     assert!(plain.structure(&params, &cpu(&[B, 8], &random(B * 8, -1.0, 1.0, 8)), &mut Standalone(Device::Cpu)).unwrap().is_none());
-    let err = EegEncoder::new(config(false, 0, 5)).err().expect("a hidden width without a head is refused");
+    let err = EegEncoder::new(config(false, 0, 5)).expect_err("a hidden width without a head is refused");
     assert!(format!("{err:#}").contains("structure_hidden 5 needs a structure head"), "{err:#}");
 }

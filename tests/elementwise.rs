@@ -4,13 +4,10 @@ mod common;
 
 use common::{check_gradient, compare, cpu, random};
 use sgdm::ops::elementwise::{
-    add, add_scaled, add_scaled_backward, cast, geglu_backward, geglu_forward, gelu_backward, gelu_forward,
-    relu_backward, relu_forward, scale, sigmoid_backward, sigmoid_forward, silu_backward, silu_forward,
-    reparameterize_backward, reparameterize_forward, timestep_embedding,
+    add, add_scaled, add_scaled_backward, cast, geglu_backward, geglu_forward, gelu_backward, gelu_forward, relu_backward, relu_forward,
+    reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward, silu_backward, silu_forward, timestep_embedding,
 };
-use sgdm::ops::elementwise::{
-    log_backward, log_forward, mul, mul_backward, rsqrt_backward, rsqrt_forward, tanh_backward, tanh_forward,
-};
+use sgdm::ops::elementwise::{log_backward, log_forward, mul, mul_backward, rsqrt_backward, rsqrt_forward, tanh_backward, tanh_forward};
 use sgdm::{DType, Device, Tensor};
 
 fn t(values: &[f32]) -> Tensor {
@@ -199,9 +196,7 @@ fn geglu_splits_value_then_gate_on_odd_sizes() {
     let x = random(rows * 2 * half, -4.0, 4.0, 31);
     let dy = random(rows * half, -1.0, 1.0, 32);
     let reference = |x: &[f64]| -> Vec<f64> {
-        (0..rows * half)
-            .map(|i| x[(i / half) * 2 * half + i % half] * gelu64(x[(i / half) * 2 * half + half + i % half]))
-            .collect()
+        (0..rows * half).map(|i| x[(i / half) * 2 * half + i % half] * gelu64(x[(i / half) * 2 * half + half + i % half])).collect()
     };
     let mut y = Tensor::zeros(&Device::Cpu, &[3, 5, half], DType::F32).unwrap();
     geglu_forward(&cpu(&[3, 5, 2 * half], &x), &mut y).unwrap();
@@ -250,11 +245,9 @@ fn add_scaled_and_its_backward() {
     let dy = random(333, -1.0, 1.0, 53);
     let (mut da, mut db) = (zeros(333), zeros(333));
     add_scaled_backward(&t(&dy), s, &mut da, &mut db).unwrap();
-    let loss_a =
-        |a: &[f64]| a.iter().zip(&b).zip(&dy).map(|((a, b), g)| (a + s as f64 * *b as f64) * *g as f64).sum::<f64>();
+    let loss_a = |a: &[f64]| a.iter().zip(&b).zip(&dy).map(|((a, b), g)| (a + s as f64 * *b as f64) * *g as f64).sum::<f64>();
     check_gradient("add_scaled_backward da", &a, da.f32s().unwrap(), loss_a, 333, 1e-6, 1e-7);
-    let loss_b =
-        |b: &[f64]| b.iter().zip(&a).zip(&dy).map(|((b, a), g)| (*a as f64 + s as f64 * b) * *g as f64).sum::<f64>();
+    let loss_b = |b: &[f64]| b.iter().zip(&a).zip(&dy).map(|((b, a), g)| (*a as f64 + s as f64 * b) * *g as f64).sum::<f64>();
     check_gradient("add_scaled_backward db", &b, db.f32s().unwrap(), loss_b, 333, 1e-6, 1e-7);
     let err = add_scaled(&t(&a), &t(&b[..332]), s, &mut y).unwrap_err().to_string();
     assert!(err.contains("add_scaled") && err.contains("[332]"), "{err}");

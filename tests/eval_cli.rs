@@ -16,8 +16,21 @@ use common::{run_sgdm, tiny_model};
 fn recon_folder(out: &Path, n: usize) {
     let (data, weights) = tiny_model();
     let (ok, stdout, stderr) = run_sgdm([
-        "--device", "cpu", "reconstruct", "--eeg", data.join("eeg/test.npy").to_str().unwrap(), "--images", data.join("images/test").to_str().unwrap(),
-        "--weights", weights.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1", "--limit", &n.to_string(),
+        "--device",
+        "cpu",
+        "reconstruct",
+        "--eeg",
+        data.join("eeg/test.npy").to_str().unwrap(),
+        "--images",
+        data.join("images/test").to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--limit",
+        &n.to_string(),
     ]);
     assert!(ok, "{stdout}\n{stderr}");
 }
@@ -40,7 +53,8 @@ fn reconstructions_equal_to_the_seen_images_score_one_and_the_control_does_not()
         sgdm::data::image::save_png_rgb(recon.join("images").join(&name), &seen).unwrap();
     }
     let out = dir.path().join("eval");
-    let (ok, stdout, stderr) = run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", out.to_str().unwrap(), "--sheet-columns", "2"]);
+    let (ok, stdout, stderr) =
+        run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", out.to_str().unwrap(), "--sheet-columns", "2"]);
     assert!(ok, "{stdout}\n{stderr}");
     println!("{stdout}");
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
@@ -70,10 +84,10 @@ fn recon_metrics_pair_each_reconstruction_with_the_given_image() {
     let b = RgbImage::from_fn(16, 16, |x, y| image::Rgb([(y * 16) as u8, 255 - (x * 16) as u8, 90]));
     let (recon, seen) = (vec![a.clone(), b.clone()], vec![a, b]);
     let latents = [1.0, 0.0, 2.0, 0.0, 1.0, 0.5];
-    let same = sgdm::evaluate::recon_metrics(&recon, &seen, &latents, &latents, 3, &[0, 1]).unwrap();
+    let same = sgdm::metrics::recon_metrics(&recon, &seen, &latents, &latents, 3, &[0, 1]).unwrap();
     assert_eq!((same.pixcorr, same.two_way), (1.0, 1.0));
     assert!((same.ssim - 1.0).abs() < 1e-12);
-    let swapped = sgdm::evaluate::recon_metrics(&recon, &seen, &latents, &latents, 3, &[1, 0]).unwrap();
+    let swapped = sgdm::metrics::recon_metrics(&recon, &seen, &latents, &latents, 3, &[1, 0]).unwrap();
     assert!(swapped.pixcorr < 0.5 && swapped.ssim < 0.5 && swapped.two_way == 0.0, "{swapped:?}");
 }
 
@@ -82,13 +96,22 @@ fn eval_refuses_other_eeg_and_too_few_items() {
     let dir = tempfile::tempdir().unwrap();
     let recon = dir.path().join("recon");
     recon_folder(&recon, 1);
-    let (ok, _, stderr) = run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", dir.path().join("e").to_str().unwrap(), "--items", "1"]);
+    let (ok, _, stderr) =
+        run_sgdm(["--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", dir.path().join("e").to_str().unwrap(), "--items", "1"]);
     assert!(!ok && stderr.contains("at least 2"), "{stderr}");
 
     let other = dir.path().join("other.npy");
     sgdm::data::npy::write_f32(&other, &[2, 1, 17, 100], &vec![0.0; 2 * 1700]).unwrap();
     let (ok, _, stderr) = run_sgdm([
-        "--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--eeg", other.to_str().unwrap(), "--out", dir.path().join("e").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "eval",
+        "--recon",
+        recon.to_str().unwrap(),
+        "--eeg",
+        other.to_str().unwrap(),
+        "--out",
+        dir.path().join("e").to_str().unwrap(),
     ]);
     assert!(!ok && stderr.contains("run.json") && stderr.contains("other.npy"), "{stderr}");
 }
@@ -106,18 +129,41 @@ fn eval_with_the_ablation_writes_the_keys_scripts_read_and_feeds_the_true_struct
     recon_folder(&recon, 6);
     let out = dir.path().join("eval");
     let args = [
-        "--device", "cpu", "eval", "--recon", recon.to_str().unwrap(), "--out", out.to_str().unwrap(), "--ablation", "--ablation-items", "4", "--ablation-seeds", "0,1",
-        "--sheet-columns", "2",
+        "--device",
+        "cpu",
+        "eval",
+        "--recon",
+        recon.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--ablation",
+        "--ablation-items",
+        "4",
+        "--ablation-seeds",
+        "0,1",
+        "--sheet-columns",
+        "2",
     ];
     let (ok, stdout, stderr) = run_sgdm(args);
     assert!(ok, "{stdout}\n{stderr}");
     println!("{stdout}");
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    // The names issue 18 gives scripts, each a number.
+    // The keys scripts read, each a number.
     for key in [
-        "structure.eeg.corr", "structure.eeg.top1", "structure.eeg.top5", "structure.control.corr", "structure.control.top1", "ridge.structure.corr",
-        "ridge.structure.top1", "ridge.retrieval.top1", "ablation.eeg_structure.pixcorr", "ablation.no_structure.pixcorr", "ablation.true_structure.pixcorr",
-        "ablation.eeg_structure.ssim", "ablation.no_structure.ssim", "ablation.true_structure.ssim",
+        "structure.eeg.corr",
+        "structure.eeg.top1",
+        "structure.eeg.top5",
+        "structure.control.corr",
+        "structure.control.top1",
+        "ridge.structure.corr",
+        "ridge.structure.top1",
+        "ridge.retrieval.top1",
+        "ablation.eeg_structure.pixcorr",
+        "ablation.no_structure.pixcorr",
+        "ablation.true_structure.pixcorr",
+        "ablation.eeg_structure.ssim",
+        "ablation.no_structure.ssim",
+        "ablation.true_structure.ssim",
     ] {
         let v = at(&m, key).as_f64().unwrap_or_else(|| panic!("metrics.json has no number at {key}: {m}"));
         assert!(v.is_finite() && (-1.0..=1.0).contains(&v), "{key} = {v}");
@@ -130,7 +176,10 @@ fn eval_with_the_ablation_writes_the_keys_scripts_read_and_feeds_the_true_struct
 
     let folders = at(&m, "ablation.folders").as_array().unwrap();
     let folder = |condition: &str, seed: u64| -> std::path::PathBuf {
-        let f = folders.iter().find(|f| f["condition"] == condition && f["seed"] == seed).unwrap_or_else(|| panic!("no {condition} seed {seed}: {folders:?}"));
+        let f = folders
+            .iter()
+            .find(|f| f["condition"] == condition && f["seed"] == seed)
+            .unwrap_or_else(|| panic!("no {condition} seed {seed}: {folders:?}"));
         f["dir"].as_str().unwrap().into()
     };
     // The evaluated folder has the ablation's settings at seed 0: reused, not reconstructed again.
@@ -175,7 +224,8 @@ fn the_oracle_path_is_conditioned_on_exactly_the_given_maps_and_the_controlnet_o
     let split = sgdm::data::dataset::DatasetSplit::of(&data.join("eeg/test.npy")).unwrap();
     let targets = split.structure_targets().unwrap()[..2 * 256].to_vec();
     let opts = SamplingOptions { steps: 2, ..SamplingOptions::default() };
-    let run = |opts: &SamplingOptions, maps: Option<&[f32]>| pipeline.reconstruct_conditioned(&mut Steps::default(), &eeg, &[0, 1], opts, maps).unwrap();
+    let run =
+        |opts: &SamplingOptions, maps: Option<&[f32]>| pipeline.reconstruct_conditioned(&mut Steps::default(), &eeg, &[0, 1], opts, maps).unwrap();
     let from_eeg = run(&opts, None);
     // Given the maps the EEG predicts, the conditioned path is the ordinary one, bit for bit.
     assert_eq!(run(&opts, Some(&from_eeg.structure)).images, from_eeg.images);
@@ -194,7 +244,8 @@ fn the_linear_floor_never_fits_or_selects_on_the_split_it_scores() {
     let pipeline = sgdm::pipeline::Pipeline::open(weights, &sgdm::Device::Cpu, sgdm::DType::F32).unwrap();
     for split in ["train", "val"] {
         let evaluated = DatasetSplit::of(&data.join(format!("eeg/{split}.npy"))).unwrap();
-        let err = sgdm::evaluate::floor::fit_linear_floor(&pipeline, &evaluated).err().unwrap_or_else(|| panic!("the floor scored the {split} split"));
+        let err =
+            sgdm::evaluate::floor::fit_linear_floor(&pipeline, &evaluated).err().unwrap_or_else(|| panic!("the floor scored the {split} split"));
         assert!(format!("{err:#}").contains(&format!("the '{split}' split")), "{err:#}");
     }
     let floor = sgdm::evaluate::floor::fit_linear_floor(&pipeline, &DatasetSplit::of(&data.join("eeg/test.npy")).unwrap()).unwrap();

@@ -43,12 +43,7 @@ fn every_kernel_file_compiles_for_sm80_and_sm90_with_every_table_kernel_and_no_s
                     .find(|r| r.name == *name)
                     .unwrap_or_else(|| panic!("kernels/{} has no kernel {name} for {arch}:\n{}", file.name, compiled.log));
                 assert!(r.registers > 0, "{name}: ptxas reported no registers:\n{}", compiled.log);
-                assert_eq!(
-                    (r.spill_store_bytes, r.spill_load_bytes),
-                    (0, 0),
-                    "{name} spills registers on {arch}:\n{}",
-                    compiled.log
-                );
+                assert_eq!((r.spill_store_bytes, r.spill_load_bytes), (0, 0), "{name} spills registers on {arch}:\n{}", compiled.log);
             }
             println!("{} {arch}: {} kernels, {} bytes of cubin", file.name, resources.len(), compiled.cubin.len());
         }

@@ -87,8 +87,7 @@ fn linear_backward_matches_central_differences_and_accumulates_parameter_grads()
     let mut dx = cpu(&[m, k], &vec![7.0; m * k]);
     let mut dw = cpu(&[n, k], &prior_dw);
     let mut db = cpu(&[n], &prior_db);
-    linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &g), Some(&mut dx), Some(&mut dw), Some(&mut db))
-        .unwrap();
+    linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &g), Some(&mut dx), Some(&mut dw), Some(&mut db)).unwrap();
     // L is linear in each argument, so central differences are exact up to f64 rounding; f32 GEMM rounding
     // of sums of 3..6 terms is the error left.
     check_gradient("linear dx", &x, dx.f32s().unwrap(), |xs| loss(xs, &f64s(&w), &f64s(&b)), 64, 1e-5, 1e-5);
@@ -108,8 +107,7 @@ fn bad_shapes_are_errors_naming_the_op_and_shapes() {
     let mut y = cpu(&[2, 4], &[0.0; 8]);
     let err = linear_forward(&cpu(&[2, 3], &[0.0; 6]), &cpu(&[4, 5], &[0.0; 20]), None, &mut y).unwrap_err();
     assert!(err.to_string().contains("linear_forward: expected a last dimension of 5, got shape [2, 3]"), "{err}");
-    let err = linear_forward(&cpu(&[2, 5], &[0.0; 10]), &cpu(&[4, 5], &[0.0; 20]), Some(&cpu(&[3], &[0.0; 3])), &mut y)
-        .unwrap_err();
+    let err = linear_forward(&cpu(&[2, 5], &[0.0; 10]), &cpu(&[4, 5], &[0.0; 20]), Some(&cpu(&[3], &[0.0; 3])), &mut y).unwrap_err();
     assert!(err.to_string().contains("bias must be [4]"), "{err}");
 }
 

@@ -36,15 +36,7 @@ fn mse_loss_and_gradient_match_float64() {
         let mut dpred = zeros(&shape);
         mse_loss_backward(&cpu(&shape, &pred), &cpu(&shape, &target), dloss, &mut dpred).unwrap();
         // One rounded product of a rounded difference: ~1e-7 relative.
-        check_gradient(
-            &format!("mse_loss_backward {shape:?}"),
-            &pred,
-            dpred.f32s().unwrap(),
-            |p| dloss as f64 * mse64(p, &target),
-            300,
-            1e-6,
-            1e-9,
-        );
+        check_gradient(&format!("mse_loss_backward {shape:?}"), &pred, dpred.f32s().unwrap(), |p| dloss as f64 * mse64(p, &target), 300, 1e-6, 1e-9);
     }
 }
 
@@ -74,15 +66,7 @@ fn kl_loss_sums_elements_and_averages_the_batch() {
         // difference is good to ~1e-8 absolute, which sets the floor. The analytic side is ~1e-7 relative.
         let lv64 = f64s(&logvar);
         let mu64 = f64s(&mu);
-        check_gradient(
-            &format!("kl dmu {shape:?}"),
-            &mu,
-            dmu.f32s().unwrap(),
-            |m| dloss as f64 * kl64(m, &lv64, batch),
-            200,
-            1e-6,
-            3e-8,
-        );
+        check_gradient(&format!("kl dmu {shape:?}"), &mu, dmu.f32s().unwrap(), |m| dloss as f64 * kl64(m, &lv64, batch), 200, 1e-6, 3e-8);
         check_gradient(
             &format!("kl dlogvar {shape:?}"),
             &logvar,

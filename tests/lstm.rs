@@ -3,11 +3,10 @@
 
 mod common;
 
-use common::{check_gradient, compare, cpu, f64s, random};
-use sgdm::ops::lstm::{
-    lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams,
-};
-use sgdm::{Arena, DType, Device, MemoryPlan, Region, Tensor};
+use common::{check_gradient, compare, cpu, f64s, random, NanFilled};
+use sgdm::nn::Standalone;
+use sgdm::ops::lstm::{lstm_backward, lstm_forward, step_rows, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
+use sgdm::{DType, Device, Tensor};
 
 const TWO_LAYERS_BIDI: LstmConfig = LstmConfig { input_size: 7, hidden_size: 4, num_layers: 2, bidirectional: true };
 
@@ -34,14 +33,10 @@ fn reference(cfg: &LstmConfig, p: &[Vec<f64>], x: &[f64], b: usize, t: usize) ->
                 let order: Vec<usize> = if dir == 0 { (0..t).collect() } else { (0..t).rev().collect() };
                 for ti in order {
                     let xt = &input[(bi * t + ti) * in_size..][..in_size];
-                    let pre: Vec<f64> = (0..4 * h)
-                        .map(|r| {
-                            bih[r] + bhh[r] + dot(&wih[r * in_size..][..in_size], xt) + dot(&whh[r * h..][..h], &hs)
-                        })
-                        .collect();
+                    let pre: Vec<f64> =
+                        (0..4 * h).map(|r| bih[r] + bhh[r] + dot(&wih[r * in_size..][..in_size], xt) + dot(&whh[r * h..][..h], &hs)).collect();
                     for j in 0..h {
-                        let (i, f, g, o) =
-                            (sigmoid(pre[j]), sigmoid(pre[h + j]), pre[2 * h + j].tanh(), sigmoid(pre[3 * h + j]));
+                        let (i, f, g, o) = (sigmoid(pre[j]), sigmoid(pre[h + j]), pre[2 * h + j].tanh(), sigmoid(pre[3 * h + j]));
                         cs[j] = f * cs[j] + i * g;
                         hs[j] = o * cs[j].tanh();
                     }
@@ -57,11 +52,7 @@ fn reference(cfg: &LstmConfig, p: &[Vec<f64>], x: &[f64], b: usize, t: usize) ->
 
 /// Random parameters in [-0.6, 0.6): wide enough that the gates leave their linear range.
 fn random_params(cfg: &LstmConfig, seed: u64) -> Vec<Vec<f32>> {
-    cfg.parameter_shapes()
-        .iter()
-        .enumerate()
-        .map(|(i, (_, s))| random(s.iter().product(), -0.6, 0.6, seed + i as u64))
-        .collect()
+    cfg.parameter_shapes().iter().enumerate().map(|(i, (_, s))| random(s.iter().product(), -0.6, 0.6, seed + i as u64)).collect()
 }
 
 fn params_on(device: &Device, cfg: LstmConfig, values: &[Vec<f32>], dtype: DType) -> LstmParams {
@@ -118,13 +109,7 @@ fn forward_matches_float64_pytorch_equations_for_odd_sizes() {
         let run = run_cpu(cfg, &params, &x, &vec![0.0; b * t * cfg.output_size()], b, t);
         let p64: Vec<Vec<f64>> = params.iter().map(|v| f64s(v)).collect();
         let want: Vec<f32> = reference(&cfg, &p64, &f64s(&x), b, t).iter().map(|&v| v as f32).collect();
-        compare(
-            &format!("lstm_forward L{} D{} B{b} T{t}", cfg.num_layers, cfg.directions()),
-            &run.y,
-            &want,
-            FWD_REL,
-            FWD_FLOOR,
-        );
+        compare(&format!("lstm_forward L{} D{} B{b} T{t}", cfg.num_layers, cfg.directions()), &run.y, &want, FWD_REL, FWD_FLOOR);
     }
 }
 
@@ -184,12 +169,8 @@ fn parameter_grads_accumulate_and_input_grads_overwrite() {
     let xt = cpu(&[b, t, 7], &x);
     let mut acts = LstmActivations::zeros(&Device::Cpu, cfg, b, t, DType::F32).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
-    let prior: Vec<Vec<f32>> = cfg
-        .parameter_shapes()
-        .iter()
-        .enumerate()
-        .map(|(i, (_, s))| random(s.iter().product(), -1.0, 1.0, 60 + i as u64))
-        .collect();
+    let prior: Vec<Vec<f32>> =
+        cfg.parameter_shapes().iter().enumerate().map(|(i, (_, s))| random(s.iter().product(), -1.0, 1.0, 60 + i as u64)).collect();
     let mut grads = params_on(&Device::Cpu, cfg, &prior, DType::F32);
     let mut scratch = LstmBackwardScratch::zeros(&Device::Cpu, cfg, b, t, DType::F32).unwrap();
     let mut dx = cpu(&[b, t, 7], &vec![5.0; b * t * 7]);
@@ -263,10 +244,7 @@ fn bad_shapes_are_errors_naming_the_op_and_the_tensor() {
 fn parameter_names_follow_pytorch() {
     let names: Vec<String> = TWO_LAYERS_BIDI.parameter_shapes().into_iter().map(|(n, _)| n).collect();
     assert_eq!(&names[..4], ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]);
-    assert_eq!(
-        &names[4..8],
-        ["weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse"]
-    );
+    assert_eq!(&names[4..8], ["weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse"]);
     assert_eq!(names[8], "weight_ih_l1");
     let shapes: Vec<Vec<usize>> = TWO_LAYERS_BIDI.parameter_shapes().into_iter().map(|(_, s)| s).collect();
     assert_eq!(shapes[0], [16, 7]);
@@ -297,15 +275,12 @@ fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
     let dy = random(b * t * 8, -1.0, 1.0, 82);
     let clean = run_cpu(cfg, &params, &x, &dy, b, t);
 
-    let nan = |shape: &[usize], dtype: DType| {
-        Tensor::from_f32(&Device::Cpu, shape, dtype, &vec![f32::NAN; shape.iter().product()])
-    };
     let p = params_on(&Device::Cpu, cfg, &params, DType::F32);
     let xt = cpu(&[b, t, 7], &x);
-    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, nan).unwrap();
+    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, &mut NanFilled(Device::Cpu)).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
     let mut grads = LstmParams::zeros(&Device::Cpu, cfg, DType::F32).unwrap();
-    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, nan).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, &mut NanFilled(Device::Cpu)).unwrap();
     let mut dx = cpu(&[b, t, 7], &vec![f32::NAN; b * t * 7]);
     lstm_backward(&p, &xt, &acts, &cpu(&[b, t, 8], &dy), Some(&mut dx), &mut grads, &mut scratch).unwrap();
     compare("lstm y from NaN-filled buffers", &acts.output().to_f32_vec().unwrap(), &clean.y, 0.0, 0.0);
@@ -316,19 +291,12 @@ fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
 }
 
 #[test]
-fn activations_and_scratch_carve_exactly_their_reserved_arena_plan() {
+fn three_bidirectional_layers_from_an_allocator_match_the_reference() {
+    // Three layers: the backward's layer-gradient buffers alternate between its two.
     let (cfg, b, t) = (LstmConfig { input_size: 5, hidden_size: 3, num_layers: 3, bidirectional: true }, 2, 4);
-    let mut plan = MemoryPlan::new();
-    LstmActivations::reserve(&mut plan, Region::Activations, &cfg, b, t, DType::F32);
-    LstmBackwardScratch::reserve(&mut plan, Region::Scratch, &cfg, b, t, DType::F32);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Activations, s, d)).unwrap();
-    let mut scratch =
-        LstmBackwardScratch::new(cfg, b, t, DType::F32, |s, d| arena.alloc(Region::Scratch, s, d)).unwrap();
-    for region in [Region::Activations, Region::Scratch] {
-        let u = arena.usage(region);
-        assert_eq!(u.used, u.capacity, "{region:?}: the plan reserves exactly what is carved");
-    }
+    let alloc = &mut Standalone(Device::Cpu);
+    let mut acts = LstmActivations::new(cfg, b, t, DType::F32, alloc).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, DType::F32, alloc).unwrap();
     let params = random_params(&cfg, 90);
     let x = random(b * t * 5, -1.0, 1.0, 91);
     let dy = random(b * t * 6, -1.0, 1.0, 92);
@@ -339,6 +307,6 @@ fn activations_and_scratch_carve_exactly_their_reserved_arena_plan() {
     let mut grads = LstmParams::zeros(&Device::Cpu, cfg, DType::F32).unwrap();
     let mut dx = cpu(&[b, t, 5], &vec![0.0; b * t * 5]);
     lstm_backward(&p, &xt, &acts, &cpu(&[b, t, 6], &dy), Some(&mut dx), &mut grads, &mut scratch).unwrap();
-    compare("lstm y from arena buffers", &acts.output().to_f32_vec().unwrap(), &want.y, 0.0, 0.0);
-    compare("lstm dx from arena buffers", dx.f32s().unwrap(), &want.dx, 0.0, 0.0);
+    compare("lstm y, three layers", &acts.output().to_f32_vec().unwrap(), &want.y, 0.0, 0.0);
+    compare("lstm dx, three layers", dx.f32s().unwrap(), &want.dx, 0.0, 0.0);
 }

@@ -88,9 +88,9 @@ fn unsupported_configs_are_refused_naming_file_and_key() {
 
 mod loading {
     use super::*;
+    use sgdm::memory::{Arena, MemoryPlan};
     use sgdm::models::autoencoder_kl::LEGACY_ATTENTION_NAMES;
     use sgdm::nn::ParamStore;
-    use sgdm::runtime::{Arena, MemoryPlan};
     use sgdm::weights::{save_safetensors, SafetensorsFile};
     use sgdm::{DType, Device, Tensor};
 
@@ -171,7 +171,8 @@ mod loading {
         let err = ParamStore::load(&vae.params, &extra, &mut arena_for(&vae.params, DType::F32), DType::F32, &LEGACY_ATTENTION_NAMES).err().unwrap();
         assert!(err.to_string().contains("1 unknown tensor name(s), not used by the model: encoder.mystery.weight"), "{err}");
         let missing = legacy_copy(&c, dir.path(), None, Some("decoder.conv_out.bias"));
-        let err = ParamStore::load(&vae.params, &missing, &mut arena_for(&vae.params, DType::F32), DType::F32, &LEGACY_ATTENTION_NAMES).err().unwrap();
+        let err =
+            ParamStore::load(&vae.params, &missing, &mut arena_for(&vae.params, DType::F32), DType::F32, &LEGACY_ATTENTION_NAMES).err().unwrap();
         assert!(err.to_string().contains("missing tensor 'decoder.conv_out.bias'"), "{err}");
     }
 

@@ -6,8 +6,8 @@ mod common;
 
 use common::{check_gradient, compare, cpu, random};
 use sgdm::ops::norm::{
-    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward,
-    layer_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut,
+    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward, layer_norm_scratch_shape, Affine,
+    GroupNorm, NormGrads, Stats, StatsMut,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -94,8 +94,7 @@ fn group_norm_forward_matches_float64() {
             for silu in [false, true] {
                 let gn = GroupNorm { groups, eps, silu };
                 let run = run_group_norm(gn, &shape, &x, &w, &b);
-                let (y64, mean64, rstd64) =
-                    group_norm64(&common::f64s(&x), &common::f64s(&w), &common::f64s(&b), &shape, gn);
+                let (y64, mean64, rstd64) = group_norm64(&common::f64s(&x), &common::f64s(&w), &common::f64s(&b), &shape, gn);
                 let what = format!("group_norm {shape:?} g{groups} eps{eps:e} silu={silu}");
                 // f32 arithmetic on O(1) values after f64 statistics: a few ulp of |y| <= 4, so 1e-5 relative
                 // plus 2e-6 absolute for outputs near zero.
@@ -125,7 +124,6 @@ fn group_norm_statistics_are_stable_for_a_large_mean() {
 }
 
 /// Runs the GroupNorm backward on `dy` into the given grads (dweight/dbias accumulate).
-#[allow(clippy::too_many_arguments)]
 fn run_group_norm_backward(
     gn: GroupNorm,
     shape: &[usize],
@@ -233,14 +231,7 @@ fn layer_norm_forward_matches_float64() {
     }
 }
 
-fn run_layer_norm_backward(
-    shape: &[usize],
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    dy: &[f32],
-    grads: (&mut Tensor, &mut Tensor, &mut Tensor),
-) {
+fn run_layer_norm_backward(shape: &[usize], x: &[f32], w: &[f32], b: &[f32], dy: &[f32], grads: (&mut Tensor, &mut Tensor, &mut Tensor)) {
     let (_, mean, rstd) = run_layer_norm(1e-5, shape, x, w, b);
     let mut scratch = zeros(&layer_norm_scratch_shape(shape));
     let (dx, dweight, dbias) = grads;
@@ -309,25 +300,16 @@ fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
     let (mut y, mut mean, mut rstd) = (zeros(&shape), zeros(&[1, 4]), zeros(&[1, 4]));
 
     let gn4 = GroupNorm { groups: 4, eps: 1e-5, silu: true };
-    let e = err(group_norm_forward(gn4, &x, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut {
-        mean: &mut mean,
-        rstd: &mut rstd,
-    }));
+    let e = err(group_norm_forward(gn4, &x, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd }));
     assert!(e.contains("group_norm_forward") && e.contains("4 groups do not divide the 6 channels of x [1, 6, 7, 9]"), "{e}");
 
     let gn3 = GroupNorm { groups: 3, eps: 1e-5, silu: false };
     let (mut mean, mut rstd) = (zeros(&[1, 3]), zeros(&[1, 3]));
-    let e = err(group_norm_forward(gn3, &x, Affine { weight: &w5, bias: &b6 }, &mut y, StatsMut {
-        mean: &mut mean,
-        rstd: &mut rstd,
-    }));
+    let e = err(group_norm_forward(gn3, &x, Affine { weight: &w5, bias: &b6 }, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd }));
     assert!(e.contains("group_norm_forward: weight [5] does not match x [1, 6, 7, 9] (expected [6])"), "{e}");
 
     let mut wrong_stats = zeros(&[3]);
-    let e = err(group_norm_forward(gn3, &x, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut {
-        mean: &mut wrong_stats,
-        rstd: &mut rstd,
-    }));
+    let e = err(group_norm_forward(gn3, &x, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut { mean: &mut wrong_stats, rstd: &mut rstd }));
     assert!(e.contains("group_norm_forward: mean [3] does not match x [1, 6, 7, 9] (expected [1, 3])"), "{e}");
 
     let (mut dx, mut dw, mut db, mut scratch) = (zeros(&shape), zeros(&[6]), zeros(&[6]), zeros(&[2, 1, 5]));
@@ -336,39 +318,28 @@ fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
     let e = err(group_norm_backward(gn3, &x, Affine { weight: &w6, bias: &b6 }, stats, &x, grads));
     assert!(e.contains("group_norm_backward: scratch [2, 1, 5] does not match x [1, 6, 7, 9] (expected [2, 1, 6])"), "{e}");
 
-    let e = err(group_norm_forward(gn3, &zeros(&[6]), Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut {
-        mean: &mut mean,
-        rstd: &mut rstd,
-    }));
+    let e = err(group_norm_forward(gn3, &zeros(&[6]), Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd }));
     assert!(e.contains("group_norm_forward: x [6] is not [N, C, spatial...]"), "{e}");
 
     let half = Tensor::zeros(&Device::Cpu, &shape, DType::BF16).unwrap();
-    let e = err(group_norm_forward(gn3, &half, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut {
-        mean: &mut mean,
-        rstd: &mut rstd,
-    }));
+    let e = err(group_norm_forward(gn3, &half, Affine { weight: &w6, bias: &b6 }, &mut y, StatsMut { mean: &mut mean, rstd: &mut rstd }));
     assert!(e.contains("group_norm_forward") && e.contains("mixed dtypes"), "{e}");
 
     let xl = zeros(&[4, 40]);
     let (mut yl, mut ml, mut rl) = (zeros(&[4, 40]), zeros(&[4]), zeros(&[4]));
-    let e = err(layer_norm_forward(1e-5, &xl, Affine { weight: &w6, bias: &b6 }, &mut yl, StatsMut {
-        mean: &mut ml,
-        rstd: &mut rl,
-    }));
+    let e = err(layer_norm_forward(1e-5, &xl, Affine { weight: &w6, bias: &b6 }, &mut yl, StatsMut { mean: &mut ml, rstd: &mut rl }));
     assert!(e.contains("layer_norm_forward: weight [6] does not match x [4, 40] (expected [40])"), "{e}");
 
     let (w40, mut dxl, mut dwl, mut dbl, mut sl) = (zeros(&[40]), zeros(&[4, 40]), zeros(&[40]), zeros(&[40]), zeros(&[2, 1, 40]));
-    let e = err(layer_norm_backward(&xl, &w40, Stats { mean: &ml, rstd: &rl }, &zeros(&[4, 41]), NormGrads {
-        dx: &mut dxl,
-        dweight: &mut dwl,
-        dbias: &mut dbl,
-        scratch: &mut sl,
-    }));
+    let e = err(layer_norm_backward(
+        &xl,
+        &w40,
+        Stats { mean: &ml, rstd: &rl },
+        &zeros(&[4, 41]),
+        NormGrads { dx: &mut dxl, dweight: &mut dwl, dbias: &mut dbl, scratch: &mut sl },
+    ));
     assert!(e.contains("layer_norm_backward: dy [4, 41] does not match x [4, 40] (expected [4, 40])"), "{e}");
 
-    let e = err(layer_norm_forward(-1.0, &xl, Affine { weight: &w40, bias: &w40 }, &mut yl, StatsMut {
-        mean: &mut ml,
-        rstd: &mut rl,
-    }));
+    let e = err(layer_norm_forward(-1.0, &xl, Affine { weight: &w40, bias: &w40 }, &mut yl, StatsMut { mean: &mut ml, rstd: &mut rl }));
     assert!(e.contains("layer_norm_forward: eps must be finite and non-negative, got -1"), "{e}");
 }

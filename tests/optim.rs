@@ -71,9 +71,7 @@ fn adamw_refuses_bad_inputs() {
     let err = adamw_step(&AdamW::default(), 1, &mut p, &zeros(&[5]), &mut m, &mut v, None).unwrap_err().to_string();
     assert!(err.contains("adamw_step") && err.contains("[5]") && err.contains("[4]"), "{err}");
     let mut copy = zeros(&[4]);
-    let err = adamw_step(&AdamW::default(), 1, &mut p, &zeros(&[4]), &mut m, &mut v, Some(&mut copy))
-        .unwrap_err()
-        .to_string();
+    let err = adamw_step(&AdamW::default(), 1, &mut p, &zeros(&[4]), &mut m, &mut v, Some(&mut copy)).unwrap_err().to_string();
     assert!(err.contains("must be bf16"), "{err}");
 }
 

@@ -6,9 +6,9 @@
 
 mod common;
 
+use sgdm::memory::pool::Pool;
 use sgdm::models::unet::UNetConditioning;
 use sgdm::nn::{Allocator, Inference, Pooled};
-use sgdm::runtime::pool::Pool;
 use sgdm::{DType, Device, Tensor};
 
 #[test]
@@ -28,7 +28,7 @@ fn ranges_are_placed_first_fit_merged_on_release_and_exhaustion_is_named() {
     assert_eq!(pool.usage().live, 768 + 256);
     // 768..1024 and 1024..4096 are taken by c and free: 3072 bytes (768 f32) fit, 769 f32 do not.
     let err = pool.alloc(&[769], DType::F32).unwrap_err();
-    assert!(sgdm::runtime::pool::is_exhausted(&err), "exhaustion is a typed error callers can fall back on");
+    assert!(sgdm::memory::pool::is_exhausted(&err), "exhaustion is a typed error callers can fall back on");
     let err = err.to_string();
     assert!(err.contains("memory pool of 4096 bytes is exhausted") && err.contains("needs 3328 bytes"), "{err}");
     let e = pool.alloc(&[768], DType::F32).unwrap();

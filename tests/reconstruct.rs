@@ -68,7 +68,8 @@ fn every_item_is_written_once_with_its_manifest_line_and_a_rerun_skips_them() {
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("6 image(s) written"), "{stdout}");
     assert_eq!(manifest_counts(out.path()), (0..6).map(|i| (i, 1)).collect());
-    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.path().join("manifest.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out.path().join("manifest.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     for key in ["index", "row", "seed", "steps", "seconds", "image", "structure", "seen"] {
         assert!(!first[key].is_null(), "manifest line lacks {key}: {first}");
     }

@@ -1,4 +1,4 @@
-//! Reliability of the `sgdm` command line as a new user meets it (issue 17): nothing wrong is ever marked
+//! Reliability of the `sgdm` command line as a new user meets it: nothing wrong is ever marked
 //! finished, no input makes it panic, bad input is refused before anything is written, and the binary
 //! works away from the tree it was built in. Each test reproduces one reported failure; the last ones go
 //! further: `sgdm train all` killed (SIGKILL) at random points and resumed ends with the weights of an
@@ -371,7 +371,14 @@ fn a_directory_given_as_a_file_is_named_as_a_directory_once() {
         vec!["data".to_string(), "inspect".into(), s(&folder).into()],
         reconstruct_args(&folder, weights, &out, &[]),
         vec!["train".into(), "vae".into(), "--config".into(), s(&folder).into(), "--out".into(), s(&out).into()],
-        vec!["forward".into(), s(&common::repo_root().join("tests/fixtures/models/contrastive_alignment")).into(), "--inputs".into(), s(&folder).into(), "--output".into(), s(&dir.path().join("o.safetensors")).into()],
+        vec![
+            "forward".into(),
+            s(&common::repo_root().join("tests/fixtures/models/contrastive_alignment")).into(),
+            "--inputs".into(),
+            s(&folder).into(),
+            "--output".into(),
+            s(&dir.path().join("o.safetensors")).into(),
+        ],
     ] {
         let run = sgdm(&args);
         assert_refused(&run, &format!("{args:?}"));
@@ -390,7 +397,10 @@ fn negative_numbers_are_read_as_numbers() {
     assert_refused(&run, "--guidance -1");
     assert!(stderr(&run).contains("--guidance -1 must be"), "{}", text(&run));
     // A negative ControlNet scale pushes away from the structure map: allowed.
-    assert_ok(&sgdm(&reconstruct_args(&eeg, weights, &dir.path().join("b"), &["--controlnet-scale", "-0.5", "--limit", "1"])), "--controlnet-scale -0.5");
+    assert_ok(
+        &sgdm(&reconstruct_args(&eeg, weights, &dir.path().join("b"), &["--controlnet-scale", "-0.5", "--limit", "1"])),
+        "--controlnet-scale -0.5",
+    );
     let run = sgdm(&["synth", "--out", s(&dir.path().join("c")), "--snr", "-1"]);
     assert_refused(&run, "--snr -1");
     assert!(stderr(&run).contains("--snr"), "{}", text(&run));
@@ -470,7 +480,23 @@ fn unknown_keys_in_our_own_configuration_files_are_refused_by_name() {
 #[test]
 fn synth_progress_rates_are_measured_from_the_start_of_each_split() {
     let dir = tempfile::tempdir().unwrap();
-    let run = sgdm(&["synth", "--out", s(dir.path()), "--train-figures", "8", "--val-figures", "4", "--test-figures", "4", "--train-reps", "1", "--val-reps", "1", "--test-reps", "1"]);
+    let run = sgdm(&[
+        "synth",
+        "--out",
+        s(dir.path()),
+        "--train-figures",
+        "8",
+        "--val-figures",
+        "4",
+        "--test-figures",
+        "4",
+        "--train-reps",
+        "1",
+        "--val-reps",
+        "1",
+        "--test-reps",
+        "1",
+    ]);
     assert_ok(&run, "synth");
     let err = stderr(&run);
     let rates: Vec<f64> = err
@@ -576,7 +602,10 @@ fn train_all_killed_at_random_points_and_resumed_ends_with_the_weights_of_an_uni
 
     for file in TRAIN_ALL_RESULTS {
         let (a, b) = (std::fs::read(straight.join(file)), std::fs::read(killed.join(file)));
-        let (a, b) = (a.unwrap_or_else(|e| panic!("the uninterrupted run has no {file}: {e}")), b.unwrap_or_else(|e| panic!("the killed run has no {file}: {e}")));
+        let (a, b) = (
+            a.unwrap_or_else(|e| panic!("the uninterrupted run has no {file}: {e}")),
+            b.unwrap_or_else(|e| panic!("the killed run has no {file}: {e}")),
+        );
         assert!(a == b, "{file} differs from the uninterrupted run's after kills at {kills:?} (seed {seed})");
     }
     let leftovers: Vec<_> = files_under(&killed).into_iter().filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
@@ -606,7 +635,7 @@ fn generic_variants(valid: &[u8]) -> Vec<Variant> {
 /// A `.npy` file with this header dict and data, as numpy writes one (version 1, header padded to 64).
 fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
@@ -625,7 +654,10 @@ fn eeg_variants(valid: &[u8]) -> Vec<Variant> {
     v.extend([
         ("shape beyond the data".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 17, 100), }", &four_f32))),
         ("petabyte shape".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000000, 17, 100), }", &four_f32))),
-        ("overflowing shape".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }", &four_f32))),
+        (
+            "overflowing shape".into(),
+            Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }", &four_f32)),
+        ),
         ("rank 1".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", &four_f32))),
         ("int64".into(), Broken::Bytes(npy("{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }", &four_f32))),
         ("header cut".into(), Broken::Bytes(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 17, 100), }", &[])[..40].to_vec())),
@@ -662,7 +694,10 @@ fn safetensors_variants(valid: &[u8]) -> Vec<Variant> {
         ("header length past the end".into(), Broken::Bytes(huge)),
         ("header not JSON".into(), Broken::Bytes(safetensors("{not json", &[]))),
         ("offsets past the data".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,1000]}}"#, &[0; 16]))),
-        ("shape overflowing".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#, &[0; 16]))),
+        (
+            "shape overflowing".into(),
+            Broken::Bytes(safetensors(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#, &[0; 16])),
+        ),
         ("int64 tensor".into(), Broken::Bytes(safetensors(r#"{"w":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}}"#, &[0; 16]))),
         ("a NaN value".into(), Broken::Bytes(nan)),
     ]);
@@ -671,7 +706,9 @@ fn safetensors_variants(valid: &[u8]) -> Vec<Variant> {
 
 fn json_variants(valid: &[u8]) -> Vec<Variant> {
     let mut v = generic_variants(valid);
-    for (what, text) in [("unclosed", "{"), ("a list", "[]"), ("null", "null"), ("numbers as text", r#"{"latent_dim": "8", "channels": "many", "mean": "x"}"#)] {
+    for (what, text) in
+        [("unclosed", "{"), ("a list", "[]"), ("null", "null"), ("numbers as text", r#"{"latent_dim": "8", "channels": "many", "mean": "x"}"#)]
+    {
         v.push((what.into(), Broken::Bytes(text.as_bytes().to_vec())));
     }
     v

@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use common::{compare, cpu, random};
 use sgdm::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use sgdm::nn::{Grads, ParamStore, ParamTree, Standalone};
@@ -99,6 +98,35 @@ fn eeg_encoder_parameter_gradients_accumulate() {
         assert_eq!(one.iter().any(|v| *v != 0.0), spec.name != no_gradient, "grad.{}", spec.name);
         let doubled: Vec<f32> = one.iter().map(|v| 2.0 * v).collect();
         compare(&format!("grad.{} after two backward calls", spec.name), &two, &doubled, 1e-6, 0.0);
+    }
+}
+
+/// Records the shape of every tensor it hands out.
+struct Counting(Vec<Vec<usize>>);
+
+impl sgdm::nn::Allocator for Counting {
+    fn alloc(&mut self, shape: &[usize], dtype: DType) -> anyhow::Result<Tensor> {
+        self.0.push(shape.to_vec());
+        Tensor::zeros(&Device::Cpu, shape, dtype)
+    }
+}
+
+#[test]
+fn eeg_encoder_lstm_borrows_its_weights() {
+    // The LSTM reads its weights from the ParamStore and adds its gradients into the Grads: neither the
+    // forward nor the backward allocates a tensor shaped like an LSTM parameter.
+    let (m, p) = encoder();
+    let (ch, t, latent) = (m.config.n_channels, m.config.n_timepoints, m.config.latent_dim);
+    let lstm_shapes: Vec<Vec<usize>> = m.params.specs().iter().filter(|s| s.name.starts_with("temporal_encoder.")).map(|s| s.shape.clone()).collect();
+    assert!(!lstm_shapes.is_empty());
+    let alloc = &mut Counting(Vec::new());
+    let acts = m.forward(&p, &cpu(&[2, ch, t], &random(2 * ch * t, -1.0, 1.0, 21)), alloc).unwrap();
+    let forward = alloc.0.len();
+    let mut grads = zero_grads(&m.params);
+    m.backward(&p, &acts, &cpu(&[2, latent], &random(2 * latent, -1.0, 1.0, 22)), &mut grads, true, alloc).unwrap();
+    assert!(forward > 0 && alloc.0.len() > forward, "the counting allocator saw the forward and the backward");
+    for shape in &alloc.0 {
+        assert!(!lstm_shapes.contains(shape), "a {shape:?} tensor was allocated: the shape of an LSTM parameter");
     }
 }
 

@@ -5,8 +5,8 @@ mod common;
 
 use common::{check_gradient, compare, cpu, f64s, random};
 use sgdm::ops::shape::{
-    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels,
-    transpose_last2, transpose_last2_backward, upsample_nearest2x, upsample_nearest2x_backward,
+    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward, upsample_nearest2x,
+    upsample_nearest2x_backward,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -46,24 +46,8 @@ fn concat_and_split_channels_on_odd_sizes() {
         let b64 = f64s(&b);
         let a64 = f64s(&a);
         // The loss is linear: central differences are exact up to f64 rounding of the sum.
-        check_gradient(
-            "split_channels as concat's da",
-            &a,
-            da.f32s().unwrap(),
-            |a| dot(&concat64(a, &b64, n, ca, cb, hw), &g),
-            200,
-            1e-7,
-            1e-8,
-        );
-        check_gradient(
-            "split_channels as concat's db",
-            &b,
-            db.f32s().unwrap(),
-            |b| dot(&concat64(&a64, b, n, ca, cb, hw), &g),
-            200,
-            1e-7,
-            1e-8,
-        );
+        check_gradient("split_channels as concat's da", &a, da.f32s().unwrap(), |a| dot(&concat64(a, &b64, n, ca, cb, hw), &g), 200, 1e-7, 1e-8);
+        check_gradient("split_channels as concat's db", &b, db.f32s().unwrap(), |b| dot(&concat64(&a64, b, n, ca, cb, hw), &g), 200, 1e-7, 1e-8);
     }
 }
 
@@ -106,15 +90,7 @@ fn upsample_nearest2x_and_its_backward_on_odd_sizes() {
         upsample_nearest2x_backward(&cpu(&[n, c, 2 * h, 2 * w], &g), &mut dx).unwrap();
         // Each gradient is a sum of four f32 values: ~2 ulp; central differences of a linear loss are exact
         // up to f64 rounding.
-        check_gradient(
-            "upsample_nearest2x_backward",
-            &x,
-            dx.f32s().unwrap(),
-            |x| dot(&upsample64(x, n * c, h, w), &g),
-            400,
-            1e-6,
-            1e-7,
-        );
+        check_gradient("upsample_nearest2x_backward", &x, dx.f32s().unwrap(), |x| dot(&upsample64(x, n * c, h, w), &g), 400, 1e-6, 1e-7);
     }
     let mut y = zeros(&[2, 3, 14, 17]);
     let err = upsample_nearest2x(&zeros(&[2, 3, 7, 9]), &mut y).unwrap_err().to_string();

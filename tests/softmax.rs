@@ -44,13 +44,7 @@ fn softmax_forward_matches_float64_on_odd_rows_and_scales() {
             y.f32s_mut().unwrap().fill(f32::NAN); // written, not accumulated
             softmax_forward(&cpu(&[rows, n], &x), scale, &mut y).unwrap();
             let want = to_f32(&softmax64(&f64s(&x), n, scale as f64));
-            compare(
-                &format!("softmax_forward [{rows}, {n}] scale {scale}"),
-                y.f32s().unwrap(),
-                &want,
-                forward_rel(n),
-                1e-30,
-            );
+            compare(&format!("softmax_forward [{rows}, {n}] scale {scale}"), y.f32s().unwrap(), &want, forward_rel(n), 1e-30);
         }
     }
 }
@@ -62,8 +56,7 @@ fn softmax_forward_is_stable_at_large_magnitudes() {
     // stays that of the ordinary case. A 4-D attention-score shape on the way.
     let (b, h, q, k) = (2, 3, 5, 9);
     for offset in [1e4f32, -1e4, 1e38] {
-        let x: Vec<f32> =
-            random(b * h * q * k, -6.0, 6.0, 12).iter().map(|v| offset + v * (offset.abs() * 1e-4)).collect();
+        let x: Vec<f32> = random(b * h * q * k, -6.0, 6.0, 12).iter().map(|v| offset + v * (offset.abs() * 1e-4)).collect();
         let mut y = zeros(&[b, h, q, k]);
         softmax_forward(&cpu(&[b, h, q, k], &x), 1.0, &mut y).unwrap();
         let want = to_f32(&softmax64(&f64s(&x), k, 1.0));

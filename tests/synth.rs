@@ -54,13 +54,9 @@ fn layout_and_manifest_match_what_a_real_dataset_provides() {
     let returned = generate(&cfg, dir.path(), &mut |_| {}).unwrap();
     let m = read_manifest(dir.path());
     assert_eq!(m, returned);
-    let channels =
-        ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
+    let channels = ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
     assert_eq!(m.ch_names, channels, "THINGS-EEG2's channel order");
-    assert_eq!(
-        (m.sampling_rate_hz, m.times.len(), m.times[0], m.times[20], m.times[99]),
-        (100.0, 100, -0.2, 0.0, 0.79)
-    );
+    assert_eq!((m.sampling_rate_hz, m.times.len(), m.times[0], m.times[20], m.times[99]), (100.0, 100, -0.2, 0.0, 0.79));
     assert_eq!((m.seed, m.snr, m.generator_version, m.image_size, m.edge_size), (3, Some(1.0), 1, 128, 16));
     let names: Vec<&str> = m.splits.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["train", "val", "test"]);
@@ -125,8 +121,7 @@ fn splits_hold_distinct_figures() {
     // And on disk: no two stimulus images are the same.
     let dir = tempfile::tempdir().unwrap();
     let m = generate(&config(1, 1.0, 20, 10, 10), dir.path(), &mut |_| {}).unwrap();
-    let images: HashSet<Vec<u8>> =
-        m.splits.iter().flat_map(|s| &s.images).map(|p| std::fs::read(dir.path().join(p)).unwrap()).collect();
+    let images: HashSet<Vec<u8>> = m.splits.iter().flat_map(|s| &s.images).map(|p| std::fs::read(dir.path().join(p)).unwrap()).collect();
     assert_eq!(images.len(), 40);
 }
 
@@ -193,11 +188,8 @@ impl Ridge {
     fn new(train: &[Vec<f64>], targets: &[Vec<f64>]) -> Ridge {
         let (n, d) = (train.len() as f64, train[0].len());
         let mean: Vec<f64> = (0..d).map(|j| train.iter().map(|x| x[j]).sum::<f64>() / n).collect();
-        let scale: Vec<f64> = (0..d)
-            .map(|j| (train.iter().map(|x| (x[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt().max(1e-9))
-            .collect();
-        let target_mean: Vec<f64> =
-            (0..targets[0].len()).map(|j| targets.iter().map(|y| y[j]).sum::<f64>() / n).collect();
+        let scale: Vec<f64> = (0..d).map(|j| (train.iter().map(|x| (x[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt().max(1e-9)).collect();
+        let target_mean: Vec<f64> = (0..targets[0].len()).map(|j| targets.iter().map(|y| y[j]).sum::<f64>() / n).collect();
         let targets = targets.iter().map(|t| t.iter().zip(&target_mean).map(|(v, m)| v - m).collect()).collect();
         let mut r = Ridge { mean, scale, train: Vec::new(), gram: Vec::new(), targets, target_mean };
         r.train = train.iter().map(|x| r.standardise(x)).collect();
@@ -218,8 +210,7 @@ impl Ridge {
         let l = cholesky(&k);
         let pixels = self.target_mean.len();
         // Dual coefficients, one column per target pixel.
-        let alpha: Vec<Vec<f64>> =
-            (0..pixels).map(|j| cholesky_solve(&l, &self.targets.iter().map(|t| t[j]).collect::<Vec<_>>())).collect();
+        let alpha: Vec<Vec<f64>> = (0..pixels).map(|j| cholesky_solve(&l, &self.targets.iter().map(|t| t[j]).collect::<Vec<_>>())).collect();
         queries
             .iter()
             .map(|q| {
@@ -283,11 +274,7 @@ fn load_split(dir: &Path, m: &Manifest, name: &str) -> (Vec<Vec<f64>>, Vec<Vec<f
     let [n, reps, c, t] = eeg.header.shape[..] else { panic!("4-D EEG") };
     let values = eeg.to_f32().unwrap();
     let features = (0..n)
-        .map(|i| {
-            (0..c * t)
-                .map(|k| (0..reps).map(|r| values[(i * reps + r) * c * t + k] as f64).sum::<f64>() / reps as f64)
-                .collect()
-        })
+        .map(|i| (0..c * t).map(|k| (0..reps).map(|r| values[(i * reps + r) * c * t + k] as f64).sum::<f64>() / reps as f64).collect())
         .collect();
     let pixels = split
         .images

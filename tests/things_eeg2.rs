@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::things::{image_folder, subject_folder, times, Layout, CHANNELS};
 use common::run_sgdm;
+use common::things::{image_folder, subject_folder, times, Layout, CHANNELS};
 use sgdm::data::dataset::Manifest;
 use sgdm::data::eeg::{EegData, Repetitions};
 use sgdm::data::npy::NpyFile;
@@ -187,7 +187,11 @@ fn every_bad_input_is_refused_by_name_before_anything_is_written() {
     values[(9 * 2) * 1700] = f32::INFINITY;
     std::fs::create_dir_all(&bad_eeg).unwrap();
     let t = times(-0.2, 100.0, 100);
-    std::fs::write(bad_eeg.join("preprocessed_eeg_training.npy"), common::things::eeg_dict_file(Layout::NpSave, [18, 2, 17, 100], &values, &CHANNELS, &t)).unwrap();
+    std::fs::write(
+        bad_eeg.join("preprocessed_eeg_training.npy"),
+        common::things::eeg_dict_file(Layout::NpSave, [18, 2, 17, 100], &values, &CHANNELS, &t),
+    )
+    .unwrap();
     std::fs::copy(src.subjects[0].join("preprocessed_eeg_test.npy"), bad_eeg.join("preprocessed_eeg_test.npy")).unwrap();
     let e = refused("NaN in the EEG", import_args(&src, &out, std::slice::from_ref(&bad_eeg), &[]), &out);
     assert!(e.contains("sub-nan/preprocessed_eeg_training.npy: 2 non-finite value(s)") && e.contains("[5, 1, 3, 7]"), "{e}");
@@ -207,7 +211,12 @@ fn every_bad_input_is_refused_by_name_before_anything_is_written() {
     // A plain array in place of the dict, and a missing file.
     let plain = root.join("sub-plain");
     std::fs::create_dir_all(&plain).unwrap();
-    sgdm::data::npy::write_f32(plain.join("preprocessed_eeg_training.npy"), &[18, 2, 17, 100], &values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<_>>()).unwrap();
+    sgdm::data::npy::write_f32(
+        plain.join("preprocessed_eeg_training.npy"),
+        &[18, 2, 17, 100],
+        &values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<_>>(),
+    )
+    .unwrap();
     let e = refused("a plain array", import_args(&src, &out, std::slice::from_ref(&plain), &[]), &out);
     assert!(e.contains("sub-plain/preprocessed_eeg_training.npy: a plain numeric array"), "{e}");
     let e = refused("a missing file", import_args(&src, &out, &[root.join("sub-absent")], &[]), &out);

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
-use common::things::{eeg_dict_file, eeg_values, image_folder, subject_folder, times, Layout, CHANNELS};
 use common::run_sgdm;
+use common::things::{eeg_dict_file, eeg_values, image_folder, subject_folder, times, Layout, CHANNELS};
 use serde_json::{json, Value};
 use sgdm::data::npy::write_f32;
 use sgdm::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
@@ -47,7 +47,19 @@ fn imported() -> &'static Imported {
         subject_folder(&subject, Layout::NpSave, [16, 2, 17, 100], [4, 4, 17, 100], &CHANNELS, &times(-0.2, 100.0, 100), 11);
         let data = root.join("dataset");
         let (ok, out, err) = run_sgdm([
-            "data", "import", "things-eeg2", "--eeg-dir", s(&subject), "--images-dir", s(&images), "--out", s(&data), "--val-concepts", "2", "--image-size", "32",
+            "data",
+            "import",
+            "things-eeg2",
+            "--eeg-dir",
+            s(&subject),
+            "--images-dir",
+            s(&images),
+            "--out",
+            s(&data),
+            "--val-concepts",
+            "2",
+            "--image-size",
+            "32",
         ]);
         assert!(ok, "import failed:\n{out}\n{err}");
         Imported { root, subject, images, data }
@@ -58,7 +70,8 @@ fn imported() -> &'static Imported {
 /// the `[base]` table (trained or pretrained).
 fn config(data: &Path, base: &str) -> String {
     let data = s(data);
-    let train = |table: &str, lr: f64| format!("[{table}]\nsteps = 4\nbatch = 4\nlr = {lr}\nwarmup = 1\nseed = 1\ncheckpoint_every = 4\nlog_every = 4\n");
+    let train =
+        |table: &str, lr: f64| format!("[{table}]\nsteps = 4\nbatch = 4\nlr = {lr}\nwarmup = 1\nseed = 1\ncheckpoint_every = 4\nlog_every = 4\n");
     let svae = "latent_dim = 8\nstructure_dim = 256\nchannels = [4, 8, 8]\nhidden = 32\n";
     let encoder = "latent_dim = 8\nlstm_hidden = 8\nlstm_layers = 1\nspatial_channels = [8, 8]\nfusion_hidden = 16\n";
     format!(
@@ -138,7 +151,8 @@ fn train_all_on_the_import_then_reconstruct_the_test_file_and_evaluate_against_t
     let (ok, out, err) = reconstruct(&test_eeg, weights, &recon, &["--images", s(&d.images.join("test_images"))]);
     assert!(ok, "reconstruct failed:\n{out}\n{err}");
     assert!(!err.contains("note:"), "a file with names and times needs no note:\n{err}");
-    let lines: Vec<Value> = std::fs::read_to_string(recon.join("manifest.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        std::fs::read_to_string(recon.join("manifest.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let mut seen: Vec<(u64, String)> = lines.iter().map(|l| (l["index"].as_u64().unwrap(), l["seen"].as_str().unwrap().to_string())).collect();
     seen.sort();
     assert!(seen[0].1.ends_with("test_images/00020_c20/c20_00b.jpg") && seen[3].1.ends_with("test_images/00023_c23/c23_00b.jpg"), "{seen:?}");
@@ -202,7 +216,11 @@ fn the_eeg_contract_refuses_every_mismatch_before_any_output() {
     assert!(ok, "{err}");
     let notes: Vec<&str> = err.lines().filter(|l| l.starts_with("sgdm: note:")).collect();
     assert_eq!(notes.len(), 1, "{err}");
-    assert!(notes[0].contains("plain.npy: stores no channel names or times; read as the model's P7, P5") && notes[0].contains("at 100 Hz, -0.200 to 0.790 s"), "{err}");
+    assert!(
+        notes[0].contains("plain.npy: stores no channel names or times; read as the model's P7, P5")
+            && notes[0].contains("at 100 Hz, -0.200 to 0.790 s"),
+        "{err}"
+    );
 
     // eval checks the file against the weights it scores with: here a model trained on another channel order.
     let other = d.root.join("other-weights");
@@ -214,7 +232,8 @@ fn the_eeg_contract_refuses_every_mismatch_before_any_output() {
     let test_eeg = d.subject.join("preprocessed_eeg_test.npy");
     let (ok, _, err) = reconstruct(&test_eeg, weights, &recon, &["--limit", "2", "--images", s(&d.images.join("test_images"))]);
     assert!(ok, "{err}");
-    let (ok, _, err) = run_sgdm(["--device", "cpu", "eval", "--recon", s(&recon), "--items", "2", "--weights", s(&other), "--out", s(&d.root.join("e4"))]);
+    let (ok, _, err) =
+        run_sgdm(["--device", "cpu", "eval", "--recon", s(&recon), "--items", "2", "--weights", s(&other), "--out", s(&d.root.join("e4"))]);
     assert!(!ok && err.contains("preprocessed_eeg_test.npy: holds the model's channels in another order"), "{err}");
     assert!(!d.root.join("e4").exists(), "eval wrote before refusing");
 
@@ -305,7 +324,8 @@ fn sd_like_folder(dir: &Path) {
     write_component(&dir.join("vae"), &vae, &vae_model.params, 7);
     let unet_model = UNet::new(UNetConfig::from_json(&dir.join("unet/config.json"), &unet).unwrap()).unwrap();
     write_component(&dir.join("unet"), &unet, &unet_model.params, 8);
-    let index = json!({ "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"] });
+    let index =
+        json!({ "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"] });
     std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
 }
 
@@ -351,7 +371,10 @@ fn a_pretrained_sd_like_base_skips_base_training_and_seeds_the_controlnet_as_fro
     for spec in cn_model.params.specs() {
         let got = values(&cn.weights, &spec.name);
         let name = spec.name.as_str();
-        if name.starts_with("controlnet_down_blocks.") || name.starts_with("controlnet_mid_block.") || name.starts_with("controlnet_cond_embedding.conv_out.") {
+        if name.starts_with("controlnet_down_blocks.")
+            || name.starts_with("controlnet_mid_block.")
+            || name.starts_with("controlnet_cond_embedding.conv_out.")
+        {
             assert!(got.iter().all(|v| *v == 0.0), "{name} is not zero-initialised");
             zero += 1;
         } else if name.starts_with("controlnet_cond_embedding.") {
@@ -368,7 +391,9 @@ fn a_pretrained_sd_like_base_skips_base_training_and_seeds_the_controlnet_as_fro
     let bad = format!("[base]\npretrained = {:?}\nimage_size = 32\n", s(&sd));
     let e = TrainingConfig::all(Path::new("c.toml"), &config(&d.data, &bad), &frozen_out).unwrap_err().to_string();
     assert!(e.contains("c.toml: [base] pretrained") && e.contains("remove image_size"), "{e}");
-    let e = TrainingConfig::all(Path::new("c.toml"), &config(&d.data, &format!("[base]\npretrained = {:?}\n", s(&d.root))), &frozen_out).unwrap_err().to_string();
+    let e = TrainingConfig::all(Path::new("c.toml"), &config(&d.data, &format!("[base]\npretrained = {:?}\n", s(&d.root))), &frozen_out)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unet/config.json is missing") || e.contains("vae/config.json is missing"), "{e}");
 }
 

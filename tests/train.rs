@@ -14,10 +14,8 @@ use sgdm::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutput
 use sgdm::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use sgdm::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward, PARTIALS};
 use sgdm::ops::optim::AdamW;
-use sgdm::train::log::format_duration;
-use sgdm::train::{
-    config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog,
-};
+use sgdm::train::{config_id, load_checkpoint, save_checkpoint, LrSchedule, Optimizer, OptimizerConfig, Progress, RngState, StepLog};
+use sgdm::util::format_duration;
 use sgdm::weights::{save_safetensors, SafetensorsFile};
 use sgdm::{DType, Device, Tensor};
 
@@ -35,11 +33,11 @@ fn schedule_warms_up_linearly_then_decays_by_half_cosine_to_the_floor() {
     // Decay over steps 4..12: progress p = (step - 4) / 8, lr = 0.1 + 0.9 * (1 + cos(pi p)) / 2.
     let half_sqrt2 = std::f64::consts::FRAC_1_SQRT_2;
     for (step, want) in [
-        (4, 1.0),                                    // p = 0
-        (6, 0.1 + 0.45 * (1.0 + half_sqrt2)),        // p = 1/4: 0.868198...
-        (8, 0.55),                                   // p = 1/2: cos = 0
-        (10, 0.1 + 0.45 * (1.0 - half_sqrt2)),       // p = 3/4: 0.231801...
-        (12, 0.1),                                   // the floor
+        (4, 1.0),                              // p = 0
+        (6, 0.1 + 0.45 * (1.0 + half_sqrt2)),  // p = 1/4: 0.868198...
+        (8, 0.55),                             // p = 1/2: cos = 0
+        (10, 0.1 + 0.45 * (1.0 - half_sqrt2)), // p = 3/4: 0.231801...
+        (12, 0.1),                             // the floor
         (1000, 0.1),
     ] {
         close(s.lr(step), want);
@@ -348,7 +346,8 @@ fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
     assert!(refusal(&extra, 8, CONFIG).contains("1 tensor(s) this model does not have (a checkpoint of another model?): controlnet.conv_in.bias"));
 
     let weights_only = dir.path().join("weights.safetensors");
-    let refs: Vec<(&str, &Tensor)> = run.model.params.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), run.params.get(ParamId(i)))).collect();
+    let refs: Vec<(&str, &Tensor)> =
+        run.model.params.specs().iter().enumerate().map(|(i, s)| (s.name.as_str(), run.params.get(ParamId(i)))).collect();
     save_safetensors(&weights_only, &refs, None).unwrap();
     assert!(refusal(&weights_only, 8, CONFIG).contains("not an sgdm checkpoint"));
 

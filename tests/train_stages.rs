@@ -10,9 +10,10 @@ use std::sync::OnceLock;
 
 use sgdm::data::synth::{generate, SplitSize, SynthConfig};
 use sgdm::models::sgdm::{EegEncoderConfig, StructuralVaeConfig};
+use sgdm::nn::ParamStore;
 use sgdm::train::stages::{
-    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport, Stopped,
-    VaeStageConfig,
+    train_base, train_controlnet, train_encoder, train_vae, BaseStageConfig, ControlNetStageConfig, EncoderStageConfig, LoopConfig, StageReport,
+    Stopped, VaeStageConfig,
 };
 use sgdm::weights::SafetensorsFile;
 use sgdm::Device;
@@ -141,7 +142,8 @@ fn encoder_stage_infonce_loss_falls_against_the_frozen_vae() {
     let vae_out = tempfile::tempdir().unwrap();
     train_vae(&vae_config(dataset(), 20), vae_out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
+    let report =
+        train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("encoder", &report, 5);
     // ln(8) = 2.08 is chance for a batch of 8.
     assert!(last < first - 0.2, "the encoder's InfoNCE loss fell from {first} to only {last}");
@@ -214,7 +216,7 @@ fn set_metadata(path: &Path, key: &str, value: &str) {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     header["__metadata__"][key] = serde_json::Value::from(value);
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -252,7 +254,6 @@ fn the_final_parameters_are_those_of_the_checkpoint_with_the_lowest_validation_l
         differs_from_last |= bytes != last.raw(name).unwrap().2;
     }
     assert!(differs_from_last, "steps 5 and 10 have the same parameters: the check above proves nothing");
-
 }
 
 #[test]
@@ -317,7 +318,8 @@ fn vae_stage_resumes_exactly_from_its_checkpoint() {
     assert_eq!(resumed.first_step, 10);
     assert_eq!(resumed.train_losses, full.train_losses[10..], "the resumed run's training losses");
     assert_eq!(resumed.val_losses, full.val_losses[1..], "the resumed run's validation losses");
-    let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(resumed_out.path().join("vae.safetensors")).unwrap());
+    let (a, b) =
+        (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(resumed_out.path().join("vae.safetensors")).unwrap());
     assert!(a == b, "the resumed run's final parameters differ");
 }
 
@@ -365,20 +367,21 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
         assert!(c.weights.contains(tensor), "{component} lacks {tensor}");
     }
     // They load as real Stable Diffusion components do: every parameter present, by name and shape.
-    let source = |c: &str| sgdm::conformance::ModelSource::open(&out.path().join(c), None).unwrap();
+    let source = |c: &str| sgdm::weights::ModelSource::open(&out.path().join(c), None).unwrap();
     let (vae, unet) = (source("vae"), source("unet"));
     let vae_model = sgdm::models::autoencoder_kl::AutoencoderKl::new(
         sgdm::models::autoencoder_kl::AutoencoderKlConfig::from_json(&vae.config_path(), &vae.config).unwrap(),
     )
     .unwrap();
-    vae.params(&vae_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    ParamStore::from_source(&vae_model.params, &vae.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
     let unet_model = sgdm::models::unet::UNet::new(sgdm::models::unet::UNetConfig::from_json(&unet.config_path(), &unet.config).unwrap()).unwrap();
-    unet.params(&unet_model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    ParamStore::from_source(&unet_model.params, &unet.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
 }
 
 #[test]
 fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
-    let (base, vae, encoder, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (base, vae, encoder, out) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train_base(&base_config(dataset(), 20, 20), base.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     train_vae(&vae_config(dataset(), 20), vae.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
@@ -405,9 +408,10 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let c = sgdm::weights::Component::open(out.path().join("controlnet")).unwrap();
     assert_eq!(c.config["_class_name"], "ControlNetModel");
     assert!(c.weights.contains("controlnet_mid_block.weight") && !c.weights.contains("eeg_projector.weight"));
-    let source = sgdm::conformance::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
-    let model = sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
-    let p = source.params(&model.params, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
+    let source = sgdm::weights::ModelSource::open(&out.path().join("controlnet"), None).unwrap();
+    let model =
+        sgdm::models::unet::ControlNet::new(sgdm::models::unet::UNetConfig::from_json(&source.config_path(), &source.config).unwrap()).unwrap();
+    let p = ParamStore::from_source(&model.params, &source.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
     // The zero convs start at zero: training moved them, so gradients reached the ControlNet's outputs.
     let mid = p.get(model.mid_zero_conv.weight).to_f32_vec().unwrap();
     assert!(mid.iter().any(|v| *v != 0.0), "controlnet_mid_block is still zero");
@@ -444,7 +448,8 @@ fn a_stop_request_ends_the_stage_with_a_checkpoint_that_resumes_to_the_same_resu
     assert!(!stopped_out.path().join("vae.safetensors").exists(), "a stopped run wrote its final parameters");
     let resumed = train_vae(&cfg, stopped_out.path(), Some(&checkpoint), &KEEP_GOING, &Device::Cpu).unwrap();
     assert_eq!((resumed.first_step, resumed.train_losses.len()), (1, 11));
-    let (a, b) = (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(stopped_out.path().join("vae.safetensors")).unwrap());
+    let (a, b) =
+        (std::fs::read(straight.path().join("vae.safetensors")).unwrap(), std::fs::read(stopped_out.path().join("vae.safetensors")).unwrap());
     assert!(a == b, "the stopped and resumed run's final parameters differ from an uninterrupted run's");
 }
 
@@ -498,7 +503,8 @@ fn the_vae_and_encoder_stages_train_on_cuda_in_bf16() {
     assert!(last < 0.8 * first, "the VAE's bf16 training loss fell from {first} to only {last}");
     let file = SafetensorsFile::open(vae_out.path().join("vae.safetensors")).unwrap();
     assert_eq!(file.raw("structure_head.weight").unwrap().0, sgdm::DType::BF16);
-    let report = train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), enc_out.path(), None, &KEEP_GOING, &gpu).unwrap();
+    let report =
+        train_encoder(&encoder_config(dataset(), &vae_out.path().join("vae.safetensors"), 40), enc_out.path(), None, &KEEP_GOING, &gpu).unwrap();
     let (first, last) = first_last("encoder on CUDA", &report, 5);
     assert!(last < first - 0.2, "the encoder's bf16 InfoNCE loss fell from {first} to only {last}");
 }

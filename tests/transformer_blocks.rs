@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use sgdm::models::blocks::{Transformer2d, TransformerSpec};
+use sgdm::models::transformer_2d::{Transformer2d, TransformerSpec};
 use sgdm::models::unet::TimeEmbedding;
 use sgdm::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
 use sgdm::weights::SafetensorsFile;

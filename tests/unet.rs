@@ -43,10 +43,11 @@ fn sd15_controlnet_residuals_drive_the_sd15_unet_on_a_small_latent() {
         (acts.down, acts.mid)
     };
     let shapes: Vec<&[usize]> = down.iter().map(Tensor::shape).collect();
-    let expected: Vec<[usize; 4]> = [(320, 16), (320, 16), (320, 16), (320, 8), (640, 8), (640, 8), (640, 4), (1280, 4), (1280, 4), (1280, 2), (1280, 2), (1280, 2)]
-        .iter()
-        .map(|&(c, s)| [1, c, s, s])
-        .collect();
+    let expected: Vec<[usize; 4]> =
+        [(320, 16), (320, 16), (320, 16), (320, 8), (640, 8), (640, 8), (640, 4), (1280, 4), (1280, 4), (1280, 2), (1280, 2), (1280, 2)]
+            .iter()
+            .map(|&(c, s)| [1, c, s, s])
+            .collect();
     assert_eq!(shapes, expected.iter().map(|s| s.as_slice()).collect::<Vec<_>>());
     assert_eq!(mid.shape(), [1, 1280, 2, 2]);
     assert!(down.iter().all(finite) && finite(&mid));

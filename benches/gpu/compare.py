@@ -1,4 +1,4 @@
-"""Joins `sgdm bench --json` and torch_ops.py's JSON into the issue-#8 table (markdown on stdout): per case
+"""Joins `sgdm bench --json` and torch_ops.py's JSON into the performance-target table (markdown on stdout): per case
 and pass, our median, PyTorch's best variant's median, ratio = PyTorch / ours, the target, and our achieved
 TFLOP/s (FLOP-bound families) or GB/s (GroupNorm + SiLU) against our peaks measured in the same run.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Our kernels against PyTorch on the same GPU, in one run (issue #8). Runs on the GPU machine from the
+# Our kernels against PyTorch on the same GPU, in one run. Runs on the GPU machine from the
 # repository root with the bundle of benches/gpu/bundle.sh unpacked into target/ (no Rust toolchain needed):
 #   1. the ptxas report of every kernel for this GPU (registers, spills);
 #   2. the CUDA-vs-CPU kernel parity test (failures are listed under the table: those rows are not valid);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA correctness in one command (issue #10). Runs on the GPU machine, from the repository root, with the
+# CUDA correctness in one command. Runs on the GPU machine, from the repository root, with the
 # bundle of benches/gpu/bundle.sh unpacked into target/ (no Rust toolchain, no network needed):
 #   1. every kernel file's ops, CUDA (f32 and bf16) against the CPU f32 reference on fresh random data,
 #      forward and backward, twice: into an empty kernel cache (NVRTC compiles) and from it (cubins load);

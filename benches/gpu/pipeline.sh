@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from the repository root, after smoke.sh's bundle is unpacked: the numbers
-# issue #7 asks for. `sgdm profile` of a denoising step (default model at batch 16, SD 1.5 at 512x512 at
+# Runs on the GPU machine, from the repository root, after smoke.sh's bundle is unpacked: the end-to-end
+# numbers. `sgdm profile` of a denoising step (default model at batch 16, SD 1.5 at 512x512 at
 # batches 1 and 4), `sgdm reconstruct` images/s at batch 16 on the default test split with the shipped
 # weights on CUDA (bf16) next to the same run on the CPU (f32, first 32 items), `sgdm eval` of both, and
 # the PyTorch/diffusers SD 1.5 step at the same shapes when diffusers is importable

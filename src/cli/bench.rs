@@ -1,4 +1,4 @@
-//! `sgdm bench`: time our kernels at the issue-#8 shapes and print ms, TFLOP/s and GB/s against the peaks
+//! `sgdm bench`: time our kernels at the shapes of the performance targets (src/bench.rs) and print ms, TFLOP/s and GB/s against the peaks
 //! measured in the same run (src/bench.rs); `--list` prints the cases for the PyTorch side.
 
 use std::path::PathBuf;
@@ -64,7 +64,12 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let dtype = args.dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
     let timing = Timing { warmup: args.warmup, runs: args.runs };
     let (peak_flops, peak_bw) = peaks(&device, dtype)?;
-    println!("{device} {dtype}, commit {}: peaks measured now: GEMM {:.1} TFLOP/s, copy {:.0} GB/s", env!("SGDM_GIT_COMMIT"), peak_flops / 1e12, peak_bw / 1e9);
+    println!(
+        "{device} {dtype}, commit {}: peaks measured now: GEMM {:.1} TFLOP/s, copy {:.0} GB/s",
+        env!("SGDM_GIT_COMMIT"),
+        peak_flops / 1e12,
+        peak_bw / 1e9
+    );
     println!("{:<15} {:<52} {:<16} {:>10} {:>9} {:>7} {:>8} {:>7}", "family", "case", "pass", "median ms", "TFLOP/s", "%gemm", "GB/s", "%copy");
     let mut all = Vec::new();
     for case in &cases {

@@ -64,7 +64,8 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     }
     // The model first: a broken weights folder is refused before minutes of dataset synthesis.
     let weights = weights_folder(args.weights.as_deref())?;
-    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device)).with_context(|| format!("{}: cannot load the model", weights.display()))?;
+    let pipeline = Pipeline::open(&weights, &selected.device, dtype_for(&selected.device))
+        .with_context(|| format!("{}: cannot load the model", weights.display()))?;
     let data = args.out.join("data");
     if has_default_dataset(&data) {
         println!("1/3 dataset: reusing {}", data.display());
@@ -97,7 +98,8 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     // The reconstruction's seed is the ablation's first, so its images serve the ablation too.
     let seed = args.sampling.seed;
     let seeds = vec![seed, seed.wrapping_add(1), seed.wrapping_add(2)];
-    let ablation = AblationConfig { items: Some((args.ablation_items as usize).min(cfg.limit.unwrap_or(usize::MAX))), seeds, batch: args.sampling.batch };
+    let ablation =
+        AblationConfig { items: Some((args.ablation_items as usize).min(cfg.limit.unwrap_or(usize::MAX))), seeds, batch: args.sampling.batch };
     println!(
         "3/3 evaluate: retrieval, structure maps, the ridge floor, PixCorr, SSIM, 2-way identification, the shuffled control, and the ablation \
          (the first {} figures, seeds {:?}: structure from EEG, no structure, true structure)",

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use sgdm::evaluate::ablation::AblationConfig;
-use sgdm::evaluate::{evaluate, format_indices, format_table, read_run, EvalConfig};
+use sgdm::evaluate::{evaluate, format_indices, format_table, EvalConfig};
 use sgdm::pipeline::Pipeline;
+use sgdm::reconstruct::read_run;
 use sgdm::runtime::select;
 use sgdm::DeviceSpec;
 
@@ -71,13 +72,21 @@ pub struct AblationArgs {
 
 impl AblationArgs {
     pub fn config(&self, items_default: Option<u64>) -> Result<AblationConfig> {
-        anyhow::ensure!(self.ablation_seeds.len() >= 2, "--ablation-seeds {:?}: give at least 2 seeds (the spread is over them)", self.ablation_seeds);
+        anyhow::ensure!(
+            self.ablation_seeds.len() >= 2,
+            "--ablation-seeds {:?}: give at least 2 seeds (the spread is over them)",
+            self.ablation_seeds
+        );
         anyhow::ensure!(self.ablation_batch >= 1, "--ablation-batch must be at least 1");
         let mut unique = self.ablation_seeds.clone();
         unique.sort_unstable();
         unique.dedup();
         anyhow::ensure!(unique.len() == self.ablation_seeds.len(), "--ablation-seeds {:?}: a seed is repeated", self.ablation_seeds);
-        Ok(AblationConfig { items: self.ablation_items.or(items_default).map(|n| n as usize), seeds: self.ablation_seeds.clone(), batch: self.ablation_batch })
+        Ok(AblationConfig {
+            items: self.ablation_items.or(items_default).map(|n| n as usize),
+            seeds: self.ablation_seeds.clone(),
+            batch: self.ablation_batch,
+        })
     }
 }
 

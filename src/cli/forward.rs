@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use sgdm::runtime::arena::human_bytes;
+use sgdm::memory::arena::human_bytes;
 use sgdm::runtime::select;
 use sgdm::tensor::memory_stats;
 use sgdm::weights::save_safetensors;
@@ -51,14 +51,7 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         eprintln!("{n}");
     }
     let started = Instant::now();
-    let run = sgdm::conformance::run(
-        &args.model_dir,
-        &args.inputs,
-        args.grad_outputs.as_deref(),
-        &selected.device,
-        args.dtype,
-        args.random_weights,
-    )?;
+    let run = sgdm::conformance::run(&args.model_dir, &args.inputs, args.grad_outputs.as_deref(), &selected.device, args.dtype, args.random_weights)?;
     selected.device.synchronize()?;
     let elapsed = started.elapsed();
     let memory = memory_stats();
@@ -82,7 +75,9 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         bounds.grad = args.grad_bound.unwrap_or(bounds.grad);
         // Zero gradients in bf16 are bounded by the CPU f32 run's residuals (conformance::ZeroGradient).
         let f32_run = if bounds.needs_f32_run(reference)? {
-            eprintln!("the reference has gradients that are zero in exact arithmetic: running the model on the CPU in f32 to bound their rounding residual");
+            eprintln!(
+                "the reference has gradients that are zero in exact arithmetic: running the model on the CPU in f32 to bound their rounding residual"
+            );
             let cpu = sgdm::conformance::run(
                 &args.model_dir,
                 &args.inputs,

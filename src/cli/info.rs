@@ -1,7 +1,7 @@
 //! `sgdm info`: what hardware and libraries the engine sees.
 
 use anyhow::Result;
-use sgdm::runtime::arena::human_bytes;
+use sgdm::memory::arena::human_bytes;
 use sgdm::runtime::cuda::CudaDevice;
 use sgdm::runtime::kernels::{cache_dir, KERNEL_FILES};
 use sgdm::runtime::{cudasim, probe};

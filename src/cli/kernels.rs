@@ -41,7 +41,13 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
         for r in resources {
             println!(
                 "{:<16} {:<28} {:>5} {:>10} {:>11} {:>12} {:>11}",
-                file.name, r.name, r.registers, r.shared_bytes, r.local_bytes(), r.spill_store_bytes, r.spill_load_bytes
+                file.name,
+                r.name,
+                r.registers,
+                r.shared_bytes,
+                r.local_bytes(),
+                r.spill_store_bytes,
+                r.spill_load_bytes
             );
             spills += (r.spill_store_bytes + r.spill_load_bytes > 0) as usize;
         }

@@ -47,7 +47,6 @@ pub struct Args {
 const SD15_UNET: &str = include_str!("../../tests/fixtures/sd15/unet.json");
 const SD15_CONTROLNET: &str = include_str!("../../tests/fixtures/sd15/controlnet.json");
 
-
 pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     anyhow::ensure!(args.batch >= 1 && args.steps >= 1, "--batch and --steps must be at least 1");
     let selected = select(spec)?;
@@ -81,7 +80,10 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
             };
             let unet = UNet::new(parse(SD15_UNET, "sd15/unet.json")?)?;
             let controlnet = ControlNet::new(parse(SD15_CONTROLNET, "sd15/controlnet.json")?)?;
-            eprintln!("drawing random SD 1.5 UNet and ControlNet parameters ({:.2} G)...", (unet.params.numel() + controlnet.params.numel()) as f64 / 1e9);
+            eprintln!(
+                "drawing random SD 1.5 UNet and ControlNet parameters ({:.2} G)...",
+                (unet.params.numel() + controlnet.params.numel()) as f64 / 1e9
+            );
             let up = ParamStore::random_owned(&unet.params, &device, dtype, 1)?;
             let cp = ParamStore::random_owned(&controlnet.params, &device, dtype, 2)?;
             sd15 = (unet, up, controlnet, cp);
@@ -127,7 +129,12 @@ pub fn run(spec: DeviceSpec, args: &Args) -> Result<()> {
     let pooled_seconds = replay.elapsed().as_secs_f64() / args.steps as f64;
     let pool = pooled.pool_usage();
 
-    let per_step = |t: &Totals| Totals { calls: t.calls / args.steps as u64, seconds: t.seconds / args.steps as f64, flops: t.flops / args.steps as f64, bytes: t.bytes / args.steps as f64 };
+    let per_step = |t: &Totals| Totals {
+        calls: t.calls / args.steps as u64,
+        seconds: t.seconds / args.steps as f64,
+        flops: t.flops / args.steps as f64,
+        bytes: t.bytes / args.steps as f64,
+    };
     let tracked: f64 = totals.iter().map(|t| t.seconds).sum::<f64>() / args.steps as f64;
     let families: Vec<Value> = FAMILIES
         .iter()

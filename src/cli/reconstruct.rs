@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use sgdm::default_weights::locate;
 use sgdm::diffusion::scheduler::SchedulerKind;
+use sgdm::memory::arena::human_bytes;
 use sgdm::pipeline::{Pipeline, SamplingOptions};
 use sgdm::reconstruct::{reconstruct, ReconstructConfig, Shard, Summary};
-use sgdm::runtime::arena::human_bytes;
 use sgdm::runtime::select;
 use sgdm::util::ItemProgress;
 use sgdm::{DType, Device, DeviceSpec};
@@ -46,7 +46,13 @@ pub struct Sampling {
 
 impl Sampling {
     pub fn options(&self) -> SamplingOptions {
-        SamplingOptions { steps: self.steps, scheduler: self.scheduler, guidance: self.guidance, controlnet_scale: self.controlnet_scale, seed: self.seed }
+        SamplingOptions {
+            steps: self.steps,
+            scheduler: self.scheduler,
+            guidance: self.guidance,
+            controlnet_scale: self.controlnet_scale,
+            seed: self.seed,
+        }
     }
 }
 

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
+use sgdm::runtime::select;
 use sgdm::train::config::{Stage as TableStage, TrainingConfig};
 use sgdm::train::stages::{check_pretrained_base, train_base, train_controlnet, train_encoder, train_vae, StageReport, Stopped};
 use sgdm::util::remove_stale_temporaries;
-use sgdm::runtime::select;
 use sgdm::weights::COMPONENT_WEIGHT_FILES;
 use sgdm::{Device, DeviceSpec};
 
@@ -122,8 +122,12 @@ fn run_stage(stage: TableStage, config: &TrainingConfig, path: &Path, out: &Path
             r.vae.map(|v| ("base_vae", v)).into_iter().chain([("base_unet", r.unet)]).collect()
         }
         TableStage::Vae => vec![("vae", train_vae(config.vae.as_ref().with_context(|| missing("vae"))?, out, resume, stop, device)?)],
-        TableStage::Encoder => vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop, device)?)],
-        TableStage::Controlnet => vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop, device)?)],
+        TableStage::Encoder => {
+            vec![("encoder", train_encoder(config.encoder.as_ref().with_context(|| missing("encoder"))?, out, resume, stop, device)?)]
+        }
+        TableStage::Controlnet => {
+            vec![("controlnet", train_controlnet(config.controlnet.as_ref().with_context(|| missing("controlnet"))?, out, resume, stop, device)?)]
+        }
     };
     for (name, report) in &reports {
         print_report(name, report);
@@ -185,7 +189,10 @@ fn latest_checkpoint(out: &Path, stage: TableStage) -> Result<Option<PathBuf>> {
         TableStage::Controlnet => &["controlnet"],
     };
     let names: Vec<String> = match std::fs::read_dir(out) {
-        Ok(entries) => entries.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<_>>().with_context(|| format!("{}: cannot list", out.display()))?,
+        Ok(entries) => entries
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("{}: cannot list", out.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("{}: cannot list", out.display())),
     };

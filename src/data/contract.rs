@@ -100,10 +100,7 @@ impl EegContract {
             let rate = self.sampling_rate_hz.map_or("an unrecorded rate".into(), |r| format!("{r} Hz"));
             let window = self.window_s.map_or("an unrecorded window".into(), |[a, b]| format!("{a:.3} to {b:.3} s"));
             let names = if self.ch_names.is_empty() { format!("{} channels", self.std.len()) } else { self.ch_names.join(", ") };
-            notes.push(format!(
-                "{}: stores no channel names or times; read as the model's {names} at {rate}, {window}",
-                scan.path.display()
-            ));
+            notes.push(format!("{}: stores no channel names or times; read as the model's {names} at {rate}, {window}", scan.path.display()));
         }
         Ok(notes)
     }
@@ -142,11 +139,12 @@ impl EegContract {
         }
         let mut notes = Vec::new();
         match (rate, self.sampling_rate_hz) {
-            (Some(here), Some(model)) => ensure!(
-                (here - model).abs() <= 1e-6 * model,
-                "{f}: sampled at {here} Hz, the model ({c}) at {model} Hz: resample it to {model} Hz"
-            ),
-            (Some(_), None) => notes.push(format!("{c}: records no sampling rate or time window (written before sgdm recorded them): {f} is not checked for them")),
+            (Some(here), Some(model)) => {
+                ensure!((here - model).abs() <= 1e-6 * model, "{f}: sampled at {here} Hz, the model ({c}) at {model} Hz: resample it to {model} Hz")
+            }
+            (Some(_), None) => {
+                notes.push(format!("{c}: records no sampling rate or time window (written before sgdm recorded them): {f} is not checked for them"))
+            }
             _ => {}
         }
         if let (Some([a0, a1]), Some([b0, b1])) = (window, self.window_s) {

@@ -202,10 +202,7 @@ impl EegData {
                 times: None,
             });
         }
-        ensure!(
-            bytes.first() == Some(&0x80),
-            "{p}: neither a .npy file (no \\x93NUMPY magic) nor a pickle (no protocol 2+ header)"
-        );
+        ensure!(bytes.first() == Some(&0x80), "{p}: neither a .npy file (no \\x93NUMPY magic) nor a pickle (no protocol 2+ header)");
         let root = pickle::load(bytes, path)?;
         from_dict(&root, path, EegFormat::PickledDict)
     }
@@ -286,11 +283,7 @@ fn shape4(shape: &[usize], path: &Path) -> Result<[usize; 4]> {
             shape.len()
         ),
     };
-    ensure!(
-        shape4[1..].iter().all(|&d| d > 0),
-        "{}: EEG array of shape {shape:?} has no repetitions, channels or time points",
-        path.display()
-    );
+    ensure!(shape4[1..].iter().all(|&d| d > 0), "{}: EEG array of shape {shape:?} has no repetitions, channels or time points", path.display());
     Ok(shape4)
 }
 
@@ -355,11 +348,7 @@ fn from_dict(dict: &Value, path: &Path, format: EegFormat) -> Result<EegData> {
         }
         v => bail!("{p}: 'ch_names' is a {}, expected a list of str or a numpy str array", v.kind()),
     };
-    ensure!(
-        ch_names.len() == channels,
-        "{p}: 'ch_names' names {} channels, 'preprocessed_eeg_data' has {channels}",
-        ch_names.len()
-    );
+    ensure!(ch_names.len() == channels, "{p}: 'ch_names' names {} channels, 'preprocessed_eeg_data' has {channels}", ch_names.len());
 
     let times = match key("times")? {
         Value::Array(a) => a.to_f64().with_context(|| format!("{p}: 'times' has dtype {}, expected numbers", a.dtype))?,
@@ -379,15 +368,7 @@ fn from_dict(dict: &Value, path: &Path, format: EegFormat) -> Result<EegData> {
         bail!("{p}: 'times' does not increase at index {} ({} then {})", i + 1, times[i], times[i + 1]);
     }
 
-    Ok(EegData {
-        path: path.to_path_buf(),
-        format,
-        source_dtype: eeg.dtype,
-        shape,
-        data,
-        ch_names: Some(ch_names),
-        times: Some(times),
-    })
+    Ok(EegData { path: path.to_path_buf(), format, source_dtype: eeg.dtype, shape, data, ch_names: Some(ch_names), times: Some(times) })
 }
 
 /// Values decoded at a time by [`EegRows::scan`] (16 MiB of f32).

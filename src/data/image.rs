@@ -10,6 +10,10 @@ use image::{GrayImage, ImageFormat, RgbImage};
 
 use crate::util::write_atomic;
 
+/// The largest image side sgdm trains at or imports to (SD's is 512): a typo of 64000 would ask for a
+/// terabyte.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 /// Decodes a PNG or JPEG file to 8-bit RGB.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
@@ -75,6 +79,19 @@ pub fn save_png_gray(path: impl AsRef<Path>, img: &GrayImage) -> Result<()> {
     encode_png(|buf| img.write_to(buf, ImageFormat::Png), path)
 }
 
+/// An RGB image as `[3, H, W]` planes in [0, 1] (the models' layout).
+pub fn to_planes(img: &RgbImage) -> Vec<f32> {
+    (0..3).flat_map(|c| img.pixels().map(move |p| p[c] as f32 / 255.0)).collect()
+}
+
+/// The inverse of [`to_planes`]: `[3, size, size]` planes in [0, 1] (clamped) -> an RGB image, rounded.
+pub fn from_planes(planes: &[f32], size: usize) -> RgbImage {
+    RgbImage::from_fn(size as u32, size as u32, |x, y| {
+        let at = |c: usize| (planes[c * size * size + y as usize * size + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8;
+        image::Rgb([at(0), at(1), at(2)])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,17 +129,4 @@ mod tests {
         assert!(err.contains("anim.png: not a PNG or JPEG"), "{err}");
         assert!(load_rgb(dir.path().join("absent.png")).unwrap_err().to_string().contains("absent.png: cannot open"));
     }
-}
-
-/// An RGB image as `[3, H, W]` planes in [0, 1] (the models' layout).
-pub fn to_planes(img: &RgbImage) -> Vec<f32> {
-    (0..3).flat_map(|c| img.pixels().map(move |p| p[c] as f32 / 255.0)).collect()
-}
-
-/// The inverse of [`to_planes`]: `[3, size, size]` planes in [0, 1] (clamped) -> an RGB image, rounded.
-pub fn from_planes(planes: &[f32], size: usize) -> RgbImage {
-    RgbImage::from_fn(size as u32, size as u32, |x, y| {
-        let at = |c: usize| (planes[c * size * size + y as usize * size + x as usize].clamp(0.0, 1.0) * 255.0).round() as u8;
-        image::Rgb([at(0), at(1), at(2)])
-    })
 }

@@ -110,10 +110,7 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
     ensure!(fortran.starts_with("False"), "{p}: .npy 'fortran_order' is neither True nor False");
 
     let shape = header_value(dict, "shape").with_context(|| format!("{p}: .npy header lacks 'shape'"))?;
-    let inner = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .with_context(|| format!("{p}: .npy 'shape' is not a tuple"))?;
+    let inner = shape.strip_prefix('(').and_then(|s| s.split(')').next()).with_context(|| format!("{p}: .npy 'shape' is not a tuple"))?;
     let shape = inner
         .split(',')
         .map(str::trim)
@@ -219,12 +216,7 @@ pub fn header_bytes(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
 /// Writes an f32 array as `.npy`, atomically.
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], values: &[f32]) -> Result<()> {
     let path = path.as_ref();
-    ensure!(
-        shape.iter().product::<usize>() == values.len(),
-        "{}: shape {shape:?} does not hold {} values",
-        path.display(),
-        values.len()
-    );
+    ensure!(shape.iter().product::<usize>() == values.len(), "{}: shape {shape:?} does not hold {} values", path.display(), values.len());
     write_atomic_with(path, |w| {
         w.write_all(&header_bytes(NpyDtype::F32, shape))?;
         w.write_all(bytemuck::cast_slice(values))

@@ -218,11 +218,12 @@ struct Item<'a> {
 
 impl<'a> Item<'a> {
     fn leaf(value: Value<'a>) -> Item<'a> {
-        let weight = NODE + match &value {
-            Value::Str(s) => s.len(),
-            Value::Bytes(Cow::Owned(b)) => b.len(),
-            _ => 0,
-        };
+        let weight = NODE
+            + match &value {
+                Value::Str(s) => s.len(),
+                Value::Bytes(Cow::Owned(b)) => b.len(),
+                _ => 0,
+            };
         Item { value, depth: 0, weight }
     }
 }
@@ -572,9 +573,7 @@ impl<'a> Unpickler<'a, '_> {
                 self.push(Value::Global(g));
                 Ok(())
             }
-            None => self.fail(format!(
-                "global {module}.{name} is not allowed (only numpy array, dtype and scalar constructors are)"
-            )),
+            None => self.fail(format!("global {module}.{name} is not allowed (only numpy array, dtype and scalar constructors are)")),
         }
     }
 
@@ -622,8 +621,7 @@ impl<'a> Unpickler<'a, '_> {
     }
 
     fn shape(&self, dims: &[Value]) -> Result<Vec<usize>> {
-        let shape: Option<Vec<usize>> =
-            dims.iter().map(|d| if let Value::Int(n) = d { usize::try_from(*n).ok() } else { None }).collect();
+        let shape: Option<Vec<usize>> = dims.iter().map(|d| if let Value::Int(n) = d { usize::try_from(*n).ok() } else { None }).collect();
         match shape {
             Some(s) if s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some() => Ok(s),
             _ => self.fail("array shape is not a tuple of sizes"),
@@ -636,12 +634,8 @@ impl<'a> Unpickler<'a, '_> {
         match (&data, dtype) {
             (ArrayData::Objects(v), Dtype::Object) if v.len() == numel => {}
             (ArrayData::Raw(b), d) if d != Dtype::Object && Some(b.len()) == numel.checked_mul(d.size()) => {}
-            (ArrayData::Raw(b), d) => {
-                return self.fail(format!("{d} array of shape {shape:?} holds {} bytes, not {numel}×{}", b.len(), d.size()))
-            }
-            (ArrayData::Objects(v), d) => {
-                return self.fail(format!("{d} array of shape {shape:?} is given {} objects", v.len()))
-            }
+            (ArrayData::Raw(b), d) => return self.fail(format!("{d} array of shape {shape:?} holds {} bytes, not {numel}×{}", b.len(), d.size())),
+            (ArrayData::Objects(v), d) => return self.fail(format!("{d} array of shape {shape:?} is given {} objects", v.len())),
         }
         Ok(NdArray { dtype, shape, data })
     }

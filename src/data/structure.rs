@@ -31,14 +31,8 @@ impl StructureMaps {
         let mut edges = vec![0.0f32; coverage.len()];
         for (i, e) in edges.iter_mut().enumerate() {
             let (x, y) = (i as i64 % n, i as i64 / n);
-            let gx = at(x + 1, y - 1) + 2.0 * at(x + 1, y) + at(x + 1, y + 1)
-                - at(x - 1, y - 1)
-                - 2.0 * at(x - 1, y)
-                - at(x - 1, y + 1);
-            let gy = at(x - 1, y + 1) + 2.0 * at(x, y + 1) + at(x + 1, y + 1)
-                - at(x - 1, y - 1)
-                - 2.0 * at(x, y - 1)
-                - at(x + 1, y - 1);
+            let gx = at(x + 1, y - 1) + 2.0 * at(x + 1, y) + at(x + 1, y + 1) - at(x - 1, y - 1) - 2.0 * at(x - 1, y) - at(x - 1, y + 1);
+            let gy = at(x - 1, y + 1) + 2.0 * at(x, y + 1) + at(x + 1, y + 1) - at(x - 1, y - 1) - 2.0 * at(x, y - 1) - at(x + 1, y - 1);
             *e = ((gx * gx + gy * gy).sqrt() / 4.0).min(1.0);
         }
         let edges16 = normalized_max(&block_mean(&edges, size, edge_size));
@@ -84,7 +78,12 @@ mod tests {
 
     #[test]
     fn a_black_square_on_white_has_edges_on_its_outline_only() {
-        let img = RgbImage::from_fn(256, 256, |x, y| if (64..192).contains(&x) && (64..192).contains(&y) { image::Rgb([0, 0, 0]) } else { image::Rgb([255; 3]) });
+        let img =
+            RgbImage::from_fn(
+                256,
+                256,
+                |x, y| if (64..192).contains(&x) && (64..192).contains(&y) { image::Rgb([0, 0, 0]) } else { image::Rgb([255; 3]) },
+            );
         let maps = StructureMaps::from_image(&img);
         assert_eq!((maps.edges.len(), maps.edges16.len()), (128 * 128, 256));
         // The square spans pixels 32..96 at 128: its border reads about 1 (the resize softens the step by

@@ -16,9 +16,7 @@ pub struct ImageFolder {
 }
 
 fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -40,11 +38,7 @@ impl ImageFolder {
         let mut images = Vec::new();
         let mut concepts = Vec::new();
         for concept_dir in sorted_entries(&root)? {
-            ensure!(
-                concept_dir.is_dir(),
-                "{}: unexpected file; a THINGS image folder holds only concept folders",
-                concept_dir.display()
-            );
+            ensure!(concept_dir.is_dir(), "{}: unexpected file; a THINGS image folder holds only concept folders", concept_dir.display());
             let concept = concept_dir.file_name().unwrap().to_string_lossy().into_owned();
             let before = images.len();
             for file in sorted_entries(&concept_dir)? {
@@ -107,16 +101,10 @@ mod tests {
             touch(&root.join(f));
         }
         let set = ImageFolder::open(&root).unwrap();
-        let names: Vec<String> =
-            set.images.iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect();
+        let names: Vec<String> = set.images.iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect();
         assert_eq!(
             names,
-            [
-                "00001_aardvark/aardvark_01b.jpg",
-                "00001_aardvark/aardvark_10s.jpg",
-                "00002_abacus/abacus_01b.JPG",
-                "00002_abacus/abacus_02s.jpg"
-            ]
+            ["00001_aardvark/aardvark_01b.jpg", "00001_aardvark/aardvark_10s.jpg", "00002_abacus/abacus_01b.JPG", "00002_abacus/abacus_02s.jpg"]
         );
         assert_eq!(set.concepts, ["00001_aardvark", "00001_aardvark", "00002_abacus", "00002_abacus"]);
         assert_eq!(set.concept_count(), 2);

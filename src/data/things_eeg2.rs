@@ -167,10 +167,10 @@ fn check(cfg: &ImportConfig, progress: &mut dyn FnMut(ImportProgress)) -> Result
     let out = cfg.out.display();
     ensure!(!cfg.eeg_dirs.is_empty(), "give at least one --eeg-dir (a subject's folder holding {TRAINING_EEG} and {TEST_EEG})");
     ensure!(
-        (1..=crate::train::stages::MAX_IMAGE_SIZE).contains(&cfg.image_size),
+        (1..=crate::data::image::MAX_IMAGE_SIZE).contains(&cfg.image_size),
         "--image-size {} must be between 1 and {}",
         cfg.image_size,
-        crate::train::stages::MAX_IMAGE_SIZE
+        crate::data::image::MAX_IMAGE_SIZE
     );
     if cfg.out.exists() {
         ensure!(cfg.out.is_dir(), "{out}: exists and is not a folder");
@@ -249,10 +249,7 @@ fn check(cfg: &ImportConfig, progress: &mut dyn FnMut(ImportProgress)) -> Result
     }
     let (_, ch_names, times) = reference.expect("at least one EEG file was read");
 
-    let image_sources = vec![
-        digest_images(&training_images, "training images", progress)?,
-        digest_images(&test_images, "test images", progress)?,
-    ];
+    let image_sources = vec![digest_images(&training_images, "training images", progress)?, digest_images(&test_images, "test images", progress)?];
     let splits = plan_splits(cfg, &training_images, &test_images)?;
     Ok(Plan { training_images, test_images, subjects, ch_names, times, splits, image_sources })
 }
@@ -284,7 +281,11 @@ fn check_unique_names(folder: &ImageFolder) -> Result<()> {
     for path in &folder.images {
         let stem = path.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
         if let Some(first) = seen.insert(stem, path) {
-            bail!("{}: has the same name as {} (names must be unique within a folder, whatever their case and extension)", path.display(), first.display());
+            bail!(
+                "{}: has the same name as {} (names must be unique within a folder, whatever their case and extension)",
+                path.display(),
+                first.display()
+            );
         }
     }
     Ok(())
@@ -343,7 +344,11 @@ fn plan_splits(cfg: &ImportConfig, training: &ImageFolder, test: &ImageFolder) -
     let val: BTreeSet<&String> = order[..val_count].iter().map(|&i| concepts[i]).collect();
     let (mut train_rows, mut val_rows) = (Vec::new(), Vec::new());
     for (row, concept) in training.concepts.iter().enumerate() {
-        if val.contains(concept) { val_rows.push(row) } else { train_rows.push(row) }
+        if val.contains(concept) {
+            val_rows.push(row)
+        } else {
+            train_rows.push(row)
+        }
     }
     Ok(vec![
         SplitPlan { name: "train", rows: train_rows, from_test: false },

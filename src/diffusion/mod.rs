@@ -1,2 +1,3 @@
-//! Diffusion: the noise schedulers and (later) guidance and the denoising loop.
+//! Diffusion: the noise schedulers (DDIM, Euler, DPM-Solver++(2M)). Guidance and the denoising loop are the
+//! pipeline's (`crate::pipeline`, `ops::sampling::guided_step`).
 pub mod scheduler;

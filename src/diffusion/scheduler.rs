@@ -133,10 +133,7 @@ fn round_half_even(x: f64) -> f64 {
 impl Scheduler {
     /// diffusers' `set_timesteps(steps)` for SD 1.5's settings.
     pub fn new(kind: SchedulerKind, steps: usize) -> Result<Scheduler> {
-        ensure!(
-            (1..=TRAIN_TIMESTEPS).contains(&steps),
-            "{kind}: {steps} inference steps is out of range 1..={TRAIN_TIMESTEPS}"
-        );
+        ensure!((1..=TRAIN_TIMESTEPS).contains(&steps), "{kind}: {steps} inference steps is out of range 1..={TRAIN_TIMESTEPS}");
         let ac = alphas_cumprod();
         let sigma_table: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
         let (timesteps, sigmas, init_noise_sigma) = match kind {
@@ -154,10 +151,7 @@ impl Scheduler {
                 (t, s, init)
             }
             SchedulerKind::DpmSolverPp2m => {
-                let mut t: Vec<f64> = linspace(0.0, (TRAIN_TIMESTEPS - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(round_half_even)
-                    .collect();
+                let mut t: Vec<f64> = linspace(0.0, (TRAIN_TIMESTEPS - 1) as f64, steps + 1).into_iter().map(round_half_even).collect();
                 t.reverse();
                 t.pop();
                 let mut s: Vec<f64> = t.iter().map(|&x| interp(x, &sigma_table)).collect();

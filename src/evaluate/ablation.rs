@@ -18,12 +18,10 @@ use image::RgbImage;
 use serde_json::{json, Value};
 
 use crate::data::image::load_rgb;
-use crate::eval::{correlation_top_k, derangement};
+use crate::metrics::{correlation_top_k, derangement, recon_metrics, unit, ReconMetrics};
 use crate::pipeline::{Pipeline, SamplingOptions};
-use crate::reconstruct::{clear_output, finished_items, other_settings, reconstruct, run_settings, ReconstructConfig, Shard};
+use crate::reconstruct::{clear_output, finished_items, other_settings, read_run, reconstruct, run_settings, ReconstructConfig, Shard};
 use crate::util::ItemProgress;
-
-use super::{read_run, recon_metrics, unit, ReconMetrics};
 
 /// What `--ablation` runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +101,6 @@ pub fn reconstruct_config(
 /// `out`; `given` are the evaluated folders, reused for `eeg_structure` where one has the same settings,
 /// seed and items. A folder in `out` made with other settings is started over (it is the evaluation's own).
 /// Each run's progress is drawn as `reconstruct`'s is.
-#[allow(clippy::too_many_arguments)]
 pub fn run_ablation(
     pipeline: &Pipeline,
     eeg: &Path,
@@ -160,7 +157,14 @@ pub struct RunScores {
 }
 
 /// Scores reconstructions against `seen` (same order; latents in the StructuralVAE's space, `dim` wide).
-pub fn score_run(recon: &[RgbImage], seen: &[RgbImage], recon_latents: &[f32], seen_latents: &[f32], dim: usize, control_seed: u64) -> Result<RunScores> {
+pub fn score_run(
+    recon: &[RgbImage],
+    seen: &[RgbImage],
+    recon_latents: &[f32],
+    seen_latents: &[f32],
+    dim: usize,
+    control_seed: u64,
+) -> Result<RunScores> {
     let n = recon.len();
     let identity: Vec<usize> = (0..n).collect();
     let shuffle = derangement(n, control_seed);
@@ -187,8 +191,11 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// How a metric is read from a run's scores.
+type RunMetric = fn(&RunScores) -> f64;
+
 /// The metrics a condition is summarised by, with how each is read from a run.
-const SUMMARISED: [(&str, fn(&RunScores) -> f64); 5] = [
+const SUMMARISED: [(&str, RunMetric); 5] = [
     ("pixcorr", |s| s.metrics.pixcorr),
     ("ssim", |s| s.metrics.ssim),
     ("two_way", |s| s.metrics.two_way),
@@ -201,7 +208,9 @@ const SUMMARISED: [(&str, fn(&RunScores) -> f64); 5] = [
 /// values (`pixcorr_per_seed`) and the control's mean (`pixcorr_control`); and the per-seed differences
 /// between conditions (`eeg_minus_none`, `true_minus_eeg`), which share each seed's noise.
 pub fn summary(runs: &[(AblationRun, RunScores)], items: usize, sampling: &SamplingOptions, seeds: &[u64]) -> Value {
-    let scores_of = |c: Condition| -> Vec<RunScores> { seeds.iter().filter_map(|s| runs.iter().find(|(r, _)| r.condition == c && r.seed == *s).map(|(_, x)| *x)).collect() };
+    let scores_of = |c: Condition| -> Vec<RunScores> {
+        seeds.iter().filter_map(|s| runs.iter().find(|(r, _)| r.condition == c && r.seed == *s).map(|(_, x)| *x)).collect()
+    };
     let mut out = json!({
         "what": "the same EEG and seeds reconstructed with the structure map from EEG (eeg_structure), with the ControlNet off \
                  (no_structure) and with the true structure targets (true_structure); *_std is the standard deviation over seeds \
@@ -225,12 +234,19 @@ pub fn summary(runs: &[(AblationRun, RunScores)], items: usize, sampling: &Sampl
             entry.insert(format!("{name}_std"), json!(std));
             entry.insert(format!("{name}_per_seed"), json!(values));
         }
-        for (name, get) in [("pixcorr", (|s: &RunScores| s.control.pixcorr) as fn(&RunScores) -> f64), ("ssim", |s| s.control.ssim), ("two_way", |s| s.control.two_way), ("pixel_top1", |s| s.control_pixel_top1)] {
+        for (name, get) in [
+            ("pixcorr", (|s: &RunScores| s.control.pixcorr) as RunMetric),
+            ("ssim", |s| s.control.ssim),
+            ("two_way", |s| s.control.two_way),
+            ("pixel_top1", |s| s.control_pixel_top1),
+        ] {
             entry.insert(format!("{name}_control"), json!(mean_std(&scores.iter().map(get).collect::<Vec<_>>()).0));
         }
         out[c.name()] = Value::Object(entry);
     }
-    for (name, a, b) in [("eeg_minus_none", Condition::EegStructure, Condition::NoStructure), ("true_minus_eeg", Condition::TrueStructure, Condition::EegStructure)] {
+    for (name, a, b) in
+        [("eeg_minus_none", Condition::EegStructure, Condition::NoStructure), ("true_minus_eeg", Condition::TrueStructure, Condition::EegStructure)]
+    {
         let (sa, sb) = (scores_of(a), scores_of(b));
         let mut entry = serde_json::Map::new();
         for (metric, get) in SUMMARISED {

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::data::dataset::DatasetSplit;
 use crate::data::image::{load_square, to_planes};
-use crate::eval::mean_row_correlation;
+use crate::metrics::mean_row_correlation;
 use crate::pipeline::Pipeline;
 use crate::reconstruct::EegItems;
 use crate::ridge::{default_penalty_grid, fit_selected, RidgeProblem, Selected, Targets};
@@ -31,7 +31,13 @@ pub struct LinearFloor {
 pub fn averaged_eeg(split: &DatasetSplit) -> Result<Vec<f32>> {
     let items = EegItems::open(&split.eeg_path())?;
     let rows: Vec<usize> = (0..items.shape()[0]).collect();
-    ensure!(rows.len() == split.split.figures, "{}: {} rows, the manifest lists {} figures", split.eeg_path().display(), rows.len(), split.split.figures);
+    ensure!(
+        rows.len() == split.split.figures,
+        "{}: {} rows, the manifest lists {} figures",
+        split.eeg_path().display(),
+        rows.len(),
+        split.split.figures
+    );
     items.read(&rows)
 }
 
@@ -40,8 +46,7 @@ fn image_mu(pipeline: &Pipeline, split: &DatasetSplit) -> Result<Vec<f32>> {
     let size = pipeline.structural_vae_image_size() as u32;
     let mut mu = Vec::new();
     for chunk in split.image_paths().chunks(64) {
-        let planes: Vec<f32> =
-            chunk.iter().map(|p| load_square(p, size).map(|im| to_planes(&im))).collect::<Result<Vec<_>>>()?.concat();
+        let planes: Vec<f32> = chunk.iter().map(|p| load_square(p, size).map(|im| to_planes(&im))).collect::<Result<Vec<_>>>()?.concat();
         mu.extend(pipeline.image_embedding(&planes)?);
     }
     Ok(mu)
@@ -80,7 +85,8 @@ pub fn fit_linear_floor(pipeline: &Pipeline, evaluated: &DatasetSplit) -> Result
     let (train_maps, val_maps) = (train.structure_targets()?, val.structure_targets()?);
     let (train_mu, val_mu) = (image_mu(pipeline, &train)?, image_mu(pipeline, &val)?);
     let latent = train_mu.len() / train.split.figures;
-    let problem = RidgeProblem::new(&train_x, features).with_context(|| format!("{}: the linear floor's training rows", train.eeg_path().display()))?;
+    let problem =
+        RidgeProblem::new(&train_x, features).with_context(|| format!("{}: the linear floor's training rows", train.eeg_path().display()))?;
     let structure_score = |p: &[f32], t: &[f32]| mean_row_correlation(p, t, e2);
     let mu_score = |p: &[f32], t: &[f32]| mean_cosine(p, t, latent);
     let targets = [

@@ -39,8 +39,11 @@ impl<'a> ConfigReader<'a> {
     pub fn refuse_unread(&self, also_known: &[&str]) -> Result<()> {
         let read = self.read.borrow();
         let Some(object) = self.value.as_object() else { bail!("{}: expected a JSON object of settings", self.path.display()) };
-        let unknown: Vec<String> =
-            object.keys().filter(|k| !k.starts_with('_') && !read.contains(k.as_str()) && !also_known.contains(&k.as_str())).map(|k| format!("'{k}'")).collect();
+        let unknown: Vec<String> = object
+            .keys()
+            .filter(|k| !k.starts_with('_') && !read.contains(k.as_str()) && !also_known.contains(&k.as_str()))
+            .map(|k| format!("'{k}'"))
+            .collect();
         if !unknown.is_empty() {
             let known: Vec<&str> = read.iter().map(String::as_str).chain(also_known.iter().copied()).collect();
             bail!("{}: unknown key(s) {} (the keys read here are: {})", self.path.display(), unknown.join(", "), known.join(", "));

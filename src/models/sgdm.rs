@@ -8,23 +8,15 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::conformance::{ModelSource, Named, Outputs};
 use crate::models::config::ConfigReader;
-use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Lstm, ParamStore, ParamTree, Standalone};
-use crate::ops::conv::{
-    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
-    conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight, conv_transpose2d_forward, Conv2dSpec,
-};
+use crate::models::layers;
+use crate::nn::{Allocator, Conv1d, Conv2d, ConvTranspose2d, Grads, Linear, Lstm, ParamStore, ParamTree};
+use crate::ops::conv::{conv1d_backward_input, conv1d_forward, Conv2dSpec};
 use crate::ops::elementwise::{
     add, relu_backward, relu_forward, reparameterize_backward, reparameterize_forward, scale, sigmoid_backward, sigmoid_forward,
 };
-use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
-use crate::ops::linear::{linear_backward, linear_forward};
-use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams, LstmWeights};
-use crate::ops::shape::{
-    avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward,
-};
-use crate::runtime::device::Device;
+use crate::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
+use crate::ops::shape::{avg_pool_last, avg_pool_last_backward, concat_channels, split_channels, transpose_last2, transpose_last2_backward};
 use crate::tensor::{DType, Tensor};
 
 /// Also read from a training configuration's TOML (every field required there).
@@ -83,9 +75,9 @@ impl EegEncoderConfig {
 }
 
 /// `SpatiotemporalEEGEncoder`: output = fusion(concat(LSTM output at the last time step, pooled spatial
-/// features)). The spatial branch convolves across electrodes with time as channels. With
-/// `structure_hidden` and `structure_dim` set it also carries a structure head (`structure_head.0`, ReLU,
-/// `structure_head.2`) from the embedding to a structure map ([`EegEncoder::structure`]).
+/// features)). The spatial branch convolves across electrodes with time as channels. Two optional parts
+/// beside the paper's encoder: a linear path (the embedding gains `W · flatten(eeg)`) and a structure head
+/// from the embedding to a structure map ([`EegEncoder::structure`]).
 #[derive(Debug, Clone)]
 pub struct EegEncoder {
     pub config: EegEncoderConfig,
@@ -116,10 +108,7 @@ impl EegEncoder {
         let mut t = ParamTree::new();
         let temporal = Lstm::new(&mut t, "temporal_encoder", c.n_channels, c.lstm_hidden, c.lstm_layers, true);
         let [c0, c1] = c.spatial_channels;
-        let spatial = [
-            Conv1d::new(&mut t, "spatial_encoder.0", c.n_timepoints, c0, 3, 1),
-            Conv1d::new(&mut t, "spatial_encoder.2", c0, c1, 3, 1),
-        ];
+        let spatial = [Conv1d::new(&mut t, "spatial_encoder.0", c.n_timepoints, c0, 3, 1), Conv1d::new(&mut t, "spatial_encoder.2", c0, c1, 3, 1)];
         let fusion = [
             Linear::new(&mut t, "fusion.0", 2 * c.lstm_hidden + c1, c.fusion_hidden, true),
             Linear::new(&mut t, "fusion.2", c.fusion_hidden, c.latent_dim, true),
@@ -142,9 +131,6 @@ pub struct EegEncoderActivations {
     /// `eeg` transposed to [B, T, C]: the LSTM's batch-first sequence, and the spatial branch's input with
     /// the time steps as channels and the electrodes as the length.
     eeg_t: Tensor,
-    /// A device copy of the LSTM's parameters: `ops::lstm` takes a struct that owns its tensors, and tensors
-    /// never alias, so the ParamStore's cannot be lent (about 9 MB at the default sizes).
-    lstm_params: LstmParams,
     lstm: LstmActivations,
     /// [1, T, 1], one at the last step: a 1x1 Conv1d with it as its only filter picks `temporal[:, -1]`.
     last_step: Tensor,
@@ -173,6 +159,11 @@ impl EegEncoder {
         self.temporal.layers.iter().flatten().flat_map(|d| [d.weight_ih, d.weight_hh, d.bias_ih, d.bias_hh]).collect()
     }
 
+    /// The LSTM's parameters as `ops::lstm` takes them: views of the tensors in `p`, nothing copied.
+    fn lstm_params<'p>(&self, p: &'p ParamStore) -> Result<LstmParams<&'p Tensor>> {
+        LstmParams::from_tensors(self.lstm_config(), self.lstm_ids().into_iter().map(|id| p.get(id)))
+    }
+
     /// `eeg` [B, n_channels, n_timepoints] -> `embedding` [B, latent_dim], keeping what backward needs.
     pub fn forward(&self, p: &ParamStore, eeg: &Tensor, alloc: &mut dyn Allocator) -> Result<EegEncoderActivations> {
         let c = &self.config;
@@ -188,9 +179,8 @@ impl EegEncoder {
         transpose_last2(eeg, &mut eeg_t).with_context(|| format!("{EEG_ENCODER}: eeg.transpose(1, 2)"))?;
 
         let config = self.lstm_config();
-        let copies = self.lstm_ids().iter().map(|&id| copy(p.get(id), alloc)).collect::<Result<Vec<_>>>()?;
-        let lstm_params = lstm_struct(config, copies);
-        let mut lstm = LstmActivations::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        let lstm_params = self.lstm_params(p)?;
+        let mut lstm = LstmActivations::new(config, b, t, dtype, alloc)?;
         lstm_forward(&lstm_params, &eeg_t, &mut lstm).with_context(|| format!("{EEG_ENCODER}: temporal_encoder"))?;
         let last_step = last_step_filter(t, dtype, alloc)?;
         let out = config.output_size();
@@ -198,8 +188,8 @@ impl EegEncoder {
         conv1d_forward(lstm.output(), &last_step, None, 1, 0, &mut temporal)
             .with_context(|| format!("{EEG_ENCODER}: temporal_encoder output at the last step"))?;
 
-        let s0 = relu(&conv1d(&self.spatial[0], p, &eeg_t, alloc, "spatial_encoder.0")?, alloc)?;
-        let s1 = relu(&conv1d(&self.spatial[1], p, &s0, alloc, "spatial_encoder.2")?, alloc)?;
+        let s0 = relu(&layers::conv1d(p, &self.spatial[0], &eeg_t, alloc).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0"))?, alloc)?;
+        let s1 = relu(&layers::conv1d(p, &self.spatial[1], &s0, alloc).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2"))?, alloc)?;
         let c1 = self.spatial[1].output;
         let mut pooled = alloc.alloc(&[b, c1, 1], dtype)?;
         avg_pool_last(&s1, &mut pooled).with_context(|| format!("{EEG_ENCODER}: spatial_encoder.4"))?;
@@ -208,18 +198,18 @@ impl EegEncoder {
         concat_channels(&temporal.reshape(&[b, out, 1, 1])?, &pooled.reshape(&[b, c1, 1, 1])?, &mut fused)
             .with_context(|| format!("{EEG_ENCODER}: concatenating the temporal and spatial features"))?;
         let fused = fused.reshape(&[b, out + c1])?;
-        let hidden = relu(&linear(&self.fusion[0], p, &fused, alloc, EEG_ENCODER, "fusion.0")?, alloc)?;
-        let mut embedding = linear(&self.fusion[1], p, &hidden, alloc, EEG_ENCODER, "fusion.2")?;
+        let hidden = relu(&layers::linear(p, &self.fusion[0], &fused, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.0"))?, alloc)?;
+        let mut embedding = layers::linear(p, &self.fusion[1], &hidden, alloc).with_context(|| format!("{EEG_ENCODER}: fusion.2"))?;
         let mut flat = None;
         if let Some(l) = &self.linear_path {
-            let x = copy(eeg, alloc)?.reshape(&[b, ch * t])?;
-            let read_out = linear(l, p, &x, alloc, EEG_ENCODER, "linear_path")?;
-            let mut sum = alloc.alloc(embedding.shape(), dtype)?;
-            add(&embedding, &read_out, &mut sum)?;
-            embedding = sum;
+            let mut x = alloc.alloc(eeg.shape(), dtype)?;
+            scale(eeg, 1.0, &mut x)?;
+            let x = x.reshape(&[b, ch * t])?;
+            let read_out = layers::linear(p, l, &x, alloc).with_context(|| format!("{EEG_ENCODER}: linear_path"))?;
+            embedding = layers::sum(&embedding, &read_out, alloc)?;
             flat = Some(x);
         }
-        Ok(EegEncoderActivations { eeg_t, lstm_params, lstm, last_step, spatial: [s0, s1], fused, hidden, flat, embedding })
+        Ok(EegEncoderActivations { eeg_t, lstm, last_step, spatial: [s0, s1], fused, hidden, flat, embedding })
     }
 
     /// Backward from `dembedding` (the gradient of `acts.embedding`): accumulates every parameter gradient
@@ -245,10 +235,12 @@ impl EegEncoder {
         let (out, c1) = (config.output_size(), self.spatial[1].output);
 
         let mut dhidden = alloc.alloc(acts.hidden.shape(), dtype)?;
-        linear_grad(&self.fusion[1], p, &acts.hidden, dembedding, grads, Some(&mut dhidden), EEG_ENCODER, "fusion.2")?;
+        layers::linear_back(p, grads, &self.fusion[1], &acts.hidden, dembedding, Some(&mut dhidden))
+            .with_context(|| format!("{EEG_ENCODER}: fusion.2 backward"))?;
         let dhidden = relu_grad(&acts.hidden, &dhidden, alloc)?;
         let mut dfused = alloc.alloc(acts.fused.shape(), dtype)?;
-        linear_grad(&self.fusion[0], p, &acts.fused, &dhidden, grads, Some(&mut dfused), EEG_ENCODER, "fusion.0")?;
+        layers::linear_back(p, grads, &self.fusion[0], &acts.fused, &dhidden, Some(&mut dfused))
+            .with_context(|| format!("{EEG_ENCODER}: fusion.0 backward"))?;
         let mut dtemporal = alloc.alloc(&[b, out, 1, 1], dtype)?;
         let mut dpooled = alloc.alloc(&[b, c1, 1, 1], dtype)?;
         split_channels(&dfused.reshape(&[b, out + c1, 1, 1])?, &mut dtemporal, &mut dpooled)?;
@@ -257,29 +249,27 @@ impl EegEncoder {
         // (exact zeros: each is the last-step filter's 0 times a finite gradient).
         let mut dsequence = alloc.alloc(&[b, t, out], dtype)?;
         conv1d_backward_input(&dtemporal.reshape(&[b, 1, out])?, &acts.last_step, 1, 0, &mut dsequence)?;
-        let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, |shape, dt| alloc.alloc(shape, dt))?;
+        let mut scratch = LstmBackwardScratch::new(config, b, t, dtype, alloc)?;
         let mut dx_temporal = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
-        grads
-            .with_lent(&self.lstm_ids(), |lent| {
-                let mut g = lstm_struct(config, lent);
-                let r = lstm_backward(&acts.lstm_params, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut g, &mut scratch);
-                (lstm_tensors(g), r)
-            })
+        let mut lstm_grads = LstmParams::from_tensors(config, grads.many_mut(&self.lstm_ids()))?;
+        lstm_backward(&self.lstm_params(p)?, &acts.eeg_t, &acts.lstm, &dsequence, dx_temporal.as_mut(), &mut lstm_grads, &mut scratch)
             .with_context(|| format!("{EEG_ENCODER}: temporal_encoder backward"))?;
 
         let mut ds1 = alloc.alloc(acts.spatial[1].shape(), dtype)?;
         avg_pool_last_backward(&dpooled.reshape(&[b, c1, 1])?, &mut ds1)?;
         let ds1 = relu_grad(&acts.spatial[1], &ds1, alloc)?;
         let mut ds0 = alloc.alloc(acts.spatial[0].shape(), dtype)?;
-        conv1d_grad(&self.spatial[1], p, &acts.spatial[0], &ds1, grads, Some(&mut ds0), "spatial_encoder.2")?;
+        layers::conv1d_back(p, grads, &self.spatial[1], &acts.spatial[0], &ds1, Some(&mut ds0))
+            .with_context(|| format!("{EEG_ENCODER}: spatial_encoder.2 backward"))?;
         let ds0 = relu_grad(&acts.spatial[0], &ds0, alloc)?;
         let mut dx_spatial = input_grad.then(|| alloc.alloc(&[b, t, ch], dtype)).transpose()?;
-        conv1d_grad(&self.spatial[0], p, &acts.eeg_t, &ds0, grads, dx_spatial.as_mut(), "spatial_encoder.0")?;
+        layers::conv1d_back(p, grads, &self.spatial[0], &acts.eeg_t, &ds0, dx_spatial.as_mut())
+            .with_context(|| format!("{EEG_ENCODER}: spatial_encoder.0 backward"))?;
 
         let mut dx_linear = None;
         if let (Some(l), Some(flat)) = (&self.linear_path, &acts.flat) {
             let mut d = input_grad.then(|| alloc.alloc(flat.shape(), dtype)).transpose()?;
-            linear_grad(l, p, flat, dembedding, grads, d.as_mut(), EEG_ENCODER, "linear_path")?;
+            layers::linear_back(p, grads, l, flat, dembedding, d.as_mut()).with_context(|| format!("{EEG_ENCODER}: linear_path backward"))?;
             dx_linear = d;
         }
 
@@ -289,9 +279,7 @@ impl EegEncoder {
         let mut deeg = alloc.alloc(&[b, ch, t], dtype)?;
         transpose_last2_backward(&dx, &mut deeg)?;
         if let Some(d) = dx_linear {
-            let mut sum = alloc.alloc(&[b, ch, t], dtype)?;
-            add(&deeg, &d.reshape(&[b, ch, t])?, &mut sum)?;
-            deeg = sum;
+            deeg = layers::sum(&deeg, &d.reshape(&[b, ch, t])?, alloc)?;
         }
         Ok(Some(deeg))
     }
@@ -308,14 +296,16 @@ impl EegEncoder {
     /// The structure head on `embedding` `[B, latent_dim]`: `[B, structure_dim]`, or `None` when the encoder
     /// has no head.
     pub fn structure(&self, p: &ParamStore, embedding: &Tensor, alloc: &mut dyn Allocator) -> Result<Option<EegStructureActivations>> {
+        let context = |name: &str| format!("{EEG_ENCODER}: {name}");
         match &self.structure_head {
             None => Ok(None),
             Some(StructureHead::Linear(l)) => {
-                Ok(Some(EegStructureActivations { hidden: None, structure: linear(l, p, embedding, alloc, EEG_ENCODER, "structure_head")? }))
+                let structure = layers::linear(p, l, embedding, alloc).with_context(|| context("structure_head"))?;
+                Ok(Some(EegStructureActivations { hidden: None, structure }))
             }
             Some(StructureHead::Mlp([first, second])) => {
-                let hidden = relu(&linear(first, p, embedding, alloc, EEG_ENCODER, "structure_head.0")?, alloc)?;
-                let structure = linear(second, p, &hidden, alloc, EEG_ENCODER, "structure_head.2")?;
+                let hidden = relu(&layers::linear(p, first, embedding, alloc).with_context(|| context("structure_head.0"))?, alloc)?;
+                let structure = layers::linear(p, second, &hidden, alloc).with_context(|| context("structure_head.2"))?;
                 Ok(Some(EegStructureActivations { hidden: Some(hidden), structure }))
             }
         }
@@ -338,17 +328,17 @@ impl EegEncoder {
             dstructure.shape(),
             acts.structure.shape()
         );
-        let dtype = embedding.dtype();
-        let mut dembedding = alloc.alloc(embedding.shape(), dtype)?;
+        let context = |name: &str| format!("{EEG_ENCODER}: {name} backward");
+        let mut dembedding = alloc.alloc(embedding.shape(), embedding.dtype())?;
         match (&self.structure_head, &acts.hidden) {
             (Some(StructureHead::Linear(l)), None) => {
-                linear_grad(l, p, embedding, dstructure, grads, Some(&mut dembedding), EEG_ENCODER, "structure_head")?;
+                layers::linear_back(p, grads, l, embedding, dstructure, Some(&mut dembedding)).with_context(|| context("structure_head"))?;
             }
             (Some(StructureHead::Mlp([first, second])), Some(hidden)) => {
-                let mut dhidden = alloc.alloc(hidden.shape(), dtype)?;
-                linear_grad(second, p, hidden, dstructure, grads, Some(&mut dhidden), EEG_ENCODER, "structure_head.2")?;
+                let mut dhidden = alloc.alloc(hidden.shape(), hidden.dtype())?;
+                layers::linear_back(p, grads, second, hidden, dstructure, Some(&mut dhidden)).with_context(|| context("structure_head.2"))?;
                 let dhidden = relu_grad(hidden, &dhidden, alloc)?;
-                linear_grad(first, p, embedding, &dhidden, grads, Some(&mut dembedding), EEG_ENCODER, "structure_head.0")?;
+                layers::linear_back(p, grads, first, embedding, &dhidden, Some(&mut dembedding)).with_context(|| context("structure_head.0"))?;
             }
             _ => bail!("{EEG_ENCODER}: structure_backward needs the activations of this encoder's structure head"),
         }
@@ -356,23 +346,39 @@ impl EegEncoder {
     }
 }
 
-/// `LstmParams` from tensors in `EegEncoder::lstm_ids` order.
-fn lstm_struct(config: LstmConfig, tensors: Vec<Tensor>) -> LstmParams {
-    let mut it = tensors.into_iter();
-    let mut next = || it.next().expect("four tensors per layer and direction");
-    let layers = (0..config.num_layers)
-        .map(|_| {
-            (0..config.directions())
-                .map(|_| LstmWeights { weight_ih: next(), weight_hh: next(), bias_ih: next(), bias_hh: next() })
-                .collect()
-        })
-        .collect();
-    LstmParams { config, layers }
+impl StructuralVae {
+    /// The structure maps `[B, E·E]` the structure head predicts from EEG embeddings `[B, latent]`, each row
+    /// rescaled to length `norm` first (zero rows stay zero): InfoNCE fixes only an embedding's direction,
+    /// and `norm` is the length the head saw in training (the mean length of the VAE's mu). The ControlNet's
+    /// condition at reconstruction and in stage `controlnet`.
+    pub fn structure_from_embedding(&self, p: &ParamStore, embedding: &Tensor, norm: f32, alloc: &mut dyn Allocator) -> Result<Tensor> {
+        let mut scaled = alloc.alloc(embedding.shape(), embedding.dtype())?;
+        crate::ops::sampling::rescale_rows(embedding, norm, &mut scaled)?;
+        layers::linear(p, &self.structure_head, &scaled, alloc)
+    }
 }
 
-/// The tensors of `lstm_struct`'s result, in the order it took them.
-fn lstm_tensors(p: LstmParams) -> Vec<Tensor> {
-    p.layers.into_iter().flatten().flat_map(|w| [w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh]).collect()
+/// The structure maps `[B, E·E]` the ControlNet is conditioned on, from EEG embeddings: the encoder's own
+/// structure head when it has one, else the StructuralVAE's on the embeddings rescaled to `norm`
+/// ([`StructuralVae::structure_from_embedding`]). Inference and stage `controlnet` both take them from here.
+pub fn structure_maps(
+    encoder: (&EegEncoder, &ParamStore),
+    svae: (&StructuralVae, &ParamStore),
+    embedding: &Tensor,
+    norm: f32,
+    alloc: &mut dyn Allocator,
+) -> Result<Tensor> {
+    match encoder.0.structure(encoder.1, embedding, alloc)? {
+        Some(head) => Ok(head.structure),
+        None => svae.0.structure_from_embedding(svae.1, embedding, norm, alloc),
+    }
+}
+
+/// `[B, E·E]` structure maps -> `[B, E·f, E·f]`, nearest-neighbour: the ControlNet's condition images (and
+/// the structure maps reconstruct writes) at `f` times the map's side.
+pub fn upsample_nearest(maps: &[f32], edge: usize, factor: usize) -> Vec<f32> {
+    let out = edge * factor;
+    maps.chunks_exact(edge * edge).flat_map(|map| (0..out * out).map(move |i| map[(i / out / factor) * edge + (i % out) / factor])).collect()
 }
 
 /// The [1, T, 1] Conv1d filter that picks step T - 1 of a [B, T, F] sequence read as T channels of length
@@ -495,13 +501,7 @@ const STRUCTURAL_VAE: &str = "StructuralVAE";
 impl StructuralVae {
     /// `image` [B, 3, S, S] and an optional standard-normal `eps` [B, latent_dim] -> `recon`, `mu`, `logvar`,
     /// `structure`, keeping what backward needs. Without `eps`, z = mu (deterministic).
-    pub fn forward(
-        &self,
-        p: &ParamStore,
-        image: &Tensor,
-        eps: Option<&Tensor>,
-        alloc: &mut dyn Allocator,
-    ) -> Result<StructuralVaeActivations> {
+    pub fn forward(&self, p: &ParamStore, image: &Tensor, eps: Option<&Tensor>, alloc: &mut dyn Allocator) -> Result<StructuralVaeActivations> {
         let c = &self.config;
         let (size, latent) = (c.image_size, c.latent_dim);
         let s = image.shape();
@@ -513,29 +513,35 @@ impl StructuralVae {
         if let Some(e) = eps {
             ensure!(e.shape() == [b, latent], "{STRUCTURAL_VAE}: eps must be [{b}, {latent}], got {:?}", e.shape());
         }
-        let e0 = relu(&conv2d(&self.encoder_convs[0], p, image, alloc, "encoder.0")?, alloc)?;
-        let e1 = relu(&conv2d(&self.encoder_convs[1], p, &e0, alloc, "encoder.2")?, alloc)?;
-        let e2 = relu(&conv2d(&self.encoder_convs[2], p, &e1, alloc, "encoder.4")?, alloc)?;
+        let e0 = relu(&layers::conv(p, &self.encoder_convs[0], image, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.0"))?, alloc)?;
+        let e1 = relu(&layers::conv(p, &self.encoder_convs[1], &e0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.2"))?, alloc)?;
+        let e2 = relu(&layers::conv(p, &self.encoder_convs[2], &e1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.4"))?, alloc)?;
         let e2 = e2.reshape(&[b, self.encoder_fc.input])?;
-        let hidden = relu(&linear(&self.encoder_fc, p, &e2, alloc, STRUCTURAL_VAE, "encoder.7")?, alloc)?;
-        let mu = linear(&self.fc_mu, p, &hidden, alloc, STRUCTURAL_VAE, "fc_mu")?;
-        let logvar = linear(&self.fc_logvar, p, &hidden, alloc, STRUCTURAL_VAE, "fc_logvar")?;
+        let hidden = relu(&layers::linear(p, &self.encoder_fc, &e2, alloc).with_context(|| format!("{STRUCTURAL_VAE}: encoder.7"))?, alloc)?;
+        let mu = layers::linear(p, &self.fc_mu, &hidden, alloc).with_context(|| format!("{STRUCTURAL_VAE}: fc_mu"))?;
+        let logvar = layers::linear(p, &self.fc_logvar, &hidden, alloc).with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar"))?;
         let z = match eps {
             Some(e) => {
                 let mut z = alloc.alloc(&[b, latent], mu.dtype())?;
-                reparameterize_forward(&mu, &logvar, e, &mut z)
-                    .with_context(|| format!("{STRUCTURAL_VAE}: z = mu + eps·exp(logvar / 2)"))?;
+                reparameterize_forward(&mu, &logvar, e, &mut z).with_context(|| format!("{STRUCTURAL_VAE}: z = mu + eps·exp(logvar / 2)"))?;
                 Some(z)
             }
             None => None,
         };
         let zr = z.as_ref().unwrap_or(&mu);
-        let structure = linear(&self.structure_head, p, zr, alloc, STRUCTURAL_VAE, "structure_head")?;
+        let structure = layers::linear(p, &self.structure_head, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: structure_head"))?;
         let c2 = c.channels[2];
-        let d0 = linear(&self.decoder_fc, p, zr, alloc, STRUCTURAL_VAE, "decoder.0")?.reshape(&[b, c2, size / 8, size / 8])?;
-        let d1 = relu(&conv_transpose2d(&self.decoder_deconvs[0], p, &d0, alloc, "decoder.2")?, alloc)?;
-        let d2 = relu(&conv_transpose2d(&self.decoder_deconvs[1], p, &d1, alloc, "decoder.4")?, alloc)?;
-        let logits = conv_transpose2d(&self.decoder_deconvs[2], p, &d2, alloc, "decoder.6")?;
+        let d0 = layers::linear(p, &self.decoder_fc, zr, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.0"))?.reshape(&[
+            b,
+            c2,
+            size / 8,
+            size / 8,
+        ])?;
+        let d1 =
+            relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[0], &d0, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.2"))?, alloc)?;
+        let d2 =
+            relu(&layers::conv_transpose2d(p, &self.decoder_deconvs[1], &d1, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.4"))?, alloc)?;
+        let logits = layers::conv_transpose2d(p, &self.decoder_deconvs[2], &d2, alloc).with_context(|| format!("{STRUCTURAL_VAE}: decoder.6"))?;
         let mut recon = alloc.alloc(logits.shape(), logits.dtype())?;
         sigmoid_forward(&logits, &mut recon).with_context(|| format!("{STRUCTURAL_VAE}: decoder.7"))?;
         Ok(StructuralVaeActivations { encoder: [e0, e1, e2], hidden, mu, logvar, z, structure, decoder: [d0, d1, d2], recon })
@@ -544,7 +550,6 @@ impl StructuralVae {
     /// Backward from the outputs' gradients `d`: accumulates every parameter gradient into `grads` (`+=`)
     /// and, when `input_grads`, returns the gradients of `image` and `eps` (written). `image` and `eps` are
     /// the forward's inputs.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -556,18 +561,10 @@ impl StructuralVae {
         input_grads: bool,
         alloc: &mut dyn Allocator,
     ) -> Result<Option<StructuralVaeInputGrads>> {
-        for (name, g, out) in [
-            ("recon", d.recon, &acts.recon),
-            ("mu", d.mu, &acts.mu),
-            ("logvar", d.logvar, &acts.logvar),
-            ("structure", d.structure, &acts.structure),
-        ] {
-            ensure!(
-                g.shape() == out.shape(),
-                "{STRUCTURAL_VAE}: the gradient of {name} has shape {:?}, the output {:?}",
-                g.shape(),
-                out.shape()
-            );
+        for (name, g, out) in
+            [("recon", d.recon, &acts.recon), ("mu", d.mu, &acts.mu), ("logvar", d.logvar, &acts.logvar), ("structure", d.structure, &acts.structure)]
+        {
+            ensure!(g.shape() == out.shape(), "{STRUCTURAL_VAE}: the gradient of {name} has shape {:?}, the output {:?}", g.shape(), out.shape());
         }
         ensure!(eps.is_some() == acts.z.is_some(), "{STRUCTURAL_VAE}: backward must get the eps the forward got");
         let dtype = acts.mu.dtype();
@@ -577,20 +574,25 @@ impl StructuralVae {
         sigmoid_backward(&acts.recon, d.recon, &mut dlogits)?;
         let [d0, d1, d2] = &acts.decoder;
         let mut dd2 = new(alloc, d2)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[2], p, d2, &dlogits, grads, Some(&mut dd2), "decoder.6")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[2], d2, &dlogits, Some(&mut dd2))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.6 backward"))?;
         let dd2 = relu_grad(d2, &dd2, alloc)?;
         let mut dd1 = new(alloc, d1)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[1], p, d1, &dd2, grads, Some(&mut dd1), "decoder.4")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[1], d1, &dd2, Some(&mut dd1))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.4 backward"))?;
         let dd1 = relu_grad(d1, &dd1, alloc)?;
         let mut dd0 = new(alloc, d0)?;
-        conv_transpose2d_grad(&self.decoder_deconvs[0], p, d0, &dd1, grads, Some(&mut dd0), "decoder.2")?;
+        layers::conv_transpose2d_back(p, grads, &self.decoder_deconvs[0], d0, &dd1, Some(&mut dd0))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.2 backward"))?;
         let dd0 = dd0.reshape(&[d0.shape()[0], self.decoder_fc.output])?;
 
         let z = acts.z.as_ref().unwrap_or(&acts.mu);
         let mut dz_decoder = new(alloc, z)?;
-        linear_grad(&self.decoder_fc, p, z, &dd0, grads, Some(&mut dz_decoder), STRUCTURAL_VAE, "decoder.0")?;
+        layers::linear_back(p, grads, &self.decoder_fc, z, &dd0, Some(&mut dz_decoder))
+            .with_context(|| format!("{STRUCTURAL_VAE}: decoder.0 backward"))?;
         let mut dz_structure = new(alloc, z)?;
-        linear_grad(&self.structure_head, p, z, d.structure, grads, Some(&mut dz_structure), STRUCTURAL_VAE, "structure_head")?;
+        layers::linear_back(p, grads, &self.structure_head, z, d.structure, Some(&mut dz_structure))
+            .with_context(|| format!("{STRUCTURAL_VAE}: structure_head backward"))?;
         let mut dz = new(alloc, z)?;
         add(&dz_decoder, &dz_structure, &mut dz)?;
 
@@ -623,15 +625,17 @@ impl StructuralVae {
 
         let dlogvar = dlogvar_sum.as_ref().unwrap_or(d.logvar);
         let mut dh_mu = new(alloc, &acts.hidden)?;
-        linear_grad(&self.fc_mu, p, &acts.hidden, &dmu, grads, Some(&mut dh_mu), STRUCTURAL_VAE, "fc_mu")?;
+        layers::linear_back(p, grads, &self.fc_mu, &acts.hidden, &dmu, Some(&mut dh_mu))
+            .with_context(|| format!("{STRUCTURAL_VAE}: fc_mu backward"))?;
         let mut dh_logvar = new(alloc, &acts.hidden)?;
-        linear_grad(&self.fc_logvar, p, &acts.hidden, dlogvar, grads, Some(&mut dh_logvar), STRUCTURAL_VAE, "fc_logvar")?;
+        layers::linear_back(p, grads, &self.fc_logvar, &acts.hidden, dlogvar, Some(&mut dh_logvar))
+            .with_context(|| format!("{STRUCTURAL_VAE}: fc_logvar backward"))?;
         let mut dh = new(alloc, &acts.hidden)?;
         add(&dh_mu, &dh_logvar, &mut dh)?;
         let dh = relu_grad(&acts.hidden, &dh, alloc)?;
         let [e0, e1, e2] = &acts.encoder;
         let mut de2 = new(alloc, e2)?;
-        linear_grad(&self.encoder_fc, p, e2, &dh, grads, Some(&mut de2), STRUCTURAL_VAE, "encoder.7")?;
+        layers::linear_back(p, grads, &self.encoder_fc, e2, &dh, Some(&mut de2)).with_context(|| format!("{STRUCTURAL_VAE}: encoder.7 backward"))?;
         let de2 = relu_grad(e2, &de2, alloc)?.reshape(&[
             e1.shape()[0],
             self.encoder_convs[2].output,
@@ -639,13 +643,16 @@ impl StructuralVae {
             self.config.image_size / 8,
         ])?;
         let mut de1 = new(alloc, e1)?;
-        conv2d_grad(&self.encoder_convs[2], p, e1, &de2, grads, Some(&mut de1), "encoder.4")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[2], e1, &de2, Some(&mut de1))
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.4 backward"))?;
         let de1 = relu_grad(e1, &de1, alloc)?;
         let mut de0 = new(alloc, e0)?;
-        conv2d_grad(&self.encoder_convs[1], p, e0, &de1, grads, Some(&mut de0), "encoder.2")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[1], e0, &de1, Some(&mut de0))
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.2 backward"))?;
         let de0 = relu_grad(e0, &de0, alloc)?;
         let mut dimage = input_grads.then(|| new(alloc, image)).transpose()?;
-        conv2d_grad(&self.encoder_convs[0], p, image, &de0, grads, dimage.as_mut(), "encoder.0")?;
+        layers::conv_back_into(p, grads, &self.encoder_convs[0], image, &de0, dimage.as_mut())
+            .with_context(|| format!("{STRUCTURAL_VAE}: encoder.0 backward"))?;
         Ok(dimage.map(|image| StructuralVaeInputGrads { image, eps: deps }))
     }
 }
@@ -666,99 +673,6 @@ impl ContrastiveAlignment {
     }
 }
 
-/// `sgdm forward` for ContrastiveAlignment: inputs `eeg_embed` and `visual_embed` [B, D]; output `loss` [1];
-/// with an upstream gradient for `loss`, `grad.eeg_embed` and `grad.visual_embed`.
-pub fn run_contrastive_alignment(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = ContrastiveAlignment::from_json(&c.config_path(), &c.config)?;
-    c.params(&ParamTree::new(), device, dtype, &[])?;
-    inputs.ensure_only(&["eeg_embed", "visual_embed"])?;
-    let (a, b) = (inputs.get("eeg_embed")?, inputs.get("visual_embed")?);
-    ensure!(
-        a.shape().len() == 2 && a.shape() == b.shape(),
-        "{}: eeg_embed {:?} and visual_embed {:?} must both be [B, D]",
-        inputs.source,
-        a.shape(),
-        b.shape()
-    );
-    let (batch, dim) = (a.shape()[0], a.shape()[1]);
-    let mut acts = InfoNceActivations::zeros(device, batch, dim, dtype)?;
-    infonce_forward(a, b, m.temperature as f32, &mut acts)?;
-    let mut out = vec![("loss".to_string(), Tensor::from_f32(device, &[1], DType::F32, &[acts.loss()?])?)];
-    if let Some(g) = grads {
-        g.ensure_only(&["loss"])?;
-        let dloss = g.get_shaped("loss", &[1])?.to_f32_vec()?[0];
-        let mut da = Tensor::zeros(device, &[batch, dim], dtype)?;
-        let mut db = Tensor::zeros(device, &[batch, dim], dtype)?;
-        infonce_backward(&mut acts, dloss, &mut da, &mut db)?;
-        out.push(("grad.eeg_embed".to_string(), da));
-        out.push(("grad.visual_embed".to_string(), db));
-    }
-    Ok(out)
-}
-
-/// `sgdm forward` for SpatiotemporalEEGEncoder: input `eeg` [B, C, T]; output `embedding` [B, latent]; with
-/// its upstream gradient, `grad.eeg` and `grad.<parameter>`.
-pub fn run_eeg_encoder(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = EegEncoder::new(EegEncoderConfig::from_json(&c.config_path(), &c.config)?)?;
-    let params = c.params(&m.params, device, dtype, &[])?;
-    inputs.ensure_only(&["eeg"])?;
-    let mut alloc = Standalone(device.clone());
-    let acts = m.forward(&params, inputs.get("eeg")?, &mut alloc)?;
-    let mut out = Vec::new();
-    if let Some(g) = grads {
-        g.ensure_only(&["embedding"])?;
-        let dembedding = g.get_shaped("embedding", acts.embedding.shape())?;
-        let mut pg = Grads::zeros(&m.params, &mut alloc, dtype)?;
-        let deeg = m.backward(&params, &acts, dembedding, &mut pg, true, &mut alloc)?.expect("asked for the input gradient");
-        out.push(("grad.eeg".to_string(), deeg));
-        out.extend(named_grads(&m.params, pg));
-    }
-    out.push(("embedding".to_string(), acts.embedding));
-    Ok(out)
-}
-
-/// `sgdm forward` for StructuralVAE: inputs `image` [B, 3, S, S] and optionally `eps` [B, latent]; outputs
-/// `recon`, `mu`, `logvar`, `structure`; with their upstream gradients, `grad.image`, `grad.eps` (when
-/// given) and `grad.<parameter>`.
-pub fn run_structural_vae(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let m = StructuralVae::new(StructuralVaeConfig::from_json(&c.config_path(), &c.config)?)?;
-    let params = c.params(&m.params, device, dtype, &[])?;
-    inputs.ensure_only(&["image", "eps"])?;
-    let (image, eps) = (inputs.get("image")?, inputs.get_opt("eps"));
-    let mut alloc = Standalone(device.clone());
-    let acts = m.forward(&params, image, eps, &mut alloc)?;
-    let mut out = Vec::new();
-    if let Some(g) = grads {
-        g.ensure_only(&["recon", "mu", "logvar", "structure"])?;
-        let d = StructuralVaeOutputGrads {
-            recon: g.get_shaped("recon", acts.recon.shape())?,
-            mu: g.get_shaped("mu", acts.mu.shape())?,
-            logvar: g.get_shaped("logvar", acts.logvar.shape())?,
-            structure: g.get_shaped("structure", acts.structure.shape())?,
-        };
-        let mut pg = Grads::zeros(&m.params, &mut alloc, dtype)?;
-        let di = m.backward(&params, image, eps, &acts, &d, &mut pg, true, &mut alloc)?.expect("asked for the input gradients");
-        out.push(("grad.image".to_string(), di.image));
-        out.extend(di.eps.map(|e| ("grad.eps".to_string(), e)));
-        out.extend(named_grads(&m.params, pg));
-    }
-    let StructuralVaeActivations { recon, mu, logvar, structure, .. } = acts;
-    out.extend([("recon", recon), ("mu", mu), ("logvar", logvar), ("structure", structure)].map(|(n, t)| (n.to_string(), t)));
-    Ok(out)
-}
-
-/// `(grad.<parameter>, gradient)` for every parameter of `tree`.
-fn named_grads(tree: &ParamTree, grads: Grads) -> impl Iterator<Item = (String, Tensor)> + '_ {
-    tree.specs().iter().zip(grads.into_tensors()).map(|(s, g)| (format!("grad.{}", s.name), g))
-}
-
-/// `y = x`, a device copy.
-fn copy(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
-    let mut y = alloc.alloc(x.shape(), x.dtype())?;
-    scale(x, 1.0, &mut y)?;
-    Ok(y)
-}
-
 fn relu(x: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
     let mut y = alloc.alloc(x.shape(), x.dtype())?;
     relu_forward(x, &mut y)?;
@@ -771,99 +685,4 @@ fn relu_grad(y: &Tensor, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tenso
     let mut dx = alloc.alloc(y.shape(), y.dtype())?;
     relu_backward(y, dy, &mut dx)?;
     Ok(dx)
-}
-
-/// `nn.Linear` on `x` [B, input] -> [B, output].
-fn linear(l: &Linear, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, model: &str, name: &str) -> Result<Tensor> {
-    let mut y = alloc.alloc(&[x.shape()[0], l.output], x.dtype())?;
-    linear_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), &mut y).with_context(|| format!("{model}: {name}"))?;
-    Ok(y)
-}
-
-/// Backward of [`linear`]: accumulates the weight and bias gradients; writes `dx` when given.
-#[allow(clippy::too_many_arguments)]
-fn linear_grad(
-    l: &Linear,
-    p: &ParamStore,
-    x: &Tensor,
-    dy: &Tensor,
-    grads: &mut Grads,
-    dx: Option<&mut Tensor>,
-    model: &str,
-    name: &str,
-) -> Result<()> {
-    let w = p.get(l.weight);
-    let context = || format!("{model}: {name} backward");
-    linear_backward(x, w, dy, dx, Some(grads.get_mut(l.weight)), None).with_context(context)?;
-    if let Some(b) = l.bias {
-        linear_backward(x, w, dy, None, None, Some(grads.get_mut(b))).with_context(context)?;
-    }
-    Ok(())
-}
-
-/// The EEG encoder's `nn.Conv1d` (stride 1) on `x` [B, input, L].
-fn conv1d(l: &Conv1d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let s = x.shape();
-    let len = (s[2] + 2 * l.padding + 1).saturating_sub(l.kernel);
-    let mut y = alloc.alloc(&[s[0], l.output, len], x.dtype())?;
-    conv1d_forward(x, p.get(l.weight), Some(p.get(l.bias)), 1, l.padding, &mut y).with_context(|| format!("{EEG_ENCODER}: {name}"))?;
-    Ok(y)
-}
-
-fn conv1d_grad(l: &Conv1d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
-    let context = || format!("{EEG_ENCODER}: {name} backward");
-    if let Some(dx) = dx {
-        conv1d_backward_input(dy, p.get(l.weight), 1, l.padding, dx).with_context(context)?;
-    }
-    conv1d_backward_weight(x, dy, 1, l.padding, grads.get_mut(l.weight)).with_context(context)?;
-    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
-}
-
-/// The VAE encoder's `nn.Conv2d` on `x` [B, input, H, W].
-fn conv2d(l: &Conv2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let (s, pad) = (x.shape(), l.spec.padding);
-    let out = |len: usize, before: usize, after: usize| (len + before + after).saturating_sub(l.kernel) / l.spec.stride + 1;
-    let mut y = alloc.alloc(&[s[0], l.output, out(s[2], pad.top, pad.bottom), out(s[3], pad.left, pad.right)], x.dtype())?;
-    conv2d_forward(x, p.get(l.weight), l.bias.map(|b| p.get(b)), l.spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
-    Ok(y)
-}
-
-fn conv2d_grad(l: &Conv2d, p: &ParamStore, x: &Tensor, dy: &Tensor, grads: &mut Grads, dx: Option<&mut Tensor>, name: &str) -> Result<()> {
-    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
-    if let Some(dx) = dx {
-        conv2d_backward_input(dy, p.get(l.weight), l.spec, dx).with_context(context)?;
-    }
-    conv2d_backward_weight(x, dy, l.spec, grads.get_mut(l.weight)).with_context(context)?;
-    if let Some(b) = l.bias {
-        conv_backward_bias(dy, grads.get_mut(b)).with_context(context)?;
-    }
-    Ok(())
-}
-
-/// The VAE decoder's `nn.ConvTranspose2d` on `x` [B, input, H, W].
-fn conv_transpose2d(l: &ConvTranspose2d, p: &ParamStore, x: &Tensor, alloc: &mut dyn Allocator, name: &str) -> Result<Tensor> {
-    let s = x.shape();
-    let out = |len: usize| ((len.max(1) - 1) * l.stride + l.kernel).saturating_sub(2 * l.padding);
-    let mut y = alloc.alloc(&[s[0], l.output, out(s[2]), out(s[3])], x.dtype())?;
-    let spec = Conv2dSpec::new(l.stride, l.padding);
-    conv_transpose2d_forward(x, p.get(l.weight), Some(p.get(l.bias)), spec, &mut y).with_context(|| format!("{STRUCTURAL_VAE}: {name}"))?;
-    Ok(y)
-}
-
-fn conv_transpose2d_grad(
-    l: &ConvTranspose2d,
-    p: &ParamStore,
-    x: &Tensor,
-    dy: &Tensor,
-    grads: &mut Grads,
-    dx: Option<&mut Tensor>,
-    name: &str,
-) -> Result<()> {
-    let context = || format!("{STRUCTURAL_VAE}: {name} backward");
-    let spec = Conv2dSpec::new(l.stride, l.padding);
-    if let Some(dx) = dx {
-        conv_transpose2d_backward_input(dy, p.get(l.weight), spec, dx).with_context(context)?;
-    }
-    conv_transpose2d_backward_weight(x, dy, spec, grads.get_mut(l.weight)).with_context(context)?;
-    conv_backward_bias(dy, grads.get_mut(l.bias)).with_context(context)
 }

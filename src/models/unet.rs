@@ -7,18 +7,14 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::conformance::{ModelSource, Named, Outputs};
-use crate::models::blocks::layers::{self, GroupNormActivations};
-use crate::models::blocks::{
-    downsampler, upsampler, DownBlock, MidBlock, ResnetBlock, SharedGrads, Transformer2d, TransformerSpec, UNetDownActivations, UNetMidActivations,
-    UNetUpActivations, UpBlock,
-};
-use crate::models::blocks::{linear_layer_backward, linear_layer_forward, linear_layer_param_backward};
 use crate::models::config::ConfigReader;
+use crate::models::layers::{self, GroupNormActivations};
+use crate::models::resnet::{downsampler, upsampler, ResnetBlock};
+use crate::models::transformer_2d::{Transformer2d, TransformerSpec};
+use crate::models::unet_2d_blocks::{DownBlock, MidBlock, SharedGrads, UNetDownActivations, UNetMidActivations, UNetUpActivations, UpBlock};
 use crate::nn::{join, Allocator, Conv2d, Grads, Linear, Norm, ParamStore, ParamTree};
 use crate::ops;
 use crate::ops::elementwise::{add, scale, silu_backward, silu_forward};
-use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 
 /// The UNet settings sgdm implements. Everything else in a diffusers config either keeps its default or is
@@ -220,7 +216,6 @@ fn build_encoder(tree: &mut ParamTree, c: &UNetConfig) -> Result<Encoder> {
             ResnetBlock::new(tree, "mid_block.resnets.1", last, last, Some(temb), groups, eps)?,
         ],
         attentions: vec![Transformer2d::new(tree, "mid_block.attentions.0", last, c.heads[n], c.transformer_layers_per_block[n], spec)?],
-        vae_attention: None,
     };
     Ok(Encoder { conv_in, time_embedding, down, mid })
 }
@@ -365,20 +360,28 @@ impl TimeEmbedding {
         let dtype = params.get(self.linear_1.weight).dtype();
         let mut sinusoid = alloc.alloc(&[timesteps.shape()[0], self.channels], dtype)?;
         ops::elementwise::timestep_embedding(timesteps, flip_sin_to_cos, freq_shift as f32, &mut sinusoid)?;
-        let hidden = linear_layer_forward(&self.linear_1, params, &sinusoid, alloc).context("time_embedding.linear_1")?;
+        let hidden = layers::linear(params, &self.linear_1, &sinusoid, alloc).context("time_embedding.linear_1")?;
         let mut activated = alloc.alloc(hidden.shape(), dtype)?;
         ops::elementwise::silu_forward(&hidden, &mut activated)?;
-        let output = linear_layer_forward(&self.linear_2, params, &activated, alloc).context("time_embedding.linear_2")?;
+        let output = layers::linear(params, &self.linear_2, &activated, alloc).context("time_embedding.linear_2")?;
         Ok(TimeEmbeddingActivations { sinusoid, hidden, activated, output })
     }
 
     /// Backward of [`TimeEmbedding::forward`] from `dy` [B, time_embed_dim]: adds to the gradients of
     /// `linear_1` and `linear_2` (timesteps take no gradient).
-    pub fn backward(&self, params: &ParamStore, grads: &mut Grads, acts: &TimeEmbeddingActivations, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<()> {
-        let dactivated = linear_layer_backward(&self.linear_2, params, grads, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
+    pub fn backward(
+        &self,
+        params: &ParamStore,
+        grads: &mut Grads,
+        acts: &TimeEmbeddingActivations,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<()> {
+        let dactivated =
+            layers::linear_back_input(params, grads, &self.linear_2, &acts.activated, dy, alloc).context("time_embedding.linear_2 backward")?;
         let mut dhidden = alloc.alloc(acts.hidden.shape(), acts.hidden.dtype())?;
         ops::elementwise::silu_backward(&acts.hidden, &dactivated, &mut dhidden)?;
-        linear_layer_param_backward(&self.linear_1, params, grads, &acts.sinusoid, &dhidden).context("time_embedding.linear_1 backward")
+        layers::linear_back(params, grads, &self.linear_1, &acts.sinusoid, &dhidden, None).context("time_embedding.linear_1 backward")
     }
 }
 
@@ -431,7 +434,15 @@ impl EncoderActivations {
 impl Encoder {
     /// The time embedding of `timestep`, then the down blocks and the mid block from `first` (conv_in's
     /// output, which the caller computes: the ControlNet adds its condition to it).
-    fn forward(&self, c: &UNetConfig, p: &ParamStore, first: Tensor, timestep: &Tensor, context: &Tensor, alloc: &mut dyn Allocator) -> Result<EncoderActivations> {
+    fn forward(
+        &self,
+        c: &UNetConfig,
+        p: &ParamStore,
+        first: Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<EncoderActivations> {
         let batch = first.shape()[0];
         ensure!(
             context.shape().len() == 3 && context.shape()[0] == batch && context.shape()[2] == c.cross_attention_dim,
@@ -444,10 +455,10 @@ impl Encoder {
         let mut down: Vec<UNetDownActivations> = Vec::new();
         for (i, block) in self.down.iter().enumerate() {
             let x = down.last().map_or(&first, UNetDownActivations::output);
-            down.push(block.unet_forward(p, x, &time.output, context, alloc).with_context(|| format!("down_blocks.{i}"))?);
+            down.push(block.forward(p, x, &time.output, context, alloc).with_context(|| format!("down_blocks.{i}"))?);
         }
         let mid_input = down.last().map_or(&first, UNetDownActivations::output);
-        let mid = self.mid.unet_forward(p, mid_input, &time.output, context, alloc).context("mid_block")?;
+        let mid = self.mid.forward(p, mid_input, &time.output, context, alloc).context("mid_block")?;
         Ok(EncoderActivations { time, first, down, mid })
     }
 
@@ -455,7 +466,6 @@ impl Encoder {
     /// orders them) and the mid output's, with `shared` holding what the layers after the encoder (the UNet's
     /// up blocks) sent to the time embedding and the context: returns the gradients of `first` and of the
     /// context, adds every parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         p: &ParamStore,
@@ -469,7 +479,8 @@ impl Encoder {
     ) -> Result<(Tensor, Tensor)> {
         let temb = acts.temb();
         let last = self.down.len() - 1;
-        let mut carried = self.mid.unet_backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
+        let mut carried =
+            self.mid.backward(p, g, acts.down_input(last + 1), temb, context, &acts.mid, dmid, &mut shared, alloc).context("mid_block backward")?;
         let mut end = dskips.len();
         for (i, block) in self.down.iter().enumerate().rev() {
             let count = acts.down[i].skips().len();
@@ -479,7 +490,7 @@ impl Encoder {
             let mut block_dskips: Vec<&Tensor> = dskips[start..end - 1].iter().collect();
             block_dskips.push(&output_total);
             carried = block
-                .unet_backward(p, g, acts.down_input(i), temb, context, &acts.down[i], &block_dskips, &mut shared, alloc)
+                .backward(p, g, acts.down_input(i), temb, context, &acts.down[i], &block_dskips, &mut shared, alloc)
                 .with_context(|| format!("down_blocks.{i} backward"))?;
             end = start;
         }
@@ -578,11 +589,21 @@ impl UNet {
                 ensure!(down.len() == skips.len(), "UNet2DConditionModel: {} down residuals for {} skip connections", down.len(), skips.len());
                 let mut summed = Vec::new();
                 for (i, (skip, r)) in skips.iter().zip(down).enumerate() {
-                    ensure!(r.shape() == skip.shape(), "UNet2DConditionModel: down residual {i} {:?} does not match its skip {:?}", r.shape(), skip.shape());
+                    ensure!(
+                        r.shape() == skip.shape(),
+                        "UNet2DConditionModel: down residual {i} {:?} does not match its skip {:?}",
+                        r.shape(),
+                        skip.shape()
+                    );
                     summed.push(sum(skip, r, alloc)?);
                 }
                 let m = encoder.mid_output();
-                ensure!(mid.shape() == m.shape(), "UNet2DConditionModel: mid residual {:?} does not match the mid block's output {:?}", mid.shape(), m.shape());
+                ensure!(
+                    mid.shape() == m.shape(),
+                    "UNet2DConditionModel: mid residual {:?} does not match the mid block's output {:?}",
+                    mid.shape(),
+                    m.shape()
+                );
                 Some((summed, sum(m, mid, alloc)?))
             }
             None => None,
@@ -598,7 +619,7 @@ impl UNet {
             ensure!(count <= remaining, "UNet2DConditionModel: up_blocks.{i} needs {count} skips, {remaining} are left");
             let block_skips: Vec<&Tensor> = skips[remaining - count..remaining].iter().rev().copied().collect();
             let x = up.last().map_or(mid_output, UNetUpActivations::output);
-            up.push(block.unet_forward(p, x, &block_skips, encoder.temb(), context, alloc).with_context(|| format!("UNet up_blocks.{i}"))?);
+            up.push(block.forward(p, x, &block_skips, encoder.temb(), context, alloc).with_context(|| format!("UNet up_blocks.{i}"))?);
             remaining -= count;
         }
         ensure!(remaining == 0, "UNet2DConditionModel: {remaining} skip connections left unused");
@@ -610,7 +631,6 @@ impl UNet {
 
     /// Backward of [`UNet::forward`] from the output's gradient: returns the input gradients, adds every
     /// parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -624,13 +644,14 @@ impl UNet {
         let context = cond.encoder_hidden_states;
         let last = acts.up.last().expect("at least one up block").output();
         let dnorm = layers::conv_back(p, g, &self.conv_out, &acts.norm_out.y, dy, alloc).context("UNet conv_out backward")?;
-        let mut d = layers::group_norm_back(p, g, &self.conv_norm_out, true, last, &acts.norm_out, &dnorm, alloc).context("UNet conv_norm_out backward")?;
+        let mut d =
+            layers::group_norm_back(p, g, &self.conv_norm_out, true, last, &acts.norm_out, &dnorm, alloc).context("UNet conv_norm_out backward")?;
         let mut dskips: Vec<Option<Tensor>> = (0..acts.skips().len()).map(|_| None).collect();
         let mut shared = SharedGrads::default();
         let mut start = 0;
         for (i, block) in self.up.iter().enumerate().rev() {
             let (dx, block_dskips) = block
-                .unet_backward(p, g, acts.up_input(i), acts.encoder.temb(), context, &acts.up[i], &d, &mut shared, alloc)
+                .backward(p, g, acts.up_input(i), acts.encoder.temb(), context, &acts.up[i], &d, &mut shared, alloc)
                 .with_context(|| format!("UNet up_blocks.{i} backward"))?;
             // The last up block consumed the first skips; each consumed its range most recent first.
             let end = start + block_dskips.len();
@@ -679,7 +700,15 @@ impl ControlNet {
         Ok(y)
     }
 
-    fn zero_conv_backward(p: &ParamStore, g: &mut Grads, conv: &Conv2d, x: &Tensor, s: f32, dy: &Tensor, alloc: &mut dyn Allocator) -> Result<Tensor> {
+    fn zero_conv_backward(
+        p: &ParamStore,
+        g: &mut Grads,
+        conv: &Conv2d,
+        x: &Tensor,
+        s: f32,
+        dy: &Tensor,
+        alloc: &mut dyn Allocator,
+    ) -> Result<Tensor> {
         let mut dz = alloc.alloc(dy.shape(), dy.dtype())?;
         scale(dy, s, &mut dz)?;
         layers::conv_back(p, g, conv, x, &dz, alloc)
@@ -693,7 +722,6 @@ impl ControlNet {
     /// `ControlNetModel.forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`
     /// (no guess mode): `controlnet_cond` [B, conditioning_channels, H·f, W·f] with f =
     /// [`ControlNet::condition_downscale`].
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         p: &ParamStore,
@@ -708,7 +736,11 @@ impl ControlNet {
         check_sample("ControlNetModel", c, sample)?;
         let (s, f) = (sample.shape(), self.condition_downscale());
         let expected = [s[0], c.conditioning_channels, s[2] * f, s[3] * f];
-        ensure!(controlnet_cond.shape() == expected, "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}", controlnet_cond.shape());
+        ensure!(
+            controlnet_cond.shape() == expected,
+            "ControlNetModel: controlnet_cond {:?} must be {expected:?} for sample {s:?}",
+            controlnet_cond.shape()
+        );
         let mut cond_hidden: Vec<(Tensor, Tensor)> = Vec::new();
         for (j, conv) in self.cond_convs().into_iter().enumerate() {
             let x = cond_hidden.last().map_or(controlnet_cond, |(_, a)| a);
@@ -728,15 +760,17 @@ impl ControlNet {
             .iter()
             .zip(&self.zero_convs)
             .enumerate()
-            .map(|(i, (x, conv))| Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}")))
+            .map(|(i, (x, conv))| {
+                Self::zero_conv_forward(p, conv, x, conditioning_scale, alloc).with_context(|| format!("ControlNetModel controlnet_down_blocks.{i}"))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc).context("ControlNetModel controlnet_mid_block")?;
+        let mid = Self::zero_conv_forward(p, &self.mid_zero_conv, encoder.mid_output(), conditioning_scale, alloc)
+            .context("ControlNetModel controlnet_mid_block")?;
         Ok(ControlNetActivations { cond_hidden, encoder, conditioning_scale, down, mid })
     }
 
     /// Backward of [`ControlNet::forward`] from the residuals' gradients: returns the input gradients, adds
     /// every parameter gradient.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &ParamStore,
@@ -763,101 +797,16 @@ impl ControlNet {
             self.encoder.backward(p, g, &acts.encoder, context, &dskips, &dmid, SharedGrads::default(), alloc).context("ControlNetModel backward")?;
         let dsample = layers::conv_back(p, g, &self.encoder.conv_in, sample, &dfirst, alloc).context("ControlNetModel conv_in backward")?;
         let last = &acts.cond_hidden.last().expect("conv_in at least").1;
-        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc).context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
+        let mut d = layers::conv_back(p, g, &self.cond_conv_out, last, &dfirst, alloc)
+            .context("ControlNetModel controlnet_cond_embedding.conv_out backward")?;
         for (j, conv) in self.cond_convs().into_iter().enumerate().rev() {
             let (h, _) = &acts.cond_hidden[j];
             let mut dh = alloc.alloc(h.shape(), h.dtype())?;
             silu_backward(h, &d, &mut dh)?;
             let x = if j == 0 { controlnet_cond } else { &acts.cond_hidden[j - 1].1 };
-            d = layers::conv_back(p, g, conv, x, &dh, alloc).with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
+            d = layers::conv_back(p, g, conv, x, &dh, alloc)
+                .with_context(|| format!("ControlNetModel controlnet_cond_embedding conv {j} backward"))?;
         }
         Ok(ControlNetInputGrads { sample: dsample, encoder_hidden_states, controlnet_cond: d })
     }
-}
-
-/// The tensors `name.0`, `name.1`, ... in order, as many as there are.
-fn numbered<'a>(inputs: &'a Named, name: &str) -> Vec<&'a Tensor> {
-    (0..).map_while(|i| inputs.get_opt(&format!("{name}.{i}"))).collect()
-}
-
-fn param_grads(tree: &ParamTree, g: Grads) -> impl Iterator<Item = (String, Tensor)> + '_ {
-    tree.specs().iter().map(|s| format!("grad.{}", s.name)).zip(g.into_tensors())
-}
-
-/// `sgdm forward` for UNet2DConditionModel, as tests/fixtures/models/make_fixtures.py calls it: inputs
-/// `sample`, `timestep` [B] (or [1]), `encoder_hidden_states` and optionally a ControlNet's
-/// `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; output `sample`. With its
-/// upstream gradient, also `grad.` of every float input and every parameter.
-pub fn run_unet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let model = UNet::new(UNetConfig::from_json(&c.config_path(), &c.config)?)?;
-    let p = c.params(&model.params, device, dtype, &[])?;
-    inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "down_block_additional_residuals", "mid_block_additional_residual"])?;
-    let sample = inputs.get("sample")?;
-    let down = numbered(inputs, "down_block_additional_residuals");
-    let residuals = match (down.is_empty(), inputs.get_opt("mid_block_additional_residual")) {
-        (true, None) => None,
-        (false, Some(mid)) => Some((down, mid)),
-        _ => bail!("{}: the down block residuals and the mid block residual come together (a ControlNet's) or not at all", inputs.source),
-    };
-    let cond = UNetConditioning { timestep: inputs.get("timestep")?, encoder_hidden_states: inputs.get("encoder_hidden_states")?, residuals };
-    // Without upstream gradients nothing will read the activations: discard them block by block.
-    let alloc = &mut *crate::nn::standalone(device, grads.is_some());
-    let acts = model.forward(&p, sample, &cond, alloc)?;
-    let mut out = Vec::new();
-    if let Some(gn) = grads {
-        gn.ensure_only(&["sample"])?;
-        let dy = gn.get_shaped("sample", acts.output.shape())?;
-        let mut g = Grads::zeros(&model.params, alloc, dtype)?;
-        let d = model.backward(&p, &mut g, sample, &cond, &acts, dy, alloc)?;
-        out.push(("grad.sample".to_string(), d.sample));
-        out.push(("grad.encoder_hidden_states".to_string(), d.encoder_hidden_states));
-        if let Some((down, mid)) = d.residuals {
-            out.extend(down.into_iter().enumerate().map(|(i, t)| (format!("grad.down_block_additional_residuals.{i}"), t)));
-            out.push(("grad.mid_block_additional_residual".to_string(), mid));
-        }
-        out.extend(param_grads(&model.params, g));
-    }
-    out.push(("sample".to_string(), acts.output));
-    Ok(out)
-}
-
-/// `sgdm forward` for ControlNetModel, as tests/fixtures/models/make_fixtures.py calls it: inputs `sample`,
-/// `timestep`, `encoder_hidden_states`, `controlnet_cond` and `conditioning_scale` [1] (1 when absent);
-/// outputs `down_block_res_samples.{i}` and `mid_block_res_sample`. With their upstream gradients, also
-/// `grad.sample`, `grad.encoder_hidden_states`, `grad.controlnet_cond` and `grad.<parameter>`.
-pub fn run_controlnet(c: &ModelSource, inputs: &Named, grads: Option<&Named>, device: &Device, dtype: DType) -> Result<Outputs> {
-    let model = ControlNet::new(UNetConfig::from_json(&c.config_path(), &c.config)?)?;
-    let p = c.params(&model.params, device, dtype, &[])?;
-    inputs.ensure_only(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"])?;
-    let (sample, context, cond) = (inputs.get("sample")?, inputs.get("encoder_hidden_states")?, inputs.get("controlnet_cond")?);
-    let conditioning_scale = match inputs.get_opt("conditioning_scale") {
-        Some(t) => match t.to_f32_vec()?[..] {
-            [s] => s,
-            _ => bail!("{}: conditioning_scale {:?} must hold one value", inputs.source, t.shape()),
-        },
-        None => 1.0,
-    };
-    // Without upstream gradients nothing will read the activations: discard them block by block.
-    let alloc = &mut *crate::nn::standalone(device, grads.is_some());
-    let acts = model.forward(&p, sample, inputs.get("timestep")?, context, cond, conditioning_scale, alloc)?;
-    let mut out = Vec::new();
-    if let Some(gn) = grads {
-        gn.ensure_only(&["down_block_res_samples", "mid_block_res_sample"])?;
-        let ddown = acts
-            .down
-            .iter()
-            .enumerate()
-            .map(|(i, y)| gn.get_shaped(&format!("down_block_res_samples.{i}"), y.shape()))
-            .collect::<Result<Vec<_>>>()?;
-        let dmid = gn.get_shaped("mid_block_res_sample", acts.mid.shape())?;
-        let mut g = Grads::zeros(&model.params, alloc, dtype)?;
-        let d = model.backward(&p, &mut g, sample, context, cond, &acts, &ddown, dmid, alloc)?;
-        out.push(("grad.sample".to_string(), d.sample));
-        out.push(("grad.encoder_hidden_states".to_string(), d.encoder_hidden_states));
-        out.push(("grad.controlnet_cond".to_string(), d.controlnet_cond));
-        out.extend(param_grads(&model.params, g));
-    }
-    out.extend(acts.down.into_iter().enumerate().map(|(i, t)| (format!("down_block_res_samples.{i}"), t)));
-    out.push(("mid_block_res_sample".to_string(), acts.mid));
-    Ok(out)
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
+pub use crate::memory::allocator::{standalone, Allocator, Inference, Pooled, Standalone};
 use crate::ops::conv::Conv2dSpec;
 
 /// The index of a parameter in its [`ParamTree`].
@@ -242,17 +243,17 @@ pub struct ParamStore {
 
 impl ParamStore {
     /// Reserves room for every parameter of `tree` in `dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
+    pub fn plan(tree: &ParamTree, plan: &mut crate::memory::MemoryPlan, dtype: crate::tensor::DType) {
         for s in tree.specs() {
-            plan.reserve(crate::runtime::Region::Params, &s.shape, dtype);
+            plan.reserve(crate::memory::Region::Params, &s.shape, dtype);
         }
     }
 
     /// An arena on `device` sized for exactly `tree`'s parameters in `dtype`.
-    fn own_arena(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<crate::runtime::Arena> {
-        let mut plan = crate::runtime::MemoryPlan::new();
+    fn own_arena(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<crate::memory::Arena> {
+        let mut plan = crate::memory::MemoryPlan::new();
         ParamStore::plan(tree, &mut plan, dtype);
-        crate::runtime::Arena::new(device, &plan)
+        crate::memory::Arena::new(device, &plan)
     }
 
     /// [`ParamStore::load`] into an arena of the parameters' own on `device`.
@@ -271,6 +272,20 @@ impl ParamStore {
         ParamStore::random(tree, &mut ParamStore::own_arena(tree, device, dtype)?, dtype, seed)
     }
 
+    /// Every parameter of `tree` from `source` ([`ParamStore::load_owned`] or [`ParamStore::random_owned`]).
+    pub fn from_source(
+        tree: &ParamTree,
+        source: &crate::weights::ParamSource,
+        device: &crate::runtime::Device,
+        dtype: crate::tensor::DType,
+        aliases: &[(&str, &str)],
+    ) -> Result<ParamStore> {
+        match source {
+            crate::weights::ParamSource::File(file) => ParamStore::load_owned(tree, file, device, dtype, aliases),
+            crate::weights::ParamSource::Random { seed } => ParamStore::random_owned(tree, device, dtype, *seed),
+        }
+    }
+
     /// Loads every parameter of `tree` from `file` as `dtype`. A missing tensor, a wrong shape, a tensor the
     /// model does not have, or a NaN or Inf value is an error naming the file and tensor. `aliases` lists (old, current) name
     /// components accepted for older checkpoints (e.g. the VAE's `query` for `to_q`); an aliased weight may
@@ -278,7 +293,7 @@ impl ParamStore {
     pub fn load(
         tree: &ParamTree,
         file: &crate::weights::SafetensorsFile,
-        arena: &mut crate::runtime::Arena,
+        arena: &mut crate::memory::Arena,
         dtype: crate::tensor::DType,
         aliases: &[(&str, &str)],
     ) -> Result<ParamStore> {
@@ -295,7 +310,8 @@ impl ParamStore {
                     .unwrap_or_else(|| spec.name.clone())
             };
             let stored_shape = file.shape(&stored_name)?.to_vec();
-            let conv_as_linear = stored_name != spec.name && stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == spec.shape[..];
+            let conv_as_linear =
+                stored_name != spec.name && stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == spec.shape[..];
             if !conv_as_linear {
                 file.check_shape(&stored_name, &spec.shape)?;
             }
@@ -309,7 +325,7 @@ impl ParamStore {
                     bad.first
                 );
             }
-            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            let mut t = arena.alloc(crate::memory::Region::Params, &spec.shape, dtype)?;
             t.write_bytes(&convert_bytes(stored_dtype, dtype, bytes))?;
             tensors.push(t);
         }
@@ -320,7 +336,7 @@ impl ParamStore {
     /// Parameters from a seeded generator: N(0, std²) with `std = 1/√fan_in` for weights (fan_in = the
     /// product of all but the first dimension), zero biases, unit norm weights: the starting point of
     /// training from scratch, and the weights of benchmarks and profiles of full-size configs.
-    pub fn random(tree: &ParamTree, arena: &mut crate::runtime::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
+    pub fn random(tree: &ParamTree, arena: &mut crate::memory::Arena, dtype: crate::tensor::DType, seed: u64) -> Result<ParamStore> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = Vec::with_capacity(tree.len());
@@ -340,7 +356,7 @@ impl ParamStore {
                     })
                     .collect()
             };
-            let mut t = arena.alloc(crate::runtime::Region::Params, &spec.shape, dtype)?;
+            let mut t = arena.alloc(crate::memory::Region::Params, &spec.shape, dtype)?;
             t.write_f32(&values)?;
             tensors.push(t);
         }
@@ -365,100 +381,18 @@ impl ParamStore {
     }
 }
 
-/// Where layers get the tensors they write (activations, gradients, scratch): a region of a planned arena
-/// inside a step loop, or standalone allocations for one-off runs such as `sgdm forward`.
-pub trait Allocator {
-    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor>;
-
-    /// Whether forwards keep the activations a backward reads. `false` ([`Inference`]): each block discards
-    /// its intermediates as it returns ([`crate::tensor::Tensor::discard`]), so a forward holds one block's
-    /// working set plus what later blocks read (skip connections), not the whole network's activations.
-    fn keeps_activations(&self) -> bool {
-        true
-    }
-}
-
-/// Standalone zeroed tensors on one device, for forwards that will not be differentiated: activations are
-/// discarded block by block (see [`Allocator::keeps_activations`]).
-pub struct Inference(pub crate::runtime::Device);
-
-impl Allocator for Inference {
-    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
-        crate::tensor::Tensor::zeros(&self.0, shape, dtype)
-    }
-
-    fn keeps_activations(&self) -> bool {
-        false
-    }
-}
-
-/// Standalone zeroed tensors on one device.
-pub struct Standalone(pub crate::runtime::Device);
-
-impl Allocator for Standalone {
-    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
-        crate::tensor::Tensor::zeros(&self.0, shape, dtype)
-    }
-}
-
-/// Standalone tensors for a forward that a backward will follow ([`Standalone`]: activations kept) or not
-/// ([`Inference`]: discarded block by block).
-pub fn standalone(device: &crate::runtime::Device, differentiated: bool) -> Box<dyn Allocator> {
-    if differentiated {
-        Box::new(Standalone(device.clone()))
-    } else {
-        Box::new(Inference(device.clone()))
-    }
-}
-
-/// Tensors from a [`crate::runtime::pool::Pool`], for forwards that will not be differentiated: ranges come
-/// back to the pool as activations are discarded, so the pool needs the step's peak working set only, and a
-/// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
-/// element they hand on.
-pub struct Pooled(pub crate::runtime::pool::Pool);
-
-impl Allocator for Pooled {
-    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
-        self.0.alloc(shape, dtype)
-    }
-
-    fn keeps_activations(&self) -> bool {
-        false
-    }
-}
-
-/// Tensors carved from one region of an arena (never zeroed after the first use: layers write every element
-/// they hand on).
-pub struct ArenaRegion<'a>(pub &'a mut crate::runtime::Arena, pub crate::runtime::Region);
-
-impl Allocator for ArenaRegion<'_> {
-    fn alloc(&mut self, shape: &[usize], dtype: crate::tensor::DType) -> Result<crate::tensor::Tensor> {
-        self.0.alloc(self.1, shape, dtype)
-    }
-}
-
 /// Parameter gradients: one tensor per [`ParamId`] of a tree, shaped like the parameter. Backwards add to
 /// them (`+=`), so they start at zero and gradient accumulation over micro-batches needs no extra buffer.
 /// The dtype must be one every op accepts for its parameter gradients: f32 on the CPU, the parameters'
 /// storage dtype on CUDA (the convolutions' weight gradients have no mixed-dtype form).
 pub struct Grads {
-    /// `None` only while [`Grads::with_lent`] has lent the tensor out.
-    tensors: Vec<Option<crate::tensor::Tensor>>,
+    tensors: Vec<crate::tensor::Tensor>,
 }
 
-const LENT: &str = "a lent gradient is back before `with_lent` returns";
-
 impl Grads {
-    /// Reserves room for a gradient of every parameter of `tree` in `dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut crate::runtime::MemoryPlan, dtype: crate::tensor::DType) {
-        for s in tree.specs() {
-            plan.reserve(crate::runtime::Region::Grads, &s.shape, dtype);
-        }
-    }
-
     /// Zeroed gradients for every parameter of `tree`, from `alloc`.
     pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
-        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype).map(Some)).collect::<Result<Vec<_>>>()?;
+        let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
         let mut grads = Grads { tensors };
         grads.zero()?;
         Ok(grads)
@@ -467,30 +401,29 @@ impl Grads {
     /// Sets every gradient to zero on the device (an arena hands out its memory zeroed only the first time).
     pub fn zero(&mut self) -> Result<()> {
         for t in &mut self.tensors {
-            t.as_mut().expect(LENT).fill_zero()?;
+            t.fill_zero()?;
         }
         Ok(())
     }
 
     pub fn get(&self, id: ParamId) -> &crate::tensor::Tensor {
-        self.tensors[id.0].as_ref().expect(LENT)
+        &self.tensors[id.0]
     }
 
     pub fn get_mut(&mut self, id: ParamId) -> &mut crate::tensor::Tensor {
-        self.tensors[id.0].as_mut().expect(LENT)
+        &mut self.tensors[id.0]
     }
 
     /// Two distinct gradients at once (a norm's weight and bias are written by one backward call).
     pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut crate::tensor::Tensor, &mut crate::tensor::Tensor) {
         assert_ne!(a, b, "Grads::pair_mut: the same parameter twice");
-        let (first, second) = if a.0 < b.0 {
+        if a.0 < b.0 {
             let (low, high) = self.tensors.split_at_mut(b.0);
             (&mut low[a.0], &mut high[0])
         } else {
             let (low, high) = self.tensors.split_at_mut(a.0);
             (&mut high[0], &mut low[b.0])
-        };
-        (first.as_mut().expect(LENT), second.as_mut().expect(LENT))
+        }
     }
 
     /// The gradients of a layer's weight and (distinct) optional bias, both writable at once.
@@ -504,26 +437,21 @@ impl Grads {
         }
     }
 
-    /// Moves the gradients of `ids` (distinct) out, in order, for ops whose gradient structs own their
-    /// tensors (`ops::lstm::LstmParams`); `f` hands them back in the same order with its result, which is
-    /// returned after every tensor is back in place, whether `f` succeeded or not.
-    pub fn with_lent<R>(
-        &mut self,
-        ids: &[ParamId],
-        f: impl FnOnce(Vec<crate::tensor::Tensor>) -> (Vec<crate::tensor::Tensor>, R),
-    ) -> R {
-        let lent = ids.iter().map(|id| self.tensors[id.0].take().expect("each gradient is lent once at a time")).collect();
-        let (back, result) = f(lent);
-        assert_eq!(back.len(), ids.len(), "every lent gradient comes back");
-        for (id, t) in ids.iter().zip(back) {
-            self.tensors[id.0] = Some(t);
-        }
-        result
+    /// The gradients of `ids` (distinct), writable at once, in the order of `ids`: views an op's gradient
+    /// struct can hold (`ops::lstm::LstmParams<&mut Tensor>`).
+    pub fn many_mut(&mut self, ids: &[ParamId]) -> Vec<&mut crate::tensor::Tensor> {
+        let mut slots: Vec<Option<&mut crate::tensor::Tensor>> = self.tensors.iter_mut().map(Some).collect();
+        ids.iter().map(|id| slots[id.0].take().expect("Grads::many_mut: the same parameter twice")).collect()
+    }
+
+    /// Every gradient, writable at once, in [`ParamId`] order.
+    pub fn all_mut(&mut self) -> Vec<&mut crate::tensor::Tensor> {
+        self.tensors.iter_mut().collect()
     }
 
     /// The gradients in [`ParamId`] order (the tree's registration order).
     pub fn into_tensors(self) -> Vec<crate::tensor::Tensor> {
-        self.tensors.into_iter().map(|t| t.expect(LENT)).collect()
+        self.tensors
     }
 
     pub fn len(&self) -> usize {

@@ -5,7 +5,8 @@
 //! per-row log-sum-exp `lse` [B, H, Lq] (f32 on every backend); the backward recomputes the probabilities
 //! from it and needs a scratch `delta` [B, H, Lq] (f32) for the row sums of dout * out.
 //! CPU: f32, rayon over (batch, head, query block) with `matrixmultiply::sgemm` for the products.
-//! CUDA: `kernels/attention.cu`, flash-style kernels that never store the score matrix, f32 or bf16 storage.
+//! CUDA: flash-style kernels that never store the score matrix: `kernels/attention.cu` on the CUDA cores (f32
+//! or bf16 storage), `kernels/attention_mma.cu` on tensor cores (bf16).
 
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
@@ -13,13 +14,15 @@ use matrixmultiply::sgemm;
 use rayon::prelude::*;
 
 use super::{common_device, common_dtype, same_shape};
-use crate::runtime::kernel_table;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, F32, I32};
 use crate::runtime::device::Device;
+use crate::runtime::kernel_table;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "attention.cu";
+/// The tensor-core kernels (bf16, sm_80+).
+pub const MMA_KERNEL_FILE: &str = "attention_mma.cu";
 
 /// The attention kernels' choice ([`super::Variant`]); `SGDM_ATTENTION_KERNEL` overrides the default.
 pub type AttentionKernel = super::Variant;
@@ -97,18 +100,9 @@ impl AttentionDims {
         ensure!(q[0] == k[0], "{op}: batch {} of q {q:?} differs from batch {} of k {k:?}", q[0], k[0]);
         ensure!(q[2] == k[2], "{op}: hidden size {} of q {q:?} differs from {} of k {k:?}", q[2], k[2]);
         ensure!(spec.heads > 0, "{op}: zero heads");
-        ensure!(
-            q[2] % spec.heads == 0,
-            "{op}: hidden size {} of q {q:?} is not divisible by {} heads",
-            q[2],
-            spec.heads
-        );
-        let dims =
-            AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
-        ensure!(
-            dims.batch > 0 && dims.q_len > 0 && dims.kv_len > 0 && dims.head_dim > 0,
-            "{op}: empty dimension in q {q:?} or k {k:?}"
-        );
+        ensure!(q[2] % spec.heads == 0, "{op}: hidden size {} of q {q:?} is not divisible by {} heads", q[2], spec.heads);
+        let dims = AttentionDims { batch: q[0], q_len: q[1], kv_len: k[1], heads: spec.heads, head_dim: q[2] / spec.heads };
+        ensure!(dims.batch > 0 && dims.q_len > 0 && dims.kv_len > 0 && dims.head_dim > 0, "{op}: empty dimension in q {q:?} or k {k:?}");
         ensure!(
             dims.head_dim <= MAX_HEAD_DIM,
             "{op}: head dim {} (q {q:?}, {} heads) exceeds the supported {MAX_HEAD_DIM}",
@@ -159,7 +153,11 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
     check_row_stats(OP, "lse", &dims, lse)?;
     let scale = dims.scale(spec);
     let _profile = crate::profile::scope(crate::profile::Family::Attention, || {
-        (device.clone(), dims.forward_flops() as f64, crate::profile::bytes_of(&[x.q.numel(), x.k.numel(), x.v.numel(), out.numel()], x.q.dtype().size()))
+        (
+            device.clone(),
+            dims.forward_flops() as f64,
+            crate::profile::bytes_of(&[x.q.numel(), x.k.numel(), x.v.numel(), out.numel()], x.q.dtype().size()),
+        )
     });
     match device {
         Device::Cpu => {
@@ -167,16 +165,10 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
             Ok(())
         }
         Device::Cuda(d) => {
-            let args = [
-                Ptr(x.q.cuda_ptr()?),
-                Ptr(x.k.cuda_ptr()?),
-                Ptr(x.v.cuda_ptr()?),
-                Ptr(out.cuda_ptr()?),
-                Ptr(lse.cuda_ptr()?),
-            ];
+            let args = [Ptr(x.q.cuda_ptr()?), Ptr(x.k.cuda_ptr()?), Ptr(x.v.cuda_ptr()?), Ptr(out.cuda_ptr()?), Ptr(lse.cuda_ptr()?)];
             if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MAX_HEAD_DIM {
                 let name = format!("attention_forward_mma_bf16_d{}", dims.head_dim.div_ceil(16) * 16);
-                launch_rows(&d, kernel(&name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
+                launch_rows(&d, kernel(MMA_KERNEL_FILE, &name)?, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &args)
             } else {
                 launch_tiled(&d, "attention_forward", dtype, &dims, scale, CUDA_FORWARD_ROWS, dims.q_len, &args)
             }
@@ -186,21 +178,12 @@ pub fn attention_forward_using(variant: AttentionKernel, spec: AttentionSpec, x:
 
 /// Gradients of `attention_forward`: `dq`, `dk`, `dv` written (=) from `dout`, using the saved `out` and `lse`.
 /// `delta` [B, H, Lq] f32 is scratch (it ends up holding the row sums of dout * out).
-pub fn attention_backward(
-    spec: AttentionSpec,
-    x: Qkv,
-    out: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    delta: &mut Tensor,
-    grads: QkvGrads,
-) -> Result<()> {
+pub fn attention_backward(spec: AttentionSpec, x: Qkv, out: &Tensor, lse: &Tensor, dout: &Tensor, delta: &mut Tensor, grads: QkvGrads) -> Result<()> {
     let variant = kernel_from_env()?;
     attention_backward_using(variant, spec, x, out, lse, dout, delta, grads)
 }
 
 /// [`attention_backward`] on a chosen CUDA kernel (tensor cores for bf16 head dims up to 96).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_using(
     variant: AttentionKernel,
     spec: AttentionSpec,
@@ -225,20 +208,13 @@ pub fn attention_backward_using(
         Device::Cpu => {
             let delta = delta.f32s_mut()?;
             cpu_row_dots(&dims, dout.f32s()?, out.f32s()?, delta);
-            let saved = CpuSaved {
-                q: x.q.f32s()?,
-                k: x.k.f32s()?,
-                v: x.v.f32s()?,
-                dout: dout.f32s()?,
-                lse: lse.f32s()?,
-                delta,
-            };
+            let saved = CpuSaved { q: x.q.f32s()?, k: x.k.f32s()?, v: x.v.f32s()?, dout: dout.f32s()?, lse: lse.f32s()?, delta };
             cpu_backward(&dims, scale, saved, dq.f32s_mut()?, dk.f32s_mut()?, dv.f32s_mut()?);
             Ok(())
         }
         Device::Cuda(d) => {
             let rows = dims.batch * dims.q_len * dims.heads;
-            let name = kernel(&format!("attention_backward_delta_{}", dtype_suffix(dtype)))?;
+            let name = kernel(KERNEL_FILE, &format!("attention_backward_delta_{}", dtype_suffix(dtype)))?.name;
             let blocks = (rows * 32).div_ceil(256);
             ensure!(blocks <= i32::MAX as usize, "{OP}: {rows} rows exceed one launch");
             let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -265,9 +241,9 @@ pub fn attention_backward_using(
             dkdv_args.extend([Ptr(dk.cuda_ptr()?), Ptr(dv.cuda_ptr()?)]);
             if dtype == DType::BF16 && variant == AttentionKernel::TensorCore && d.arch.major >= 8 && dims.head_dim <= MMA_BACKWARD_MAX_HEAD_DIM {
                 let dp = dims.head_dim.div_ceil(16) * 16;
-                let dq_kernel = kernel(&format!("attention_backward_dq_mma_bf16_d{dp}"))?;
+                let dq_kernel = kernel(MMA_KERNEL_FILE, &format!("attention_backward_dq_mma_bf16_d{dp}"))?;
                 launch_rows(&d, dq_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.q_len, &dq_args)?;
-                let dkdv_kernel = kernel(&format!("attention_backward_dkdv_mma_bf16_d{dp}"))?;
+                let dkdv_kernel = kernel(MMA_KERNEL_FILE, &format!("attention_backward_dkdv_mma_bf16_d{dp}"))?;
                 return launch_rows(&d, dkdv_kernel, &dims, scale, MMA_FORWARD_ROWS, 32 * 4, dims.kv_len, &dkdv_args);
             }
             launch_tiled(&d, "attention_backward_dq", dtype, &dims, scale, CUDA_BACKWARD_ROWS, dims.q_len, &dq_args)?;
@@ -283,13 +259,12 @@ fn dtype_suffix(dtype: DType) -> &'static str {
     }
 }
 
-fn kernel(name: &str) -> Result<&'static str> {
-    Ok(kernel_table::find(KERNEL_FILE, name)?.name)
+fn kernel(file: &str, name: &str) -> Result<&'static kernel_table::Kernel> {
+    kernel_table::find(file, name)
 }
 
 /// Launches one of the tiled kernels: grid (ceil(len / rows_per_block), B*H), the head-dim variant holding
 /// `d` in ceil(d / 32) columns per lane; `args` are followed by Lq, Lk, H, d and the scale.
-#[allow(clippy::too_many_arguments)]
 fn launch_tiled(
     d: &CudaDevice,
     kind: &str,
@@ -301,15 +276,14 @@ fn launch_tiled(
     args: &[KernelArg],
 ) -> Result<()> {
     let variant = dims.head_dim.div_ceil(32) * 32;
-    let name = kernel(&format!("{kind}_{}_d{variant}", dtype_suffix(dtype)))?;
-    launch_rows(d, name, dims, scale, rows_per_block, CUDA_THREADS, len, args)
+    let kernel = kernel(KERNEL_FILE, &format!("{kind}_{}_d{variant}", dtype_suffix(dtype)))?;
+    launch_rows(d, kernel, dims, scale, rows_per_block, CUDA_THREADS, len, args)
 }
 
-/// Launches `name` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
-#[allow(clippy::too_many_arguments)]
+/// Launches `kernel` over (ceil(len / rows_per_block), batch * heads) blocks of `threads`, then the sizes.
 fn launch_rows(
     d: &CudaDevice,
-    name: &'static str,
+    kernel: &'static kernel_table::Kernel,
     dims: &AttentionDims,
     scale: f32,
     rows_per_block: usize,
@@ -317,27 +291,17 @@ fn launch_rows(
     len: usize,
     args: &[KernelArg],
 ) -> Result<()> {
-    let kind = name;
+    let kind = kernel.name;
     let heads = dims.batch * dims.heads;
     ensure!(heads <= 65_535, "{kind}: batch * heads = {heads} exceeds the grid's y limit 65535");
     ensure!(
         dims.batch * dims.q_len.max(dims.kv_len) * dims.hidden() < i32::MAX as usize,
         "{kind}: sizes {dims:?} overflow the kernels' 32-bit row indices"
     );
-    let cfg = LaunchConfig {
-        grid_dim: (len.div_ceil(rows_per_block) as u32, heads as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (len.div_ceil(rows_per_block) as u32, heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let mut all = args.to_vec();
-    all.extend([
-        I32(dims.q_len as i32),
-        I32(dims.kv_len as i32),
-        I32(dims.heads as i32),
-        I32(dims.head_dim as i32),
-        F32(scale),
-    ]);
-    d.launch(KERNEL_FILE, name, cfg, &all, None)
+    all.extend([I32(dims.q_len as i32), I32(dims.kv_len as i32), I32(dims.heads as i32), I32(dims.head_dim as i32), F32(scale)]);
+    d.launch(kernel.file, kernel.name, cfg, &all, None)
 }
 
 /// The row of head `h` of token `i` in batch `b` of a [B, L, H*d] tensor starts at this element.
@@ -347,7 +311,6 @@ fn head_offset(dims: &AttentionDims, len: usize, b: usize, i: usize, h: usize) -
 
 /// `c[m x n] = alpha * a[m x k] b[k x n] + beta * c`, with element strides (row, column) for each matrix.
 /// Safety: every (row, column) the strides address lies inside the slices.
-#[allow(clippy::too_many_arguments)]
 fn gemm(
     (m, k, n): (usize, usize, usize),
     alpha: f32,
@@ -384,14 +347,7 @@ fn gemm(
 }
 
 /// Scores `s[rows x Lk] = scale * q[i0..i0+rows] k^T` of head (b, h).
-fn cpu_scores(
-    dims: &AttentionDims,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    (b, h, i0, rows): (usize, usize, usize, usize),
-    s: &mut [f32],
-) {
+fn cpu_scores(dims: &AttentionDims, scale: f32, q: &[f32], k: &[f32], (b, h, i0, rows): (usize, usize, usize, usize), s: &mut [f32]) {
     let hd = dims.hidden();
     let qh = &q[head_offset(dims, dims.q_len, b, i0, h)..];
     let kh = &k[head_offset(dims, dims.kv_len, b, 0, h)..];

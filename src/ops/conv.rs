@@ -15,10 +15,10 @@ use rayon::prelude::*;
 use super::linear::cpu_gemm;
 use super::{common_device, common_dtype};
 use crate::runtime::blas::GemmShape;
-use crate::runtime::kernel_table;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::cuda::KernelArg::{self, Ptr, I32};
 use crate::runtime::device::Device;
+use crate::runtime::kernel_table;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "conv.cu";
@@ -62,8 +62,7 @@ impl Conv2dSpec {
 
     /// diffusers' AutoencoderKL `Downsample2D`: `F.pad(x, (0, 1, 0, 1))` (right and bottom) and then a 3x3
     /// stride-2 conv with `padding=0`.
-    pub const VAE_DOWNSAMPLE: Conv2dSpec =
-        Conv2dSpec { stride: 2, padding: Padding { top: 0, bottom: 1, left: 0, right: 1 } };
+    pub const VAE_DOWNSAMPLE: Conv2dSpec = Conv2dSpec { stride: 2, padding: Padding { top: 0, bottom: 1, left: 0, right: 1 } };
 }
 
 /// Every size of one convolution, named as in the kernels: input [n, c, h, w], weight [k, c, r, s],
@@ -87,10 +86,7 @@ struct Geometry {
 impl Geometry {
     /// Refuses empty channel and image dimensions (a batch of 0 is allowed and does nothing).
     fn nonempty(self, op: &str, x: &[usize], w: &[usize]) -> Result<Geometry> {
-        ensure!(
-            self.c > 0 && self.k > 0 && self.h > 0 && self.w > 0,
-            "{op}: input {x:?} with weight {w:?} has an empty channel or image dimension"
-        );
+        ensure!(self.c > 0 && self.k > 0 && self.h > 0 && self.w > 0, "{op}: input {x:?} with weight {w:?} has an empty channel or image dimension");
         Ok(self)
     }
     fn input_len(&self) -> usize {
@@ -104,13 +100,7 @@ impl Geometry {
     }
     /// 1x1, stride 1, no padding: the input image already is its own im2col matrix.
     fn pointwise(&self) -> bool {
-        self.r == 1
-            && self.s == 1
-            && self.stride == 1
-            && self.pad_h == 0
-            && self.pad_w == 0
-            && self.p == self.h
-            && self.q == self.w
+        self.r == 1 && self.s == 1 && self.stride == 1 && self.pad_h == 0 && self.pad_w == 0 && self.p == self.h && self.q == self.w
     }
 }
 
@@ -150,11 +140,7 @@ fn conv_transpose2d_geometry(op: &str, x: &[usize], w: &[usize], spec: Conv2dSpe
     ensure!(x.len() == 4, "{op}: input {x:?} is not [N, C_in, H, W]");
     ensure!(w.len() == 4, "{op}: weight {w:?} is not [C_in, C_out, kH, kW]");
     ensure!(x[1] == w[0], "{op}: input {x:?} has {} channels but weight {w:?} expects {}", x[1], w[0]);
-    ensure!(
-        spec.stride >= 1 && w[2] >= 1 && w[3] >= 1,
-        "{op}: stride {} and kernel {w:?} must be positive",
-        spec.stride
-    );
+    ensure!(spec.stride >= 1 && w[2] >= 1 && w[3] >= 1, "{op}: stride {} and kernel {w:?} must be positive", spec.stride);
     ensure!(x[2] >= 1 && x[3] >= 1, "{op}: input {x:?} has an empty image");
     let pad = spec.padding;
     let full = |len: usize, k: usize| (len - 1) * spec.stride + k;
@@ -304,13 +290,7 @@ pub fn conv_backward_bias(dy: &Tensor, db: &mut Tensor) -> Result<()> {
 
 /// ConvTranspose2d (`output_padding=0`): x [N, C_in, H, W], w [C_in, C_out, kH, kW], bias [C_out],
 /// y [N, C_out, (H-1)*stride - pad_top - pad_bottom + kH, likewise W].
-pub fn conv_transpose2d_forward(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    spec: Conv2dSpec,
-    y: &mut Tensor,
-) -> Result<()> {
+pub fn conv_transpose2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: Conv2dSpec, y: &mut Tensor) -> Result<()> {
     let op = "conv_transpose2d_forward";
     let g = conv_transpose2d_geometry(op, x.shape(), w.shape(), spec)?;
     expect_bias(op, bias, g.c)?;
@@ -339,14 +319,7 @@ pub fn conv_transpose2d_backward_weight(x: &Tensor, dy: &Tensor, spec: Conv2dSpe
 }
 
 /// Conv1d with symmetric `padding`: x [N, C_in, L], w [C_out, C_in, k], bias [C_out], y [N, C_out, L'].
-pub fn conv1d_forward(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-    y: &mut Tensor,
-) -> Result<()> {
+pub fn conv1d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize, y: &mut Tensor) -> Result<()> {
     let op = "conv1d_forward";
     let g = conv1d_geometry(op, x.shape(), w.shape(), stride, padding)?;
     let _profile = crate::profile::scope(crate::profile::Family::Conv, || {
@@ -406,15 +379,7 @@ fn forward(op: &str, g: &Geometry, x: &Tensor, w: &Tensor, bias: Option<&Tensor>
 }
 
 /// `dx[n, c, h, w] = bias[c] + sum over the taps that read (h, w) of w[k, c, r, s] dy[n, k, p, q]`.
-fn backward_input(
-    op: &str,
-    g: &Geometry,
-    dy: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    dx: &mut Tensor,
-    kernel: ConvKernel,
-) -> Result<()> {
+fn backward_input(op: &str, g: &Geometry, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor, kernel: ConvKernel) -> Result<()> {
     let all = tensors(&[Some(dy), Some(w), bias, Some(&*dx)]);
     let device = common_device(op, &all)?;
     let dtype = common_dtype(op, &device, &all)?;
@@ -522,10 +487,7 @@ pub fn im2col(x: &Tensor, kernel: [usize; 2], spec: Conv2dSpec, col: &mut Tensor
                 dims.iter().all(|&v| v <= i32::MAX as usize) && g.patch_len() * g.p * g.q <= i32::MAX as usize,
                 "{op}: geometry {g:?} exceeds the kernel's 32-bit per-image indexing"
             );
-            let args: Vec<KernelArg> = [Ptr(x.cuda_ptr()?), Ptr(col.cuda_ptr()?)]
-                .into_iter()
-                .chain(dims.iter().map(|&v| I32(v as i32)))
-                .collect();
+            let args: Vec<KernelArg> = [Ptr(x.cuda_ptr()?), Ptr(col.cuda_ptr()?)].into_iter().chain(dims.iter().map(|&v| I32(v as i32))).collect();
             d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, "im2col")?, &args, col.numel())
         }
     }
@@ -566,11 +528,7 @@ fn launch_gemm(
         "{op}: geometry {g:?} exceeds the kernel's 32-bit per-image indexing"
     );
     ensure!(rows.div_ceil(tile) <= 65_535 && fits(cols.div_ceil(tile)), "{op}: {rows}x{cols} is too large a grid");
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let args: Vec<KernelArg> = pointers.iter().copied().chain(dims.iter().map(|&v| I32(v as i32))).collect();
     d.launch(KERNEL_FILE, kernel, cfg, &args, None)
 }
@@ -628,7 +586,6 @@ fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
 
 /// Row-major `c[m, n] = a · b + beta · c[m, n]` where `a` is [m, k] (or [k, m] if `a_t`) and `b` is [k, n]
 /// (or [n, k] if `b_t`).
-#[allow(clippy::too_many_arguments)]
 fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
     cpu_gemm(GemmShape { m, n, k, trans_a: a_t, trans_b: b_t, batch: 1 }, a, b, c, 1.0, beta);
 }

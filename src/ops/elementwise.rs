@@ -29,7 +29,9 @@ fn cast_kernel(from: DType, to: DType) -> &'static str {
 /// `y = x` converted to `y`'s dtype (round to nearest even).
 pub fn cast(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("cast", &[x, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     same_shape("cast", &[x, y])?;
     if x.dtype() == y.dtype() {
         return y.write_bytes(&x.to_bytes()?);
@@ -40,12 +42,7 @@ pub fn cast(x: &Tensor, y: &mut Tensor) -> Result<()> {
             y.host_bytes_mut()?.copy_from_slice(&bytes);
             Ok(())
         }
-        Device::Cuda(d) => d.launch_elementwise(
-            KERNEL_FILE,
-            cast_kernel(x.dtype(), y.dtype()),
-            &[Ptr(x.cuda_ptr()?), Ptr(y.cuda_ptr()?)],
-            x.numel(),
-        ),
+        Device::Cuda(d) => d.launch_elementwise(KERNEL_FILE, cast_kernel(x.dtype(), y.dtype()), &[Ptr(x.cuda_ptr()?), Ptr(y.cuda_ptr()?)], x.numel()),
     }
 }
 
@@ -60,7 +57,9 @@ fn by_dtype(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -
 /// `y = a + b`.
 pub fn add(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("add", &[a, b, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size()))
+    });
     same_shape("add", &[a, b, y])?;
     let dtype = common_dtype("add", &device, &[a, b, y])?;
     match device {
@@ -89,16 +88,16 @@ pub fn fill(y: &mut Tensor, value: f32) -> Result<()> {
             y.f32s_mut()?.fill(value);
             Ok(())
         }
-        Device::Cuda(d) => {
-            d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, "fill_f32", "fill_bf16")?, &[Ptr(y.cuda_ptr()?), F32(value)], y.numel())
-        }
+        Device::Cuda(d) => d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, "fill_f32", "fill_bf16")?, &[Ptr(y.cuda_ptr()?), F32(value)], y.numel()),
     }
 }
 
 /// `y = alpha * x`.
 pub fn scale(x: &Tensor, alpha: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device("scale", &[x, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     same_shape("scale", &[x, y])?;
     let dtype = common_dtype("scale", &device, &[x, y])?;
     match device {
@@ -176,28 +175,21 @@ fn map2(a: &[f32], b: &[f32], y: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync)
 }
 
 /// A unary op `y = f(x)` (or a backward `dx = f(x, dy)`) on either device; `kernels` = (f32, bf16) names.
-fn unary(
-    op: &str,
-    kernels: (&'static str, &'static str),
-    x: &Tensor,
-    y: &mut Tensor,
-    cpu: impl Fn(f32) -> f32 + Sync,
-) -> Result<()> {
+fn unary(op: &str, kernels: (&'static str, &'static str), x: &Tensor, y: &mut Tensor, cpu: impl Fn(f32) -> f32 + Sync) -> Result<()> {
     let device = common_device(op, &[x, y])?;
     same_shape(op, &[x, y])?;
     let dtype = common_dtype(op, &device, &[x, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     match device {
         Device::Cpu => {
             map1(x.f32s()?, y.f32s_mut()?, cpu);
             Ok(())
         }
-        Device::Cuda(d) => d.launch_elementwise(
-            KERNEL_FILE,
-            by_dtype(dtype, kernels.0, kernels.1)?,
-            &[Ptr(x.cuda_ptr()?), Ptr(y.cuda_ptr()?)],
-            x.numel(),
-        ),
+        Device::Cuda(d) => {
+            d.launch_elementwise(KERNEL_FILE, by_dtype(dtype, kernels.0, kernels.1)?, &[Ptr(x.cuda_ptr()?), Ptr(y.cuda_ptr()?)], x.numel())
+        }
     }
 }
 
@@ -212,7 +204,9 @@ fn binary(
     let device = common_device(op, &[a, b, y])?;
     same_shape(op, &[a, b, y])?;
     let dtype = common_dtype(op, &device, &[a, b, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size()))
+    });
     match device {
         Device::Cpu => {
             map2(a.f32s()?, b.f32s()?, y.f32s_mut()?, cpu);
@@ -234,30 +228,13 @@ pub fn relu_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
 
 /// `dx = 0` where `x <= 0`, else `dy` (torch's threshold_backward: 0 at x = 0).
 pub fn relu_backward(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
-    binary(
-        "relu_backward",
-        ("relu_backward_f32", "relu_backward_bf16"),
-        x,
-        dy,
-        dx,
-        |x, g| if x <= 0.0 { 0.0 } else { g },
-    )
+    binary("relu_backward", ("relu_backward_f32", "relu_backward_bf16"), x, dy, dx, |x, g| if x <= 0.0 { 0.0 } else { g })
 }
 
 /// Coefficients of Numerical Recipes' `erfcc` fit: erfc(z) = t exp(-z^2 + sum_k c_k t^k), t = 1 / (1 + z/2),
 /// for z >= 0, with relative error below 1.2e-7 everywhere.
-const ERFC_FIT: [f32; 10] = [
-    -1.265_512_2,
-    1.000_023_7,
-    0.374_091_96,
-    0.096_784_18,
-    -0.186_288_06,
-    0.278_868_07,
-    -1.135_204,
-    1.488_515_9,
-    -0.822_152_23,
-    0.170_872_77,
-];
+const ERFC_FIT: [f32; 10] =
+    [-1.265_512_2, 1.000_023_7, 0.374_091_96, 0.096_784_18, -0.186_288_06, 0.278_868_07, -1.135_204, 1.488_515_9, -0.822_152_23, 0.170_872_77];
 
 /// `erfc(z)` in f32 with the fit's relative accuracy in the tail, which GELU's left side needs (1 + erf
 /// cancels there).
@@ -314,7 +291,9 @@ fn geglu_half(op: &str, x: &Tensor, y: &Tensor) -> Result<usize> {
 /// and gate = second half; `y` [.., h] = value * gelu(gate).
 pub fn geglu_forward(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device("geglu_forward", &[x, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     let half = geglu_half("geglu_forward", x, y)?;
     let dtype = common_dtype("geglu_forward", &device, &[x, y])?;
     if half == 0 || y.numel() == 0 {
@@ -353,16 +332,14 @@ pub fn geglu_backward(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
     match device {
         Device::Cpu => {
             let (x, dy) = (x.f32s()?, dy.f32s()?);
-            dx.f32s_mut()?.par_chunks_mut(2 * half).zip(x.par_chunks(2 * half).zip(dy.par_chunks(half))).for_each(
-                |(dx, (x, dy))| {
-                    let (value, gate) = x.split_at(half);
-                    let (dvalue, dgate) = dx.split_at_mut(half);
-                    for i in 0..half {
-                        dvalue[i] = dy[i] * gelu(gate[i]);
-                        dgate[i] = dy[i] * value[i] * gelu_grad(gate[i]);
-                    }
-                },
-            );
+            dx.f32s_mut()?.par_chunks_mut(2 * half).zip(x.par_chunks(2 * half).zip(dy.par_chunks(half))).for_each(|(dx, (x, dy))| {
+                let (value, gate) = x.split_at(half);
+                let (dvalue, dgate) = dx.split_at_mut(half);
+                for i in 0..half {
+                    dvalue[i] = dy[i] * gelu(gate[i]);
+                    dgate[i] = dy[i] * value[i] * gelu_grad(gate[i]);
+                }
+            });
             Ok(())
         }
         Device::Cuda(d) => d.launch_elementwise(
@@ -387,7 +364,9 @@ pub fn sigmoid_backward(y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> 
 /// Residual add with a scale: `y = a + s * b`.
 pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device("add_scaled", &[a, b, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Elementwise, || {
+        (device.clone(), y.numel() as f64, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size()))
+    });
     same_shape("add_scaled", &[a, b, y])?;
     let dtype = common_dtype("add_scaled", &device, &[a, b, y])?;
     match device {
@@ -490,10 +469,7 @@ pub fn timestep_embedding(t: &Tensor, flip_sin_to_cos: bool, freq_shift: f32, y:
     let dtype = common_dtype(OP, &device, &[y])?;
     let dim = y.shape()[1];
     let half = dim / 2;
-    ensure!(
-        half as f32 - freq_shift != 0.0,
-        "{OP}: dim {dim} with freq_shift {freq_shift} divides by half - freq_shift = 0"
-    );
+    ensure!(half as f32 - freq_shift != 0.0, "{OP}: dim {dim} with freq_shift {freq_shift} divides by half - freq_shift = 0");
     ensure!(dim <= i32::MAX as usize, "{OP}: dim {dim} is too large");
     if y.numel() == 0 {
         return Ok(());
@@ -502,8 +478,7 @@ pub fn timestep_embedding(t: &Tensor, flip_sin_to_cos: bool, freq_shift: f32, y:
         Device::Cpu => {
             let t = t.f32s()?;
             let ln_max_period = -(10000f64.ln() as f32);
-            let freqs: Vec<f32> =
-                (0..half).map(|k| ((ln_max_period * k as f32) / (half as f32 - freq_shift)).exp()).collect();
+            let freqs: Vec<f32> = (0..half).map(|k| ((ln_max_period * k as f32) / (half as f32 - freq_shift)).exp()).collect();
             for (row, &t) in y.f32s_mut()?.chunks_mut(dim).zip(t) {
                 let (first, rest) = row.split_at_mut(half);
                 let (second, pad) = rest.split_at_mut(half);

@@ -14,7 +14,7 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{matmul, MatmulSpec};
-use crate::runtime::arena::{MemoryPlan, Region};
+use crate::memory::allocator::{Allocator, Standalone};
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
@@ -68,23 +68,9 @@ impl InfoNceActivations {
         ]
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(plan: &mut MemoryPlan, region: Region, batch: usize, dim: usize, dtype: DType) {
-        for (shape, dtype) in InfoNceActivations::layout(batch, dim, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
-    /// planned with `reserve`); `dtype` is the embeddings' storage dtype.
-    pub fn new(
-        batch: usize,
-        dim: usize,
-        dtype: DType,
-        mut alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
-    ) -> Result<InfoNceActivations> {
-        let mut t =
-            InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc(&shape, dtype));
+    /// Makes every tensor with `alloc`; `dtype` is the embeddings' storage dtype.
+    pub fn new(batch: usize, dim: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<InfoNceActivations> {
+        let mut t = InfoNceActivations::layout(batch, dim, dtype).into_iter().map(|(shape, dtype)| alloc.alloc(&shape, dtype));
         let mut next = || t.next().expect("the layout lists every tensor");
         Ok(InfoNceActivations {
             batch,
@@ -105,7 +91,7 @@ impl InfoNceActivations {
 
     /// Standalone zero tensors on `device`.
     pub fn zeros(device: &Device, batch: usize, dim: usize, dtype: DType) -> Result<InfoNceActivations> {
-        InfoNceActivations::new(batch, dim, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+        InfoNceActivations::new(batch, dim, dtype, &mut Standalone(device.clone()))
     }
 
     /// The loss as a device tensor `[1]` f32 (no host synchronisation).
@@ -142,19 +128,10 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 pub fn infonce_forward(a: &Tensor, b: &Tensor, temperature: f32, acts: &mut InfoNceActivations) -> Result<()> {
     const OP: &str = "infonce_forward";
     ensure!(temperature.is_finite() && temperature > 0.0, "{OP}: temperature must be positive, got {temperature}");
-    ensure!(
-        a.shape().len() == 2 && a.shape()[0] > 0 && a.shape()[1] > 0,
-        "{OP}: a must be [batch, dim], got {:?}",
-        a.shape()
-    );
+    ensure!(a.shape().len() == 2 && a.shape()[0] > 0 && a.shape()[1] > 0, "{OP}: a must be [batch, dim], got {:?}", a.shape());
     ensure!(b.shape() == a.shape(), "{OP}: b {:?} must match a {:?}", b.shape(), a.shape());
     let (batch, dim) = (a.shape()[0], a.shape()[1]);
-    ensure!(
-        (acts.batch, acts.dim) == (batch, dim),
-        "{OP}: activations are for [{}, {}], the inputs are [{batch}, {dim}]",
-        acts.batch,
-        acts.dim
-    );
+    ensure!((acts.batch, acts.dim) == (batch, dim), "{OP}: activations are for [{}, {}], the inputs are [{batch}, {dim}]", acts.batch, acts.dim);
     ensure!(batch * batch.max(dim) < i32::MAX as usize, "{OP}: batch {batch} x dim {dim} is too large");
     let device = super::common_device(OP, &[a, b, &acts.logits])?;
     let dtype = super::common_dtype(OP, &device, &[a, b, &acts.a_unit])?;
@@ -211,25 +188,10 @@ pub fn infonce_forward(a: &Tensor, b: &Tensor, temperature: f32, acts: &mut Info
         }
         Device::Cuda(d) => {
             let (row_blocks, col_blocks) = (batch.div_ceil(8), batch.div_ceil(32));
-            let cfg = LaunchConfig {
-                grid_dim: ((row_blocks + col_blocks) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            d.launch(
-                KERNEL_FILE,
-                "infonce_softmax_stats",
-                cfg,
-                &[Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), I32(batch as i32)],
-                None,
-            )?;
+            let cfg = LaunchConfig { grid_dim: ((row_blocks + col_blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            d.launch(KERNEL_FILE, "infonce_softmax_stats", cfg, &[Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), I32(batch as i32)], None)?;
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            let args = [
-                Ptr(acts.logits.cuda_ptr()?),
-                Ptr(acts.lse.cuda_ptr()?),
-                Ptr(acts.loss.cuda_ptr()?),
-                I32(batch as i32),
-            ];
+            let args = [Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), Ptr(acts.loss.cuda_ptr()?), I32(batch as i32)];
             d.launch(KERNEL_FILE, "infonce_loss", cfg, &args, None)?;
         }
     }
@@ -249,20 +211,18 @@ fn normalize_rows(x: &[f32], unit: &mut [f32], norms: &mut [f32], dim: usize) {
 
 /// Backward of `normalize_rows`: `dx = (du - u (u·du)) / ‖x‖`, or `du / eps` where the norm was clamped.
 fn normalize_rows_backward(unit: &[f32], norms: &[f32], du: &[f32], dx: &mut [f32], dim: usize) {
-    dx.par_chunks_mut(dim).zip(unit.par_chunks(dim)).zip(du.par_chunks(dim)).zip(norms.par_iter()).for_each(
-        |(((dx, u), du), &n)| {
-            if n > NORM_EPS {
-                let dot: f32 = u.iter().zip(du).map(|(u, d)| u * d).sum();
-                for ((dx, u), du) in dx.iter_mut().zip(u).zip(du) {
-                    *dx = (du - u * dot) / n;
-                }
-            } else {
-                for (dx, du) in dx.iter_mut().zip(du) {
-                    *dx = du / NORM_EPS;
-                }
+    dx.par_chunks_mut(dim).zip(unit.par_chunks(dim)).zip(du.par_chunks(dim)).zip(norms.par_iter()).for_each(|(((dx, u), du), &n)| {
+        if n > NORM_EPS {
+            let dot: f32 = u.iter().zip(du).map(|(u, d)| u * d).sum();
+            for ((dx, u), du) in dx.iter_mut().zip(u).zip(du) {
+                *dx = (du - u * dot) / n;
             }
-        },
-    );
+        } else {
+            for (dx, du) in dx.iter_mut().zip(du) {
+                *dx = du / NORM_EPS;
+            }
+        }
+    });
 }
 
 /// Backward from `dloss` (the gradient of the loss, a scalar): `da`, `db` `[B, D]` (`=`). `acts` holds the
@@ -296,13 +256,7 @@ pub fn infonce_backward(acts: &mut InfoNceActivations, dloss: f32, da: &mut Tens
         }
         Device::Cuda(d) => {
             let name = kernel_name(acts.dtype, "infonce_logits_grad_f32", "infonce_logits_grad_bf16")?;
-            let args = [
-                Ptr(acts.logits.cuda_ptr()?),
-                Ptr(acts.lse.cuda_ptr()?),
-                Ptr(acts.dlogits.cuda_ptr()?),
-                F32(scale),
-                I32(batch as i32),
-            ];
+            let args = [Ptr(acts.logits.cuda_ptr()?), Ptr(acts.lse.cuda_ptr()?), Ptr(acts.dlogits.cuda_ptr()?), F32(scale), I32(batch as i32)];
             d.launch_elementwise(KERNEL_FILE, name, &args, batch * batch)?;
         }
     }

@@ -85,7 +85,6 @@ pub(crate) fn cpu_gemm(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], alpha:
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the GEMM's operands and scalars, as cuBLAS takes them
 fn run_gemm(device: &Device, s: GemmShape, a: &Tensor, b: &Tensor, c: &mut Tensor, bias: Option<&Tensor>, alpha: f32, beta: f32) -> Result<()> {
     match device {
         Device::Cpu => {
@@ -101,7 +100,7 @@ fn run_gemm(device: &Device, s: GemmShape, a: &Tensor, b: &Tensor, c: &mut Tenso
             Ok(())
         }
         Device::Cuda(d) => d.blas()?.gemm(
-            d,
+            d.stream(),
             s,
             a.dtype(),
             c.dtype(),
@@ -149,10 +148,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: MatmulSpec) -> Resul
 /// Rows and features of a `[.., features]` tensor.
 fn rows(op: &str, t: &Tensor, features: usize) -> Result<usize> {
     let s = t.shape();
-    ensure!(
-        s.last() == Some(&features),
-        "{op}: expected a last dimension of {features}, got shape {s:?}"
-    );
+    ensure!(s.last() == Some(&features), "{op}: expected a last dimension of {features}, got shape {s:?}");
     Ok(t.numel() / features.max(1))
 }
 
@@ -183,14 +179,7 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &mut Tensor
 
 /// Backward of [`linear_forward`]: `dx = dy · w` (=), `dw += dyᵀ · x`, `db += Σ_rows dy`. Pass `None` for
 /// gradients that are not needed.
-pub fn linear_backward(
-    x: &Tensor,
-    w: &Tensor,
-    dy: &Tensor,
-    dx: Option<&mut Tensor>,
-    dw: Option<&mut Tensor>,
-    db: Option<&mut Tensor>,
-) -> Result<()> {
+pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, dx: Option<&mut Tensor>, dw: Option<&mut Tensor>, db: Option<&mut Tensor>) -> Result<()> {
     let device = common_device("linear_backward", &[x, w, dy])?;
     let (m, n, k) = linear_shapes("linear_backward", x, w)?;
     ensure!(rows("linear_backward", dy, n)? == m, "linear_backward: dy {:?} does not match x {:?}", dy.shape(), x.shape());

@@ -36,12 +36,7 @@ fn kernel(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -> 
 fn check_outputs(op: &str, device: &Device, loss: &Tensor, partials: &Tensor) -> Result<()> {
     common_device(op, &[loss, partials])?;
     ensure!(loss.device().same(device), "{op}: the loss lives on {}, the inputs on {device}", loss.device());
-    ensure!(
-        loss.dtype() == DType::F32 && loss.numel() == 1,
-        "{op}: the loss must be one f32 element, got {} {:?}",
-        loss.dtype(),
-        loss.shape()
-    );
+    ensure!(loss.dtype() == DType::F32 && loss.numel() == 1, "{op}: the loss must be one f32 element, got {} {:?}", loss.dtype(), loss.shape());
     ensure!(
         partials.dtype() == DType::F32 && partials.numel() == PARTIALS,
         "{op}: partials must be {PARTIALS} f32 elements, got {} {:?}",
@@ -84,13 +79,7 @@ fn cuda_reduce(
     let grid = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     d.launch(KERNEL_FILE, name, grid, &[inputs[0], inputs[1], Ptr(partials.cuda_ptr()?)], Some(n as i64))?;
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    d.launch(
-        KERNEL_FILE,
-        "finish_sum",
-        one,
-        &[Ptr(partials.cuda_ptr()?), I32(blocks as i32), F32(scale), Ptr(loss.cuda_ptr()?)],
-        None,
-    )
+    d.launch(KERNEL_FILE, "finish_sum", one, &[Ptr(partials.cuda_ptr()?), I32(blocks as i32), F32(scale), Ptr(loss.cuda_ptr()?)], None)
 }
 
 /// `loss[0] = mean((pred - target)^2)` over every element (torch's `F.mse_loss`, reduction "mean").
@@ -167,9 +156,7 @@ pub fn kl_loss(mu: &Tensor, logvar: &Tensor, loss: &mut Tensor, partials: &mut T
     let scale = -0.5 / batch as f64;
     match &device {
         Device::Cpu => {
-            let v = cpu_reduce(mu.f32s()?, logvar.f32s()?, scale, partials.f32s_mut()?, |m, lv| {
-                1.0 + lv - m * m - lv.exp()
-            });
+            let v = cpu_reduce(mu.f32s()?, logvar.f32s()?, scale, partials.f32s_mut()?, |m, lv| 1.0 + lv - m * m - lv.exp());
             loss.f32s_mut()?[0] = v;
             Ok(())
         }
@@ -187,13 +174,7 @@ pub fn kl_loss(mu: &Tensor, logvar: &Tensor, loss: &mut Tensor, partials: &mut T
 
 /// Gradients of `kl_loss` times `dloss`: `dmu = dloss * mu / batch`,
 /// `dlogvar = dloss * (exp(logvar) - 1) / (2 batch)`.
-pub fn kl_loss_backward(
-    mu: &Tensor,
-    logvar: &Tensor,
-    dloss: f32,
-    dmu: &mut Tensor,
-    dlogvar: &mut Tensor,
-) -> Result<()> {
+pub fn kl_loss_backward(mu: &Tensor, logvar: &Tensor, dloss: f32, dmu: &mut Tensor, dlogvar: &mut Tensor) -> Result<()> {
     const OP: &str = "kl_loss_backward";
     let device = common_device(OP, &[mu, logvar, dmu, dlogvar])?;
     let batch = kl_batch(OP, mu, logvar)?;

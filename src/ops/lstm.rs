@@ -19,12 +19,14 @@
 //! tells its heuristic the real alignment, so unaligned steps would be correct, only slower).
 //! Parameter gradients accumulate (`+=`) into f32 or the storage dtype; the input gradient is written (`=`).
 
+use std::borrow::{Borrow, BorrowMut};
+
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::linear::{cpu_gemm, linear_backward, linear_forward};
-use crate::runtime::arena::{MemoryPlan, Region};
+use crate::memory::allocator::{Allocator, Standalone};
 use crate::runtime::blas::GemmShape;
 use crate::runtime::cuda::KernelArg::{Ptr, I32};
 use crate::runtime::device::Device;
@@ -86,64 +88,84 @@ pub fn param_name(kind: &str, layer: usize, direction: usize) -> String {
     format!("{kind}_l{layer}{}", if direction == 1 { "_reverse" } else { "" })
 }
 
-/// The parameters of one layer and direction (or their gradients).
-pub struct LstmWeights {
+/// The parameters of one layer and direction (or their gradients), as owned tensors (`T = Tensor`) or
+/// borrowed ones (`&Tensor`, `&mut Tensor`: views over a model's parameter store and gradients).
+pub struct LstmWeights<T = Tensor> {
     /// `[4H, input]`, rows in gate order i, f, g, o.
-    pub weight_ih: Tensor,
+    pub weight_ih: T,
     /// `[4H, H]`.
-    pub weight_hh: Tensor,
+    pub weight_hh: T,
     /// `[4H]`.
-    pub bias_ih: Tensor,
+    pub bias_ih: T,
     /// `[4H]`.
-    pub bias_hh: Tensor,
+    pub bias_hh: T,
 }
 
 /// Every parameter of an LSTM (or its gradients), `layers[layer][direction]` with direction 1 the `_reverse`
 /// one.
-pub struct LstmParams {
+pub struct LstmParams<T = Tensor> {
     pub config: LstmConfig,
-    pub layers: Vec<Vec<LstmWeights>>,
+    pub layers: Vec<Vec<LstmWeights<T>>>,
 }
 
 impl LstmParams {
-    /// Makes every tensor with `alloc(shape)` (a standalone zero tensor, or a carve from an arena region).
-    pub fn new(config: LstmConfig, mut alloc: impl FnMut(&[usize]) -> Result<Tensor>) -> Result<LstmParams> {
-        let mut shapes = config.parameter_shapes().into_iter();
-        let mut next = || alloc(&shapes.next().expect("four shapes per layer and direction").1);
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            let mut dirs = Vec::with_capacity(config.directions());
-            for _ in 0..config.directions() {
-                dirs.push(LstmWeights { weight_ih: next()?, weight_hh: next()?, bias_ih: next()?, bias_hh: next()? });
-            }
-            layers.push(dirs);
-        }
-        Ok(LstmParams { config, layers })
+    /// Every tensor in `dtype` from `alloc`.
+    pub fn new(config: LstmConfig, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmParams> {
+        let tensors = config.parameter_shapes().into_iter().map(|(_, shape)| alloc.alloc(&shape, dtype)).collect::<Result<Vec<_>>>()?;
+        LstmParams::from_tensors(config, tensors)
     }
 
     /// Standalone zero tensors on `device`.
     pub fn zeros(device: &Device, config: LstmConfig, dtype: DType) -> Result<LstmParams> {
-        LstmParams::new(config, |shape| Tensor::zeros(device, shape, dtype))
+        LstmParams::new(config, dtype, &mut Standalone(device.clone()))
+    }
+}
+
+impl<T> LstmParams<T> {
+    /// The parameters from `tensors` in [`LstmConfig::parameter_shapes`] order (per layer and direction:
+    /// W_ih, W_hh, b_ih, b_hh); their shapes are checked where they are used.
+    pub fn from_tensors(config: LstmConfig, tensors: impl IntoIterator<Item = T>) -> Result<LstmParams<T>> {
+        let mut it = tensors.into_iter();
+        let count = 4 * config.num_layers * config.directions();
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            let mut dirs = Vec::with_capacity(config.directions());
+            for _ in 0..config.directions() {
+                let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("LSTM parameters: fewer than the {count} tensors of {config:?}"));
+                dirs.push(LstmWeights { weight_ih: next()?, weight_hh: next()?, bias_ih: next()?, bias_hh: next()? });
+            }
+            layers.push(dirs);
+        }
+        ensure!(it.next().is_none(), "LSTM parameters: more than the {count} tensors of {config:?}");
+        Ok(LstmParams { config, layers })
+    }
+}
+
+impl<T: Borrow<Tensor>> LstmParams<T> {
+    /// The same tensors, borrowed.
+    pub fn view(&self) -> LstmParams<&Tensor> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|dirs| {
+                dirs.iter()
+                    .map(|w| LstmWeights {
+                        weight_ih: w.weight_ih.borrow(),
+                        weight_hh: w.weight_hh.borrow(),
+                        bias_ih: w.bias_ih.borrow(),
+                        bias_hh: w.bias_hh.borrow(),
+                    })
+                    .collect()
+            })
+            .collect();
+        LstmParams { config: self.config, layers }
     }
 
     /// `(PyTorch name, tensor)` for every parameter.
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
         names
-            .zip(self.layers.iter().flatten().flat_map(|w| [&w.weight_ih, &w.weight_hh, &w.bias_ih, &w.bias_hh]))
-            .collect()
-    }
-
-    /// `(PyTorch name, tensor)` for every parameter, writable (for loading weights).
-    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
-        names
-            .zip(
-                self.layers
-                    .iter_mut()
-                    .flatten()
-                    .flat_map(|w| [&mut w.weight_ih, &mut w.weight_hh, &mut w.bias_ih, &mut w.bias_hh]),
-            )
+            .zip(self.layers.iter().flatten().flat_map(|w| [w.weight_ih.borrow(), w.weight_hh.borrow(), w.bias_ih.borrow(), w.bias_hh.borrow()]))
             .collect()
     }
 
@@ -167,14 +189,45 @@ impl LstmParams {
     }
 }
 
+impl<T: BorrowMut<Tensor>> LstmParams<T> {
+    /// The same tensors, borrowed writable.
+    pub fn view_mut(&mut self) -> LstmParams<&mut Tensor> {
+        let layers = self
+            .layers
+            .iter_mut()
+            .map(|dirs| {
+                dirs.iter_mut()
+                    .map(|w| LstmWeights {
+                        weight_ih: w.weight_ih.borrow_mut(),
+                        weight_hh: w.weight_hh.borrow_mut(),
+                        bias_ih: w.bias_ih.borrow_mut(),
+                        bias_hh: w.bias_hh.borrow_mut(),
+                    })
+                    .collect()
+            })
+            .collect();
+        LstmParams { config: self.config, layers }
+    }
+
+    /// `(PyTorch name, tensor)` for every parameter, writable (for loading weights).
+    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let names = self.config.parameter_shapes().into_iter().map(|(n, _)| n);
+        names
+            .zip(
+                self.layers
+                    .iter_mut()
+                    .flatten()
+                    .flat_map(|w| [w.weight_ih.borrow_mut(), w.weight_hh.borrow_mut(), w.bias_ih.borrow_mut(), w.bias_hh.borrow_mut()]),
+            )
+            .collect()
+    }
+}
+
 /// Storage dtypes an LSTM runs in on `device`.
 fn check_dtype(op: &str, device: &Device, dtype: DType) -> Result<()> {
     match device {
         Device::Cpu => ensure!(dtype == DType::F32, "{op}: the CPU backend computes in f32, got {dtype}"),
-        Device::Cuda(_) => ensure!(
-            matches!(dtype, DType::F32 | DType::BF16),
-            "{op}: CUDA stores LSTM tensors in f32 or bf16, got {dtype}"
-        ),
+        Device::Cuda(_) => ensure!(matches!(dtype, DType::F32 | DType::BF16), "{op}: CUDA stores LSTM tensors in f32 or bf16, got {dtype}"),
     }
     Ok(())
 }
@@ -221,15 +274,15 @@ pub struct LstmActivations {
 }
 
 /// The tensors of a layout, made in order by `alloc` as `next` is called.
-struct Allocations<F> {
+struct Allocations<'a> {
     layout: std::vec::IntoIter<(Vec<usize>, DType)>,
-    alloc: F,
+    alloc: &'a mut dyn Allocator,
 }
 
-impl<F: FnMut(&[usize], DType) -> Result<Tensor>> Allocations<F> {
+impl Allocations<'_> {
     fn next(&mut self) -> Result<Tensor> {
         let (shape, dtype) = self.layout.next().expect("the layout lists every tensor");
-        (self.alloc)(&shape, dtype)
+        self.alloc.alloc(&shape, dtype)
     }
 }
 
@@ -249,29 +302,8 @@ impl LstmActivations {
         out
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(
-        plan: &mut MemoryPlan,
-        region: Region,
-        config: &LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) {
-        for (shape, dtype) in LstmActivations::layout(config, batch, seq_len, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (a standalone tensor, or a carve from an arena region
-    /// planned with `reserve`); `dtype` is the storage dtype of the parameters.
-    pub fn new(
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
-    ) -> Result<LstmActivations> {
+    /// Makes every tensor with `alloc`; `dtype` is the storage dtype of the parameters.
+    pub fn new(config: LstmConfig, batch: usize, seq_len: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmActivations> {
         let mut a = Allocations { layout: LstmActivations::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let mut outputs = Vec::new();
         let mut directions = Vec::new();
@@ -290,14 +322,8 @@ impl LstmActivations {
     }
 
     /// Standalone zero tensors on `device`.
-    pub fn zeros(
-        device: &Device,
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) -> Result<LstmActivations> {
-        LstmActivations::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmActivations> {
+        LstmActivations::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 
     /// The LSTM's output `[B, T, D·H]`: per step, the forward direction's h then the reverse one's.
@@ -308,11 +334,7 @@ impl LstmActivations {
     fn check(&self, op: &str, config: &LstmConfig, device: &Device, dtype: DType) -> Result<()> {
         ensure!(self.config == *config, "{op}: activations are for {:?}, the parameters for {config:?}", self.config);
         ensure!(self.dtype == dtype, "{op}: activations are {}, the parameters {dtype}", self.dtype);
-        ensure!(
-            self.recurrent.device().same(device),
-            "{op}: activations are on {}, the input on {device}",
-            self.recurrent.device()
-        );
+        ensure!(self.recurrent.device().same(device), "{op}: activations are on {}, the input on {device}", self.recurrent.device());
         Ok(())
     }
 }
@@ -343,12 +365,7 @@ impl LstmBackwardScratch {
     fn layout(config: &LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Vec<(Vec<usize>, DType)> {
         let (b, t, h) = (batch, seq_len, config.hidden_size);
         let rows = step_rows(batch, h, dtype);
-        let mut out = vec![
-            (vec![b, t, 4 * h], dtype),
-            (vec![t, rows, 4 * h], dtype),
-            (vec![rows, h], DType::F32),
-            (vec![b, h], DType::F32),
-        ];
+        let mut out = vec![(vec![b, t, 4 * h], dtype), (vec![t, rows, 4 * h], dtype), (vec![rows, h], DType::F32), (vec![b, h], DType::F32)];
         for _ in 0..Self::dlayer_count(config) {
             out.push((vec![b, t, config.output_size()], dtype));
         }
@@ -359,43 +376,16 @@ impl LstmBackwardScratch {
         config.num_layers.saturating_sub(1).min(2)
     }
 
-    /// Reserves what `new` will carve, for an arena planned before the first step.
-    pub fn reserve(
-        plan: &mut MemoryPlan,
-        region: Region,
-        config: &LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) {
-        for (shape, dtype) in LstmBackwardScratch::layout(config, batch, seq_len, dtype) {
-            plan.reserve(region, &shape, dtype);
-        }
-    }
-
-    /// Makes every tensor with `alloc(shape, dtype)` (see `LstmActivations::new`).
-    pub fn new(
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-        alloc: impl FnMut(&[usize], DType) -> Result<Tensor>,
-    ) -> Result<LstmBackwardScratch> {
-        let mut a =
-            Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
+    /// Makes every tensor with `alloc` (see `LstmActivations::new`).
+    pub fn new(config: LstmConfig, batch: usize, seq_len: usize, dtype: DType, alloc: &mut dyn Allocator) -> Result<LstmBackwardScratch> {
+        let mut a = Allocations { layout: LstmBackwardScratch::layout(&config, batch, seq_len, dtype).into_iter(), alloc };
         let (dgates, dgates_by_step, dh, dc) = (a.next()?, a.next()?, a.next()?, a.next()?);
         let dlayers = (0..Self::dlayer_count(&config)).map(|_| a.next()).collect::<Result<Vec<_>>>()?;
         Ok(LstmBackwardScratch { config, batch, seq_len, dtype, dgates, dgates_by_step, dh, dc, dlayers })
     }
 
-    pub fn zeros(
-        device: &Device,
-        config: LstmConfig,
-        batch: usize,
-        seq_len: usize,
-        dtype: DType,
-    ) -> Result<LstmBackwardScratch> {
-        LstmBackwardScratch::new(config, batch, seq_len, dtype, |shape, dtype| Tensor::zeros(device, shape, dtype))
+    pub fn zeros(device: &Device, config: LstmConfig, batch: usize, seq_len: usize, dtype: DType) -> Result<LstmBackwardScratch> {
+        LstmBackwardScratch::new(config, batch, seq_len, dtype, &mut Standalone(device.clone()))
     }
 }
 
@@ -434,14 +424,7 @@ struct Step {
 
 /// One GEMM whose matrices start `offset` elements into their tensors: `c = op(a)·op(b) + beta·c`. The
 /// per-step slices of the time-major buffers need it (`matmul` takes whole tensors only).
-fn gemm_at(
-    op: &str,
-    s: GemmShape,
-    (a, ao): (&Tensor, usize),
-    (b, bo): (&Tensor, usize),
-    (c, co): (&mut Tensor, usize),
-    beta: f32,
-) -> Result<()> {
+fn gemm_at(op: &str, s: GemmShape, (a, ao): (&Tensor, usize), (b, bo): (&Tensor, usize), (c, co): (&mut Tensor, usize), beta: f32) -> Result<()> {
     ensure!(
         ao + s.m * s.k <= a.numel() && bo + s.k * s.n <= b.numel() && co + s.m * s.n <= c.numel(),
         "{op}: GEMM {s:?} reaches past its operands {:?}, {:?}, {:?}",
@@ -468,7 +451,7 @@ fn gemm_at(
         Device::Cuda(d) => {
             let at = |t: &Tensor, off: usize| Ok::<u64, anyhow::Error>(t.cuda_ptr()? + (off * t.dtype().size()) as u64);
             let ptrs = (at(a, ao)?, at(b, bo)?, at(c, co)?);
-            d.blas()?.gemm(&d, s, a.dtype(), c.dtype(), ptrs, None, 1.0, beta)
+            d.blas()?.gemm(d.stream(), s, a.dtype(), c.dtype(), ptrs, None, 1.0, beta)
         }
     }
 }
@@ -524,13 +507,7 @@ fn cell_rows_per_task(hidden: usize) -> usize {
 }
 
 /// Cell step forward: gates (pre-activations, then activated) of step `t`, its c and h, and h into the output.
-fn cell_forward(
-    s: &Step,
-    w: &LstmWeights,
-    acts: &mut DirectionActivations,
-    recurrent: &Tensor,
-    y: &mut Tensor,
-) -> Result<()> {
+fn cell_forward(s: &Step, w: &LstmWeights<&Tensor>, acts: &mut DirectionActivations, recurrent: &Tensor, y: &mut Tensor) -> Result<()> {
     match y.device() {
         Device::Cpu => {
             let (h, g4) = (s.hidden, 4 * s.hidden);
@@ -594,13 +571,7 @@ fn cell_forward(
 /// Cell step backward: from dh (output gradient of step `t` plus, unless `t` is the direction's last step,
 /// `scratch.dh`) and the carried dc, the pre-activation gate gradients of step `t` (both layouts) and the dc
 /// carried to the previous step.
-fn cell_backward(
-    s: &Step,
-    has_next: bool,
-    acts: &DirectionActivations,
-    dy: &Tensor,
-    scratch: &mut LstmBackwardScratch,
-) -> Result<()> {
+fn cell_backward(s: &Step, has_next: bool, acts: &DirectionActivations, dy: &Tensor, scratch: &mut LstmBackwardScratch) -> Result<()> {
     match dy.device() {
         Device::Cpu => {
             let (h, g4, bh) = (s.hidden, 4 * s.hidden, s.batch * s.hidden);
@@ -633,12 +604,7 @@ fn cell_backward(
                             dct = dc[j];
                         }
                         dct += dh * og * (1.0 - tc * tc);
-                        let d = [
-                            dct * gg * ig * (1.0 - ig),
-                            dct * cp * fg * (1.0 - fg),
-                            dct * ig * (1.0 - gg * gg),
-                            dh * tc * og * (1.0 - og),
-                        ];
+                        let d = [dct * gg * ig * (1.0 - ig), dct * cp * fg * (1.0 - fg), dct * ig * (1.0 - gg * gg), dh * tc * og * (1.0 - og)];
                         dc[j] = dct * fg;
                         for (k, d) in d.into_iter().enumerate() {
                             dgb[k * h + j] = d;
@@ -676,8 +642,9 @@ fn check_sizes(op: &str, config: &LstmConfig, batch: usize, seq_len: usize) -> R
 
 /// Forward: writes every layer's output (the last is `acts.output()`, `[B, T, D·H]`) and what backward needs.
 /// `x` is `[B, T, input_size]` with (B, T) those `acts` was made for.
-pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations) -> Result<()> {
+pub fn lstm_forward(params: &LstmParams<impl Borrow<Tensor>>, x: &Tensor, acts: &mut LstmActivations) -> Result<()> {
     const OP: &str = "lstm_forward";
+    let params = &params.view();
     let config = params.config;
     let device = x.device();
     let dtype = params.check(OP, "parameters", &config, &device)?;
@@ -699,23 +666,14 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
         let y = &mut rest[0];
         for (dir, a) in directions[layer].iter_mut().enumerate() {
             let w = &params.layers[layer][dir];
-            linear_forward(input, &w.weight_ih, None, &mut a.gates)?;
+            linear_forward(input, w.weight_ih, None, &mut a.gates)?;
             for t in steps(seq_len, dir) {
                 let prev = previous_step(seq_len, dir, t);
                 if let Some(p) = prev {
                     let s = GemmShape { m: rows, n: 4 * hidden, k: hidden, trans_a: false, trans_b: true, batch: 1 };
-                    gemm_at(OP, s, (&a.hidden, p * rows * hidden), (&w.weight_hh, 0), (recurrent, 0), 0.0)?;
+                    gemm_at(OP, s, (&a.hidden, p * rows * hidden), (w.weight_hh, 0), (recurrent, 0), 0.0)?;
                 }
-                let step = Step {
-                    batch,
-                    rows,
-                    seq_len,
-                    hidden,
-                    t,
-                    prev,
-                    y_cols: config.output_size(),
-                    y_offset: dir * hidden,
-                };
+                let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                 cell_forward(&step, w, a, recurrent, y)?;
             }
         }
@@ -727,24 +685,23 @@ pub fn lstm_forward(params: &LstmParams, x: &Tensor, acts: &mut LstmActivations)
 /// shape as `x`; pass `None` when the input needs no gradient) and accumulates every parameter gradient into
 /// `grads` (`+=`, f32 or the parameters' dtype). `acts` must hold the forward of `params` on `x`.
 pub fn lstm_backward(
-    params: &LstmParams,
+    params: &LstmParams<impl Borrow<Tensor>>,
     x: &Tensor,
     acts: &LstmActivations,
     dy: &Tensor,
     mut dx: Option<&mut Tensor>,
-    grads: &mut LstmParams,
+    grads: &mut LstmParams<impl BorrowMut<Tensor>>,
     scratch: &mut LstmBackwardScratch,
 ) -> Result<()> {
     const OP: &str = "lstm_backward";
+    let params = &params.view();
+    let grads = &mut grads.view_mut();
     let config = params.config;
     let device = x.device();
     let dtype = params.check(OP, "parameters", &config, &device)?;
     check_dtype(OP, &device, dtype)?;
     let grad_dtype = grads.check(OP, "gradients", &config, &device)?;
-    ensure!(
-        grad_dtype == dtype || grad_dtype == DType::F32,
-        "{OP}: gradients must be f32 or the parameters' {dtype}, got {grad_dtype}"
-    );
+    ensure!(grad_dtype == dtype || grad_dtype == DType::F32, "{OP}: gradients must be f32 or the parameters' {dtype}, got {grad_dtype}");
     acts.check(OP, &config, &device, dtype)?;
     let (batch, seq_len, hidden, rows) = (acts.batch, acts.seq_len, config.hidden_size, acts.rows);
     ensure!(
@@ -808,28 +765,11 @@ pub fn lstm_backward(
                 let mut next = None;
                 for t in steps(seq_len, dir).rev() {
                     if let Some(n) = next {
-                        let s =
-                            GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
-                        gemm_at(
-                            OP,
-                            s,
-                            (&scratch.dgates_by_step, n * rows * 4 * hidden),
-                            (&w.weight_hh, 0),
-                            (&mut scratch.dh, 0),
-                            0.0,
-                        )?;
+                        let s = GemmShape { m: rows, n: hidden, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
+                        gemm_at(OP, s, (&scratch.dgates_by_step, n * rows * 4 * hidden), (w.weight_hh, 0), (&mut scratch.dh, 0), 0.0)?;
                     }
                     let prev = previous_step(seq_len, dir, t);
-                    let step = Step {
-                        batch,
-                        rows,
-                        seq_len,
-                        hidden,
-                        t,
-                        prev,
-                        y_cols: config.output_size(),
-                        y_offset: dir * hidden,
-                    };
+                    let step = Step { batch, rows, seq_len, hidden, t, prev, y_cols: config.output_size(), y_offset: dir * hidden };
                     cell_backward(&step, next.is_some(), a, dout, scratch)?;
                     next = Some(t);
                 }
@@ -838,37 +778,16 @@ pub fn lstm_backward(
                 // both).
                 if seq_len > 1 {
                     let (dg_off, h_off) = if dir == 0 { (rows * 4 * hidden, 0) } else { (0, rows * hidden) };
-                    let s = GemmShape {
-                        m: 4 * hidden,
-                        n: hidden,
-                        k: (seq_len - 1) * rows,
-                        trans_a: true,
-                        trans_b: false,
-                        batch: 1,
-                    };
+                    let s = GemmShape { m: 4 * hidden, n: hidden, k: (seq_len - 1) * rows, trans_a: true, trans_b: false, batch: 1 };
                     gemm_at(OP, s, (&scratch.dgates_by_step, dg_off), (&a.hidden, h_off), (&mut g.weight_hh, 0), 1.0)?;
                 }
-                linear_backward(
-                    input,
-                    &w.weight_ih,
-                    &scratch.dgates,
-                    None,
-                    Some(&mut g.weight_ih),
-                    Some(&mut g.bias_ih),
-                )?;
-                linear_backward(input, &w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
+                linear_backward(input, w.weight_ih, &scratch.dgates, None, Some(&mut g.weight_ih), Some(&mut g.bias_ih))?;
+                linear_backward(input, w.weight_ih, &scratch.dgates, None, None, Some(&mut g.bias_hh))?;
                 if let Some(di) = dinput.as_deref_mut() {
                     let k_in = config.layer_input_size(layer);
-                    let s = GemmShape {
-                        m: batch * seq_len,
-                        n: k_in,
-                        k: 4 * hidden,
-                        trans_a: false,
-                        trans_b: false,
-                        batch: 1,
-                    };
+                    let s = GemmShape { m: batch * seq_len, n: k_in, k: 4 * hidden, trans_a: false, trans_b: false, batch: 1 };
                     let beta = if dir == 0 { 0.0 } else { 1.0 };
-                    gemm_at(OP, s, (&scratch.dgates, 0), (&w.weight_ih, 0), (di, 0), beta)?;
+                    gemm_at(OP, s, (&scratch.dgates, 0), (w.weight_ih, 0), (di, 0), beta)?;
                 }
             }
         }

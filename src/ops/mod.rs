@@ -16,8 +16,8 @@ pub mod loss;
 pub mod lstm;
 pub mod norm;
 pub mod optim;
-pub mod shape;
 pub mod sampling;
+pub mod shape;
 pub mod softmax;
 pub mod vmath;
 

@@ -18,9 +18,9 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::{common_device, common_dtype};
-use crate::runtime::kernel_table;
 use crate::runtime::cuda::KernelArg::{Ptr, F32, I32, I64};
 use crate::runtime::device::Device;
+use crate::runtime::kernel_table;
 use crate::tensor::{DType, Tensor};
 
 pub const KERNEL_FILE: &str = "norm.cu";
@@ -75,11 +75,7 @@ fn group_norm_dims(op: &str, gn: GroupNorm, x: &Tensor) -> Result<(usize, usize,
     ensure!(s.len() >= 2, "{op}: x {s:?} is not [N, C, spatial...]");
     let (n, c, hw) = (s[0], s[1], s[2..].iter().product::<usize>());
     ensure!(n * c * hw > 0, "{op}: x {s:?} is empty");
-    ensure!(
-        gn.groups > 0 && c % gn.groups == 0,
-        "{op}: {} groups do not divide the {c} channels of x {s:?}",
-        gn.groups
-    );
+    ensure!(gn.groups > 0 && c % gn.groups == 0, "{op}: {} groups do not divide the {c} channels of x {s:?}", gn.groups);
     ensure!(c <= i32::MAX as usize && n * gn.groups <= i32::MAX as usize, "{op}: x {s:?} is too large");
     Ok((n, c, hw))
 }
@@ -209,7 +205,9 @@ pub fn group_norm_forward(gn: GroupNorm, x: &Tensor, affine: Affine, y: &mut Ten
     check_shape(OP, "y", y, x.shape(), x)?;
     check_stats(OP, stats.mean, stats.rstd, &[n, gn.groups], x)?;
     let device = common_device(OP, &[x, affine.weight, affine.bias, y, stats.mean, stats.rstd])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Norm, || (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Norm, || {
+        (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size()))
+    });
     let dtype = common_dtype(OP, &device, &[x, affine.weight, affine.bias, y])?;
     let g = gn.groups;
     match device {
@@ -217,27 +215,21 @@ pub fn group_norm_forward(gn: GroupNorm, x: &Tensor, affine: Affine, y: &mut Ten
             let (w, b) = (affine.weight.f32s()?, affine.bias.f32s()?);
             let (x, cg) = (x.f32s()?, c / g);
             let stats = stats.mean.f32s_mut()?.par_iter_mut().zip(stats.rstd.f32s_mut()?.par_iter_mut());
-            y.f32s_mut()?.par_chunks_mut(cg * hw).zip(x.par_chunks(cg * hw)).zip(stats).enumerate().for_each(
-                |(ng, ((y, x), (mean, rstd)))| {
-                    (*mean, *rstd) = moments(x, gn.eps);
-                    for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                        let ch = (ng % g) * cg + ci;
-                        let (scale, shift) = (*rstd * w[ch], b[ch]);
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            let h = (x - *mean) * scale + shift;
-                            *y = if gn.silu { h * sigmoid(h) } else { h };
-                        }
+            y.f32s_mut()?.par_chunks_mut(cg * hw).zip(x.par_chunks(cg * hw)).zip(stats).enumerate().for_each(|(ng, ((y, x), (mean, rstd)))| {
+                (*mean, *rstd) = moments(x, gn.eps);
+                for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                    let ch = (ng % g) * cg + ci;
+                    let (scale, shift) = (*rstd * w[ch], b[ch]);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let h = (x - *mean) * scale + shift;
+                        *y = if gn.silu { h * sigmoid(h) } else { h };
                     }
-                },
-            );
+                }
+            });
             Ok(())
         }
         Device::Cuda(d) => {
-            let cfg = LaunchConfig {
-                grid_dim: ((n * g) as u32, 1, 1),
-                block_dim: (GROUP_NORM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = LaunchConfig { grid_dim: ((n * g) as u32, 1, 1), block_dim: (GROUP_NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
             d.launch(
                 KERNEL_FILE,
                 kernel("group_norm_forward", dtype)?,
@@ -263,14 +255,7 @@ pub fn group_norm_forward(gn: GroupNorm, x: &Tensor, affine: Affine, y: &mut Ten
 
 /// GroupNorm backward (through the fused SiLU when `gn.silu`): writes `dx`, adds to `dweight` and `dbias`.
 /// `stats` are the forward's; `grads.scratch` is f32 of [`group_norm_scratch_shape`].
-pub fn group_norm_backward(
-    gn: GroupNorm,
-    x: &Tensor,
-    affine: Affine,
-    stats: Stats,
-    dy: &Tensor,
-    grads: NormGrads,
-) -> Result<()> {
+pub fn group_norm_backward(gn: GroupNorm, x: &Tensor, affine: Affine, stats: Stats, dy: &Tensor, grads: NormGrads) -> Result<()> {
     const OP: &str = "group_norm_backward";
     let (n, c, hw) = group_norm_dims(OP, gn, x)?;
     check_affine(OP, affine, c, x)?;
@@ -295,50 +280,44 @@ pub fn group_norm_backward(
             let (pw, pb) = part.split_at_mut(n * c);
             let inputs = x.par_chunks(len).zip(dy.par_chunks(len));
             let partials = pw.par_chunks_mut(cg).zip(pb.par_chunks_mut(cg));
-            grads.dx.f32s_mut()?.par_chunks_mut(len).zip(inputs).zip(partials).enumerate().for_each(
-                |(ng, ((dx, (x, dy)), (pw, pb)))| {
-                    let (mean, rstd) = (mean[ng], rstd[ng]);
-                    let channel = |ci: usize| (ng % g) * cg + ci;
-                    // (xhat, g): g is dy carried back through the SiLU, if any.
-                    let xhat_g = |x: f32, dy: f32, ch: usize| {
+            grads.dx.f32s_mut()?.par_chunks_mut(len).zip(inputs).zip(partials).enumerate().for_each(|(ng, ((dx, (x, dy)), (pw, pb)))| {
+                let (mean, rstd) = (mean[ng], rstd[ng]);
+                let channel = |ci: usize| (ng % g) * cg + ci;
+                // (xhat, g): g is dy carried back through the SiLU, if any.
+                let xhat_g = |x: f32, dy: f32, ch: usize| {
+                    let xhat = (x - mean) * rstd;
+                    (xhat, if gn.silu { dy * silu_grad(xhat * w[ch] + b[ch]) } else { dy })
+                };
+                // The first pass parks g in dx, so the SiLU derivative is evaluated once per element.
+                let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+                for ci in 0..cg {
+                    let (ch, range) = (channel(ci), ci * hw..(ci + 1) * hw);
+                    let (mut sg, mut sgx) = (0f64, 0f64);
+                    for ((dx, &x), &dy) in dx[range.clone()].iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
+                        let (xhat, g) = xhat_g(x, dy, ch);
+                        *dx = g;
+                        sg += g as f64;
+                        sgx += (g * xhat) as f64;
+                    }
+                    (pw[ci], pb[ci]) = (sgx as f32, sg as f32);
+                    sum_dxhat += w[ch] as f64 * sg;
+                    sum_dxhat_xhat += w[ch] as f64 * sgx;
+                }
+                let m1 = (sum_dxhat / len as f64) as f32;
+                let m2 = (sum_dxhat_xhat / len as f64) as f32;
+                for (ci, (dx, x)) in dx.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                    let wc = w[channel(ci)];
+                    for (dx, &x) in dx.iter_mut().zip(x) {
                         let xhat = (x - mean) * rstd;
-                        (xhat, if gn.silu { dy * silu_grad(xhat * w[ch] + b[ch]) } else { dy })
-                    };
-                    // The first pass parks g in dx, so the SiLU derivative is evaluated once per element.
-                    let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
-                    for ci in 0..cg {
-                        let (ch, range) = (channel(ci), ci * hw..(ci + 1) * hw);
-                        let (mut sg, mut sgx) = (0f64, 0f64);
-                        for ((dx, &x), &dy) in dx[range.clone()].iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
-                            let (xhat, g) = xhat_g(x, dy, ch);
-                            *dx = g;
-                            sg += g as f64;
-                            sgx += (g * xhat) as f64;
-                        }
-                        (pw[ci], pb[ci]) = (sgx as f32, sg as f32);
-                        sum_dxhat += w[ch] as f64 * sg;
-                        sum_dxhat_xhat += w[ch] as f64 * sgx;
+                        *dx = rstd * (*dx * wc - m1 - xhat * m2);
                     }
-                    let m1 = (sum_dxhat / len as f64) as f32;
-                    let m2 = (sum_dxhat_xhat / len as f64) as f32;
-                    for (ci, (dx, x)) in dx.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                        let wc = w[channel(ci)];
-                        for (dx, &x) in dx.iter_mut().zip(x) {
-                            let xhat = (x - mean) * rstd;
-                            *dx = rstd * (*dx * wc - m1 - xhat * m2);
-                        }
-                    }
-                },
-            );
+                }
+            });
             add_partials(grads.scratch.f32s()?, n, grads.dweight.f32s_mut()?, grads.dbias.f32s_mut()?);
             Ok(())
         }
         Device::Cuda(d) => {
-            let cfg = LaunchConfig {
-                grid_dim: ((n * g) as u32, 1, 1),
-                block_dim: (GROUP_NORM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = LaunchConfig { grid_dim: ((n * g) as u32, 1, 1), block_dim: (GROUP_NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
             d.launch(
                 KERNEL_FILE,
                 kernel("group_norm_backward", dtype)?,
@@ -375,20 +354,20 @@ pub fn layer_norm_forward(eps: f32, x: &Tensor, affine: Affine, y: &mut Tensor, 
     check_shape(OP, "y", y, x.shape(), x)?;
     check_stats(OP, stats.mean, stats.rstd, &[rows], x)?;
     let device = common_device(OP, &[x, affine.weight, affine.bias, y, stats.mean, stats.rstd])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Norm, || (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Norm, || {
+        (device.clone(), 8.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size()))
+    });
     let dtype = common_dtype(OP, &device, &[x, affine.weight, affine.bias, y])?;
     match device {
         Device::Cpu => {
             let (w, b, x) = (affine.weight.f32s()?, affine.bias.f32s()?, x.f32s()?);
             let stats = stats.mean.f32s_mut()?.par_iter_mut().zip(stats.rstd.f32s_mut()?.par_iter_mut());
-            y.f32s_mut()?.par_chunks_mut(d).zip(x.par_chunks(d)).zip(stats).with_min_len(16).for_each(
-                |((y, x), (mean, rstd))| {
-                    (*mean, *rstd) = moments(x, eps);
-                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *y = (x - *mean) * *rstd * w + b;
-                    }
-                },
-            );
+            y.f32s_mut()?.par_chunks_mut(d).zip(x.par_chunks(d)).zip(stats).with_min_len(16).for_each(|((y, x), (mean, rstd))| {
+                (*mean, *rstd) = moments(x, eps);
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - *mean) * *rstd * w + b;
+                }
+            });
             Ok(())
         }
         Device::Cuda(dev) => {
@@ -445,47 +424,37 @@ pub fn layer_norm_backward(x: &Tensor, weight: &Tensor, stats: Stats, dy: &Tenso
             let inputs = x.par_chunks(chunk).zip(dy.par_chunks(chunk));
             let saved = mean.par_chunks(rows_per_block).zip(rstd.par_chunks(rows_per_block));
             let partials = pw.par_chunks_mut(d).zip(pb.par_chunks_mut(d));
-            grads.dx.f32s_mut()?.par_chunks_mut(chunk).zip(inputs).zip(saved).zip(partials).for_each(
-                |(((dx, (x, dy)), (mean, rstd)), (pw, pb))| {
-                    let (mut cw, mut cb) = (vec![0f64; d], vec![0f64; d]);
-                    for (r, (dx, (x, dy))) in dx.chunks_mut(d).zip(x.chunks(d).zip(dy.chunks(d))).enumerate() {
-                        let (mean, rstd) = (mean[r], rstd[r]);
-                        let (mut a1, mut a2) = (0f64, 0f64);
-                        for j in 0..d {
-                            let xhat = (x[j] - mean) * rstd;
-                            let dxhat = dy[j] * w[j];
-                            a1 += dxhat as f64;
-                            a2 += (dxhat * xhat) as f64;
-                            cw[j] += (dy[j] * xhat) as f64;
-                            cb[j] += dy[j] as f64;
-                        }
-                        let (m1, m2) = ((a1 / d as f64) as f32, (a2 / d as f64) as f32);
-                        for j in 0..d {
-                            let xhat = (x[j] - mean) * rstd;
-                            dx[j] = rstd * (dy[j] * w[j] - m1 - xhat * m2);
-                        }
-                    }
+            grads.dx.f32s_mut()?.par_chunks_mut(chunk).zip(inputs).zip(saved).zip(partials).for_each(|(((dx, (x, dy)), (mean, rstd)), (pw, pb))| {
+                let (mut cw, mut cb) = (vec![0f64; d], vec![0f64; d]);
+                for (r, (dx, (x, dy))) in dx.chunks_mut(d).zip(x.chunks(d).zip(dy.chunks(d))).enumerate() {
+                    let (mean, rstd) = (mean[r], rstd[r]);
+                    let (mut a1, mut a2) = (0f64, 0f64);
                     for j in 0..d {
-                        (pw[j], pb[j]) = (cw[j] as f32, cb[j] as f32);
+                        let xhat = (x[j] - mean) * rstd;
+                        let dxhat = dy[j] * w[j];
+                        a1 += dxhat as f64;
+                        a2 += (dxhat * xhat) as f64;
+                        cw[j] += (dy[j] * xhat) as f64;
+                        cb[j] += dy[j] as f64;
                     }
-                },
-            );
+                    let (m1, m2) = ((a1 / d as f64) as f32, (a2 / d as f64) as f32);
+                    for j in 0..d {
+                        let xhat = (x[j] - mean) * rstd;
+                        dx[j] = rstd * (dy[j] * w[j] - m1 - xhat * m2);
+                    }
+                }
+                for j in 0..d {
+                    (pw[j], pb[j]) = (cw[j] as f32, cb[j] as f32);
+                }
+            });
             add_partials(grads.scratch.f32s()?, blocks, grads.dweight.f32s_mut()?, grads.dbias.f32s_mut()?);
             Ok(())
         }
         Device::Cuda(dev) => {
             let warps = (LAYER_NORM_BACKWARD_SMEM / (2 * d * 4)).min(8);
-            ensure!(
-                warps > 0,
-                "{OP}: x {:?}: CUDA supports at most {} features",
-                x.shape(),
-                LAYER_NORM_BACKWARD_SMEM / 8
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (warps as u32 * 32, 1, 1),
-                shared_mem_bytes: (warps * 2 * d * 4) as u32,
-            };
+            ensure!(warps > 0, "{OP}: x {:?}: CUDA supports at most {} features", x.shape(), LAYER_NORM_BACKWARD_SMEM / 8);
+            let cfg =
+                LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (warps as u32 * 32, 1, 1), shared_mem_bytes: (warps * 2 * d * 4) as u32 };
             dev.launch(
                 KERNEL_FILE,
                 kernel("layer_norm_backward", dtype)?,

@@ -89,12 +89,7 @@ pub fn adamw_step(
     let device = common_device(OP, &[param, grad, m, v])?;
     same_shape(OP, &[param, grad, m, v])?;
     for (what, t) in [("param", &*param), ("m", &*m), ("v", &*v)] {
-        ensure!(
-            t.dtype() == DType::F32,
-            "{OP}: {what} {:?} must be f32 (master weights and state), got {}",
-            t.shape(),
-            t.dtype()
-        );
+        ensure!(t.dtype() == DType::F32, "{OP}: {what} {:?} must be f32 (master weights and state), got {}", t.shape(), t.dtype());
     }
     let grad_dtype = common_dtype(OP, &device, &[grad])?;
     if let Some(b) = &param_bf16 {
@@ -108,10 +103,8 @@ pub fn adamw_step(
             let g = grad.f32s()?;
             let (m, v) = (m.f32s_mut()?, v.f32s_mut()?);
             let p = param.f32s_mut()?;
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
+            p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).for_each(
+                |((p, g), (m, v))| {
                     for i in 0..p.len() {
                         let mi = m[i] + s.one_minus_beta1 * (g[i] - m[i]);
                         let vi = s.beta2 * v[i] + s.one_minus_beta2 * g[i] * g[i];
@@ -119,7 +112,8 @@ pub fn adamw_step(
                         v[i] = vi;
                         p[i] = p[i] * s.decay + (-s.step_size * mi) / (vi.sqrt() / s.bc2_sqrt + s.eps);
                     }
-                });
+                },
+            );
             if let Some(b) = param_bf16 {
                 let bytes = f32_to_bytes(DType::BF16, param.f32s()?);
                 b.host_bytes_mut()?.copy_from_slice(&bytes);
@@ -159,22 +153,12 @@ pub fn adamw_step(
 /// `min(1, max_norm / (norm + 1e-6))`. On CUDA nothing returns to the host: the coefficient is read from
 /// `total_norm` on the device. `partials` is f32 scratch of `PARTIALS` elements; the sums are
 /// deterministic (fixed shares, fixed order), f64 on the CPU and f32 on CUDA.
-pub fn clip_grad_norm(
-    grads: &mut [&mut Tensor],
-    max_norm: f32,
-    total_norm: &mut Tensor,
-    partials: &mut Tensor,
-) -> Result<()> {
+pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f32, total_norm: &mut Tensor, partials: &mut Tensor) -> Result<()> {
     const OP: &str = "clip_grad_norm";
     let device = total_norm.device();
     common_device(OP, &[total_norm, partials])?;
     for g in grads.iter() {
-        ensure!(
-            g.device().same(&device),
-            "{OP}: gradient {:?} lives on {}, the norm on {device}",
-            g.shape(),
-            g.device()
-        );
+        ensure!(g.device().same(&device), "{OP}: gradient {:?} lives on {}, the norm on {device}", g.shape(), g.device());
         common_dtype(OP, &device, &[&**g])?;
     }
     ensure!(
@@ -193,13 +177,8 @@ pub fn clip_grad_norm(
         Device::Cpu => {
             let mut sumsq = 0f64;
             for g in grads.iter() {
-                sumsq += g
-                    .f32s()?
-                    .par_chunks(CHUNK)
-                    .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .sum::<f64>();
+                sumsq +=
+                    g.f32s()?.par_chunks(CHUNK).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect::<Vec<_>>().iter().sum::<f64>();
             }
             let norm = sumsq.sqrt() as f32;
             total_norm.f32s_mut()?[0] = norm;
@@ -240,12 +219,7 @@ pub fn clip_grad_norm(
             )?;
             for g in grads.iter() {
                 let name = kernel(g.dtype(), "clip_scale_f32", "clip_scale_bf16");
-                d.launch_elementwise(
-                    KERNEL_FILE,
-                    name,
-                    &[Ptr(g.cuda_ptr()?), Ptr(total_norm.cuda_ptr()?), F32(max_norm)],
-                    g.numel(),
-                )?;
+                d.launch_elementwise(KERNEL_FILE, name, &[Ptr(g.cuda_ptr()?), Ptr(total_norm.cuda_ptr()?), F32(max_norm)], g.numel())?;
             }
             Ok(())
         }

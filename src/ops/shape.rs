@@ -39,10 +39,7 @@ fn concat_dims(op: &str, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<(usize, u
         && sa[2..] == sb[2..]
         && sa[2..] == sy[2..]
         && sa[1] + sb[1] == sy[1];
-    ensure!(
-        ok,
-        "{op}: expected a [N, Ca, H, W], b [N, Cb, H, W] and the concat [N, Ca+Cb, H, W], got {sa:?}, {sb:?}, {sy:?}"
-    );
+    ensure!(ok, "{op}: expected a [N, Ca, H, W], b [N, Cb, H, W] and the concat [N, Ca+Cb, H, W], got {sa:?}, {sb:?}, {sy:?}");
     Ok((sa[0], sa[1], sb[1], sa[2] * sa[3]))
 }
 
@@ -52,7 +49,9 @@ pub fn concat_channels(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[a, b, y])?;
     let (_, ca, cb, hw) = concat_dims(OP, a, b, y)?;
     let dtype = common_dtype(OP, &device, &[a, b, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (device.clone(), 0.0, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || {
+        (device.clone(), 0.0, crate::profile::bytes_of(&[a.numel(), b.numel(), y.numel()], y.dtype().size()))
+    });
     if y.numel() == 0 {
         return Ok(());
     }
@@ -69,14 +68,7 @@ pub fn concat_channels(a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
         Device::Cuda(d) => d.launch_elementwise(
             KERNEL_FILE,
             kernel(dtype, "concat_channels_f32", "concat_channels_bf16"),
-            &[
-                Ptr(a.cuda_ptr()?),
-                Ptr(b.cuda_ptr()?),
-                Ptr(y.cuda_ptr()?),
-                I32(fits_i32(OP, "Ca", ca)?),
-                I32(fits_i32(OP, "Cb", cb)?),
-                I64(hw as i64),
-            ],
+            &[Ptr(a.cuda_ptr()?), Ptr(b.cuda_ptr()?), Ptr(y.cuda_ptr()?), I32(fits_i32(OP, "Ca", ca)?), I32(fits_i32(OP, "Cb", cb)?), I64(hw as i64)],
             y.numel(),
         ),
     }
@@ -104,14 +96,7 @@ pub fn split_channels(y: &Tensor, a: &mut Tensor, b: &mut Tensor) -> Result<()> 
         Device::Cuda(d) => d.launch_elementwise(
             KERNEL_FILE,
             kernel(dtype, "split_channels_f32", "split_channels_bf16"),
-            &[
-                Ptr(y.cuda_ptr()?),
-                Ptr(a.cuda_ptr()?),
-                Ptr(b.cuda_ptr()?),
-                I32(fits_i32(OP, "Ca", ca)?),
-                I32(fits_i32(OP, "Cb", cb)?),
-                I64(hw as i64),
-            ],
+            &[Ptr(y.cuda_ptr()?), Ptr(a.cuda_ptr()?), Ptr(b.cuda_ptr()?), I32(fits_i32(OP, "Ca", ca)?), I32(fits_i32(OP, "Cb", cb)?), I64(hw as i64)],
             y.numel(),
         ),
     }
@@ -132,7 +117,9 @@ pub fn upsample_nearest2x(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[x, y])?;
     let (h, w) = upsample_dims(OP, x, y)?;
     let dtype = common_dtype(OP, &device, &[x, y])?;
-    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (device.clone(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || {
+        (device.clone(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     if y.numel() == 0 {
         return Ok(());
     }
@@ -259,11 +246,7 @@ pub fn avg_pool_last_backward(dy: &Tensor, dx: &mut Tensor) -> Result<()> {
 fn transpose_dims(op: &str, x: &Tensor, y: &Tensor) -> Result<(usize, usize, usize)> {
     let (sx, sy) = (x.shape(), y.shape());
     let rank = sx.len();
-    let ok = rank >= 2
-        && sy.len() == rank
-        && sx[..rank - 2] == sy[..rank - 2]
-        && sx[rank - 2] == sy[rank - 1]
-        && sx[rank - 1] == sy[rank - 2];
+    let ok = rank >= 2 && sy.len() == rank && sx[..rank - 2] == sy[..rank - 2] && sx[rank - 2] == sy[rank - 1] && sx[rank - 1] == sy[rank - 2];
     ensure!(ok, "{op}: expected x [.., R, C] and y [.., C, R], got {sx:?} and {sy:?}");
     Ok((sx[..rank - 2].iter().product(), sx[rank - 2], sx[rank - 1]))
 }
@@ -277,7 +260,9 @@ const TILE: usize = 32;
 /// `y[b, c, r] = x[b, r, c]`: swaps the last two dims of `x` [.., R, C] into `y` [.., C, R], as
 /// `x.transpose(-1, -2).contiguous()`. Exact (values only move).
 pub fn transpose_last2(x: &Tensor, y: &mut Tensor) -> Result<()> {
-    let _profile = crate::profile::scope(crate::profile::Family::Shape, || (x.device(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Shape, || {
+        (x.device(), 0.0, crate::profile::bytes_of(&[x.numel(), y.numel()], y.dtype().size()))
+    });
     transpose("transpose_last2", x, y)
 }
 
@@ -313,16 +298,9 @@ fn transpose(op: &str, x: &Tensor, y: &mut Tensor) -> Result<()> {
             Ok(())
         }
         Device::Cuda(d) => {
-            ensure!(
-                r < 1 << 30 && c < 1 << 30,
-                "{op}: {r} x {c} matrices exceed the kernel's int dims (its tile loop steps past R)"
-            );
+            ensure!(r < 1 << 30 && c < 1 << 30, "{op}: {r} x {c} matrices exceed the kernel's int dims (its tile loop steps past R)");
             let cfg = LaunchConfig {
-                grid_dim: (
-                    c.div_ceil(TILE).min(i32::MAX as usize) as u32,
-                    r.div_ceil(TILE).min(65_535) as u32,
-                    batch.min(65_535) as u32,
-                ),
+                grid_dim: (c.div_ceil(TILE).min(i32::MAX as usize) as u32, r.div_ceil(TILE).min(65_535) as u32, batch.min(65_535) as u32),
                 block_dim: (TILE as u32, 8, 1),
                 shared_mem_bytes: 0,
             };

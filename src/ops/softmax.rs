@@ -32,7 +32,9 @@ pub fn softmax_forward(x: &Tensor, scale: f32, y: &mut Tensor) -> Result<()> {
     let device = common_device(OP, &[x, y])?;
     same_shape(OP, &[x, y])?;
     let (rows, n) = row_dims(OP, x)?;
-    let _profile = crate::profile::scope(crate::profile::Family::Softmax, || (device.clone(), 5.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size())));
+    let _profile = crate::profile::scope(crate::profile::Family::Softmax, || {
+        (device.clone(), 5.0 * x.numel() as f64, crate::profile::bytes_of(&[x.numel(), y.numel()], x.dtype().size()))
+    });
     let dtype = common_dtype(OP, &device, &[x, y])?;
     if rows == 0 {
         return Ok(());
@@ -106,14 +108,7 @@ fn by_dtype(dtype: DType, f32_kernel: &'static str, bf16_kernel: &'static str) -
 
 /// One block per row (grid-stride over rows past the grid's size), about four elements per thread: 32
 /// threads for the 77 text tokens of cross-attention, 1024 from 4096 columns on. Then `n` and `rows`.
-fn launch_rows(
-    op: &str,
-    d: &CudaDevice,
-    kernel: &'static str,
-    rows: usize,
-    n: usize,
-    args: &[KernelArg],
-) -> Result<()> {
+fn launch_rows(op: &str, d: &CudaDevice, kernel: &'static str, rows: usize, n: usize, args: &[KernelArg]) -> Result<()> {
     ensure!(n <= i64::MAX as usize && rows <= i64::MAX as usize, "{op}: {rows} rows of {n} do not fit the kernel");
     let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
     let blocks = rows.min(i32::MAX as usize) as u32;

@@ -23,7 +23,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes' 5.0000001201e-1, which is 0.5 in f32
     let y = p * r * r + r + 1.0;
     // SAFETY: n is an integer in [-126, 128] (c is clamped), so the conversion is exact; unlike `as`, it
     // compiles to the plain packed conversion (no saturation and NaN checks), which keeps the loop vectorised.
@@ -32,7 +32,11 @@ pub fn exp(x: f32) -> f32 {
     // Branch-free selects: the clamp above keeps NaN out of the integer conversion, these put it back.
     let scaled = if x < -87.33 { 0.0 } else { scaled };
     let scaled = if x > 88.37 { f32::INFINITY } else { scaled };
-    if x.is_nan() { x } else { scaled }
+    if x.is_nan() {
+        x
+    } else {
+        scaled
+    }
 }
 
 /// The largest element (NaN if any is NaN, as a sequential fold with `f32::max` would not report).

@@ -5,16 +5,15 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
-use crate::runtime::cuda::CudaDevice;
+use crate::dtype::DType;
 use crate::runtime::probe;
-use crate::tensor::DType;
 
 /// Workspace cuBLASLt may use; 32 MiB is what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -108,13 +107,14 @@ fn check(what: &str, r: Result<(), lt::CublasError>) -> Result<()> {
 }
 
 impl BlasLt {
-    pub fn new(device: &CudaDevice) -> Result<BlasLt> {
+    /// The handle and workspace for `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<BlasLt> {
         probe::cublaslt().map_err(|e| anyhow!("cuBLASLt is unavailable: {e}"))?;
         // cuBLASLt works in the calling thread's current context, which cudarc only binds for its own calls.
-        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
+        stream.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let handle = lt::create_handle().map_err(|e| anyhow!("cublasLtCreate: {e:?}"))?;
-        let workspace = device.stream().alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
-        let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, device.stream()).0;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
+        let workspace_ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, stream).0;
         Ok(BlasLt { handle, _workspace: workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
 
@@ -144,9 +144,7 @@ impl BlasLt {
             };
             let mut plan = Plan { desc, layouts, algo: std::mem::zeroed() };
             let op = |t: bool| if t { 1i32 } else { 0i32 };
-            let set_desc = |attr, v: &i32| {
-                lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4)
-            };
+            let set_desc = |attr, v: &i32| lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4);
             use sys::cublasLtMatmulDescAttributes_t as D;
             check("TRANSA", set_desc(D::CUBLASLT_MATMUL_DESC_TRANSA, &op(s.trans_b)))?;
             check("TRANSB", set_desc(D::CUBLASLT_MATMUL_DESC_TRANSB, &op(s.trans_a)))?;
@@ -159,8 +157,19 @@ impl BlasLt {
                 for (layout, stride) in plan.layouts.iter().zip(strides) {
                     let count = s.batch as i32;
                     use sys::cublasLtMatrixLayoutAttribute_t as L;
-                    check("BATCH_COUNT", lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4))?;
-                    check("BATCH_STRIDE", lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const i64 as *const c_void, 8))?;
+                    check(
+                        "BATCH_COUNT",
+                        lt::set_matrix_layout_attribute(*layout, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4),
+                    )?;
+                    check(
+                        "BATCH_STRIDE",
+                        lt::set_matrix_layout_attribute(
+                            *layout,
+                            L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            &stride as *const i64 as *const c_void,
+                            8,
+                        ),
+                    )?;
                 }
             }
             let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
@@ -185,12 +194,11 @@ impl BlasLt {
         }
     }
 
-    /// Runs the GEMM on `device`'s stream. `a`, `b`, `c` and `bias` are device addresses of tensors the caller
+    /// Runs the GEMM on `stream`. `a`, `b`, `c` and `bias` are device addresses of tensors the caller
     /// has checked against `shape` and the dtypes; `bias` has `n` elements of `c_dtype`.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
-        device: &CudaDevice,
+        stream: &CudaStream,
         shape: GemmShape,
         ab_dtype: DType,
         c_dtype: DType,
@@ -207,7 +215,7 @@ impl BlasLt {
             ensure!(beta == 1.0 && bias.is_none(), "GEMM {shape:?}: a zero-length reduction is only supported as C += 0 on CUDA");
             return Ok(());
         }
-        device.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
+        stream.context().bind_to_thread().context("binding the CUDA context for cuBLASLt")?;
         let strides = |elems: usize, dtype: DType| (shape.batch > 1).then_some((elems * dtype.size()) as u64);
         let align = [
             alignment(b, strides(shape.k * shape.n, ab_dtype)),
@@ -252,7 +260,7 @@ impl BlasLt {
                     &plan.algo,
                     self.workspace_ptr as *mut c_void,
                     WORKSPACE_BYTES,
-                    device.stream().cu_stream() as sys::cudaStream_t,
+                    stream.cu_stream() as sys::cudaStream_t,
                 ),
             )
         }

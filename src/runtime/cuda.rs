@@ -9,6 +9,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchCo
 
 use crate::runtime::blas::BlasLt;
 use crate::runtime::kernel_table;
+pub use crate::runtime::kernel_table::KernelArg;
 use crate::runtime::kernels::{kernel_file, Arch, CacheOutcome, KernelCache};
 use crate::runtime::probe;
 
@@ -104,7 +105,7 @@ impl CudaDevice {
         }
         let _guard = self.blas_init.lock().unwrap();
         if self.blas.get().is_none() {
-            let _ = self.blas.set(BlasLt::new(self)?);
+            let _ = self.blas.set(BlasLt::new(&self.stream)?);
         }
         Ok(self.blas.get().expect("initialised above"))
     }
@@ -136,10 +137,7 @@ impl CudaDevice {
         if let Some(f) = self.functions.lock().unwrap().get(&(file, name)) {
             return Ok(f.clone());
         }
-        let f = self
-            .module(file)?
-            .load_function(name)
-            .with_context(|| format!("kernels/{file} has no kernel named {name}"))?;
+        let f = self.module(file)?.load_function(name).with_context(|| format!("kernels/{file} has no kernel named {name}"))?;
         self.functions.lock().unwrap().insert((file, name), f.clone());
         Ok(f)
     }
@@ -158,14 +156,7 @@ impl CudaDevice {
 
     /// Launches `kernels/<file>::<name>` with `args` (then `count`, if given) on the device's stream. The
     /// argument list is checked against the kernel's signature in the kernel table first.
-    pub fn launch(
-        &self,
-        file: &'static str,
-        name: &'static str,
-        cfg: LaunchConfig,
-        args: &[KernelArg],
-        count: Option<i64>,
-    ) -> Result<()> {
+    pub fn launch(&self, file: &'static str, name: &'static str, cfg: LaunchConfig, args: &[KernelArg], count: Option<i64>) -> Result<()> {
         let kernel = kernel_table::find(file, name)?;
         let mut all = args.to_vec();
         all.extend(count.map(KernelArg::I64));
@@ -187,15 +178,4 @@ impl CudaDevice {
         kernel.record_launch();
         Ok(())
     }
-}
-
-/// One kernel argument, by value.
-#[derive(Debug, Clone, Copy)]
-pub enum KernelArg {
-    /// A device pointer (`CUdeviceptr`).
-    Ptr(u64),
-    F32(f32),
-    I32(i32),
-    I64(i64),
-    F64(f64),
 }

@@ -71,10 +71,8 @@ pub fn parse_kernels(source: &str) -> Result<Vec<ParsedKernel>, String> {
             return Err(format!("cannot read the kernel name in: {}", first_line(after)));
         }
         let params = t.parenthesised()?;
-        let params = split_params(params)
-            .into_iter()
-            .map(|p| parse_param(&p).map_err(|e| format!("kernel {name}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let params =
+            split_params(params).into_iter().map(|p| parse_param(&p).map_err(|e| format!("kernel {name}: {e}"))).collect::<Result<Vec<_>, _>>()?;
         out.push(ParsedKernel { name, params });
         rest = t.rest();
     }
@@ -214,8 +212,7 @@ fn parse_param(p: &str) -> Result<ParsedParam, String> {
     if name.is_empty() || ty.is_empty() || name.chars().next().is_some_and(|c| c.is_ascii_digit()) {
         return Err(format!("cannot read parameter '{p}' (every parameter needs a type and a name)"));
     }
-    let ty_words: Vec<&str> =
-        ty.split(|c: char| c.is_whitespace()).filter(|w| !w.is_empty() && *w != "const" && *w != "__restrict__").collect();
+    let ty_words: Vec<&str> = ty.split(|c: char| c.is_whitespace()).filter(|w| !w.is_empty() && *w != "const" && *w != "__restrict__").collect();
     let kind = if ty.contains('*') {
         ParamKind::Ptr
     } else {

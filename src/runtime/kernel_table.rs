@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Result};
 
-use crate::runtime::cuda::KernelArg;
 pub use crate::runtime::kernel_signature::ParamKind;
 
 /// One kernel parameter, as declared.
@@ -30,6 +29,17 @@ pub struct Kernel {
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));
+
+/// One kernel argument, by value.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelArg {
+    /// A device pointer (`CUdeviceptr`).
+    Ptr(u64),
+    F32(f32),
+    I32(i32),
+    I64(i64),
+    F64(f64),
+}
 
 /// The kernel `name` of `kernels/<file>`, or an error saying it does not exist there.
 pub fn find(file: &str, name: &str) -> Result<&'static Kernel> {
@@ -58,24 +68,11 @@ impl Kernel {
             format!("{}({})", self.name, params.join(", "))
         };
         if args.len() != self.params.len() {
-            bail!(
-                "kernels/{} {} takes {} argument(s), the launcher passed {}",
-                self.file,
-                signature(),
-                self.params.len(),
-                args.len()
-            );
+            bail!("kernels/{} {} takes {} argument(s), the launcher passed {}", self.file, signature(), self.params.len(), args.len());
         }
         for (i, (p, a)) in self.params.iter().zip(args).enumerate() {
             if arg_kind(a) != p.kind {
-                bail!(
-                    "kernels/{} {}: argument {i} ({}: {}) needs {:?}, the launcher passed {a:?}",
-                    self.file,
-                    signature(),
-                    p.name,
-                    p.ty,
-                    p.kind
-                );
+                bail!("kernels/{} {}: argument {i} ({}: {}) needs {:?}, the launcher passed {a:?}", self.file, signature(), p.name, p.ty, p.kind);
             }
         }
         Ok(())

@@ -28,7 +28,8 @@ include!(concat!(env!("OUT_DIR"), "/embedded_kernels.rs"));
 /// the binary, those in `$SGDM_KERNELS_DIR` (every file the embedded set has, read once per process). The
 /// cache key covers the text, so edited kernels never load a stale cubin.
 pub fn kernel_sources() -> Result<(&'static [EmbeddedSource], &'static [EmbeddedSource]), String> {
-    static SOURCES: OnceLock<Result<(Vec<EmbeddedSource>, Vec<EmbeddedSource>), String>> = OnceLock::new();
+    type Loaded = Result<(Vec<EmbeddedSource>, Vec<EmbeddedSource>), String>;
+    static SOURCES: OnceLock<Loaded> = OnceLock::new();
     let Some(dir) = std::env::var_os("SGDM_KERNELS_DIR").filter(|d| !d.is_empty()) else {
         return Ok((KERNEL_FILES, KERNEL_HEADERS));
     };
@@ -38,8 +39,7 @@ pub fn kernel_sources() -> Result<(&'static [EmbeddedSource], &'static [Embedded
             set.iter()
                 .map(|f| {
                     let path = dir.join(f.name);
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("SGDM_KERNELS_DIR: cannot read {}: {e}", path.display()))?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("SGDM_KERNELS_DIR: cannot read {}: {e}", path.display()))?;
                     Ok(EmbeddedSource { name: f.name, source: Box::leak(text.into_boxed_str()) })
                 })
                 .collect()
@@ -103,12 +103,7 @@ impl FromStr for Arch {
 /// Options every kernel file is compiled with. `-lineinfo` keeps source lines for Nsight Compute at no
 /// runtime cost; `-v` to ptxas yields the per-kernel resource report.
 fn compile_options(arch: Arch) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        "-lineinfo".to_string(),
-        "--ptxas-options=-v".to_string(),
-    ]
+    vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), "-lineinfo".to_string(), "--ptxas-options=-v".to_string()]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -314,11 +309,7 @@ impl KernelCache {
 
     /// Returns the cached cubin, or compiles and caches it. A cache that cannot be written costs a
     /// recompile next time, never a failure; a corrupt cache file is replaced.
-    pub fn load_or_compile(
-        &self,
-        file: &'static EmbeddedSource,
-        arch: Arch,
-    ) -> Result<(Vec<u8>, CacheOutcome), KernelError> {
+    pub fn load_or_compile(&self, file: &'static EmbeddedSource, arch: Arch) -> Result<(Vec<u8>, CacheOutcome), KernelError> {
         let nvrtc = probe::nvrtc().map_err(KernelError::NvrtcUnavailable)?;
         let path = self.path_for(file, arch, nvrtc.version);
         if let Ok(bytes) = std::fs::read(&path) {
@@ -364,14 +355,7 @@ ptxas info    : Used 10 registers, used 1 barriers, 1024 bytes smem, 360 bytes c
         assert_eq!(r.len(), 2);
         assert_eq!(
             r[0],
-            KernelResources {
-                name: "spill".into(),
-                registers: 32,
-                shared_bytes: 0,
-                stack_bytes: 256,
-                spill_store_bytes: 8,
-                spill_load_bytes: 12
-            }
+            KernelResources { name: "spill".into(), registers: 32, shared_bytes: 0, stack_bytes: 256, spill_store_bytes: 8, spill_load_bytes: 12 }
         );
         assert_eq!((r[1].name.as_str(), r[1].registers, r[1].shared_bytes), ("k", 10, 1024));
     }

@@ -1,5 +1,5 @@
-//! The runtime: devices, the CUDA context and kernel pipeline, the memory arena and the inference pool.
-pub mod arena;
+//! The runtime: devices, the CUDA context and kernel pipeline (NVRTC, the kernel cache and table), cuBLASLt,
+//! and the simulated device.
 pub mod blas;
 pub mod cuda;
 pub mod cudasim;
@@ -7,8 +7,6 @@ pub mod device;
 pub mod kernel_signature;
 pub mod kernel_table;
 pub mod kernels;
-pub mod pool;
 pub mod probe;
 
-pub use arena::{Arena, MemoryPlan, Region};
 pub use device::{select, Device, DeviceSpec};

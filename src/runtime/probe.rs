@@ -218,10 +218,8 @@ pub fn nvrtc() -> Result<NvrtcInfo, String> {
 
 /// Checks that libcublasLt loads and has every function we call. Returns the file name that loaded.
 pub fn cublaslt() -> Result<String, String> {
-    let (lib, library) = open_library(
-        "cublasLt",
-        "install the CUDA toolkit or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH",
-    )?;
+    let (lib, library) =
+        open_library("cublasLt", "install the CUDA toolkit or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH")?;
     check_symbols(&lib, &library, CUBLASLT_SYMBOLS)?;
     Ok(library)
 }

@@ -159,8 +159,7 @@ pub fn save_checkpoint(
 
 fn write_from(file: &SafetensorsFile, name: &str, t: &mut Tensor) -> Result<()> {
     let (stored, _, bytes) = file.raw(name)?;
-    t.write_bytes(&convert_bytes(stored, t.dtype(), bytes))
-        .with_context(|| format!("{}: restoring tensor '{name}'", file.path().display()))
+    t.write_bytes(&convert_bytes(stored, t.dtype(), bytes)).with_context(|| format!("{}: restoring tensor '{name}'", file.path().display()))
 }
 
 /// Restores a checkpoint written by [`save_checkpoint`] into `params` and `optimizer` (built for the same
@@ -181,11 +180,7 @@ pub fn load_checkpoint(
     let shown = file.path().display().to_string();
     let meta = file.metadata();
     let field = |key: &str| meta.get(key).map(String::as_str);
-    ensure!(
-        field("format") == Some(FORMAT),
-        "{shown}: not an sgdm checkpoint (metadata 'format' is {:?}, expected \"{FORMAT}\")",
-        field("format")
-    );
+    ensure!(field("format") == Some(FORMAT), "{shown}: not an sgdm checkpoint (metadata 'format' is {:?}, expected \"{FORMAT}\")", field("format"));
     ensure!(
         field("format_version") == Some(&FORMAT_VERSION.to_string()),
         "{shown}: checkpoint format version {:?}, this sgdm reads version {FORMAT_VERSION}",
@@ -197,12 +192,10 @@ pub fn load_checkpoint(
         "{shown}: written under another configuration (config id {found_id}), this run's is {config_id}: \
          resume with the configuration the checkpoint was written with"
     );
-    let step: u64 = field("step")
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{shown}: metadata 'step' is {:?}, not a step count", field("step")))?;
-    let rng = field("rng")
-        .and_then(RngState::decode)
-        .with_context(|| format!("{shown}: metadata 'rng' is {:?}, not a ChaCha8 state", field("rng")))?;
+    let step: u64 =
+        field("step").and_then(|s| s.parse().ok()).with_context(|| format!("{shown}: metadata 'step' is {:?}, not a step count", field("step")))?;
+    let rng =
+        field("rng").and_then(RngState::decode).with_context(|| format!("{shown}: metadata 'rng' is {:?}, not a ChaCha8 state", field("rng")))?;
     let has_master = match field("master_weights") {
         Some("true") => true,
         Some("false") => false,
@@ -262,10 +255,7 @@ pub fn load_checkpoint(
 fn val_loss_of(file: &SafetensorsFile) -> Result<Option<f64>> {
     match file.metadata().get("val_loss") {
         None => Ok(None),
-        Some(text) => text
-            .parse()
-            .map(Some)
-            .with_context(|| format!("{}: metadata 'val_loss' is {text:?}, not a number", file.path().display())),
+        Some(text) => text.parse().map(Some).with_context(|| format!("{}: metadata 'val_loss' is {text:?}, not a number", file.path().display())),
     }
 }
 
@@ -277,9 +267,7 @@ pub fn peek_checkpoint(path: impl AsRef<Path>) -> Result<Option<(u64, String, Op
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Ok(None);
     }
-    let step = meta
-        .get("step")
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{}: metadata 'step' is not a step count", file.path().display()))?;
+    let step =
+        meta.get("step").and_then(|s| s.parse().ok()).with_context(|| format!("{}: metadata 'step' is not a step count", file.path().display()))?;
     Ok(Some((step, meta.get("config_id").cloned().unwrap_or_default(), val_loss_of(&file)?)))
 }

@@ -228,7 +228,8 @@ fn fill_from_datasets(path: &Path, table: &mut toml::Table, stages: &[Stage], va
             .and_then(|d| d.as_str())
             .with_context(|| format!("{p}: [{stage}] {key} is not given, so it is the dataset's, but [{stage}] names no data folder"))?;
         if !manifests.contains_key(data) {
-            let manifest = Manifest::read(Path::new(data)).with_context(|| format!("{p}: [{stage}] {key} is not given, so it is taken from the dataset"))?;
+            let manifest =
+                Manifest::read(Path::new(data)).with_context(|| format!("{p}: [{stage}] {key} is not given, so it is taken from the dataset"))?;
             manifests.insert(data.to_string(), manifest);
         }
         Ok(manifests[data].clone())

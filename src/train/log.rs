@@ -23,8 +23,7 @@ pub struct StepRecord {
 
 impl StepRecord {
     fn to_json(&self) -> serde_json::Value {
-        let losses: serde_json::Map<String, serde_json::Value> =
-            self.losses.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        let losses: serde_json::Map<String, serde_json::Value> = self.losses.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
         serde_json::json!({
             "step": self.step,
             "loss": losses,
@@ -50,11 +49,8 @@ impl StepLog {
     /// it resumes from).
     pub fn open(path: impl AsRef<Path>, first_step: u64) -> Result<StepLog> {
         let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open the training log", path.display()))?;
+        let file =
+            OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("{}: cannot open the training log", path.display()))?;
         let start = Instant::now();
         Ok(StepLog { path, out: BufWriter::new(file), start, last: (first_step, start) })
     }
@@ -106,7 +102,7 @@ impl Progress {
         let done = step.saturating_sub(self.first_step);
         let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
         let eta = if rate > 0.0 {
-            format_duration(Duration::from_secs_f64(self.total.saturating_sub(step) as f64 / rate))
+            crate::util::format_duration(Duration::from_secs_f64(self.total.saturating_sub(step) as f64 / rate))
         } else {
             "?".to_string()
         };
@@ -117,17 +113,5 @@ impl Progress {
     pub fn update(&mut self, step: u64, loss: f64) {
         let line = self.line(step, loss);
         self.drawer.draw(step >= self.total, || line);
-    }
-}
-
-/// `4m35s`, `2h03m`, `12s`.
-pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
     }
 }

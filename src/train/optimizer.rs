@@ -12,7 +12,6 @@ use anyhow::{ensure, Context, Result};
 use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree};
 use crate::ops::elementwise::cast;
 use crate::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
-use crate::runtime::{MemoryPlan, Region};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,18 +39,6 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// Reserves the optimizer's memory in `Region::Optimizer` for a model whose parameters are `param_dtype`.
-    pub fn plan(tree: &ParamTree, plan: &mut MemoryPlan, param_dtype: DType) {
-        let copies = if param_dtype == DType::F32 { 2 } else { 3 };
-        for s in tree.specs() {
-            for _ in 0..copies {
-                plan.reserve(Region::Optimizer, &s.shape, DType::F32);
-            }
-        }
-        plan.reserve(Region::Optimizer, &[1], DType::F32);
-        plan.reserve(Region::Optimizer, &[PARTIALS], DType::F32);
-    }
-
     /// Zero moments at step 0, and master weights copied from `params` when they are bf16. Parameters must
     /// be f32 or bf16.
     pub fn new(tree: &ParamTree, params: &ParamStore, alloc: &mut dyn Allocator, config: OptimizerConfig) -> Result<Optimizer> {
@@ -61,10 +48,7 @@ impl Optimizer {
         }
         ensure!(tree.len() == params.len(), "optimizer: the tree has {} parameters, the store {}", tree.len(), params.len());
         let dtype = if params.is_empty() { DType::F32 } else { params.get(ParamId(0)).dtype() };
-        ensure!(
-            dtype == DType::F32 || dtype == DType::BF16,
-            "optimizer: parameters must be f32 or bf16 (with f32 master weights), got {dtype}"
-        );
+        ensure!(dtype == DType::F32 || dtype == DType::BF16, "optimizer: parameters must be f32 or bf16 (with f32 master weights), got {dtype}");
         let zeros = |alloc: &mut dyn Allocator| -> Result<Vec<Tensor>> {
             tree.specs()
                 .iter()
@@ -114,11 +98,7 @@ impl Optimizer {
         );
         let max_norm = self.config.max_grad_norm.unwrap_or(f32::INFINITY);
         let ids: Vec<ParamId> = (0..grads.len()).map(ParamId).collect();
-        grads.with_lent(&ids, |mut lent| {
-            let mut refs: Vec<&mut Tensor> = lent.iter_mut().collect();
-            let r = clip_grad_norm(&mut refs, max_norm, &mut self.total_norm, &mut self.partials);
-            (lent, r)
-        })?;
+        clip_grad_norm(&mut grads.all_mut(), max_norm, &mut self.total_norm, &mut self.partials)?;
         self.step += 1;
         let opt = AdamW { lr, ..self.config.adamw };
         for (i, id) in ids.iter().enumerate() {

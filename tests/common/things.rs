@@ -104,9 +104,17 @@ pub fn image_folder(root: &Path, dir: &str, concepts: usize, per_concept: usize,
             let k = (first_concept + c) * 7 + i * 3;
             let img = image::RgbImage::from_fn(24, 20, |x, y| {
                 let inside = (k as u32 % 9..k as u32 % 9 + 10).contains(&x) && (k as u32 % 7..k as u32 % 7 + 9).contains(&y);
-                if inside { image::Rgb([20, 30, (k * 13 % 200) as u8]) } else { image::Rgb([230, 220, 210]) }
+                if inside {
+                    image::Rgb([20, 30, (k * 13 % 200) as u8])
+                } else {
+                    image::Rgb([230, 220, 210])
+                }
             });
-            let (name, format) = if i % 2 == 0 { (format!("c{}_{i:02}b.jpg", first_concept + c), image::ImageFormat::Jpeg) } else { (format!("c{}_{i:02}s.png", first_concept + c), image::ImageFormat::Png) };
+            let (name, format) = if i % 2 == 0 {
+                (format!("c{}_{i:02}b.jpg", first_concept + c), image::ImageFormat::Jpeg)
+            } else {
+                (format!("c{}_{i:02}s.png", first_concept + c), image::ImageFormat::Png)
+            };
             img.save_with_format(folder.join(&name), format).unwrap();
             names.push(format!("{concept}/{name}"));
         }
@@ -129,7 +137,6 @@ pub fn eeg_values(shape: [usize; 4], seed: u64) -> Vec<f32> {
 
 /// A subject folder with both files in `layout`: `train_rows` and `test_rows` images, the given
 /// repetitions, channels and time axis.
-#[allow(clippy::too_many_arguments)]
 pub fn subject_folder(dir: &Path, layout: Layout, train: [usize; 4], test: [usize; 4], ch_names: &[&str], times: &[f64], seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, shape, s) in [("preprocessed_eeg_training.npy", train, seed), ("preprocessed_eeg_test.npy", test, seed + 1)] {

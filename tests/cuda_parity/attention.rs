@@ -2,8 +2,8 @@
 //! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16; in bf16
 //! on tensor cores and on the CUDA cores.
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, random, rounded};
@@ -75,7 +75,18 @@ fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
+/// kernels/attention.cu: the CUDA-core kernels in f32 and bf16.
 pub fn check(gpu: &Device) {
+    check_variant(gpu, &[DType::F32, DType::BF16], AttentionKernel::Simt);
+}
+
+/// kernels/attention_mma.cu: the tensor-core kernels (bf16; P and dS are rounded to bf16 before their
+/// products, within the same bounds; the backward for head dims up to 96, on the CUDA cores beyond).
+pub fn check_tensor_cores(gpu: &Device) {
+    check_variant(gpu, &[DType::BF16], AttentionKernel::TensorCore);
+}
+
+fn check_variant(gpu: &Device, dtypes: &[DType], variant: AttentionKernel) {
     for (n, case) in CASES.iter().enumerate() {
         let (b, lq, lk, h, d) = *case;
         let seed = 1000 + 10 * n as u64;
@@ -87,22 +98,17 @@ pub fn check(gpu: &Device) {
         // bf16: both sides see the same bf16-rounded inputs, but the GPU rounds out and the gradients to bf16
         // (2^-9 relative) and forms delta from the rounded out, so gradients carry ~2^-8 of their scale.
         // The floor is relative to the largest value, for gradients whose sums nearly cancel.
-        for (dtype, rel, floor) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 1e-2, 1e-2)] {
+        for &dtype in dtypes {
+            let (rel, floor) = if dtype == DType::F32 { (1e-4, 1e-5) } else { (1e-2, 1e-2) };
             let x: Vec<Vec<f32>> = [&q, &k, &v, &g].iter().map(|t| rounded(dtype, t)).collect();
             let xs = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
             let want = run(&Device::Cpu, DType::F32, AttentionKernel::Simt, *case, xs);
-            // bf16 runs on tensor cores by default (P and dS are rounded to bf16 before their products, within
-            // the same bounds; the backward for head dims up to 96); the CUDA-core kernels are checked too.
-            let variants: &[AttentionKernel] =
-                if dtype == DType::BF16 { &[AttentionKernel::TensorCore, AttentionKernel::Simt] } else { &[AttentionKernel::Simt] };
-            for &variant in variants {
-                let got = run(gpu, dtype, variant, *case, xs);
-                let what = |name: &str| format!("attention {name} {dtype} {variant:?} {case:?}");
-                compare(&what("out"), &got.out, &want.out, rel, floor * max_abs(&want.out));
-                compare(&what("lse"), &got.lse, &want.lse, 1e-5, 1e-5 * max_abs(&want.lse).max(1.0));
-                for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(got.grads.iter().zip(&want.grads)) {
-                    compare(&what(name), got, want, rel, floor * max_abs(want));
-                }
+            let got = run(gpu, dtype, variant, *case, xs);
+            let what = |name: &str| format!("attention {name} {dtype} {variant:?} {case:?}");
+            compare(&what("out"), &got.out, &want.out, rel, floor * max_abs(&want.out));
+            compare(&what("lse"), &got.lse, &want.lse, 1e-5, 1e-5 * max_abs(&want.lse).max(1.0));
+            for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(got.grads.iter().zip(&want.grads)) {
+                compare(&what(name), got, want, rel, floor * max_abs(want));
             }
         }
     }

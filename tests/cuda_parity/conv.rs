@@ -10,9 +10,9 @@
 
 use anyhow::Result;
 use sgdm::ops::conv::{
-    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_weight,
-    conv2d_forward, conv_backward_bias, conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
-    conv2d_backward_input_using, conv2d_backward_weight_using, conv2d_forward_using, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
+    conv1d_backward_input, conv1d_backward_weight, conv1d_forward, conv2d_backward_input, conv2d_backward_input_using, conv2d_backward_weight,
+    conv2d_backward_weight_using, conv2d_forward, conv2d_forward_using, conv_backward_bias, conv_transpose2d_backward_input,
+    conv_transpose2d_backward_weight, conv_transpose2d_forward, im2col, Conv2dSpec, ConvKernel, Padding,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -116,17 +116,12 @@ fn check_layer(gpu: &Device, dtype: DType, layer: &Layer, seed: u64) {
     let rel = if dtype == DType::BF16 { 2f32.powi(-8) } else { 1e-5 };
     let floor = |terms: usize| 1e-5 * (terms as f32).sqrt();
     let values = |shape: &[usize], seed: u64| rounded(dtype, &random(len(shape), -1.0, 1.0, seed));
-    let (x, w, b, g) =
-        (values(&layer.x, seed), values(&layer.w, seed + 1), values(&[channels], seed + 2), values(&layer.y, seed + 3));
+    let (x, w, b, g) = (values(&layer.x, seed), values(&layer.w, seed + 1), values(&[channels], seed + 2), values(&layer.y, seed + 3));
     let (dw0, db0) = (values(&layer.w, seed + 4), values(&[channels], seed + 5));
     let garbage = |shape: &[usize]| vec![7.0; len(shape)]; // outputs are written, so this must vanish
 
-    let (gx, gw, gb, gdy) = (
-        upload(gpu, &layer.x, dtype, &x),
-        upload(gpu, &layer.w, dtype, &w),
-        upload(gpu, &[channels], dtype, &b),
-        upload(gpu, &layer.y, dtype, &g),
-    );
+    let (gx, gw, gb, gdy) =
+        (upload(gpu, &layer.x, dtype, &x), upload(gpu, &layer.w, dtype, &w), upload(gpu, &[channels], dtype, &b), upload(gpu, &layer.y, dtype, &g));
     let (cx, cw, cb, cdy) = (host(&layer.x, &x), host(&layer.w, &w), host(&[channels], &b), host(&layer.y, &g));
     let tag = format!("{} {dtype}", layer.name);
 
@@ -165,9 +160,7 @@ pub fn check(gpu: &Device) {
             check_layer(gpu, dtype, layer, 9000 + 10 * i as u64);
         }
         // The bench baseline's im2col only moves values: bit-exact against the CPU.
-        for (xs, kernel, spec) in
-            [([2, 5, 7, 9], [3, 3], Conv2dSpec::new(1, 1)), ([1, 3, 8, 8], [3, 3], Conv2dSpec::VAE_DOWNSAMPLE)]
-        {
+        for (xs, kernel, spec) in [([2, 5, 7, 9], [3, 3], Conv2dSpec::new(1, 1)), ([1, 3, 8, 8], [3, 3], Conv2dSpec::VAE_DOWNSAMPLE)] {
             let x = rounded(dtype, &random(xs.iter().product(), -1.0, 1.0, 9900));
             let crs = xs[1] * kernel[0] * kernel[1];
             let pq = if spec.stride == 1 { xs[2] * xs[3] } else { (xs[2] / 2) * (xs[3] / 2) };

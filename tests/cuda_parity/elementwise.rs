@@ -1,7 +1,7 @@
 //! Elementwise kernels: casts bit-exact, arithmetic within one bf16 rounding.
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::elementwise;
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded, upload};
@@ -141,13 +141,7 @@ fn check_activations(gpu: &Device) {
         elementwise::add_scaled_backward(&gg, -0.3, &mut gy, &mut gdb).unwrap();
         elementwise::add_scaled_backward(&cpu(&[n], &gr), -0.3, &mut cy, &mut cdb).unwrap();
         compare(&format!("add_scaled_backward da {dtype}"), &gy.to_f32_vec().unwrap(), cy.f32s().unwrap(), rel, floor);
-        compare(
-            &format!("add_scaled_backward db {dtype}"),
-            &gdb.to_f32_vec().unwrap(),
-            cdb.f32s().unwrap(),
-            rel,
-            floor,
-        );
+        compare(&format!("add_scaled_backward db {dtype}"), &gdb.to_f32_vec().unwrap(), cdb.f32s().unwrap(), rel, floor);
 
         // Reparameterisation with x as mu, g as logvar and the sigmoid outputs as eps: __expf differs from
         // the CPU's exp by a few ulp, within the same bounds.
@@ -170,8 +164,7 @@ fn check_activations(gpu: &Device) {
         let mut gdx = arena.alloc(Region::Activations, &[rows, 2 * half], dtype).unwrap();
         let mut cdx = cpu(&[rows, 2 * half], &vec![0.0; n]);
         elementwise::geglu_backward(&gx2, &gdy, &mut gdx).unwrap();
-        elementwise::geglu_backward(&cpu(&[rows, 2 * half], &xr), &cpu(&[rows, half], &gr[..rows * half]), &mut cdx)
-            .unwrap();
+        elementwise::geglu_backward(&cpu(&[rows, 2 * half], &xr), &cpu(&[rows, half], &gr[..rows * half]), &mut cdx).unwrap();
         compare(&format!("geglu_backward {dtype}"), &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), rel, floor);
 
         // Timestep embedding: f32 timesteps up to 999. expf may differ from the CPU's exp by an ulp or two,
@@ -188,13 +181,7 @@ fn check_activations(gpu: &Device) {
             let round = if dtype == DType::BF16 { 2f32.powi(-9) } else { 0.0 };
             for (r, &tr) in t.iter().enumerate() {
                 let row = r * dim..(r + 1) * dim;
-                compare(
-                    &format!("timestep_embedding {dim} t {tr} {dtype}"),
-                    &got[row.clone()],
-                    &want[row],
-                    round,
-                    2.4e-7 * (tr + 1.0) + round,
-                );
+                compare(&format!("timestep_embedding {dim} t {tr} {dtype}"), &got[row.clone()], &want[row], round, 2.4e-7 * (tr + 1.0) + round);
             }
         }
         arena.reset_step();

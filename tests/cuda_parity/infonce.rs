@@ -4,21 +4,12 @@
 use sgdm::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations, DEFAULT_TEMPERATURE};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, random, rounded};
+use crate::common::{compare, random, rounded, NanFilled};
 
-fn run(
-    device: &Device,
-    dtype: DType,
-    a: &[f32],
-    b: &[f32],
-    (n, d): (usize, usize),
-    tau: f32,
-) -> (f32, Vec<f32>, Vec<f32>) {
+fn run(device: &Device, dtype: DType, a: &[f32], b: &[f32], (n, d): (usize, usize), tau: f32) -> (f32, Vec<f32>, Vec<f32>) {
     let on = |v: &[f32]| Tensor::from_f32(device, &[n, d], dtype, v).unwrap();
     // NaN-filled like reused arena memory: every buffer must be written before it is read.
-    let nan =
-        |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
-    let mut acts = InfoNceActivations::new(n, d, dtype, nan).unwrap();
+    let mut acts = InfoNceActivations::new(n, d, dtype, &mut NanFilled(device.clone())).unwrap();
     infonce_forward(&on(a), &on(b), tau, &mut acts).unwrap();
     let (mut da, mut db) = (on(&vec![f32::NAN; n * d]), on(&vec![f32::NAN; n * d]));
     infonce_backward(&mut acts, 1.5, &mut da, &mut db).unwrap();
@@ -37,8 +28,7 @@ pub fn check(gpu: &Device) {
     // a floor of 1e-4 of the largest element (softmax differences cancel).
     // bf16: the unit rows are stored in bf16 (2^-9 relative), so logits move by up to ~2^-9/τ; the loss and
     // the gradients (the logits gradient is bf16 too) agree to ~2%.
-    for (dtype, loss_rel, rel, floor_frac) in [(DType::F32, 1e-5f32, 1e-4f32, 1e-4f32), (DType::BF16, 2e-2, 3e-2, 3e-2)]
-    {
+    for (dtype, loss_rel, rel, floor_frac) in [(DType::F32, 1e-5f32, 1e-4f32, 1e-4f32), (DType::BF16, 2e-2, 3e-2, 3e-2)] {
         for ((n, d), tau) in cases {
             let a = rounded(dtype, &random(n * d, -1.0, 1.0, 7 + n as u64));
             let noise = random(n * d, -1.0, 1.0, 8 + d as u64);

@@ -15,9 +15,9 @@ fn max_abs(v: &[f32]) -> f32 {
 
 pub fn check(gpu: &Device) {
     let (m, k, n) = (77, 40, 33); // odd sizes, head-dim-like k
-    // f32: CUBLAS_COMPUTE_32F (no TF32); only the summation order differs from the CPU.
-    // bf16: inputs are the same bf16 values on both sides; the output rounds once to bf16 (2^-9 relative),
-    // and cancellation in a sum makes small elements relatively worse, hence a floor of 1% of the largest.
+                                  // f32: CUBLAS_COMPUTE_32F (no TF32); only the summation order differs from the CPU.
+                                  // bf16: inputs are the same bf16 values on both sides; the output rounds once to bf16 (2^-9 relative),
+                                  // and cancellation in a sum makes small elements relatively worse, hence a floor of 1% of the largest.
     for (dtype, rel, floor_frac) in [(DType::F32, 1e-5f32, 1e-5f32), (DType::BF16, 1e-2, 1e-2)] {
         let x = rounded(dtype, &random(m * k, -1.0, 1.0, 21));
         let w = rounded(dtype, &random(n * k, -1.0, 1.0, 22));
@@ -25,8 +25,7 @@ pub fn check(gpu: &Device) {
         let dy = rounded(dtype, &random(m * n, -1.0, 1.0, 24));
 
         let mut gy = on(gpu, &[m, n], dtype, &vec![0.0; m * n]);
-        linear_forward(&on(gpu, &[m, k], dtype, &x), &on(gpu, &[n, k], dtype, &w), Some(&on(gpu, &[n], dtype, &b)), &mut gy)
-            .unwrap();
+        linear_forward(&on(gpu, &[m, k], dtype, &x), &on(gpu, &[n, k], dtype, &w), Some(&on(gpu, &[n], dtype, &b)), &mut gy).unwrap();
         let mut cy = cpu(&[m, n], &vec![0.0; m * n]);
         linear_forward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), Some(&cpu(&[n], &b)), &mut cy).unwrap();
         let want = cy.f32s().unwrap();
@@ -47,9 +46,12 @@ pub fn check(gpu: &Device) {
         )
         .unwrap();
         let (mut cdx, mut cdw, mut cdb) = (cpu(&[m, k], &vec![0.0; m * k]), cpu(&[n, k], &prior), cpu(&[n], &prior[..n]));
-        linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &dy), Some(&mut cdx), Some(&mut cdw), Some(&mut cdb))
-            .unwrap();
-        for (name, g, c) in [("dx", gdx.to_f32_vec().unwrap(), cdx), ("dw (+=, f32)", gdw.to_f32_vec().unwrap(), cdw), ("db (+=, f32)", gdb.to_f32_vec().unwrap(), cdb)] {
+        linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &dy), Some(&mut cdx), Some(&mut cdw), Some(&mut cdb)).unwrap();
+        for (name, g, c) in [
+            ("dx", gdx.to_f32_vec().unwrap(), cdx),
+            ("dw (+=, f32)", gdw.to_f32_vec().unwrap(), cdw),
+            ("db (+=, f32)", gdb.to_f32_vec().unwrap(), cdb),
+        ] {
             let want = c.f32s().unwrap();
             compare(&format!("linear_backward {name} {dtype}"), &g, want, rel, floor_frac * max_abs(want));
         }
@@ -59,8 +61,15 @@ pub fn check(gpu: &Device) {
         if dtype == DType::BF16 {
             let prior16 = rounded(DType::BF16, &prior);
             let (mut gdw, mut gdb) = (on(gpu, &[n, k], DType::BF16, &prior16), on(gpu, &[n], DType::BF16, &prior16[..n]));
-            linear_backward(&on(gpu, &[m, k], dtype, &x), &on(gpu, &[n, k], dtype, &w), &on(gpu, &[m, n], dtype, &dy), None, Some(&mut gdw), Some(&mut gdb))
-                .unwrap();
+            linear_backward(
+                &on(gpu, &[m, k], dtype, &x),
+                &on(gpu, &[n, k], dtype, &w),
+                &on(gpu, &[m, n], dtype, &dy),
+                None,
+                Some(&mut gdw),
+                Some(&mut gdb),
+            )
+            .unwrap();
             let (mut cdw, mut cdb) = (cpu(&[n, k], &prior16), cpu(&[n], &prior16[..n]));
             linear_backward(&cpu(&[m, k], &x), &cpu(&[n, k], &w), &cpu(&[m, n], &dy), None, Some(&mut cdw), Some(&mut cdb)).unwrap();
             for (name, g, c) in [("dw (+=, bf16)", gdw.to_f32_vec().unwrap(), cdw), ("db (+=, bf16)", gdb.to_f32_vec().unwrap(), cdb)] {
@@ -88,8 +97,7 @@ pub fn check(gpu: &Device) {
         linear_forward(&x0, &on(gpu, &[n, k], dtype, &w), Some(&on(gpu, &[n], dtype, &b)), &mut y0).unwrap();
         let (mut dw0, mut db0) = (on(gpu, &[n, k], DType::F32, &prior), on(gpu, &[n], DType::F32, &prior[..n]));
         let mut dx0 = on(gpu, &[0, k], dtype, &[]);
-        linear_backward(&x0, &on(gpu, &[n, k], dtype, &w), &on(gpu, &[0, n], dtype, &[]), Some(&mut dx0), Some(&mut dw0), Some(&mut db0))
-            .unwrap();
+        linear_backward(&x0, &on(gpu, &[n, k], dtype, &w), &on(gpu, &[0, n], dtype, &[]), Some(&mut dx0), Some(&mut dw0), Some(&mut db0)).unwrap();
         compare(&format!("linear_backward empty batch dw {dtype}"), &dw0.to_f32_vec().unwrap(), &prior, 0.0, 0.0);
         compare(&format!("linear_backward empty batch db {dtype}"), &db0.to_f32_vec().unwrap(), &prior[..n], 0.0, 0.0);
     }

@@ -2,8 +2,8 @@
 //! the loss itself is f32 and the inputs are the same bf16-rounded values on both sides), run twice to
 //! check the bits repeat; gradients f32 1e-5, bf16 one rounding (2^-8).
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::loss::{self, PARTIALS};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};
@@ -43,20 +43,8 @@ pub fn check(gpu: &Device) {
         let mut cd2 = zeros(&shape);
         loss::kl_loss_backward(&ga, &gb, 0.7, &mut gd, &mut gd2).unwrap();
         loss::kl_loss_backward(&ca, &cb, 0.7, &mut cd, &mut cd2).unwrap();
-        compare(
-            &format!("kl_loss_backward dmu {dtype}"),
-            &gd.to_f32_vec().unwrap(),
-            cd.f32s().unwrap(),
-            grad_rel,
-            1e-12,
-        );
-        compare(
-            &format!("kl_loss_backward dlogvar {dtype}"),
-            &gd2.to_f32_vec().unwrap(),
-            cd2.f32s().unwrap(),
-            grad_rel,
-            1e-12,
-        );
+        compare(&format!("kl_loss_backward dmu {dtype}"), &gd.to_f32_vec().unwrap(), cd.f32s().unwrap(), grad_rel, 1e-12);
+        compare(&format!("kl_loss_backward dlogvar {dtype}"), &gd2.to_f32_vec().unwrap(), cd2.f32s().unwrap(), grad_rel, 1e-12);
         arena.reset_step();
     }
 }

@@ -4,7 +4,7 @@
 use sgdm::ops::lstm::{lstm_backward, lstm_forward, LstmActivations, LstmBackwardScratch, LstmConfig, LstmParams};
 use sgdm::{DType, Device, Tensor};
 
-use crate::common::{compare, random, rounded};
+use crate::common::{compare, random, rounded, NanFilled};
 
 struct Run {
     y: Vec<f32>,
@@ -12,7 +12,6 @@ struct Run {
     grads: Vec<(String, Vec<f32>)>,
 }
 
-#[allow(clippy::too_many_arguments)] // the inputs of one forward + backward
 fn run(
     device: &Device,
     dtype: DType,
@@ -34,13 +33,11 @@ fn run(
     let xt = Tensor::from_f32(device, &[b, t, cfg.input_size], dtype, x).unwrap();
     // NaN-filled buffers, as reused arena memory may hold anything: every buffer, padding rows included,
     // must be written before it is read.
-    let nan =
-        |shape: &[usize], dtype: DType| Tensor::from_f32(device, shape, dtype, &vec![f32::NAN; shape.iter().product()]);
-    let mut acts = LstmActivations::new(cfg, b, t, dtype, nan).unwrap();
+    let mut acts = LstmActivations::new(cfg, b, t, dtype, &mut NanFilled(device.clone())).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();
     let dyt = Tensor::from_f32(device, acts.output().shape(), dtype, dy).unwrap();
     let mut dx = Tensor::from_f32(device, xt.shape(), dtype, &vec![f32::NAN; x.len()]).unwrap();
-    let mut scratch = LstmBackwardScratch::new(cfg, b, t, dtype, nan).unwrap();
+    let mut scratch = LstmBackwardScratch::new(cfg, b, t, dtype, &mut NanFilled(device.clone())).unwrap();
     lstm_backward(&p, &xt, &acts, &dyt, Some(&mut dx), &mut grads, &mut scratch).unwrap();
     Run {
         y: acts.output().to_f32_vec().unwrap(),
@@ -74,12 +71,8 @@ pub fn check(gpu: &Device) {
                 .enumerate()
                 .map(|(k, (_, s))| rounded(dtype, &random(s.iter().product(), -0.4, 0.4, seed + k as u64)))
                 .collect();
-            let prior: Vec<Vec<f32>> = cfg
-                .parameter_shapes()
-                .iter()
-                .enumerate()
-                .map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64))
-                .collect();
+            let prior: Vec<Vec<f32>> =
+                cfg.parameter_shapes().iter().enumerate().map(|(k, (_, s))| random(s.iter().product(), -1.0, 1.0, seed + 50 + k as u64)).collect();
             let x = rounded(dtype, &random(b * t * cfg.input_size, -1.0, 1.0, seed + 90));
             let dy = rounded(dtype, &random(b * t * cfg.output_size(), -1.0, 1.0, seed + 91));
             let g = run(gpu, dtype, cfg, &params, &prior, &x, &dy, (b, t));

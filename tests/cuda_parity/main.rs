@@ -8,12 +8,12 @@ mod conv;
 mod elementwise;
 mod infonce;
 mod linear;
-mod norm;
 mod loss;
+mod lstm;
+mod norm;
 mod optim;
 mod sampling;
 mod shape;
-mod lstm;
 mod softmax;
 
 use sgdm::runtime::kernel_table::KERNELS;
@@ -33,6 +33,7 @@ fn every_kernel_file_matches_the_cpu_reference() {
             "elementwise.cu" => elementwise::check,
             "linear.cu" => linear::check,
             "attention.cu" => attention::check,
+            "attention_mma.cu" => attention::check_tensor_cores,
             "norm.cu" => norm::check,
             "shape.cu" => shape::check,
             "softmax.cu" => softmax::check,

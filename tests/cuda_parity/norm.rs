@@ -4,8 +4,8 @@
 //! the reduction is deterministic.
 
 use sgdm::ops::norm::{
-    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward,
-    layer_norm_scratch_shape, Affine, GroupNorm, NormGrads, Stats, StatsMut,
+    group_norm_backward, group_norm_forward, group_norm_scratch_shape, layer_norm_backward, layer_norm_forward, layer_norm_scratch_shape, Affine,
+    GroupNorm, NormGrads, Stats, StatsMut,
 };
 use sgdm::{DType, Device, Tensor};
 
@@ -108,11 +108,9 @@ fn compare_sides(what: &str, dtype: DType, gpu: &Side, cpu: &Side) {
 pub fn check(gpu: &Device) {
     for dtype in [DType::F32, DType::BF16] {
         // 7x9: the scalar path; 8x8 and 4x4: 16-byte packs (HW divisible by 8).
-        for (shape, groups, silu, eps) in [
-            (vec![1, 6, 7, 9], 3, true, 1e-6),
-            (vec![2, 96, 4, 4], 32, false, 1e-5),
-            (vec![2, 320, 8, 8], 32, true, 1e-5),
-        ] {
+        for (shape, groups, silu, eps) in
+            [(vec![1, 6, 7, 9], 3, true, 1e-6), (vec![2, 96, 4, 4], 32, false, 1e-5), (vec![2, 320, 8, 8], 32, true, 1e-5)]
+        {
             let gn = GroupNorm { groups, eps, silu };
             let numel: usize = shape.iter().product();
             let i = inputs(dtype, numel, shape[1], 30);

@@ -2,8 +2,8 @@
 //! may fuse a multiply-add, so 1e-6 relative), the bf16 weight copy equal to the rounded f32 weights, and
 //! clipping over a list of tensors of both dtypes (norm 1e-5; clipped values within one rounding).
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device, Tensor};
 
 use crate::common::{compare, cpu, random, rounded};
@@ -61,20 +61,8 @@ pub fn check(gpu: &Device) {
         clip_grad_norm(&mut [&mut ga, &mut gb, &mut ge], max_norm, &mut gnorm, &mut gpartials).unwrap();
         clip_grad_norm(&mut [&mut ca, &mut cb, &mut ce], max_norm, &mut cnorm, &mut cpartials).unwrap();
         compare("clip_grad_norm norm", &gnorm.to_f32_vec().unwrap(), cnorm.f32s().unwrap(), 1e-5, 0.0);
-        compare(
-            &format!("clip_grad_norm f32 (clip {clip_below})"),
-            &ga.to_f32_vec().unwrap(),
-            ca.f32s().unwrap(),
-            1e-5,
-            1e-12,
-        );
-        compare(
-            &format!("clip_grad_norm bf16 (clip {clip_below})"),
-            &gb.to_f32_vec().unwrap(),
-            cb.f32s().unwrap(),
-            2f32.powi(-8),
-            1e-12,
-        );
+        compare(&format!("clip_grad_norm f32 (clip {clip_below})"), &ga.to_f32_vec().unwrap(), ca.f32s().unwrap(), 1e-5, 1e-12);
+        compare(&format!("clip_grad_norm bf16 (clip {clip_below})"), &gb.to_f32_vec().unwrap(), cb.f32s().unwrap(), 2f32.powi(-8), 1e-12);
         arena.reset(Region::Grads);
         arena.reset_step();
     }

@@ -1,8 +1,8 @@
 //! Shape kernels: concat, split and upsampling move values, so they match the CPU bit for bit; the 2x2
 //! block sum and the pooled mean add in a different order than the CPU (f32 1e-5; bf16 rounds once, 2^-8).
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::shape;
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};
@@ -25,11 +25,7 @@ pub fn check(gpu: &Device) {
         let mut sa = arena.alloc(Region::Activations, &[n, ca, h, w], dtype).unwrap();
         let mut sb = arena.alloc(Region::Activations, &[n, cb, h, w], dtype).unwrap();
         shape::split_channels(&gy, &mut sa, &mut sb).unwrap();
-        assert_eq!(
-            (sa.to_f32_vec().unwrap(), sb.to_f32_vec().unwrap()),
-            (a.clone(), b.clone()),
-            "split_channels {dtype}"
-        );
+        assert_eq!((sa.to_f32_vec().unwrap(), sb.to_f32_vec().unwrap()), (a.clone(), b.clone()), "split_channels {dtype}");
         println!("concat_channels / split_channels {dtype}: bit-exact");
 
         let x = rounded(dtype, &random(n * ca * h * w, -1.0, 1.0, 203));
@@ -45,13 +41,7 @@ pub fn check(gpu: &Device) {
         let mut cdx = zeros(&[n, ca, h, w]);
         shape::upsample_nearest2x_backward(&gdy, &mut gdx).unwrap();
         shape::upsample_nearest2x_backward(&cpu(&[n, ca, 2 * h, 2 * w], &dy), &mut cdx).unwrap();
-        compare(
-            &format!("upsample_nearest2x_backward {dtype}"),
-            &gdx.to_f32_vec().unwrap(),
-            cdx.f32s().unwrap(),
-            rel,
-            floor,
-        );
+        compare(&format!("upsample_nearest2x_backward {dtype}"), &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), rel, floor);
 
         // AdaptiveAvgPool1d(1) on the EEG encoder's [B, C, L]: rows more than one block of warps, odd L.
         for (pb, pc, pl) in [(3, 129, 250), (1, 5, 1)] {
@@ -61,26 +51,14 @@ pub fn check(gpu: &Device) {
             let mut cp = zeros(&[pb, pc, 1]);
             shape::avg_pool_last(&gx, &mut gp).unwrap();
             shape::avg_pool_last(&cpu(&[pb, pc, pl], &x), &mut cp).unwrap();
-            compare(
-                &format!("avg_pool_last [{pb}, {pc}, {pl}] {dtype}"),
-                &gp.to_f32_vec().unwrap(),
-                cp.f32s().unwrap(),
-                rel,
-                floor,
-            );
+            compare(&format!("avg_pool_last [{pb}, {pc}, {pl}] {dtype}"), &gp.to_f32_vec().unwrap(), cp.f32s().unwrap(), rel, floor);
             let dy = rounded(dtype, &random(pb * pc, -1.0, 1.0, 206));
             let gdy = upload(&mut arena, &[pb, pc, 1], dtype, &dy);
             let mut gdx = arena.alloc(Region::Activations, &[pb, pc, pl], dtype).unwrap();
             let mut cdx = zeros(&[pb, pc, pl]);
             shape::avg_pool_last_backward(&gdy, &mut gdx).unwrap();
             shape::avg_pool_last_backward(&cpu(&[pb, pc, 1], &dy), &mut cdx).unwrap();
-            compare(
-                &format!("avg_pool_last_backward {dtype}"),
-                &gdx.to_f32_vec().unwrap(),
-                cdx.f32s().unwrap(),
-                rel,
-                floor,
-            );
+            compare(&format!("avg_pool_last_backward {dtype}"), &gdx.to_f32_vec().unwrap(), cdx.f32s().unwrap(), rel, floor);
         }
 
         // transpose_last2 only moves values: bit-exact, on odd sizes across several 32x32 tiles, batch 3.

@@ -3,8 +3,8 @@
 //! magnitude case. f32: the block reduction adds in another order than the CPU's sequential sum, so 1e-5
 //! relative (plus the CPU's own n * 2^-24 sum error); bf16 rounds once on the store: 2^-8 relative.
 
+use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
-use sgdm::runtime::{Arena, MemoryPlan, Region};
 use sgdm::{DType, Device};
 
 use crate::common::{compare, cpu, random, rounded, upload, zeros};

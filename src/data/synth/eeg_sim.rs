@@ -5,12 +5,11 @@
 use std::sync::OnceLock;
 
 use super::tangram::{Figure, Rendering, EDGE_SIZE, IMAGE_SIZE};
-use crate::data::structure::block_mean;
 use super::Rng;
+use crate::data::structure::block_mean;
 
 /// THINGS-EEG2's channels, in its order.
-pub const CHANNELS: [&str; 17] =
-    ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
+pub const CHANNELS: [&str; 17] = ["P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8", "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2"];
 pub const SAMPLING_RATE_HZ: f64 = 100.0;
 /// Samples per trial: -0.2 s to 0.79 s.
 pub const SAMPLES: usize = 100;
@@ -55,14 +54,8 @@ const DESCRIPTORS: usize = DCT * DCT - 1 + 2;
 const LATE_SOURCES: usize = 6;
 
 /// Evoked components: (name, peak latency s, width s). The late ones carry shape identity.
-const COMPONENTS: [(&str, f64, f64); 6] = [
-    ("C1", 0.080, 0.012),
-    ("P1", 0.105, 0.016),
-    ("N1", 0.170, 0.022),
-    ("P3a", 0.250, 0.035),
-    ("P3b", 0.330, 0.050),
-    ("SW", 0.450, 0.080),
-];
+const COMPONENTS: [(&str, f64, f64); 6] =
+    [("C1", 0.080, 0.012), ("P1", 0.105, 0.016), ("N1", 0.170, 0.022), ("P3a", 0.250, 0.035), ("P3b", 0.330, 0.050), ("SW", 0.450, 0.080)];
 const EARLY: usize = 3;
 
 // Nominal amplitudes, microvolts.
@@ -284,8 +277,7 @@ impl Brain {
             let late_gain = (LATE_GAIN_JITTER * rng.normal()).exp();
             for (k, &(_, peak, width)) in COMPONENTS.iter().enumerate() {
                 let (shift, gain) = if k < EARLY { (early_shift, early_gain) } else { (late_shift, late_gain) };
-                let course: Vec<f64> =
-                    (0..SAMPLES).map(|i| (-(t(i) - peak - shift).powi(2) / (2.0 * width * width)).exp()).collect();
+                let course: Vec<f64> = (0..SAMPLES).map(|i| (-(t(i) - peak - shift).powi(2) / (2.0 * width * width)).exp()).collect();
                 for e in 0..C {
                     let a = snr * gain * evoked.amplitudes[k][e];
                     for (v, g) in x[e * SAMPLES..(e + 1) * SAMPLES].iter_mut().zip(&course) {
@@ -300,8 +292,7 @@ impl Brain {
         let freq = (10.0 + 0.8 * rng.normal()).clamp(8.0, 13.0);
         let phase = rng.uniform() * std::f64::consts::TAU;
         let amp = ALPHA_UV * (0.4 * rng.normal()).exp();
-        let bursts: Vec<(f64, f64)> =
-            (0..1 + rng.below(2)).map(|_| (rng.uniform() * 1.2 - 0.3, 0.1 + 0.25 * rng.uniform())).collect();
+        let bursts: Vec<(f64, f64)> = (0..1 + rng.below(2)).map(|_| (rng.uniform() * 1.2 - 0.3, 0.1 + 0.25 * rng.uniform())).collect();
         let erd_depth = if snr > 0.0 { 0.5 } else { 0.0 };
         for i in 0..SAMPLES {
             let ti = t(i);
@@ -387,8 +378,7 @@ fn descriptors(r: &Rendering) -> [f64; DESCRIPTORS] {
             if a + b == 0 {
                 continue;
             }
-            out[d] =
-                (0..n * n).map(|i| small[i] as f64 * basis(a, i % n) * basis(b, i / n)).sum::<f64>() / (n * n) as f64;
+            out[d] = (0..n * n).map(|i| small[i] as f64 * basis(a, i % n) * basis(b, i / n)).sum::<f64>() / (n * n) as f64;
             d += 1;
         }
     }
@@ -422,9 +412,7 @@ mod tests {
     #[test]
     fn left_sites_see_the_right_field_and_parietal_sites_the_lower() {
         let centre_of_mass = |w: &[f64]| {
-            w.iter().enumerate().fold((0.0, 0.0), |(u, v), (i, w)| {
-                (u + w * ((i % FIELD) as f64 - 15.5), v + w * (15.5 - (i / FIELD) as f64))
-            })
+            w.iter().enumerate().fold((0.0, 0.0), |(u, v), (i, w)| (u + w * ((i % FIELD) as f64 - 15.5), v + w * (15.5 - (i / FIELD) as f64)))
         };
         let brain = Brain::new();
         let (u_p7, v_p7) = centre_of_mass(&brain.fields[0]);
@@ -445,8 +433,7 @@ mod tests {
             let noise = brain.simulate_trial(&evoked, 0.0, &mut rng);
             // Pre-stimulus samples of O1 (14), Oz (15) and P8 (8).
             for i in 0..BASELINE {
-                let (a, b, c) =
-                    (noise[14 * SAMPLES + i] as f64, noise[15 * SAMPLES + i] as f64, noise[8 * SAMPLES + i] as f64);
+                let (a, b, c) = (noise[14 * SAMPLES + i] as f64, noise[15 * SAMPLES + i] as f64, noise[8 * SAMPLES + i] as f64);
                 o1o2 += a * b;
                 o1p8 += a * c;
                 o1sq += a * a;

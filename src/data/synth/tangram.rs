@@ -70,9 +70,10 @@ fn rasterize(poly: &[(i32, i32)]) -> Vec<Quarter> {
         for y in 0..y1 {
             for q in 0..4 {
                 let (px, py) = centroid6((x, y, q));
-                let sides = poly.iter().zip(poly.iter().cycle().skip(1)).map(|(a, b)| {
-                    ((b.0 - a.0) * 6) as i64 * (py - 6 * a.1) as i64 - ((b.1 - a.1) * 6) as i64 * (px - 6 * a.0) as i64
-                });
+                let sides = poly
+                    .iter()
+                    .zip(poly.iter().cycle().skip(1))
+                    .map(|(a, b)| ((b.0 - a.0) * 6) as i64 * (py - 6 * a.1) as i64 - ((b.1 - a.1) * 6) as i64 * (px - 6 * a.0) as i64);
                 let signs: Vec<i64> = sides.map(i64::signum).collect();
                 if signs.iter().all(|&s| s > 0) || signs.iter().all(|&s| s < 0) {
                     out.push((x, y, q));

@@ -69,12 +69,7 @@ impl Check {
         match self {
             Check::Off => &["-O2"],
             Check::Memory => &["-O2", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"],
-            Check::Asan => &[
-                "-O1",
-                "-fno-omit-frame-pointer",
-                "-fsanitize=address,undefined",
-                "-fno-sanitize-recover=undefined",
-            ],
+            Check::Asan => &["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
         }
     }
 }
@@ -151,9 +146,9 @@ impl Settings {
         };
         let memory_bytes = match env("SGDM_SIM_MEMORY") {
             None => None,
-            Some(m) => Some(parse_bytes(&m).filter(|&b| b > 0).ok_or_else(|| {
-                anyhow!("SGDM_SIM_MEMORY={m}: expected a number of bytes, e.g. 8GiB or 512MiB")
-            })?),
+            Some(m) => Some(
+                parse_bytes(&m).filter(|&b| b > 0).ok_or_else(|| anyhow!("SGDM_SIM_MEMORY={m}: expected a number of bytes, e.g. 8GiB or 512MiB"))?,
+            ),
         };
         let report_times = match env("SGDM_SIM_TIMES").as_deref() {
             None | Some("0") => false,
@@ -287,8 +282,8 @@ fn start() -> Result<Simulator> {
     }
     // SAFETY: the simulator's own driver library, built with this binary; RTLD_GLOBAL makes its executor
     // visible to the twins and its soname (libcuda.so) the library cudarc's dlopen("libcuda.so") finds.
-    let driver = unsafe { Library::open(Some(&driver_path), RTLD_NOW | RTLD_GLOBAL) }
-        .with_context(|| format!("loading {}", driver_path.display()))?;
+    let driver =
+        unsafe { Library::open(Some(&driver_path), RTLD_NOW | RTLD_GLOBAL) }.with_context(|| format!("loading {}", driver_path.display()))?;
     let (thread_order, block_order, seed) = match settings.order {
         Order::Forward => (0, 0, 1),
         Order::Reverse => (1, 1, 1),
@@ -329,8 +324,7 @@ fn start() -> Result<Simulator> {
     }
     let blas_path = runtime_dir.join("libcublasLt.so");
     // SAFETY: the simulator's cuBLASLt, built with this binary; its soname is the name cudarc opens.
-    let blas = unsafe { Library::open(Some(&blas_path), RTLD_NOW | RTLD_GLOBAL) }
-        .with_context(|| format!("loading {}", blas_path.display()))?;
+    let blas = unsafe { Library::open(Some(&blas_path), RTLD_NOW | RTLD_GLOBAL) }.with_context(|| format!("loading {}", blas_path.display()))?;
     std::mem::forget(blas);
     Ok(Simulator { settings, runtime_dir, twin_dir, driver })
 }
@@ -369,10 +363,9 @@ impl Simulator {
 fn build_twins(settings: &Settings, runtime_dir: &Path, libs: Libraries) -> Result<Vec<PathBuf>> {
     let (files, headers) = kernel_sources().map_err(anyhow::Error::msg)?;
     let cxx = compiler();
-    let version = Command::new(&cxx)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("the CUDA simulator compiles kernels for the host and could not run `{cxx}` (set CXX to g++ >= 11 or clang >= 14)"))?;
+    let version = Command::new(&cxx).arg("--version").output().with_context(|| {
+        format!("the CUDA simulator compiles kernels for the host and could not run `{cxx}` (set CXX to g++ >= 11 or clang >= 14)")
+    })?;
     let mut common = Sha256::new();
     common.update(&version.stdout);
     common.update(libs.kernel_header.as_bytes());
@@ -418,11 +411,10 @@ fn build_twins(settings: &Settings, runtime_dir: &Path, libs: Libraries) -> Resu
             for _ in 0..threads.min(missing.len()) {
                 s.spawn(|| loop {
                     let Some((target, file)) = queue.lock().unwrap().pop() else { break };
-                    let built = build_twin(&cxx, &work, &header, runtime_dir, settings.check, file.name, file.source)
-                        .and_then(|lib| {
-                            // Atomic: a concurrent process building the same twin leaves one complete file.
-                            std::fs::rename(&lib, target).with_context(|| format!("moving the twin to {}", target.display()))
-                        });
+                    let built = build_twin(&cxx, &work, &header, runtime_dir, settings.check, file.name, file.source).and_then(|lib| {
+                        // Atomic: a concurrent process building the same twin leaves one complete file.
+                        std::fs::rename(&lib, target).with_context(|| format!("moving the twin to {}", target.display()))
+                    });
                     if let Err(e) = built {
                         errors.lock().unwrap().push(format!("{e:#}"));
                     }
@@ -454,8 +446,8 @@ fn build_twin(cxx: &str, dir: &Path, header: &Path, runtime_dir: &Path, check: C
     if !pre.status.success() {
         bail!("preprocessing kernels/{name}:\n{}", String::from_utf8_lossy(&pre.stderr));
     }
-    let kernels = crate::runtime::kernel_signature::parse_kernels(&String::from_utf8_lossy(&pre.stdout))
-        .map_err(|e| anyhow!("kernels/{name}: {e}"))?;
+    let kernels =
+        crate::runtime::kernel_signature::parse_kernels(&String::from_utf8_lossy(&pre.stdout)).map_err(|e| anyhow!("kernels/{name}: {e}"))?;
     let twin = twin::rewrite(&format!("kernels/{name}"), source)? + &twin::registration(&kernels);
     let cpp = dir.join(format!("{stem}.cpp"));
     std::fs::write(&cpp, twin)?;

@@ -87,12 +87,15 @@ fn skip_literal(b: &[u8], mut i: usize) -> usize {
 /// The index just past the bracket that closes the one at `open`, skipping string literals.
 fn matching(s: &str, open: usize) -> Option<usize> {
     let b = s.as_bytes();
-    let (o, c) = (b[open], match b[open] {
-        b'(' => b')',
-        b'[' => b']',
-        b'{' => b'}',
-        _ => return None,
-    });
+    let (o, c) = (
+        b[open],
+        match b[open] {
+            b'(' => b')',
+            b'[' => b']',
+            b'{' => b'}',
+            _ => return None,
+        },
+    );
     let mut depth = 0;
     let mut i = open;
     while i < b.len() {
@@ -175,9 +178,7 @@ fn parse_operands(section: Option<&str>, output: bool, at: &str) -> Result<Vec<O
         .into_iter()
         .map(|o| {
             let o = o.trim();
-            let (Some(open), true) = (o.find('('), o.ends_with(')')) else {
-                bail!("{at}: cannot read the asm operand `{o}`")
-            };
+            let (Some(open), true) = (o.find('('), o.ends_with(')')) else { bail!("{at}: cannot read the asm operand `{o}`") };
             let constraint = string_literals(&o[..open]);
             let letter = constraint.trim_start_matches(['=', '+', '&']).chars().next().unwrap_or(' ');
             if !"hrfld".contains(letter) {
@@ -207,9 +208,12 @@ fn asm_calls(body: &str, at: &str) -> Result<String> {
         for (group, text) in split_top(rest, b',').into_iter().enumerate() {
             let mut digits = text.split('%').skip(1);
             for d in digits.by_ref() {
-                let n: usize = d.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().map_err(|_| {
-                    anyhow::anyhow!("{at}: cannot read an operand reference in `{instruction}`")
-                })?;
+                let n: usize = d
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect::<String>()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{at}: cannot read an operand reference in `{instruction}`"))?;
                 let op = operands.get(n).ok_or_else(|| anyhow::anyhow!("{at}: `{instruction}` names %{n}, which does not exist"))?;
                 if group == 0 {
                     if !op.output {
@@ -341,11 +345,14 @@ mod tests {
         assert_eq!(out, "x();\n(::cudasim::ptx::cvt_rn_bf16_f32(::cudasim::ptx::out_h(r), ::cudasim::ptx::in_f(x)));\ny();");
         let mma = "asm volatile(\n  \"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1}, {%2}, {%3}, \"\n  \"{%0, %1};\\n\"\n  : \"+f\"(d[0]), \"+f\"(d[1]) : \"r\"(a[0]), \"r\"(b0));";
         let out = rewrite_asm("k.cu", mma).unwrap();
-        assert!(out.starts_with(
-            "(::cudasim::ptx::mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(::cudasim::ptx::out_f(d[0]), \
+        assert!(
+            out.starts_with(
+                "(::cudasim::ptx::mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(::cudasim::ptx::out_f(d[0]), \
              ::cudasim::ptx::out_f(d[1]), ::cudasim::ptx::in_r(a[0]), ::cudasim::ptx::in_r(b0), \
              ::cudasim::ptx::in_f(d[0]), ::cudasim::ptx::in_f(d[1])))"
-        ), "{out}");
+            ),
+            "{out}"
+        );
         assert_eq!(out.matches('\n').count(), mma.matches('\n').count(), "line numbers are kept");
         assert_eq!(rewrite_asm("k.cu", "asm volatile(\"\" ::: \"memory\");").unwrap(), "((void)0);");
         // Comments and strings that mention asm are left alone.
@@ -373,8 +380,11 @@ mod tests {
             lines[0],
             "  static char cudasim_site_Ks; bf16_t (&Ks)[FA_KEYS * KLD] = *::cudasim::shared<bf16_t [FA_KEYS * KLD]>(&cudasim_site_Ks, \"Ks\", __FILE__, __LINE__, 16);"
         );
-        assert!(lines[1].contains("float (&a)[8][32] = *::cudasim::shared<float [8][32]>(&cudasim_site_a")
-            && lines[1].contains("float (&b)[8][32]"), "{}", lines[1]);
+        assert!(
+            lines[1].contains("float (&a)[8][32] = *::cudasim::shared<float [8][32]>(&cudasim_site_a") && lines[1].contains("float (&b)[8][32]"),
+            "{}",
+            lines[1]
+        );
         assert_eq!(lines[2], "  float* const colsum = static_cast<float*>(::cudasim::dynamic_shared(alignof(float)));");
         assert_eq!(lines[3], "  // __shared__ float not_this[4];");
     }

@@ -1,5 +1,5 @@
 //! A memory pool for inference steps: one allocation, handed out in 256-byte-aligned ranges that return to
-//! the pool when their tensor drops (or is discarded). With [`crate::nn::Allocator::keeps_activations`]
+//! the pool when their tensor drops (or is discarded). With [`super::Allocator::keeps_activations`]
 //! false, a forward's working set lives in the pool at its peak size instead of one allocation per tensor,
 //! and because the first-fit search over a free list kept in address order is deterministic, the same
 //! sequence of allocations and frees lands on the same addresses every time: what replaying a captured

@@ -1,17 +1,21 @@
 //! What `sgdm forward` runs: one model from a component directory on named input tensors, optionally
 //! backward from named upstream gradients, returning named outputs, `grad.<input>` for every float input
 //! (except timesteps and scalars) and `grad.<parameter>` for every parameter. Tensor names follow the PyTorch
-//! calls the fixtures in tests/fixtures/models were made with.
+//! calls the fixtures in tests/fixtures/models were made with. One file per models file holds its runners.
+
+mod autoencoder_kl;
+mod sgdm;
+mod unet;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::nn::{ParamStore, ParamTree};
+use crate::nn::{Grads, ParamStore, ParamTree};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Tensor};
-use crate::weights::{Component, SafetensorsFile};
+use crate::weights::{ModelSource, SafetensorsFile};
 
 /// Tensors by name, as read from a safetensors file, on one device in one dtype.
 pub struct Named {
@@ -56,7 +60,8 @@ impl Named {
 
     /// Fails on names no model input uses, so a typo is not silently ignored.
     pub fn ensure_only(&self, known: &[&str]) -> Result<()> {
-        let unknown: Vec<&str> = self.tensors.keys().map(String::as_str).filter(|n| !known.iter().any(|k| k == n || n.starts_with(&format!("{k}.")))).collect();
+        let unknown: Vec<&str> =
+            self.tensors.keys().map(String::as_str).filter(|n| !known.iter().any(|k| k == n || n.starts_with(&format!("{k}.")))).collect();
         if !unknown.is_empty() {
             bail!("{}: unknown tensor name(s) {} (expected {})", self.source, unknown.join(", "), known.join(", "));
         }
@@ -67,72 +72,54 @@ impl Named {
 /// Named results of one run.
 pub type Outputs = Vec<(String, Tensor)>;
 
-/// Where a model's configuration and parameters come from: a component directory with its weights, or
-/// its `config.json` alone with seeded random parameters (for profiling full-size configs without weights).
-pub struct ModelSource {
-    pub dir: std::path::PathBuf,
-    pub config: serde_json::Value,
-    weights: Option<SafetensorsFile>,
-    random_seed: u64,
-    /// Bytes of the parameters loaded through [`ModelSource::params`], for the memory report.
+/// A model's source as a runner sees it: its configuration and parameters, and the bytes of the parameters
+/// loaded so far (for `sgdm forward`'s memory report).
+pub struct Source {
+    pub model: ModelSource,
     param_bytes: std::cell::Cell<usize>,
 }
 
-impl ModelSource {
-    /// The component in `dir`; with `random_seed`, only its config.json is read.
-    pub fn open(dir: &Path, random_seed: Option<u64>) -> Result<ModelSource> {
-        match random_seed {
-            None => {
-                let c = Component::open(dir)?;
-                Ok(ModelSource { dir: c.dir, config: c.config, weights: Some(c.weights), random_seed: 0, param_bytes: 0.into() })
-            }
-            Some(seed) => {
-                let path = dir.join("config.json");
-                let text = crate::util::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-                let config: serde_json::Value =
-                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-                Ok(ModelSource { dir: dir.to_path_buf(), config, weights: None, random_seed: seed, param_bytes: 0.into() })
-            }
-        }
+impl Source {
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.model.config_path()
     }
 
-    pub fn config_path(&self) -> std::path::PathBuf {
-        self.dir.join("config.json")
+    pub fn config(&self) -> &serde_json::Value {
+        &self.model.config
     }
 
     /// The model's parameters, in an arena of their own: loaded from the weights file (every tensor checked
     /// by name and shape, `aliases` as in [`ParamStore::load`]) or drawn from the seed.
     pub fn params(&self, tree: &ParamTree, device: &Device, dtype: DType, aliases: &[(&str, &str)]) -> Result<ParamStore> {
         self.param_bytes.set(self.param_bytes.get() + tree.numel() * dtype.size());
-        match &self.weights {
-            Some(file) => ParamStore::load_owned(tree, file, device, dtype, aliases),
-            None => ParamStore::random_owned(tree, device, dtype, self.random_seed),
-        }
-    }
-
-    pub fn class_name(&self) -> Option<&str> {
-        self.config.get("_class_name").and_then(|v| v.as_str())
+        ParamStore::from_source(tree, &self.model.parameters, device, dtype, aliases)
     }
 }
 
+/// `(grad.<parameter>, gradient)` for every parameter of `tree`, in its order.
+fn param_grads(tree: &ParamTree, grads: Grads) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    tree.specs().iter().map(|s| format!("grad.{}", s.name)).zip(grads.into_tensors())
+}
+
 /// How one model class is run: its source, the inputs, the upstream gradients if any, device, dtype.
-pub type Runner = fn(&ModelSource, &Named, Option<&Named>, &Device, DType) -> Result<Outputs>;
+pub type Runner = fn(&Source, &Named, Option<&Named>, &Device, DType) -> Result<Outputs>;
 
 /// The runner for a diffusers/PyTorch `_class_name`.
 fn runner(class: &str) -> Option<Runner> {
     match class {
-        "ContrastiveAlignment" => Some(crate::models::sgdm::run_contrastive_alignment),
-        "SpatiotemporalEEGEncoder" => Some(crate::models::sgdm::run_eeg_encoder),
-        "StructuralVAE" => Some(crate::models::sgdm::run_structural_vae),
-        "AutoencoderKL" => Some(crate::models::autoencoder_kl::run_autoencoder_kl),
-        "UNet2DConditionModel" => Some(crate::models::unet::run_unet),
-        "ControlNetModel" => Some(crate::models::unet::run_controlnet),
+        "ContrastiveAlignment" => Some(sgdm::run_contrastive_alignment),
+        "SpatiotemporalEEGEncoder" => Some(sgdm::run_eeg_encoder),
+        "StructuralVAE" => Some(sgdm::run_structural_vae),
+        "AutoencoderKL" => Some(autoencoder_kl::run_autoencoder_kl),
+        "UNet2DConditionModel" => Some(unet::run_unet),
+        "ControlNetModel" => Some(unet::run_controlnet),
         _ => None,
     }
 }
 
 /// The classes `sgdm forward` runs.
-pub const CLASSES: &[&str] = &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
+pub const CLASSES: &[&str] =
+    &["ContrastiveAlignment", "SpatiotemporalEEGEncoder", "StructuralVAE", "AutoencoderKL", "UNet2DConditionModel", "ControlNetModel"];
 
 /// What one run produced.
 pub struct Run {
@@ -144,8 +131,9 @@ pub struct Run {
 /// Runs the model in `model_dir` on `inputs` (and backward from `grad_outputs`) on `device` in `dtype`,
 /// with its weights file, or with seeded random parameters when `random_seed` is given.
 pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device: &Device, dtype: DType, random_seed: Option<u64>) -> Result<Run> {
-    let component = ModelSource::open(model_dir, random_seed)?;
+    let component = Source { model: ModelSource::open(model_dir, random_seed)?, param_bytes: 0.into() };
     let class = component
+        .model
         .class_name()
         .ok_or_else(|| anyhow!("{}: config.json has no _class_name to choose the model", model_dir.display()))?
         .to_string();
@@ -154,8 +142,7 @@ pub fn run(model_dir: &Path, inputs: &Path, grad_outputs: Option<&Path>, device:
     };
     let inputs = Named::load(inputs, device, dtype, &["timestep", "conditioning_scale"])?;
     let grads = grad_outputs.map(|p| Named::load(p, device, dtype, &[])).transpose()?;
-    let outputs = run(&component, &inputs, grads.as_ref(), device, dtype)
-        .with_context(|| format!("running {class} from {}", model_dir.display()))?;
+    let outputs = run(&component, &inputs, grads.as_ref(), device, dtype).with_context(|| format!("running {class} from {}", model_dir.display()))?;
     Ok(Run { outputs, param_bytes: component.param_bytes.get() })
 }
 
@@ -198,8 +185,7 @@ impl Bounds {
     /// bf16 keeps 8 significant bits (3.9e-3 relative per stored value) and every layer rounds its output
     /// again, so errors grow with depth: a few percent for outputs, more for gradients. Mapping or formula
     /// errors still show as errors of order 1.
-    pub const BF16: Bounds =
-        Bounds { output: 5e-2, grad: 1.5e-1, zero_grad: ZeroGradient::VersusF32Residual { factor: 65536.0 } };
+    pub const BF16: Bounds = Bounds { output: 5e-2, grad: 1.5e-1, zero_grad: ZeroGradient::VersusF32Residual { factor: 65536.0 } };
 
     pub fn for_dtype(dtype: DType) -> Bounds {
         match dtype {
@@ -268,19 +254,16 @@ pub fn compare_outputs(outputs: &Outputs, reference: &Path, bounds: Bounds, f32_
             bail!("{}: tensor '{name}' has shape {:?}, the run produced {:?}", reference.display(), want.shape(), t.shape());
         }
         let (got, want) = (t.to_f32_vec()?, want.to_f32_vec()?);
-        let max_abs = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
+        let max_abs =
+            got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
         let is_grad = name.starts_with("grad.");
         let (error, bound, zero_reference) = if is_grad && l2(&want) < ZERO_GRAD_NORM {
             let bound = match bounds.zero_grad {
                 ZeroGradient::Absolute(b) => b,
                 ZeroGradient::VersusF32Residual { factor } => {
-                    let f32_run = f32_run.ok_or_else(|| {
-                        anyhow!("{name} is zero in the reference: bounding it needs the CPU f32 run of the same model")
-                    })?;
-                    let (_, residual) = f32_run
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .ok_or_else(|| anyhow!("the CPU f32 run produced no {name}"))?;
+                    let f32_run =
+                        f32_run.ok_or_else(|| anyhow!("{name} is zero in the reference: bounding it needs the CPU f32 run of the same model"))?;
+                    let (_, residual) = f32_run.iter().find(|(n, _)| n == name).ok_or_else(|| anyhow!("the CPU f32 run produced no {name}"))?;
                     factor * l2(&residual.to_f32_vec()?)
                 }
             };

@@ -3,7 +3,9 @@
 
 mod common;
 
-use sgdm::eval::{correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pearson, pixcorr, retrieval_top_k, ssim, two_way_identification};
+use sgdm::metrics::{
+    correlation_top_k, derangement, mean_pairwise_correlation, mean_row_correlation, pearson, pixcorr, retrieval_top_k, ssim, two_way_identification,
+};
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
@@ -72,7 +74,8 @@ fn structure_matching_ranks_by_correlation_so_gain_and_offset_do_not_matter() {
     let truth = common::random(n * dim, 0.0, 1.0, 4);
     // Each prediction is its true map times a gain plus an offset: correlation 1, retrieved first, although
     // cosine similarity (retrieval_top_k's measure) would be fooled by the offsets.
-    let predicted: Vec<f32> = truth.chunks_exact(dim).enumerate().flat_map(|(i, row)| row.iter().map(move |v| v * (0.5 + i as f32) + 3.0 * i as f32)).collect();
+    let predicted: Vec<f32> =
+        truth.chunks_exact(dim).enumerate().flat_map(|(i, row)| row.iter().map(move |v| v * (0.5 + i as f32) + 3.0 * i as f32)).collect();
     assert_eq!(correlation_top_k(&predicted, &truth, dim, &[1, 5]).unwrap(), [1.0, 1.0]);
     assert!((mean_row_correlation(&predicted, &truth, dim).unwrap() - 1.0).abs() < 1e-6);
     // Against the maps deranged, the mean correlation is the mean of the mismatched pairs' correlations.

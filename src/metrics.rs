@@ -1,9 +1,12 @@
 //! Evaluation metrics with their usual definitions: N-way zero-shot retrieval top-k by cosine similarity,
 //! N-way matching and mean correlation of maps (structure maps, pixels) by Pearson correlation, PixCorr,
 //! SSIM (grayscale, Gaussian window, as scikit-image computes it), 2-way identification, and the
-//! derangements that build shuffled controls, so chance is measured rather than assumed.
+//! derangements that build shuffled controls, so chance is measured rather than assumed; and the
+//! reconstruction metrics of images against the seen ones ([`recon_metrics`]). `sgdm eval` ([`crate::evaluate`])
+//! applies them.
 
 use anyhow::{ensure, Result};
+use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -32,7 +35,12 @@ pub fn retrieval_top_k(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) 
 pub fn correlation_top_k(predicted: &[f32], truth: &[f32], dim: usize, ks: &[usize]) -> Result<Vec<f64>> {
     let n = paired_rows("correlation matching", predicted, truth, dim)?;
     let standardized = |v: &[f32]| normalized_f64(&centred(v));
-    Ok(top_k_hits(&predicted.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), &truth.chunks_exact(dim).map(standardized).collect::<Vec<_>>(), ks, n))
+    Ok(top_k_hits(
+        &predicted.chunks_exact(dim).map(standardized).collect::<Vec<_>>(),
+        &truth.chunks_exact(dim).map(standardized).collect::<Vec<_>>(),
+        ks,
+        n,
+    ))
 }
 
 /// The mean over rows of the Pearson correlation of `predicted` row i with `truth` row i (`[n, dim]` each).
@@ -198,4 +206,41 @@ pub fn derangement(n: usize, seed: u64) -> Vec<usize> {
             return p;
         }
     }
+}
+
+/// The reconstruction metrics of one pairing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReconMetrics {
+    pub pixcorr: f64,
+    pub ssim: f64,
+    pub two_way: f64,
+}
+
+/// skimage.color.rgb2gray: 0.2125 R + 0.7154 G + 0.0721 B.
+fn gray(rgb: &RgbImage) -> Vec<f32> {
+    rgb.pixels().map(|p| (0.2125 * p[0] as f32 + 0.7154 * p[1] as f32 + 0.0721 * p[2] as f32) / 255.0).collect()
+}
+
+pub fn unit(rgb: &RgbImage) -> Vec<f32> {
+    rgb.as_raw().iter().map(|v| *v as f32 / 255.0).collect()
+}
+
+/// Reconstruction metrics of reconstructions `recon[i]` against seen images `seen[pair[i]]`.
+pub fn recon_metrics(
+    recon: &[RgbImage],
+    seen: &[RgbImage],
+    recon_latents: &[f32],
+    seen_latents: &[f32],
+    dim: usize,
+    pair: &[usize],
+) -> Result<ReconMetrics> {
+    let n = recon.len();
+    let (mut pc, mut ss) = (0.0, 0.0);
+    for (i, r) in recon.iter().enumerate() {
+        let s = &seen[pair[i]];
+        pc += pixcorr(&unit(r), &unit(s))?;
+        ss += ssim(&gray(r), &gray(s), r.width() as usize, r.height() as usize, 1.0)?;
+    }
+    let paired: Vec<f32> = pair.iter().flat_map(|&j| seen_latents[j * dim..(j + 1) * dim].iter().copied()).collect();
+    Ok(ReconMetrics { pixcorr: pc / n as f64, ssim: ss / n as f64, two_way: two_way_identification(recon_latents, &paired, dim)? })
 }
