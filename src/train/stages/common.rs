@@ -166,16 +166,24 @@ pub(super) struct ImageSplit {
     pub(super) edges: Vec<f32>,
 }
 
-pub(super) fn load_images(data: &Path, split: &SplitManifest, size: usize, structure_dim: usize) -> Result<ImageSplit> {
-    let edges_path = data.join(&split.edges16);
-    let edges = NpyFile::open(&edges_path)?.to_f32()?;
+/// A split's structure targets `[figures, structure_dim]` (its `edges16` file), checked to hold one finite map
+/// per figure.
+pub(super) fn structure_targets(data: &Path, split: &SplitManifest, structure_dim: usize) -> Result<Vec<f32>> {
+    let path = data.join(&split.edges16);
+    let values = NpyFile::open(&path)?.to_f32()?;
     ensure!(
-        edges.len() == split.figures * structure_dim,
+        values.len() == split.figures * structure_dim,
         "{}: {} values, expected {} figures x structure_dim {structure_dim}",
-        edges_path.display(),
-        edges.len(),
+        path.display(),
+        values.len(),
         split.figures
     );
+    ensure!(values.iter().all(|v| v.is_finite()), "{}: the structure targets hold NaN or Inf", path.display());
+    Ok(values)
+}
+
+pub(super) fn load_images(data: &Path, split: &SplitManifest, size: usize, structure_dim: usize) -> Result<ImageSplit> {
+    let edges = structure_targets(data, split, structure_dim)?;
     let mut images = Vec::with_capacity(split.figures * 3 * size * size);
     for rel in &split.images {
         images.extend(crate::data::image::to_planes(&load_square(data.join(rel), size as u32)?));

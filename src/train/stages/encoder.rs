@@ -115,23 +115,11 @@ fn encoder_structure_targets(cfg: &EncoderStageConfig, train: &SplitManifest, va
     let (w, dim) = (cfg.structure_weight, cfg.model.structure_dim);
     ensure!(w.is_finite() && w >= 0.0, "stage encoder: structure_weight must be finite and at least 0, got {w}");
     if dim == 0 {
-        ensure!(w == 0.0, "stage encoder: structure_weight {w} needs a structure head: set [encoder.model] structure_hidden and structure_dim");
+        ensure!(w == 0.0, "stage encoder: structure_weight {w} needs a structure head: set [encoder.model] structure_dim");
         return Ok(None);
     }
     ensure!(w > 0.0, "stage encoder: the model has a structure head (structure_dim {dim}) but structure_weight is 0: nothing would train it");
-    let read = |split: &SplitManifest| -> Result<Vec<f32>> {
-        let path = cfg.data.join(&split.edges16);
-        let values = NpyFile::open(&path)?.to_f32()?;
-        ensure!(
-            values.len() == split.figures * dim,
-            "{}: {} values, expected {} figures x the structure head's structure_dim {dim}",
-            path.display(),
-            values.len(),
-            split.figures
-        );
-        ensure!(values.iter().all(|v| v.is_finite()), "{}: the structure targets hold NaN or Inf", path.display());
-        Ok(values)
-    };
+    let read = |split: &SplitManifest| structure_targets(&cfg.data, split, dim);
     let (train_maps, val_maps) = (read(train)?, read(val)?);
     let n = train.figures as f64;
     let mut variance = 0.0;
