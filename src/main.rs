@@ -130,6 +130,10 @@ enum Command {
                             log_every (10) and select_best (true: the final parameters are the checkpoint with the lowest\n\
                             validation loss). [encoder.image_embeddings] train/val = .npy [figures, latent_dim] aligns the\n\
                             encoder with precomputed image embeddings (e.g. CLIP) instead of the VAE's mu.\n\
+                            [encoder.model] structure_dim (with [encoder] structure_weight > 0) gives the encoder its own\n\
+                            structure head, trained with it (InfoNCE + weight x structure MSE / the targets' variance;\n\
+                            structure_hidden > 0 makes it an MLP), and linear_path = true a linear read-out of the EEG\n\
+                            beside its two branches; weights/train.toml uses both (the same keys in [controlnet.encoder]).\n\
                             --device cuda trains in bf16 with f32 master weights.\n\
                             DIR receives <stage>.jsonl, <stage>-step<N>.safetensors checkpoints, <stage>.safetensors\n\
                             and, for encoder, eeg_standardization.json (per-channel statistics of the train split).")]
