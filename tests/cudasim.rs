@@ -444,26 +444,7 @@ fn train_and_reconstruct_run_on_the_simulated_device() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (data, weights, recon) = (dir.path().join("data"), dir.path().join("weights"), dir.path().join("recon"));
-    let (ok, _, err) = common::run_sgdm([
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--train-figures",
-        "24",
-        "--val-figures",
-        "8",
-        "--test-figures",
-        "6",
-        "--train-reps",
-        "2",
-        "--val-reps",
-        "2",
-        "--test-reps",
-        "4",
-        "--seed",
-        "5",
-    ]);
-    assert!(ok, "sgdm synth: {err}");
+    common::tiny_synth(&data);
     let config = dir.path().join("train.toml");
     std::fs::write(&config, common::tiny_train_config_with_steps(&data, 1)).unwrap();
     let started = std::time::Instant::now();

@@ -9,6 +9,27 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// What a dataset writer (`sgdm synth`, the importers) writes inside its output folder, the manifest first;
+/// `--force` removes these and nothing else.
+pub const DATASET_OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
+
+/// Removes [`DATASET_OUTPUTS`] from `out`, in order: the manifest goes first, so an interrupted replacement
+/// never looks finished. Anything else in the folder is left alone.
+pub fn remove_dataset_outputs(out: &Path) -> Result<()> {
+    for name in DATASET_OUTPUTS {
+        let path = out.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else if path.exists() {
+            std::fs::remove_file(&path)
+        } else {
+            Ok(())
+        };
+        removed.with_context(|| format!("{}: cannot remove", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `manifest.json`: what a reader needs to use the dataset. It is written last: a folder without it holds
 /// an unfinished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

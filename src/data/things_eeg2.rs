@@ -66,8 +66,6 @@ pub const TEST_IMAGES: &str = "test_images";
 pub const DEFAULT_VAL_FRACTION: usize = 16;
 /// The default image side: that of `sgdm synth`'s figures (and the structure extraction's).
 pub const DEFAULT_IMAGE_SIZE: usize = crate::data::structure::STRUCTURE_SIZE;
-/// Folders and files the importer writes inside its output folder; `--force` removes these and nothing else.
-const OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
 /// Images decoded and written per parallel batch (and per progress report).
 const BATCH: usize = 64;
 /// Worker threads per core for image work, which waits on the disk as much as it computes.
@@ -360,17 +358,7 @@ fn plan_splits(cfg: &ImportConfig, training: &ImageFolder, test: &ImageFolder) -
 /// Makes `out` ready: created if absent; otherwise only what the importer writes is removed (the manifest
 /// first, so an interrupted replacement never looks finished). `check` refused a non-empty folder without --force.
 fn prepare_output(out: &Path) -> Result<()> {
-    for name in OUTPUTS {
-        let path = out.join(name);
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else if path.exists() {
-            std::fs::remove_file(&path)
-        } else {
-            Ok(())
-        };
-        removed.with_context(|| format!("{}: cannot remove", path.display()))?;
-    }
+    crate::data::dataset::remove_dataset_outputs(out)?;
     for sub in ["eeg", "edges16", "images", "structure"] {
         let dir = out.join(sub);
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;

@@ -244,6 +244,32 @@ where
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The tiny synthetic dataset the tiny model trains on (24/8/6 figures, 2/2/4 repetitions, seed 5), written
+/// into `out` by `sgdm synth`.
+pub fn tiny_synth(out: &std::path::Path) {
+    let (ok, _, err) = run_sgdm([
+        "synth",
+        "--out",
+        out.to_str().unwrap(),
+        "--train-figures",
+        "24",
+        "--val-figures",
+        "8",
+        "--test-figures",
+        "6",
+        "--train-reps",
+        "2",
+        "--val-reps",
+        "2",
+        "--test-reps",
+        "4",
+        "--seed",
+        "5",
+        "--force",
+    ]);
+    assert!(ok, "sgdm synth failed: {err}");
+}
+
 /// A tiny synthetic dataset (24/8/6 figures, 6 test figures of 4 repetitions) and a weights folder trained
 /// on it by `sgdm train all` with [`tiny_train_config`], made once per test binary: (dataset, weights).
 #[allow(dead_code)]
@@ -252,27 +278,7 @@ pub fn tiny_model() -> &'static (std::path::PathBuf, std::path::PathBuf) {
     MODEL.get_or_init(|| {
         let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tiny_model_{}", std::process::id()));
         let (data, weights) = (root.join("data"), root.join("weights"));
-        let (ok, _, err) = run_sgdm([
-            "synth",
-            "--out",
-            data.to_str().unwrap(),
-            "--train-figures",
-            "24",
-            "--val-figures",
-            "8",
-            "--test-figures",
-            "6",
-            "--train-reps",
-            "2",
-            "--val-reps",
-            "2",
-            "--test-reps",
-            "4",
-            "--seed",
-            "5",
-            "--force",
-        ]);
-        assert!(ok, "sgdm synth failed: {err}");
+        tiny_synth(&data);
         std::fs::write(root.join("train.toml"), tiny_train_config(&data)).unwrap();
         let (ok, out, err) = run_sgdm(["train", "all", "--config", root.join("train.toml").to_str().unwrap(), "--out", weights.to_str().unwrap()]);
         assert!(ok, "sgdm train all failed:\n{out}\n{err}");

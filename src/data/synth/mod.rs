@@ -147,8 +147,6 @@ pub struct Progress<'a> {
     pub total: usize,
 }
 
-/// Folders and files `generate` writes inside the output folder; `--force` removes these and nothing else.
-const OUTPUTS: [&str; 5] = ["manifest.json", "eeg", "edges16", "images", "structure"];
 /// Generation threads per core (see `generate` for why more than one).
 const IO_WORKERS_PER_CORE: usize = 4;
 /// The most figures, and trials (figures x repetitions), a split may have. THINGS-EEG2's training set has
@@ -301,17 +299,7 @@ fn prepare_output(out: &Path, force: bool) -> Result<()> {
         if non_empty && !force {
             bail!("{p}: is not empty; pass --force to replace the synthetic dataset in it");
         }
-        for name in OUTPUTS {
-            let path = out.join(name);
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else if path.exists() {
-                std::fs::remove_file(&path)
-            } else {
-                Ok(())
-            };
-            removed.with_context(|| format!("{}: cannot remove", path.display()))?;
-        }
+        crate::data::dataset::remove_dataset_outputs(out)?;
     }
     for sub in ["eeg", "edges16"] {
         let dir = out.join(sub);
