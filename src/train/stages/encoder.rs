@@ -16,7 +16,7 @@ use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, Structura
 use crate::nn::{Grads, ParamStore};
 use crate::ops::elementwise::add;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
-use crate::ops::loss::{mse_loss, mse_loss_backward};
+use crate::ops::loss::mse_loss_backward;
 use crate::runtime::Device;
 use crate::train::config_id;
 use crate::weights::SafetensorsFile;
@@ -204,7 +204,6 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         }
     }
     let mut nce = InfoNceActivations::zeros(&on.device, b, latent, on.dtype)?;
-    let (mut loss_value, mut partials) = loss_buffers(&on.zeros(&[1])?)?;
 
     let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
@@ -219,8 +218,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
         let mut losses = vec![("total", loss)];
         if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
             let edges = on.tensor(&[b, targets.dim], &gather(&targets.train, targets.dim, &figures))?;
-            mse_loss(&head.structure, &edges, &mut loss_value, &mut partials)?;
-            let normalized = loss_value.to_f32_vec()?[0] as f64 / targets.variance;
+            let normalized = mse(&head.structure, &edges)? / targets.variance;
             let weight = cfg.structure_weight / targets.variance;
             let mut dstructure = on.zeros(head.structure.shape())?;
             mse_loss_backward(&head.structure, &edges, weight as f32 * dloss, &mut dstructure)?;
@@ -248,9 +246,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
             let mut loss = chunk.loss()? as f64;
             if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
                 let edges = on.tensor(&[idx.len(), targets.dim], &gather(&targets.val, targets.dim, &idx))?;
-                let (mut value, mut partials) = loss_buffers(&edges)?;
-                mse_loss(&head.structure, &edges, &mut value, &mut partials)?;
-                loss += cfg.structure_weight * value.to_f32_vec()?[0] as f64 / targets.variance;
+                loss += cfg.structure_weight * mse(&head.structure, &edges)? / targets.variance;
             }
             sum += loss * idx.len() as f64;
         }
