@@ -21,7 +21,8 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgdm::memory::{Arena, MemoryPlan, Region};
+use sgdm::memory::arena::aligned;
+use sgdm::memory::pool::Pool;
 use sgdm::ops::attention::{attention_backward, attention_forward, AttentionDims, AttentionSpec, Qkv, QkvGrads};
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::ops::softmax::{softmax_backward, softmax_forward};
@@ -47,20 +48,16 @@ struct Buffers {
     dv: Tensor,
 }
 
-fn buffers(device: &Device, dtype: DType, q_len: usize, kv_len: usize) -> (Arena, Buffers) {
+fn buffers(device: &Device, dtype: DType, q_len: usize, kv_len: usize) -> (Pool, Buffers) {
     let (qs, ks, ss) = ([BATCH, q_len, HEADS * HEAD_DIM], [BATCH, kv_len, HEADS * HEAD_DIM], [BATCH, HEADS, q_len]);
     let layout =
         [(qs, dtype), (ks, dtype), (ks, dtype), (qs, dtype), (ss, DType::F32), (qs, dtype), (ss, DType::F32), (qs, dtype), (ks, dtype), (ks, dtype)];
-    let mut plan = MemoryPlan::new();
-    for (shape, dtype) in layout {
-        plan.reserve(Region::Activations, &shape, dtype);
-    }
-    let mut arena = Arena::new(device, &plan).unwrap();
+    let pool = Pool::new(device, layout.iter().map(|(shape, dtype)| aligned(shape.iter().product::<usize>() * dtype.size())).sum()).unwrap();
     let mut t: Vec<Tensor> = layout
         .iter()
         .enumerate()
         .map(|(i, (shape, dtype))| {
-            let mut t = arena.alloc(Region::Activations, shape, *dtype).unwrap();
+            let mut t = pool.alloc(shape, *dtype).unwrap();
             let n: usize = shape.iter().product();
             // Deterministic values in [-1, 1): realistic score spreads, no denormals.
             t.write_f32(&(0..n).map(|j| ((j * 7919 + i * 104_729) % 2000) as f32 / 1000.0 - 1.0).collect::<Vec<_>>()).unwrap();
@@ -69,7 +66,7 @@ fn buffers(device: &Device, dtype: DType, q_len: usize, kv_len: usize) -> (Arena
         .collect();
     let mut next = || t.remove(0);
     let b = Buffers { q: next(), k: next(), v: next(), out: next(), lse: next(), dout: next(), delta: next(), dq: next(), dk: next(), dv: next() };
-    (arena, b)
+    (pool, b)
 }
 
 /// The unfused composition's tensors, heads split out: q, o, do, dq [B*H, Lq, d]; k, v, dk, dv [B*H, Lk, d];
@@ -133,7 +130,7 @@ fn bench(c: &mut Criterion) {
     for (name, device, dtype) in common::devices("attention", &[DType::BF16]) {
         let self_tokens = if device.is_cuda() { TOKENS } else { CPU_TOKENS };
         for (kind, q_len, kv_len) in [("self", self_tokens, self_tokens), ("cross", TOKENS, TEXT_TOKENS)] {
-            let (_arena, mut b) = buffers(&device, dtype, q_len, kv_len);
+            let (_pool, mut b) = buffers(&device, dtype, q_len, kv_len);
             let qkv = Qkv { q: &b.q, k: &b.k, v: &b.v };
             let flops = AttentionDims::of("bench", spec, qkv).unwrap().forward_flops();
             let shape = format!("{kind} b{BATCH} {q_len}x{kv_len} h{HEADS} d{HEAD_DIM}");

@@ -17,7 +17,8 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgdm::memory::{Arena, MemoryPlan, Region};
+use sgdm::memory::arena::aligned;
+use sgdm::memory::pool::Pool;
 use sgdm::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col, Conv2dSpec};
 use sgdm::ops::linear::{matmul, MatmulSpec};
 use sgdm::{DType, Tensor};
@@ -31,13 +32,10 @@ fn bench(c: &mut Criterion) {
     for (name, device, dtype) in common::devices("conv", &[DType::BF16, DType::F32]) {
         let image = [BATCH, CHANNELS, SIDE, SIDE];
         let weight = [CHANNELS, CHANNELS, 3, 3];
-        let mut plan = MemoryPlan::new();
-        for shape in [&image[..], &image, &image, &image, &weight, &weight, &[CHANNELS]] {
-            plan.reserve(Region::Activations, shape, dtype);
-        }
-        let mut arena = Arena::new(&device, &plan).unwrap();
-        let mut alloc = |shape: &[usize], fill: f32| {
-            let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
+        let shapes = [&image[..], &image, &image, &image, &weight, &weight, &[CHANNELS]];
+        let pool = Pool::new(&device, shapes.iter().map(|s| aligned(s.iter().product::<usize>() * dtype.size())).sum()).unwrap();
+        let alloc = |shape: &[usize], fill: f32| {
+            let mut t = pool.alloc(shape, dtype).unwrap();
             let n: usize = shape.iter().product();
             t.write_f32(&(0..n).map(|i| fill * ((i % 17) as f32 - 8.0) / 8.0).collect::<Vec<_>>()).unwrap();
             t

@@ -7,6 +7,8 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sgdm::memory::arena::aligned;
+use sgdm::memory::pool::Pool;
 use sgdm::memory::{Arena, MemoryPlan, Region};
 use sgdm::ops::elementwise::{add, geglu_forward, silu_forward};
 use sgdm::ops::optim::{adamw_step, AdamW};
@@ -21,14 +23,10 @@ const ADAMW_PARAMS: usize = 10_000_000;
 
 fn bench(c: &mut Criterion) {
     for (name, device, dtype) in common::devices("elementwise", &[DType::F32, DType::BF16]) {
-        let mut plan = MemoryPlan::new();
-        for _ in 0..3 {
-            plan.reserve(Region::Activations, &[N], dtype);
-        }
-        let mut arena = Arena::new(&device, &plan).unwrap();
-        let x = arena.alloc(Region::Activations, &[N], dtype).unwrap();
-        let b = arena.alloc(Region::Activations, &[N], dtype).unwrap();
-        let mut y = arena.alloc(Region::Activations, &[N], dtype).unwrap();
+        let pool = Pool::new(&device, 3 * aligned(N * dtype.size())).unwrap();
+        let x = pool.alloc(&[N], dtype).unwrap();
+        let b = pool.alloc(&[N], dtype).unwrap();
+        let mut y = pool.alloc(&[N], dtype).unwrap();
 
         let mut g = c.benchmark_group(format!("silu_forward/{N}"));
         g.throughput(Throughput::Bytes((2 * N * dtype.size()) as u64));
@@ -49,7 +47,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         g.finish();
-        drop((x, b, y, arena));
+        drop((x, b, y, pool));
 
         bench_geglu(c, &name, &device, dtype);
         bench_adamw(c, &name, &device, dtype);
@@ -58,11 +56,9 @@ fn bench(c: &mut Criterion) {
 
 fn bench_geglu(c: &mut Criterion, name: &str, device: &Device, dtype: DType) {
     let (x_shape, y_shape) = ([GEGLU_ROWS, 2 * GEGLU_HALF], [GEGLU_ROWS, GEGLU_HALF]);
-    let mut plan = MemoryPlan::new();
-    plan.reserve(Region::Activations, &x_shape, dtype).reserve(Region::Activations, &y_shape, dtype);
-    let mut arena = Arena::new(device, &plan).unwrap();
-    let x = arena.alloc(Region::Activations, &x_shape, dtype).unwrap();
-    let mut y = arena.alloc(Region::Activations, &y_shape, dtype).unwrap();
+    let pool = Pool::new(device, aligned(GEGLU_ROWS * 3 * GEGLU_HALF * dtype.size()) + 256).unwrap();
+    let x = pool.alloc(&x_shape, dtype).unwrap();
+    let mut y = pool.alloc(&y_shape, dtype).unwrap();
     let mut g = c.benchmark_group(format!("geglu_forward/{GEGLU_ROWS}x{}", 2 * GEGLU_HALF));
     g.throughput(Throughput::Bytes((3 * GEGLU_ROWS * GEGLU_HALF * dtype.size()) as u64));
     g.bench_function(name, |bench| {

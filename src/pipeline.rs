@@ -32,7 +32,8 @@ use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::weights::SafetensorsFile;
 use crate::weights_folder::{
-    base_components, built, load_autoencoder_kl, load_controlnet, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG, WEIGHT_FILES,
+    base_components, load_autoencoder_kl, load_controlnet, load_eeg_encoder, load_structural_vae, load_unet, read_json, ENCODER_CONFIG, VAE_CONFIG,
+    WEIGHT_FILES,
 };
 
 /// The largest latent side a pipeline accepts: 8192-pixel images through SD's 8x VAE.
@@ -131,11 +132,11 @@ impl Pipeline {
         }
         let (vae_dir, unet_dir) = base_components(dir)?;
         let path = dir.join(ENCODER_CONFIG);
-        let encoder = EegEncoder::new(EegEncoderConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
-        let encoder_params = ParamStore::load_owned(&encoder.params, &SafetensorsFile::open(dir.join("encoder.safetensors"))?, device, dtype, &[])?;
+        let config = EegEncoderConfig::from_json(&path, &read_json(&path)?)?;
+        let (encoder, encoder_params) = load_eeg_encoder(&config, &path.display().to_string(), &dir.join("encoder.safetensors"), device, dtype)?;
         let path = dir.join(VAE_CONFIG);
-        let svae = StructuralVae::new(StructuralVaeConfig::from_json(&path, &read_json(&path)?)?).with_context(|| built(&path))?;
-        let svae_params = ParamStore::load_owned(&svae.params, &SafetensorsFile::open(dir.join("vae.safetensors"))?, device, dtype, &[])?;
+        let config = StructuralVaeConfig::from_json(&path, &read_json(&path)?)?;
+        let (svae, svae_params) = load_structural_vae(&config, &path.display().to_string(), &dir.join("vae.safetensors"), device, dtype)?;
         let latent_dim = encoder.config.latent_dim;
         ensure!(
             latent_dim == svae.config.latent_dim,
@@ -410,7 +411,7 @@ impl Pipeline {
         let denoise_seconds = denoise_start.elapsed().as_secs_f64();
 
         // The decode reuses the step's pool (sized for it), or ordinary allocations if it does not fit.
-        let decoded = match self.vae.decode(&self.vae_params, &z, &mut Pooled(step.pool.clone())) {
+        let decoded = match self.vae.decode(&self.vae_params, &z, &mut Pooled::inference(step.pool.clone())) {
             Ok((decoded, _)) => decoded,
             Err(e) if crate::memory::pool::is_exhausted(&e) => self.vae.decode(&self.vae_params, &z, &mut Inference(self.device.clone()))?.0,
             Err(e) => return Err(e),
@@ -486,7 +487,7 @@ impl Step {
         // (plus the noise prediction, which stays allocated there); the decode falls back to ordinary
         // allocations if the pool still turns out too small.
         let planner = Pool::planner(&p.device);
-        drop(p.vae.decode(&p.vae_params, &zeros(&[items, lc, h, h], p.dtype)?, &mut Pooled(planner.clone()))?);
+        drop(p.vae.decode(&p.vae_params, &zeros(&[items, lc, h, h], p.dtype)?, &mut Pooled::inference(planner.clone()))?);
         let reserve = planner.usage().top + x.size_bytes().div_ceil(256) * 256;
         Step::with_inputs(&p.denoiser(), [x, t, context, cond], controlnet_scale, graph, reserve)
     }
@@ -498,7 +499,7 @@ impl Step {
         let device = x.device();
         // Sizing: one eager step on a planner places every range as the pool will, without holding its memory.
         let planner = Pool::planner(&device);
-        drop(model.predict(&x, &t, &context, &cond, controlnet_scale, &mut Pooled(planner.clone()))?);
+        drop(model.predict(&x, &t, &context, &cond, controlnet_scale, &mut Pooled::inference(planner.clone()))?);
         let pool = Pool::new(&device, planner.usage().top.max(min_capacity))?;
         let mut step = Step { x, t, context, cond, eps: None, controlnet_scale, pool, graph: None };
         if let (Device::Cuda(d), true) = (&device, graph) {
@@ -512,7 +513,7 @@ impl Step {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let stream = d.stream();
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).context("beginning the step's graph capture")?;
-        let eps = model.predict(&self.x, &self.t, &self.context, &self.cond, self.controlnet_scale, &mut Pooled(self.pool.clone()));
+        let eps = model.predict(&self.x, &self.t, &self.context, &self.cond, self.controlnet_scale, &mut Pooled::inference(self.pool.clone()));
         // The capture ends whatever happened, so the stream is usable again for the error's report.
         let graph = stream.end_capture(CUgraphInstantiate_flags(0)).context("ending the step's graph capture")?;
         self.eps = Some(eps.context("capturing the denoising step as a CUDA graph (SGDM_CUDA_GRAPHS=0 runs it without)")?);
@@ -528,7 +529,14 @@ impl Step {
             Some(graph) => graph.launch().context("replaying the denoising step's graph"),
             None => {
                 self.eps = None; // its range goes back to the pool first
-                self.eps = Some(model.predict(&self.x, &self.t, &self.context, &self.cond, self.controlnet_scale, &mut Pooled(self.pool.clone()))?);
+                self.eps = Some(model.predict(
+                    &self.x,
+                    &self.t,
+                    &self.context,
+                    &self.cond,
+                    self.controlnet_scale,
+                    &mut Pooled::inference(self.pool.clone()),
+                )?);
                 Ok(())
             }
         }

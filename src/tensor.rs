@@ -1,8 +1,9 @@
-//! Tensors: a shape and a dtype over a byte range of device storage (a standalone allocation or a slice
-//! carved from an arena region). No autograd, no strides: tensors are dense and row-major.
+//! Tensors: a shape and a dtype over a byte range of device storage (a standalone allocation, a slice
+//! carved from the parameter arena, or a range leased from a per-step pool). No autograd, no strides:
+//! tensors are dense and row-major.
 //!
-//! A tensor carved from an arena region remembers the region's generation; after `Arena::reset` every
-//! access to it is an error rather than a silent read of memory that now belongs to someone else.
+//! A [`Tensor::discard`]ed tensor gives its memory back at once; every later access to it is an error
+//! rather than a silent read of memory that now belongs to someone else.
 
 use std::alloc::Layout;
 use std::fmt;
@@ -101,7 +102,6 @@ fn counters(cuda: bool) -> (&'static AtomicU64, &'static AtomicU64) {
 pub struct Storage {
     buffer: Buffer,
     bytes: usize,
-    generation: AtomicU64,
 }
 
 impl Storage {
@@ -119,7 +119,7 @@ impl Storage {
         let (live, peak) = counters(device.is_cuda());
         let now = live.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
         peak.fetch_max(now, Ordering::Relaxed);
-        Ok(Arc::new(Storage { buffer, bytes, generation: AtomicU64::new(0) }))
+        Ok(Arc::new(Storage { buffer, bytes }))
     }
 
     pub fn bytes(&self) -> usize {
@@ -131,15 +131,6 @@ impl Storage {
             Buffer::Host(_) => Device::Cpu,
             Buffer::Cuda { device, .. } => Device::Cuda(device.clone()),
         }
-    }
-
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Invalidates every tensor carved so far.
-    pub(crate) fn bump_generation(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -156,9 +147,6 @@ impl fmt::Debug for Storage {
     }
 }
 
-/// The generation of a [`Tensor::discard`]ed tensor (an arena never reaches it).
-const DISCARDED: u64 = u64::MAX;
-
 /// A dense, row-major tensor. Not `Clone`: two tensors never alias the same bytes, so `&mut Tensor` is the
 /// exclusive right to write them.
 pub struct Tensor {
@@ -166,7 +154,8 @@ pub struct Tensor {
     offset: usize,
     shape: Vec<usize>,
     dtype: DType,
-    generation: u64,
+    /// Set by [`Tensor::discard`]: the memory is gone and every access is an error.
+    discarded: bool,
     /// For a tensor taken from a [`crate::memory::Pool`]: its range of the pool, given back when the tensor
     /// drops. Held as an opaque value so that tensors need not know the pool (which sits above them).
     _lease: Option<Box<dyn Send + Sync>>,
@@ -193,12 +182,11 @@ impl Tensor {
     /// A view of `shape` x `dtype` at byte `offset` of `storage`. The caller guarantees that no other live
     /// tensor overlaps it.
     pub(crate) fn carve(storage: Arc<Storage>, offset: usize, shape: &[usize], dtype: DType) -> Tensor {
-        let generation = storage.generation();
         debug_assert!(offset + shape.iter().product::<usize>() * dtype.size() <= storage.bytes);
-        Tensor { storage, offset, shape: shape.to_vec(), dtype, generation, _lease: None }
+        Tensor { storage, offset, shape: shape.to_vec(), dtype, discarded: false, _lease: None }
     }
 
-    /// A standalone zero tensor (its own allocation). Use an arena inside step loops.
+    /// A standalone zero tensor (its own allocation). Step loops lease from a [`crate::memory::Pool`] instead.
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = shape.iter().product::<usize>() * dtype.size();
         Ok(Tensor::carve(Storage::zeroed(device, bytes)?, 0, shape, dtype))
@@ -243,7 +231,7 @@ impl Tensor {
         Ok(self)
     }
 
-    /// Frees this tensor's memory (when it owns its allocation; an arena's stays with the arena) and makes
+    /// Frees this tensor's memory (its own allocation, or its pool range; an arena's stays with the arena) and makes
     /// every later use an error that says so: what an inference forward does with the activations only a
     /// backward would read.
     pub fn discard(&mut self) {
@@ -251,16 +239,13 @@ impl Tensor {
         let empty = EMPTY.get_or_init(|| Storage::zeroed(&Device::Cpu, 0).expect("a zero-byte host allocation"));
         self.storage = empty.clone();
         self.offset = 0;
-        self.generation = DISCARDED;
+        self.discarded = true;
         self._lease = None;
     }
 
     fn check_live(&self) -> Result<()> {
-        if self.generation == DISCARDED {
+        if self.discarded {
             bail!("tensor {:?} was discarded: an inference forward keeps no activations for a backward", self.shape);
-        }
-        if self.storage.generation() != self.generation {
-            bail!("tensor {:?} was carved from an arena region that has been reset since", self.shape);
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The weights folder: what `sgdm train all` writes and the reconstruction pipeline reads (the shipped default
-//! in `weights/` is one), and the loading of its diffusers components, which the pipeline, stage
-//! `controlnet` (trained against a folder's AutoencoderKL and UNet) and the `[base] pretrained` check share.
+//! in `weights/` is one), and the loading of its models, which the pipeline, stage `controlnet` (trained
+//! against a folder's AutoencoderKL and UNet and the earlier stages' StructuralVAE and EEG encoder) and the
+//! `[base] pretrained` check share.
 //!
 //! | file | what |
 //! | --- | --- |
@@ -16,11 +17,12 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
+use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNet, UNetConfig};
 use crate::nn::ParamStore;
 use crate::runtime::Device;
 use crate::tensor::DType;
-use crate::weights::Component;
+use crate::weights::{Component, SafetensorsFile};
 
 /// The StructuralVAE's configuration, written by stage `vae` beside `vae.safetensors`.
 pub const VAE_CONFIG: &str = "vae_config.json";
@@ -90,4 +92,26 @@ pub fn load_controlnet(dir: &Path, device: &Device, dtype: DType) -> Result<(Con
     let controlnet = ControlNet::new(UNetConfig::from_json(&config_path, &component.config)?).with_context(|| built(&config_path))?;
     let params = ParamStore::load_owned(&controlnet.params, &component.weights, device, dtype, &[])?;
     Ok((controlnet, params))
+}
+
+/// The StructuralVAE (stage `vae`'s model) of `config`, with its parameters from `weights` on `device` as
+/// `dtype`. `source` names where the configuration came from (a file, a TOML table) for errors.
+pub fn load_structural_vae(
+    config: &StructuralVaeConfig,
+    source: &str,
+    weights: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(StructuralVae, ParamStore)> {
+    let model = StructuralVae::new(config.clone()).with_context(|| format!("{source}: the StructuralVAE it describes cannot be built"))?;
+    let params = ParamStore::load_owned(&model.params, &SafetensorsFile::open(weights)?, device, dtype, &[])?;
+    Ok((model, params))
+}
+
+/// The EEG encoder (stage `encoder`'s model) of `config`, with its parameters from `weights`; as
+/// [`load_structural_vae`].
+pub fn load_eeg_encoder(config: &EegEncoderConfig, source: &str, weights: &Path, device: &Device, dtype: DType) -> Result<(EegEncoder, ParamStore)> {
+    let model = EegEncoder::new(config.clone()).with_context(|| format!("{source}: the EEG encoder it describes cannot be built"))?;
+    let params = ParamStore::load_owned(&model.params, &SafetensorsFile::open(weights)?, device, dtype, &[])?;
+    Ok((model, params))
 }

@@ -1,5 +1,5 @@
-//! Arena planning, alignment, capacity, reset and peak reporting, on the CPU (the API is the same on CUDA;
-//! tests/cuda_parity.rs carves CUDA tensors from an arena when a GPU is present).
+//! The parameter arena: planning, alignment, capacity and reporting, on the CPU (the API is the same on
+//! CUDA), and the gradients and optimizer state a training loop carves from it.
 
 use sgdm::memory::arena::{aligned, human_bytes};
 use sgdm::tensor::ALIGN;
@@ -15,22 +15,11 @@ fn plan_rounds_every_tensor_up_to_256_bytes() {
     let mut plan = MemoryPlan::new();
     plan.reserve(Region::Params, &[3], DType::F32) // 12 bytes -> 256
         .reserve(Region::Params, &[100], DType::BF16) // 200 bytes -> 256
-        .reserve(Region::Activations, &[65], DType::F32); // 260 bytes -> 512
+        .reserve(Region::Optimizer, &[65], DType::F32); // 260 bytes -> 512
     assert_eq!(plan.bytes(Region::Params), 512);
-    assert_eq!(plan.bytes(Region::Activations), 512);
+    assert_eq!(plan.bytes(Region::Optimizer), 512);
     assert_eq!(plan.bytes(Region::Grads), 0);
     assert_eq!(plan.total_bytes(), 1024);
-}
-
-#[test]
-fn plan_max_sizes_regions_for_the_larger_alternative() {
-    let mut a = MemoryPlan::new();
-    a.reserve_bytes(Region::Scratch, 1000).reserve_bytes(Region::Params, 10);
-    let mut b = MemoryPlan::new();
-    b.reserve_bytes(Region::Scratch, 300).reserve_bytes(Region::Params, 600);
-    let m = a.max(&b);
-    assert_eq!(m.bytes(Region::Scratch), 1024);
-    assert_eq!(m.bytes(Region::Params), 768);
 }
 
 fn plan_for(shapes: &[(Region, &[usize], DType)]) -> MemoryPlan {
@@ -69,54 +58,45 @@ fn carved_tensors_are_aligned_disjoint_and_zeroed() {
 
 #[test]
 fn carving_beyond_the_plan_is_an_error_not_a_reallocation() {
-    let mut arena = Arena::new(&Device::Cpu, &plan_for(&[(Region::Scratch, &[64], DType::F32)])).unwrap();
-    let _a = arena.alloc(Region::Scratch, &[64], DType::F32).unwrap();
-    let err = arena.alloc(Region::Scratch, &[1], DType::F32).unwrap_err().to_string();
-    assert!(err.contains("'scratch'") && err.contains("planned 256 bytes"), "{err}");
+    let mut arena = Arena::new(&Device::Cpu, &plan_for(&[(Region::Grads, &[64], DType::F32)])).unwrap();
+    let _a = arena.alloc(Region::Grads, &[64], DType::F32).unwrap();
+    let err = arena.alloc(Region::Grads, &[1], DType::F32).unwrap_err().to_string();
+    assert!(err.contains("'grads'") && err.contains("planned 256 bytes"), "{err}");
     let err = arena.alloc(Region::Optimizer, &[1], DType::F32).unwrap_err().to_string();
     assert!(err.contains("'optimizer'"), "{err}");
 }
 
 #[test]
-fn reset_reuses_memory_and_invalidates_old_tensors() {
-    let mut arena = Arena::new(&Device::Cpu, &plan_for(&[(Region::Activations, &[10], DType::F32)])).unwrap();
-    let mut first = arena.alloc(Region::Activations, &[10], DType::F32).unwrap();
-    first.write_f32(&[3.0; 10]).unwrap();
-    arena.reset_step();
-    let second = arena.alloc(Region::Activations, &[10], DType::F32).unwrap();
-    assert_eq!(second.offset(), first.offset(), "reset hands the same bytes out again");
-    assert_eq!(second.to_f32_vec().unwrap(), vec![3.0; 10], "memory is not cleared on reset");
-    let mut second = second;
-    second.fill_zero().unwrap();
-    assert_eq!(second.to_f32_vec().unwrap(), vec![0.0; 10], "fill_zero clears exactly the tensor");
-    let err = first.to_f32_vec().unwrap_err().to_string();
-    assert!(err.contains("has been reset"), "{err}");
-    assert!(first.write_f32(&[0.0; 10]).is_err());
-}
-
-#[test]
-fn peak_is_reported_per_region_across_resets() {
-    let plan =
-        plan_for(&[(Region::Params, &[100], DType::F32), (Region::Activations, &[100], DType::F32), (Region::Activations, &[100], DType::F32)]);
-    let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
-    let _p = arena.alloc(Region::Params, &[100], DType::F32).unwrap();
-    for step in 0..3 {
-        let _a = arena.alloc(Region::Activations, &[100], DType::F32).unwrap();
-        if step == 1 {
-            let _b = arena.alloc(Region::Activations, &[100], DType::F32).unwrap();
+fn a_training_loops_gradients_and_optimizer_state_fill_exactly_the_plan() {
+    use sgdm::nn::{Grads, ParamStore, ParamTree};
+    use sgdm::train::{Optimizer, OptimizerConfig};
+    let mut tree = ParamTree::new();
+    tree.add("a.weight".into(), &[7, 3]);
+    tree.add("a.bias".into(), &[7]);
+    tree.add("b.weight".into(), &[65, 2]);
+    for dtype in [DType::F32, DType::BF16] {
+        let params = ParamStore::random_owned(&tree, &Device::Cpu, dtype, 1).unwrap();
+        let mut plan = MemoryPlan::new();
+        Grads::plan(&tree, &mut plan, dtype);
+        Optimizer::plan(&tree, dtype, &mut plan);
+        let mut arena = Arena::new(&Device::Cpu, &plan).unwrap();
+        let grads = Grads::zeros(&tree, &mut arena.region(Region::Grads), dtype).unwrap();
+        let config = OptimizerConfig { adamw: Default::default(), max_grad_norm: None, micro_batches: 1 };
+        let opt = Optimizer::new(&tree, &params, &mut arena.region(Region::Optimizer), config).unwrap();
+        let report = arena.report();
+        for r in &report.regions {
+            assert_eq!(r.used, r.capacity, "{dtype}: region {} is not exactly what the loop carves", r.region.name());
         }
-        arena.reset_step();
-    }
-    let act = arena.usage(Region::Activations);
-    assert_eq!((act.capacity, act.used, act.peak), (1024, 0, 1024));
-    let params = arena.usage(Region::Params);
-    assert_eq!((params.capacity, params.used, params.peak), (512, 512, 512));
-    let report = arena.report();
-    assert_eq!(report.total_capacity(), 1536);
-    assert_eq!(report.total_peak(), 1536);
-    let text = report.to_string();
-    for name in ["params", "grads", "optimizer", "activations", "scratch", "total", "1.0 KiB"] {
-        assert!(text.contains(name), "report lacks {name}:\n{text}");
+        // f32 moments (two per parameter) and, for bf16 parameters, f32 master weights; the norm and its partials.
+        let copies = if dtype == DType::BF16 { 3 } else { 2 };
+        assert_eq!(report.regions[2].tensors, copies * tree.len() + 2);
+        assert_eq!(report.regions[1].tensors, tree.len());
+        assert!(grads.get(tree.id("b.weight").unwrap()).to_f32_vec().unwrap().iter().all(|v| *v == 0.0));
+        assert_eq!(opt.state().1.len(), tree.len());
+        let text = report.to_string();
+        for name in ["params", "grads", "optimizer", "total"] {
+            assert!(text.contains(name), "report lacks {name}:\n{text}");
+        }
     }
 }
 

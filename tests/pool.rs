@@ -61,7 +61,7 @@ fn a_unet_forward_in_a_poisoned_pool_matches_and_repeats_its_addresses() {
 
     // Size a pool with a planner, poison it, then run twice: same output, same address sequence.
     let planner = Pool::planner(&Device::Cpu);
-    drop(unet.forward(&p, &sample, &cond, &mut Pooled(planner.clone())).unwrap());
+    drop(unet.forward(&p, &sample, &cond, &mut Pooled::inference(planner.clone())).unwrap());
     let top = planner.usage().top;
     let pool = Pool::new(&Device::Cpu, top).unwrap();
     let mut poison = pool.alloc(&[top / 4], DType::F32).unwrap();
@@ -69,7 +69,7 @@ fn a_unet_forward_in_a_poisoned_pool_matches_and_repeats_its_addresses() {
     drop(poison);
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let mut alloc = Recording(Pooled(pool.clone()), Vec::new());
+        let mut alloc = Recording(Pooled::inference(pool.clone()), Vec::new());
         let out = unet.forward(&p, &sample, &cond, &mut alloc).unwrap().output.to_f32_vec().unwrap();
         assert_eq!(out, want, "pooled forward differs from the inference forward");
         runs.push(alloc.1);
@@ -119,4 +119,40 @@ fn a_captured_step_replays_what_the_eager_step_computes() {
         results.push(outs.remove(0));
     }
     assert_eq!(results[0], results[1], "the graph replay differs from the eager step");
+}
+
+/// A training loop's step pool: the first step runs on a planner, the second gets a pool of exactly the
+/// capacity the first needed and places every tensor where the second step before it did, each later step
+/// repeats those addresses; a larger step overflows into standalone tensors, counted, instead of failing.
+#[test]
+fn a_step_pool_is_sized_by_the_first_step_and_repeats_its_addresses() {
+    use sgdm::memory::pool::StepPool;
+    let mut steps = StepPool::new(&Device::Cpu);
+    let step = |steps: &StepPool, extra: bool| -> Vec<usize> {
+        let mut alloc = steps.training();
+        assert!(alloc.keeps_activations(), "training keeps activations for the backward");
+        let a = alloc.alloc(&[100], DType::F32).unwrap();
+        let b = alloc.alloc(&[1000], DType::F32).unwrap();
+        drop(a);
+        let c = alloc.alloc(&[50], DType::F32).unwrap();
+        let d = if extra { Some(alloc.alloc(&[5000], DType::F32).unwrap()) } else { None };
+        vec![b.offset(), c.offset(), d.map_or(0, |d| d.size_bytes())]
+    };
+    step(&steps, false);
+    steps.end_step().unwrap();
+    let sized = steps.usage();
+    assert_eq!(sized.capacity, 512 + 4096, "the pool holds the first step's highest range end");
+    let second = step(&steps, false);
+    steps.end_step().unwrap();
+    assert_eq!(second, step(&steps, false), "a repeated step moved its tensors");
+    steps.end_step().unwrap();
+    assert_eq!(steps.overflowed(), 0);
+    assert_eq!(step(&steps, true)[2], 20_000, "the larger step got its tensor");
+    assert_eq!(steps.overflowed(), 1, "the tensor the pool could not place is counted");
+    steps.end_step().unwrap();
+    assert_eq!(steps.usage().capacity, sized.capacity, "the pool is sized once");
+    // A step that ends with a tensor still leased is refused.
+    let alloc = &mut steps.training();
+    let _kept = alloc.alloc(&[10], DType::F32).unwrap();
+    assert!(steps.end_step().unwrap_err().to_string().contains("still in use"));
 }

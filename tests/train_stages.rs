@@ -378,6 +378,26 @@ fn base_stage_vae_and_unet_losses_fall_and_it_writes_diffusers_components() {
     ParamStore::from_source(&unet_model.params, &unet.parameters, &sgdm::Device::Cpu, sgdm::DType::F32, &[]).unwrap();
 }
 
+/// Stage controlnet against the output folders of stages base, vae and encoder (in that order).
+fn controlnet_config([base, vae, encoder]: [&Path; 3], encoder_model: &EegEncoderConfig, train: LoopConfig) -> ControlNetStageConfig {
+    ControlNetStageConfig {
+        data: dataset().to_path_buf(),
+        vae: base.join("vae"),
+        unet: base.join("unet"),
+        structural_vae_weights: vae.join("vae.safetensors"),
+        structural_vae: vae_model(),
+        encoder_weights: encoder.join("encoder.safetensors"),
+        encoder: encoder_model.clone(),
+        eeg_standardization: encoder.join("eeg_standardization.json"),
+        image_size: 32,
+        tokens: 2,
+        condition_dropout: 0.2,
+        conditioning_embedding_out_channels: vec![8, 16],
+        train,
+        trial_average: 1,
+    }
+}
+
 #[test]
 fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     let (base, vae, encoder, out) =
@@ -386,22 +406,7 @@ fn controlnet_stage_epsilon_loss_falls_through_the_frozen_unet() {
     train_vae(&vae_config(dataset(), 20), vae.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let enc = encoder_config(dataset(), &vae.path().join("vae.safetensors"), 10);
     train_encoder(&enc, encoder.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
-    let cfg = ControlNetStageConfig {
-        data: dataset().to_path_buf(),
-        vae: base.path().join("vae"),
-        unet: base.path().join("unet"),
-        structural_vae_weights: vae.path().join("vae.safetensors"),
-        structural_vae: vae_model(),
-        encoder_weights: encoder.path().join("encoder.safetensors"),
-        encoder: enc.model.clone(),
-        eeg_standardization: encoder.path().join("eeg_standardization.json"),
-        image_size: 32,
-        tokens: 2,
-        condition_dropout: 0.2,
-        conditioning_embedding_out_channels: vec![8, 16],
-        train: loop_config(30, 8, 2e-3),
-        trial_average: 1,
-    };
+    let cfg = controlnet_config([base.path(), vae.path(), encoder.path()], &enc.model, loop_config(30, 8, 2e-3));
     let report = train_controlnet(&cfg, out.path(), None, &KEEP_GOING, &Device::Cpu).unwrap();
     let (first, last) = first_last("controlnet", &report, 5);
     assert!(last < 0.9 * first, "the ControlNet's epsilon loss fell from {first} to only {last}");
@@ -526,4 +531,60 @@ fn micro_batches_accumulate_into_one_optimizer_step() {
     cfg.train.micro_batches = 0;
     let err = format!("{:#}", train_vae(&cfg, tempfile::tempdir().unwrap().path(), None, &KEEP_GOING, &Device::Cpu).unwrap_err());
     assert!(err.contains("micro_batches"), "{err}");
+}
+
+/// A run's losses and final parameters, to compare runs bit for bit.
+fn run_record(report: &StageReport, weights: &Path) -> (Vec<f64>, Vec<(u64, f64)>, Vec<u8>) {
+    (report.train_losses.clone(), report.val_losses.clone(), std::fs::read(weights).unwrap())
+}
+
+/// Every stage trained with its steps' tensors in the per-step pool, poisoned with NaN before every step,
+/// equals the same run with a fresh zeroed allocation per tensor, bit for bit: no forward or backward of any
+/// stage reads memory it did not write, and the pool changes where tensors live, nothing else. Every step
+/// after the first fits the pool the first one sized (nothing overflows), at no more than that size.
+#[test]
+fn every_stage_trains_bit_identically_in_a_poisoned_step_pool() {
+    use sgdm::train::stages::{On, StepMemory};
+    let on = |memory| On::with_step_memory(&Device::Cpu, memory);
+    let check_memory = |what: &str, r: &StageReport| {
+        let m = &r.memory;
+        assert_eq!(m.overflowed, 0, "{what}: {} tensors did not fit the pool the first step sized", m.overflowed);
+        assert!(m.step_pool > 0 && m.step_peak <= m.step_pool, "{what}: pool {} bytes, peak {}", m.step_pool, m.step_peak);
+        assert!(m.arena.total_capacity() > 0 && m.arena.total_used() == m.arena.total_capacity(), "{what}: {}", m.arena);
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut runs = Vec::new();
+    for (i, memory) in [StepMemory::Standalone, StepMemory::PoisonedPool].into_iter().enumerate() {
+        let [vae, encoder, base, controlnet] = [0, 1, 2, 3].map(|k| dirs[4 * i + k].path());
+        let vae_report = train_vae(&vae_config(dataset(), 12), vae, None, &KEEP_GOING, on(memory)).unwrap();
+        let mut enc = encoder_config(dataset(), &vae.join("vae.safetensors"), 12);
+        // The structure head and linear path too: their forward and backward run in the step's pool.
+        enc.model.structure_dim = 256;
+        enc.model.linear_path = true;
+        enc.structure_weight = 0.5;
+        let encoder_report = train_encoder(&enc, encoder, None, &KEEP_GOING, on(memory)).unwrap();
+        let base_report = train_base(&base_config(dataset(), 6, 6), base, None, &KEEP_GOING, on(memory)).unwrap();
+        let cfg = controlnet_config([base, vae, encoder], &enc.model, loop_config(6, 4, 2e-3));
+        let controlnet_report = train_controlnet(&cfg, controlnet, None, &KEEP_GOING, on(memory)).unwrap();
+        let reports = [
+            ("vae", &vae_report, vae.join("vae.safetensors")),
+            ("encoder", &encoder_report, encoder.join("encoder.safetensors")),
+            ("base_vae", base_report.vae.as_ref().unwrap(), base.join("base_vae.safetensors")),
+            ("base_unet", &base_report.unet, base.join("base_unet.safetensors")),
+            ("controlnet", &controlnet_report, controlnet.join("controlnet.safetensors")),
+        ];
+        if memory == StepMemory::PoisonedPool {
+            for (what, r, _) in &reports {
+                check_memory(what, r);
+            }
+        } else {
+            assert!(reports.iter().all(|(_, r, _)| r.memory.step_pool == 0), "standalone runs use no pool");
+        }
+        runs.push(reports.map(|(what, r, weights)| (what, run_record(r, &weights))));
+    }
+    for (standalone, pooled) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!(standalone.1 .0, pooled.1 .0, "{}: the training losses differ in the pool", standalone.0);
+        assert_eq!(standalone.1 .1, pooled.1 .1, "{}: the validation losses differ in the pool", standalone.0);
+        assert!(standalone.1 .2 == pooled.1 .2, "{}: the final parameters differ in the pool", standalone.0);
+    }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
+use sgdm::memory::arena::human_bytes;
 use sgdm::runtime::select;
 use sgdm::train::config::{Stage as TableStage, TrainingConfig};
 use sgdm::train::stages::{check_pretrained_base, train_base, train_controlnet, train_encoder, train_vae, StageReport, Stopped};
@@ -215,4 +216,12 @@ fn print_report(name: &str, report: &StageReport) {
     }
     let (step, val) = report.selected;
     println!("  final parameters: step {step} (validation loss {val:.4})");
+    let m = &report.memory;
+    let overflow = if m.overflowed > 0 { format!(", {} tensors outside it", m.overflowed) } else { String::new() };
+    println!(
+        "  memory: gradients and optimizer state {}; per-step pool {} (peak {}){overflow}",
+        human_bytes(m.arena.total_capacity()),
+        human_bytes(m.step_pool),
+        human_bytes(m.step_peak)
+    );
 }

@@ -6,8 +6,9 @@ use anyhow::Result;
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 
-/// Where layers get the tensors they write (activations, gradients, scratch): a region of a planned arena
-/// inside a step loop, or standalone allocations for one-off runs such as `sgdm forward`.
+/// Where layers get the tensors they write (activations, gradients, scratch): the per-step pool inside a
+/// step loop (`memory::pool::Pooled`), a region of the parameter arena for long-lived state
+/// (`memory::arena::Carve`), or standalone allocations for one-off runs such as `sgdm forward`.
 pub trait Allocator {
     fn alloc(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor>;
 
@@ -49,21 +50,5 @@ pub fn standalone(device: &Device, differentiated: bool) -> Box<dyn Allocator> {
         Box::new(Standalone(device.clone()))
     } else {
         Box::new(Inference(device.clone()))
-    }
-}
-
-/// Tensors from a [`super::pool::Pool`], for forwards that will not be differentiated: ranges come
-/// back to the pool as activations are discarded, so the pool needs the step's peak working set only, and a
-/// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
-/// element they hand on.
-pub struct Pooled(pub super::pool::Pool);
-
-impl Allocator for Pooled {
-    fn alloc(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        self.0.alloc(shape, dtype)
-    }
-
-    fn keeps_activations(&self) -> bool {
-        false
     }
 }

@@ -1,7 +1,8 @@
-//! The memory arena: one allocation per region (parameters, gradients, optimizer state, activations,
-//! scratch), sized by a plan made before the first step and carved into tensors by a bump pointer.
-//! Nothing is allocated after `Arena::new`: a carve that does not fit the plan is an error, never a
-//! reallocation, so addresses stay stable (a denoising step can be captured as a CUDA graph).
+//! The parameter arena: long-lived state (parameters, gradients, optimizer state), one allocation per
+//! region, sized by a plan made before the first step and carved into tensors by a bump pointer. Nothing is
+//! allocated after `Arena::new` and nothing carved is ever freed before the arena: a carve that does not
+//! fit the plan is an error, never a reallocation, so addresses stay stable for the whole run. Everything
+//! that lives for one step comes from a [`super::pool::Pool`] instead.
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,19 +12,19 @@ use anyhow::{bail, Result};
 use crate::runtime::device::Device;
 use crate::tensor::{DType, Storage, Tensor, ALIGN};
 
-/// What a region holds. Parameters, gradients and optimizer state live for the whole run; activations and
-/// scratch are reset between steps.
+/// What a region holds; each lives for the whole run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Region {
     Params,
     Grads,
+    /// The optimizer's moments, f32 master weights and norm buffers.
     Optimizer,
-    Activations,
-    Scratch,
 }
 
+const REGIONS: usize = 3;
+
 impl Region {
-    pub const ALL: [Region; 5] = [Region::Params, Region::Grads, Region::Optimizer, Region::Activations, Region::Scratch];
+    pub const ALL: [Region; REGIONS] = [Region::Params, Region::Grads, Region::Optimizer];
 
     fn index(self) -> usize {
         self as usize
@@ -34,8 +35,6 @@ impl Region {
             Region::Params => "params",
             Region::Grads => "grads",
             Region::Optimizer => "optimizer",
-            Region::Activations => "activations",
-            Region::Scratch => "scratch",
         }
     }
 }
@@ -49,8 +48,8 @@ pub fn aligned(bytes: usize) -> usize {
 /// the alignment). Build it by reserving exactly what the step will carve.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryPlan {
-    bytes: [usize; 5],
-    tensors: [usize; 5],
+    bytes: [usize; REGIONS],
+    tensors: [usize; REGIONS],
 }
 
 impl MemoryPlan {
@@ -69,16 +68,6 @@ impl MemoryPlan {
         self
     }
 
-    /// A region sized for the larger of two alternatives that never live at the same time.
-    pub fn max(&self, other: &MemoryPlan) -> MemoryPlan {
-        let mut out = self.clone();
-        for r in 0..5 {
-            out.bytes[r] = out.bytes[r].max(other.bytes[r]);
-            out.tensors[r] = out.tensors[r].max(other.tensors[r]);
-        }
-        out
-    }
-
     pub fn bytes(&self, region: Region) -> usize {
         self.bytes[region.index()]
     }
@@ -92,7 +81,6 @@ struct RegionState {
     storage: Arc<Storage>,
     capacity: usize,
     top: usize,
-    peak: usize,
     carved: usize,
 }
 
@@ -102,10 +90,11 @@ pub struct RegionUsage {
     pub region: Region,
     pub capacity: usize,
     pub used: usize,
-    pub peak: usize,
+    /// Tensors carved from it.
+    pub tensors: usize,
 }
 
-/// Usage of every region, for `sgdm profile` and logs.
+/// Usage of every region, for `sgdm train`'s summary and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArenaReport {
     pub device: String,
@@ -117,8 +106,8 @@ impl ArenaReport {
         self.regions.iter().map(|r| r.capacity).sum()
     }
 
-    pub fn total_peak(&self) -> usize {
-        self.regions.iter().map(|r| r.peak).sum()
+    pub fn total_used(&self) -> usize {
+        self.regions.iter().map(|r| r.used).sum()
     }
 }
 
@@ -140,11 +129,12 @@ pub fn human_bytes(bytes: usize) -> String {
 
 impl fmt::Display for ArenaReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "arena on {}: {:<12} {:>12} {:>12}", self.device, "region", "planned", "peak")?;
+        writeln!(f, "arena on {}: {:<12} {:>12} {:>12} {:>8}", self.device, "region", "planned", "used", "tensors")?;
         for r in &self.regions {
-            writeln!(f, "  {:<12} {:>12} {:>12}", r.region.name(), human_bytes(r.capacity), human_bytes(r.peak))?;
+            writeln!(f, "  {:<12} {:>12} {:>12} {:>8}", r.region.name(), human_bytes(r.capacity), human_bytes(r.used), r.tensors)?;
         }
-        write!(f, "  {:<12} {:>12} {:>12}", "total", human_bytes(self.total_capacity()), human_bytes(self.total_peak()))
+        let tensors: usize = self.regions.iter().map(|r| r.tensors).sum();
+        write!(f, "  {:<12} {:>12} {:>12} {:>8}", "total", human_bytes(self.total_capacity()), human_bytes(self.total_used()), tensors)
     }
 }
 
@@ -161,7 +151,7 @@ impl Arena {
             .iter()
             .map(|&r| {
                 let capacity = plan.bytes(r);
-                Ok(RegionState { storage: Storage::zeroed(device, capacity)?, capacity, top: 0, peak: 0, carved: 0 })
+                Ok(RegionState { storage: Storage::zeroed(device, capacity)?, capacity, top: 0, carved: 0 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Arena { device: device.clone(), regions })
@@ -171,7 +161,7 @@ impl Arena {
         &self.device
     }
 
-    /// Carves a tensor from `region`. Its memory is zero only the first time it is handed out.
+    /// Carves a zeroed tensor from `region`; it lives as long as the arena's memory.
     pub fn alloc(&mut self, region: Region, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = shape.iter().product::<usize>() * dtype.size();
         let state = &mut self.regions[region.index()];
@@ -179,7 +169,7 @@ impl Arena {
         if end > state.capacity {
             bail!(
                 "arena region '{}' is out of its planned {} bytes: carving {:?} {} ({} bytes) at offset {} \
-                 (tensor #{} since the last reset); the memory plan for this step is too small",
+                 (tensor #{}); the memory plan is too small",
                 region.name(),
                 state.capacity,
                 shape,
@@ -191,32 +181,33 @@ impl Arena {
         }
         let tensor = Tensor::carve(state.storage.clone(), state.top, shape, dtype);
         state.top = end;
-        state.peak = state.peak.max(end);
         state.carved += 1;
         Ok(tensor)
     }
 
-    /// Frees everything carved from `region` at once. Tensors carved before become invalid: using one is
-    /// an error.
-    pub fn reset(&mut self, region: Region) {
-        let state = &mut self.regions[region.index()];
-        state.storage.bump_generation();
-        state.top = 0;
-        state.carved = 0;
-    }
-
-    /// Resets the per-step regions (activations and scratch).
-    pub fn reset_step(&mut self) {
-        self.reset(Region::Activations);
-        self.reset(Region::Scratch);
+    /// `region` as an [`super::Allocator`]: what [`crate::nn::Grads::zeros`] and the optimizer take.
+    pub fn region(&mut self, region: Region) -> Carve<'_> {
+        Carve { arena: self, region }
     }
 
     pub fn usage(&self, region: Region) -> RegionUsage {
         let s = &self.regions[region.index()];
-        RegionUsage { region, capacity: s.capacity, used: s.top, peak: s.peak }
+        RegionUsage { region, capacity: s.capacity, used: s.top, tensors: s.carved }
     }
 
     pub fn report(&self) -> ArenaReport {
         ArenaReport { device: self.device.to_string(), regions: Region::ALL.iter().map(|&r| self.usage(r)).collect() }
+    }
+}
+
+/// One region of an [`Arena`] as an [`super::Allocator`]: tensors carved from it, zeroed, for the whole run.
+pub struct Carve<'a> {
+    arena: &'a mut Arena,
+    region: Region,
+}
+
+impl super::Allocator for Carve<'_> {
+    fn alloc(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.arena.alloc(self.region, shape, dtype)
     }
 }

@@ -1,5 +1,6 @@
-//! Memory above the tensors: the arena that long-lived tensors are carved from, the pool that per-step
-//! tensors are leased from, and the allocator interface over both.
+//! Memory above the tensors, two mechanisms and one interface: the parameter arena that long-lived state
+//! (parameters, gradients, optimizer state) is carved from, the pool that every step's tensors are leased
+//! from (a denoising step's as a training step's), and the allocator interface layers and ops take.
 pub mod allocator;
 pub mod arena;
 pub mod pool;

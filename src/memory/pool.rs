@@ -1,7 +1,7 @@
-//! A memory pool for inference steps: one allocation, handed out in 256-byte-aligned ranges that return to
-//! the pool when their tensor drops (or is discarded). With [`super::Allocator::keeps_activations`]
-//! false, a forward's working set lives in the pool at its peak size instead of one allocation per tensor,
-//! and because the first-fit search over a free list kept in address order is deterministic, the same
+//! The per-step memory pool, of inference and training steps alike: one allocation, handed out in
+//! 256-byte-aligned ranges that return to the pool when their tensor drops (or is discarded). A step's
+//! working set lives in the pool at its peak size instead of one allocation per tensor (in inference,
+//! where [`super::Allocator::keeps_activations`] is false, that peak is one block's), and because the first-fit search over a free list kept in address order is deterministic, the same
 //! sequence of allocations and frees lands on the same addresses every time: what replaying a captured
 //! CUDA graph of the step requires (the graph's kernels keep the addresses they were captured with).
 
@@ -160,5 +160,111 @@ impl Pool {
     pub fn usage(&self) -> PoolUsage {
         let st = self.shared.state.lock().unwrap();
         PoolUsage { capacity: self.shared.capacity, live: st.live, peak: st.peak, top: st.top, handed: st.handed }
+    }
+}
+
+/// The per-step pool of a loop whose steps repeat one sequence of allocations (a training loop: same
+/// shapes, same order, every step). The first step runs on a [`Pool::planner`], which learns the capacity
+/// the step needs; from the second step on, tensors are leased from a pool of exactly that capacity, and
+/// because placement is deterministic each step lands on the same addresses as the one before. A tensor
+/// a later step cannot place (a step larger than the first) becomes a standalone allocation, counted in
+/// [`StepPool::overflowed`]: never an error in the middle of a step whose gradients are half accumulated.
+pub struct StepPool {
+    device: Device,
+    pool: Pool,
+    sized: bool,
+    /// Fill the pool with NaN before every step (tests: a layer that reads what it did not write shows it).
+    poison: bool,
+    overflow: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StepPool {
+    pub fn new(device: &Device) -> StepPool {
+        StepPool { device: device.clone(), pool: Pool::planner(device), sized: false, poison: false, overflow: Arc::default() }
+    }
+
+    /// A step pool whose memory is filled with NaN before every step after the first: a layer that reads an
+    /// element of its buffers before writing it makes NaN results (what tests/pool.rs checks training against).
+    pub fn poisoned(device: &Device) -> StepPool {
+        StepPool { poison: true, ..StepPool::new(device) }
+    }
+
+    /// The allocator of the current step: forwards keep their activations for the backward.
+    pub fn training(&self) -> Pooled {
+        Pooled::training(self.pool.clone()).overflowing_to(&self.device, self.overflow.clone())
+    }
+
+    /// Ends a step; every tensor it leased must have dropped. After the first step, the planner gives way
+    /// to a pool of the capacity that step needed.
+    pub fn end_step(&mut self) -> Result<()> {
+        let usage = self.pool.usage();
+        anyhow::ensure!(usage.live == 0, "a step ended with {} bytes of its per-step memory still in use", usage.live);
+        if !self.sized {
+            self.pool = Pool::new(&self.device, usage.top)?;
+            self.sized = true;
+        }
+        if self.poison && self.pool.usage().capacity > 0 {
+            let n = self.pool.usage().capacity / 4;
+            let mut all = self.pool.alloc(&[n], DType::F32)?;
+            all.write_f32(&vec![f32::NAN; n])?;
+        }
+        Ok(())
+    }
+
+    /// The pool's usage: before the first step ends, the planner's.
+    pub fn usage(&self) -> PoolUsage {
+        self.pool.usage()
+    }
+
+    /// Tensors the pool could not place since it was made.
+    pub fn overflowed(&self) -> usize {
+        self.overflow.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Tensors leased from a [`Pool`]: ranges come back to the pool as their tensors drop (or, in
+/// inference, as activations are discarded), so the pool needs the step's peak working set only, and a
+/// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
+/// element they hand on (tests/pool.rs runs forwards and training steps in NaN-poisoned pools to hold them
+/// to it). Training and inference are its two modes: whether forwards keep the activations a backward reads.
+pub struct Pooled {
+    pool: Pool,
+    keep_activations: bool,
+    /// Where a tensor goes when the pool has no range for it (a step larger than the one that sized the
+    /// pool), counted; `None`: exhaustion is an error.
+    overflow: Option<(Device, std::sync::Arc<std::sync::atomic::AtomicUsize>)>,
+}
+
+impl Pooled {
+    /// Forward-only steps: activations are discarded block by block, exhaustion is an error.
+    pub fn inference(pool: Pool) -> Pooled {
+        Pooled { pool, keep_activations: false, overflow: None }
+    }
+
+    /// Forward and backward steps: activations are kept until the step drops them.
+    pub fn training(pool: Pool) -> Pooled {
+        Pooled { pool, keep_activations: true, overflow: None }
+    }
+
+    /// Tensors the pool cannot place become standalone allocations on `device`, each counted in `count`.
+    pub fn overflowing_to(mut self, device: &Device, count: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Pooled {
+        self.overflow = Some((device.clone(), count));
+        self
+    }
+}
+
+impl super::Allocator for Pooled {
+    fn alloc(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match (self.pool.alloc(shape, dtype), &self.overflow) {
+            (Err(e), Some((device, count))) if is_exhausted(&e) => {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Tensor::zeros(device, shape, dtype)
+            }
+            (result, _) => result,
+        }
+    }
+
+    fn keeps_activations(&self) -> bool {
+        self.keep_activations
     }
 }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-pub use crate::memory::allocator::{standalone, Allocator, Inference, Pooled, Standalone};
+pub use crate::memory::allocator::{standalone, Allocator, Inference, Standalone};
+pub use crate::memory::pool::Pooled;
 use crate::ops::conv::Conv2dSpec;
 
 /// The index of a parameter in its [`ParamTree`].
@@ -390,7 +391,23 @@ pub struct Grads {
 }
 
 impl Grads {
-    /// Zeroed gradients for every parameter of `tree`, from `alloc`.
+    /// Reserves room for [`Grads::zeros`] of `tree` in `dtype` in an arena's gradient region.
+    pub fn plan(tree: &ParamTree, plan: &mut crate::memory::MemoryPlan, dtype: crate::tensor::DType) {
+        for s in tree.specs() {
+            plan.reserve(crate::memory::Region::Grads, &s.shape, dtype);
+        }
+    }
+
+    /// Zeroed gradients for every parameter of `tree` in `dtype`, in an arena of their own on `device`.
+    pub fn owned(tree: &ParamTree, device: &crate::runtime::Device, dtype: crate::tensor::DType) -> Result<Grads> {
+        let mut plan = crate::memory::MemoryPlan::new();
+        Grads::plan(tree, &mut plan, dtype);
+        let mut arena = crate::memory::Arena::new(device, &plan)?;
+        Grads::zeros(tree, &mut arena.region(crate::memory::Region::Grads), dtype)
+    }
+
+    /// Zeroed gradients for every parameter of `tree`, from `alloc` (in training, the arena's gradient
+    /// region: [`crate::memory::Arena::region`]).
     pub fn zeros(tree: &ParamTree, alloc: &mut dyn Allocator, dtype: crate::tensor::DType) -> Result<Grads> {
         let tensors = tree.specs().iter().map(|s| alloc.alloc(&s.shape, dtype)).collect::<Result<Vec<_>>>()?;
         let mut grads = Grads { tensors };
@@ -398,7 +415,7 @@ impl Grads {
         Ok(grads)
     }
 
-    /// Sets every gradient to zero on the device (an arena hands out its memory zeroed only the first time).
+    /// Sets every gradient to zero on the device (the optimizer's step does, for the next step).
     pub fn zero(&mut self) -> Result<()> {
         for t in &mut self.tensors {
             t.fill_zero()?;

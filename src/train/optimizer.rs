@@ -9,6 +9,7 @@
 
 use anyhow::{ensure, Context, Result};
 
+use crate::memory::{MemoryPlan, Region};
 use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree};
 use crate::ops::elementwise::cast;
 use crate::ops::optim::{adamw_step, clip_grad_norm, AdamW, PARTIALS};
@@ -39,6 +40,18 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// Reserves room for [`Optimizer::new`]'s state, for parameters of `tree` stored in `dtype`, in an
+    /// arena's optimizer region.
+    pub fn plan(tree: &ParamTree, dtype: DType, plan: &mut MemoryPlan) {
+        let copies = if dtype == DType::BF16 { 3 } else { 2 };
+        for _ in 0..copies {
+            for s in tree.specs() {
+                plan.reserve(Region::Optimizer, &s.shape, DType::F32);
+            }
+        }
+        plan.reserve(Region::Optimizer, &[1], DType::F32).reserve(Region::Optimizer, &[PARTIALS], DType::F32);
+    }
+
     /// Zero moments at step 0, and master weights copied from `params` when they are bf16. Parameters must
     /// be f32 or bf16.
     pub fn new(tree: &ParamTree, params: &ParamStore, alloc: &mut dyn Allocator, config: OptimizerConfig) -> Result<Optimizer> {

@@ -150,9 +150,9 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     }
 }
 
-/// A tensor carved from the arena's activation region holding `values` in `dtype`.
-pub fn upload(arena: &mut sgdm::Arena, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
-    let mut t = arena.alloc(sgdm::Region::Activations, shape, dtype).unwrap();
+/// A tensor leased from `pool` holding `values` in `dtype`.
+pub fn upload(pool: &sgdm::memory::pool::Pool, shape: &[usize], dtype: DType, values: &[f32]) -> Tensor {
+    let mut t = pool.alloc(shape, dtype).unwrap();
     t.write_f32(values).unwrap();
     t
 }
@@ -301,7 +301,7 @@ pub fn tiny_unet() -> (sgdm::models::unet::UNet, sgdm::nn::ParamStore, Tensor, T
     (unet, p, sample, context, timestep)
 }
 
-/// Tensors filled with NaN, as reused arena or pool memory may hold anything: an op that reads an element
+/// Tensors filled with NaN, as reused pool memory may hold anything: an op that reads an element
 /// before writing it shows it in its results.
 pub struct NanFilled(pub Device);
 

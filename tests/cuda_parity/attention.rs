@@ -2,7 +2,7 @@
 //! cross shapes spanning several tiles, forward (out, lse) and backward (dq, dk, dv), f32 and bf16; in bf16
 //! on tensor cores and on the CUDA cores.
 
-use sgdm::memory::{Arena, MemoryPlan, Region};
+use sgdm::memory::pool::Pool;
 use sgdm::ops::attention::{attention_backward_using, attention_forward_using, AttentionKernel, AttentionSpec, Qkv, QkvGrads};
 use sgdm::{DType, Device, Tensor};
 
@@ -31,18 +31,16 @@ struct Run {
     grads: [Vec<f32>; 3],
 }
 
-/// Forward and backward on `device` with tensors of `dtype` carved from one arena.
+/// Forward and backward on `device` with tensors of `dtype` leased from one pool (ranges at offsets inside
+/// one allocation, as in a step).
 fn run(device: &Device, dtype: DType, variant: AttentionKernel, case: (usize, usize, usize, usize, usize), x: [&[f32]; 4]) -> Run {
     let (b, lq, lk, h, d) = case;
     let (qs, ks, ss) = ([b, lq, h * d], [b, lk, h * d], [b, h, lq]);
-    let mut plan = MemoryPlan::new();
-    for shape in [qs, ks, ks, qs, qs, qs, ks, ks] {
-        plan.reserve(Region::Activations, &shape, dtype);
-    }
-    plan.reserve(Region::Activations, &ss, DType::F32).reserve(Region::Activations, &ss, DType::F32);
-    let mut arena = Arena::new(device, &plan).unwrap();
-    let mut tensor = |shape: &[usize], dtype: DType, values: Option<&[f32]>| -> Tensor {
-        let mut t = arena.alloc(Region::Activations, shape, dtype).unwrap();
+    let aligned = |shape: &[usize], dtype: DType| (shape.iter().product::<usize>() * dtype.size()).div_ceil(256) * 256;
+    let bytes = [qs, ks, ks, qs, qs, qs, ks, ks].iter().map(|s| aligned(s, dtype)).sum::<usize>() + 2 * aligned(&ss, DType::F32);
+    let pool = Pool::new(device, bytes).unwrap();
+    let tensor = |shape: &[usize], dtype: DType, values: Option<&[f32]>| -> Tensor {
+        let mut t = pool.alloc(shape, dtype).unwrap();
         if let Some(v) = values {
             t.write_f32(v).unwrap();
         }

@@ -8,7 +8,7 @@ use crate::common::{compare, random, rounded, NanFilled};
 
 fn run(device: &Device, dtype: DType, a: &[f32], b: &[f32], (n, d): (usize, usize), tau: f32) -> (f32, Vec<f32>, Vec<f32>) {
     let on = |v: &[f32]| Tensor::from_f32(device, &[n, d], dtype, v).unwrap();
-    // NaN-filled like reused arena memory: every buffer must be written before it is read.
+    // NaN-filled like reused pool memory: every buffer must be written before it is read.
     let mut acts = InfoNceActivations::new(n, d, dtype, &mut NanFilled(device.clone())).unwrap();
     infonce_forward(&on(a), &on(b), tau, &mut acts).unwrap();
     let (mut da, mut db) = (on(&vec![f32::NAN; n * d]), on(&vec![f32::NAN; n * d]));

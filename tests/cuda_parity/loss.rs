@@ -2,7 +2,7 @@
 //! the loss itself is f32 and the inputs are the same bf16-rounded values on both sides), run twice to
 //! check the bits repeat; gradients f32 1e-5, bf16 one rounding (2^-8).
 
-use sgdm::memory::{Arena, MemoryPlan, Region};
+use sgdm::memory::pool::Pool;
 use sgdm::ops::loss::{self, PARTIALS};
 use sgdm::{DType, Device, Tensor};
 
@@ -11,15 +11,13 @@ use crate::common::{compare, cpu, random, rounded, upload, zeros};
 pub fn check(gpu: &Device) {
     let shape = [3, 4, 63, 65]; // more elements than the partial-sum grid's threads, not a multiple of them
     let n: usize = shape.iter().product();
-    let mut plan = MemoryPlan::new();
-    plan.reserve_bytes(Region::Activations, 8 * n * 4 + (1 << 16));
-    let mut arena = Arena::new(gpu, &plan).unwrap();
+    let pool = Pool::new(gpu, 8 * n * 4 + (1 << 16)).unwrap();
     for (dtype, grad_rel) in [(DType::F32, 1e-5), (DType::BF16, 2f32.powi(-8))] {
         let a = rounded(dtype, &random(n, -2.0, 2.0, 301));
         let b = rounded(dtype, &random(n, -3.0, 2.0, 302));
-        let (ga, gb) = (upload(&mut arena, &shape, dtype, &a), upload(&mut arena, &shape, dtype, &b));
-        let mut gloss = arena.alloc(Region::Activations, &[1], DType::F32).unwrap();
-        let mut gpartials = arena.alloc(Region::Activations, &[PARTIALS], DType::F32).unwrap();
+        let (ga, gb) = (upload(&pool, &shape, dtype, &a), upload(&pool, &shape, dtype, &b));
+        let mut gloss = pool.alloc(&[1], DType::F32).unwrap();
+        let mut gpartials = pool.alloc(&[PARTIALS], DType::F32).unwrap();
         let (mut closs, mut cpartials) = (zeros(&[1]), zeros(&[PARTIALS]));
         let (ca, cb) = (cpu(&shape, &a), cpu(&shape, &b));
 
@@ -34,17 +32,16 @@ pub fn check(gpu: &Device) {
             compare(&format!("{name} {dtype}"), &gloss.to_f32_vec().unwrap(), closs.f32s().unwrap(), 1e-5, 0.0);
         }
 
-        let mut gd = arena.alloc(Region::Activations, &shape, dtype).unwrap();
+        let mut gd = pool.alloc(&shape, dtype).unwrap();
         let mut cd = zeros(&shape);
         loss::mse_loss_backward(&ga, &gb, 0.7, &mut gd).unwrap();
         loss::mse_loss_backward(&ca, &cb, 0.7, &mut cd).unwrap();
         compare(&format!("mse_loss_backward {dtype}"), &gd.to_f32_vec().unwrap(), cd.f32s().unwrap(), grad_rel, 1e-12);
-        let mut gd2 = arena.alloc(Region::Activations, &shape, dtype).unwrap();
+        let mut gd2 = pool.alloc(&shape, dtype).unwrap();
         let mut cd2 = zeros(&shape);
         loss::kl_loss_backward(&ga, &gb, 0.7, &mut gd, &mut gd2).unwrap();
         loss::kl_loss_backward(&ca, &cb, 0.7, &mut cd, &mut cd2).unwrap();
         compare(&format!("kl_loss_backward dmu {dtype}"), &gd.to_f32_vec().unwrap(), cd.f32s().unwrap(), grad_rel, 1e-12);
         compare(&format!("kl_loss_backward dlogvar {dtype}"), &gd2.to_f32_vec().unwrap(), cd2.f32s().unwrap(), grad_rel, 1e-12);
-        arena.reset_step();
     }
 }

@@ -31,7 +31,7 @@ fn run(
         t.write_f32(v).unwrap();
     }
     let xt = Tensor::from_f32(device, &[b, t, cfg.input_size], dtype, x).unwrap();
-    // NaN-filled buffers, as reused arena memory may hold anything: every buffer, padding rows included,
+    // NaN-filled buffers, as reused pool memory may hold anything: every buffer, padding rows included,
     // must be written before it is read.
     let mut acts = LstmActivations::new(cfg, b, t, dtype, &mut NanFilled(device.clone())).unwrap();
     lstm_forward(&p, &xt, &mut acts).unwrap();

@@ -1,5 +1,5 @@
-//! CUDA against the CPU reference: every kernel file's ops on fresh random data, through tensors carved from
-//! a CUDA arena. One module per kernel file. Without a GPU the test prints SKIPPED and its reason.
+//! CUDA against the CPU reference: every kernel file's ops on fresh random data, through tensors leased from
+//! a CUDA memory pool (ranges inside one allocation). One module per kernel file. Without a GPU the test prints SKIPPED and its reason.
 
 mod attention;
 #[path = "../common/mod.rs"]

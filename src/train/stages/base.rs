@@ -9,15 +9,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::common::*;
+use super::common::{
+    check_image_size, gather, loss_buffers, mse, noise_batch, save_component, scaled_latents, signed_images, train_loop, LoopConfig, NamedLosses, On,
+    StageReport, VAL_NOISE_SEED,
+};
 use crate::data::dataset::Manifest;
 use crate::diffusion::scheduler::alphas_cumprod;
 use crate::models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig, LEGACY_ATTENTION_NAMES};
 use crate::models::unet::{UNet, UNetConditioning, UNetConfig};
-use crate::nn::{Grads, ParamStore};
+use crate::nn::{Allocator, Grads, ParamStore};
 use crate::ops::elementwise::{add, reparameterize_backward, reparameterize_forward};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward};
-use crate::runtime::Device;
 use crate::tensor::Tensor;
 use crate::train::config_id;
 use crate::weights::Component;
@@ -61,8 +63,8 @@ pub struct BaseReport {
 }
 
 /// The VAE's two loss terms for a decode of z against `image`.
-fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor) -> Result<(f64, f64)> {
-    let (mut loss, mut partials) = loss_buffers(image)?;
+fn kl_vae_losses(recon: &Tensor, image: &Tensor, mean: &Tensor, logvar: &Tensor, alloc: &mut dyn Allocator) -> Result<(f64, f64)> {
+    let (mut loss, mut partials) = loss_buffers(alloc)?;
     mse_loss(recon, image, &mut loss, &mut partials)?;
     let mse = loss.to_f32_vec()?[0] as f64;
     kl_loss(mean, logvar, &mut loss, &mut partials)?;
@@ -86,24 +88,23 @@ fn train_base_vae(
     ensure!(b >= 1 && b <= n_train, "stage base: vae_train.batch {b} must be between 1 and the {n_train} training figures");
     let mut params = on.random_params(&vae.params, cfg.vae_train.seed)?;
     let kl_weight = cfg.kl_weight;
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32, alloc: &mut dyn Allocator| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let image = on.tensor(&[b, 3, s, s], &gather(train, per_image, &idx))?;
-        let alloc = &mut on.alloc();
+        let image = on.upload(alloc, &[b, 3, s, s], &gather(train, per_image, &idx))?;
         let (mean, logvar, enc) = vae.encode(p, &image, alloc)?;
-        let eps = on.tensor(mean.shape(), &crate::util::standard_normal(rng, mean.numel()))?;
-        let mut z = on.zeros(mean.shape())?;
+        let eps = on.upload(alloc, mean.shape(), &crate::util::standard_normal(rng, mean.numel()))?;
+        let mut z = on.zeros_in(alloc, mean.shape())?;
         reparameterize_forward(&mean, &logvar, &eps, &mut z)?;
         let (recon, dec) = vae.decode(p, &z, alloc)?;
-        let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
-        let mut drecon = on.zeros(recon.shape())?;
+        let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar, alloc)?;
+        let mut drecon = on.zeros_in(alloc, recon.shape())?;
         mse_loss_backward(&recon, &image, dloss, &mut drecon)?;
         let dz = vae.decode_backward(p, grads, &z, &dec, &drecon, alloc)?;
-        let (mut dmean, mut dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
+        let (mut dmean, mut dlogvar) = (on.zeros_in(alloc, mean.shape())?, on.zeros_in(alloc, mean.shape())?);
         reparameterize_backward(&logvar, &eps, &dz, &mut dmean, &mut dlogvar)?;
-        let (mut kl_dmean, mut kl_dlogvar) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
+        let (mut kl_dmean, mut kl_dlogvar) = (on.zeros_in(alloc, mean.shape())?, on.zeros_in(alloc, mean.shape())?);
         kl_loss_backward(&mean, &logvar, kl_weight * dloss, &mut kl_dmean, &mut kl_dlogvar)?;
-        let (mut dmean_total, mut dlogvar_total) = (on.zeros(mean.shape())?, on.zeros(mean.shape())?);
+        let (mut dmean_total, mut dlogvar_total) = (on.zeros_in(alloc, mean.shape())?, on.zeros_in(alloc, mean.shape())?);
         add(&dmean, &kl_dmean, &mut dmean_total)?;
         add(&dlogvar, &kl_dlogvar, &mut dlogvar_total)?;
         vae.encode_backward(p, grads, &image, &enc, &dmean_total, &dlogvar_total, alloc)?;
@@ -119,7 +120,7 @@ fn train_base_vae(
             let alloc = &mut on.alloc();
             let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
             let (recon, _) = vae.decode(p, &mean, alloc)?;
-            let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar)?;
+            let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar, alloc)?;
             sum += (mse + kl_weight as f64 * kl) * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
@@ -131,8 +132,8 @@ fn train_base_vae(
 }
 
 /// Runs stage `base`; see [`BaseStageConfig`].
-pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<BaseReport> {
-    let on = &On::new(device);
+pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, on: impl Into<On>) -> Result<BaseReport> {
+    let on = &on.into();
     check_image_size("base", "image_size", cfg.image_size)?;
     let vae_config_path = out.join("vae/config.json");
     let unet_config_path = out.join("unet/config.json");
@@ -192,14 +193,13 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
     let null_context = |n: usize| on.zeros(&[n, cfg.context_tokens, uc.cross_attention_dim]);
     let batch_context = null_context(b)?;
     let mut params = on.random_params(&unet.params, cfg.unet_train.seed)?;
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32, alloc: &mut dyn Allocator| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let batch = noise_batch(on, &gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
+        let batch = noise_batch(on, alloc, &gather(&train_latents, per, &idx), &[b, lc, h, h], &alphas, rng)?;
         let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &batch_context, residuals: None };
-        let alloc = &mut on.alloc();
         let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
-        let loss = mse(&acts.output, &batch.noise)?;
-        let mut dy = on.zeros(acts.output.shape())?;
+        let loss = mse(&acts.output, &batch.noise, alloc)?;
+        let mut dy = on.zeros_in(alloc, acts.output.shape())?;
         mse_loss_backward(&acts.output, &batch.noise, dloss, &mut dy)?;
         unet.backward(p, grads, &batch.noisy, &cond, &acts, &dy, alloc)?;
         Ok(vec![("total", loss)])
@@ -210,11 +210,12 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let batch = noise_batch(on, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let alloc = &mut on.alloc();
+            let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
             let context = null_context(idx.len())?;
             let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };
-            let acts = unet.forward(p, &batch.noisy, &cond, &mut on.alloc())?;
-            sum += mse(&acts.output, &batch.noise)? * idx.len() as f64;
+            let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
+            sum += mse(&acts.output, &batch.noise, alloc)? * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };

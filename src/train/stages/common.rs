@@ -19,7 +19,10 @@ use crate::data::dataset::SplitManifest;
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::image::{load_square, MAX_IMAGE_SIZE};
 use crate::data::npy::NpyFile;
-use crate::nn::{Grads, ParamId, ParamStore, ParamTree, Standalone};
+use crate::memory::arena::ArenaReport;
+use crate::memory::pool::StepPool;
+use crate::memory::{Arena, MemoryPlan, Region};
+use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::loss::PARTIALS;
 use crate::ops::optim::AdamW;
 use crate::runtime::Device;
@@ -97,18 +100,65 @@ pub struct StageReport {
     /// checkpoint of this run in the output folder (earlier processes' included) with `select_best`, else
     /// the last step.
     pub selected: (u64, f64),
+    /// Where the loop's memory went.
+    pub memory: LoopMemory,
 }
 
-/// Where a stage runs: the device, and the storage dtype of its parameters and activations (f32 on the CPU;
-/// bf16 on CUDA, with f32 master weights in the optimizer). Losses are always f32.
+/// The memory of one training loop: the arena of its long-lived state (gradients and optimizer state; the
+/// parameters have their own), and the per-step pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopMemory {
+    pub arena: ArenaReport,
+    /// The per-step pool's capacity (0 with [`StepMemory::Standalone`]), the most of it one step used, and
+    /// tensors it could not place (standalone allocations instead; 0 when every step repeats the first).
+    pub step_pool: usize,
+    pub step_peak: usize,
+    pub overflowed: usize,
+}
+
+/// Where a training step's tensors (activations, their gradients, scratch, inputs) come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMemory {
+    /// A [`StepPool`]: sized by the first step, the same addresses every step after it (the default).
+    Pool,
+    /// The same pool, filled with NaN before every step: anything that reads memory it did not write makes
+    /// NaN (tests hold training to it).
+    PoisonedPool,
+    /// A standalone zeroed allocation per tensor: the reference the pool is tested against.
+    Standalone,
+}
+
+/// Where a stage runs: the device, the storage dtype of its parameters and activations (f32 on the CPU;
+/// bf16 on CUDA, with f32 master weights in the optimizer; losses are always f32), and where its steps'
+/// tensors come from. The stages take anything that converts into one: a `&Device` gives the defaults.
 pub struct On {
     pub device: Device,
     pub dtype: DType,
+    pub step_memory: StepMemory,
 }
 
 impl On {
     pub fn new(device: &Device) -> On {
-        On { device: device.clone(), dtype: if device.is_cuda() { DType::BF16 } else { DType::F32 } }
+        On { device: device.clone(), dtype: if device.is_cuda() { DType::BF16 } else { DType::F32 }, step_memory: StepMemory::Pool }
+    }
+
+    /// The stage on `device` with its steps' tensors from `memory`.
+    pub fn with_step_memory(device: &Device, memory: StepMemory) -> On {
+        On { step_memory: memory, ..On::new(device) }
+    }
+
+    /// A tensor of `values` in the stage's dtype, from `alloc` (inside a step: the step's pool).
+    pub(super) fn upload(&self, alloc: &mut dyn Allocator, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        let mut t = alloc.alloc(shape, self.dtype)?;
+        t.write_f32(values)?;
+        Ok(t)
+    }
+
+    /// A zeroed tensor in the stage's dtype, from `alloc`.
+    pub(super) fn zeros_in(&self, alloc: &mut dyn Allocator, shape: &[usize]) -> Result<Tensor> {
+        let mut t = alloc.alloc(shape, self.dtype)?;
+        t.fill_zero()?;
+        Ok(t)
     }
 
     pub(super) fn tensor(&self, shape: &[usize], values: &[f32]) -> Result<Tensor> {
@@ -119,6 +169,8 @@ impl On {
         Tensor::zeros(&self.device, shape, self.dtype)
     }
 
+    /// Standalone tensors, activations kept: validation and the stages' preprocessing, which run outside
+    /// the step loop's pool.
     pub(super) fn alloc(&self) -> Standalone {
         Standalone(self.device.clone())
     }
@@ -132,9 +184,15 @@ impl On {
     }
 }
 
-/// A loss value and its partial sums: f32 on the device of `like`.
-pub(super) fn loss_buffers(like: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((Tensor::zeros(&like.device(), &[1], DType::F32)?, Tensor::zeros(&like.device(), &[PARTIALS], DType::F32)?))
+impl From<&Device> for On {
+    fn from(device: &Device) -> On {
+        On::new(device)
+    }
+}
+
+/// A loss value and its partial sums, f32, from `alloc`.
+pub(super) fn loss_buffers(alloc: &mut dyn Allocator) -> Result<(Tensor, Tensor)> {
+    Ok((alloc.alloc(&[1], DType::F32)?, alloc.alloc(&[PARTIALS], DType::F32)?))
 }
 
 pub(super) fn check_image_size(stage: &str, key: &str, size: usize) -> Result<()> {
@@ -217,6 +275,10 @@ pub(super) fn save_params(path: &Path, tree: &ParamTree, params: &ParamStore) ->
 /// A stage's losses of one step, named, the total first.
 pub(super) type NamedLosses = Vec<(&'static str, f64)>;
 
+/// One batch's forward and backward: (parameters, gradients to add to, the data RNG, `dloss`, the step's
+/// allocator) -> the named losses.
+pub(super) type StepFn<'a> = dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng, f32, &mut dyn Allocator) -> Result<NamedLosses> + 'a;
+
 /// A run that stopped on request (`stop` set, e.g. by Ctrl-C) at the end of a step, before its last, after
 /// writing a checkpoint there; `--resume` with `checkpoint` continues it exactly.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -230,7 +292,8 @@ pub struct Stopped {
 }
 
 /// The training loop the stages share. `step` runs one batch's forward and backward (with the upstream
-/// gradient `dloss` it is given) into the gradients and returns its named losses, the total first; with
+/// gradient `dloss` it is given) into the gradients, taking every tensor from the allocator it is given
+/// (the per-step pool, see [`StepMemory`]), and returns its named losses, the total first; with
 /// `micro_batches` k it runs k times per optimizer step with dloss 1/k (gradient accumulation); `validate` returns the validation loss. When
 /// `stop` is set the loop ends after the current step with a checkpoint and a [`Stopped`] error.
 pub(super) fn train_loop(
@@ -242,17 +305,28 @@ pub(super) fn train_loop(
     resume: Option<&Path>,
     tree: &ParamTree,
     params: &mut ParamStore,
-    step: &mut dyn FnMut(&ParamStore, &mut Grads, &mut ChaCha8Rng, f32) -> Result<NamedLosses>,
+    step: &mut StepFn,
     validate: &mut dyn FnMut(&ParamStore) -> Result<f64>,
     stop: &AtomicBool,
 ) -> Result<StageReport> {
     ensure!(cfg.steps > 0 && cfg.checkpoint_every > 0 && cfg.log_every > 0, "stage {stage}: steps, checkpoint_every and log_every must be positive");
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
     let schedule = LrSchedule::new(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)?;
-    let alloc = &mut on.alloc();
-    let mut grads = Grads::zeros(tree, alloc, on.dtype)?;
+    // Long-lived state in one arena, planned before anything is carved.
+    let mut plan = MemoryPlan::new();
+    Grads::plan(tree, &mut plan, on.dtype);
+    Optimizer::plan(tree, on.dtype, &mut plan);
+    let mut arena = Arena::new(&on.device, &plan)?;
+    let mut grads = Grads::zeros(tree, &mut arena.region(Region::Grads), on.dtype)?;
     let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
-    let mut opt = Optimizer::new(tree, params, alloc, OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: cfg.micro_batches })?;
+    let opt_config = OptimizerConfig { adamw, max_grad_norm: cfg.max_grad_norm, micro_batches: cfg.micro_batches };
+    let mut opt = Optimizer::new(tree, params, &mut arena.region(Region::Optimizer), opt_config)?;
+    let mut pool = match on.step_memory {
+        StepMemory::Pool => Some(StepPool::new(&on.device)),
+        StepMemory::PoisonedPool => Some(StepPool::poisoned(&on.device)),
+        StepMemory::Standalone => None,
+    };
+    let mut step_peak = 0;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     if let Some(path) = resume {
         rng = load_checkpoint(path, tree, params, &mut opt, id)?.rng.rng();
@@ -260,12 +334,25 @@ pub(super) fn train_loop(
     let first_step = opt.steps();
     let mut log = StepLog::open(out.join(format!("{stage}.jsonl")), first_step)?;
     let mut progress = Progress::new(first_step, cfg.steps);
-    let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new(), selected: (0, f64::NAN) };
+    let memory = LoopMemory { arena: arena.report(), step_pool: 0, step_peak: 0, overflowed: 0 };
+    let mut report = StageReport { first_step, train_losses: Vec::new(), val_losses: Vec::new(), selected: (0, f64::NAN), memory };
     while opt.steps() < cfg.steps {
-        let mut losses = step(params, &mut grads, &mut rng, opt.loss_scale())?;
+        let mut alloc: Box<dyn Allocator> = match &pool {
+            Some(pool) => Box::new(pool.training()),
+            None => Box::new(on.alloc()),
+        };
+        let mut losses = step(params, &mut grads, &mut rng, opt.loss_scale(), alloc.as_mut())?;
         for _ in 1..cfg.micro_batches {
-            let more = step(params, &mut grads, &mut rng, opt.loss_scale())?;
+            let more = step(params, &mut grads, &mut rng, opt.loss_scale(), alloc.as_mut())?;
             losses.iter_mut().zip(more).for_each(|(l, m)| l.1 += m.1);
+        }
+        drop(alloc);
+        if let Some(pool) = &mut pool {
+            step_peak = step_peak.max(pool.usage().peak);
+            pool.end_step()?;
+            report.memory.step_pool = pool.usage().capacity;
+            report.memory.overflowed = pool.overflowed();
+            report.memory.step_peak = step_peak;
         }
         losses.iter_mut().for_each(|l| l.1 /= cfg.micro_batches as f64);
         if let Some((name, value)) = losses.iter().find(|l| !l.1.is_finite()) {
@@ -367,7 +454,14 @@ pub(super) fn save_component(
     save_safetensors(&path, &refs, None).with_context(|| format!("{}: cannot write the parameters", path.display()))
 }
 
-pub(super) fn noise_batch(on: &On, latents: &[f32], shape: &[usize], alphas: &[f64], rng: &mut ChaCha8Rng) -> Result<NoisedBatch> {
+pub(super) fn noise_batch(
+    on: &On,
+    alloc: &mut dyn Allocator,
+    latents: &[f32],
+    shape: &[usize],
+    alphas: &[f64],
+    rng: &mut ChaCha8Rng,
+) -> Result<NoisedBatch> {
     let per = latents.len() / shape[0];
     let t: Vec<usize> = (0..shape[0]).map(|_| rng.random_range(0..TRAIN_TIMESTEPS)).collect();
     let eps = crate::util::standard_normal(rng, latents.len());
@@ -382,14 +476,18 @@ pub(super) fn noise_batch(on: &On, latents: &[f32], shape: &[usize], alphas: &[f
         .collect();
     let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     Ok(NoisedBatch {
-        timesteps: Tensor::from_f32(&on.device, &[shape[0]], DType::F32, &steps)?,
-        noise: on.tensor(shape, &eps)?,
-        noisy: on.tensor(shape, &noisy)?,
+        timesteps: {
+            let mut t = alloc.alloc(&[shape[0]], DType::F32)?;
+            t.write_f32(&steps)?;
+            t
+        },
+        noise: on.upload(alloc, shape, &eps)?,
+        noisy: on.upload(alloc, shape, &noisy)?,
     })
 }
 
-pub(super) fn mse(pred: &Tensor, target: &Tensor) -> Result<f64> {
-    let (mut loss, mut partials) = loss_buffers(pred)?;
+pub(super) fn mse(pred: &Tensor, target: &Tensor, alloc: &mut dyn Allocator) -> Result<f64> {
+    let (mut loss, mut partials) = loss_buffers(alloc)?;
     mse_loss(pred, target, &mut loss, &mut partials)?;
     Ok(loss.to_f32_vec()?[0] as f64)
 }

@@ -9,21 +9,24 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::common::*;
+use super::common::{
+    check_image_size, default_trial_average, ensure_finite, gather, load_images, mse, noise_batch, save_component, scaled_latents, signed_images,
+    split_eeg, standardize, train_loop, training_trials, vae_mu, LoopConfig, NamedLosses, NoisedBatch, On, StageReport, VAL_NOISE_SEED,
+};
 use crate::data::contract::EegContract;
 use crate::data::dataset::Manifest;
 use crate::data::eeg::Repetitions;
 use crate::diffusion::scheduler::alphas_cumprod;
 use crate::models::layers;
-use crate::models::sgdm::{structure_maps, upsample_nearest, EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig};
+use crate::models::sgdm::{structure_maps, upsample_nearest, EegEncoderConfig, StructuralVaeConfig};
 use crate::models::unet::{ControlNet, UNetConditioning, UNetConfig};
-use crate::nn::{Grads, Linear, ParamId, ParamStore, Standalone};
+use crate::nn::{Allocator, Grads, Linear, ParamId, ParamStore};
 use crate::ops::loss::mse_loss_backward;
 use crate::runtime::Device;
 use crate::tensor::{DType, Tensor};
 use crate::train::config_id;
-use crate::weights::{save_safetensors, SafetensorsFile};
-use crate::weights_folder::{load_autoencoder_kl, load_unet, BASE_POINTER};
+use crate::weights::save_safetensors;
+use crate::weights_folder::{load_autoencoder_kl, load_eeg_encoder, load_structural_vae, load_unet, BASE_POINTER};
 
 /// Stage `controlnet` (TOML table `[controlnet]`, stage 3): the ControlNet and the EEG-to-token projector
 /// `eeg_projector` (Linear, the EEG encoder's embedding -> `tokens` · `cross_attention_dim`, read as
@@ -94,8 +97,8 @@ const CONTROLNET_UNET_KEYS: [&str; 17] = [
 ];
 
 /// Runs stage `controlnet`; see [`ControlNetStageConfig`].
-pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
-    let on = &On::new(device);
+pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, on: impl Into<On>) -> Result<StageReport> {
+    let on = &on.into();
     ensure!((0.0..1.0).contains(&cfg.condition_dropout), "stage controlnet: condition_dropout {} must be in [0, 1)", cfg.condition_dropout);
     ensure!(cfg.tokens >= 1, "stage controlnet: tokens must be at least 1");
     check_image_size("controlnet", "image_size", cfg.image_size)?;
@@ -124,10 +127,10 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     let mut tree = controlnet.params.clone();
     let projector = Linear::new(&mut tree, "eeg_projector", latent_dim, cfg.tokens * d, true);
 
-    let svae = StructuralVae::new(cfg.structural_vae.clone())?;
-    let svae_params = on.load_params(&svae.params, &SafetensorsFile::open(&cfg.structural_vae_weights)?, &[])?;
-    let encoder = EegEncoder::new(cfg.encoder.clone())?;
-    let encoder_params = on.load_params(&encoder.params, &SafetensorsFile::open(&cfg.encoder_weights)?, &[])?;
+    // The frozen models, loaded as the pipeline loads them.
+    let (svae, svae_params) =
+        load_structural_vae(&cfg.structural_vae, "[controlnet.structural_vae]", &cfg.structural_vae_weights, &on.device, on.dtype)?;
+    let (encoder, encoder_params) = load_eeg_encoder(&cfg.encoder, "[controlnet.encoder]", &cfg.encoder_weights, &on.device, on.dtype)?;
     let edge = (cfg.structural_vae.structure_dim as f64).sqrt() as usize;
     ensure!(edge * edge == cfg.structural_vae.structure_dim, "stage controlnet: structure_dim {} is not a square", cfg.structural_vae.structure_dim);
 
@@ -193,42 +196,41 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let norms: Vec<f64> = mu.chunks_exact(latent_dim).map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()).collect();
         (norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32
     };
-    let condition = |eeg: &Tensor| -> Result<(Tensor, Tensor)> {
-        let alloc = &mut on.alloc();
+    let condition = |eeg: &Tensor, alloc: &mut dyn Allocator| -> Result<(Tensor, Tensor)> {
         let embedding = encoder.forward(&encoder_params, eeg, alloc)?.embedding;
         // As the pipeline's: the encoder's own structure head when it has one.
         let structure = structure_maps((&encoder, &encoder_params), (&svae, &svae_params), &embedding, structure_norm, alloc)?;
         let n = embedding.shape()[0];
-        let cond = on.tensor(&[n, 1, cond_size, cond_size], &upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
+        let cond = on.upload(alloc, &[n, 1, cond_size, cond_size], &upsample_nearest(&structure.to_f32_vec()?, edge, factor))?;
         Ok((embedding, cond))
     };
-    let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool]| -> Result<Tensor> {
-        let flat = layers::linear(p, &projector, embedding, &mut on.alloc())?.to_f32_vec()?;
+    let tokens = |p: &ParamStore, embedding: &Tensor, keep: &[bool], alloc: &mut dyn Allocator| -> Result<Tensor> {
+        let flat = layers::linear(p, &projector, embedding, alloc)?.to_f32_vec()?;
         let masked: Vec<f32> =
             flat.chunks_exact(cfg.tokens * d).zip(keep).flat_map(|(row, &k)| row.iter().map(move |v| if k { *v } else { 0.0 })).collect();
-        on.tensor(&[keep.len(), cfg.tokens, d], &masked)
+        on.upload(alloc, &[keep.len(), cfg.tokens, d], &masked)
     };
     // The frozen UNet's backward adds its parameter gradients here; nothing reads them.
-    let mut unet_grads = Grads::zeros(&unet.params, &mut on.alloc(), on.dtype)?;
-    let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut Standalone| -> Result<_> {
+    let mut unet_grads = Grads::owned(&unet.params, &on.device, on.dtype)?;
+    let epsilon_loss = |p: &ParamStore, batch: &NoisedBatch, context: &Tensor, cond: &Tensor, alloc: &mut dyn Allocator| -> Result<_> {
         let cn = controlnet.forward(p, &batch.noisy, &batch.timesteps, context, cond, 1.0, alloc)?;
         let unet_cond =
             UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
         let acts = unet.forward(&unet_params, &batch.noisy, &unet_cond, alloc)?;
-        let loss = mse(&acts.output, &batch.noise)?;
+        let loss = mse(&acts.output, &batch.noise, alloc)?;
         Ok((cn, acts, loss))
     };
     let alphas = alphas_cumprod();
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32, alloc: &mut dyn Allocator| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
         let eeg = training_trials(&train.data, c * t, reps, &figures, cfg.trial_average, rng);
         let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= cfg.condition_dropout).collect();
-        let batch = noise_batch(on, &gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
-        let (embedding, cond) = condition(&on.tensor(&[b, c, t], &eeg)?)?;
-        let context = tokens(p, &embedding, &keep)?;
-        let alloc = &mut on.alloc();
+        let batch = noise_batch(on, alloc, &gather(&train_latents, per, &figures), &[b, lc, h, h], &alphas, rng)?;
+        let eeg = on.upload(alloc, &[b, c, t], &eeg)?;
+        let (embedding, cond) = condition(&eeg, alloc)?;
+        let context = tokens(p, &embedding, &keep, alloc)?;
         let (cn, acts, loss) = epsilon_loss(p, &batch, &context, &cond, alloc)?;
-        let mut dy = on.zeros(acts.output.shape())?;
+        let mut dy = on.zeros_in(alloc, acts.output.shape())?;
         mse_loss_backward(&acts.output, &batch.noise, dloss, &mut dy)?;
         let unet_cond =
             UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: Some((cn.down.iter().collect(), &cn.mid)) };
@@ -244,7 +246,8 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
             .zip(&keep)
             .flat_map(|((u, c), &k)| u.iter().zip(c).map(move |(u, c)| if k { u + c } else { 0.0 }))
             .collect();
-        layers::linear_back(p, grads, &projector, &embedding, &on.tensor(&[b, cfg.tokens * d], &dtokens)?, None)?;
+        let dtokens = on.upload(alloc, &[b, cfg.tokens * d], &dtokens)?;
+        layers::linear_back(p, grads, &projector, &embedding, &dtokens, None)?;
         Ok(vec![("total", loss)])
     };
     let mut validate = |p: &ParamStore| -> Result<f64> {
@@ -252,10 +255,12 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let batch = noise_batch(on, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
-            let (embedding, cond) = condition(&on.tensor(&[idx.len(), c, t], &gather(&val.data, c * t, &idx))?)?;
-            let context = tokens(p, &embedding, &vec![true; idx.len()])?;
-            sum += epsilon_loss(p, &batch, &context, &cond, &mut on.alloc())?.2 * idx.len() as f64;
+            let alloc = &mut on.alloc();
+            let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let eeg = on.upload(alloc, &[idx.len(), c, t], &gather(&val.data, c * t, &idx))?;
+            let (embedding, cond) = condition(&eeg, alloc)?;
+            let context = tokens(p, &embedding, &vec![true; idx.len()], alloc)?;
+            sum += epsilon_loss(p, &batch, &context, &cond, alloc)?.2 * idx.len() as f64;
         }
         Ok(sum / n_val as f64)
     };

@@ -7,17 +7,19 @@ use anyhow::{bail, ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use super::common::*;
+use super::common::{
+    check_image_size, default_trial_average, gather, load_images, mse, save_model_config, split_eeg, standardize, structure_targets, train_loop,
+    training_trials, vae_mu, LoopConfig, NamedLosses, On, StageReport,
+};
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::dataset::{Manifest, SplitManifest};
 use crate::data::eeg::{EegData, Repetitions};
 use crate::data::npy::NpyFile;
 use crate::models::sgdm::{EegEncoder, EegEncoderConfig, StructuralVae, StructuralVaeConfig, StructureHead};
-use crate::nn::{Grads, ParamStore};
+use crate::nn::{Allocator, Grads, ParamStore};
 use crate::ops::elementwise::add;
 use crate::ops::infonce::{infonce_backward, infonce_forward, InfoNceActivations};
 use crate::ops::loss::mse_loss_backward;
-use crate::runtime::Device;
 use crate::train::config_id;
 use crate::weights::SafetensorsFile;
 use crate::weights_folder::ENCODER_CONFIG;
@@ -133,8 +135,8 @@ fn encoder_structure_targets(cfg: &EncoderStageConfig, train: &SplitManifest, va
 }
 
 /// Runs stage `encoder`; see [`EncoderStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
-    let on = &On::new(device);
+pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, on: impl Into<On>) -> Result<StageReport> {
+    let on = &on.into();
     let m = &cfg.model;
     ensure!(
         m.latent_dim == cfg.vae.latent_dim,
@@ -205,25 +207,24 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     }
     let mut nce = InfoNceActivations::zeros(&on.device, b, latent, on.dtype)?;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32, alloc: &mut dyn Allocator| -> Result<NamedLosses> {
         let figures = rand::seq::index::sample(rng, n_train, b).into_vec();
-        let eeg = on.tensor(&[b, c, t], &training_trials(&train.data, trial, reps, &figures, cfg.trial_average, rng))?;
-        let target = on.tensor(&[b, latent], &gather(&train_mu, latent, &figures))?;
-        let alloc = &mut on.alloc();
+        let eeg = on.upload(alloc, &[b, c, t], &training_trials(&train.data, trial, reps, &figures, cfg.trial_average, rng))?;
+        let target = on.upload(alloc, &[b, latent], &gather(&train_mu, latent, &figures))?;
         let acts = encoder.forward(p, &eeg, alloc)?;
         infonce_forward(&acts.embedding, &target, cfg.temperature, &mut nce)?;
         let loss = nce.loss()? as f64;
-        let (mut dembedding, mut dtarget) = (on.zeros(&[b, latent])?, on.zeros(&[b, latent])?);
+        let (mut dembedding, mut dtarget) = (on.zeros_in(alloc, &[b, latent])?, on.zeros_in(alloc, &[b, latent])?);
         infonce_backward(&mut nce, dloss, &mut dembedding, &mut dtarget)?;
         let mut losses = vec![("total", loss)];
         if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
-            let edges = on.tensor(&[b, targets.dim], &gather(&targets.train, targets.dim, &figures))?;
-            let normalized = mse(&head.structure, &edges)? / targets.variance;
+            let edges = on.upload(alloc, &[b, targets.dim], &gather(&targets.train, targets.dim, &figures))?;
+            let normalized = mse(&head.structure, &edges, alloc)? / targets.variance;
             let weight = cfg.structure_weight / targets.variance;
-            let mut dstructure = on.zeros(head.structure.shape())?;
+            let mut dstructure = on.zeros_in(alloc, head.structure.shape())?;
             mse_loss_backward(&head.structure, &edges, weight as f32 * dloss, &mut dstructure)?;
             let from_head = encoder.structure_backward(p, &acts.embedding, &head, &dstructure, grads, alloc)?;
-            let mut sum = on.zeros(dembedding.shape())?;
+            let mut sum = on.zeros_in(alloc, dembedding.shape())?;
             add(&dembedding, &from_head, &mut sum)?;
             dembedding = sum;
             losses = vec![("total", loss + cfg.structure_weight * normalized), ("infonce", loss), ("structure", normalized)];
@@ -246,7 +247,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
             let mut loss = chunk.loss()? as f64;
             if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
                 let edges = on.tensor(&[idx.len(), targets.dim], &gather(&targets.val, targets.dim, &idx))?;
-                loss += cfg.structure_weight * mse(&head.structure, &edges)? / targets.variance;
+                loss += cfg.structure_weight * mse(&head.structure, &edges, alloc)? / targets.variance;
             }
             sum += loss * idx.len() as f64;
         }

@@ -24,7 +24,7 @@ mod encoder;
 mod vae;
 
 pub use base::{train_base, BaseReport, BaseStageConfig};
-pub use common::{LoopConfig, On, StageReport, Stopped};
+pub use common::{LoopConfig, LoopMemory, On, StageReport, StepMemory, Stopped};
 pub use controlnet::{check_pretrained_base, train_controlnet, ControlNetStageConfig};
 pub use encoder::{train_encoder, EmbeddingTargets, EncoderStageConfig};
 pub use vae::{train_vae, VaeStageConfig};

@@ -7,12 +7,11 @@ use anyhow::{ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use super::common::*;
+use super::common::{check_image_size, gather, load_images, loss_buffers, save_model_config, train_loop, LoopConfig, NamedLosses, On, StageReport};
 use crate::data::dataset::Manifest;
 use crate::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
-use crate::nn::{Grads, ParamStore};
+use crate::nn::{Allocator, Grads, ParamStore};
 use crate::ops::loss::{kl_loss, kl_loss_backward, mse_loss, mse_loss_backward};
-use crate::runtime::Device;
 use crate::tensor::Tensor;
 use crate::train::config_id;
 use crate::weights_folder::VAE_CONFIG;
@@ -40,8 +39,8 @@ struct VaeLosses {
 }
 
 /// The three terms of a forward's outputs against `image` and `edges`.
-fn vae_losses(acts: &crate::models::sgdm::StructuralVaeActivations, image: &Tensor, edges: &Tensor) -> Result<VaeLosses> {
-    let (mut loss, mut partials) = loss_buffers(image)?;
+fn vae_losses(acts: &crate::models::sgdm::StructuralVaeActivations, image: &Tensor, edges: &Tensor, alloc: &mut dyn Allocator) -> Result<VaeLosses> {
+    let (mut loss, mut partials) = loss_buffers(alloc)?;
     let read = |loss: &Tensor| -> Result<f64> { Ok(loss.to_f32_vec()?[0] as f64) };
     mse_loss(&acts.recon, image, &mut loss, &mut partials)?;
     let recon = read(&loss)?;
@@ -59,8 +58,8 @@ impl VaeStageConfig {
 }
 
 /// Runs stage `vae`; see [`VaeStageConfig`] and the module docs for what it writes into `out`.
-pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, device: &Device) -> Result<StageReport> {
-    let on = &On::new(device);
+pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: &AtomicBool, on: impl Into<On>) -> Result<StageReport> {
+    let on = &on.into();
     let m = &cfg.model;
     check_image_size("vae", "model.image_size", m.image_size)?;
     let manifest = Manifest::read(&cfg.data)?;
@@ -79,17 +78,19 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     let (s, sd, latent) = (m.image_size, m.structure_dim, m.latent_dim);
     let per_image = 3 * s * s;
 
-    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32| -> Result<NamedLosses> {
+    let mut step = |p: &ParamStore, grads: &mut Grads, rng: &mut ChaCha8Rng, dloss: f32, alloc: &mut dyn Allocator| -> Result<NamedLosses> {
         let idx = rand::seq::index::sample(rng, train.len, b).into_vec();
-        let image = on.tensor(&[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
-        let edges = on.tensor(&[b, sd], &gather(&train.edges, sd, &idx))?;
-        let eps = on.tensor(&[b, latent], &crate::util::standard_normal(rng, b * latent))?;
-        let alloc = &mut on.alloc();
+        let image = on.upload(alloc, &[b, 3, s, s], &gather(&train.images, per_image, &idx))?;
+        let edges = on.upload(alloc, &[b, sd], &gather(&train.edges, sd, &idx))?;
+        let eps = on.upload(alloc, &[b, latent], &crate::util::standard_normal(rng, b * latent))?;
         let acts = model.forward(p, &image, Some(&eps), alloc)?;
-        let l = vae_losses(&acts, &image, &edges)?;
-        let zeros = |t: &Tensor| on.zeros(t.shape());
-        let (mut drecon, mut dmu, mut dlogvar, mut dstructure) =
-            (zeros(&acts.recon)?, zeros(&acts.mu)?, zeros(&acts.logvar)?, zeros(&acts.structure)?);
+        let l = vae_losses(&acts, &image, &edges, alloc)?;
+        let (mut drecon, mut dmu, mut dlogvar, mut dstructure) = (
+            on.zeros_in(alloc, acts.recon.shape())?,
+            on.zeros_in(alloc, acts.mu.shape())?,
+            on.zeros_in(alloc, acts.logvar.shape())?,
+            on.zeros_in(alloc, acts.structure.shape())?,
+        );
         mse_loss_backward(&acts.recon, &image, dloss, &mut drecon)?;
         kl_loss_backward(&acts.mu, &acts.logvar, cfg.beta * dloss, &mut dmu, &mut dlogvar)?;
         mse_loss_backward(&acts.structure, &edges, cfg.lambda * dloss, &mut dstructure)?;
@@ -105,8 +106,9 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
             let idx: Vec<usize> = (start..(start + b).min(val.len)).collect();
             let image = on.tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
             let edges = on.tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
-            let acts = model.forward(p, &image, None, &mut on.alloc())?;
-            sum += cfg.total(&vae_losses(&acts, &image, &edges)?) * idx.len() as f64;
+            let alloc = &mut on.alloc();
+            let acts = model.forward(p, &image, None, alloc)?;
+            sum += cfg.total(&vae_losses(&acts, &image, &edges, alloc)?) * idx.len() as f64;
         }
         Ok(sum / val.len as f64)
     };
