@@ -58,7 +58,7 @@ enum Buffer {
     },
 }
 
-/// Bytes allocated through [`Storage`] (arenas and standalone tensors), now and at the high-water mark,
+/// Bytes allocated through [`Storage`] (arenas, pools and standalone tensors), now and at the high-water mark,
 /// on the host and on CUDA devices: what `sgdm forward` and the profiler report as memory use.
 static HOST_LIVE: AtomicU64 = AtomicU64::new(0);
 static HOST_PEAK: AtomicU64 = AtomicU64::new(0);

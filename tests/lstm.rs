@@ -266,9 +266,9 @@ fn step_rows_align_every_step_to_256_bytes() {
 }
 
 #[test]
-fn buffers_full_of_nan_from_a_reused_arena_do_not_leak_into_results() {
-    // Arena memory is zero only the first time it is handed out: every activation and scratch buffer must be
-    // written before it is read, padding rows included.
+fn buffers_full_of_nan_from_a_reused_pool_do_not_leak_into_results() {
+    // A step pool's memory holds whatever the last step left there: every activation and scratch buffer must
+    // be written before it is read, padding rows included.
     let (cfg, b, t) = (TWO_LAYERS_BIDI, 3, 5);
     let params = random_params(&cfg, 80);
     let x = random(b * t * 7, -1.0, 1.0, 81);

@@ -157,6 +157,12 @@ impl Pool {
         }
     }
 
+    /// Starts the peak over from what is live now.
+    pub fn reset_peak(&self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.peak = st.live;
+    }
+
     pub fn usage(&self) -> PoolUsage {
         let st = self.shared.state.lock().unwrap();
         PoolUsage { capacity: self.shared.capacity, live: st.live, peak: st.peak, top: st.top, handed: st.handed }
@@ -173,7 +179,8 @@ pub struct StepPool {
     device: Device,
     pool: Pool,
     sized: bool,
-    /// Fill the pool with NaN before every step (tests: a layer that reads what it did not write shows it).
+    /// Fill the pool with NaN before every step after the first (tests: a layer that reads what it did not
+    /// write shows it; the first step runs on the planner's zeroed tensors).
     poison: bool,
     overflow: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -184,7 +191,8 @@ impl StepPool {
     }
 
     /// A step pool whose memory is filled with NaN before every step after the first: a layer that reads an
-    /// element of its buffers before writing it makes NaN results (what tests/pool.rs checks training against).
+    /// element of its buffers before writing it makes NaN results (what tests/train_stages.rs checks every
+    /// stage against). All-ones bytes: NaN in f32, bf16 and f16 alike.
     pub fn poisoned(device: &Device) -> StepPool {
         StepPool { poison: true, ..StepPool::new(device) }
     }
@@ -206,7 +214,9 @@ impl StepPool {
         if self.poison && self.pool.usage().capacity > 0 {
             let n = self.pool.usage().capacity / 4;
             let mut all = self.pool.alloc(&[n], DType::F32)?;
-            all.write_f32(&vec![f32::NAN; n])?;
+            all.write_bytes(&vec![0xFF; 4 * n])?;
+            drop(all);
+            self.pool.reset_peak();
         }
         Ok(())
     }
@@ -225,8 +235,8 @@ impl StepPool {
 /// Tensors leased from a [`Pool`]: ranges come back to the pool as their tensors drop (or, in
 /// inference, as activations are discarded), so the pool needs the step's peak working set only, and a
 /// repeated step reuses the same addresses (CUDA graph replay). Contents are not zeroed: layers write every
-/// element they hand on (tests/pool.rs runs forwards and training steps in NaN-poisoned pools to hold them
-/// to it). Training and inference are its two modes: whether forwards keep the activations a backward reads.
+/// element they hand on (tests/pool.rs runs forwards and tests/train_stages.rs training steps in NaN-poisoned
+/// pools to hold them to it). Training and inference are its two modes: whether forwards keep the activations a backward reads.
 pub struct Pooled {
     pool: Pool,
     keep_activations: bool,

@@ -1,6 +1,6 @@
 //! cuBLASLt for every GEMM on CUDA: row-major operands, bf16 or f32 storage, f32 compute (never TF32:
 //! the f32 path is our accurate one), optional fused bias, strided batches. Called with raw device
-//! pointers so that arena tensors need no cudarc slice types; algorithms are chosen once per shape.
+//! pointers so that tensors inside an arena or pool allocation need no cudarc slice types; algorithms are chosen once per shape.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -43,8 +43,8 @@ struct Key {
 }
 
 /// The largest power of two, at most 256, dividing the address and (for batches) the stride in bytes:
-/// cuBLASLt's heuristic may otherwise pick an algorithm that assumes 256-byte aligned operands, and arena
-/// views (one step of a sequence, one head) often start elsewhere.
+/// cuBLASLt's heuristic may otherwise pick an algorithm that assumes 256-byte aligned operands, and tensor
+/// views (a pool range, one step of a sequence, one head) often start elsewhere.
 fn alignment(ptr: u64, batch_stride_bytes: Option<u64>) -> u32 {
     let bits = ptr | batch_stride_bytes.unwrap_or(0) | 256;
     1 << bits.trailing_zeros()

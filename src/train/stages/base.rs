@@ -117,7 +117,7 @@ fn train_base_vae(
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
             let image = on.tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
-            let alloc = &mut on.alloc();
+            let alloc = &mut on.forward_only();
             let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
             let (recon, _) = vae.decode(p, &mean, alloc)?;
             let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar, alloc)?;
@@ -210,7 +210,7 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let alloc = &mut on.alloc();
+            let alloc = &mut on.forward_only();
             let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
             let context = null_context(idx.len())?;
             let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };

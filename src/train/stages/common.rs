@@ -22,7 +22,7 @@ use crate::data::npy::NpyFile;
 use crate::memory::arena::ArenaReport;
 use crate::memory::pool::StepPool;
 use crate::memory::{Arena, MemoryPlan, Region};
-use crate::nn::{Allocator, Grads, ParamId, ParamStore, ParamTree, Standalone};
+use crate::nn::{Allocator, Grads, Inference, ParamId, ParamStore, ParamTree, Standalone};
 use crate::ops::loss::PARTIALS;
 use crate::ops::optim::AdamW;
 use crate::runtime::Device;
@@ -121,7 +121,7 @@ pub struct LoopMemory {
 pub enum StepMemory {
     /// A [`StepPool`]: sized by the first step, the same addresses every step after it (the default).
     Pool,
-    /// The same pool, filled with NaN before every step: anything that reads memory it did not write makes
+    /// The same pool, filled with NaN before every step after the first: anything that reads memory it did not write makes
     /// NaN (tests hold training to it).
     PoisonedPool,
     /// A standalone zeroed allocation per tensor: the reference the pool is tested against.
@@ -169,10 +169,11 @@ impl On {
         Tensor::zeros(&self.device, shape, self.dtype)
     }
 
-    /// Standalone tensors, activations kept: validation and the stages' preprocessing, which run outside
-    /// the step loop's pool.
-    pub(super) fn alloc(&self) -> Standalone {
-        Standalone(self.device.clone())
+    /// Standalone tensors for forwards no backward follows (validation, the stages' preprocessing), which
+    /// run outside the step loop's pool: activations are discarded block by block, so a validation pass
+    /// holds one block's working set beside the step pool, not a whole forward's activations.
+    pub(super) fn forward_only(&self) -> Inference {
+        Inference(self.device.clone())
     }
 
     pub(super) fn random_params(&self, tree: &ParamTree, seed: u64) -> Result<ParamStore> {
@@ -315,7 +316,7 @@ pub(super) fn train_loop(
     // Long-lived state in one arena, planned before anything is carved.
     let mut plan = MemoryPlan::new();
     Grads::plan(tree, &mut plan, on.dtype);
-    Optimizer::plan(tree, on.dtype, &mut plan);
+    Optimizer::plan(tree, if params.is_empty() { on.dtype } else { params.get(ParamId(0)).dtype() }, &mut plan);
     let mut arena = Arena::new(&on.device, &plan)?;
     let mut grads = Grads::zeros(tree, &mut arena.region(Region::Grads), on.dtype)?;
     let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
@@ -339,7 +340,7 @@ pub(super) fn train_loop(
     while opt.steps() < cfg.steps {
         let mut alloc: Box<dyn Allocator> = match &pool {
             Some(pool) => Box::new(pool.training()),
-            None => Box::new(on.alloc()),
+            None => Box::new(Standalone(on.device.clone())),
         };
         let mut losses = step(params, &mut grads, &mut rng, opt.loss_scale(), alloc.as_mut())?;
         for _ in 1..cfg.micro_batches {
@@ -518,7 +519,7 @@ pub(super) fn scaled_latents(on: &On, vae: &AutoencoderKl, p: &ParamStore, image
     for start in (0..n).step_by(chunk) {
         let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
         let image = on.tensor(&[idx.len(), 3, size, size], &gather(images, per_image, &idx))?;
-        let (mean, _, _) = vae.encode(p, &image, &mut on.alloc())?;
+        let (mean, _, _) = vae.encode(p, &image, &mut on.forward_only())?;
         latents.extend(mean.to_f32_vec()?.into_iter().map(|v| v * scale));
     }
     Ok(latents)
@@ -562,7 +563,7 @@ pub(super) fn vae_mu(on: &On, model: &StructuralVae, p: &ParamStore, images: &Im
     for start in (0..images.len).step_by(chunk) {
         let idx: Vec<usize> = (start..(start + chunk).min(images.len)).collect();
         let image = on.tensor(&[idx.len(), 3, s, s], &gather(&images.images, 3 * s * s, &idx))?;
-        mu.extend(model.forward(p, &image, None, &mut on.alloc())?.mu.to_f32_vec()?);
+        mu.extend(model.forward(p, &image, None, &mut on.forward_only())?.mu.to_f32_vec()?);
     }
     Ok(mu)
 }

@@ -255,7 +255,7 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
         let mut sum = 0.0;
         for start in (0..n_val).step_by(b) {
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let alloc = &mut on.alloc();
+            let alloc = &mut on.forward_only();
             let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
             let eeg = on.upload(alloc, &[idx.len(), c, t], &gather(&val.data, c * t, &idx))?;
             let (embedding, cond) = condition(&eeg, alloc)?;

@@ -240,7 +240,7 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
             let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
             let eeg = on.tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
             let target = on.tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
-            let alloc = &mut on.alloc();
+            let alloc = &mut on.forward_only();
             let acts = encoder.forward(p, &eeg, alloc)?;
             let mut chunk = InfoNceActivations::zeros(&on.device, idx.len(), latent, on.dtype)?;
             infonce_forward(&acts.embedding, &target, cfg.temperature, &mut chunk)?;

@@ -106,7 +106,7 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
             let idx: Vec<usize> = (start..(start + b).min(val.len)).collect();
             let image = on.tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
             let edges = on.tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
-            let alloc = &mut on.alloc();
+            let alloc = &mut on.forward_only();
             let acts = model.forward(p, &image, None, alloc)?;
             sum += cfg.total(&vae_losses(&acts, &image, &edges, alloc)?) * idx.len() as f64;
         }
