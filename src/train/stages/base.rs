@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::{
-    check_image_size, gather, loss_buffers, mse, noise_batch, save_component, scaled_latents, signed_images, train_loop, LoopConfig, NamedLosses, On,
-    StageReport, VAL_NOISE_SEED,
+    check_image_size, gather, loss_buffers, mse, noise_batch, save_component, scaled_latents, signed_images, train_loop, validation_mean, LoopConfig,
+    NamedLosses, On, StageReport, VAL_NOISE_SEED,
 };
 use crate::data::dataset::Manifest;
 use crate::diffusion::scheduler::alphas_cumprod;
@@ -113,17 +113,13 @@ fn train_base_vae(
     // z = mean: deterministic; both terms are batch means, so size-weighted chunk means give the split's.
     let n_val = val.len() / per_image;
     let mut validate = |p: &ParamStore| -> Result<f64> {
-        let mut sum = 0.0;
-        for start in (0..n_val).step_by(b) {
-            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let image = on.tensor(&[idx.len(), 3, s, s], &gather(val, per_image, &idx))?;
-            let alloc = &mut on.forward_only();
+        validation_mean(on, n_val, b, |idx, alloc| {
+            let image = on.tensor(&[idx.len(), 3, s, s], &gather(val, per_image, idx))?;
             let (mean, logvar, _) = vae.encode(p, &image, alloc)?;
             let (recon, _) = vae.decode(p, &mean, alloc)?;
             let (mse, kl) = kl_vae_losses(&recon, &image, &mean, &logvar, alloc)?;
-            sum += (mse + kl_weight as f64 * kl) * idx.len() as f64;
-        }
-        Ok(sum / n_val as f64)
+            Ok(mse + kl_weight as f64 * kl)
+        })
     };
     let id =
         config_id(format!("base_vae {:?} {:?} {} {} {}", cfg.vae_model, cfg.vae_train, cfg.kl_weight, cfg.image_size, cfg.data.display()).as_bytes());
@@ -207,17 +203,13 @@ pub fn train_base(cfg: &BaseStageConfig, out: &Path, resume: Option<&Path>, stop
     let n_val = val_latents.len() / per;
     let mut validate = |p: &ParamStore| -> Result<f64> {
         let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
-        let mut sum = 0.0;
-        for start in (0..n_val).step_by(b) {
-            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let alloc = &mut on.forward_only();
-            let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+        validation_mean(on, n_val, b, |idx, alloc| {
+            let batch = noise_batch(on, alloc, &gather(&val_latents, per, idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
             let context = null_context(idx.len())?;
             let cond = UNetConditioning { timestep: &batch.timesteps, encoder_hidden_states: &context, residuals: None };
             let acts = unet.forward(p, &batch.noisy, &cond, alloc)?;
-            sum += mse(&acts.output, &batch.noise, alloc)? * idx.len() as f64;
-        }
-        Ok(sum / n_val as f64)
+            mse(&acts.output, &batch.noise, alloc)
+        })
     };
     let id = config_id(format!("base_unet {cfg:?}").as_bytes());
     let unet_report = train_loop(on, "base_unet", &cfg.unet_train, &id, out, unet_resume, &unet.params, &mut params, &mut step, &mut validate, stop)?;

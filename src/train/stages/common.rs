@@ -487,6 +487,24 @@ pub(super) fn noise_batch(
     })
 }
 
+/// A validation loss over `n` figures: `chunk_loss(idx, alloc)` gives the mean loss of the figures `idx`,
+/// taken in order in chunks of `chunk` (the last may be smaller), with forward-only tensors (validation runs
+/// beside the step pool: see [`On::forward_only`]). Chunk means weighted by their sizes give the split's mean
+/// wherever every loss term is a mean over the batch.
+pub(super) fn validation_mean(
+    on: &On,
+    n: usize,
+    chunk: usize,
+    mut chunk_loss: impl FnMut(&[usize], &mut dyn Allocator) -> Result<f64>,
+) -> Result<f64> {
+    let mut sum = 0.0;
+    for start in (0..n).step_by(chunk) {
+        let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
+        sum += chunk_loss(&idx, &mut on.forward_only())? * idx.len() as f64;
+    }
+    Ok(sum / n as f64)
+}
+
 pub(super) fn mse(pred: &Tensor, target: &Tensor, alloc: &mut dyn Allocator) -> Result<f64> {
     let (mut loss, mut partials) = loss_buffers(alloc)?;
     mse_loss(pred, target, &mut loss, &mut partials)?;

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::common::{
     check_image_size, default_trial_average, ensure_finite, gather, load_images, mse, noise_batch, save_component, scaled_latents, signed_images,
-    split_eeg, standardize, train_loop, training_trials, vae_mu, LoopConfig, NamedLosses, NoisedBatch, On, StageReport, VAL_NOISE_SEED,
+    split_eeg, standardize, train_loop, training_trials, vae_mu, validation_mean, LoopConfig, NamedLosses, NoisedBatch, On, StageReport,
+    VAL_NOISE_SEED,
 };
 use crate::data::contract::EegContract;
 use crate::data::dataset::Manifest;
@@ -252,17 +253,13 @@ pub fn train_controlnet(cfg: &ControlNetStageConfig, out: &Path, resume: Option<
     };
     let mut validate = |p: &ParamStore| -> Result<f64> {
         let mut rng = ChaCha8Rng::seed_from_u64(VAL_NOISE_SEED);
-        let mut sum = 0.0;
-        for start in (0..n_val).step_by(b) {
-            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let alloc = &mut on.forward_only();
-            let batch = noise_batch(on, alloc, &gather(&val_latents, per, &idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
-            let eeg = on.upload(alloc, &[idx.len(), c, t], &gather(&val.data, c * t, &idx))?;
+        validation_mean(on, n_val, b, |idx, alloc| {
+            let batch = noise_batch(on, alloc, &gather(&val_latents, per, idx), &[idx.len(), lc, h, h], &alphas, &mut rng)?;
+            let eeg = on.upload(alloc, &[idx.len(), c, t], &gather(&val.data, c * t, idx))?;
             let (embedding, cond) = condition(&eeg, alloc)?;
             let context = tokens(p, &embedding, &vec![true; idx.len()], alloc)?;
-            sum += epsilon_loss(p, &batch, &context, &cond, alloc)?.2 * idx.len() as f64;
-        }
-        Ok(sum / n_val as f64)
+            Ok(epsilon_loss(p, &batch, &context, &cond, alloc)?.2)
+        })
     };
     let id = config_id(format!("controlnet {cfg:?}").as_bytes());
     let report = train_loop(on, "controlnet", &cfg.train, &id, out, resume, &tree, &mut params, &mut step, &mut validate, stop)?;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::common::{
     check_image_size, default_trial_average, gather, load_images, mse, save_model_config, split_eeg, standardize, structure_targets, train_loop,
-    training_trials, vae_mu, LoopConfig, NamedLosses, On, StageReport,
+    training_trials, vae_mu, validation_mean, LoopConfig, NamedLosses, On, StageReport,
 };
 use crate::data::contract::{EegContract, STANDARDIZATION_FILE};
 use crate::data::dataset::{Manifest, SplitManifest};
@@ -235,23 +235,19 @@ pub fn train_encoder(cfg: &EncoderStageConfig, out: &Path, resume: Option<&Path>
     // InfoNCE depends on the batch: the val figures in order, in chunks of `batch` (the last may be
     // smaller), each chunk's loss weighted by its size.
     let mut validate = |p: &ParamStore| -> Result<f64> {
-        let mut sum = 0.0;
-        for start in (0..n_val).step_by(b) {
-            let idx: Vec<usize> = (start..(start + b).min(n_val)).collect();
-            let eeg = on.tensor(&[idx.len(), c, t], &gather(&val.data, trial, &idx))?;
-            let target = on.tensor(&[idx.len(), latent], &gather(&val_mu, latent, &idx))?;
-            let alloc = &mut on.forward_only();
+        validation_mean(on, n_val, b, |idx, alloc| {
+            let eeg = on.tensor(&[idx.len(), c, t], &gather(&val.data, trial, idx))?;
+            let target = on.tensor(&[idx.len(), latent], &gather(&val_mu, latent, idx))?;
             let acts = encoder.forward(p, &eeg, alloc)?;
             let mut chunk = InfoNceActivations::zeros(&on.device, idx.len(), latent, on.dtype)?;
             infonce_forward(&acts.embedding, &target, cfg.temperature, &mut chunk)?;
             let mut loss = chunk.loss()? as f64;
             if let (Some(head), Some(targets)) = (encoder.structure(p, &acts.embedding, alloc)?, &structure) {
-                let edges = on.tensor(&[idx.len(), targets.dim], &gather(&targets.val, targets.dim, &idx))?;
+                let edges = on.tensor(&[idx.len(), targets.dim], &gather(&targets.val, targets.dim, idx))?;
                 loss += cfg.structure_weight * mse(&head.structure, &edges, alloc)? / targets.variance;
             }
-            sum += loss * idx.len() as f64;
-        }
-        Ok(sum / n_val as f64)
+            Ok(loss)
+        })
     };
     let id = config_id(format!("encoder {cfg:?}").as_bytes());
     // Before the parameters, which `train all` takes as the sign that the stage finished.

@@ -7,7 +7,9 @@ use anyhow::{ensure, Context, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use super::common::{check_image_size, gather, load_images, loss_buffers, save_model_config, train_loop, LoopConfig, NamedLosses, On, StageReport};
+use super::common::{
+    check_image_size, gather, load_images, loss_buffers, save_model_config, train_loop, validation_mean, LoopConfig, NamedLosses, On, StageReport,
+};
 use crate::data::dataset::Manifest;
 use crate::models::sgdm::{StructuralVae, StructuralVaeConfig, StructuralVaeOutputGrads};
 use crate::nn::{Allocator, Grads, ParamStore};
@@ -101,16 +103,12 @@ pub fn train_vae(cfg: &VaeStageConfig, out: &Path, resume: Option<&Path>, stop: 
     // z = mu: the validation loss is deterministic. Every loss term is a mean over the batch, so chunk
     // means weighted by chunk size give the split's mean.
     let mut validate = |p: &ParamStore| -> Result<f64> {
-        let mut sum = 0.0;
-        for start in (0..val.len).step_by(b) {
-            let idx: Vec<usize> = (start..(start + b).min(val.len)).collect();
-            let image = on.tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, &idx))?;
-            let edges = on.tensor(&[idx.len(), sd], &gather(&val.edges, sd, &idx))?;
-            let alloc = &mut on.forward_only();
+        validation_mean(on, val.len, b, |idx, alloc| {
+            let image = on.tensor(&[idx.len(), 3, s, s], &gather(&val.images, per_image, idx))?;
+            let edges = on.tensor(&[idx.len(), sd], &gather(&val.edges, sd, idx))?;
             let acts = model.forward(p, &image, None, alloc)?;
-            sum += cfg.total(&vae_losses(&acts, &image, &edges, alloc)?) * idx.len() as f64;
-        }
-        Ok(sum / val.len as f64)
+            Ok(cfg.total(&vae_losses(&acts, &image, &edges, alloc)?))
+        })
     };
     let id = config_id(format!("vae {cfg:?}").as_bytes());
     // Before the parameters, which `train all` takes as the sign that the stage finished.
